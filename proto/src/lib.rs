@@ -1,0 +1,3 @@
+//! The contract between minisgl's processes, and nothing else: see docs/protocol.md.
+
+pub mod step;

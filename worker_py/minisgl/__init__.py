@@ -1,0 +1,1 @@
+"""minisgl: the GPU worker of the minisgl serving engine, and its Python client."""
