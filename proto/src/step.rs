@@ -367,7 +367,15 @@ mod tests {
         let mut buf = SlotBuf::zeroed(l.slot_bytes);
         {
             let s = StepMut::new(&l, buf.bytes_mut());
-            *s.header = StepHeader { step_id: 9, kind: 1, num_reqs: 2, num_tokens: 2, num_kv_indices: 3, num_joins: 1, ..Default::default() };
+            *s.header = StepHeader {
+                step_id: 9,
+                kind: 1,
+                num_reqs: 2,
+                num_tokens: 2,
+                num_kv_indices: 3,
+                num_joins: 1,
+                ..Default::default()
+            };
             s.req_slot[..2].copy_from_slice(&[4, 1]);
             s.kv_indices[..3].copy_from_slice(&[7, 8, 9]);
             s.join_seed[0] = u64::MAX;

@@ -1,1 +1,12 @@
-//! minisgl's scheduler.
+//! minisgl's scheduler: everything that is CPU work in serving a model.
+//!
+//! A request's path: `server::zmq` (the socket) -> `server::hub` (validate, tokenize) -> `engine` (its own
+//! thread) -> `core` (queue, pages, batch: plans each step into the step ring) -> the worker -> the result
+//! ring -> `core` (stop conditions) -> `server::hub` (detokenize, stop strings) -> the socket.
+
+pub mod core;
+pub mod engine;
+pub mod model_files;
+pub mod server;
+pub mod text;
+pub mod worker;

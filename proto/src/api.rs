@@ -1,0 +1,370 @@
+//! The msgpack messages of docs/protocol.md sections 1 (request socket) and 2 (control socket).
+//!
+//! Everything is encoded with [`encode`] (maps with named keys, which is what Python clients read). Messages from
+//! clients are decoded with [`decode_client`], which tells a malformed frame from an unknown message type and
+//! keeps the request id when one could be read, so that every refusal can be answered with an `error` message.
+//! [`validate`] then checks the parameter ranges.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Encodes any message of this module as a msgpack map with named keys.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Only non-string map keys or a failing writer can make this fail; neither exists in these types.
+    rmp_serde::to_vec_named(msg).expect("protocol messages always encode")
+}
+
+/// Decodes a message whose shape the caller trusts (control replies, server messages in tests and clients).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
+// --- request socket: client to scheduler ---------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Generate(Generate),
+    Abort { rid: String },
+    Info,
+}
+
+/// A `generate` message with every default filled in. Exactly one of `text`, `messages`, `input_ids` should be
+/// set; [`validate`] checks that, and [`Generate::prompt`] gives the one that is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Generate {
+    pub rid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Chat messages: maps with `role`, `content` and whatever other keys the chat template reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ids: Option<Vec<u32>>,
+    pub sampling: Sampling,
+    pub stream: bool,
+}
+
+/// The prompt of a `generate`, in whichever form the client gave it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Prompt<'a> {
+    Text(&'a str),
+    Messages(&'a [Value]),
+    InputIds(&'a [u32]),
+}
+
+impl Generate {
+    /// A request with default sampling and streaming on; set exactly one prompt form on the result.
+    pub fn new(rid: impl Into<String>) -> Self {
+        Generate { rid: rid.into(), text: None, messages: None, input_ids: None, sampling: Sampling::default(), stream: true }
+    }
+
+    /// The prompt, when exactly one form is given.
+    pub fn prompt(&self) -> Option<Prompt<'_>> {
+        match (&self.text, &self.messages, &self.input_ids) {
+            (Some(t), None, None) => Some(Prompt::Text(t)),
+            (None, Some(m), None) => Some(Prompt::Messages(m)),
+            (None, None, Some(ids)) => Some(Prompt::InputIds(ids)),
+            _ => None,
+        }
+    }
+}
+
+/// Sampling parameters. Types are wide on purpose (`i64`, `f64`): an out-of-range value is an `invalid_params`
+/// refusal from [`validate`], not a decoding failure, and Python floats arrive as f64.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub max_tokens: i64,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: i64,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+pub const DEFAULT_MAX_TOKENS: i64 = 128;
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            max_tokens: DEFAULT_MAX_TOKENS,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: -1,
+            seed: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// The error codes of the protocol's table, serialised as their snake_case names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Malformed,
+    UnknownType,
+    InvalidParams,
+    EmptyPrompt,
+    PromptTooLong,
+    UnknownRequest,
+    DuplicateRequest,
+    ShuttingDown,
+}
+
+/// Why a client message was refused, with what the `error` reply needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub rid: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(rid: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection { rid, code, message: message.into() }
+    }
+
+    /// The `error` message that answers this refusal.
+    pub fn to_msg(&self) -> ServerMsg {
+        ServerMsg::Error(ErrorMsg { rid: self.rid.clone(), code: self.code, message: self.message.clone() })
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// What arrives on the wire: every key optional and nil meaning absent, so that defaults apply whether a client
+/// leaves a key out or sends it as None.
+#[derive(Deserialize)]
+struct WireGenerate {
+    rid: String,
+    text: Option<String>,
+    messages: Option<Vec<serde_json::Map<String, Value>>>,
+    input_ids: Option<Vec<u32>>,
+    sampling: Option<WireSampling>,
+    stream: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct WireSampling {
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+    stop_token_ids: Option<Vec<u32>>,
+    ignore_eos: Option<bool>,
+}
+
+impl From<WireSampling> for Sampling {
+    fn from(w: WireSampling) -> Self {
+        let d = Sampling::default();
+        Sampling {
+            max_tokens: w.max_tokens.unwrap_or(d.max_tokens),
+            temperature: w.temperature.unwrap_or(d.temperature),
+            top_p: w.top_p.unwrap_or(d.top_p),
+            top_k: w.top_k.unwrap_or(d.top_k),
+            seed: w.seed,
+            stop: w.stop.unwrap_or_default(),
+            stop_token_ids: w.stop_token_ids.unwrap_or_default(),
+            ignore_eos: w.ignore_eos.unwrap_or(d.ignore_eos),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireAbort {
+    rid: String,
+}
+
+/// Decodes one client frame. Anything that is not a msgpack map of the right shape is `malformed`; a well-formed
+/// map whose `type` is a string naming no message is `unknown_type`. The rejection carries the `rid` whenever the
+/// map had a string one. Parameter ranges are not checked here: see [`validate`].
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
+    let malformed = |rid: Option<String>, m: String| Rejection::new(rid, ErrorCode::Malformed, m);
+    // A first pass through a dynamic value reads the rid and type even when the rest is wrong. It cannot be the
+    // only pass: a dynamic value turns NaN and infinities into nil, which would then read as "use the default".
+    let value: Value = rmp_serde::from_slice(bytes).map_err(|e| malformed(None, format!("not a msgpack map: {e}")))?;
+    let Value::Object(map) = &value else {
+        return Err(malformed(None, "the message is not a map".into()));
+    };
+    let rid = map.get("rid").and_then(Value::as_str).map(str::to_owned);
+    let ty = match map.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(_) => return Err(malformed(rid, "`type` is not a string".into())),
+        None => return Err(malformed(rid, "no `type` key".into())),
+    };
+    let shape = |e: rmp_serde::decode::Error| malformed(rid.clone(), format!("{ty}: {e}"));
+    match ty {
+        "generate" => {
+            // The typed pass below would also take an array as a struct; only a map (or nil) is a sampling map.
+            if !matches!(map.get("sampling"), None | Some(Value::Null | Value::Object(_))) {
+                return Err(malformed(rid, "generate: `sampling` is not a map".into()));
+            }
+            let w: WireGenerate = rmp_serde::from_slice(bytes).map_err(shape)?;
+            Ok(ClientMsg::Generate(Generate {
+                rid: w.rid,
+                text: w.text,
+                messages: w.messages.map(|ms| ms.into_iter().map(Value::Object).collect()),
+                input_ids: w.input_ids,
+                sampling: w.sampling.map(Sampling::from).unwrap_or_default(),
+                stream: w.stream.unwrap_or(true),
+            }))
+        }
+        "abort" => {
+            let w: WireAbort = rmp_serde::from_slice(bytes).map_err(shape)?;
+            Ok(ClientMsg::Abort { rid: w.rid })
+        }
+        "info" => Ok(ClientMsg::Info),
+        other => Err(Rejection::new(rid, ErrorCode::UnknownType, format!("unknown message type {other:?}"))),
+    }
+}
+
+/// Checks the ranges of a decoded `generate` (docs/protocol.md, `sampling`), and that exactly one prompt form is
+/// given. Token ids against the vocabulary and the prompt against the context are the scheduler's to check.
+pub fn validate(g: &Generate) -> Result<(), Rejection> {
+    let bad = |m: String| Err(Rejection::new(Some(g.rid.clone()), ErrorCode::InvalidParams, m));
+    let forms = [g.text.is_some(), g.messages.is_some(), g.input_ids.is_some()].iter().filter(|x| **x).count();
+    if forms != 1 {
+        return bad(format!("give exactly one of text, messages, input_ids ({forms} given)"));
+    }
+    let s = &g.sampling;
+    if s.max_tokens <= 0 {
+        return bad(format!("max_tokens must be > 0, got {}", s.max_tokens));
+    }
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return bad(format!("temperature must be finite and >= 0, got {}", s.temperature));
+    }
+    // Written so that NaN fails too.
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return bad(format!("top_p must be in (0, 1], got {}", s.top_p));
+    }
+    if s.top_k < -1 {
+        return bad(format!("top_k must be -1, 0 or > 0, got {}", s.top_k));
+    }
+    if s.stop.iter().any(String::is_empty) {
+        return bad("stop strings must not be empty".into());
+    }
+    Ok(())
+}
+
+// --- request socket: scheduler to client ---------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Delta(Delta),
+    Final(Final),
+    Error(ErrorMsg),
+    Info(InfoMsg),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub rid: String,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Final {
+    pub rid: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Why, when `finish_reason` is `error`; nil otherwise.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub rid: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoMsg {
+    pub model: String,
+    pub vocab_size: u32,
+    pub max_seq_len: u32,
+    pub max_batch: u32,
+    pub page_size: u32,
+    pub num_pages: u32,
+    pub eos_token_ids: Vec<u32>,
+}
+
+// --- control socket ------------------------------------------------------------------------------------------
+
+/// Worker to scheduler.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    Hello(Hello),
+    Ready,
+}
+
+/// Scheduler to worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SchedulerMsg {
+    Welcome(Welcome),
+    Ok,
+    Error { message: String },
+}
+
+/// What the worker allocated: it accepts steps of at most `max_batch` requests and `max_tokens` tokens, and its
+/// KV cache has `num_pages` pages of `page_size` tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub pid: u32,
+    pub model: ModelFacts,
+    pub num_pages: u32,
+    pub page_size: u32,
+    pub max_batch: u32,
+    pub max_tokens: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFacts {
+    pub architecture: String,
+    pub vocab_size: u32,
+    pub num_layers: u32,
+    pub hidden_size: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_position_embeddings: u32,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// The `/dev/shm` names of the two rings, and the scheduler's pid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub step_ring: String,
+    pub result_ring: String,
+    pub pid: u32,
+}

@@ -1,0 +1,259 @@
+//! The request-socket and control-socket messages: what they look like on the wire, and how client frames are
+//! accepted or refused.
+
+use proto::api::*;
+use serde_json::{Value, json};
+
+/// The msgpack bytes of a JSON value, as a Python client would send them (maps with string keys).
+fn pack(v: &Value) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).unwrap()
+}
+
+/// The wire form of an encoded message, read back as a dynamic value.
+fn wire<T: serde::Serialize>(msg: &T) -> Value {
+    rmp_serde::from_slice(&encode(msg)).unwrap()
+}
+
+fn rejection(v: &Value) -> Rejection {
+    decode_client(&pack(v)).unwrap_err()
+}
+
+#[test]
+fn a_minimal_generate_gets_every_default() {
+    let msg = decode_client(&pack(&json!({"type": "generate", "rid": "a", "text": "hi"}))).unwrap();
+    let ClientMsg::Generate(g) = msg else { panic!("{msg:?}") };
+    assert_eq!(g.rid, "a");
+    assert_eq!(g.prompt(), Some(Prompt::Text("hi")));
+    assert_eq!(g.sampling, Sampling::default());
+    assert_eq!(
+        (g.sampling.max_tokens, g.sampling.temperature, g.sampling.top_p, g.sampling.top_k),
+        (128, 1.0, 1.0, -1)
+    );
+    assert!(g.stream);
+    assert!(validate(&g).is_ok());
+}
+
+#[test]
+fn nil_means_absent() {
+    let v = json!({"type": "generate", "rid": "a", "text": null, "input_ids": [1, 2], "stream": null,
+                   "sampling": {"seed": null, "temperature": null, "stop": null}});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!(g.prompt(), Some(Prompt::InputIds(&[1, 2])));
+    assert_eq!(g.sampling, Sampling::default());
+    assert!(g.stream);
+    let v = json!({"type": "generate", "rid": "a", "input_ids": [1], "sampling": null});
+    assert!(decode_client(&pack(&v)).is_ok());
+}
+
+#[test]
+fn every_field_of_a_generate_is_read() {
+    let v = json!({
+        "type": "generate", "rid": "r-1", "stream": false, "unknown_key": [1, 2],
+        "messages": [{"role": "user", "content": "hi", "tool_calls": [{"name": "f"}]}],
+        "sampling": {"max_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": u64::MAX,
+                     "stop": ["\n"], "stop_token_ids": [5], "ignore_eos": true},
+    });
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    let messages = v["messages"].as_array().unwrap();
+    assert_eq!(g.prompt(), Some(Prompt::Messages(messages)));
+    let s = &g.sampling;
+    assert_eq!((s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed), (7, 0.0, 0.5, 3, Some(u64::MAX)));
+    assert_eq!((s.stop.as_slice(), s.stop_token_ids.as_slice(), s.ignore_eos), (&["\n".to_string()][..], &[5][..], true));
+    assert!(!g.stream);
+}
+
+#[test]
+fn python_floats_keep_their_f64_value() {
+    let v = json!({"type": "generate", "rid": "a", "text": "x", "sampling": {"temperature": 0.7, "top_p": 0.9}});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!((g.sampling.temperature, g.sampling.top_p), (0.7, 0.9));
+}
+
+#[test]
+fn abort_and_info_decode() {
+    assert_eq!(
+        decode_client(&pack(&json!({"type": "abort", "rid": "x"}))).unwrap(),
+        ClientMsg::Abort { rid: "x".into() }
+    );
+    assert_eq!(decode_client(&pack(&json!({"type": "info", "extra": 1}))).unwrap(), ClientMsg::Info);
+}
+
+#[test]
+fn frames_that_are_not_maps_of_the_right_shape_are_malformed() {
+    for bytes in [vec![], vec![0xc1], b"\x93\x01\x02\x03".to_vec(), b"hello".to_vec(), pack(&json!("generate"))] {
+        let r = decode_client(&bytes).unwrap_err();
+        assert_eq!((r.code, r.rid), (ErrorCode::Malformed, None), "{bytes:?}");
+    }
+    for (v, rid) in [
+        (json!({"rid": "a"}), Some("a")),
+        (json!({"type": 3, "rid": "a"}), Some("a")),
+        (json!({"type": "abort"}), None),
+        (json!({"type": "abort", "rid": 5}), None),
+        (json!({"type": "generate", "text": "x"}), None),
+        (json!({"type": "generate", "rid": "b", "text": 5}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "messages": ["not a map"]}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "messages": {"role": "user"}}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "input_ids": [1, -2]}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "input_ids": [1.5]}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "text": "x", "sampling": {"max_tokens": "9"}}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "text": "x", "sampling": {"max_tokens": 9.0}}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "text": "x", "sampling": {"seed": -1}}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "text": "x", "sampling": [1]}), Some("b")),
+        (json!({"type": "generate", "rid": "b", "text": "x", "stream": 1}), Some("b")),
+    ] {
+        let r = rejection(&v);
+        assert_eq!((r.code, r.rid.as_deref()), (ErrorCode::Malformed, rid), "{v}: {}", r.message);
+    }
+}
+
+#[test]
+fn an_unknown_type_is_told_apart_and_keeps_the_rid() {
+    let r = rejection(&json!({"type": "generat", "rid": "q"}));
+    assert_eq!((r.code, r.rid.as_deref()), (ErrorCode::UnknownType, Some("q")));
+    assert!(r.message.contains("generat"));
+    assert_eq!(rejection(&json!({"type": "x"})).rid, None);
+}
+
+#[test]
+fn out_of_range_parameters_are_invalid_params() {
+    let base = |sampling: Value| json!({"type": "generate", "rid": "v", "text": "x", "sampling": sampling});
+    let check = |v: Value, ok: bool| {
+        let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+        match validate(&g) {
+            Ok(()) => assert!(ok, "{v} accepted"),
+            Err(r) => {
+                assert!(!ok, "{v} refused: {}", r.message);
+                assert_eq!((r.code, r.rid.as_deref()), (ErrorCode::InvalidParams, Some("v")));
+            }
+        }
+    };
+    for (s, ok) in [
+        (json!({"max_tokens": 1}), true),
+        (json!({"max_tokens": 0}), false),
+        (json!({"max_tokens": -3}), false),
+        (json!({"temperature": 0.0}), true),
+        (json!({"temperature": -0.1}), false),
+        (json!({"top_p": 1.0}), true),
+        (json!({"top_p": 1e-9}), true),
+        (json!({"top_p": 0.0}), false),
+        (json!({"top_p": 1.01}), false),
+        (json!({"top_k": -1}), true),
+        (json!({"top_k": 0}), true),
+        (json!({"top_k": 50}), true),
+        (json!({"top_k": -2}), false),
+        (json!({"stop": ["a", "bc"]}), true),
+        (json!({"stop": ["a", ""]}), false),
+        (json!({"seed": 0}), true),
+    ] {
+        check(base(s), ok);
+    }
+    // serde_json cannot hold NaN, so build that one directly.
+    let mut g = Generate::new("v");
+    g.text = Some("x".into());
+    g.sampling.temperature = f64::NAN;
+    assert_eq!(validate(&g).unwrap_err().code, ErrorCode::InvalidParams);
+    g.sampling.temperature = 1.0;
+    g.sampling.top_p = f64::NAN;
+    assert_eq!(validate(&g).unwrap_err().code, ErrorCode::InvalidParams);
+
+    check(json!({"type": "generate", "rid": "v"}), false);
+    check(json!({"type": "generate", "rid": "v", "text": "x", "input_ids": [1]}), false);
+    check(json!({"type": "generate", "rid": "v", "text": "x", "messages": [], "input_ids": [1]}), false);
+}
+
+#[test]
+fn non_finite_floats_arriving_over_the_wire_are_invalid_not_defaults() {
+    // A Python client can send float('nan') or float('inf'); they must reach validation as what they are.
+    #[derive(serde::Serialize)]
+    struct Wire {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        rid: &'static str,
+        text: &'static str,
+        sampling: WireSampling,
+    }
+    #[derive(serde::Serialize)]
+    struct WireSampling {
+        temperature: f64,
+        top_p: f64,
+    }
+    for (temperature, top_p) in [(f64::NAN, 0.5), (f64::INFINITY, 0.5), (1.0, f64::NAN)] {
+        let bytes = encode(&Wire { ty: "generate", rid: "n", text: "x", sampling: WireSampling { temperature, top_p } });
+        let ClientMsg::Generate(g) = decode_client(&bytes).unwrap() else { panic!() };
+        assert_eq!(g.sampling.temperature.to_bits(), temperature.to_bits());
+        let r = validate(&g).unwrap_err();
+        assert_eq!((r.code, r.rid.as_deref()), (ErrorCode::InvalidParams, Some("n")));
+    }
+}
+
+#[test]
+fn client_messages_encode_as_the_protocol_writes_them() {
+    let mut g = Generate::new("r");
+    g.input_ids = Some(vec![1, 2]);
+    assert_eq!(
+        wire(&ClientMsg::Generate(g.clone())),
+        json!({"type": "generate", "rid": "r", "input_ids": [1, 2], "stream": true, "sampling": {
+            "max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": null, "stop": [],
+            "stop_token_ids": [], "ignore_eos": false}})
+    );
+    assert_eq!(decode_client(&encode(&ClientMsg::Generate(g.clone()))).unwrap(), ClientMsg::Generate(g));
+    assert_eq!(wire(&ClientMsg::Abort { rid: "r".into() }), json!({"type": "abort", "rid": "r"}));
+    assert_eq!(wire(&ClientMsg::Info), json!({"type": "info"}));
+}
+
+#[test]
+fn server_messages_encode_as_the_protocol_writes_them() {
+    let delta = ServerMsg::Delta(Delta { rid: "r".into(), token_ids: vec![9], text: "é".into() });
+    assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "token_ids": [9], "text": "é"}));
+    let fin = ServerMsg::Final(Final {
+        rid: "r".into(),
+        finish_reason: FinishReason::Length,
+        prompt_tokens: 3,
+        completion_tokens: 1,
+        token_ids: vec![9],
+        text: "é".into(),
+        message: None,
+    });
+    assert_eq!(
+        wire(&fin),
+        json!({"type": "final", "rid": "r", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 1,
+               "token_ids": [9], "text": "é", "message": null})
+    );
+    let err = Rejection::new(None, ErrorCode::UnknownType, "no").to_msg();
+    assert_eq!(wire(&err), json!({"type": "error", "rid": null, "code": "unknown_type", "message": "no"}));
+    for (code, name) in [
+        (ErrorCode::Malformed, "malformed"),
+        (ErrorCode::InvalidParams, "invalid_params"),
+        (ErrorCode::EmptyPrompt, "empty_prompt"),
+        (ErrorCode::PromptTooLong, "prompt_too_long"),
+        (ErrorCode::UnknownRequest, "unknown_request"),
+        (ErrorCode::DuplicateRequest, "duplicate_request"),
+        (ErrorCode::ShuttingDown, "shutting_down"),
+    ] {
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
+    }
+    for (r, name) in
+        [(FinishReason::Stop, "stop"), (FinishReason::Abort, "abort"), (FinishReason::Error, "error")]
+    {
+        assert_eq!(serde_json::to_value(r).unwrap(), json!(name));
+    }
+    for m in [delta, fin, err] {
+        assert_eq!(decode::<ServerMsg>(&encode(&m)).unwrap(), m);
+    }
+}
+
+#[test]
+fn control_messages_encode_as_the_protocol_writes_them() {
+    assert_eq!(wire(&WorkerMsg::Ready), json!({"type": "ready"}));
+    assert_eq!(wire(&SchedulerMsg::Ok), json!({"type": "ok"}));
+    assert_eq!(
+        wire(&SchedulerMsg::Error { message: "bad".into() }),
+        json!({"type": "error", "message": "bad"})
+    );
+    let welcome = SchedulerMsg::Welcome(Welcome { step_ring: "s".into(), result_ring: "r".into(), pid: 7 });
+    assert_eq!(wire(&welcome), json!({"type": "welcome", "step_ring": "s", "result_ring": "r", "pid": 7}));
+    assert_eq!(decode::<SchedulerMsg>(&encode(&welcome)).unwrap(), welcome);
+    // A worker message of the wrong type must not decode as a WorkerMsg.
+    assert!(decode::<WorkerMsg>(&pack(&json!({"type": "welcome"}))).is_err());
+    assert_eq!(decode::<WorkerMsg>(&pack(&json!({"type": "ready"}))).unwrap(), WorkerMsg::Ready);
+}

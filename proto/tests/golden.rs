@@ -1,0 +1,224 @@
+//! Golden bytes under proto/testdata/, pinned here and read back by worker_py/tests/test_proto_golden.py.
+//! `UPDATE_GOLDEN=1 cargo test -p minisgl-proto --test golden` rewrites them; otherwise each must match exactly.
+//! The values are chosen to catch layout mistakes: every array used, a negative input id, a seed above 2^63,
+//! floats that are not integers.
+
+use proto::api::*;
+use proto::ring::{ReaderState, RingHeader, RingKind};
+use proto::step::{Capacity, ResultLayout, ResultMut, SlotBuf, StepHeader, StepLayout, StepMut, StepRef};
+use serde_json::json;
+use std::path::PathBuf;
+
+const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
+
+fn check_golden(file: &str, bytes: &[u8]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(file);
+    if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        return;
+    }
+    let committed = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    assert!(committed == bytes, "{file} differs from what this build writes (UPDATE_GOLDEN=1 rewrites it)");
+}
+
+#[test]
+fn ring_header() {
+    let mut h = RingHeader::new(RingKind::Step, 4, RingKind::Step.min_slot_bytes(CAP) as u32, CAP, 16, 2);
+    h.writer_pid = 4242;
+    h.writer_heartbeat_ms = 1_764_000_000_123;
+    h.write_seq = 7;
+    h.readers[0] = ReaderState { read_seq: 5, pid: 4343, heartbeat_ms: 1_764_000_000_456 };
+    h.readers[1] = ReaderState { read_seq: 6, pid: 4344, heartbeat_ms: 1_764_000_000_789 };
+    let bytes = h.encode();
+    assert_eq!(RingHeader::decode(&bytes).unwrap(), h);
+    assert_eq!(h.slot_bytes, 960);
+    check_golden("ring_header.bin", &bytes);
+}
+
+/// Three requests with page size 16: a prefill of 5 new tokens after 16 cached ones (slot 2), a decode (slot 0),
+/// and 2 new tokens after 38 cached ones (slot 3); slots 2 and 3 join.
+fn golden_step() -> SlotBuf {
+    let layout = StepLayout::new(CAP);
+    let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+    let s = StepMut::new(&layout, buf.bytes_mut());
+    *s.header =
+        StepHeader { step_id: 7, kind: 0, num_reqs: 3, num_tokens: 8, num_kv_indices: 6, num_joins: 2, ..Default::default() };
+    s.req_slot[..3].copy_from_slice(&[2, 0, 3]);
+    s.seq_len[..3].copy_from_slice(&[21, 6, 40]);
+    s.qo_indptr[..4].copy_from_slice(&[0, 5, 6, 8]);
+    s.kv_indptr[..4].copy_from_slice(&[0, 2, 3, 6]);
+    s.kv_last_page_len[..3].copy_from_slice(&[5, 6, 8]);
+    s.input_ids.copy_from_slice(&[151644, 872, 198, 9707, 11, -1, 1350, 0]);
+    s.positions.copy_from_slice(&[16, 17, 18, 19, 20, 5, 38, 39]);
+    s.out_loc.copy_from_slice(&[48, 49, 50, 51, 52, 149, 70, 71]);
+    s.kv_indices.copy_from_slice(&[7, 3, 9, 0, 12, 4]);
+    s.join_slot[..2].copy_from_slice(&[2, 3]);
+    s.join_temperature[..2].copy_from_slice(&[0.7, 0.0]);
+    s.join_top_p[..2].copy_from_slice(&[0.95, 1.0]);
+    s.join_top_k[..2].copy_from_slice(&[40, -1]);
+    s.join_seed[..2].copy_from_slice(&[(1 << 63) + 12345, 42]);
+    buf
+}
+
+#[test]
+fn step_slot() {
+    let buf = golden_step();
+    let layout = StepLayout::new(CAP);
+    let r = StepRef::new(&layout, buf.bytes());
+    assert_eq!(r.join_seed, &[9_223_372_036_854_788_153, 42]);
+    assert_eq!(r.input_ids[5], -1);
+    assert_eq!(buf.bytes().len(), 960);
+    check_golden("step_slot.bin", buf.bytes());
+}
+
+#[test]
+fn result_slot() {
+    let layout = ResultLayout::new(CAP.max_reqs);
+    let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+    let r = ResultMut::new(&layout, buf.bytes_mut());
+    r.header.step_id = 7;
+    r.header.num_reqs = 3;
+    r.header.status = 0;
+    r.tokens[..3].copy_from_slice(&[151645, 13, 2]);
+    assert_eq!(buf.bytes().len(), 128);
+    check_golden("result_slot.bin", buf.bytes());
+}
+
+fn golden_generate() -> Generate {
+    let mut g = Generate::new("req-1");
+    g.messages = Some(vec![
+        json!({"role": "system", "content": "You are terse."}),
+        json!({"role": "user", "content": "Héllo 🌍", "name": "ana"}),
+    ]);
+    g.sampling = Sampling {
+        max_tokens: 64,
+        temperature: 0.7,
+        top_p: 0.9,
+        top_k: 50,
+        seed: Some(u64::MAX),
+        stop: vec!["\n\n".into(), "END".into()],
+        stop_token_ids: vec![151645, 151643],
+        ignore_eos: true,
+    };
+    g.stream = false;
+    g
+}
+
+#[test]
+fn client_messages() {
+    let generate = ClientMsg::Generate(golden_generate());
+    let mut ids = Generate::new("req-2");
+    ids.input_ids = Some(vec![1, 2, 151643]);
+    let mut text = Generate::new("req-3");
+    text.text = Some("def fib(n):".into());
+    text.sampling.seed = Some(7);
+    for (file, msg) in [
+        ("client_generate.msgpack", generate),
+        ("client_generate_input_ids.msgpack", ClientMsg::Generate(ids)),
+        ("client_generate_text.msgpack", ClientMsg::Generate(text)),
+        ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
+        ("client_info.msgpack", ClientMsg::Info),
+    ] {
+        let bytes = encode(&msg);
+        assert_eq!(decode_client(&bytes).unwrap(), msg, "{file}");
+        check_golden(file, &bytes);
+    }
+}
+
+#[test]
+fn server_messages() {
+    let msgs = [
+        ("server_delta.msgpack", ServerMsg::Delta(Delta { rid: "req-1".into(), token_ids: vec![9707, 0], text: "Hi!".into() })),
+        (
+            "server_final.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-1".into(),
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: 21,
+                completion_tokens: 3,
+                token_ids: vec![9707, 0, 151645],
+                text: "Hi!".into(),
+                message: None,
+            }),
+        ),
+        (
+            "server_final_error.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-4".into(),
+                finish_reason: FinishReason::Error,
+                prompt_tokens: 5,
+                completion_tokens: 0,
+                token_ids: vec![],
+                text: String::new(),
+                message: Some("worker failed the step".into()),
+            }),
+        ),
+        (
+            "server_error.msgpack",
+            ServerMsg::Error(ErrorMsg {
+                rid: Some("req-1".into()),
+                code: ErrorCode::InvalidParams,
+                message: "top_p must be in (0, 1], got 1.5".into(),
+            }),
+        ),
+        ("server_error_no_rid.msgpack", Rejection::new(None, ErrorCode::Malformed, "the message is not a map").to_msg()),
+        (
+            "server_info.msgpack",
+            ServerMsg::Info(InfoMsg {
+                model: "Qwen2.5-Coder-0.5B-Instruct".into(),
+                vocab_size: 151936,
+                max_seq_len: 32768,
+                max_batch: 256,
+                page_size: 16,
+                num_pages: 8192,
+                eos_token_ids: vec![151645, 151643],
+            }),
+        ),
+    ];
+    for (file, msg) in msgs {
+        let bytes = encode(&msg);
+        assert_eq!(decode::<ServerMsg>(&bytes).unwrap(), msg, "{file}");
+        check_golden(file, &bytes);
+    }
+}
+
+#[test]
+fn control_messages() {
+    let hello = WorkerMsg::Hello(Hello {
+        pid: 31337,
+        model: ModelFacts {
+            architecture: "Qwen2ForCausalLM".into(),
+            vocab_size: 151936,
+            num_layers: 24,
+            hidden_size: 896,
+            num_heads: 14,
+            num_kv_heads: 2,
+            head_dim: 64,
+            max_position_embeddings: 32768,
+            dtype: "float32".into(),
+            device: "cpu".into(),
+        },
+        num_pages: 4096,
+        page_size: 16,
+        max_batch: 64,
+        max_tokens: 8192,
+    });
+    let welcome = SchedulerMsg::Welcome(Welcome {
+        step_ring: "minisgl-1234-step".into(),
+        result_ring: "minisgl-1234-result".into(),
+        pid: 1234,
+    });
+    for (file, bytes) in [
+        ("control_hello.msgpack", encode(&hello)),
+        ("control_ready.msgpack", encode(&WorkerMsg::Ready)),
+        ("control_welcome.msgpack", encode(&welcome)),
+        ("control_ok.msgpack", encode(&SchedulerMsg::Ok)),
+        ("control_error.msgpack", encode(&SchedulerMsg::Error { message: "expected hello".into() })),
+    ] {
+        check_golden(file, &bytes);
+    }
+    assert_eq!(decode::<WorkerMsg>(&encode(&hello)).unwrap(), hello);
+    assert_eq!(decode::<SchedulerMsg>(&encode(&welcome)).unwrap(), welcome);
+}

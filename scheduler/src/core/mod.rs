@@ -1,0 +1,28 @@
+//! The scheduling core: plain synchronous Rust, no I/O.
+//!
+//! It decides what each step runs and writes it into a step slot; the engine thread around it only moves bytes.
+//! Keeping every decision here, away from sockets and rings, is what lets the policy be tested exhaustively with
+//! a fake worker (see `scheduler/tests/core_*.rs`). [`Core`] documents the policy; each module holds one idea:
+//!
+//! - `request`: what the engine submits, and the state of a live request;
+//! - `queue`: the FCFS waiting queue; `running`: admitted requests by worker slot, in admission order;
+//! - `index_pool`: the free list behind KV pages and request slots; `page_table`: one request's pages;
+//! - `step_writer`: encoding a step into the slot's arrays; `stop`: stop conditions on token ids;
+//! - `planned`: a step in flight and the events it produced; `limits`: the sizes agreed with the worker;
+//! - `scheduler`: the state machine tying them together.
+
+mod index_pool;
+mod limits;
+mod page_table;
+mod planned;
+mod queue;
+mod request;
+mod running;
+mod scheduler;
+mod step_writer;
+mod stop;
+
+pub use limits::{InvalidLimits, Limits};
+pub use planned::{Event, Planned, PlannedReq};
+pub use request::{FinishReason, NewRequest, ReqId, SamplingParams, SubmitError};
+pub use scheduler::Core;

@@ -1,0 +1,73 @@
+//! What the core hands the engine per step: the plan of a step in flight, and the events a step produced.
+
+use super::request::{FinishReason, ReqId};
+use proto::step::StepKind;
+
+/// One request of a planned step, in the step's request order (which is also the order of the result's tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedReq {
+    pub id: ReqId,
+    pub slot: u32,
+    /// Its last new token is the last of its sequence, so the token sampled for it is real. False for the non-final
+    /// chunks of a chunked prefill, whose samples are discarded.
+    pub samples: bool,
+}
+
+/// A step written into a slot and not yet completed. It carries everything `complete_step` needs, so completing a
+/// step never reads the slot again (which the ring may have reused) and several steps could be in flight at once.
+#[derive(Debug)]
+pub struct Planned {
+    pub(crate) step_id: u64,
+    pub(crate) kind: StepKind,
+    pub(crate) num_tokens: u32,
+    pub(crate) reqs: Vec<PlannedReq>,
+}
+
+impl Planned {
+    pub fn step_id(&self) -> u64 {
+        self.step_id
+    }
+
+    pub fn kind(&self) -> StepKind {
+        self.kind
+    }
+
+    /// Requests in the step: the `n` the result must answer with.
+    pub fn num_reqs(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// New tokens in the step (prefill chunk tokens, or one per request when decoding).
+    pub fn num_tokens(&self) -> u32 {
+        self.num_tokens
+    }
+
+    pub fn reqs(&self) -> &[PlannedReq] {
+        &self.reqs
+    }
+}
+
+/// What a request did, for the engine to forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A token was generated; with `finish`, it is the request's last and the request is gone from the core.
+    Token { id: ReqId, token: u32, finish: Option<FinishReason> },
+    /// The request ended without a new token (the KV cache cannot hold it, or the worker failed it) and is gone.
+    Finished { id: ReqId, reason: FinishReason },
+}
+
+impl Event {
+    pub fn id(&self) -> ReqId {
+        match *self {
+            Event::Token { id, .. } | Event::Finished { id, .. } => id,
+        }
+    }
+
+    /// The reason the request ended, when this event ends it.
+    pub fn finish(&self) -> Option<FinishReason> {
+        match *self {
+            Event::Token { finish, .. } => finish,
+            Event::Finished { reason, .. } => Some(reason),
+        }
+    }
+}

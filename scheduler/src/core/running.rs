@@ -1,0 +1,120 @@
+//! The running set: admitted requests, each holding one request slot of the worker.
+//!
+//! Requests are stored by slot, so a step's result maps back to its request without a search; a separate list
+//! keeps admission order, which fixes the order of requests in a step and names the preemption victim (the most
+//! recently admitted request, which has the least work to lose).
+
+use super::index_pool::IndexPool;
+use super::request::{ReqId, Request};
+
+#[derive(Clone, Debug)]
+pub(crate) struct RunningSet {
+    by_slot: Vec<Option<Request>>,
+    /// Slots, oldest admission first.
+    order: Vec<u32>,
+    slots: IndexPool,
+}
+
+impl RunningSet {
+    pub fn new(max_batch: u32) -> Self {
+        RunningSet {
+            by_slot: (0..max_batch).map(|_| None).collect(),
+            order: Vec::with_capacity(max_batch as usize),
+            slots: IndexPool::new(max_batch),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.available() > 0
+    }
+
+    /// Gives `req` a slot; hands it back when every slot is taken.
+    pub fn admit(&mut self, req: Request) -> Result<u32, Request> {
+        let Some(slot) = self.slots.alloc() else { return Err(req) };
+        self.by_slot[slot as usize] = Some(req);
+        self.order.push(slot);
+        Ok(slot)
+    }
+
+    /// Takes the request out and frees its slot. Its pages are the caller's to release.
+    pub fn remove(&mut self, slot: u32) -> Request {
+        let req = self.by_slot[slot as usize].take().unwrap_or_else(|| panic!("slot {slot} is not running"));
+        let i = self.order.iter().rposition(|&s| s == slot).expect("a running slot is in the order list");
+        self.order.remove(i);
+        self.slots.free(slot);
+        req
+    }
+
+    pub fn get(&self, slot: u32) -> Option<&Request> {
+        self.by_slot.get(slot as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut Request> {
+        self.by_slot.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Linear in the number of running requests; only aborts and stop strings look requests up by id.
+    pub fn find(&self, id: ReqId) -> Option<u32> {
+        self.order.iter().copied().find(|&s| self.by_slot[s as usize].as_ref().is_some_and(|r| r.id == id))
+    }
+
+    pub fn newest(&self) -> Option<u32> {
+        self.order.last().copied()
+    }
+
+    /// Slots in admission order, with mutable access to the requests: what a step walks over.
+    pub fn parts_mut(&mut self) -> (&[u32], &mut [Option<Request>]) {
+        (&self.order, &mut self.by_slot)
+    }
+
+    /// `(slot, request)` in admission order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Request)> {
+        self.order.iter().map(|&s| (s, self.by_slot[s as usize].as_ref().expect("ordered slots are occupied")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::request::{NewRequest, SamplingParams};
+
+    fn req(id: ReqId) -> Request {
+        let params = SamplingParams {
+            max_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: -1,
+            seed: 0,
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        };
+        Request::new(NewRequest { id, prompt: vec![1], params }, 1)
+    }
+
+    #[test]
+    fn slots_order_and_lookup() {
+        let mut set = RunningSet::new(3);
+        for id in [10, 11, 12] {
+            set.admit(req(id)).unwrap();
+        }
+        assert!(!set.has_free_slot());
+        assert_eq!(set.admit(req(13)).map_err(|r| r.id), Err(13));
+        assert_eq!(set.find(11), Some(1));
+        assert_eq!(set.remove(1).id, 11);
+        assert_eq!(set.find(11), None);
+        // The freed slot goes to the next admission, which is now the newest.
+        assert_eq!(set.admit(req(14)).unwrap(), 1);
+        assert_eq!(set.newest(), Some(1));
+        let order: Vec<_> = set.iter().map(|(s, r)| (s, r.id)).collect();
+        assert_eq!(order, [(0, 10), (2, 12), (1, 14)]);
+        assert!(set.get(1).is_some_and(|r| r.id == 14));
+    }
+}

@@ -1,0 +1,412 @@
+//! The state machine the engine thread drives: requests in, steps out, sampled tokens back in.
+//!
+//! The engine calls [`Core::plan_step`], publishes the slot, waits for the worker's result, calls
+//! [`Core::complete_step`] and forwards the events; it calls [`Core::submit`] and [`Core::finish`] between steps.
+//! The policy lives here, and only here:
+//!
+//! - **Extend before decode.** When the head of the waiting queue can be admitted (a free slot, and pages for its
+//!   whole prompt plus what the running requests need for their next decode), the step is an extend step: newly
+//!   admitted requests' prompts, FCFS, up to `max_step_tokens` tokens. Otherwise it is a decode step of every
+//!   running request. Admitting eagerly fills the batch as soon as possible, which is what makes decode steps
+//!   efficient (mini-sglang and nano-vllm do the same); slots and pages bound how long decodes can be held off.
+//! - **Chunked prefill.** A prompt longer than the budget left in the step is cut; the rest continues first in the
+//!   next step, before anything new is admitted, so at most one request is part-way through its prefill and a long
+//!   prompt is never starved by later short ones. The worker samples after a non-final chunk anyway; that token is
+//!   ignored, and the next chunk sends real ids, so it is never fed back.
+//! - **Pages.** A request gets the pages for its whole prompt when admitted (so a chunked prefill can never stall
+//!   half-way for memory), then one page each time decoding crosses a page boundary. The admission check reserves
+//!   the pages every running request needs for its next decode, so admitting does not force a preemption right
+//!   away.
+//! - **Preemption.** When a decode step cannot get its pages, the most recently admitted request (the one with the
+//!   least work to lose) is preempted: pages and slot freed, and it goes back to the front of the waiting queue
+//!   with everything it has so far as its prompt, keeping its generated count and its params. Preempting several
+//!   puts them back in admission order. A request that needs a page while holding every page finishes with
+//!   `Length`: it could not proceed even alone.
+//! - **Decode inputs by reference.** A decode token is written as `-(slot + 1)`: the worker substitutes the last
+//!   token it sampled for that slot. Planning therefore never needs the previous step's tokens, which is what will
+//!   let step N+1 be planned while step N runs. Sampled tokens are still appended on completion, for stop checks
+//!   and for re-admission after a preemption.
+//! - **Joins.** A request's sampling parameters go to the worker in the first step after each (re)admission: the
+//!   slot may have served another request since.
+//!
+//! Overlap is not built yet: a step must be completed (or failed) before the next is planned. Two things keep it
+//! within reach: planning already advances every request's KV length, and [`Planned`] carries all that completing
+//! needs. What is missing is deferring the reuse of a freed page or slot until the last step that used it completes.
+
+use super::index_pool::IndexPool;
+use super::limits::{InvalidLimits, Limits};
+use super::page_table::pages_for;
+use super::planned::{Event, Planned, PlannedReq};
+use super::queue::WaitingQueue;
+use super::request::{FinishReason, NewRequest, ReqId, Request, SubmitError};
+use super::running::RunningSet;
+use super::step_writer::{NewTokens, StepWriter};
+use super::stop::stop_reason;
+use proto::step::{StepKind, StepMut};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug)]
+pub struct Core {
+    limits: Limits,
+    waiting: WaitingQueue,
+    running: RunningSet,
+    pages: IndexPool,
+    /// The slot of the request part-way through a chunked prefill.
+    prefilling: Option<u32>,
+    /// A step was planned and not yet completed or failed.
+    in_flight: bool,
+    /// Request lists of completed steps, reused so that planning allocates nothing in steady state.
+    spare: Vec<Vec<PlannedReq>>,
+    preemptions: u64,
+}
+
+impl Core {
+    pub fn new(limits: Limits) -> Result<Self, InvalidLimits> {
+        limits.validate()?;
+        Ok(Core {
+            waiting: WaitingQueue::default(),
+            running: RunningSet::new(limits.max_batch),
+            pages: IndexPool::new(limits.num_pages),
+            prefilling: None,
+            in_flight: false,
+            spare: Vec::new(),
+            preemptions: 0,
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Queues a request behind every waiting one. Refuses what could never run or would corrupt a step.
+    pub fn submit(&mut self, req: NewRequest) -> Result<(), SubmitError> {
+        let len = req.prompt.len();
+        if len == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let max = self.limits.max_prompt_len();
+        if len > max as usize {
+            return Err(SubmitError::PromptTooLong { len, max });
+        }
+        if req.params.max_tokens == 0 {
+            return Err(SubmitError::ZeroMaxTokens);
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t > i32::MAX as u32) {
+            return Err(SubmitError::TokenOutOfRange(t));
+        }
+        debug_assert!(!self.contains(req.id), "request id {} submitted twice", req.id);
+        let room = self.limits.max_seq_len - len as u32;
+        self.waiting.push_back(Request::new(req, room));
+        Ok(())
+    }
+
+    /// Ends a request wherever it is (abort, stop string) and frees its pages and slot. False if it is unknown,
+    /// e.g. because it already finished.
+    pub fn finish(&mut self, id: ReqId) -> bool {
+        if self.waiting.remove(id).is_some() {
+            return true;
+        }
+        match self.running.find(id) {
+            Some(slot) => {
+                self.release(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes the next step into `step` (every array it uses, and the header) and returns its plan, or `None` when
+    /// there is nothing to run. Requests that can never run end here, as `events`; forward them even on `None`.
+    ///
+    /// Panics if the previous step was not completed, or if `step` is smaller than [`Limits::capacity`].
+    pub fn plan_step(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Option<Planned> {
+        assert!(!self.in_flight, "plan_step called before the previous step was completed");
+        self.check_capacity(step);
+        loop {
+            if self.prefilling.is_some() || self.head_admissible() {
+                return Some(self.plan_extend(step_id, step));
+            }
+            if !self.running.is_empty() {
+                if self.make_room_for_decode(events) {
+                    return Some(self.plan_decode(step_id, step));
+                }
+                continue;
+            }
+            // Nothing runs, so every slot and page is free, and still the head does not fit: it never will.
+            let head = self.waiting.pop_front()?;
+            events.push(Event::Finished { id: head.id, reason: FinishReason::Length });
+        }
+    }
+
+    /// Takes the worker's sampled tokens for `planned` (in its request order) and applies the stop conditions.
+    /// Requests that ended are freed; every ending shows up in `events`. A request finished since planning is
+    /// skipped.
+    ///
+    /// Panics if `tokens` does not have one entry per planned request.
+    pub fn complete_step(&mut self, planned: Planned, tokens: &[i32], events: &mut Vec<Event>) {
+        assert_eq!(tokens.len(), planned.reqs.len(), "step {} answered with a different request count", planned.step_id);
+        self.in_flight = false;
+        for (p, &token) in planned.reqs.iter().zip(tokens) {
+            if !p.samples {
+                continue;
+            }
+            let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
+            let finish = match u32::try_from(token) {
+                Ok(token) => {
+                    req.tokens.push(token);
+                    req.generated += 1;
+                    let l = &self.limits;
+                    let finish = stop_reason(token, req.generated, req.len(), &req.params, &l.eos_token_ids, l.max_seq_len);
+                    events.push(Event::Token { id: p.id, token, finish });
+                    finish
+                }
+                Err(_) => {
+                    events.push(Event::Finished { id: p.id, reason: FinishReason::Error });
+                    Some(FinishReason::Error)
+                }
+            };
+            if finish.is_some() {
+                self.release(p.slot);
+            }
+        }
+        self.recycle(planned);
+    }
+
+    /// The worker failed the step: its requests end with `Error`, since their KV cache can no longer be trusted.
+    pub fn fail_step(&mut self, planned: Planned, events: &mut Vec<Event>) {
+        self.in_flight = false;
+        for p in &planned.reqs {
+            if self.running.get(p.slot).is_some_and(|r| r.id == p.id) {
+                self.release(p.slot);
+                events.push(Event::Finished { id: p.id, reason: FinishReason::Error });
+            }
+        }
+        self.recycle(planned);
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests holding a slot, including one part-way through its prefill.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn free_pages(&self) -> u32 {
+        self.pages.available()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Preemptions so far: each one costs a recomputation of the victim's whole sequence.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn contains(&self, id: ReqId) -> bool {
+        self.running.find(id).is_some() || self.waiting.iter().any(|r| r.id == id)
+    }
+
+    fn check_capacity(&self, step: &StepMut<'_>) {
+        let cap = self.limits.capacity();
+        assert!(
+            step.req_slot.len() >= cap.max_reqs as usize
+                && step.input_ids.len() >= cap.max_tokens as usize
+                && step.kv_indices.len() >= cap.max_kv_indices as usize,
+            "the step slot is smaller than Limits::capacity() {cap:?}"
+        );
+    }
+
+    /// Pages the running requests will need for their next decode step, beyond what they hold.
+    fn decode_reserve(&self) -> u32 {
+        let ps = self.limits.page_size;
+        self.running.iter().map(|(_, r)| r.pages.missing_for(r.kv_len_after_next_decode(), ps)).sum()
+    }
+
+    fn head_admissible(&self) -> bool {
+        let Some(head) = self.waiting.front() else { return false };
+        self.running.has_free_slot()
+            && pages_for(head.len(), self.limits.page_size) + self.decode_reserve() <= self.pages.available()
+    }
+
+    fn plan_extend(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
+        let ps = self.limits.page_size;
+        let mut reqs = self.take_spare();
+        let mut w = StepWriter::new(step, ps);
+        let mut budget = self.limits.max_step_tokens;
+
+        if let Some(slot) = self.prefilling.take() {
+            let req = self.running.get_mut(slot).expect("the prefilling slot is running");
+            budget -= write_chunk(&mut w, slot, req, budget, &mut reqs);
+            if req.is_prefilling() {
+                self.prefilling = Some(slot);
+            }
+        }
+
+        if self.prefilling.is_none() {
+            let mut reserve = self.decode_reserve();
+            while budget > 0 && self.running.has_free_slot() {
+                let Some(head) = self.waiting.front() else { break };
+                let prompt_pages = pages_for(head.len(), ps);
+                if prompt_pages + reserve > self.pages.available() {
+                    break;
+                }
+                let mut req = self.waiting.pop_front().expect("head exists");
+                assert!(req.pages.grow_to(req.len(), ps, &mut self.pages), "checked available pages");
+                reserve += req.pages.missing_for(req.kv_len_after_next_decode(), ps);
+                let slot = self.running.admit(req).unwrap_or_else(|_| unreachable!("checked for a free slot"));
+                let req = self.running.get_mut(slot).expect("just admitted");
+                budget -= write_chunk(&mut w, slot, req, budget, &mut reqs);
+                if req.is_prefilling() {
+                    self.prefilling = Some(slot);
+                    break;
+                }
+            }
+        }
+
+        let num_tokens = w.num_tokens() as u32;
+        debug_assert!(num_tokens > 0, "an extend step was planned with nothing to extend");
+        w.finish(step_id, StepKind::Extend);
+        self.in_flight = true;
+        Planned { step_id, kind: StepKind::Extend, num_tokens, reqs }
+    }
+
+    /// Preempts until the next decode step's new pages are free. False when that ended every running request.
+    fn make_room_for_decode(&mut self, events: &mut Vec<Event>) -> bool {
+        let ps = self.limits.page_size;
+        loop {
+            let needed: u32 = self.running.iter().map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps)).sum();
+            if needed <= self.pages.available() {
+                return !self.running.is_empty();
+            }
+            let victim = self.running.newest().expect("pages are needed, so something runs");
+            if self.running.len() == 1 {
+                let id = self.release(victim).id;
+                events.push(Event::Finished { id, reason: FinishReason::Length });
+                return false;
+            }
+            self.preempt(victim);
+        }
+    }
+
+    fn plan_decode(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
+        let ps = self.limits.page_size;
+        let mut reqs = self.take_spare();
+        let mut w = StepWriter::new(step, ps);
+        let (order, by_slot) = self.running.parts_mut();
+        for &slot in order {
+            let req = by_slot[slot as usize].as_mut().expect("ordered slots are occupied");
+            debug_assert!(!req.is_prefilling() && req.joined);
+            assert!(req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages), "make_room_for_decode freed enough");
+            w.push_request(slot, &req.pages, req.kv_len, NewTokens::LastSampled);
+            req.kv_len += 1;
+            reqs.push(PlannedReq { id: req.id, slot, samples: true });
+        }
+        let num_tokens = w.num_tokens() as u32;
+        w.finish(step_id, StepKind::Decode);
+        self.in_flight = true;
+        Planned { step_id, kind: StepKind::Decode, num_tokens, reqs }
+    }
+
+    fn preempt(&mut self, slot: u32) {
+        let mut req = self.release(slot);
+        req.reset_for_readmission();
+        self.waiting.push_front(req);
+        self.preemptions += 1;
+    }
+
+    /// Takes a running request out and frees its pages and slot.
+    fn release(&mut self, slot: u32) -> Request {
+        let mut req = self.running.remove(slot);
+        req.pages.release(&mut self.pages);
+        if self.prefilling == Some(slot) {
+            self.prefilling = None;
+        }
+        req
+    }
+
+    fn take_spare(&mut self) -> Vec<PlannedReq> {
+        self.spare.pop().unwrap_or_else(|| Vec::with_capacity(self.limits.max_batch as usize))
+    }
+
+    fn recycle(&mut self, planned: Planned) {
+        let mut reqs = planned.reqs;
+        reqs.clear();
+        // A couple suffice even with overlap; more only accumulate if plans are dropped uncompleted.
+        if self.spare.len() < 4 {
+            self.spare.push(reqs);
+        }
+    }
+
+    /// Checks the bookkeeping: every page is either free or held by exactly one running request, slots and ids are
+    /// consistent, and page tables match KV lengths. For tests and debug builds; linear in pages and requests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let ps = self.limits.page_size;
+        let mut owner: HashMap<u32, ReqId> = HashMap::new();
+        let mut ids: HashMap<ReqId, &str> = HashMap::new();
+        for req in self.waiting.iter() {
+            if ids.insert(req.id, "waiting").is_some() {
+                return Err(format!("request {} is waiting twice", req.id));
+            }
+            if req.pages.len() != 0 || req.kv_len != 0 || req.joined || req.prefill_len != req.len() {
+                return Err(format!("waiting request {} holds state from a previous admission", req.id));
+            }
+        }
+        let mut prefilling = None;
+        for (slot, req) in self.running.iter() {
+            if let Some(place) = ids.insert(req.id, "running") {
+                return Err(format!("request {} is running and {place}", req.id));
+            }
+            for &p in req.pages.pages() {
+                if let Some(other) = owner.insert(p, req.id) {
+                    return Err(format!("page {p} is held by requests {other} and {}", req.id));
+                }
+                if !self.pages.is_in_use(p) {
+                    return Err(format!("page {p} of request {} is also on the free list", req.id));
+                }
+            }
+            let want_pages = pages_for(req.kv_len.max(req.prefill_len), ps);
+            if req.pages.len() != want_pages {
+                return Err(format!("request {} holds {} pages for {} tokens", req.id, req.pages.len(), req.kv_len));
+            }
+            if req.is_prefilling() {
+                if prefilling.replace(slot).is_some() {
+                    return Err("two requests are part-way through their prefill".into());
+                }
+            } else if !self.in_flight && req.len() != req.kv_len + 1 {
+                return Err(format!("decoding request {} has {} tokens, {} cached", req.id, req.len(), req.kv_len));
+            }
+        }
+        if prefilling != self.prefilling {
+            return Err(format!("prefilling slot is {:?}, the requests say {prefilling:?}", self.prefilling));
+        }
+        if self.pages.available() as usize + owner.len() != self.limits.num_pages as usize {
+            return Err(format!(
+                "{} free pages + {} held pages != {} pages",
+                self.pages.available(),
+                owner.len(),
+                self.limits.num_pages
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Writes the next prefill chunk of `req` (at most `budget` tokens), its join if due, and advances its KV length.
+/// Returns the chunk's length.
+fn write_chunk(w: &mut StepWriter<'_, '_>, slot: u32, req: &mut Request, budget: u32, reqs: &mut Vec<PlannedReq>) -> u32 {
+    let start = req.kv_len;
+    let count = req.prefill_left().min(budget);
+    w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
+    if !req.joined {
+        w.push_join(slot, &req.params);
+        req.joined = true;
+    }
+    req.kv_len += count;
+    reqs.push(PlannedReq { id: req.id, slot, samples: !req.is_prefilling() });
+    count
+}

@@ -1,0 +1,166 @@
+//! Encodes one step into a step slot (docs/protocol.md, "Step slot"), request by request.
+//!
+//! The writer only appends; it knows nothing of policy. Every array is written through its running length, so
+//! nothing is cleared and nothing is allocated: a decode step of n requests costs O(n + pages listed).
+
+use super::page_table::{PageTable, last_page_len, pages_for};
+use super::request::SamplingParams;
+use proto::step::{StepHeader, StepKind, StepMut};
+
+/// The new tokens of one request in a step.
+pub(crate) enum NewTokens<'t> {
+    /// Known ids, e.g. a prompt chunk.
+    Ids(&'t [u32]),
+    /// One token: whatever the worker last sampled for the request's slot.
+    LastSampled,
+}
+
+pub(crate) struct StepWriter<'s, 'a> {
+    step: &'s mut StepMut<'a>,
+    page_size: u32,
+    n: usize,
+    t: usize,
+    k: usize,
+    j: usize,
+}
+
+impl<'s, 'a> StepWriter<'s, 'a> {
+    pub fn new(step: &'s mut StepMut<'a>, page_size: u32) -> Self {
+        step.qo_indptr[0] = 0;
+        step.kv_indptr[0] = 0;
+        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0 }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.t
+    }
+
+    /// Appends a request whose first `start` tokens are cached and that adds `new` after them. `pages` must already
+    /// hold the result; only the pages covering it are listed, so a table grown ahead of a chunked prefill still
+    /// gives the worker a consistent `(pages, last_page_len)` pair.
+    pub fn push_request(&mut self, slot: u32, pages: &PageTable, start: u32, new: NewTokens<'_>) {
+        let ps = self.page_size;
+        let s = &mut *self.step;
+        let count = match new {
+            NewTokens::Ids(ids) => ids.len() as u32,
+            NewTokens::LastSampled => 1,
+        };
+        let seq_len = start + count;
+        let listed = pages_for(seq_len, ps) as usize;
+        let (n, t, k) = (self.n, self.t, self.k);
+
+        s.req_slot[n] = slot as i32;
+        s.seq_len[n] = seq_len as i32;
+        s.kv_last_page_len[n] = last_page_len(seq_len, ps) as i32;
+        s.qo_indptr[n + 1] = (t + count as usize) as i32;
+        s.kv_indptr[n + 1] = (k + listed) as i32;
+        for (dst, &page) in s.kv_indices[k..k + listed].iter_mut().zip(&pages.pages()[..listed]) {
+            *dst = page as i32;
+        }
+        match new {
+            NewTokens::Ids(ids) => {
+                for (dst, &id) in s.input_ids[t..t + ids.len()].iter_mut().zip(ids) {
+                    *dst = id as i32;
+                }
+            }
+            NewTokens::LastSampled => s.input_ids[t] = -(slot as i32 + 1),
+        }
+        for (i, pos) in (start..seq_len).enumerate() {
+            s.positions[t + i] = pos as i32;
+            s.out_loc[t + i] = pages.loc(pos, ps) as i32;
+        }
+        self.n += 1;
+        self.t += count as usize;
+        self.k += listed;
+    }
+
+    /// (Re)sets the sampling parameters of `slot` in the worker.
+    pub fn push_join(&mut self, slot: u32, params: &SamplingParams) {
+        let (s, j) = (&mut *self.step, self.j);
+        s.join_slot[j] = slot as i32;
+        s.join_temperature[j] = params.temperature;
+        s.join_top_p[j] = params.top_p;
+        s.join_top_k[j] = params.top_k;
+        s.join_seed[j] = params.seed;
+        self.j += 1;
+    }
+
+    /// Writes the header last, once the counts are known.
+    pub fn finish(self, step_id: u64, kind: StepKind) {
+        *self.step.header = StepHeader {
+            step_id,
+            kind: kind as u32,
+            num_reqs: self.n as u32,
+            num_tokens: self.t as u32,
+            num_kv_indices: self.k as u32,
+            num_joins: self.j as u32,
+            ..Default::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::index_pool::IndexPool;
+    use proto::step::{Capacity, SlotBuf, StepLayout, StepRef};
+
+    #[test]
+    fn writes_an_extend_and_a_decode_entry() {
+        let layout = StepLayout::new(Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 8 });
+        let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+        let mut pool = IndexPool::new(8);
+        pool.alloc(); // keep page 0 out so pages and positions differ
+        let (mut a, mut b) = (PageTable::default(), PageTable::default());
+        assert!(a.grow_to(5, 4, &mut pool)); // pages 1, 2: a chunk of 3 after 2 cached tokens
+        assert!(b.grow_to(9, 4, &mut pool)); // pages 3, 4, 5: a decode at position 8
+        let params = SamplingParams {
+            max_tokens: 4,
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: 7,
+            seed: u64::MAX,
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        };
+        {
+            let mut step = StepMut::new(&layout, buf.bytes_mut());
+            let mut w = StepWriter::new(&mut step, 4);
+            w.push_request(2, &a, 2, NewTokens::Ids(&[10, 11, 12]));
+            w.push_join(2, &params);
+            w.push_request(0, &b, 8, NewTokens::LastSampled);
+            assert_eq!(w.num_tokens(), 4);
+            w.finish(42, StepKind::Extend);
+        }
+        let r = StepRef::new(&layout, buf.bytes());
+        assert_eq!((r.header.step_id, r.header.kind), (42, StepKind::Extend as u32));
+        assert_eq!(r.req_slot, &[2, 0]);
+        assert_eq!(r.seq_len, &[5, 9]);
+        assert_eq!(r.qo_indptr, &[0, 3, 4]);
+        assert_eq!(r.kv_indptr, &[0, 2, 5]);
+        assert_eq!(r.kv_indices, &[1, 2, 3, 4, 5]);
+        assert_eq!(r.kv_last_page_len, &[1, 1]);
+        assert_eq!(r.input_ids, &[10, 11, 12, -1]);
+        assert_eq!(r.positions, &[2, 3, 4, 8]);
+        assert_eq!(r.out_loc, &[6, 7, 8, 20]);
+        assert_eq!((r.join_slot, r.join_top_k, r.join_seed), (&[2][..], &[7][..], &[u64::MAX][..]));
+        assert_eq!((r.join_temperature, r.join_top_p), (&[0.5f32][..], &[0.9f32][..]));
+    }
+
+    #[test]
+    fn a_table_grown_ahead_lists_only_the_pages_in_use() {
+        let layout = StepLayout::new(Capacity { max_reqs: 1, max_tokens: 4, max_kv_indices: 4 });
+        let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+        let mut pool = IndexPool::new(4);
+        let mut t = PageTable::default();
+        assert!(t.grow_to(16, 4, &mut pool));
+        {
+            let mut step = StepMut::new(&layout, buf.bytes_mut());
+            let mut w = StepWriter::new(&mut step, 4);
+            w.push_request(0, &t, 0, NewTokens::Ids(&[1, 2, 3, 4]));
+            w.finish(0, StepKind::Extend);
+        }
+        let r = StepRef::new(&layout, buf.bytes());
+        assert_eq!((r.kv_indices, r.kv_last_page_len), (&[0][..], &[4][..]));
+    }
+}

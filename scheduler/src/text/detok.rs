@@ -1,0 +1,62 @@
+use std::sync::Arc;
+
+use super::error::{Result, TextError};
+use super::tokenizer::Tokenizer;
+
+/// Turns a request's output ids into text one id at a time, giving out only text that later ids cannot change.
+///
+/// A token can end inside a UTF-8 character (byte-level BPE splits Chinese characters and emoji across tokens),
+/// and some decoders change a token's text by what precedes it (a leading space). So each step decodes a small
+/// window: the ids of the last chunk given out (the context) followed by the ids not given out yet, and gives
+/// out what the window's text adds to the context's text, once that text no longer ends in U+FFFD (an unfinished
+/// character). The window restarts after each chunk, so a step costs a decode of a few tokens, not of the
+/// whole output.
+pub struct IncrementalDecoder {
+    tokenizer: Arc<Tokenizer>,
+    window: Vec<u32>,
+    /// `window[..context_len]` are ids whose text was already given out...
+    context_len: usize,
+    /// ...and this is their text when decoded alone.
+    context_text: String,
+}
+
+impl IncrementalDecoder {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Self { tokenizer, window: Vec::new(), context_len: 0, context_text: String::new() }
+    }
+
+    /// Adds one id; returns the text that is now final (often empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.window.push(id);
+        self.advance(false)
+    }
+
+    /// Gives out whatever is still held back, an unfinished character included (as transformers' decode
+    /// writes it, U+FFFD). Call once, after the last id.
+    pub fn flush(&mut self) -> Result<String> {
+        self.advance(true)
+    }
+
+    fn advance(&mut self, at_end: bool) -> Result<String> {
+        if self.window.len() == self.context_len {
+            return Ok(String::new());
+        }
+        let text = self.tokenizer.decode(&self.window)?;
+        if text.len() <= self.context_text.len() || (!at_end && text.ends_with('\u{FFFD}')) {
+            // Nothing new (a skipped special token) or an unfinished character: wait for more ids.
+            return Ok(String::new());
+        }
+        let Some(new_text) = text.strip_prefix(self.context_text.as_str()) else {
+            return Err(TextError::StreamDiverged {
+                token_id: *self.window.last().expect("the window is not empty"),
+                expected: std::mem::take(&mut self.context_text),
+                actual: text,
+            });
+        };
+        let new_text = new_text.to_string();
+        self.window.drain(..self.context_len);
+        self.context_len = self.window.len();
+        self.context_text = self.tokenizer.decode(&self.window)?;
+        Ok(new_text)
+    }
+}

@@ -1,0 +1,66 @@
+"""Fixtures shared by the cross-process and end-to-end tests: the model directory and one running engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_dir_or_skip() -> Path:
+    path = Path(os.environ.get("MINISGL_MODEL", REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"))
+    if not (path / "config.json").exists():
+        if os.environ.get("MINISGL_REQUIRE_MODEL") == "1":
+            pytest.fail(f"the model directory {path} is missing: run scripts/setup (MINISGL_REQUIRE_MODEL=1)")
+        pytest.skip(f"no model at {path} (run scripts/setup)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return model_dir_or_skip()
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# What the end-to-end tests run against: the real default model, fp32 on the CPU, with a context short enough
+# that an over-long prompt is cheap to build.
+E2E_MAX_SEQ_LEN = 4096
+E2E_MAX_BATCH = 48
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir: Path):
+    from minisgl.launch import Engine, EngineConfig
+
+    config = EngineConfig(
+        model=str(model_dir),
+        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
+        device="cpu",
+        dtype="float32",
+        num_pages=2048,
+        page_size=16,
+        max_batch=E2E_MAX_BATCH,
+        max_step_tokens=2048,
+        max_seq_len=E2E_MAX_SEQ_LEN,
+        log_level=os.environ.get("MINISGL_LOG", "info"),
+        ready_timeout_s=300,
+    )
+    with Engine(config) as running:
+        yield running
+
+
+@pytest.fixture
+def client(engine):
+    from minisgl.client import Client
+
+    with Client(engine.config.listen, timeout_s=300) as c:
+        yield c

@@ -1,0 +1,57 @@
+"""A reference backend in plain torch, for the CPU and for checking faster backends on the GPU.
+
+Every request is padded to the longest query and the longest sequence of the step, so one masked attention call
+covers the whole batch: no Python loop over requests, at the price of attending over padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minisgl.attention.base import AttentionBackend
+from minisgl.worker.batch import ForwardBatch
+
+
+class TorchRefBackend(AttentionBackend):
+    def plan(self, batch: ForwardBatch) -> None:
+        dev = batch.qo_indptr.device
+        n, t, ps = batch.num_reqs, batch.num_tokens, self.config.page_size
+        qo_indptr = batch.qo_indptr.long()
+        qo_start = qo_indptr[:-1]
+        qo_len = qo_indptr[1:] - qo_start
+        seq_len = batch.seq_len.long()
+        prefix_len = seq_len - qo_len
+
+        # Padded queries: row r, column j is new token j of request r (a dummy copy of token 0 past its end).
+        j = torch.arange(batch.max_qo_len, device=dev)
+        q_valid = j[None, :] < qo_len[:, None]
+        self._q_gather = torch.where(q_valid, qo_start[:, None] + j[None, :], 0)
+        # Back from padded to packed: token i sits at row req(i), column i - qo_start[req(i)].
+        token_req = torch.repeat_interleave(torch.arange(n, device=dev), qo_len, output_size=t)
+        token_col = torch.arange(t, device=dev) - qo_start[token_req]
+        self._unpad = token_req * batch.max_qo_len + token_col
+
+        # Padded keys: row r, column p is position p of request r, found through its page table.
+        p = torch.arange(batch.max_seq_len, device=dev)
+        kv_valid = p[None, :] < seq_len[:, None]
+        page_slot = torch.where(kv_valid, batch.kv_indptr[:-1, None].long() + p[None, :] // ps, 0)
+        page = batch.kv_indices.long()[page_slot]
+        self._kv_gather = torch.where(kv_valid, page * ps + p[None, :] % ps, 0)
+
+        # Query j of request r sits at position prefix_len[r] + j: it sees that position and everything before.
+        q_pos = prefix_len[:, None] + j[None, :]
+        mask = kv_valid[:, None, :] & (p[None, None, :] <= q_pos[:, :, None])
+        self._mask = mask[:, None, :, :]  # broadcast over heads
+        self._out_loc = batch.out_loc.long()
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.store_kv(layer, k, v, self._out_loc)
+        hq, hkv = self.config.num_heads, self.config.num_kv_heads
+        q_pad = q[self._q_gather].transpose(1, 2)  # [n, Hq, Qmax, D]
+        k_pad = self.kv_cache.flat_k(layer)[self._kv_gather].transpose(1, 2)  # [n, Hkv, Lmax, D]
+        v_pad = self.kv_cache.flat_v(layer)[self._kv_gather].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_pad, k_pad, v_pad, attn_mask=self._mask, scale=self.config.scale, enable_gqa=hq != hkv
+        )
+        return out.transpose(1, 2).reshape(-1, hq, q.shape[-1])[self._unpad]

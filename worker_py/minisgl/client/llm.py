@@ -1,0 +1,108 @@
+"""The offline interface: `LLM(model).generate(prompts, sampling_params)`, over ZeroMQ like any other client.
+
+    from minisgl.client import LLM, SamplingParams
+    with LLM() as llm:
+        out = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=32))
+        print(out[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from minisgl.client.client import Client
+from minisgl.launch import Engine, EngineConfig
+
+Prompt = str | list[dict] | list[int]  # raw text, chat messages, or token ids
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def to_wire(self) -> dict:
+        wire = asdict(self)
+        wire["stop"] = list(self.stop)
+        wire["stop_token_ids"] = list(self.stop_token_ids)
+        return wire
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    message: str | None = field(default=None)
+
+
+def prompt_fields(prompt: Prompt) -> dict:
+    """The generate-message keys for a prompt in any of its three forms."""
+    if isinstance(prompt, str):
+        return {"text": prompt}
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return {"messages": list(prompt)}
+    return {"input_ids": [int(t) for t in prompt]}
+
+
+class LLM:
+    """Starts an engine for `model` (or connects to a running one at `address`) and generates in batches."""
+
+    def __init__(self, model: str | None = None, *, address: str | None = None, **engine_args):
+        self.engine: Engine | None = None
+        if address is None:
+            config = EngineConfig(**({"model": model} if model else {}), **engine_args)
+            self.engine = Engine(config).__enter__()
+            address = config.listen
+        self.client = Client(address)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Output]:
+        """Sends every prompt at once (the scheduler batches them) and returns outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (dict, int))):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        rids = [
+            self.client.submit(**prompt_fields(p), sampling=sp.to_wire(), stream=False)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        outputs = []
+        for rid in rids:
+            final = list(self.client.replies(rid))[-1]
+            outputs.append(
+                Output(
+                    text=final["text"],
+                    token_ids=list(final["token_ids"]),
+                    finish_reason=final["finish_reason"],
+                    prompt_tokens=final["prompt_tokens"],
+                    message=final.get("message"),
+                )
+            )
+        return outputs
+
+    def close(self) -> None:
+        self.client.close()
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

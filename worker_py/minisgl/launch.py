@@ -1,0 +1,206 @@
+"""Starts the scheduler daemon and the worker, waits until they serve, and supervises them.
+
+Either process dying stops the other, and the launcher exits non-zero. Ctrl-C or SIGTERM stops both (SIGTERM,
+then SIGKILL after a grace period) and removes what they left behind: shared-memory segments and socket files.
+
+    python -m minisgl.launch --model models/Qwen2.5-Coder-0.5B-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from minisgl.client.client import DEFAULT_ADDRESS, Client
+
+log = logging.getLogger("minisgl.launch")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = str(DEFAULT_MODEL)
+    listen: str = DEFAULT_ADDRESS
+    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu (bf16 is slow and differs on CPUs)
+    attention: str = "auto"
+    num_pages: int | None = None  # None: the worker sizes its KV cache itself
+    page_size: int = 16
+    max_batch: int | None = None
+    max_step_tokens: int | None = None
+    max_seq_len: int | None = None
+    sched_bin: str | None = None  # None: $MINISGL_SCHED, then target/{release,debug}/minisgl-sched
+    log_level: str = "info"
+    ready_timeout_s: float = 900.0
+
+
+def find_scheduler(explicit: str | None = None) -> str:
+    for candidate in (
+        explicit,
+        os.environ.get("MINISGL_SCHED"),
+        str(REPO_ROOT / "target" / "release" / "minisgl-sched"),
+        str(REPO_ROOT / "target" / "debug" / "minisgl-sched"),
+        shutil.which("minisgl-sched"),
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("minisgl-sched not found: build it with `cargo build --release` or set MINISGL_SCHED")
+
+
+class EngineDied(RuntimeError):
+    pass
+
+
+class Engine:
+    """The two processes of a running engine. Use as a context manager, or call start() and stop()."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.run_dir = tempfile.mkdtemp(prefix="minisgl-")  # 0700: holds the control socket
+        self.shm_prefix = f"minisgl-{os.getpid()}-{os.path.basename(self.run_dir)[8:]}"
+
+    def _commands(self) -> dict[str, list[str]]:
+        c = self.config
+        control = f"ipc://{self.run_dir}/control.sock"
+        sched = [find_scheduler(c.sched_bin), "--model", c.model, "--listen", c.listen, "--control", control]
+        sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level]
+        worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
+        worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
+        worker += ["--page-size", str(c.page_size), "--log-level", c.log_level]
+        for flag, value, to in (
+            ("--num-pages", c.num_pages, worker),
+            ("--max-batch", c.max_batch, worker),
+            ("--max-tokens", c.max_step_tokens, worker),
+            ("--max-seq-len", c.max_seq_len, sched),
+        ):
+            if value is not None:
+                to += [flag, str(value)]
+        return {"scheduler": sched, "worker": worker}
+
+    def start(self) -> Engine:
+        for name, cmd in self._commands().items():
+            log.debug("starting %s: %s", name, " ".join(cmd))
+            # A process group of its own, so a stop reaches whatever the child started too.
+            self.procs[name] = subprocess.Popen(cmd, start_new_session=True)
+        return self
+
+    def dead(self) -> str | None:
+        """The name of a process that has exited, if any."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return name
+        return None
+
+    def wait_ready(self) -> dict:
+        """Blocks until the scheduler answers `info`; raises EngineDied if a process exits first."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        with Client(self.config.listen) as client:
+            client.send({"type": "info"})
+            while time.monotonic() < deadline:
+                if (name := self.dead()) is not None:
+                    code = self.procs[name].returncode
+                    raise EngineDied(f"the {name} exited with code {code} before the engine was ready")
+                try:
+                    return client.next_reply(None, timeout_s=0.5)
+                except TimeoutError:
+                    continue
+        raise TimeoutError(f"the engine was not ready within {self.config.ready_timeout_s} s")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Removes what a killed process could not: its shared-memory segments and the socket directory."""
+        for path in glob.glob(f"/dev/shm/{self.shm_prefix}-*"):
+            os.unlink(path)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.config.listen.startswith("ipc://"):
+            Path(self.config.listen[len("ipc://") :]).unlink(missing_ok=True)
+
+    def __enter__(self) -> Engine:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def parse_args(argv: list[str] | None = None) -> EngineConfig:
+    p = argparse.ArgumentParser(prog="minisgl", description=__doc__.split("\n\n")[0])
+    defaults = EngineConfig()
+    for field in dataclasses.fields(EngineConfig):
+        default = getattr(defaults, field.name)
+        kind = int if "int" in str(field.type) else float if "float" in str(field.type) else str
+        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
+    return EngineConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(config)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        engine.start()
+        info = engine.wait_ready()
+        log.info("serving %s on %s (%s)", Path(info.get("model", config.model)).name, config.listen, info)
+        while not stopping:
+            if (name := engine.dead()) is not None:
+                code = engine.procs[name].returncode
+                log.error("the %s exited with code %s; stopping the engine", name, code)
+                return 1
+            time.sleep(0.2)
+        log.info("stopping")
+        return 0
+    except (EngineDied, TimeoutError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The worker process: `python -m minisgl.worker --model DIR --control ipc://...` (the launcher runs it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from minisgl.worker.loop import WorkerConfig, serve
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m minisgl.worker", description=__doc__)
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--control", required=True, help="the scheduler's handshake socket (ipc://...)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16")
+    p.add_argument("--attention", default="auto", help="attention backend: auto, torch")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages to allocate (default: from memory)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-batch", type=int, default=None, help="most requests per step")
+    p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per step")
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=a.log_level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return WorkerConfig(
+        model=a.model,
+        control=a.control,
+        device=a.device,
+        dtype=a.dtype,
+        attention=a.attention,
+        num_pages=a.num_pages,
+        page_size=a.page_size,
+        max_batch=a.max_batch,
+        max_tokens=a.max_tokens,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(serve(parse_args()))

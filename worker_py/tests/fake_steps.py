@@ -1,0 +1,124 @@
+"""Test helper: a tiny stand-in for the scheduler that allocates KV pages and builds step objects.
+
+The objects carry the attribute names of the real StepView (docs/protocol.md, "Step slot"), with numpy arrays
+cut to their used lengths.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EXTEND, DECODE = 0, 1
+
+
+@dataclass
+class FakeStep:
+    step_id: int
+    kind: int
+    req_slot: np.ndarray
+    seq_len: np.ndarray
+    qo_indptr: np.ndarray
+    kv_indptr: np.ndarray
+    kv_last_page_len: np.ndarray
+    input_ids: np.ndarray
+    positions: np.ndarray
+    out_loc: np.ndarray
+    kv_indices: np.ndarray
+    join_slot: np.ndarray
+    join_temperature: np.ndarray
+    join_top_p: np.ndarray
+    join_top_k: np.ndarray
+    join_seed: np.ndarray
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_slot)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Join:
+    slot: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+
+
+@dataclass
+class StepBuilder:
+    """Hands out pages from a shuffled free list, so a request's pages are scattered and interleaved with
+    other requests' pages."""
+
+    num_pages: int
+    page_size: int
+    seed: int = 0
+    free: list[int] = field(init=False)
+    pages: dict[int, list[int]] = field(default_factory=dict, init=False)
+    length: dict[int, int] = field(default_factory=dict, init=False)
+    step_id: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.num_pages))
+        random.Random(self.seed).shuffle(self.free)
+
+    def extend(self, reqs: list[tuple[int, list[int]]], joins: list[Join] = ()) -> FakeStep:
+        """reqs: (slot, new token ids) per request; ids may be negative (-(slot+1))."""
+        return self._step(EXTEND, reqs, joins)
+
+    def decode(self, slots: list[int], token_ids: list[int] | None = None, joins: list[Join] = ()) -> FakeStep:
+        """One new token per slot: the given ids, or by default each slot's own last sampled token."""
+        ids = token_ids if token_ids is not None else [-(s + 1) for s in slots]
+        return self._step(DECODE, [(s, [i]) for s, i in zip(slots, ids, strict=True)], joins)
+
+    def release(self, slot: int) -> None:
+        self.free.extend(self.pages.pop(slot, []))
+        self.length.pop(slot, None)
+
+    def _step(self, kind: int, reqs: list[tuple[int, list[int]]], joins: list[Join]) -> FakeStep:
+        ps = self.page_size
+        qo, kv, last, seq, ids, pos, loc, indices = [0], [0], [], [], [], [], [], []
+        for slot, new in reqs:
+            start = self.length.get(slot, 0)
+            end = start + len(new)
+            pages = self.pages.setdefault(slot, [])
+            while len(pages) * ps < end:
+                pages.append(self.free.pop())
+            self.length[slot] = end
+            ids += new
+            pos += range(start, end)
+            loc += [pages[p // ps] * ps + p % ps for p in range(start, end)]
+            indices += pages
+            qo.append(len(ids))
+            kv.append(len(indices))
+            seq.append(end)
+            last.append(end - (len(pages) - 1) * ps)
+        self.step_id += 1
+
+        def i32(xs) -> np.ndarray:
+            return np.asarray(xs, dtype=np.int32)
+
+        return FakeStep(
+            step_id=self.step_id - 1,
+            kind=kind,
+            req_slot=i32([s for s, _ in reqs]),
+            seq_len=i32(seq),
+            qo_indptr=i32(qo),
+            kv_indptr=i32(kv),
+            kv_last_page_len=i32(last),
+            input_ids=i32(ids),
+            positions=i32(pos),
+            out_loc=i32(loc),
+            kv_indices=i32(indices),
+            join_slot=i32([j.slot for j in joins]),
+            join_temperature=np.asarray([j.temperature for j in joins], dtype=np.float32),
+            join_top_p=np.asarray([j.top_p for j in joins], dtype=np.float32),
+            join_top_k=i32([j.top_k for j in joins]),
+            join_seed=np.asarray([j.seed for j in joins], dtype=np.uint64),
+        )
