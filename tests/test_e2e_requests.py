@@ -21,7 +21,9 @@ def test_eos_ends_with_stop_and_ignore_eos_goes_on(client):
     assert final["finish_reason"] == "stop"
     assert final["token_ids"][-1] in (151645, 151643)
     assert "<|im_end|>" not in final["text"]
-    longer = client.generate(messages=msgs, sampling={"temperature": 0.0, "max_tokens": 64, "ignore_eos": True})
+    longer = client.generate(
+        messages=msgs, sampling={"temperature": 0.0, "max_tokens": 64, "ignore_eos": True}
+    )
     assert longer["finish_reason"] == "length" and len(longer["token_ids"]) == 64
     assert longer["token_ids"][: len(final["token_ids"])] == final["token_ids"]
 
@@ -37,7 +39,9 @@ def test_stop_string_cuts_the_text(client):
 def test_stop_token_id(client):
     full = client.generate(**COUNT, sampling={"temperature": 0.0, "max_tokens": 12})
     stop_id = full["token_ids"][4]
-    final = client.generate(**COUNT, sampling={"temperature": 0.0, "max_tokens": 12, "stop_token_ids": [stop_id]})
+    final = client.generate(
+        **COUNT, sampling={"temperature": 0.0, "max_tokens": 12, "stop_token_ids": [stop_id]}
+    )
     first = full["token_ids"].index(stop_id)
     assert final["finish_reason"] == "stop"
     assert final["token_ids"] == full["token_ids"][: first + 1]

@@ -33,7 +33,9 @@ def hf_outputs(model_dir):
         if isinstance(prompt, str):
             ids = tok(prompt, return_tensors="pt").input_ids
         else:
-            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = tok.apply_chat_template(
+                prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             ids = ids["input_ids"]
         with torch.inference_mode():
             out = model.generate(

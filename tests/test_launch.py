@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_tcp_port
+
 from minisgl.client import Client
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -95,7 +96,9 @@ def test_a_dead_process_stops_the_other_and_the_launcher_fails(tiny_model, victi
         children = children_of(proc.pid)
         assert len(children) == 2
         cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
-        target = next(pid for pid, cmd in cmdlines.items() if (b"minisgl.worker" in cmd) == (victim == "worker"))
+        target = next(
+            pid for pid, cmd in cmdlines.items() if (b"minisgl.worker" in cmd) == (victim == "worker")
+        )
         os.kill(target, signal.SIGKILL)
         assert proc.wait(60) != 0
         assert our_segments(proc.pid) == []

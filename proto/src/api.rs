@@ -57,7 +57,14 @@ pub enum Prompt<'a> {
 impl Generate {
     /// A request with default sampling and streaming on; set exactly one prompt form on the result.
     pub fn new(rid: impl Into<String>) -> Self {
-        Generate { rid: rid.into(), text: None, messages: None, input_ids: None, sampling: Sampling::default(), stream: true }
+        Generate {
+            rid: rid.into(),
+            text: None,
+            messages: None,
+            input_ids: None,
+            sampling: Sampling::default(),
+            stream: true,
+        }
     }
 
     /// The prompt, when exactly one form is given.

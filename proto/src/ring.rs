@@ -173,14 +173,14 @@ impl Ring {
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_BYTES);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= HEADER_BYTES);
         // SAFETY: the mapping is page-aligned and at least HEADER_BYTES long, `off` is 8-aligned, and every access
         // to header words from this crate goes through atomics.
         unsafe { &*(self.map.base.as_ptr().add(off) as *const AtomicU64) }
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_BYTES);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= HEADER_BYTES);
         // SAFETY: as for `u64_at`.
         unsafe { &*(self.map.base.as_ptr().add(off) as *const AtomicU32) }
     }

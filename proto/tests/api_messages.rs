@@ -58,7 +58,10 @@ fn every_field_of_a_generate_is_read() {
     assert_eq!(g.prompt(), Some(Prompt::Messages(messages)));
     let s = &g.sampling;
     assert_eq!((s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed), (7, 0.0, 0.5, 3, Some(u64::MAX)));
-    assert_eq!((s.stop.as_slice(), s.stop_token_ids.as_slice(), s.ignore_eos), (&["\n".to_string()][..], &[5][..], true));
+    assert_eq!(
+        (s.stop.as_slice(), s.stop_token_ids.as_slice(), s.ignore_eos),
+        (&["\n".to_string()][..], &[5][..], true)
+    );
     assert!(!g.stream);
 }
 
@@ -178,7 +181,8 @@ fn non_finite_floats_arriving_over_the_wire_are_invalid_not_defaults() {
         top_p: f64,
     }
     for (temperature, top_p) in [(f64::NAN, 0.5), (f64::INFINITY, 0.5), (1.0, f64::NAN)] {
-        let bytes = encode(&Wire { ty: "generate", rid: "n", text: "x", sampling: WireSampling { temperature, top_p } });
+        let bytes =
+            encode(&Wire { ty: "generate", rid: "n", text: "x", sampling: WireSampling { temperature, top_p } });
         let ClientMsg::Generate(g) = decode_client(&bytes).unwrap() else { panic!() };
         assert_eq!(g.sampling.temperature.to_bits(), temperature.to_bits());
         let r = validate(&g).unwrap_err();
@@ -232,9 +236,7 @@ fn server_messages_encode_as_the_protocol_writes_them() {
     ] {
         assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
     }
-    for (r, name) in
-        [(FinishReason::Stop, "stop"), (FinishReason::Abort, "abort"), (FinishReason::Error, "error")]
-    {
+    for (r, name) in [(FinishReason::Stop, "stop"), (FinishReason::Abort, "abort"), (FinishReason::Error, "error")] {
         assert_eq!(serde_json::to_value(r).unwrap(), json!(name));
     }
     for m in [delta, fin, err] {
@@ -246,10 +248,7 @@ fn server_messages_encode_as_the_protocol_writes_them() {
 fn control_messages_encode_as_the_protocol_writes_them() {
     assert_eq!(wire(&WorkerMsg::Ready), json!({"type": "ready"}));
     assert_eq!(wire(&SchedulerMsg::Ok), json!({"type": "ok"}));
-    assert_eq!(
-        wire(&SchedulerMsg::Error { message: "bad".into() }),
-        json!({"type": "error", "message": "bad"})
-    );
+    assert_eq!(wire(&SchedulerMsg::Error { message: "bad".into() }), json!({"type": "error", "message": "bad"}));
     let welcome = SchedulerMsg::Welcome(Welcome { step_ring: "s".into(), result_ring: "r".into(), pid: 7 });
     assert_eq!(wire(&welcome), json!({"type": "welcome", "step_ring": "s", "result_ring": "r", "pid": 7}));
     assert_eq!(decode::<SchedulerMsg>(&encode(&welcome)).unwrap(), welcome);

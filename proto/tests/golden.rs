@@ -18,8 +18,8 @@ fn check_golden(file: &str, bytes: &[u8]) {
         std::fs::write(&path, bytes).unwrap();
         return;
     }
-    let committed = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    let committed =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
     assert!(committed == bytes, "{file} differs from what this build writes (UPDATE_GOLDEN=1 rewrites it)");
 }
 
@@ -43,8 +43,15 @@ fn golden_step() -> SlotBuf {
     let layout = StepLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
     let s = StepMut::new(&layout, buf.bytes_mut());
-    *s.header =
-        StepHeader { step_id: 7, kind: 0, num_reqs: 3, num_tokens: 8, num_kv_indices: 6, num_joins: 2, ..Default::default() };
+    *s.header = StepHeader {
+        step_id: 7,
+        kind: 0,
+        num_reqs: 3,
+        num_tokens: 8,
+        num_kv_indices: 6,
+        num_joins: 2,
+        ..Default::default()
+    };
     s.req_slot[..3].copy_from_slice(&[2, 0, 3]);
     s.seq_len[..3].copy_from_slice(&[21, 6, 40]);
     s.qo_indptr[..4].copy_from_slice(&[0, 5, 6, 8]);
@@ -130,7 +137,10 @@ fn client_messages() {
 #[test]
 fn server_messages() {
     let msgs = [
-        ("server_delta.msgpack", ServerMsg::Delta(Delta { rid: "req-1".into(), token_ids: vec![9707, 0], text: "Hi!".into() })),
+        (
+            "server_delta.msgpack",
+            ServerMsg::Delta(Delta { rid: "req-1".into(), token_ids: vec![9707, 0], text: "Hi!".into() }),
+        ),
         (
             "server_final.msgpack",
             ServerMsg::Final(Final {
@@ -163,7 +173,10 @@ fn server_messages() {
                 message: "top_p must be in (0, 1], got 1.5".into(),
             }),
         ),
-        ("server_error_no_rid.msgpack", Rejection::new(None, ErrorCode::Malformed, "the message is not a map").to_msg()),
+        (
+            "server_error_no_rid.msgpack",
+            Rejection::new(None, ErrorCode::Malformed, "the message is not a map").to_msg(),
+        ),
         (
             "server_info.msgpack",
             ServerMsg::Info(InfoMsg {

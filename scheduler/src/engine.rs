@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 pub enum Command {
     Submit(NewRequest),
     /// End a request early (abort, stop string). The server has already answered the client.
-    Finish(ReqId, FinishReason),
+    Finish(ReqId),
     /// Stop the worker and the thread.
     Shutdown,
 }
@@ -67,25 +67,39 @@ impl Engine {
             }
             let slot = self.step_ring.wait_claim(&liveness).context("waiting for a free step slot")?;
             let mut step = StepMut::new(&step_layout, slot);
-            let Some(planned) = self.core.plan_step(step_id, &mut step) else { continue };
+            let planned = self.core.plan_step(step_id, &mut step, &mut events);
+            let Some(planned) = planned else {
+                // Nothing to run, but planning may have ended requests (one that can never get its pages).
+                self.forward(&mut events)?;
+                continue;
+            };
             self.step_ring.publish();
 
             let result = self.result_ring.wait_read(0, &liveness).context("waiting for the worker's result")?;
             let result = ResultRef::new(&result_layout, result);
-            if result.header.step_id != step_id || result.header.status != 0 {
-                bail!(
-                    "the worker answered step {} with status {} while step {step_id} was in flight",
-                    result.header.step_id,
-                    result.header.status
-                );
+            let (answered, status, n) = (result.header.step_id, result.header.status, result.tokens.len());
+            if answered != step_id || (status == 0 && n != planned.num_reqs()) {
+                bail!("the worker answered step {answered} ({n} tokens) while step {step_id} was in flight");
+            }
+            if status != 0 {
+                // The worker logged why; it exits after a failed step, and the liveness checks will notice.
+                self.core.fail_step(planned, &mut events);
+                self.result_ring.release(0);
+                self.forward(&mut events)?;
+                bail!("the worker failed step {step_id}");
             }
             self.core.complete_step(planned, result.tokens, &mut events);
             self.result_ring.release(0);
             step_id += 1;
-            if !events.is_empty() && self.outputs.send(Output::Events(std::mem::take(&mut events))).is_err() {
-                return Ok(()); // the server is gone: we are shutting down
-            }
+            self.forward(&mut events)?;
         }
+    }
+
+    fn forward(&self, events: &mut Vec<Event>) -> Result<()> {
+        if !events.is_empty() && self.outputs.send(Output::Events(std::mem::take(events))).is_err() {
+            bail!("the server is gone");
+        }
+        Ok(())
     }
 
     /// Applies waiting commands; blocks while there is nothing to run. False once shutdown was asked for.
@@ -109,9 +123,17 @@ impl Engine {
                 }
             };
             match command {
-                Command::Submit(req) => self.core.submit(req),
-                Command::Finish(id, reason) => {
-                    self.core.finish(id, reason);
+                Command::Submit(req) => {
+                    let id = req.id;
+                    if let Err(e) = self.core.submit(req) {
+                        // The hub checks prompts against the same limits, so this is a bug, not bad input.
+                        tracing::error!("request {id} refused by the core: {e}");
+                        let event = Event::Finished { id, reason: FinishReason::Error };
+                        self.forward(&mut vec![event])?;
+                    }
+                }
+                Command::Finish(id) => {
+                    self.core.finish(id);
                 }
                 Command::Shutdown => return Ok(false),
             }
@@ -128,4 +150,3 @@ impl Engine {
         }
     }
 }
-

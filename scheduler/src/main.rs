@@ -74,23 +74,24 @@ async fn run(args: Args) -> Result<ExitCode> {
     }
 
     let mut limits = None;
-    let handshake = worker::handshake(&args.control, &args.shm_prefix, Duration::from_secs(args.handshake_timeout_s), |hello| {
-        let l = Limits {
-            max_batch: args.max_batch.map_or(hello.max_batch, |b| b.min(hello.max_batch)),
-            max_step_tokens: args.max_step_tokens.map_or(hello.max_tokens, |t| t.min(hello.max_tokens)),
-            num_pages: hello.num_pages,
-            page_size: hello.page_size,
-            max_seq_len: args
-                .max_seq_len
-                .unwrap_or(files.max_position_embeddings)
-                .min(hello.model.max_position_embeddings),
-            eos_token_ids: files.eos_token_ids.clone(),
-        };
-        l.validate()?;
-        let plan = RingPlan { capacity: l.capacity(), slot_count: args.ring_slots };
-        limits = Some(l);
-        Ok(plan)
-    });
+    let handshake =
+        worker::handshake(&args.control, &args.shm_prefix, Duration::from_secs(args.handshake_timeout_s), |hello| {
+            let l = Limits {
+                max_batch: args.max_batch.map_or(hello.max_batch, |b| b.min(hello.max_batch)),
+                max_step_tokens: args.max_step_tokens.map_or(hello.max_tokens, |t| t.min(hello.max_tokens)),
+                num_pages: hello.num_pages,
+                page_size: hello.page_size,
+                max_seq_len: args
+                    .max_seq_len
+                    .unwrap_or(files.max_position_embeddings)
+                    .min(hello.model.max_position_embeddings),
+                eos_token_ids: files.eos_token_ids.clone(),
+            };
+            l.validate()?;
+            let plan = RingPlan { capacity: l.capacity(), slot_count: args.ring_slots };
+            limits = Some(l);
+            Ok(plan)
+        });
     let worker = tokio::select! {
         w = handshake => w?,
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
@@ -115,11 +116,14 @@ async fn run(args: Args) -> Result<ExitCode> {
         num_pages: limits.num_pages,
         eos_token_ids: limits.eos_token_ids.clone(),
     });
-    let hub_limits =
-        PromptLimits { vocab_size: files.vocab_size, max_seq_len: limits.max_seq_len, max_prompt_len: limits.max_prompt_len() };
+    let hub_limits = PromptLimits {
+        vocab_size: files.vocab_size,
+        max_seq_len: limits.max_seq_len,
+        max_prompt_len: limits.max_prompt_len(),
+    };
     let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone());
     let engine = Engine {
-        core: Core::new(limits),
+        core: Core::new(limits)?,
         step_ring: worker.step_ring,
         result_ring: worker.result_ring,
         commands: command_rx,

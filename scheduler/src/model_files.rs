@@ -20,7 +20,11 @@ impl ModelFiles {
         let config = read_json(&dir.join("config.json"))?;
         let generation = read_json(&dir.join("generation_config.json")).ok();
         let number = |key: &str| -> Result<u32> {
-            config.get(key).and_then(Value::as_u64).map(|v| v as u32).with_context(|| format!("config.json has no {key}"))
+            config
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+                .with_context(|| format!("config.json has no {key}"))
         };
         let eos = generation
             .as_ref()
@@ -67,8 +71,11 @@ mod tests {
     fn reads_a_checkpoint_directory() {
         let dir = std::env::temp_dir().join(format!("minisgl-model-files-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.json"), r#"{"vocab_size": 100, "max_position_embeddings": 64, "eos_token_id": 3}"#)
-            .unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"vocab_size": 100, "max_position_embeddings": 64, "eos_token_id": 3}"#,
+        )
+        .unwrap();
         std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [5, 3]}"#).unwrap();
         let m = ModelFiles::load(&dir).unwrap();
         assert_eq!((m.vocab_size, m.max_position_embeddings, m.eos_token_ids.clone()), (100, 64, vec![5, 3]));

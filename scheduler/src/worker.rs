@@ -84,11 +84,26 @@ pub async fn handshake(
 fn create_rings(prefix: &str, plan: RingPlan, page_size: u32) -> Result<(Ring, Ring)> {
     let step_bytes = StepLayout::new(plan.capacity).slot_bytes;
     let result_bytes = ResultLayout::new(plan.capacity.max_reqs).slot_bytes;
-    let step = Ring::create(&format!("{prefix}-step"), RingKind::Step, plan.slot_count, step_bytes, plan.capacity, page_size, 1)
-        .context("creating the step ring")?;
-    let result =
-        Ring::create(&format!("{prefix}-result"), RingKind::Result, plan.slot_count, result_bytes, plan.capacity, page_size, 1)
-            .context("creating the result ring")?;
+    let step = Ring::create(
+        &format!("{prefix}-step"),
+        RingKind::Step,
+        plan.slot_count,
+        step_bytes,
+        plan.capacity,
+        page_size,
+        1,
+    )
+    .context("creating the step ring")?;
+    let result = Ring::create(
+        &format!("{prefix}-result"),
+        RingKind::Result,
+        plan.slot_count,
+        result_bytes,
+        plan.capacity,
+        page_size,
+        1,
+    )
+    .context("creating the result ring")?;
     tracing::debug!("rings {} ({step_bytes} B slots) and {} ({result_bytes} B slots)", step.name(), result.name());
     Ok((step, result))
 }

@@ -9,6 +9,7 @@ then SIGKILL after a grace period) and removes what they left behind: shared-mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minisgl.client.client import DEFAULT_ADDRESS, Client
+from minisgl.logs import setup_logging
 
 log = logging.getLogger("minisgl.launch")
 
@@ -57,7 +59,9 @@ def find_scheduler(explicit: str | None = None) -> str:
     ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise FileNotFoundError("minisgl-sched not found: build it with `cargo build --release` or set MINISGL_SCHED")
+    raise FileNotFoundError(
+        "minisgl-sched not found: build it with `cargo build --release` or set MINISGL_SCHED"
+    )
 
 
 class EngineDied(RuntimeError):
@@ -155,10 +159,8 @@ class Engine:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
@@ -173,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_level)
     engine = Engine(config)
     stopping = False
 

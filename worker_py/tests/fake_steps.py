@@ -72,7 +72,9 @@ class StepBuilder:
         """reqs: (slot, new token ids) per request; ids may be negative (-(slot+1))."""
         return self._step(EXTEND, reqs, joins)
 
-    def decode(self, slots: list[int], token_ids: list[int] | None = None, joins: list[Join] = ()) -> FakeStep:
+    def decode(
+        self, slots: list[int], token_ids: list[int] | None = None, joins: list[Join] = ()
+    ) -> FakeStep:
         """One new token per slot: the given ids, or by default each slot's own last sampled token."""
         ids = token_ids if token_ids is not None else [-(s + 1) for s in slots]
         return self._step(DECODE, [(s, [i]) for s, i in zip(slots, ids, strict=True)], joins)

@@ -34,7 +34,14 @@ def hf_tokens(hf_model):
 
 def make_runner(model_dir) -> ModelRunner:
     return ModelRunner(
-        model_dir, "cpu", torch.float32, NUM_PAGES, PAGE_SIZE, max_batch=8, max_tokens=128, show_progress=False
+        model_dir,
+        "cpu",
+        torch.float32,
+        NUM_PAGES,
+        PAGE_SIZE,
+        max_batch=8,
+        max_tokens=128,
+        show_progress=False,
     )
 
 
@@ -73,7 +80,9 @@ def test_greedy_one_by_one_matches_hf_with_recycled_pages(model_dir, hf_tokens):
 
 def test_explicit_decode_ids_equal_negative_ids(model_dir, hf_tokens):
     runner = make_runner(model_dir)
-    got = generate(runner, StepBuilder(NUM_PAGES, PAGE_SIZE, seed=3), [0, 1, 2, 3, 4], PROMPTS, explicit_ids=True)
+    got = generate(
+        runner, StepBuilder(NUM_PAGES, PAGE_SIZE, seed=3), [0, 1, 2, 3, 4], PROMPTS, explicit_ids=True
+    )
     assert got == hf_tokens
 
 

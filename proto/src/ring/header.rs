@@ -102,7 +102,14 @@ fn get_u64(b: &[u8], off: usize) -> u64 {
 
 impl RingHeader {
     /// A header for a freshly created ring: no pids, no heartbeats, nothing published.
-    pub fn new(kind: RingKind, slot_count: u32, slot_bytes: u32, cap: Capacity, page_size: u32, num_readers: u32) -> Self {
+    pub fn new(
+        kind: RingKind,
+        slot_count: u32,
+        slot_bytes: u32,
+        cap: Capacity,
+        page_size: u32,
+        num_readers: u32,
+    ) -> Self {
         RingHeader {
             kind,
             slot_count,
@@ -126,7 +133,7 @@ impl RingHeader {
         if !(1..=MAX_READERS as u32).contains(&self.num_readers) {
             return bad(format!("{} readers; 1..={MAX_READERS} allowed", self.num_readers));
         }
-        if self.slot_bytes as usize % 64 != 0 {
+        if !self.slot_bytes.is_multiple_of(64) {
             return bad(format!("slot bytes {} not a multiple of 64", self.slot_bytes));
         }
         let need = self.kind.min_slot_bytes(self.cap);

@@ -16,10 +16,6 @@ impl IndexPool {
         IndexPool { free: (0..capacity).rev().collect(), in_use: vec![false; capacity as usize] }
     }
 
-    pub fn capacity(&self) -> u32 {
-        self.in_use.len() as u32
-    }
-
     pub fn available(&self) -> u32 {
         self.free.len() as u32
     }

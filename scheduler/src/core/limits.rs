@@ -77,7 +77,14 @@ mod tests {
     use super::*;
 
     fn ok() -> Limits {
-        Limits { max_batch: 4, max_step_tokens: 64, num_pages: 10, page_size: 4, max_seq_len: 128, eos_token_ids: vec![] }
+        Limits {
+            max_batch: 4,
+            max_step_tokens: 64,
+            num_pages: 10,
+            page_size: 4,
+            max_seq_len: 128,
+            eos_token_ids: vec![],
+        }
     }
 
     #[test]

@@ -16,12 +16,25 @@ pub(crate) fn last_page_len(tokens: u32, page_size: u32) -> u32 {
     (tokens - 1) % page_size + 1
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct PageTable {
     pages: Vec<u32>,
 }
 
+/// Keeps the capacity, like `Request`'s clone, so that a clone does not reallocate where the original would not.
+impl Clone for PageTable {
+    fn clone(&self) -> Self {
+        let mut pages = Vec::with_capacity(self.pages.capacity());
+        pages.extend_from_slice(&self.pages);
+        PageTable { pages }
+    }
+}
+
 impl PageTable {
+    pub fn with_capacity(pages: u32) -> Self {
+        PageTable { pages: Vec::with_capacity(pages as usize) }
+    }
+
     pub fn pages(&self) -> &[u32] {
         &self.pages
     }

@@ -63,7 +63,7 @@ mod tests {
             stop_token_ids: vec![],
             ignore_eos: false,
         };
-        Request::new(NewRequest { id, prompt: vec![1], params }, 1)
+        Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1)
     }
 
     fn ids(q: &WaitingQueue) -> Vec<ReqId> {

@@ -1,6 +1,6 @@
 //! A request as the engine hands it in, and the state the core keeps for it while it lives.
 
-use super::page_table::PageTable;
+use super::page_table::{PageTable, pages_for};
 
 /// Assigned by the engine; unique among live requests.
 pub type ReqId = u64;
@@ -46,7 +46,7 @@ pub enum FinishReason {
 ///
 /// `tokens` is everything known about the sequence: the prompt, then every sampled token. After a preemption the
 /// whole of it becomes the prompt of the re-admission, which is why sampled tokens are kept on the CPU at all.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Request {
     pub id: ReqId,
     pub tokens: Vec<u32>,
@@ -65,13 +65,15 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    /// `room` is how many tokens the sequence may still grow by; reserving it now keeps decode steps free of
+    /// `room` is how many tokens the sequence may still grow by; reserving for it now keeps decode steps free of
     /// reallocation.
-    pub fn new(req: NewRequest, room: u32) -> Self {
+    pub fn new(req: NewRequest, room: u32, page_size: u32) -> Self {
         let NewRequest { id, mut prompt, params } = req;
-        prompt.reserve_exact(room.min(params.max_tokens) as usize);
         let prefill_len = prompt.len() as u32;
-        Request { id, tokens: prompt, generated: 0, params, kv_len: 0, prefill_len, pages: PageTable::default(), joined: false }
+        let growth = room.min(params.max_tokens);
+        prompt.reserve_exact(growth as usize);
+        let pages = PageTable::with_capacity(pages_for(prefill_len + growth, page_size));
+        Request { id, tokens: prompt, generated: 0, params, kv_len: 0, prefill_len, pages, joined: false }
     }
 
     pub fn len(&self) -> u32 {
@@ -99,6 +101,16 @@ impl Request {
         self.kv_len = 0;
         self.prefill_len = self.len();
         self.joined = false;
+    }
+}
+
+/// Keeps the reserved capacity (a derived clone would not), so a cloned core is as allocation-free in steady state
+/// as the original.
+impl Clone for Request {
+    fn clone(&self) -> Self {
+        let mut tokens = Vec::with_capacity(self.tokens.capacity());
+        tokens.extend_from_slice(&self.tokens);
+        Request { tokens, pages: self.pages.clone(), params: self.params.clone(), ..*self }
     }
 }
 

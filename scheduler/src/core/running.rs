@@ -36,12 +36,12 @@ impl RunningSet {
         self.slots.available() > 0
     }
 
-    /// Gives `req` a slot; hands it back when every slot is taken.
-    pub fn admit(&mut self, req: Request) -> Result<u32, Request> {
-        let Some(slot) = self.slots.alloc() else { return Err(req) };
+    /// Gives `req` a slot. Panics when every slot is taken: check [`Self::has_free_slot`] first.
+    pub fn admit(&mut self, req: Request) -> u32 {
+        let slot = self.slots.alloc().expect("admit needs a free slot");
         self.by_slot[slot as usize] = Some(req);
         self.order.push(slot);
-        Ok(slot)
+        slot
     }
 
     /// Takes the request out and frees its slot. Its pages are the caller's to release.
@@ -96,22 +96,29 @@ mod tests {
             stop_token_ids: vec![],
             ignore_eos: false,
         };
-        Request::new(NewRequest { id, prompt: vec![1], params }, 1)
+        Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1)
+    }
+
+    #[test]
+    #[should_panic(expected = "free slot")]
+    fn admitting_beyond_the_slots_panics() {
+        let mut set = RunningSet::new(1);
+        set.admit(req(1));
+        set.admit(req(2));
     }
 
     #[test]
     fn slots_order_and_lookup() {
         let mut set = RunningSet::new(3);
         for id in [10, 11, 12] {
-            set.admit(req(id)).unwrap();
+            set.admit(req(id));
         }
         assert!(!set.has_free_slot());
-        assert_eq!(set.admit(req(13)).map_err(|r| r.id), Err(13));
         assert_eq!(set.find(11), Some(1));
         assert_eq!(set.remove(1).id, 11);
         assert_eq!(set.find(11), None);
         // The freed slot goes to the next admission, which is now the newest.
-        assert_eq!(set.admit(req(14)).unwrap(), 1);
+        assert_eq!(set.admit(req(14)), 1);
         assert_eq!(set.newest(), Some(1));
         let order: Vec<_> = set.iter().map(|(s, r)| (s, r.id)).collect();
         assert_eq!(order, [(0, 10), (2, 12), (1, 14)]);

@@ -97,7 +97,7 @@ impl Core {
         }
         debug_assert!(!self.contains(req.id), "request id {} submitted twice", req.id);
         let room = self.limits.max_seq_len - len as u32;
-        self.waiting.push_back(Request::new(req, room));
+        self.waiting.push_back(Request::new(req, room, self.limits.page_size));
         Ok(())
     }
 
@@ -117,7 +117,8 @@ impl Core {
     }
 
     /// Writes the next step into `step` (every array it uses, and the header) and returns its plan, or `None` when
-    /// there is nothing to run. Requests that can never run end here, as `events`; forward them even on `None`.
+    /// there is nothing to run. A request that can no longer proceed (it needs a page while holding them all) ends
+    /// here with an [`Event::Finished`] in `events`: forward those even when this returns `None`.
     ///
     /// Panics if the previous step was not completed, or if `step` is smaller than [`Limits::capacity`].
     pub fn plan_step(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Option<Planned> {
@@ -145,7 +146,12 @@ impl Core {
     ///
     /// Panics if `tokens` does not have one entry per planned request.
     pub fn complete_step(&mut self, planned: Planned, tokens: &[i32], events: &mut Vec<Event>) {
-        assert_eq!(tokens.len(), planned.reqs.len(), "step {} answered with a different request count", planned.step_id);
+        assert_eq!(
+            tokens.len(),
+            planned.reqs.len(),
+            "step {} answered with a different request count",
+            planned.step_id
+        );
         self.in_flight = false;
         for (p, &token) in planned.reqs.iter().zip(tokens) {
             if !p.samples {
@@ -157,7 +163,8 @@ impl Core {
                     req.tokens.push(token);
                     req.generated += 1;
                     let l = &self.limits;
-                    let finish = stop_reason(token, req.generated, req.len(), &req.params, &l.eos_token_ids, l.max_seq_len);
+                    let finish =
+                        stop_reason(token, req.generated, req.len(), &req.params, &l.eos_token_ids, l.max_seq_len);
                     events.push(Event::Token { id: p.id, token, finish });
                     finish
                 }
@@ -258,7 +265,7 @@ impl Core {
                 let mut req = self.waiting.pop_front().expect("head exists");
                 assert!(req.pages.grow_to(req.len(), ps, &mut self.pages), "checked available pages");
                 reserve += req.pages.missing_for(req.kv_len_after_next_decode(), ps);
-                let slot = self.running.admit(req).unwrap_or_else(|_| unreachable!("checked for a free slot"));
+                let slot = self.running.admit(req);
                 let req = self.running.get_mut(slot).expect("just admitted");
                 budget -= write_chunk(&mut w, slot, req, budget, &mut reqs);
                 if req.is_prefilling() {
@@ -398,7 +405,13 @@ impl Core {
 
 /// Writes the next prefill chunk of `req` (at most `budget` tokens), its join if due, and advances its KV length.
 /// Returns the chunk's length.
-fn write_chunk(w: &mut StepWriter<'_, '_>, slot: u32, req: &mut Request, budget: u32, reqs: &mut Vec<PlannedReq>) -> u32 {
+fn write_chunk(
+    w: &mut StepWriter<'_, '_>,
+    slot: u32,
+    req: &mut Request,
+    budget: u32,
+    reqs: &mut Vec<PlannedReq>,
+) -> u32 {
     let start = req.kv_len;
     let count = req.prefill_left().min(budget);
     w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));

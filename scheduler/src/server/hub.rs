@@ -8,8 +8,8 @@
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
-use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, Prompt, Rejection, ServerMsg};
 use bytes::Bytes;
+use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, Prompt, Rejection, ServerMsg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
@@ -92,7 +92,7 @@ impl Hub {
             let message = format!("no live request with rid {rid:?} from this client");
             return Some(Rejection::new(Some(rid), ErrorCode::UnknownRequest, message).to_msg());
         };
-        let _ = self.engine.send(Command::Finish(id, FinishReason::Abort));
+        let _ = self.engine.send(Command::Finish(id));
         self.finalize(id, FinishReason::Abort, None, String::new(), out);
         None
     }
@@ -160,31 +160,43 @@ impl Hub {
                 let text = chat.render(messages, true, None).map_err(|e| invalid(format!("chat template: {e}")))?;
                 self.tokenizer.encode(&text).map_err(|e| invalid(format!("tokenizing: {e}")))
             }
-            Prompt::InputIds(ids) => {
-                match ids.iter().find(|&&t| t >= self.limits.vocab_size) {
-                    Some(bad) => Err(invalid(format!("token id {bad} is outside the vocabulary (0..{})", self.limits.vocab_size))),
-                    None => Ok(ids.to_vec()),
+            Prompt::InputIds(ids) => match ids.iter().find(|&&t| t >= self.limits.vocab_size) {
+                Some(bad) => {
+                    Err(invalid(format!("token id {bad} is outside the vocabulary (0..{})", self.limits.vocab_size)))
                 }
-            }
+                None => Ok(ids.to_vec()),
+            },
         }
     }
 
     /// Turns one step's events into replies.
     pub fn on_events(&mut self, events: Vec<Event>, out: &mut Vec<(Peer, ServerMsg)>) {
         for event in events {
-            let Event::Token { id, token, finish } = event;
+            let (id, token, finish) = match event {
+                Event::Token { id, token, finish } => (id, token, finish),
+                Event::Finished { id, reason } => {
+                    self.finalize(id, reason, None, String::new(), out);
+                    continue;
+                }
+            };
             let Some(live) = self.live.get_mut(&id) else { continue }; // ended here already (abort, stop string)
             live.token_ids.push(token);
             // A token that stopped the request by id (EOS, a stop token) is returned as an id, not as text.
             let (piece, stopped) = if finish == Some(FinishReason::Stop) {
                 (String::new(), false)
             } else {
-                let pushed = live.detok.push(token);
-                (pushed.text, pushed.stopped)
+                match live.detok.push(token) {
+                    Ok(step) => (step.text, step.stopped),
+                    Err(e) => {
+                        // Not the client's fault and not fatal: the id is still returned, its text is lost.
+                        tracing::warn!("detokenizing token {token} of request {id}: {e}");
+                        (String::new(), false)
+                    }
+                }
             };
             live.text.push_str(&piece);
             if stopped {
-                let _ = self.engine.send(Command::Finish(id, FinishReason::Stop));
+                let _ = self.engine.send(Command::Finish(id));
                 self.finalize(id, FinishReason::Stop, Some(token), piece, out);
             } else if let Some(reason) = finish {
                 self.finalize(id, reason, Some(token), piece, out);
@@ -208,7 +220,10 @@ impl Hub {
         let Some(mut live) = self.live.remove(&id) else { return };
         self.by_rid.remove(&(live.peer.clone(), live.rid.clone()));
         if !live.detok.stopped() {
-            let rest = live.detok.finish();
+            let rest = live.detok.finish().unwrap_or_else(|e| {
+                tracing::warn!("flushing the text of request {id}: {e}");
+                String::new()
+            });
             live.text.push_str(&rest);
             piece.push_str(&rest);
         }
@@ -262,5 +277,194 @@ impl SeedSource {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::test_tokenizer::byte_level_tokenizer;
+    use proto::api::{ErrorMsg, FinishReason as Wire, Sampling};
+    use std::sync::mpsc::{Receiver, channel};
+
+    const ALICE: &[u8] = b"alice";
+
+    fn hub(max_prompt_len: u32) -> (Hub, Receiver<Command>) {
+        let tokenizer = byte_level_tokenizer();
+        let limits = PromptLimits { vocab_size: tokenizer.vocab_size() as u32, max_seq_len: 64, max_prompt_len };
+        let info = ServerMsg::Error(ErrorMsg { rid: None, code: ErrorCode::Malformed, message: "info".into() });
+        let (tx, rx) = channel();
+        (Hub::new(tokenizer, None, limits, info, tx), rx)
+    }
+
+    fn peer() -> Peer {
+        vec![Bytes::from_static(ALICE)]
+    }
+
+    fn send(hub: &mut Hub, msg: &ClientMsg) -> Vec<(Peer, ServerMsg)> {
+        let mut out = Vec::new();
+        hub.on_message(&peer(), &api::encode(msg), &mut out);
+        out
+    }
+
+    fn generate(rid: &str, text: &str, stream: bool, sampling: Sampling) -> ClientMsg {
+        ClientMsg::Generate(Generate { text: Some(text.into()), stream, sampling, ..Generate::new(rid) })
+    }
+
+    fn submitted(rx: &Receiver<Command>) -> NewRequest {
+        match rx.try_recv() {
+            Ok(Command::Submit(req)) => req,
+            _ => panic!("expected a submit"),
+        }
+    }
+
+    fn error_code(out: &[(Peer, ServerMsg)]) -> ErrorCode {
+        match out {
+            [(_, ServerMsg::Error(e))] => e.code,
+            other => panic!("expected one error, got {other:?}"),
+        }
+    }
+
+    fn token(id: ReqId, token: u32, finish: Option<FinishReason>) -> Event {
+        Event::Token { id, token, finish }
+    }
+
+    #[test]
+    fn a_request_is_tokenized_submitted_streamed_and_finished() {
+        let (mut hub, rx) = hub(32);
+        assert!(send(&mut hub, &generate("a", "hé", true, Sampling::default())).is_empty());
+        let req = submitted(&rx);
+        assert_eq!(req.prompt, hub.tokenizer.encode("hé").unwrap());
+        let ids = hub.tokenizer.encode("中!").unwrap(); // three tokens; the first two split one character
+        let mut out = Vec::new();
+        hub.on_events(vec![token(req.id, ids[0], None)], &mut out);
+        hub.on_events(vec![token(req.id, ids[1], None), token(req.id, ids[2], Some(FinishReason::Length))], &mut out);
+        let texts: Vec<_> = out
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMsg::Delta(d) => Some(d.text.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["", "中", "!"], "a character split over tokens comes out whole");
+        match &out.last().unwrap().1 {
+            ServerMsg::Final(f) => {
+                assert_eq!((f.rid.as_str(), f.finish_reason, f.text.as_str()), ("a", Wire::Length, "中!"));
+                assert_eq!((f.token_ids.clone(), f.prompt_tokens, f.completion_tokens), (ids, 2, 3));
+            }
+            other => panic!("expected the final, got {other:?}"),
+        }
+        assert_eq!(hub.live_requests(), 0);
+    }
+
+    #[test]
+    fn without_stream_only_the_final_is_sent() {
+        let (mut hub, rx) = hub(32);
+        send(&mut hub, &generate("a", "x", false, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        hub.on_events(vec![token(id, b'o' as u32, None)], &mut out);
+        assert!(out.is_empty());
+        hub.on_events(vec![token(id, b'k' as u32, Some(FinishReason::Length))], &mut out);
+        assert!(matches!(&out[..], [(_, ServerMsg::Final(f))] if f.text == "ok"));
+    }
+
+    #[test]
+    fn a_stop_token_counts_as_an_id_but_not_as_text() {
+        let (mut hub, rx) = hub(32);
+        send(&mut hub, &generate("a", "x", false, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        // "!" is an ordinary token here: named in stop_token_ids, it ends the request and its text is not shown.
+        hub.on_events(vec![token(id, b'k' as u32, None), token(id, b'!' as u32, Some(FinishReason::Stop))], &mut out);
+        match &out[..] {
+            [(_, ServerMsg::Final(f))] => assert_eq!((f.text.as_str(), f.token_ids.len()), ("k", 2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stop_string_ends_the_request_and_cuts_the_text() {
+        let (mut hub, rx) = hub(32);
+        let sampling = Sampling { stop: vec!["ab".into()], ..Sampling::default() };
+        send(&mut hub, &generate("a", "x", true, sampling));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        let events = "xyzabq".bytes().map(|b| token(id, b as u32, None)).collect();
+        hub.on_events(events, &mut out);
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(finished)) if finished == id));
+        let deltas: String = out
+            .iter()
+            .filter_map(|(_, m)| if let ServerMsg::Delta(d) = m { Some(d.text.clone()) } else { None })
+            .collect();
+        match &out.last().unwrap().1 {
+            ServerMsg::Final(f) => {
+                assert_eq!((f.finish_reason, f.text.as_str(), deltas.as_str()), (Wire::Stop, "xyz", "xyz"));
+                assert_eq!(f.token_ids.len(), 5, "tokens up to the one that completed the stop string");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut late = Vec::new();
+        hub.on_events(vec![token(id, b'q' as u32, None)], &mut late);
+        assert!(late.is_empty(), "tokens of an ended request are dropped");
+    }
+
+    #[test]
+    fn abort_finishes_a_live_request_and_refuses_an_unknown_one() {
+        let (mut hub, rx) = hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        let id = submitted(&rx).id;
+        assert_eq!(error_code(&send(&mut hub, &ClientMsg::Abort { rid: "nope".into() })), ErrorCode::UnknownRequest);
+        let out = send(&mut hub, &ClientMsg::Abort { rid: "a".into() });
+        assert!(matches!(&out[..], [(_, ServerMsg::Final(f))] if f.finish_reason == Wire::Abort));
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(finished)) if finished == id));
+        // The rid is free again once its request ended.
+        assert!(send(&mut hub, &generate("a", "x", true, Sampling::default())).is_empty());
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_error_codes() {
+        let (mut hub, rx) = hub(4);
+        let mut out = Vec::new();
+        hub.on_message(&peer(), b"\xc1", &mut out);
+        assert_eq!(error_code(&out), ErrorCode::Malformed);
+        assert_eq!(error_code(&send(&mut hub, &generate("a", "", true, Sampling::default()))), ErrorCode::EmptyPrompt);
+        let long = generate("a", "hello world", true, Sampling::default());
+        assert_eq!(error_code(&send(&mut hub, &long)), ErrorCode::PromptTooLong);
+        let hot = Sampling { temperature: f64::NAN, ..Sampling::default() };
+        assert_eq!(error_code(&send(&mut hub, &generate("a", "x", true, hot))), ErrorCode::InvalidParams);
+        let ids = ClientMsg::Generate(Generate { input_ids: Some(vec![1, 1 << 20]), ..Generate::new("a") });
+        assert_eq!(error_code(&send(&mut hub, &ids)), ErrorCode::InvalidParams);
+        send(&mut hub, &generate("dup", "x", true, Sampling::default()));
+        assert_eq!(
+            error_code(&send(&mut hub, &generate("dup", "y", true, Sampling::default()))),
+            ErrorCode::DuplicateRequest
+        );
+        assert!(matches!(rx.try_recv(), Ok(Command::Submit(_))));
+        assert!(rx.try_recv().is_err(), "nothing refused reached the engine");
+    }
+
+    #[test]
+    fn unseeded_requests_get_distinct_seeds_and_seeded_ones_keep_theirs() {
+        let (mut hub, rx) = hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &generate("b", "x", true, Sampling::default()));
+        send(&mut hub, &generate("c", "x", true, Sampling { seed: Some(7), ..Sampling::default() }));
+        let seeds: Vec<u64> = (0..3).map(|_| submitted(&rx).params.seed).collect();
+        assert_ne!(seeds[0], seeds[1]);
+        assert_eq!(seeds[2], 7);
+    }
+
+    #[test]
+    fn when_the_engine_fails_every_live_request_ends_with_an_error() {
+        let (mut hub, _rx) = hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &generate("b", "x", false, Sampling::default()));
+        let mut out = Vec::new();
+        hub.fail_all("the worker died", &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|(_, m)| matches!(m, ServerMsg::Final(f)
+            if f.finish_reason == Wire::Error && f.message.as_deref() == Some("the worker died"))));
+        assert_eq!(hub.live_requests(), 0);
     }
 }

@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use minijinja::value::Serde;
 use minijinja::{Environment, Value};
 use serde_json::{Map, Value as Json};
 
@@ -95,7 +96,7 @@ impl ChatTemplate {
             return Err(TextError::InvalidMessages("the conversation is empty".into()));
         }
         let messages = messages.iter().map(normalize_message).collect::<Result<Vec<_>>>()?;
-        let name = if tools.is_some() && self.has_tool_use { TOOL_USE } else { DEFAULT };
+        let name = if tools.is_some_and(|t| !t.is_null()) && self.has_tool_use { TOOL_USE } else { DEFAULT };
         let template = self.env.get_template(name).map_err(TextError::Template)?;
 
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
@@ -103,11 +104,11 @@ impl ChatTemplate {
             ctx.insert(key, Value::from(value.as_str()));
         }
         for (key, value) in kwargs {
-            ctx.insert(key, Value::from_serialize(value));
+            ctx.insert(key, Value::from(Serde(value)));
         }
         // transformers passes these always, None when absent: `tools is defined` holds in every template.
-        ctx.insert("messages", Value::from_serialize(&messages));
-        ctx.insert("tools", tools.map_or(Value::from(()), Value::from_serialize));
+        ctx.insert("messages", Value::from(Serde(&messages)));
+        ctx.insert("tools", tools.filter(|t| !t.is_null()).map_or(Value::from(()), |t| Value::from(Serde(t))));
         ctx.insert("documents", Value::from(()));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         template.render(ctx).map_err(template_error)
@@ -116,7 +117,11 @@ impl ChatTemplate {
 
 fn template_error(err: minijinja::Error) -> TextError {
     let raised = std::error::Error::source(&err).is_some_and(|source| source.is::<RaisedByTemplate>());
-    if raised { TextError::TemplateRaised(err.detail().unwrap_or_default().to_string()) } else { TextError::Template(err) }
+    if raised {
+        TextError::TemplateRaised(err.detail().unwrap_or_default().to_string())
+    } else {
+        TextError::Template(err)
+    }
 }
 
 /// What transformers does to each message before rendering: keys whose value is None are dropped (templates
@@ -144,7 +149,8 @@ fn clone_entry((key, value): (&String, &Json)) -> (String, Json) {
 
 fn read_template_files(dir: &Path) -> Result<BTreeMap<String, String>> {
     let mut templates = BTreeMap::new();
-    let read = |path: &Path| std::fs::read_to_string(path).map_err(|source| TextError::Io { path: path.into(), source });
+    let read =
+        |path: &Path| std::fs::read_to_string(path).map_err(|source| TextError::Io { path: path.into(), source });
     let default = dir.join("chat_template.jinja");
     if default.is_file() {
         templates.insert(DEFAULT.to_string(), read(&default)?);
@@ -180,7 +186,9 @@ fn templates_from_config(config: &Json) -> Result<BTreeMap<String, String>> {
                 templates.insert(name.to_string(), source.to_string());
             }
         }
-        Some(other) => return Err(TextError::BadTemplateConfig(format!("chat_template is neither text nor a list: {other}"))),
+        Some(other) => {
+            return Err(TextError::BadTemplateConfig(format!("chat_template is neither text nor a list: {other}")));
+        }
     }
     Ok(templates)
 }
@@ -261,7 +269,10 @@ mod tests {
     fn bad_input_and_template_refusals_are_errors() {
         assert!(matches!(template().render(&[], true, None), Err(TextError::InvalidMessages(_))));
         assert!(matches!(template().render(&[json!("text")], true, None), Err(TextError::InvalidMessages(_))));
-        let strict = ChatTemplate::from_source("{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}ok").unwrap();
+        let strict = ChatTemplate::from_source(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}ok",
+        )
+        .unwrap();
         match strict.render(&[json!({"role": "system", "content": ""})], true, None) {
             Err(TextError::TemplateRaised(message)) => assert_eq!(message, "user first"),
             other => panic!("expected the template's refusal, got {other:?}"),

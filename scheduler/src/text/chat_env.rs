@@ -51,7 +51,7 @@ mod tests {
     use super::*;
 
     fn render(template: &str, ctx: serde_json::Value) -> Result<String, Error> {
-        chat_environment().render_str(template, ctx)
+        chat_environment().render_str(template, minijinja::value::Serde(ctx))
     }
 
     #[test]
@@ -63,7 +63,10 @@ mod tests {
     #[test]
     fn values_print_as_python_prints_them() {
         let ctx = serde_json::json!({"d": {"k": [1, null, false]}, "n": null, "f": 1e20});
-        assert_eq!(render("{{ d }}|{{ n }}|{{ f }}|{{ true }}", ctx).unwrap(), "{'k': [1, None, False]}|None|1e+20|True");
+        assert_eq!(
+            render("{{ d }}|{{ n }}|{{ f }}|{{ true }}", ctx).unwrap(),
+            "{'k': [1, None, False]}|None|1e+20|True"
+        );
     }
 
     #[test]
@@ -76,8 +79,10 @@ mod tests {
 
     #[test]
     fn python_methods_and_strftime_are_available() {
-        let out = render("{{ ' x '.strip() }}{{ strftime_now('%%') }}{% for k, v in d.items() %}{{ k }}{{ v }}{% endfor %}",
-                         serde_json::json!({"d": {"b": 1, "a": 2}}))
+        let out = render(
+            "{{ ' x '.strip() }}{{ strftime_now('%%') }}{% for k, v in d.items() %}{{ k }}{{ v }}{% endfor %}",
+            serde_json::json!({"d": {"b": 1, "a": 2}}),
+        )
         .unwrap();
         assert_eq!(out, "x%b1a2");
     }

@@ -60,3 +60,27 @@ impl IncrementalDecoder {
         Ok(new_text)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::test_tokenizer::byte_level_tokenizer;
+
+    #[test]
+    fn each_step_decodes_a_few_tokens_not_the_whole_output() {
+        let tokenizer = byte_level_tokenizer();
+        let text = "long output with 中文 and 🙂 ".repeat(200);
+        let ids = tokenizer.encode(&text).unwrap();
+        let mut decoder = IncrementalDecoder::new(tokenizer);
+        let mut out = String::new();
+        let mut widest = 0;
+        for id in ids {
+            out.push_str(&decoder.push(id).unwrap());
+            widest = widest.max(decoder.window.len());
+        }
+        out.push_str(&decoder.flush().unwrap());
+        assert_eq!(out, text);
+        // A 4-byte emoji held over 4 tokens plus the chunk before it as context.
+        assert!(widest <= 8, "the window grew to {widest} tokens");
+    }
+}

@@ -13,6 +13,8 @@ mod py_repr;
 mod stop;
 mod stream;
 mod strftime;
+#[cfg(test)]
+pub(crate) mod test_tokenizer;
 mod tokenizer;
 
 pub use chat::ChatTemplate;

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use minijinja::value::{Kwargs, ValueKind};
+use minijinja::value::{Kwargs, Rest, ValueKind, ValueOrKwargs};
 use minijinja::{Error, ErrorKind, Value};
 
 use super::py_repr::float_repr;
@@ -21,9 +21,17 @@ pub struct JsonStyle {
 impl JsonStyle {
     /// Reads `tojson`'s arguments, positional (`ensure_ascii, indent, separators, sort_keys`, the order of
     /// transformers' filter) or by keyword.
-    fn from_args(positional: [Option<Value>; 4], kwargs: &Kwargs) -> Result<Self, Error> {
+    fn from_args(mut args: Vec<Value>) -> Result<Self, Error> {
+        let kwargs = match args.last() {
+            Some(last) if last.is_kwargs() => Kwargs::try_from(args.pop().expect("checked"))?,
+            _ => Kwargs::from_iter(std::iter::empty::<(String, Value)>()),
+        };
         let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
-        let mut args: [Option<Value>; 4] = positional;
+        if args.len() > names.len() {
+            return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 positional arguments"));
+        }
+        let mut positional = args.into_iter();
+        let mut args: [Option<Value>; 4] = std::array::from_fn(|_| positional.next());
         for (slot, name) in args.iter_mut().zip(names) {
             if let Some(value) = kwargs.get::<Option<Value>>(name)? {
                 if slot.is_some() {
@@ -62,28 +70,11 @@ impl JsonStyle {
             sort_keys: sort_keys.is_some_and(|v| v.is_true()),
         })
     }
-
-    pub fn python_default() -> Self {
-        Self {
-            ensure_ascii: false,
-            indent: None,
-            item_separator: ", ".into(),
-            key_separator: ": ".into(),
-            sort_keys: false,
-        }
-    }
 }
 
 /// The filter registered as `tojson`.
-pub fn tojson_filter(
-    value: &Value,
-    ensure_ascii: Option<Value>,
-    indent: Option<Value>,
-    separators: Option<Value>,
-    sort_keys: Option<Value>,
-    kwargs: Kwargs,
-) -> Result<Value, Error> {
-    let style = JsonStyle::from_args([ensure_ascii, indent, separators, sort_keys], &kwargs)?;
+pub fn tojson_filter(value: &Value, args: Rest<ValueOrKwargs>) -> Result<Value, Error> {
+    let style = JsonStyle::from_args(args.into_values())?;
     Ok(Value::from(dumps(value, &style)?))
 }
 
@@ -213,7 +204,7 @@ mod tests {
     fn render(template: &str, ctx: serde_json::Value) -> String {
         let mut env = minijinja::Environment::new();
         env.add_filter("tojson", tojson_filter);
-        env.render_str(template, ctx).unwrap()
+        env.render_str(template, minijinja::value::Serde(ctx)).unwrap()
     }
 
     #[test]
@@ -233,7 +224,10 @@ mod tests {
             render("{{ x | tojson(indent=2, sort_keys=true) }}", ctx.clone()),
             "{\n  \"a\": {},\n  \"b\": [\n    1,\n    {\n      \"c\": \"é\"\n    }\n  ]\n}"
         );
-        assert_eq!(render("{{ x | tojson(ensure_ascii=true) }}", ctx.clone()), r#"{"b": [1, {"c": "\u00e9"}], "a": {}}"#);
+        assert_eq!(
+            render("{{ x | tojson(ensure_ascii=true) }}", ctx.clone()),
+            r#"{"b": [1, {"c": "\u00e9"}], "a": {}}"#
+        );
         assert_eq!(render("{{ x | tojson(separators=[',', ':']) }}", ctx.clone()), r#"{"b":[1,{"c":"é"}],"a":{}}"#);
         assert_eq!(render("{{ '🙂' | tojson(true) }}", ctx), r#""\ud83d\ude42""#);
     }

@@ -167,7 +167,8 @@ mod tests {
 
     #[test]
     fn containers_none_and_bools_print_as_python() {
-        let value = Value::from_serialize(serde_json::json!({"a": [1, 2.5, null, true], "b": "x'y", "c": {}}));
+        let value =
+            Value::from(minijinja::value::Serde(serde_json::json!({"a": [1, 2.5, null, true], "b": "x'y", "c": {}})));
         assert_eq!(python_str(&value).unwrap().unwrap(), "{'a': [1, 2.5, None, True], 'b': \"x'y\", 'c': {}}");
         assert_eq!(python_str(&Value::from(())).unwrap().unwrap(), "None");
         assert_eq!(python_str(&Value::from(false)).unwrap().unwrap(), "False");

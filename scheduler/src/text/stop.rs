@@ -21,12 +21,12 @@ pub struct StreamStep {
 
 impl StopMatcher {
     /// Empty stop strings are ignored: they would stop before the first character.
-    pub fn new<S: AsRef<str>>(stops: &[S]) -> Self {
-        let stops = stops.iter().map(|s| s.as_ref().to_string()).filter(|s| !s.is_empty()).collect();
+    pub fn new<S: Into<String>>(stops: impl IntoIterator<Item = S>) -> Self {
+        let stops = stops.into_iter().map(Into::into).filter(|s: &String| !s.is_empty()).collect();
         Self { stops, held: String::new(), stopped: false }
     }
 
-    pub fn is_stopped(&self) -> bool {
+    pub fn stopped(&self) -> bool {
         self.stopped
     }
 
@@ -50,9 +50,9 @@ impl StopMatcher {
         StreamStep { text: std::mem::replace(&mut self.held, rest), stopped: false }
     }
 
-    /// The stream ended without a stop: what was held is final.
-    pub fn finish(&mut self) -> StreamStep {
-        StreamStep { text: std::mem::take(&mut self.held), stopped: self.stopped }
+    /// The stream ended: what was held is final (nothing is held after a stop).
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
     }
 
     /// Length of the longest tail of the held text that is a proper start of some stop string.
@@ -88,7 +88,7 @@ mod tests {
     }
 
     fn run(pieces: &[&str], stops: &[&str]) -> (Vec<String>, bool) {
-        let mut matcher = StopMatcher::new(stops);
+        let mut matcher = StopMatcher::new(stops.iter().copied());
         let mut out = Vec::new();
         for piece in pieces {
             let step = matcher.push(piece);
@@ -97,7 +97,7 @@ mod tests {
                 return (out, true);
             }
         }
-        out.push(matcher.finish().text);
+        out.push(matcher.finish());
         (out, false)
     }
 
@@ -139,10 +139,11 @@ mod tests {
 
     #[test]
     fn pushes_after_a_stop_give_nothing() {
-        let mut matcher = StopMatcher::new(&["x"]);
+        let mut matcher = StopMatcher::new(["x"]);
         assert!(matcher.push("ax").stopped);
         assert_eq!(matcher.push("more"), StreamStep { text: String::new(), stopped: true });
-        assert_eq!(matcher.finish(), StreamStep { text: String::new(), stopped: true });
+        assert_eq!(matcher.finish(), "");
+        assert!(matcher.stopped());
     }
 
     fn text_from(alphabet: &'static [&'static str], max: usize) -> impl Strategy<Value = String> {
@@ -164,7 +165,7 @@ mod tests {
             cuts.sort_unstable();
             let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
 
-            let mut matcher = StopMatcher::new(&stops);
+            let mut matcher = StopMatcher::new(stops.clone());
             let mut emitted = String::new();
             let mut consumed = String::new();
             let mut stopped = false;
@@ -182,7 +183,7 @@ mod tests {
                 }
             }
             if !stopped {
-                emitted.push_str(&matcher.finish().text);
+                emitted.push_str(&matcher.finish());
             }
             prop_assert_eq!((emitted, stopped), cut_at_first_stop(&consumed, &stops));
         }

@@ -26,9 +26,10 @@ class AttentionConfig:
 class AttentionBackend(ABC):
     """Paged causal attention over the KV cache.
 
-    `plan` turns the step's page tables into whatever the kernels need (index tensors, kernel plans); it runs once
-    per step, before the forward. `forward` runs once per layer: it stores this step's K/V at `out_loc`, then lets
-    each new token attend to its request's cached prefix and to the new tokens up to and including itself.
+    `plan` turns the step's page tables into whatever the kernels need (index tensors, kernel plans); it
+    runs once per step, before the forward. `forward` runs once per layer: it stores this step's K/V at
+    `out_loc`, then lets each new token attend to its request's cached prefix and to the new tokens up to and
+    including itself.
     """
 
     def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:

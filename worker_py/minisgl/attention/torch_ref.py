@@ -1,16 +1,21 @@
 """A reference backend in plain torch, for the CPU and for checking faster backends on the GPU.
 
-Every request is padded to the longest query and the longest sequence of the step, so one masked attention call
-covers the whole batch: no Python loop over requests, at the price of attending over padding.
+Every request is padded to the longest query and the longest sequence of the step, so one masked attention
+call covers the whole batch: no Python loop over requests, at the price of attending over padding.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.worker.batch import ForwardBatch
+
+# cuDNN is left out: it builds a new graph for every new (batch, query, sequence) shape, about 2 ms of host
+# time per call on an H200, and padded shapes change every step.
+_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class TorchRefBackend(AttentionBackend):
@@ -39,19 +44,28 @@ class TorchRefBackend(AttentionBackend):
         page = batch.kv_indices.long()[page_slot]
         self._kv_gather = torch.where(kv_valid, page * ps + p[None, :] % ps, 0)
 
-        # Query j of request r sits at position prefix_len[r] + j: it sees that position and everything before.
+        # Query j of request r sits at position prefix_len[r] + j and sees that position and all before it.
         q_pos = prefix_len[:, None] + j[None, :]
         mask = kv_valid[:, None, :] & (p[None, None, :] <= q_pos[:, :, None])
-        self._mask = mask[:, None, :, :]  # broadcast over heads
+        # Grouped-query attention is run with the query heads of each KV head folded into the query axis (see
+        # forward), so the mask is tiled once per head of a group.
+        group = self.config.num_heads // self.config.num_kv_heads
+        self._mask = mask.repeat(1, group, 1)[:, None, :, :]
         self._out_loc = batch.out_loc.long()
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.store_kv(layer, k, v, self._out_loc)
-        hq, hkv = self.config.num_heads, self.config.num_kv_heads
-        q_pad = q[self._q_gather].transpose(1, 2)  # [n, Hq, Qmax, D]
+        n, q_max = self._q_gather.shape
+        hq, hkv, d = self.config.num_heads, self.config.num_kv_heads, q.shape[-1]
+        # [n, Qmax, Hq, D] -> [n, Hkv, group * Qmax, D]: query heads h = kv * group + g share KV head kv, so
+        # they become more query rows of that KV head and no K/V is ever repeated. That keeps the call on the
+        # memory-efficient kernel, which takes a mask but not enable_gqa.
+        q_pad = q[self._q_gather].permute(0, 2, 1, 3).reshape(n, hkv, -1, d)
         k_pad = self.kv_cache.flat_k(layer)[self._kv_gather].transpose(1, 2)  # [n, Hkv, Lmax, D]
         v_pad = self.kv_cache.flat_v(layer)[self._kv_gather].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_pad, k_pad, v_pad, attn_mask=self._mask, scale=self.config.scale, enable_gqa=hq != hkv
-        )
-        return out.transpose(1, 2).reshape(-1, hq, q.shape[-1])[self._unpad]
+        with sdpa_kernel(_SDPA_KERNELS):
+            out = F.scaled_dot_product_attention(
+                q_pad, k_pad, v_pad, attn_mask=self._mask, scale=self.config.scale
+            )
+        out = out.reshape(n, hq, q_max, d).transpose(1, 2)  # [n, Qmax, Hq, D]
+        return out.reshape(n * q_max, hq, d)[self._unpad]

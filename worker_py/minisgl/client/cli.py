@@ -1,7 +1,7 @@
 """One-shot command: sends a prompt to a running engine and streams the answer to the terminal.
 
-    python -m minisgl.client.cli "Write a haiku about Rust"          # chat-templated
-    python -m minisgl.client.cli --raw "def quicksort(xs):"           # raw completion
+python -m minisgl.client.cli "Write a haiku about Rust"          # chat-templated
+python -m minisgl.client.cli --raw "def quicksort(xs):"           # raw completion
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="minisgl-ask", description=__doc__.split("\n\n")[0])
     p.add_argument("prompt")
     p.add_argument("--address", default=DEFAULT_ADDRESS)
-    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as raw text, without the chat template"
+    )
     p.add_argument("--system", default=None, help="a system message (chat mode)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -1,9 +1,9 @@
 """The offline interface: `LLM(model).generate(prompts, sampling_params)`, over ZeroMQ like any other client.
 
-    from minisgl.client import LLM, SamplingParams
-    with LLM() as llm:
-        out = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=32))
-        print(out[0].text)
+from minisgl.client import LLM, SamplingParams
+with LLM() as llm:
+    out = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=32))
+    print(out[0].text)
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     try:
         cls = _ARCHITECTURES[config.architecture]
     except KeyError:
-        raise ValueError(f"unsupported architecture {config.architecture!r}; known: {sorted(_ARCHITECTURES)}") from None
+        raise ValueError(
+            f"unsupported architecture {config.architecture!r}; known: {sorted(_ARCHITECTURES)}"
+        ) from None
     with torch.device("meta"):
         model = cls(config, dtype=dtype, device=device)
     model.to_empty(device=device)

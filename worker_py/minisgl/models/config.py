@@ -58,8 +58,8 @@ class ModelConfig:
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
     # transformers 5 writes `rope_parameters`; older checkpoints (the real Qwen2.5 ones) a top-level
-    # `rope_theta` and maybe `rope_scaling`. Only plain rotary is implemented, so anything else must fail loudly
-    # rather than silently produce a different model.
+    # `rope_theta` and maybe `rope_scaling`. Only plain rotary is implemented, so anything else must fail
+    # loudly rather than silently produce a different model.
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     for p in (params, scaling):

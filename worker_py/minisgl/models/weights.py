@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
@@ -20,9 +19,9 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = True) -> None:
     """Copy every checkpoint tensor into its parameter (or its rows of a merged one), casting on the way.
 
-    The model must provide `checkpoint_target(name) -> (param, first_row, rows) | None`. Fails if a checkpoint
-    tensor has no parameter, or if a parameter is not entirely covered: an empty parameter would otherwise serve
-    uninitialised memory.
+    The model must provide `checkpoint_target(name) -> (param, first_row, rows) | None`. Fails if a
+    checkpoint tensor has no parameter, or if a parameter is not entirely covered: an empty parameter would
+    otherwise serve uninitialised memory.
     """
     params = dict(model.named_parameters())
     rows_loaded = dict.fromkeys(params, 0)
@@ -31,7 +30,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
     total = sum(len(list(h.keys())) for h in handles)
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
         for handle in handles:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 bar.update(1)
                 target = model.checkpoint_target(name)
                 if target is None:
@@ -43,7 +42,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                 dst = param.data if rows < 0 else param.data.narrow(0, start, rows)
                 src = handle.get_tensor(name)
                 if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(src.shape)}, model expects {tuple(dst.shape)}"
+                    )
                 dst.copy_(src)
                 rows_loaded[pname] += dst.shape[0] if dst.dim() else 1
     missing = [n for n, p in params.items() if rows_loaded[n] != (p.shape[0] if p.dim() else 1)]

@@ -48,6 +48,13 @@ def gumbel(seed: torch.Tensor, position: torch.Tensor, vocab: torch.Tensor) -> t
     `vocab` is `vocab_keys(V, device)`.
     """
     bits = mix32(row_keys(seed, position)[:, None] ^ vocab[None, :])
-    # 24 bits fit a float32 exactly; the half offset keeps u strictly inside (0, 1) so both logs are finite.
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform(bits)))
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes to float32 in the open interval (0, 1).
+
+    23 bits plus a half: (k + 0.5) / 2**23 is exact in float32 and at most 1 - 2**-24, so -log(-log(u)) is
+    finite; with 24 bits the top value would round to 1.0 and give +inf noise (and NaN beside a -inf logit).
+    """
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))

@@ -39,7 +39,7 @@ class SlotParams:
         top_k: np.ndarray,
         seed: np.ndarray,
     ) -> None:
-        """(Re)set the parameters of `slots`: one indexed write per tensor. Seeds are uint64 (or int64 bits)."""
+        """(Re)sets the parameters of `slots`, one indexed write per tensor. Seeds: uint64 or int64 bits."""
         if len(slots) == 0:
             return
         dev = self.temperature.device

@@ -12,9 +12,9 @@ from minisgl.sampling.params import SampleMode, SlotParams
 class Sampler:
     """Draws one token per row of logits, using the parameters stored for each row's request slot.
 
-    A sampling row takes argmax(logits / T + Gumbel noise) over the tokens that survive top-k, then top-p (the
-    same order and semantics as HF's warpers); that is a draw from the filtered softmax(logits / T). The noise is
-    a hash of (seed, position, vocab id), so the draw does not depend on the batch around the row.
+    A sampling row takes argmax(logits / T + Gumbel noise) over the tokens that survive top-k, then top-p
+    (the order and semantics of HF's warpers); that is a draw from the filtered softmax(logits / T). The noise
+    is a hash of (seed, position, vocab id), so the draw does not depend on the batch around the row.
     """
 
     def __init__(self, max_slots: int, device: torch.device | str) -> None:

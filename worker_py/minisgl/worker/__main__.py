@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from minisgl.logs import setup_logging
 from minisgl.worker.loop import WorkerConfig, serve
 
 
@@ -14,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--model", required=True, help="HF checkpoint directory")
     p.add_argument("--control", required=True, help="the scheduler's handshake socket (ipc://...)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16")
     p.add_argument("--attention", default="auto", help="attention backend: auto, torch")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages to allocate (default: from memory)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
@@ -22,10 +22,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per step")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=a.log_level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(a.log_level)
     return WorkerConfig(
         model=a.model,
         control=a.control,

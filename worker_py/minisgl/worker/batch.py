@@ -49,8 +49,8 @@ class BatchUploader:
     """Packs a step's arrays into one staging buffer and copies it to the device in one transfer.
 
     On CUDA the staging buffer is pinned and reused, and the copy is asynchronous. Reuse is safe only because
-    every step ends with a blocking device-to-host copy of the sampled ids, which orders after this upload on the
-    same stream; a runner that keeps several steps in flight needs one staging buffer per step in flight.
+    every step ends with a blocking device-to-host copy of the sampled ids, which orders after this upload on
+    the same stream; a runner that keeps several steps in flight needs one staging buffer per step in flight.
     """
 
     def __init__(self, capacity: int, device: torch.device) -> None:

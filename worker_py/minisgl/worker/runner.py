@@ -110,15 +110,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, step) -> torch.Tensor:
-        """Runs the step's forward (writing its K/V like run_step) and returns the logits of each request's last
-        new token, [n, vocab] on the device; nothing is sampled and no slot's last token changes."""
+        """Runs the step's forward (writing its K/V like run_step) and returns the logits of each request's
+        last new token, [n, vocab] on the device; nothing is sampled and no slot's last token changes."""
         _batch, logits = self._forward(step)
         return logits
 
     def _forward(self, step) -> tuple[ForwardBatch | None, torch.Tensor]:
         n, t = len(step.req_slot), len(step.input_ids)
         if n > self.config.max_batch or t > self.config.max_tokens:
-            raise ValueError(f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_tokens}")
+            raise ValueError(
+                f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_tokens}"
+            )
         if len(step.join_slot):
             self.sampler.set_params(
                 step.join_slot, step.join_temperature, step.join_top_p, step.join_top_k, step.join_seed

@@ -1,0 +1,152 @@
+"""The msgpack messages of docs/protocol.md sections 1 and 2, as plain dicts, and the protocol's constants.
+
+Builders put keys in the order the Rust side writes them, so that packing a built message gives the same
+bytes as the scheduler's encoder (the golden tests check this)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minisgl.proto.ring import RING_RESULT, RING_STEP
+from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_DECODE, STEP_EXTEND, STEP_SHUTDOWN
+
+__all__ = [
+    "RING_STEP",
+    "RING_RESULT",
+    "STEP_EXTEND",
+    "STEP_DECODE",
+    "STEP_SHUTDOWN",
+    "RESULT_OK",
+    "RESULT_FAILED",
+    "FINISH_STOP",
+    "FINISH_LENGTH",
+    "FINISH_ABORT",
+    "FINISH_ERROR",
+    "FINISH_REASONS",
+    "ERROR_CODES",
+    "SAMPLING_DEFAULTS",
+    "generate",
+    "abort",
+    "info",
+    "hello",
+    "model_facts",
+    "ready",
+]
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR)
+
+MALFORMED = "malformed"
+UNKNOWN_TYPE = "unknown_type"
+INVALID_PARAMS = "invalid_params"
+EMPTY_PROMPT = "empty_prompt"
+PROMPT_TOO_LONG = "prompt_too_long"
+UNKNOWN_REQUEST = "unknown_request"
+DUPLICATE_REQUEST = "duplicate_request"
+SHUTTING_DOWN = "shutting_down"
+ERROR_CODES = (
+    MALFORMED,
+    UNKNOWN_TYPE,
+    INVALID_PARAMS,
+    EMPTY_PROMPT,
+    PROMPT_TOO_LONG,
+    UNKNOWN_REQUEST,
+    DUPLICATE_REQUEST,
+    SHUTTING_DOWN,
+)
+
+# What the scheduler assumes for a key the client leaves out, in the order it writes them.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 128,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "seed": None,
+    "stop": [],
+    "stop_token_ids": [],
+    "ignore_eos": False,
+}
+
+
+def generate(
+    rid: str,
+    *,
+    text: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    input_ids: list[int] | None = None,
+    sampling: dict[str, Any] | None = None,
+    stream: bool = True,
+) -> dict[str, Any]:
+    """A `generate` message. Exactly one of text, messages, input_ids; `sampling` keys as in the protocol
+    (left-out keys take the scheduler's defaults)."""
+    forms = [
+        (k, v) for k, v in (("text", text), ("messages", messages), ("input_ids", input_ids)) if v is not None
+    ]
+    if len(forms) != 1:
+        raise ValueError("give exactly one of text, messages, input_ids")
+    unknown = set(sampling or {}) - set(SAMPLING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
+    msg: dict[str, Any] = {"type": "generate", "rid": rid, forms[0][0]: forms[0][1]}
+    if sampling is not None:
+        msg["sampling"] = dict(sampling)
+    msg["stream"] = stream
+    return msg
+
+
+def abort(rid: str) -> dict[str, Any]:
+    return {"type": "abort", "rid": rid}
+
+
+def info() -> dict[str, Any]:
+    return {"type": "info"}
+
+
+def model_facts(
+    *,
+    architecture: str,
+    vocab_size: int,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_position_embeddings: int,
+    dtype: str,
+    device: str,
+) -> dict[str, Any]:
+    """The `model` map of a `hello`."""
+    return {
+        "architecture": architecture,
+        "vocab_size": vocab_size,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": max_position_embeddings,
+        "dtype": dtype,
+        "device": device,
+    }
+
+
+def hello(
+    *, pid: int, model: dict[str, Any], num_pages: int, page_size: int, max_batch: int, max_tokens: int
+) -> dict[str, Any]:
+    """The worker's first control message: what it allocated (`model` from `model_facts`)."""
+    return {
+        "type": "hello",
+        "pid": pid,
+        "model": model,
+        "num_pages": num_pages,
+        "page_size": page_size,
+        "max_batch": max_batch,
+        "max_tokens": max_tokens,
+    }
+
+
+def ready() -> dict[str, Any]:
+    return {"type": "ready"}

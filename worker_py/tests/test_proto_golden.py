@@ -1,0 +1,299 @@
+"""The golden files written by proto/tests/golden.rs, read with the Python mirror. Every expected value is
+written out here by hand from docs/protocol.md, not taken from the Rust side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from minisgl.proto import messages
+from minisgl.proto.ring import MAGIC
+from minisgl.proto.step import Capacity, ResultLayout, StepLayout, StepView, read_result
+
+TESTDATA = Path(__file__).resolve().parents[2] / "proto" / "testdata"
+CAP = Capacity(max_reqs=4, max_tokens=8, max_kv_indices=6)
+
+
+def golden(name: str) -> bytes:
+    path = TESTDATA / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run UPDATE_GOLDEN=1 cargo test -p minisgl-proto --test golden")
+    return path.read_bytes()
+
+
+def test_layout_offsets_match_the_protocol_by_hand():
+    # 64-byte header, then each array on the next multiple of 64 after the previous one ends.
+    layout = StepLayout(CAP)
+    offsets = {a.name: (a.offset, a.nbytes) for a in layout.arrays}
+    assert offsets == {
+        "req_slot": (64, 16),
+        "seq_len": (128, 16),
+        "qo_indptr": (192, 20),
+        "kv_indptr": (256, 20),
+        "kv_last_page_len": (320, 16),
+        "input_ids": (384, 32),
+        "positions": (448, 32),
+        "out_loc": (512, 32),
+        "kv_indices": (576, 24),
+        "join_slot": (640, 16),
+        "join_temperature": (704, 16),
+        "join_top_p": (768, 16),
+        "join_top_k": (832, 16),
+        "join_seed": (896, 32),
+    }
+    assert layout.slot_bytes == 960
+    result = ResultLayout(4)
+    assert (result.tokens.offset, result.tokens.nbytes, result.slot_bytes) == (64, 16, 128)
+
+
+def test_ring_header():
+    b = golden("ring_header.bin")
+    assert len(b) == 512
+    u32 = np.frombuffer(b, dtype="<u4")
+    u64 = np.frombuffer(b, dtype="<u8")
+    assert b[:8] == b"MSGLRING" and int(u64[0]) == MAGIC == 0x474E49524C47534D
+    assert [int(u32[i]) for i in range(2, 16)] == [
+        1,  # version
+        1,  # kind: step ring
+        512,  # header bytes
+        4,  # slot count
+        960,  # slot bytes
+        2,  # readers
+        4242,  # writer pid
+        0,  # reserved
+        1_764_000_000_123 & 0xFFFFFFFF,  # writer heartbeat, low half
+        1_764_000_000_123 >> 32,  # writer heartbeat, high half
+        4,  # R
+        8,  # T
+        6,  # K
+        16,  # page size
+    ]
+    assert int(u64[5]) == 1_764_000_000_123
+    assert int(u64[8]) == 7  # write sequence
+    readers = [
+        (int(u64[(128 + 64 * i) // 8]), int(u32[(136 + 64 * i) // 4]), int(u64[(144 + 64 * i) // 8]))
+        for i in range(4)
+    ]
+    assert readers == [(5, 4343, 1_764_000_000_456), (6, 4344, 1_764_000_000_789), (0, 0, 0), (0, 0, 0)]
+    # Nothing else is set: the write sequence's cache line past its word, the readers' lines past theirs, and
+    # the reserved tail are all zero.
+    words = set(range(0, 64, 1))
+    used = {0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 18, 24, 25, 26}
+    assert all(int(u64[w]) == 0 for w in words - used)
+
+
+def test_step_slot():
+    b = golden("step_slot.bin")
+    assert len(b) == 960
+    step = StepView(StepLayout(CAP), b)
+    assert (step.step_id, step.kind, step.num_reqs, step.num_tokens, step.num_kv_indices, step.num_joins) == (
+        7,
+        messages.STEP_EXTEND,
+        3,
+        8,
+        6,
+        2,
+    )
+    assert step.req_slot.tolist() == [2, 0, 3]
+    assert step.seq_len.tolist() == [21, 6, 40]
+    assert step.qo_indptr.tolist() == [0, 5, 6, 8]
+    assert step.kv_indptr.tolist() == [0, 2, 3, 6]
+    assert step.kv_last_page_len.tolist() == [5, 6, 8]
+    assert step.input_ids.tolist() == [151644, 872, 198, 9707, 11, -1, 1350, 0]
+    assert step.positions.tolist() == [16, 17, 18, 19, 20, 5, 38, 39]
+    assert step.out_loc.tolist() == [48, 49, 50, 51, 52, 149, 70, 71]
+    assert step.kv_indices.tolist() == [7, 3, 9, 0, 12, 4]
+    assert step.join_slot.tolist() == [2, 3]
+    assert step.join_temperature.dtype == np.float32
+    assert step.join_temperature.tolist() == [np.float32(0.7), 0.0]
+    assert step.join_top_p.tolist() == [np.float32(0.95), 1.0]
+    assert step.join_top_k.tolist() == [40, -1]
+    assert step.join_seed.dtype == np.uint64
+    assert step.join_seed.tolist() == [2**63 + 12345, 42]
+    # The unused tails are zero: the scheduler writes only what the counts cover.
+    raw = np.frombuffer(b, dtype=np.uint8)
+    assert not raw[64 + 12 : 128].any() and not raw[896 + 16 :].any()
+
+
+def test_result_slot():
+    b = golden("result_slot.bin")
+    assert len(b) == 128
+    step_id, status, tokens = read_result(ResultLayout(4), b)
+    assert (step_id, status, tokens.tolist()) == (7, messages.RESULT_OK, [151645, 13, 2])
+
+
+SAMPLING_ALL = {
+    "max_tokens": 64,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 50,
+    "seed": 2**64 - 1,
+    "stop": ["\n\n", "END"],
+    "stop_token_ids": [151645, 151643],
+    "ignore_eos": True,
+}
+
+CLIENT = {
+    "client_generate.msgpack": {
+        "type": "generate",
+        "rid": "req-1",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Héllo 🌍", "name": "ana"},
+        ],
+        "sampling": SAMPLING_ALL,
+        "stream": False,
+    },
+    "client_generate_input_ids.msgpack": {
+        "type": "generate",
+        "rid": "req-2",
+        "input_ids": [1, 2, 151643],
+        "sampling": {
+            "max_tokens": 128,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "seed": None,
+            "stop": [],
+            "stop_token_ids": [],
+            "ignore_eos": False,
+        },
+        "stream": True,
+    },
+    "client_generate_text.msgpack": {
+        "type": "generate",
+        "rid": "req-3",
+        "text": "def fib(n):",
+        "sampling": {**messages.SAMPLING_DEFAULTS, "seed": 7},
+        "stream": True,
+    },
+    "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
+    "client_info.msgpack": {"type": "info"},
+}
+
+SERVER = {
+    "server_delta.msgpack": {"type": "delta", "rid": "req-1", "token_ids": [9707, 0], "text": "Hi!"},
+    "server_final.msgpack": {
+        "type": "final",
+        "rid": "req-1",
+        "finish_reason": "stop",
+        "prompt_tokens": 21,
+        "completion_tokens": 3,
+        "token_ids": [9707, 0, 151645],
+        "text": "Hi!",
+        "message": None,
+    },
+    "server_final_error.msgpack": {
+        "type": "final",
+        "rid": "req-4",
+        "finish_reason": "error",
+        "prompt_tokens": 5,
+        "completion_tokens": 0,
+        "token_ids": [],
+        "text": "",
+        "message": "worker failed the step",
+    },
+    "server_error.msgpack": {
+        "type": "error",
+        "rid": "req-1",
+        "code": "invalid_params",
+        "message": "top_p must be in (0, 1], got 1.5",
+    },
+    "server_error_no_rid.msgpack": {
+        "type": "error",
+        "rid": None,
+        "code": "malformed",
+        "message": "the message is not a map",
+    },
+    "server_info.msgpack": {
+        "type": "info",
+        "model": "Qwen2.5-Coder-0.5B-Instruct",
+        "vocab_size": 151936,
+        "max_seq_len": 32768,
+        "max_batch": 256,
+        "page_size": 16,
+        "num_pages": 8192,
+        "eos_token_ids": [151645, 151643],
+    },
+}
+
+MODEL = {
+    "architecture": "Qwen2ForCausalLM",
+    "vocab_size": 151936,
+    "num_layers": 24,
+    "hidden_size": 896,
+    "num_heads": 14,
+    "num_kv_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 32768,
+    "dtype": "float32",
+    "device": "cpu",
+}
+
+CONTROL = {
+    "control_hello.msgpack": {
+        "type": "hello",
+        "pid": 31337,
+        "model": MODEL,
+        "num_pages": 4096,
+        "page_size": 16,
+        "max_batch": 64,
+        "max_tokens": 8192,
+    },
+    "control_ready.msgpack": {"type": "ready"},
+    "control_welcome.msgpack": {
+        "type": "welcome",
+        "step_ring": "minisgl-1234-step",
+        "result_ring": "minisgl-1234-result",
+        "pid": 1234,
+    },
+    "control_ok.msgpack": {"type": "ok"},
+    "control_error.msgpack": {"type": "error", "message": "expected hello"},
+}
+
+
+@pytest.mark.parametrize("name,expected", [*CLIENT.items(), *SERVER.items(), *CONTROL.items()])
+def test_message(name: str, expected: dict):
+    got = msgpack.unpackb(golden(name))
+    assert got == expected
+    # Same keys in the same order as the protocol tables (dict equality ignores order).
+    assert list(got) == list(expected)
+    if isinstance(got.get("sampling"), dict):
+        assert list(got["sampling"]) == list(messages.SAMPLING_DEFAULTS)
+        assert isinstance(got["sampling"]["temperature"], float)
+
+
+def test_every_golden_file_is_checked():
+    checked = {"ring_header.bin", "step_slot.bin", "result_slot.bin", *CLIENT, *SERVER, *CONTROL}
+    assert {p.name for p in TESTDATA.iterdir()} == checked
+
+
+def test_python_builders_give_the_schedulers_bytes():
+    """What the Python side sends packs to exactly the bytes the Rust encoder writes for the same message."""
+    built = {
+        "client_generate.msgpack": messages.generate(
+            "req-1",
+            messages=CLIENT["client_generate.msgpack"]["messages"],
+            sampling=SAMPLING_ALL,
+            stream=False,
+        ),
+        "client_generate_input_ids.msgpack": messages.generate(
+            "req-2", input_ids=[1, 2, 151643], sampling=messages.SAMPLING_DEFAULTS
+        ),
+        "client_abort.msgpack": messages.abort("req-1"),
+        "client_info.msgpack": messages.info(),
+        "control_hello.msgpack": messages.hello(
+            pid=31337,
+            model=messages.model_facts(**MODEL),
+            num_pages=4096,
+            page_size=16,
+            max_batch=64,
+            max_tokens=8192,
+        ),
+        "control_ready.msgpack": messages.ready(),
+    }
+    for name, msg in built.items():
+        assert msgpack.packb(msg) == golden(name), name

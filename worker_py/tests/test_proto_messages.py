@@ -1,0 +1,47 @@
+"""The message builders: keys and defaults as in docs/protocol.md."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from minisgl.proto import messages
+
+
+def test_generate_takes_exactly_one_prompt_form():
+    assert messages.generate("a", text="hi") == {"type": "generate", "rid": "a", "text": "hi", "stream": True}
+    chat = [{"role": "user", "content": "hi"}]
+    assert messages.generate("a", messages=chat, stream=False)["messages"] == chat
+    assert messages.generate("a", input_ids=[1, 2], sampling={"seed": 3})["sampling"] == {"seed": 3}
+    for bad in ({}, {"text": "x", "input_ids": [1]}, {"text": "x", "messages": chat}):
+        with pytest.raises(ValueError, match="exactly one"):
+            messages.generate("a", **bad)
+
+
+def test_generate_refuses_unknown_sampling_keys():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        messages.generate("a", text="x", sampling={"max_new_tokens": 3})
+
+
+def test_a_built_message_survives_msgpack():
+    msg = messages.generate("a", text="é", sampling={"temperature": 0.5, "seed": 2**64 - 1})
+    assert msgpack.unpackb(msgpack.packb(msg)) == msg
+
+
+def test_constants_match_the_protocol():
+    assert (messages.RING_STEP, messages.RING_RESULT) == (1, 2)
+    assert (messages.STEP_EXTEND, messages.STEP_DECODE, messages.STEP_SHUTDOWN) == (0, 1, 2)
+    assert (messages.RESULT_OK, messages.RESULT_FAILED) == (0, 1)
+    assert messages.FINISH_REASONS == ("stop", "length", "abort", "error")
+    assert set(messages.ERROR_CODES) == {
+        "malformed",
+        "unknown_type",
+        "invalid_params",
+        "empty_prompt",
+        "prompt_too_long",
+        "unknown_request",
+        "duplicate_request",
+        "shutting_down",
+    }
+    assert messages.abort("r") == {"type": "abort", "rid": "r"}
+    assert messages.info() == {"type": "info"} and messages.ready() == {"type": "ready"}
