@@ -124,17 +124,24 @@ class Engine:
                     continue
         raise TimeoutError(f"the engine was not ready within {self.config.ready_timeout_s} s")
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops the scheduler first: it tells the worker to exit through the ring (and a worker whose scheduler
+        is gone exits by itself), so both end cleanly. A process still there after `grace_s` gets SIGTERM, then
+        SIGKILL."""
+        for name in ("scheduler", "worker"):
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            if name == "scheduler" and proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    proc.wait(grace_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.warning("the %s did not stop within %.0f s: sending %s", name, grace_s, sig.name)
+                    _signal_group(proc, sig)
+            proc.wait()
         self.cleanup()
 
     def cleanup(self) -> None:

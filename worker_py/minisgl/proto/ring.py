@@ -270,13 +270,13 @@ class Ring:
         sleep_s = _FIRST_SLEEP_S
         while not ready():
             now = time.perf_counter_ns()
+            if deadline is not None and now >= deadline:
+                return False
             if now < spin_until:
                 continue
             if now >= next_check:
                 on_check()
                 next_check = now + _CHECK_EVERY_NS
-            if deadline is not None and now >= deadline:
-                return False
             time.sleep(sleep_s)
             sleep_s = min(sleep_s * 2, _MAX_SLEEP_S)
         return True

@@ -10,8 +10,9 @@ import msgpack
 import torch
 import zmq
 
-from minisgl.proto.ring import Ring
-from minisgl.proto.step import STEP_SHUTDOWN, ResultLayout, StepLayout, StepView, write_result
+from minisgl.proto.channels import ResultWriter, StepReader
+from minisgl.proto.ring import PeerDead, Ring
+from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_SHUTDOWN
 from minisgl.worker.runner import ModelRunner
 
 log = logging.getLogger("minisgl.worker")
@@ -82,7 +83,6 @@ def handshake(control: str, runner: ModelRunner) -> tuple[Ring, Ring]:
 
 def serve(config: WorkerConfig) -> int:
     args = config.resolved()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     runner = ModelRunner(**args)
     log.info(
         "loaded %s on %s (%s): %d KV pages of %d tokens (%.2f GiB)",
@@ -94,28 +94,28 @@ def serve(config: WorkerConfig) -> int:
         runner.kv_cache.nbytes / 2**30,
     )
     step_ring, result_ring = handshake(config.control, runner)
-    step_layout, result_layout = StepLayout(step_ring.capacity), ResultLayout(result_ring.capacity.max_reqs)
+    steps, results = StepReader(step_ring), ResultWriter(result_ring)
     try:
-        # The per-step loop: everything in it is a fixed number of calls, whatever the batch size.
+        # The per-step loop: a fixed number of calls whatever the batch size.
         while True:
-            slot = step_ring.wait_read(0)  # raises when the scheduler dies
-            step = StepView(step_layout, slot)
+            step = steps.wait()  # raises PeerDead when the scheduler is gone
             if step.kind == STEP_SHUTDOWN:
-                step_ring.release(0)
                 log.info("the scheduler asked us to stop")
                 return 0
             try:
-                tokens, status = runner.run_step(step).numpy(), 0
+                tokens, status = runner.run_step(step).numpy(), RESULT_OK
             except Exception:
                 log.exception("step %d failed", step.step_id)
-                tokens, status = None, 1
-            step_id, n = step.step_id, step.num_reqs
-            del step  # its views point into the slot we hand back now
-            step_ring.release(0)
-            write_result(result_layout, result_ring.wait_claim(), step_id, tokens, n, status)
-            result_ring.publish()
-            if status:
+                tokens, status = None, RESULT_FAILED
+            step_id = step.step_id
+            del step  # its arrays point into the slot handed back now
+            steps.release()
+            results.write(step_id, tokens, status)
+            if status != RESULT_OK:
                 return 1
+    except PeerDead as e:
+        log.error("%s: stopping", e)
+        return 1
     finally:
         step_ring.close()
         result_ring.close()
