@@ -125,9 +125,9 @@ class Engine:
         raise TimeoutError(f"the engine was not ready within {self.config.ready_timeout_s} s")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Stops the scheduler first: it tells the worker to exit through the ring (and a worker whose scheduler
-        is gone exits by itself), so both end cleanly. A process still there after `grace_s` gets SIGTERM, then
-        SIGKILL."""
+        """Stops the scheduler first: it tells the worker to exit through the ring (and a worker whose
+        scheduler is gone exits by itself), so both end cleanly. A process still there after `grace_s` gets
+        SIGTERM, then SIGKILL."""
         for name in ("scheduler", "worker"):
             proc = self.procs.get(name)
             if proc is None:
