@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -64,3 +66,23 @@ def client(engine):
 
     with Client(engine.config.listen, timeout_s=300) as c:
         yield c
+
+
+# A tiny random Qwen2 with the real tokenizer: engines that start in seconds, for lifecycle tests.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir, tmp_path_factory) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(TINY, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(model_dir / name, out / name)
+    return out

@@ -6,9 +6,7 @@ These run a tiny random model with the real tokenizer so that each start takes s
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,27 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import free_tcp_port
 
 from minisgl.client import Client
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(model_dir, tmp_path_factory) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-qwen2")
-    config = json.loads((model_dir / "config.json").read_text())
-    config.update(TINY, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(model_dir / name, out / name)
-    return out
 
 
 def launch(model: Path, address: str) -> subprocess.Popen:

@@ -1,0 +1,51 @@
+"""The Python clients: the offline LLM class (on a running engine, or starting its own), the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import free_tcp_port
+
+from minisgl.client import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+def test_llm_generates_for_every_prompt_form_in_order(engine, client):
+    prompts = [
+        "def add(a, b):",
+        [{"role": "user", "content": "Name a prime number."}],
+        [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198],  # the chat prompt "Hello", as ids
+    ]
+    with LLM(address=engine.config.listen) as llm:
+        outputs = llm.generate(prompts, GREEDY)
+        single = llm.generate(prompts[0], GREEDY)
+    assert len(outputs) == 3
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.finish_reason in ("stop", "length") and 0 < len(out.token_ids) <= 8
+        form = {"text": prompt} if isinstance(prompt, str) else None
+        if form:
+            assert client.generate(**form, sampling={"temperature": 0.0, "max_tokens": 8})["text"] == out.text
+    assert single[0].token_ids == outputs[0].token_ids
+    assert outputs[2].prompt_tokens == 9
+
+
+def test_llm_starts_and_stops_its_own_engine(tiny_model):
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    with LLM(
+        str(tiny_model), listen=address, device="cpu", num_pages=64, max_batch=4, log_level="warn"
+    ) as llm:
+        [out] = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        engine = llm.engine
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    assert all(p.poll() is not None for p in engine.procs.values()), "closing the LLM stops both processes"
+
+
+def test_cli_streams_an_answer(engine):
+    cmd = [sys.executable, "-m", "minisgl.client.cli", "--address", engine.config.listen, "--max-tokens", "6"]
+    cmd += ["--raw", "The capital of France is"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the answer is printed"
+    assert "completion tokens" in done.stderr
