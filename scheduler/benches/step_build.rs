@@ -1,8 +1,11 @@
 //! What the scheduler spends per decode step: 256 running requests with contexts of about 1,000 tokens (pages of
 //! 16, so about 63 page indices each), planning into a slot buffer and completing with dummy tokens.
 //!
+//! As the engine runs it with overlap: step N+1 is planned while step N is in flight, then N is completed. The
+//! plan of a step with nothing in flight (overlap off) is measured too, for comparison.
+//!
 //! Each decode step grows every context by one, so the core is restored from a snapshot every `RESET_EVERY` steps
-//! (untimed): contexts stay between 1,000 and 1,064 tokens however many iterations criterion asks for.
+//! (untimed): contexts stay between 1,000 and 1,066 tokens however many iterations criterion asks for.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use proto::step::{SlotBuf, StepKind, StepLayout, StepMut};
@@ -15,8 +18,21 @@ const CONTEXT: u32 = 1000;
 const PAGE: u32 = 16;
 const RESET_EVERY: u64 = 64;
 
+/// Which call a run times.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Timed {
+    /// Planning step N+1 while step N is in flight.
+    PlanOverlapped,
+    /// Completing step N while step N+1 is in flight.
+    CompleteOverlapped,
+    /// Planning with nothing in flight (overlap off).
+    PlanAlone,
+}
+
 struct Bench {
     base: Core,
+    /// The id of the first step planned from `base`.
+    first_step: u64,
     layout: StepLayout,
     buf: SlotBuf,
     tokens: Vec<i32>,
@@ -62,8 +78,8 @@ impl Bench {
             sampled += events.drain(..).count();
             step_id += 1;
         }
-        assert_eq!((core.running(), core.waiting()), (REQS as usize, 0));
-        Bench { base: core, layout, buf, tokens, events }
+        assert_eq!((core.running(), core.waiting(), core.in_flight()), (REQS as usize, 0, 0));
+        Bench { base: core, first_step: step_id, layout, buf, tokens, events }
     }
 
     fn plan(&mut self, core: &mut Core, step_id: u64) -> Planned {
@@ -81,24 +97,37 @@ impl Bench {
         self.events.clear();
     }
 
-    /// Runs `iters` decode steps, restoring the snapshot every RESET_EVERY; times planning or completing.
-    fn run(&mut self, iters: u64, time_plan: bool) -> Duration {
+    /// Runs `iters` decode steps, restoring the snapshot every RESET_EVERY, and times what `timed` says.
+    fn run(&mut self, iters: u64, timed: Timed) -> Duration {
+        let overlap = timed != Timed::PlanAlone;
         let mut core = self.base.clone();
+        let mut step_id = self.first_step;
+        let mut in_flight = None;
         let mut total = Duration::ZERO;
         for i in 0..iters {
-            if i % RESET_EVERY == 0 && i > 0 {
+            if i % RESET_EVERY == 0 {
+                // Drops the old core's step in flight with it.
                 core = self.base.clone();
+                step_id = self.first_step;
+                in_flight = None;
+            }
+            if overlap && in_flight.is_none() {
+                // The step the worker would be running while the timed one is planned.
+                in_flight = Some(self.plan(&mut core, step_id));
+                step_id += 1;
             }
             let t = Instant::now();
-            let planned = self.plan(&mut core, i);
-            debug_assert_eq!(planned.kind(), StepKind::Decode);
-            if time_plan {
+            let planned = self.plan(&mut core, step_id);
+            if timed != Timed::CompleteOverlapped {
                 total += t.elapsed();
             }
+            step_id += 1;
+            debug_assert_eq!(planned.kind(), StepKind::Decode);
             let planned = black_box(planned);
+            let done = if overlap { in_flight.replace(planned).expect("a step in flight") } else { planned };
             let t = Instant::now();
-            self.complete(&mut core, planned);
-            if !time_plan {
+            self.complete(&mut core, done);
+            if timed == Timed::CompleteOverlapped {
                 total += t.elapsed();
             }
             self.check_events();
@@ -109,8 +138,15 @@ impl Bench {
 
 fn step_build(c: &mut Criterion) {
     let mut bench = Bench::new();
-    c.bench_function("plan_step decode 256 reqs x 1000 tokens", |b| b.iter_custom(|iters| bench.run(iters, true)));
-    c.bench_function("complete_step decode 256 reqs", |b| b.iter_custom(|iters| bench.run(iters, false)));
+    c.bench_function("plan_step decode 256 reqs x 1000 tokens, one step in flight", |b| {
+        b.iter_custom(|iters| bench.run(iters, Timed::PlanOverlapped))
+    });
+    c.bench_function("complete_step decode 256 reqs, one step in flight", |b| {
+        b.iter_custom(|iters| bench.run(iters, Timed::CompleteOverlapped))
+    });
+    c.bench_function("plan_step decode 256 reqs x 1000 tokens, nothing in flight", |b| {
+        b.iter_custom(|iters| bench.run(iters, Timed::PlanAlone))
+    });
 }
 
 criterion_group!(benches, step_build);

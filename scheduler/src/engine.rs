@@ -1,15 +1,28 @@
 //! The engine thread: takes commands, has the core plan each step straight into the step ring, waits for the
-//! worker's result and hands the core's events to the server. It holds no policy of its own (that is
-//! `core`), and it is the only code that touches the rings.
+//! worker's results and hands the core's events to the server. It holds no policy of its own (that is `core`),
+//! and it is the only code that touches the rings.
 //!
 //! It runs on its own OS thread, not on the async runtime: a step is a tight loop of shared-memory writes and
 //! short spins, which must not wait behind socket work.
+//!
+//! **Overlap.** The worker should never wait for the CPU, so the engine keeps up to [`MAX_IN_FLIGHT`] steps
+//! published: after publishing step N it plans and publishes N+1 (when there is anything to plan) and only then
+//! waits for N's result; it completes N, applies the commands that arrived, plans N+2, waits for N+1, and so on.
+//! Planning N+1 needs nothing from N (decode inputs name the worker's last sampled token per slot, and the core
+//! defers every free until the steps using it complete), so the worker finds N+1 ready the moment N is done.
+//! Turning overlap off keeps one step in flight, for measurement.
+//!
+//! **Waiting.** Two rings are involved, in opposite directions, so a blocking wait on one could wait for ever on
+//! a peer that is itself blocked on the other (a small ring full of results we are not reading while we wait for
+//! a step slot). Every wait is therefore a poll (`try_claim`, `try_read`) under a [`Backoff`], checking on each
+//! snooze that the worker is alive through both rings.
 
-use crate::core::{Core, Event, FinishReason, NewRequest, ReqId};
+use crate::core::{Core, Event, FinishReason, NewRequest, Planned, ReqId};
 use anyhow::{Context, Result, bail};
-use proto::ring::{Liveness, Ring};
+use proto::ring::{Backoff, Liveness, Ring};
 use proto::step::{ResultLayout, ResultRef, StepKind, StepLayout, StepMut};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -30,8 +43,17 @@ pub enum Output {
     Failed(String),
 }
 
+/// Steps published and not yet answered, with overlap on: one running on the worker, one ready behind it. More
+/// would only delay what a finished request or a new arrival changes, for no gain: the next plan is ready long
+/// before the step ahead of it ends.
+pub const MAX_IN_FLIGHT: usize = 2;
+
 /// How often an idle engine wakes to refresh its heartbeat and check that the worker lives.
 const IDLE_TICK: Duration = Duration::from_millis(50);
+
+/// How long stopping waits for the steps in flight to be answered and for a slot to tell the worker to exit. The
+/// launcher gives the scheduler 5 s before it signals it.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 pub struct Engine {
     pub core: Core,
@@ -41,58 +63,135 @@ pub struct Engine {
     pub outputs: UnboundedSender<Output>,
 }
 
+/// The engine's state while it runs, beside what it was built with.
+struct Pipeline {
+    step_layout: StepLayout,
+    result_layout: ResultLayout,
+    /// Steps may be published and not yet answered: [`MAX_IN_FLIGHT`] with overlap, 1 without.
+    depth: usize,
+    /// Published steps, oldest first: the order the worker answers them in.
+    in_flight: VecDeque<Planned>,
+    /// The id of the next step, equal to the step ring's sequence number of its slot.
+    next_step: u64,
+    events: Vec<Event>,
+}
+
 impl Engine {
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let outputs = self.outputs.clone();
-            if let Err(e) = self.run() {
-                tracing::error!("engine stopped: {e:#}");
-                let _ = outputs.send(Output::Failed(format!("{e:#}")));
-            }
-        })
+    /// Starts the engine thread; without `overlap` it keeps a single step in flight (for measurement).
+    pub fn spawn_with(self, overlap: bool) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("engine".into()).spawn(move || self.run_to_end(overlap))
     }
 
-    fn run(mut self) -> Result<()> {
-        let step_layout = StepLayout::new(self.step_ring.capacity());
-        let result_layout = ResultLayout::new(self.result_ring.capacity().max_reqs);
+    fn run_to_end(mut self, overlap: bool) {
+        // Our pid in both headers is how the worker's waits tell a slow scheduler from a dead one.
+        let pid = std::process::id();
+        self.step_ring.attach_writer(pid);
+        self.result_ring.attach_reader(0, pid);
+        let mut pipe = Pipeline {
+            step_layout: StepLayout::new(self.step_ring.capacity()),
+            result_layout: ResultLayout::new(self.result_ring.capacity().max_reqs),
+            depth: if overlap { MAX_IN_FLIGHT } else { 1 },
+            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            next_step: self.step_ring.write_seq(),
+            events: Vec::new(),
+        };
+        if let Err(e) = self.run(&mut pipe) {
+            tracing::error!("engine stopped: {e:#}");
+            let _ = self.outputs.send(Output::Failed(format!("{e:#}")));
+        }
+        // Whatever ended the loop, a live worker is told to exit; a dead one is noticed at once.
+        self.shut_worker_down(&mut pipe);
+    }
+
+    /// Runs until shutdown is asked for (`Ok`) or the worker, the rings or the server fail.
+    fn run(&mut self, pipe: &mut Pipeline) -> Result<()> {
         // The worker's pid is in both ring headers; a busy worker (a long prefill, a first CUDA-graph capture) is
         // not a dead one, so only its pid counts, not its heartbeat.
         let liveness = Liveness::pid_only();
-        let mut events = Vec::new();
-        let mut step_id = 0u64;
         loop {
             if !self.take_commands(&liveness)? {
-                self.shut_worker_down(&step_layout, step_id);
                 return Ok(());
             }
-            let slot = self.step_ring.wait_claim(&liveness).context("waiting for a free step slot")?;
-            let mut step = StepMut::new(&step_layout, slot);
-            let planned = self.core.plan_step(step_id, &mut step, &mut events);
-            let Some(planned) = planned else {
-                // Nothing to run, but planning may have ended requests (one that can never get its pages).
-                self.forward(&mut events)?;
-                continue;
-            };
-            self.step_ring.publish();
-
-            let result = self.result_ring.wait_read(0, &liveness).context("waiting for the worker's result")?;
-            let result = ResultRef::new(&result_layout, result);
-            let (answered, status, n) = (result.header.step_id, result.header.status, result.tokens.len());
-            if answered != step_id || (status == 0 && n != planned.num_reqs()) {
-                bail!("the worker answered step {answered} ({n} tokens) while step {step_id} was in flight");
-            }
-            if status != 0 {
-                // The worker logged why; it exits after a failed step, and the liveness checks will notice.
-                self.core.fail_step(planned, &mut events);
-                self.result_ring.release(0);
-                self.forward(&mut events)?;
-                bail!("the worker failed step {step_id}");
-            }
-            self.core.complete_step(planned, result.tokens, &mut events);
-            self.result_ring.release(0);
-            step_id += 1;
-            self.forward(&mut events)?;
+            self.turn(pipe, &liveness)?;
         }
+    }
+
+    /// One turn between commands: publishes steps while the pipeline has room and the core has something to plan,
+    /// and completes the oldest step in flight. With overlap, step N+1 is published before N's result is awaited;
+    /// a step slot that comes free only during the wait (a ring with fewer slots than steps in flight) is used as
+    /// soon as it does.
+    fn turn(&mut self, pipe: &mut Pipeline, liveness: &Liveness) -> Result<()> {
+        // False once the core had nothing to plan: nothing changes that before a step completes.
+        let mut may_plan = true;
+        let mut backoff = Backoff::new();
+        loop {
+            if may_plan && pipe.in_flight.len() < pipe.depth && self.step_ring.try_claim().is_some() {
+                may_plan = self.publish_next(pipe)?;
+                backoff.reset();
+                continue;
+            }
+            if self.result_ring.try_read(0).is_some() {
+                let planned = pipe.in_flight.pop_front().context("the worker answered a step never published")?;
+                return self.complete(pipe, planned);
+            }
+            if pipe.in_flight.is_empty() && !may_plan {
+                // The core plans nothing with nothing in flight only when it is idle; take_commands then blocks.
+                debug_assert!(self.core.is_idle(), "nothing in flight and nothing to plan, yet the core has work");
+                return Ok(());
+            }
+            if backoff.snooze() {
+                let waiting_for = if pipe.in_flight.is_empty() { "a free step slot" } else { "the worker's result" };
+                self.check_worker(liveness).with_context(|| format!("waiting for {waiting_for}"))?;
+            }
+        }
+    }
+
+    /// Plans the next step into the claimed slot of the step ring and publishes it. False when there is nothing to
+    /// plan now.
+    fn publish_next(&mut self, pipe: &mut Pipeline) -> Result<bool> {
+        let slot = self.step_ring.try_claim().expect("the caller claimed a slot; a claim holds until publish");
+        let mut step = StepMut::new(&pipe.step_layout, slot);
+        let planned = self.core.plan_step(pipe.next_step, &mut step, &mut pipe.events);
+        // Planning may end requests (one that can never get its pages) even when it plans nothing.
+        self.forward(&mut pipe.events)?;
+        let Some(planned) = planned else { return Ok(false) };
+        self.step_ring.publish();
+        pipe.next_step += 1;
+        pipe.in_flight.push_back(planned);
+        Ok(true)
+    }
+
+    /// Hands the result waiting in the result ring for `planned` to the core, and its events to the server.
+    fn complete(&mut self, pipe: &mut Pipeline, planned: Planned) -> Result<()> {
+        let buf = self.result_ring.try_read(0).expect("turn saw it");
+        let result = ResultRef::new(&pipe.result_layout, buf);
+        let (answered, status, n) = (result.header.step_id, result.header.status, result.tokens.len());
+        let step_id = planned.step_id();
+        if answered != step_id || (status == 0 && n != planned.num_reqs()) {
+            bail!("the worker answered step {answered} ({n} tokens) while step {step_id} was the oldest in flight");
+        }
+        if status != 0 {
+            // The worker logged why; it exits after a failed step, so the steps behind this one fail with it.
+            self.result_ring.release(0);
+            self.core.fail_step(planned, &mut pipe.events);
+            while let Some(behind) = pipe.in_flight.pop_front() {
+                self.core.fail_step(behind, &mut pipe.events);
+            }
+            self.forward(&mut pipe.events)?;
+            bail!("the worker failed step {step_id}");
+        }
+        self.core.complete_step(planned, result.tokens, &mut pipe.events);
+        self.result_ring.release(0);
+        self.forward(&mut pipe.events)
+    }
+
+    /// Fails when the worker is gone. Also refreshes our heartbeats on both rings, for diagnostics.
+    fn check_worker(&self, liveness: &Liveness) -> Result<()> {
+        self.step_ring.heartbeat();
+        self.result_ring.reader_heartbeat(0);
+        self.step_ring.check_readers(liveness).context("the worker is gone")?;
+        self.result_ring.check_writer(liveness).context("the worker is gone")?;
+        Ok(())
     }
 
     fn forward(&self, events: &mut Vec<Event>) -> Result<()> {
@@ -105,12 +204,12 @@ impl Engine {
     /// Applies waiting commands; blocks while there is nothing to run. False once shutdown was asked for.
     fn take_commands(&mut self, liveness: &Liveness) -> Result<bool> {
         loop {
+            // Idle means nothing in flight either, so blocking here never leaves a result unread.
             let command = if self.core.is_idle() {
                 match self.commands.recv_timeout(IDLE_TICK) {
                     Ok(c) => c,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.step_ring.heartbeat();
-                        self.step_ring.check_readers(liveness).context("the worker is gone")?;
+                        self.check_worker(liveness)?;
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => return Ok(false),
@@ -118,8 +217,8 @@ impl Engine {
             } else {
                 match self.commands.try_recv() {
                     Ok(c) => c,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(true),
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(false),
+                    Err(TryRecvError::Empty) => return Ok(true),
+                    Err(TryRecvError::Disconnected) => return Ok(false),
                 }
             };
             match command {
@@ -140,13 +239,36 @@ impl Engine {
         }
     }
 
-    /// Best effort: a worker that is already gone needs no telling.
-    fn shut_worker_down(&mut self, layout: &StepLayout, step_id: u64) {
-        if let Ok(slot) = self.step_ring.wait_claim(&Liveness::timeout(Duration::from_secs(2))) {
-            let step = StepMut::new(layout, slot);
-            step.header.step_id = step_id;
-            step.header.kind = StepKind::Shutdown as u32;
-            self.step_ring.publish();
+    /// Best effort, bounded by [`SHUTDOWN_WAIT`]: reads (and drops) the results of the steps in flight, so that the
+    /// worker never blocks on a full result ring, then publishes a shutdown step. A worker that is already gone
+    /// needs no telling, and is noticed at the first check.
+    fn shut_worker_down(&mut self, pipe: &mut Pipeline) {
+        let liveness = Liveness::timeout(SHUTDOWN_WAIT);
+        let mut backoff = Backoff::new();
+        loop {
+            let mut progress = false;
+            if !pipe.in_flight.is_empty() && self.result_ring.try_read(0).is_some() {
+                self.result_ring.release(0);
+                pipe.in_flight.pop_front();
+                progress = true;
+            }
+            if pipe.in_flight.is_empty()
+                && let Some(slot) = self.step_ring.try_claim()
+            {
+                let step = StepMut::new(&pipe.step_layout, slot);
+                step.header.step_id = pipe.next_step;
+                step.header.kind = StepKind::Shutdown as u32;
+                self.step_ring.publish();
+                return;
+            }
+            if progress {
+                backoff.reset();
+            } else if backoff.snooze()
+                && let Err(e) = self.check_worker(&liveness)
+            {
+                tracing::debug!("not telling the worker to stop: {e:#}");
+                return;
+            }
         }
     }
 }

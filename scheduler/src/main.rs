@@ -39,6 +39,9 @@ struct Args {
     /// Most new tokens in one step; longer prompts are prefilled in chunks (default and ceiling: the worker's).
     #[arg(long)]
     max_step_tokens: Option<u32>,
+    /// Keep one step in flight instead of planning the next while the worker runs one (for measurement).
+    #[arg(long)]
+    no_overlap: bool,
     /// Slots per ring.
     #[arg(long, default_value_t = 4)]
     ring_slots: u32,
@@ -129,7 +132,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         commands: command_rx,
         outputs: output_tx,
     };
-    let engine_thread = engine.spawn()?;
+    let engine_thread = engine.spawn_with(!args.no_overlap)?;
 
     let ended = zmq::serve(&args.listen, hub, outputs, shutdown_signal()).await?;
     let _ = commands.send(Command::Shutdown);

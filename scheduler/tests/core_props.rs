@@ -1,5 +1,6 @@
-//! Property tests of the scheduling core: any interleaving of submissions, steps and aborts, under any limits,
-//! keeps the page and slot books straight, writes consistent steps (the fake worker checks each one), ends every
+//! Property tests of the scheduling core: any interleaving of submissions, steps and aborts, under any limits and
+//! with up to three steps in flight, keeps the page and slot books straight, writes consistent steps (the fake
+//! worker checks each one, and that none reuses a page or slot an earlier step in flight still uses), ends every
 //! request exactly once, frees everything at the end, and produces exactly what each request produces alone.
 
 mod core_support;
@@ -10,8 +11,18 @@ use scheduler::core::{FinishReason, Limits, NewRequest, ReqId, SamplingParams, S
 
 #[derive(Clone, Debug)]
 enum Op {
-    Submit { len: u32, max_tokens: u32, ignore_eos: bool, stop: Option<u32> },
+    Submit {
+        len: u32,
+        max_tokens: u32,
+        ignore_eos: bool,
+        stop: Option<u32>,
+    },
+    /// What the engine does: fill the pipeline, complete the oldest step.
     Step,
+    /// Plan one more step, if fewer than the depth are in flight.
+    Plan,
+    /// Complete the oldest step in flight.
+    Complete,
     Finish(prop::sample::Index),
 }
 
@@ -19,9 +30,23 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120))
             .prop_map(|(len, max_tokens, ignore_eos, stop)| Op::Submit { len, max_tokens, ignore_eos, stop }),
-        6 => Just(Op::Step),
+        4 => Just(Op::Step),
+        1 => Just(Op::Plan),
+        1 => Just(Op::Complete),
         1 => any::<prop::sample::Index>().prop_map(Op::Finish),
     ]
+}
+
+fn params_of(id: ReqId, max_tokens: u32, ignore_eos: bool, stop: Option<u32>) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.7,
+        top_p: 0.9,
+        top_k: 5,
+        seed: id * 1_000_003,
+        stop_token_ids: stop.into_iter().collect(),
+        ignore_eos,
+    }
 }
 
 fn limits() -> impl Strategy<Value = Limits> {
@@ -45,22 +70,18 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_interleaving_keeps_the_books_and_the_outputs(l in limits(), ops in prop::collection::vec(op(), 1..100)) {
-        let mut h = Harness::new(l.clone(), small_hash_model);
+    fn any_interleaving_keeps_the_books_and_the_outputs(
+        l in limits(),
+        depth in 1usize..=3,
+        ops in prop::collection::vec(op(), 1..100),
+    ) {
+        let mut h = Harness::with_depth(l.clone(), small_hash_model, depth);
         let mut submitted: Vec<(ReqId, Vec<u32>, SamplingParams)> = vec![];
         for op in ops {
             match op {
                 Op::Submit { len, max_tokens, ignore_eos, stop } => {
                     let id = submitted.len() as ReqId + 1;
-                    let params = SamplingParams {
-                        max_tokens,
-                        temperature: 0.7,
-                        top_p: 0.9,
-                        top_k: 5,
-                        seed: id * 1_000_003,
-                        stop_token_ids: stop.into_iter().collect(),
-                        ignore_eos,
-                    };
+                    let params = params_of(id, max_tokens, ignore_eos, stop);
                     if len > l.max_prompt_len() {
                         let refused = h.core.submit(NewRequest { id, prompt: prompt_of(id, len), params });
                         prop_assert_eq!(refused, Err(SubmitError::PromptTooLong { len: len as usize, max: l.max_prompt_len() }));
@@ -71,6 +92,14 @@ proptest! {
                 }
                 Op::Step => {
                     h.step();
+                }
+                Op::Plan => {
+                    if h.in_flight() < depth {
+                        h.plan();
+                    }
+                }
+                Op::Complete => {
+                    h.complete();
                 }
                 Op::Finish(pick) => {
                     if !submitted.is_empty() {
@@ -97,5 +126,31 @@ proptest! {
                 _ => prop_assert_eq!((got.len(), reason), (want.len(), want_reason)),
             }
         }
+    }
+
+    /// The same arrivals, one step in flight or two: every request ends with the same tokens for the same reason,
+    /// preemptions, chunked prefills and cache-bound endings included.
+    #[test]
+    fn overlap_changes_no_output(
+        l in limits(),
+        arrivals in prop::collection::vec((0usize..6, 1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120)), 1..20),
+    ) {
+        let run = |depth| {
+            let mut h = Harness::with_depth(l.clone(), small_hash_model, depth);
+            for (i, &(steps_before, len, max_tokens, ignore_eos, stop)) in arrivals.iter().enumerate() {
+                for _ in 0..steps_before {
+                    h.step();
+                }
+                let id = i as ReqId + 1;
+                if len <= l.max_prompt_len() {
+                    h.submit(id, prompt_of(id, len), params_of(id, max_tokens, ignore_eos, stop));
+                }
+            }
+            h.run_to_idle(20_000);
+            let mut ended: Vec<_> = h.outputs.iter().map(|(id, out)| (*id, out.clone(), h.finished[id])).collect();
+            ended.sort_by_key(|e| e.0);
+            ended
+        };
+        prop_assert_eq!(run(1), run(2));
     }
 }

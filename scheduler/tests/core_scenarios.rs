@@ -251,14 +251,30 @@ fn a_failed_step_or_a_non_token_ends_its_requests_with_error() {
 }
 
 #[test]
-#[should_panic(expected = "before the previous step was completed")]
-fn planning_twice_without_completing_is_refused() {
+#[should_panic(expected = "step ids must increase")]
+fn step_ids_must_increase() {
     let l = limits(2, 16, 8, 2, 128);
     let mut core = Core::new(l.clone()).unwrap();
     let mut worker = core_support::FakeWorker::new(&l, hash_model);
     core.submit(NewRequest { id: 1, prompt: prompt(3, 1), params: params(5) }).unwrap();
     let mut events = vec![];
-    for step_id in 0..2 {
+    for step_id in [4, 4] {
         core.plan_step(step_id, &mut StepMut::new(&worker.layout, worker.buf.bytes_mut()), &mut events);
     }
+}
+
+#[test]
+#[should_panic(expected = "oldest step in flight")]
+fn steps_complete_in_the_order_they_were_planned() {
+    let l = limits(2, 16, 8, 2, 128);
+    let mut core = Core::new(l.clone()).unwrap();
+    let mut worker = core_support::FakeWorker::new(&l, hash_model);
+    core.submit(NewRequest { id: 1, prompt: prompt(3, 1), params: params(5) }).unwrap();
+    let mut events = vec![];
+    let mut plan = |core: &mut Core, step_id| {
+        core.plan_step(step_id, &mut StepMut::new(&worker.layout, worker.buf.bytes_mut()), &mut events).unwrap()
+    };
+    let _first = plan(&mut core, 0);
+    let second = plan(&mut core, 1);
+    core.complete_step(second, &[5], &mut vec![]);
 }

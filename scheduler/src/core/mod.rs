@@ -6,7 +6,8 @@
 //!
 //! - `request`: what the engine submits, and the state of a live request;
 //! - `queue`: the FCFS waiting queue; `running`: admitted requests by worker slot, in admission order;
-//! - `index_pool`: the free list behind KV pages and request slots; `page_table`: one request's pages;
+//! - `index_pool`: the free list behind KV pages and request slots, whose frees can wait for a step in flight;
+//!   `page_table`: one request's pages;
 //! - `step_writer`: encoding a step into the slot's arrays; `stop`: stop conditions on token ids;
 //! - `planned`: a step in flight and the events it produced; `limits`: the sizes agreed with the worker;
 //! - `scheduler`: the state machine tying them together.

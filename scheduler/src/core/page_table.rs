@@ -61,10 +61,11 @@ impl PageTable {
         true
     }
 
-    /// Returns every page to `pool`. The vector keeps its capacity for the request's next admission.
-    pub fn release(&mut self, pool: &mut IndexPool) {
+    /// Returns every page to `pool`, once step `after` has completed if it is given (a step in flight may still
+    /// read or write them). The vector keeps its capacity for the request's next admission.
+    pub fn release(&mut self, pool: &mut IndexPool, after: Option<u64>) {
         for p in self.pages.drain(..) {
-            pool.free(p);
+            pool.free_after(p, after);
         }
     }
 
@@ -104,7 +105,9 @@ mod tests {
         assert!(t.grow_to(2, 1, &mut pool));
         assert!(!t.grow_to(4, 1, &mut pool), "needs two more, one is free");
         assert_eq!((t.len(), pool.available()), (2, 1));
-        t.release(&mut pool);
-        assert_eq!((t.len(), pool.available()), (0, 3));
+        t.release(&mut pool, Some(9));
+        assert_eq!((t.len(), pool.available()), (0, 1), "the pages wait for step 9");
+        pool.complete(9);
+        assert_eq!(pool.available(), 3);
     }
 }

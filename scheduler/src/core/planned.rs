@@ -14,7 +14,7 @@ pub struct PlannedReq {
 }
 
 /// A step written into a slot and not yet completed. It carries everything `complete_step` needs, so completing a
-/// step never reads the slot again (which the ring may have reused) and several steps could be in flight at once.
+/// step never reads the slot again (which the ring may have reused) and several steps can be in flight at once.
 #[derive(Debug)]
 pub struct Planned {
     pub(crate) step_id: u64,

@@ -62,6 +62,11 @@ pub(crate) struct Request {
     pub pages: PageTable,
     /// Whether the sampling parameters were sent to the worker since the last (re)admission.
     pub joined: bool,
+    /// Samples planned and not yet completed: with steps in flight, `tokens` lags `kv_len` by this much.
+    pub pending: u32,
+    /// The last step planned with this request in it. While that step is in flight, the request's pages and slot
+    /// are still the worker's, so freeing them waits for it.
+    pub last_step: Option<u64>,
 }
 
 impl Request {
@@ -73,7 +78,18 @@ impl Request {
         let growth = room.min(params.max_tokens);
         prompt.reserve_exact(growth as usize);
         let pages = PageTable::with_capacity(pages_for(prefill_len + growth, page_size));
-        Request { id, tokens: prompt, generated: 0, params, kv_len: 0, prefill_len, pages, joined: false }
+        Request {
+            id,
+            tokens: prompt,
+            generated: 0,
+            params,
+            kv_len: 0,
+            prefill_len,
+            pages,
+            joined: false,
+            pending: 0,
+            last_step: None,
+        }
     }
 
     pub fn len(&self) -> u32 {
@@ -96,8 +112,20 @@ impl Request {
         self.kv_len.max(self.prefill_len) + 1
     }
 
-    /// Back to a waiting request whose prompt is everything known so far; keeps `generated` and the params.
+    /// Every sample this request can still produce is already planned: the last of them reaches `max_tokens` or
+    /// the context length, so it ends the request whatever the token is. Planning it again would only buy a step
+    /// whose token is thrown away (and perhaps a page for it). Never true with nothing in flight: a request whose
+    /// last completed sample reached a limit has already ended.
+    pub fn fully_planned(&self, max_seq_len: u32) -> bool {
+        // Once the prompt is planned, the sequence will hold kv_len + 1 tokens after the last planned sample.
+        !self.is_prefilling()
+            && (self.generated + self.pending >= self.params.max_tokens || self.kv_len + 1 >= max_seq_len)
+    }
+
+    /// Back to a waiting request whose prompt is everything known so far; keeps `generated` and the params. Only
+    /// for a request no step in flight refers to: its samples in flight would be missing from the new prompt.
     pub fn reset_for_readmission(&mut self) {
+        debug_assert_eq!(self.pending, 0, "re-admitting request {} with samples in flight", self.id);
         self.kv_len = 0;
         self.prefill_len = self.len();
         self.joined = false;

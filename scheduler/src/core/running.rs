@@ -3,6 +3,9 @@
 //! Requests are stored by slot, so a step's result maps back to its request without a search; a separate list
 //! keeps admission order, which fixes the order of requests in a step and names the preemption victim (the most
 //! recently admitted request, which has the least work to lose).
+//!
+//! A slot given up while a step in flight still names it is not handed out again until that step completes: the
+//! worker may still sample into it, or store its last token, and a new request's join would race with that.
 
 use super::index_pool::IndexPool;
 use super::request::{ReqId, Request};
@@ -44,13 +47,24 @@ impl RunningSet {
         slot
     }
 
-    /// Takes the request out and frees its slot. Its pages are the caller's to release.
-    pub fn remove(&mut self, slot: u32) -> Request {
+    /// Takes the request out and frees its slot, once step `after` has completed if it is given. Its pages are the
+    /// caller's to release.
+    pub fn remove(&mut self, slot: u32, after: Option<u64>) -> Request {
         let req = self.by_slot[slot as usize].take().unwrap_or_else(|| panic!("slot {slot} is not running"));
         let i = self.order.iter().rposition(|&s| s == slot).expect("a running slot is in the order list");
         self.order.remove(i);
-        self.slots.free(slot);
+        self.slots.free_after(slot, after);
         req
+    }
+
+    /// Step `step` and all before it have completed: slots that waited for them can be handed out again.
+    pub fn complete(&mut self, step: u64) {
+        self.slots.complete(step);
+    }
+
+    /// Slots given up that wait for a step in flight, as `(step, slot)`.
+    pub fn deferred_slots(&self) -> &[(u64, u32)] {
+        self.slots.deferred()
     }
 
     pub fn get(&self, slot: u32) -> Option<&Request> {
@@ -115,7 +129,7 @@ mod tests {
         }
         assert!(!set.has_free_slot());
         assert_eq!(set.find(11), Some(1));
-        assert_eq!(set.remove(1).id, 11);
+        assert_eq!(set.remove(1, None).id, 11);
         assert_eq!(set.find(11), None);
         // The freed slot goes to the next admission, which is now the newest.
         assert_eq!(set.admit(req(14)), 1);
@@ -123,5 +137,19 @@ mod tests {
         let order: Vec<_> = set.iter().map(|(s, r)| (s, r.id)).collect();
         assert_eq!(order, [(0, 10), (2, 12), (1, 14)]);
         assert!(set.get(1).is_some_and(|r| r.id == 14));
+    }
+
+    #[test]
+    fn a_slot_a_step_in_flight_names_comes_back_after_that_step() {
+        let mut set = RunningSet::new(2);
+        set.admit(req(10));
+        set.admit(req(11));
+        set.remove(0, Some(3));
+        assert!(!set.has_free_slot(), "step 3 may still sample into slot 0");
+        assert_eq!(set.deferred_slots(), &[(3, 0)]);
+        set.complete(2);
+        assert!(!set.has_free_slot());
+        set.complete(3);
+        assert_eq!(set.admit(req(12)), 0);
     }
 }

@@ -1,8 +1,9 @@
 //! The state machine the engine thread drives: requests in, steps out, sampled tokens back in.
 //!
-//! The engine calls [`Core::plan_step`], publishes the slot, waits for the worker's result, calls
-//! [`Core::complete_step`] and forwards the events; it calls [`Core::submit`] and [`Core::finish`] between steps.
-//! The policy lives here, and only here:
+//! The engine calls [`Core::plan_step`], publishes the slot, and may plan and publish the next step before the
+//! worker answers the first (overlap); it hands each result to [`Core::complete_step`] in the order the steps were
+//! planned, and forwards the events. It calls [`Core::submit`] and [`Core::finish`] between steps. The policy lives
+//! here, and only here:
 //!
 //! - **Extend before decode.** When the head of the waiting queue can be admitted (a free slot, and pages for its
 //!   whole prompt plus what the running requests need for their next decode), the step is an extend step: newly
@@ -12,7 +13,9 @@
 //! - **Chunked prefill.** A prompt longer than the budget left in the step is cut; the rest continues first in the
 //!   next step, before anything new is admitted, so at most one request is part-way through its prefill and a long
 //!   prompt is never starved by later short ones. The worker samples after a non-final chunk anyway; that token is
-//!   ignored, and the next chunk sends real ids, so it is never fed back.
+//!   ignored, and the next chunk sends real ids, so it is never fed back. A chunk can be planned while the previous
+//!   one is in flight: the worker runs steps in order, so the earlier chunk's KV is written before the later one
+//!   reads it. The request's first real token comes from its last chunk.
 //! - **Pages.** A request gets the pages for its whole prompt when admitted (so a chunked prefill can never stall
 //!   half-way for memory), then one page each time decoding crosses a page boundary. The admission check reserves
 //!   the pages every running request needs for its next decode, so admitting does not force a preemption right
@@ -23,15 +26,32 @@
 //!   puts them back in admission order. A request that needs a page while holding every page finishes with
 //!   `Length`: it could not proceed even alone.
 //! - **Decode inputs by reference.** A decode token is written as `-(slot + 1)`: the worker substitutes the last
-//!   token it sampled for that slot. Planning therefore never needs the previous step's tokens, which is what will
-//!   let step N+1 be planned while step N runs. Sampled tokens are still appended on completion, for stop checks
-//!   and for re-admission after a preemption.
+//!   token it sampled for that slot. Planning therefore never needs the previous step's tokens, which is what lets
+//!   step N+1 be planned while step N runs. Sampled tokens are still appended on completion, for stop checks and
+//!   for re-admission after a preemption.
 //! - **Joins.** A request's sampling parameters go to the worker in the first step after each (re)admission: the
 //!   slot may have served another request since.
 //!
-//! Overlap is not built yet: a step must be completed (or failed) before the next is planned. Two things keep it
-//! within reach: planning already advances every request's KV length, and [`Planned`] carries all that completing
-//! needs. What is missing is deferring the reuse of a freed page or slot until the last step that used it completes.
+//! Overlap (steps in flight, completed in planning order) adds these rules:
+//!
+//! - **Plan as if every request continues.** Planning advances each request's KV length as if its samples in
+//!   flight did not end it, because their tokens are not known yet. A request whose token at step N stops it (EOS,
+//!   a stop id) or that is finished through [`Core::finish`] meanwhile is already in step N+1: that step's token
+//!   for it is dropped, with no event. That costs at most one step per request, and nothing when the limit is
+//!   known in advance: a request whose planned samples already reach `max_tokens` or the context length is not
+//!   planned again (the last of them ends it whatever the token), so it needs no page and no slot beyond it.
+//! - **Deferred frees.** A request's pages and slot go back to the pools only once the last step that includes it
+//!   has completed: until then the worker may still write its KV into those pages, read them in attention, or
+//!   sample into the slot, and handing them to a request admitted in the next step would let the two overlap (the
+//!   same race mini-sglang has had with pages freed while still mapped). Steps complete in order, so each step's
+//!   completion releases what waited for it. A request that ends at step N and is also in N+1 gives its slot to a
+//!   request admitted in N+3 at the earliest; one that is not in N+1 (its limit was known), in N+2.
+//! - **Preemption waits for the pipeline.** When the next decode lacks pages while steps are in flight, nothing is
+//!   planned until they complete; only then are victims chosen, exactly as without overlap. Preempting earlier
+//!   would need the victim's samples in flight (its re-admission prompt is everything it has generated) and could
+//!   not reuse its pages before its steps complete anyway; meanwhile the steps in flight may end requests and free
+//!   their pages, which makes the preemption unnecessary. Memory pressure costs one pipeline bubble, nothing more.
+//!   For the same reason a head that does not fit is declared impossible only with nothing in flight.
 
 use super::index_pool::IndexPool;
 use super::limits::{InvalidLimits, Limits};
@@ -43,7 +63,7 @@ use super::running::RunningSet;
 use super::step_writer::{NewTokens, StepWriter};
 use super::stop::stop_reason;
 use proto::step::{StepKind, StepMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Clone, Debug)]
 pub struct Core {
@@ -53,8 +73,10 @@ pub struct Core {
     pages: IndexPool,
     /// The slot of the request part-way through a chunked prefill.
     prefilling: Option<u32>,
-    /// A step was planned and not yet completed or failed.
-    in_flight: bool,
+    /// Steps planned and not yet completed or failed, oldest first: the order the worker runs them in.
+    in_flight: VecDeque<u64>,
+    /// Step ids must increase, so that "every step up to s completed" is one number.
+    last_planned: Option<u64>,
     /// Request lists of completed steps, reused so that planning allocates nothing in steady state.
     spare: Vec<Vec<PlannedReq>>,
     preemptions: u64,
@@ -68,7 +90,9 @@ impl Core {
             running: RunningSet::new(limits.max_batch),
             pages: IndexPool::new(limits.num_pages),
             prefilling: None,
-            in_flight: false,
+            // The engine keeps two in flight; more only cost a reallocation.
+            in_flight: VecDeque::with_capacity(4),
+            last_planned: None,
             spare: Vec::new(),
             preemptions: 0,
             limits,
@@ -101,8 +125,9 @@ impl Core {
         Ok(())
     }
 
-    /// Ends a request wherever it is (abort, stop string) and frees its pages and slot. False if it is unknown,
-    /// e.g. because it already finished.
+    /// Ends a request wherever it is (abort, stop string) and frees its pages and slot (once the steps in flight
+    /// that include it complete; their tokens for it are dropped). False if it is unknown, e.g. because it already
+    /// finished.
     pub fn finish(&mut self, id: ReqId) -> bool {
         if self.waiting.remove(id).is_some() {
             return true;
@@ -117,22 +142,31 @@ impl Core {
     }
 
     /// Writes the next step into `step` (every array it uses, and the header) and returns its plan, or `None` when
-    /// there is nothing to run. A request that can no longer proceed (it needs a page while holding them all) ends
-    /// here with an [`Event::Finished`] in `events`: forward those even when this returns `None`.
+    /// there is nothing to run, or nothing until a step in flight completes. Steps may be planned while earlier
+    /// ones are in flight; `step_id` must be greater than every id planned before. A request that can no longer
+    /// proceed (it needs a page while holding them all) ends here with an [`Event::Finished`] in `events`: forward
+    /// those even when this returns `None`.
     ///
-    /// Panics if the previous step was not completed, or if `step` is smaller than [`Limits::capacity`].
+    /// Panics if `step_id` does not increase, or if `step` is smaller than [`Limits::capacity`].
     pub fn plan_step(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Option<Planned> {
-        assert!(!self.in_flight, "plan_step called before the previous step was completed");
+        if let Some(last) = self.last_planned {
+            assert!(step_id > last, "step {step_id} planned after step {last}: step ids must increase");
+        }
         self.check_capacity(step);
         loop {
             if self.prefilling.is_some() || self.head_admissible() {
                 return Some(self.plan_extend(step_id, step));
             }
-            if !self.running.is_empty() {
-                if self.make_room_for_decode(events) {
-                    return Some(self.plan_decode(step_id, step));
+            if self.has_decodable() {
+                match self.make_room_for_decode(events) {
+                    Room::Ready => return Some(self.plan_decode(step_id, step)),
+                    Room::AfterInFlight => return None,
+                    Room::Emptied => continue,
                 }
-                continue;
+            }
+            if !self.in_flight.is_empty() {
+                // Whatever is in flight will end requests or free pages; the head may fit then.
+                return None;
             }
             // Nothing runs, so every slot and page is free, and still the head does not fit: it never will.
             let head = self.waiting.pop_front()?;
@@ -141,10 +175,11 @@ impl Core {
     }
 
     /// Takes the worker's sampled tokens for `planned` (in its request order) and applies the stop conditions.
-    /// Requests that ended are freed; every ending shows up in `events`. A request finished since planning is
-    /// skipped.
+    /// Requests that ended are freed (once no later step in flight includes them); every ending shows up in
+    /// `events`. A request finished since planning is skipped: its token is dropped.
     ///
-    /// Panics if `tokens` does not have one entry per planned request.
+    /// Panics if `planned` is not the oldest step in flight, or if `tokens` does not have one entry per planned
+    /// request.
     pub fn complete_step(&mut self, planned: Planned, tokens: &[i32], events: &mut Vec<Event>) {
         assert_eq!(
             tokens.len(),
@@ -152,12 +187,13 @@ impl Core {
             "step {} answered with a different request count",
             planned.step_id
         );
-        self.in_flight = false;
+        self.retire(planned.step_id);
         for (p, &token) in planned.reqs.iter().zip(tokens) {
             if !p.samples {
                 continue;
             }
             let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
+            req.pending -= 1;
             let finish = match u32::try_from(token) {
                 Ok(token) => {
                     req.tokens.push(token);
@@ -181,8 +217,10 @@ impl Core {
     }
 
     /// The worker failed the step: its requests end with `Error`, since their KV cache can no longer be trusted.
+    ///
+    /// Panics if `planned` is not the oldest step in flight.
     pub fn fail_step(&mut self, planned: Planned, events: &mut Vec<Event>) {
-        self.in_flight = false;
+        self.retire(planned.step_id);
         for p in &planned.reqs {
             if self.running.get(p.slot).is_some_and(|r| r.id == p.id) {
                 self.release(p.slot);
@@ -201,12 +239,19 @@ impl Core {
         self.running.len()
     }
 
+    /// Pages that can be handed out now: not those freed after a step still in flight.
     pub fn free_pages(&self) -> u32 {
         self.pages.available()
     }
 
+    /// Nothing waits, runs or is in flight: nothing happens until a submit.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Steps planned and not yet completed or failed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// Preemptions so far: each one costs a recomputation of the victim's whole sequence.
@@ -230,14 +275,42 @@ impl Core {
 
     /// Pages the running requests will need for their next decode step, beyond what they hold.
     fn decode_reserve(&self) -> u32 {
-        let ps = self.limits.page_size;
-        self.running.iter().map(|(_, r)| r.pages.missing_for(r.kv_len_after_next_decode(), ps)).sum()
+        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
+        self.running
+            .iter()
+            .filter(|(_, r)| !r.fully_planned(max_seq_len))
+            .map(|(_, r)| r.pages.missing_for(r.kv_len_after_next_decode(), ps))
+            .sum()
     }
 
     fn head_admissible(&self) -> bool {
         let Some(head) = self.waiting.front() else { return false };
         self.running.has_free_slot()
             && pages_for(head.len(), self.limits.page_size) + self.decode_reserve() <= self.pages.available()
+    }
+
+    /// A running request has a decode left to plan.
+    fn has_decodable(&self) -> bool {
+        self.running.iter().any(|(_, r)| !r.fully_planned(self.limits.max_seq_len))
+    }
+
+    /// Whether step `step` is still in flight. Ids increase and steps complete in order, so that is any id from
+    /// the oldest in flight on.
+    fn is_in_flight(&self, step: u64) -> bool {
+        self.in_flight.front().is_some_and(|&oldest| step >= oldest)
+    }
+
+    fn record_planned(&mut self, step_id: u64) {
+        self.in_flight.push_back(step_id);
+        self.last_planned = Some(step_id);
+    }
+
+    /// Step `step_id` has been answered: it must be the oldest in flight. What waited for it is freed.
+    fn retire(&mut self, step_id: u64) {
+        let oldest = self.in_flight.pop_front();
+        assert!(oldest == Some(step_id), "step {step_id} completed, but the oldest step in flight is {oldest:?}");
+        self.pages.complete(step_id);
+        self.running.complete(step_id);
     }
 
     fn plan_extend(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
@@ -248,7 +321,7 @@ impl Core {
 
         if let Some(slot) = self.prefilling.take() {
             let req = self.running.get_mut(slot).expect("the prefilling slot is running");
-            budget -= write_chunk(&mut w, slot, req, budget, &mut reqs);
+            budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
             if req.is_prefilling() {
                 self.prefilling = Some(slot);
             }
@@ -267,7 +340,7 @@ impl Core {
                 reserve += req.pages.missing_for(req.kv_len_after_next_decode(), ps);
                 let slot = self.running.admit(req);
                 let req = self.running.get_mut(slot).expect("just admitted");
-                budget -= write_chunk(&mut w, slot, req, budget, &mut reqs);
+                budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
                 if req.is_prefilling() {
                     self.prefilling = Some(slot);
                     break;
@@ -278,58 +351,76 @@ impl Core {
         let num_tokens = w.num_tokens() as u32;
         debug_assert!(num_tokens > 0, "an extend step was planned with nothing to extend");
         w.finish(step_id, StepKind::Extend);
-        self.in_flight = true;
+        self.record_planned(step_id);
         Planned { step_id, kind: StepKind::Extend, num_tokens, reqs }
     }
 
-    /// Preempts until the next decode step's new pages are free. False when that ended every running request.
-    fn make_room_for_decode(&mut self, events: &mut Vec<Event>) -> bool {
-        let ps = self.limits.page_size;
+    /// Preempts until the next decode step's new pages are free, if nothing is in flight (see the module docs).
+    fn make_room_for_decode(&mut self, events: &mut Vec<Event>) -> Room {
+        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
         loop {
-            let needed: u32 = self.running.iter().map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps)).sum();
+            let needed: u32 = self
+                .running
+                .iter()
+                .filter(|(_, r)| !r.fully_planned(max_seq_len))
+                .map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps))
+                .sum();
             if needed <= self.pages.available() {
-                return !self.running.is_empty();
+                return Room::Ready;
+            }
+            if !self.in_flight.is_empty() {
+                return Room::AfterInFlight;
             }
             let victim = self.running.newest().expect("pages are needed, so something runs");
             if self.running.len() == 1 {
                 let id = self.release(victim).id;
                 events.push(Event::Finished { id, reason: FinishReason::Length });
-                return false;
+                return Room::Emptied;
             }
             self.preempt(victim);
         }
     }
 
     fn plan_decode(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
-        let ps = self.limits.page_size;
+        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
         let mut reqs = self.take_spare();
         let mut w = StepWriter::new(step, ps);
         let (order, by_slot) = self.running.parts_mut();
         for &slot in order {
             let req = by_slot[slot as usize].as_mut().expect("ordered slots are occupied");
             debug_assert!(!req.is_prefilling() && req.joined);
+            if req.fully_planned(max_seq_len) {
+                continue;
+            }
             assert!(req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages), "make_room_for_decode freed enough");
             w.push_request(slot, &req.pages, req.kv_len, NewTokens::LastSampled);
             req.kv_len += 1;
+            req.pending += 1;
+            req.last_step = Some(step_id);
             reqs.push(PlannedReq { id: req.id, slot, samples: true });
         }
         let num_tokens = w.num_tokens() as u32;
+        debug_assert!(num_tokens > 0, "a decode step was planned with nothing to decode");
         w.finish(step_id, StepKind::Decode);
-        self.in_flight = true;
+        self.record_planned(step_id);
         Planned { step_id, kind: StepKind::Decode, num_tokens, reqs }
     }
 
     fn preempt(&mut self, slot: u32) {
+        debug_assert!(self.in_flight.is_empty(), "preempting with steps in flight");
         let mut req = self.release(slot);
         req.reset_for_readmission();
         self.waiting.push_front(req);
         self.preemptions += 1;
     }
 
-    /// Takes a running request out and frees its pages and slot.
+    /// Takes a running request out and frees its pages and slot, once the last step in flight that includes it has
+    /// completed.
     fn release(&mut self, slot: u32) -> Request {
-        let mut req = self.running.remove(slot);
-        req.pages.release(&mut self.pages);
+        let last = self.running.get(slot).and_then(|r| r.last_step);
+        let after = last.filter(|&s| self.is_in_flight(s));
+        let mut req = self.running.remove(slot, after);
+        req.pages.release(&mut self.pages, after);
         if self.prefilling == Some(slot) {
             self.prefilling = None;
         }
@@ -343,24 +434,33 @@ impl Core {
     fn recycle(&mut self, planned: Planned) {
         let mut reqs = planned.reqs;
         reqs.clear();
-        // A couple suffice even with overlap; more only accumulate if plans are dropped uncompleted.
+        // One per step in flight and one being planned suffice; more only accumulate if plans are dropped uncompleted.
         if self.spare.len() < 4 {
             self.spare.push(reqs);
         }
     }
 
-    /// Checks the bookkeeping: every page is either free or held by exactly one running request, slots and ids are
-    /// consistent, and page tables match KV lengths. For tests and debug builds; linear in pages and requests.
+    /// Checks the bookkeeping: every page is free, held by exactly one running request, or waiting for a step in
+    /// flight; slots and ids are consistent; page tables match KV lengths; and the tokens known plus the samples in
+    /// flight match what was planned. For tests and debug builds; linear in pages and requests.
     pub fn check_invariants(&self) -> Result<(), String> {
         let ps = self.limits.page_size;
         let mut owner: HashMap<u32, ReqId> = HashMap::new();
         let mut ids: HashMap<ReqId, &str> = HashMap::new();
+        if !self.in_flight.iter().zip(self.in_flight.iter().skip(1)).all(|(a, b)| a < b)
+            || self.in_flight.back().is_some_and(|&s| Some(s) != self.last_planned)
+        {
+            return Err(format!("steps in flight {:?}, last planned {:?}", self.in_flight, self.last_planned));
+        }
         for req in self.waiting.iter() {
             if ids.insert(req.id, "waiting").is_some() {
                 return Err(format!("request {} is waiting twice", req.id));
             }
             if req.pages.len() != 0 || req.kv_len != 0 || req.joined || req.prefill_len != req.len() {
                 return Err(format!("waiting request {} holds state from a previous admission", req.id));
+            }
+            if req.pending != 0 || req.last_step.is_some_and(|s| self.is_in_flight(s)) {
+                return Err(format!("waiting request {} is in a step in flight", req.id));
             }
         }
         let mut prefilling = None;
@@ -380,22 +480,52 @@ impl Core {
             if req.pages.len() != want_pages {
                 return Err(format!("request {} holds {} pages for {} tokens", req.id, req.pages.len(), req.kv_len));
             }
+            if req.pending > 0 && !req.last_step.is_some_and(|s| self.is_in_flight(s)) {
+                return Err(format!(
+                    "request {} waits for {} samples, but no step of it is in flight",
+                    req.id, req.pending
+                ));
+            }
             if req.is_prefilling() {
                 if prefilling.replace(slot).is_some() {
                     return Err("two requests are part-way through their prefill".into());
                 }
-            } else if !self.in_flight && req.len() != req.kv_len + 1 {
-                return Err(format!("decoding request {} has {} tokens, {} cached", req.id, req.len(), req.kv_len));
+                if req.pending != 0 {
+                    return Err(format!("request {} samples before its prompt is planned", req.id));
+                }
+            } else if req.len() + req.pending != req.kv_len + 1 {
+                return Err(format!(
+                    "decoding request {} has {} tokens and {} in flight, {} cached",
+                    req.id,
+                    req.len(),
+                    req.pending,
+                    req.kv_len
+                ));
             }
         }
         if prefilling != self.prefilling {
             return Err(format!("prefilling slot is {:?}, the requests say {prefilling:?}", self.prefilling));
         }
-        if self.pages.available() as usize + owner.len() != self.limits.num_pages as usize {
+        let deferred = self.pages.deferred();
+        for &(step, p) in deferred {
+            if let Some(id) = owner.get(&p) {
+                return Err(format!("page {p} of request {id} is also waiting to be freed after step {step}"));
+            }
+            if !self.is_in_flight(step) {
+                return Err(format!("page {p} waits for step {step}, which is not in flight"));
+            }
+        }
+        for &(step, slot) in self.running.deferred_slots() {
+            if self.running.get(slot).is_some() || !self.is_in_flight(step) {
+                return Err(format!("slot {slot} waits for step {step}, but it runs or the step is not in flight"));
+            }
+        }
+        if self.pages.available() as usize + owner.len() + deferred.len() != self.limits.num_pages as usize {
             return Err(format!(
-                "{} free pages + {} held pages != {} pages",
+                "{} free pages + {} held pages + {} waiting for a step != {} pages",
                 self.pages.available(),
                 owner.len(),
+                deferred.len(),
                 self.limits.num_pages
             ));
         }
@@ -407,6 +537,7 @@ impl Core {
 /// Returns the chunk's length.
 fn write_chunk(
     w: &mut StepWriter<'_, '_>,
+    step_id: u64,
     slot: u32,
     req: &mut Request,
     budget: u32,
@@ -420,6 +551,19 @@ fn write_chunk(
         req.joined = true;
     }
     req.kv_len += count;
-    reqs.push(PlannedReq { id: req.id, slot, samples: !req.is_prefilling() });
+    req.last_step = Some(step_id);
+    let samples = !req.is_prefilling();
+    req.pending += u32::from(samples);
+    reqs.push(PlannedReq { id: req.id, slot, samples });
     count
+}
+
+/// What [`Core::make_room_for_decode`] achieved.
+enum Room {
+    /// The next decode step's pages are free.
+    Ready,
+    /// Pages are short and steps are in flight: plan again once one completes.
+    AfterInFlight,
+    /// The only running request could not get a page even alone, and ended.
+    Emptied,
 }

@@ -6,11 +6,16 @@
 //! joined seed into a token. So if pages were shared, mislisted or reused too early, or a join went missing, the
 //! tokens would differ from what the same request produces alone: comparing against [`reference_output`] checks
 //! all of it at once.
+//!
+//! Like the real worker with overlap, it holds the steps published to it and runs them one at a time, in order.
+//! When a step is published it checks it against every step published earlier and not yet run: no page may be
+//! used there by another slot, and no slot may be joined (handed to a new request) while an earlier step still
+//! uses it. That is the rule deferred frees exist for: on a GPU the earlier step could still be reading the page
+//! or sampling into the slot.
 #![allow(dead_code)] // each test file uses a different part
-
 use proto::step::{SlotBuf, StepKind, StepLayout, StepMut, StepRef};
-use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, PlannedReq, ReqId, SamplingParams};
-use std::collections::{HashMap, HashSet};
+use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, Planned, PlannedReq, ReqId, SamplingParams};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Next token from the whole sequence so far and the request's seed.
 pub type Model = fn(&[u32], u64) -> u32;
@@ -69,6 +74,7 @@ pub fn reference_output(prompt: &[u32], p: &SamplingParams, l: &Limits, model: M
 
 pub struct FakeWorker {
     pub layout: StepLayout,
+    /// Where the core writes the next step, as into a claimed ring slot.
     pub buf: SlotBuf,
     page_size: u32,
     /// (token id, position) per KV cell.
@@ -76,6 +82,17 @@ pub struct FakeWorker {
     last_token: Vec<Option<u32>>,
     seed: Vec<Option<u64>>,
     model: Model,
+    /// Published steps not yet run, oldest first.
+    queue: VecDeque<Published>,
+}
+
+/// A copy of a published step, and what it uses.
+struct Published {
+    buf: SlotBuf,
+    step_id: u64,
+    /// The slot each listed page is read or written for.
+    page_slot: HashMap<i32, i32>,
+    slots: HashSet<i32>,
 }
 
 impl FakeWorker {
@@ -90,12 +107,60 @@ impl FakeWorker {
             last_token: vec![None; l.max_batch as usize],
             seed: vec![None; l.max_batch as usize],
             model,
+            queue: VecDeque::new(),
         }
     }
 
-    /// Checks the step in `self.buf`, runs it and returns one token per request. Panics on any inconsistency.
+    /// Steps published and not yet run.
+    pub fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Takes the step in `self.buf`, to be run after every step published before it. Panics if it reuses a page or
+    /// a slot that one of those still uses.
+    pub fn publish(&mut self) {
+        let mut buf = SlotBuf::zeroed(self.layout.slot_bytes);
+        buf.bytes_mut().copy_from_slice(self.buf.bytes());
+        let s = StepRef::new(&self.layout, buf.bytes());
+        let step_id = s.header.step_id;
+        let mut page_slot = HashMap::new();
+        for r in 0..s.header.num_reqs as usize {
+            for &p in &s.kv_indices[s.kv_indptr[r] as usize..s.kv_indptr[r + 1] as usize] {
+                page_slot.insert(p, s.req_slot[r]);
+            }
+        }
+        for earlier in &self.queue {
+            for (p, slot) in &page_slot {
+                if let Some(other) = earlier.page_slot.get(p).filter(|&o| o != slot) {
+                    panic!(
+                        "step {step_id} uses page {p} for slot {slot}; step {} in flight uses it for slot {other}",
+                        earlier.step_id
+                    );
+                }
+            }
+            for slot in s.join_slot {
+                assert!(
+                    !earlier.slots.contains(slot),
+                    "step {step_id} gives slot {slot} to a new request while step {} in flight still uses it",
+                    earlier.step_id
+                );
+            }
+        }
+        let slots = s.req_slot.iter().copied().collect();
+        self.queue.push_back(Published { buf, step_id, page_slot, slots });
+    }
+
+    /// Publishes the step in `self.buf` and runs it: for tests that keep one step in flight.
     pub fn run(&mut self) -> Vec<i32> {
-        let s = StepRef::new(&self.layout, self.buf.bytes());
+        assert!(self.queue.is_empty(), "run() with steps in flight: use publish() and run_next()");
+        self.publish();
+        self.run_next()
+    }
+
+    /// Checks the oldest published step, runs it and returns one token per request. Panics on any inconsistency.
+    pub fn run_next(&mut self) -> Vec<i32> {
+        let published = self.queue.pop_front().expect("a published step");
+        let s = StepRef::new(&self.layout, published.buf.bytes());
         let ps = self.page_size as i32;
         let h = s.header;
         let (n, t, k) = (h.num_reqs as usize, h.num_tokens as usize, h.num_kv_indices as usize);
@@ -110,6 +175,8 @@ impl FakeWorker {
             assert!(s.req_slot.contains(&slot), "join for slot {slot}, which is not in the step");
             assert!(joined.insert(slot), "slot {slot} joined twice");
             self.seed[slot as usize] = Some(s.join_seed[i]);
+            // A new request in the slot: reading the previous one's last token would be a bug.
+            self.last_token[slot as usize] = None;
         }
 
         let mut slots = HashSet::new();
@@ -171,35 +238,60 @@ impl FakeWorker {
 }
 
 pub struct StepInfo {
+    pub step_id: u64,
     pub kind: StepKind,
     pub num_tokens: u32,
     pub reqs: Vec<PlannedReq>,
 }
 
 impl StepInfo {
+    fn of(planned: &Planned) -> Self {
+        StepInfo {
+            step_id: planned.step_id(),
+            kind: planned.kind(),
+            num_tokens: planned.num_tokens(),
+            reqs: planned.reqs().to_vec(),
+        }
+    }
+
     pub fn ids(&self) -> Vec<ReqId> {
         self.reqs.iter().map(|r| r.id).collect()
     }
 }
 
-/// A core, a fake worker, and a record of every event, with the bookkeeping checked after each call.
+/// A core, a fake worker, and a record of every event, with the bookkeeping checked after each call. It keeps up
+/// to `depth` steps in flight, the way the engine does.
 pub struct Harness {
     pub core: Core,
     pub worker: FakeWorker,
+    depth: usize,
     next_step: u64,
+    in_flight: VecDeque<Planned>,
     pub outputs: HashMap<ReqId, Vec<u32>>,
     pub finished: HashMap<ReqId, FinishReason>,
+    /// Every step planned so far, in order.
+    pub planned: Vec<StepInfo>,
     events: Vec<Event>,
 }
 
 impl Harness {
+    /// One step in flight at a time: plan, run, complete.
     pub fn new(l: Limits, model: Model) -> Self {
+        Self::with_depth(l, model, 1)
+    }
+
+    /// Up to `depth` steps in flight (2 is the engine's overlap).
+    pub fn with_depth(l: Limits, model: Model, depth: usize) -> Self {
+        assert!(depth >= 1);
         Harness {
             worker: FakeWorker::new(&l, model),
             core: Core::new(l).expect("valid limits"),
+            depth,
             next_step: 0,
+            in_flight: VecDeque::new(),
             outputs: HashMap::new(),
             finished: HashMap::new(),
+            planned: vec![],
             events: vec![],
         }
     }
@@ -218,26 +310,49 @@ impl Harness {
         known
     }
 
-    /// Plans, runs and completes one step; `None` when the core is idle.
-    pub fn step(&mut self) -> Option<StepInfo> {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Plans one step and publishes it to the worker, whatever is in flight; `None` when nothing was planned.
+    pub fn plan(&mut self) -> Option<StepInfo> {
         let planned = {
             let mut slot = StepMut::new(&self.worker.layout, self.worker.buf.bytes_mut());
             self.core.plan_step(self.next_step, &mut slot, &mut self.events)
         };
         self.record_events();
+        self.core.check_invariants().unwrap();
         let planned = planned?;
-        self.core.check_invariants().unwrap();
         assert_eq!(planned.step_id(), self.next_step);
+        assert_eq!(self.core.in_flight(), self.in_flight.len() + 1);
         self.next_step += 1;
-        let info = StepInfo { kind: planned.kind(), num_tokens: planned.num_tokens(), reqs: planned.reqs().to_vec() };
-        let tokens = self.worker.run();
-        self.core.complete_step(planned, &tokens, &mut self.events);
-        self.record_events();
-        self.core.check_invariants().unwrap();
+        self.worker.publish();
+        let info = StepInfo::of(&planned);
+        self.planned.push(StepInfo::of(&planned));
+        self.in_flight.push_back(planned);
         Some(info)
     }
 
-    /// Steps until idle; returns the number of steps.
+    /// Runs and completes the oldest step in flight; `None` when there is none.
+    pub fn complete(&mut self) -> Option<StepInfo> {
+        let planned = self.in_flight.pop_front()?;
+        let info = StepInfo::of(&planned);
+        let tokens = self.worker.run_next();
+        self.core.complete_step(planned, &tokens, &mut self.events);
+        self.record_events();
+        self.core.check_invariants().unwrap();
+        assert_eq!(self.core.in_flight(), self.in_flight.len());
+        Some(info)
+    }
+
+    /// What the engine does in one turn: plans while fewer than `depth` steps are in flight, then completes the
+    /// oldest. Returns the completed step; `None` when there was nothing to run.
+    pub fn step(&mut self) -> Option<StepInfo> {
+        while self.in_flight.len() < self.depth && self.plan().is_some() {}
+        self.complete()
+    }
+
+    /// Steps until idle; returns the number of steps completed.
     pub fn run_to_idle(&mut self, max_steps: usize) -> usize {
         for n in 0..max_steps {
             if self.step().is_none() {
