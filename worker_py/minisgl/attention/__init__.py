@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+
 from minisgl.attention.base import AttentionBackend, AttentionConfig
+from minisgl.attention.flashinfer import FlashInferBackend  # imports flashinfer only when constructed
 from minisgl.attention.torch_ref import TorchRefBackend
 from minisgl.worker.kv_cache import KVCache
 
-# A FlashInfer backend registers here under "flashinfer" (plan() on its wrappers, forward() on run()).
-_BACKENDS: dict[str, type[AttentionBackend]] = {
-    "torch": TorchRefBackend,
-}
+BACKENDS = ("torch", "flashinfer")
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """`auto` is flashinfer on CUDA when the package is importable, torch otherwise; other names pass."""
+    if name == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        return "flashinfer" if on_cuda and importlib.util.find_spec("flashinfer") is not None else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(BACKENDS)}")
+    return name
 
 
 def create_backend(name: str, config: AttentionConfig, kv_cache: KVCache) -> AttentionBackend:
-    try:
-        cls = _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}") from None
-    return cls(config, kv_cache)
+    name = resolve_backend(name, kv_cache.k(0).device)
+    if name == "flashinfer":
+        return FlashInferBackend(config, kv_cache)
+    return TorchRefBackend(config, kv_cache)
 
 
-__all__ = ["AttentionBackend", "AttentionConfig", "TorchRefBackend", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "AttentionBackend",
+    "AttentionConfig",
+    "TorchRefBackend",
+    "create_backend",
+    "resolve_backend",
+]

@@ -2,6 +2,9 @@
 
 Tokens of all requests are packed along one axis ([t, hidden]); attention is the only place where requests are
 told apart, through the backend's per-step plan. q/k/v and gate/up are each one merged matmul.
+
+`set_fused(True)` switches to the kernels of `fused.py` (CUDA, and an attention backend with `attend`
+and `out_loc`): the residual then travels beside the hidden states so that each add joins the next norm.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.attention.base import AttentionBackend
+from minisgl.models import fused as kernels
 from minisgl.models.config import ModelConfig
 from minisgl.models.norm import RMSNorm
 from minisgl.models.rotary import RotaryEmbedding
@@ -28,8 +32,24 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=True, dtype=dtype)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
         self.rotary = rotary
+        self.fused = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        if self.fused:
+            kv = attn.kv_cache
+            q = kernels.rope_store_kv(
+                self.qkv_proj(x),
+                positions,
+                self.rotary.cos,
+                self.rotary.sin,
+                attn.out_loc,
+                kv.flat_k(self.layer),
+                kv.flat_v(self.layer),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
+            return self.o_proj(attn.attend(self.layer, q).reshape(-1, self.q_size))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -46,8 +66,11 @@ class Qwen2MLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, bias=False, dtype=dtype
         )
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False, dtype=dtype)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -59,10 +82,23 @@ class Qwen2DecoderLayer(nn.Module):
         self.self_attn = Qwen2Attention(config, layer, rotary, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = Qwen2MLP(config, dtype)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eager: (hidden states, None). Fused: x + residual is the hidden state, and comes back split the
+        same way, so that the adds happen inside the next norm's kernel."""
+        if not self.fused:
+            x = x + self.self_attn(self.input_layernorm(x), positions, attn)
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = kernels.rms_norm(x, ln1.weight, ln1.eps), x
+        else:
+            h, residual = kernels.add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        h, residual = kernels.add_rms_norm(self.self_attn(h, positions, attn), residual, ln2.weight, ln2.eps)
+        return self.mlp(h), residual
 
 
 class Qwen2Model(nn.Module):
@@ -78,9 +114,12 @@ class Qwen2Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, attn)
-        return self.norm(x)
+            x, residual = layer(x, positions, attn, residual)
+        if residual is None:
+            return self.norm(x)
+        return kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -104,6 +143,11 @@ class Qwen2ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states of every new token: [t, hidden]."""
         return self.model(input_ids, positions, attn)
+
+    def set_fused(self, on: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

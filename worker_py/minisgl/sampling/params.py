@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,17 +39,23 @@ class SlotParams:
         top_p: np.ndarray,
         top_k: np.ndarray,
         seed: np.ndarray,
+        on_device=None,
     ) -> None:
-        """(Re)sets the parameters of `slots`, one indexed write per tensor. Seeds: uint64 or int64 bits."""
+        """(Re)sets the parameters of `slots`, one indexed write per tensor. Seeds: uint64 or int64 bits.
+
+        `on_device`, when given, holds the same arrays already on the device (`slot`, `temperature`, `top_p`,
+        `top_k`, `seed` attributes, as the step upload provides them): then no host-to-device copy happens
+        here, and nothing waits on the device.
+        """
         if len(slots) == 0:
             return
-        dev = self.temperature.device
-        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dev)
-        self.temperature[idx] = torch.from_numpy(np.asarray(temperature, dtype=np.float32)).to(dev)
-        self.top_p[idx] = torch.from_numpy(np.asarray(top_p, dtype=np.float32)).to(dev)
-        self.top_k[idx] = torch.from_numpy(np.asarray(top_k, dtype=np.int64)).to(dev)
-        # uint64 seeds travel as their int64 bit pattern; the noise hash only looks at the bits.
-        self.seed[idx] = torch.from_numpy(np.ascontiguousarray(seed, dtype=np.uint64).view(np.int64)).to(dev)
+        if on_device is None:
+            on_device = _to_device(slots, temperature, top_p, top_k, seed, self.temperature.device)
+        idx = on_device.slot.long()
+        self.temperature.index_copy_(0, idx, on_device.temperature)
+        self.top_p.index_copy_(0, idx, on_device.top_p)
+        self.top_k.index_copy_(0, idx, on_device.top_k.long())
+        self.seed.index_copy_(0, idx, on_device.seed)
         self._host_temperature[slots] = temperature
         self._host_filters[slots] = (np.asarray(top_k) > 0) | (np.asarray(top_p) < 1.0)
 
@@ -59,3 +66,17 @@ class SlotParams:
         if (sampling & self._host_filters[slots]).any():
             return SampleMode.FILTERED
         return SampleMode.PLAIN
+
+
+def _to_device(slots, temperature, top_p, top_k, seed, dev) -> SimpleNamespace:
+    def put(a: np.ndarray, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(dev)
+
+    return SimpleNamespace(
+        slot=put(slots, np.int64),
+        temperature=put(temperature, np.float32),
+        top_p=put(top_p, np.float32),
+        top_k=put(top_k, np.int64),
+        # uint64 seeds travel as their int64 bit pattern; the noise hash only looks at the bits.
+        seed=torch.from_numpy(np.ascontiguousarray(seed, dtype=np.uint64).view(np.int64)).to(dev),
+    )

@@ -28,8 +28,9 @@ class Sampler:
         top_p: np.ndarray,
         top_k: np.ndarray,
         seed: np.ndarray,
+        on_device=None,
     ) -> None:
-        self.params.set(slots, temperature, top_p, top_k, seed)
+        self.params.set(slots, temperature, top_p, top_k, seed, on_device)
 
     def mode_for(self, slots: np.ndarray) -> SampleMode:
         return self.params.mode_for(slots)
@@ -46,10 +47,11 @@ class Sampler:
         `mode` may only be cheaper than FILTERED when `mode_for` says so for these slots; FILTERED is always
         correct.
         """
-        logits = logits.float()
+        # argmax needs no float copy: widening is exact and keeps the order (and the first of equal maxima).
         greedy_ids = logits.argmax(dim=-1)
         if mode == SampleMode.GREEDY:
             return greedy_ids.int()
+        logits = logits.float()
         slots = slots.long()
         temperature = self.params.temperature[slots]
         is_greedy = temperature <= 0

@@ -31,6 +31,10 @@ class WorkerConfig:
     page_size: int = 16
     max_batch: int | None = None
     max_tokens: int | None = None
+    kv_fraction: float = 0.85
+    cuda_graphs: bool = True
+    fused_kernels: bool = True
+    overlap: bool = True
 
     def resolved(self) -> dict:
         """The runner's arguments, with every `auto` and default decided for this machine."""
@@ -41,8 +45,11 @@ class WorkerConfig:
             "model_dir": self.model,
             "device": device,
             "dtype": dtype,
-            "attention": "torch" if self.attention == "auto" else self.attention,
+            "attention": self.attention,
             "num_pages": self.num_pages,
+            "kv_memory_fraction": self.kv_fraction,
+            "cuda_graphs": self.cuda_graphs,
+            "fused_kernels": self.fused_kernels,
             "kv_memory_bytes": None if on_gpu or self.num_pages is not None else CPU_KV_BYTES,
             "page_size": self.page_size,
             "max_batch": self.max_batch or (256 if on_gpu else 64),
@@ -85,37 +92,80 @@ def serve(config: WorkerConfig) -> int:
     args = config.resolved()
     runner = ModelRunner(**args)
     log.info(
-        "loaded %s on %s (%s): %d KV pages of %d tokens (%.2f GiB)",
+        "loaded %s on %s (%s, %s attention, CUDA graphs %s, fused kernels %s): %d KV pages of %d tokens "
+        "(%.2f GiB)",
         args["model_dir"],
         args["device"],
         args["dtype"],
+        runner.config.attention,
+        "on" if runner.graphs is not None else "off",
+        "on" if runner.fused_kernels else "off",
         runner.num_pages,
         runner.page_size,
         runner.kv_cache.nbytes / 2**30,
     )
     step_ring, result_ring = handshake(config.control, runner)
-    steps, results = StepReader(step_ring), ResultWriter(result_ring)
     try:
-        # The per-step loop: a fixed number of calls whatever the batch size.
-        while True:
-            step = steps.wait()  # raises PeerDead when the scheduler is gone
-            if step.kind == STEP_SHUTDOWN:
-                log.info("the scheduler asked us to stop")
-                return 0
-            try:
-                tokens, status = runner.run_step(step).numpy(), RESULT_OK
-            except Exception:
-                log.exception("step %d failed", step.step_id)
-                tokens, status = None, RESULT_FAILED
-            step_id = step.step_id
-            del step  # its arrays point into the slot handed back now
-            steps.release()
-            results.write(step_id, tokens, status)
-            if status != RESULT_OK:
-                return 1
+        return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=config.overlap)
     except PeerDead as e:
         log.error("%s: stopping", e)
         return 1
     finally:
         step_ring.close()
         result_ring.close()
+
+
+def run_steps(runner, steps, results, overlap: bool = True) -> int:
+    """The per-step loop: a fixed number of calls per step whatever the batch size.
+
+    With `overlap`, step N+1 is launched before step N's ids are awaited whenever the scheduler has already
+    published it, so the GPU goes from one step to the next without waiting for this process. When nothing is
+    queued the step in flight is finished first and only then is the ring waited on: the scheduler may be
+    waiting for that very result before it publishes anything. Results go out in step order. Returns the
+    process's exit code; raises PeerDead when the scheduler is gone.
+    """
+    in_flight = None
+    while True:
+        step = steps.wait() if in_flight is None else steps.try_next()
+        if step is None:
+            ok, in_flight = _finish(runner, results, in_flight), None
+            if not ok:
+                return 1
+            continue
+        if step.kind == STEP_SHUTDOWN:
+            steps.release()
+            log.info("the scheduler asked us to stop")
+            return 0 if in_flight is None or _finish(runner, results, in_flight, timeout=0) else 1
+        step_id, launched = step.step_id, _launch(runner, step)
+        del step  # its arrays point into the slot handed back now; launch copied what it needs
+        steps.release()
+        if in_flight is not None and not _finish(runner, results, in_flight):
+            return 1
+        if launched is None:
+            results.write(step_id, None, RESULT_FAILED)
+            return 1
+        in_flight = launched
+        if not overlap:
+            ok, in_flight = _finish(runner, results, in_flight), None
+            if not ok:
+                return 1
+
+
+def _launch(runner, step):
+    try:
+        return runner.launch(step)
+    except Exception:
+        log.exception("step %d failed", step.step_id)
+        return None
+
+
+def _finish(runner, results, handle, timeout: float | None = None) -> bool:
+    """Waits for a launched step and writes its result (or its failure); False when it failed."""
+    try:
+        tokens = runner.collect(handle)
+    except Exception:
+        log.exception("step %d failed", handle.step_id)
+        results.write(handle.step_id, None, RESULT_FAILED, timeout=timeout)
+        return False
+    results.write(handle.step_id, tokens, RESULT_OK, timeout=timeout)
+    return True

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from minisgl.attention import AttentionConfig, create_backend
+from minisgl.attention import AttentionConfig, create_backend, resolve_backend
 from minisgl.models import ModelConfig, load_model
+from minisgl.models import fused as kernels
 from minisgl.sampling import Sampler
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import RunnerConfig, dtype_name, parse_dtype
+from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
+from minisgl.worker.padding import graph_batch_sizes
+
+log = logging.getLogger("minisgl.worker")
+
+IN_FLIGHT = 2  # steps launched and not yet collected, at most: the loop overlaps step N+1 with step N
+INT32_LOCATIONS = 2**31  # out_loc is int32: page * page_size + offset must stay below this
+
+
+@dataclass
+class StepHandle:
+    """A launched step. `tokens` (host memory) holds its sampled ids once `ready` has completed."""
+
+    step_id: int
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+    collected: bool = field(default=False)
 
 
 class ModelRunner:
     """Owns the weights, the KV cache, the attention backend, the sampler and each slot's last token.
 
     Per step the host work is a fixed number of numpy/torch calls whatever the batch size: one upload of the
-    packed step arrays, one forward, one sampling pass, one download of the sampled ids.
+    packed step arrays, one attention plan, one forward (a graph replay for decode steps when graphs are on),
+    one sampling pass, one copy of the sampled ids to pinned host memory. `launch` queues all of it and
+    returns; `collect` waits for the ids. On the CPU `launch` computes everything before it returns.
     """
 
     def __init__(
@@ -32,43 +54,76 @@ class ModelRunner:
         page_size: int = 16,
         max_batch: int = 64,
         max_tokens: int = 8192,
-        attention: str = "torch",
+        attention: str = "auto",
         kv_memory_bytes: int | None = None,
         kv_memory_fraction: float = 0.85,
+        cuda_graphs: bool = True,
+        fused_kernels: bool = True,
         show_progress: bool = True,
     ) -> None:
+        device = torch.device(device)
         self.config = RunnerConfig(
             model_dir=str(model_dir),
-            device=torch.device(device),
+            device=device,
             dtype=parse_dtype(dtype),
             num_pages=num_pages,
             page_size=page_size,
             max_batch=max_batch,
             max_tokens=max_tokens,
-            attention=attention,
+            attention=resolve_backend(attention, device),
             kv_memory_bytes=kv_memory_bytes,
             kv_memory_fraction=kv_memory_fraction,
         )
         cfg = self.config
         self.device = cfg.device
+        on_cuda = cfg.device.type == "cuda"
         self.model_config = ModelConfig.from_dir(cfg.model_dir)
         self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device, show_progress=show_progress)
         mc = self.model_config
+        # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
+        # the scheduler is told about, and sample into a slot past the last real one.
+        use_graphs = cuda_graphs and on_cuda and cfg.attention == "flashinfer"
         kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, cfg.dtype)
-        self.kv_cache = KVCache(kv_shape, self._num_pages(kv_shape), cfg.device)
+        self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
+        self.kv_cache = KVCache(kv_shape, self._usable_pages + int(use_graphs), cfg.device)
         self.attn = create_backend(
             cfg.attention,
             AttentionConfig(mc.num_heads, mc.num_kv_heads, mc.head_dim, cfg.page_size),
             self.kv_cache,
         )
-        self.sampler = Sampler(cfg.max_batch, cfg.device)
+        # The fused kernels write K/V themselves and then call the backend's `attend`: FlashInfer only.
+        self.fused_kernels = fused_kernels and cfg.attention == "flashinfer" and kernels.available(cfg.device)
+        self.model.set_fused(self.fused_kernels)
+        scratch_slot = cfg.max_batch
+        self.sampler = Sampler(cfg.max_batch + 1, cfg.device)
         # The token each slot sampled last: decode inputs name it as -(slot + 1), so the host never needs it.
-        self.last_token = torch.zeros(cfg.max_batch, dtype=torch.int32, device=cfg.device)
-        self.uploader = BatchUploader(self._staging_capacity(), cfg.device)
+        self.last_token = torch.zeros(cfg.max_batch + 1, dtype=torch.int32, device=cfg.device)
+        max_kv_indices = self._usable_pages + cfg.max_batch
+        self.uploader = BatchUploader(self._staging_capacity(max_kv_indices), cfg.device, depth=IN_FLIGHT)
+        self._host_tokens = [
+            torch.zeros(cfg.max_batch, dtype=torch.int32, pin_memory=on_cuda) for _ in range(IN_FLIGHT)
+        ]
+        self._handles: list[StepHandle | None] = [None] * IN_FLIGHT
+        self._turn = 0
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(
+                self._forward_logits,
+                self.attn,
+                self.uploader,
+                graph_batch_sizes(cfg.max_batch),
+                scratch_page=self._usable_pages,
+                scratch_slot=scratch_slot,
+                page_size=cfg.page_size,
+                max_kv_indices=max_kv_indices,
+            )
+            with torch.inference_mode():
+                self.graphs.capture(show_progress)
 
     @property
     def num_pages(self) -> int:
-        return self.kv_cache.num_pages
+        """KV pages the scheduler may hand out (a scratch page for graph padding is not among them)."""
+        return self._usable_pages
 
     @property
     def page_size(self) -> int:
@@ -97,44 +152,100 @@ class ModelRunner:
             "device": str(self.device),
         }
 
-    @torch.inference_mode()
     def run_step(self, step) -> torch.Tensor:
         """Runs one extend or decode step; returns the sampled ids, int32 [n] on the CPU, in request order."""
-        batch, logits = self._forward(step)
-        if batch is None:
-            return torch.empty(0, dtype=torch.int32)
-        mode = self.sampler.mode_for(np.asarray(step.req_slot))
-        tokens = self.sampler.sample(logits, batch.req_slot, batch.seq_len, mode)
-        self.last_token[batch.req_slot] = tokens
-        return tokens.cpu()
+        return torch.from_numpy(self.collect(self.launch(step)).copy())
+
+    @torch.inference_mode()
+    def launch(self, step) -> StepHandle:
+        """Queues the whole step on the device and returns at once. The step's arrays are copied before this
+        returns, so its ring slot may be released. At most IN_FLIGHT steps may be launched and not collected.
+        """
+        n = len(step.req_slot)
+        turn = self._turn
+        previous = self._handles[turn]
+        if previous is not None and not previous.collected:
+            raise RuntimeError(f"more than {IN_FLIGHT} steps launched without collecting their results")
+        self._turn = (turn + 1) % IN_FLIGHT
+        self._check_limits(step)
+        padding = self.graphs.padding_for(step) if self.graphs is not None else None
+        batch = self.uploader.upload(step, padding)
+        self._apply_joins(step, batch)
+        tokens = self._host_tokens[turn][:n]
+        if n == 0:
+            handle = StepHandle(step.step_id, tokens, None)
+        else:
+            mode = self.sampler.mode_for(np.asarray(step.req_slot))
+            if padding is not None:
+                logits = self.graphs.replay(batch, padding.rows)[:n]
+            else:
+                self.attn.plan(batch)
+                logits = self._forward_logits(batch)
+            req_slot = batch.req_slot[:n]
+            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], mode)
+            self.last_token[req_slot] = sampled
+            tokens.copy_(sampled, non_blocking=True)
+            ready = None
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            handle = StepHandle(step.step_id, tokens, ready)
+        self.uploader.finish()
+        self._handles[turn] = handle
+        return handle
+
+    def collect(self, handle: StepHandle) -> np.ndarray:
+        """Waits for a launched step; returns its sampled ids, int32 [n], a view valid until IN_FLIGHT more
+        launches."""
+        if handle.ready is not None:
+            handle.ready.synchronize()
+        handle.collected = True
+        return handle.tokens.numpy()
 
     @torch.inference_mode()
     def forward_logits(self, step) -> torch.Tensor:
-        """Runs the step's forward (writing its K/V like run_step) and returns the logits of each request's
-        last new token, [n, vocab] on the device; nothing is sampled and no slot's last token changes."""
-        _batch, logits = self._forward(step)
+        """Runs the step's forward eagerly (writing its K/V like run_step) and returns the logits of each
+        request's last new token, [n, vocab] on the device; nothing is sampled and no slot's last token
+        changes."""
+        self._check_limits(step)
+        batch = self.uploader.upload(step)
+        self._apply_joins(step, batch)
+        if batch.num_reqs == 0:
+            self.uploader.finish()
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        self.attn.plan(batch)
+        logits = self._forward_logits(batch)
+        self.uploader.finish()
         return logits
 
-    def _forward(self, step) -> tuple[ForwardBatch | None, torch.Tensor]:
+    def _forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """The device part of a step after the plan: what a decode graph captures."""
+        ids = batch.input_ids
+        ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
+        hidden = self.model(ids, batch.positions, self.attn)
+        if not batch.is_decode:
+            hidden = hidden[batch.qo_indptr[1:] - 1]
+        return self.model.compute_logits(hidden)
+
+    def _apply_joins(self, step, batch: ForwardBatch) -> None:
+        if len(step.join_slot):
+            self.sampler.set_params(
+                step.join_slot,
+                step.join_temperature,
+                step.join_top_p,
+                step.join_top_k,
+                step.join_seed,
+                on_device=batch.joins,
+            )
+
+    def _check_limits(self, step) -> None:
         n, t = len(step.req_slot), len(step.input_ids)
         if n > self.config.max_batch or t > self.config.max_tokens:
             raise ValueError(
                 f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_tokens}"
             )
-        if len(step.join_slot):
-            self.sampler.set_params(
-                step.join_slot, step.join_temperature, step.join_top_p, step.join_top_k, step.join_seed
-            )
-        if n == 0:
-            return None, torch.empty(0, self.model_config.vocab_size, device=self.device)
-        batch = self.uploader.upload(step)
-        ids = batch.input_ids
-        ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
-        self.attn.plan(batch)
-        hidden = self.model(ids, batch.positions, self.attn)
-        return batch, self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
 
-    def _num_pages(self, shape: KVCacheShape) -> int:
+    def _num_pages(self, shape: KVCacheShape, scratch: int) -> int:
         cfg = self.config
         if cfg.num_pages is not None:
             return cfg.num_pages
@@ -142,16 +253,39 @@ class ModelRunner:
             budget = cfg.kv_memory_bytes
         elif cfg.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(cfg.device)
-            budget = int(free * cfg.kv_memory_fraction)
+            reserve = self._transient_bytes()
+            budget = int(free * cfg.kv_memory_fraction) - reserve
+            log.info(
+                "KV budget: %.2f GiB = %.2f of %.2f GiB free after the weights, less %.2f GiB for "
+                "activations, sampling and graphs",
+                max(budget, 0) / 2**30,
+                cfg.kv_memory_fraction,
+                free / 2**30,
+                reserve / 2**30,
+            )
         else:
             raise ValueError("on the CPU give num_pages or kv_memory_bytes")
         pages = shape.pages_for_budget(budget)
         if pages <= 0:
             raise ValueError(f"a KV budget of {budget} bytes holds no page of {shape.bytes_per_page} bytes")
-        return pages
+        most = INT32_LOCATIONS // cfg.page_size - scratch
+        if pages > most:
+            log.info("KV pages capped at %d so that every KV location fits in int32", most)
+        return min(pages, most)
 
-    def _staging_capacity(self) -> int:
-        # Tokens: ids, positions, out_loc. Requests: slot, seq_len, two indptrs, last-page length. KV indices:
-        # at most every page once per request; the uploader grows past this if prefix sharing needs more.
+    def _transient_bytes(self) -> int:
+        """A generous bound on what a step allocates beyond the weights and the KV cache: a full-size
+        prefill's activations, a full batch's logits through the filtered sampler, FlashInfer's workspaces."""
+        mc, cfg = self.model_config, self.config
+        elem = torch.empty((), dtype=cfg.dtype).element_size()
+        qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+        per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size) * elem
+        sampling = cfg.max_batch * mc.vocab_size * 40  # logits, noise hashes (int64), sort values and indices
+        return cfg.max_tokens * per_token + sampling + (1 << 30)
+
+    def _staging_capacity(self, max_kv_indices: int) -> int:
+        # Tokens: ids, positions, out_loc. Requests: slot, seq_len, two indptrs, last-page length. KV
+        # indices: every page once per request plus a padding page per row. Joins: six words per request and
+        # one of alignment. The uploader grows past this if prefix sharing needs more.
         cfg = self.config
-        return 3 * cfg.max_tokens + 5 * cfg.max_batch + 2 + self.num_pages
+        return 3 * cfg.max_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + 6 * cfg.max_batch + 1

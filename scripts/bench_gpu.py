@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the worker on Qwen2.5-0.5B's shapes with random weights (issue 3).
+
+Builds the model itself (no weights travel), then drives `ModelRunner` directly with synthetic steps:
+- correctness: greedy tokens and first-step logits against HF transformers (bf16, sdpa) on the same weights;
+- decode step time at several batch sizes, for each configuration (backend, graphs, fused kernels), one step
+  at a time (launch, wait, next) and through the overlapped loop with every step already published;
+- GPU idle time between steps, from CUDA events around each step, and a profile of where the time goes.
+
+    python scripts/bench_gpu.py --out bench.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
+
+from fake_steps import Join, StepBuilder  # noqa: E402
+
+from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN  # noqa: E402
+from minisgl.worker.loop import run_steps  # noqa: E402
+from minisgl.worker.runner import ModelRunner  # noqa: E402
+
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+PAGE_SIZE = 16
+MAX_BATCH = 256
+MAX_TOKENS = 8192
+CONFIGS = {
+    "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
+    "flashinfer": {"attention": "flashinfer", "cuda_graphs": False, "fused_kernels": False},
+    "flashinfer+graphs": {"attention": "flashinfer", "cuda_graphs": True, "fused_kernels": False},
+    "flashinfer+graphs+fused": {"attention": "flashinfer", "cuda_graphs": True, "fused_kernels": True},
+}
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def make_model(path: Path, seed: int, init_std: float) -> Path:
+    """Random weights from a fixed seed; a larger init than HF's 0.02 so that logits are peaked enough for
+    greedy decoding to mean something."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**QWEN25_05B, initializer_range=init_std, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:
+    return ModelRunner(
+        model_dir,
+        "cuda",
+        "bfloat16",
+        num_pages,
+        PAGE_SIZE,
+        MAX_BATCH,
+        MAX_TOKENS,
+        show_progress=False,
+        **CONFIGS[config],
+    )
+
+
+def free_memory() -> None:
+    """Returns what dropped runners held to the driver, so the next one sizes its KV cache from it."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+def correctness(model_dir: Path, configs: list[str], prompts: int, prompt_len: int, new_tokens: int) -> dict:
+    from transformers import Qwen2ForCausalLM
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, QWEN25_05B["vocab_size"], (prompts, prompt_len))
+    inp = torch.from_numpy(ids).cuda()
+    ref = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").cuda()
+        with torch.no_grad():
+            logits = hf(inp).logits[:, -1].float()
+            gen = hf.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        ref[dtype] = (logits, gen[:, prompt_len:].cpu().numpy())
+        del hf
+        free_memory()
+    hf_logits, hf_tokens = ref[torch.bfloat16]
+    fp32_logits, fp32_tokens = ref[torch.float32]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    out = {
+        # How far bf16 itself is from float32 on this model: the scale on which bf16 implementations differ.
+        "hf bf16 vs hf fp32": {
+            "logits_rel_err": rel(hf_logits, fp32_logits),
+            "token_agreement": float((hf_tokens == fp32_tokens).mean()),
+        }
+    }
+    for config in ["torch fp32", *configs]:
+        runner = None
+        try:
+            if config == "torch fp32":  # our code in float32 against HF in float32: is the model right?
+                runner = ModelRunner(
+                    model_dir,
+                    "cuda",
+                    "float32",
+                    2048,
+                    PAGE_SIZE,
+                    16,
+                    2048,
+                    attention="torch",
+                    show_progress=False,
+                )
+            else:
+                runner = new_runner(model_dir, config, num_pages=None if config == configs[-1] else 2048)
+            slots = list(range(prompts))
+            reqs = [(s, ids[s].tolist()) for s in slots]
+            logits = runner.forward_logits(StepBuilder(runner.num_pages, PAGE_SIZE).extend(reqs)).float()
+            b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=1)
+            tokens = [runner.run_step(b.extend(reqs, [Join(s) for s in slots])).numpy()]
+            for _ in range(new_tokens - 1):
+                tokens.append(runner.run_step(b.decode(slots)).numpy())
+            ours = np.stack(tokens, axis=1)
+            want_logits, want_tokens = (
+                (fp32_logits, fp32_tokens) if "fp32" in config else (hf_logits, hf_tokens)
+            )
+            same = ours == want_tokens
+            out[config] = {
+                "logits_rel_err": rel(logits, want_logits),
+                "logits_rel_err_vs_fp32": rel(logits, fp32_logits),
+                "logits_rel_err_max_row": ((logits - want_logits).norm(dim=1) / want_logits.norm(dim=1))
+                .max()
+                .item(),
+                "token_agreement": float(same.mean()),
+                "prompts_identical": int(same.all(axis=1).sum()),
+                "first_divergence": [int(np.argmin(row)) if not row.all() else None for row in same],
+                "num_pages": runner.num_pages,
+                "kv_gib": runner.kv_cache.nbytes / 2**30,
+            }
+        except Exception:
+            out[config] = {"error": traceback.format_exc()}
+            log(out[config]["error"])
+        runner = None
+        free_memory()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- decode timing
+
+
+class ReadySteps:
+    """Plays a scheduler that is always a step ahead: every step is published before the worker asks."""
+
+    def __init__(self, steps: list) -> None:
+        shutdown = type("Shutdown", (), {"kind": STEP_SHUTDOWN, "step_id": len(steps)})()
+        self.steps, self.i = [*steps, shutdown], 0
+        self.times: list[float] = []
+        self.tokens: list[np.ndarray] = []
+
+    def try_next(self):
+        return self.steps[self.i] if self.i < len(self.steps) else None
+
+    def wait(self, timeout=None):
+        return self.try_next()
+
+    def release(self) -> None:
+        self.i += 1
+
+    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
+        self.times.append(time.perf_counter())
+        self.tokens.append(np.array(tokens))
+        return True
+
+
+class StepEvents:
+    """Wraps `runner.launch` to record a CUDA event where each step's device work starts and ends."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        real = runner.launch
+
+        self.host: list[float] = []
+
+        def launch(step):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            handle = real(step)
+            end.record()
+            self.host.append(time.perf_counter() - t0)
+            self.pairs.append((start, end))
+            return handle
+
+        runner.launch = launch
+
+    def summary(self, skip: int) -> dict:
+        torch.cuda.synchronize()
+        pairs = self.pairs[skip:]
+        busy = [s.elapsed_time(e) for s, e in pairs]
+        gaps = [pairs[i][1].elapsed_time(pairs[i + 1][0]) for i in range(len(pairs) - 1)]
+        span = pairs[0][0].elapsed_time(pairs[-1][1])
+        return {
+            "gpu_step_ms": statistics.median(busy),
+            "idle_between_steps_frac": max(0.0, sum(gaps)) / span,
+            "span_ms_per_step": span / len(pairs),
+            "host_launch_ms": 1e3 * statistics.median(self.host[skip:]),
+        }
+
+
+def prefill_and_steps(runner: ModelRunner, batch: int, prompt_len: int, steps: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=seed)
+    slots = list(range(batch))
+    reqs = [(s, rng.integers(0, QWEN25_05B["vocab_size"], prompt_len).tolist()) for s in slots]
+    runner.run_step(b.extend(reqs, [Join(s) for s in slots]))
+    return [b.decode(slots) for _ in range(steps)]
+
+
+def time_decode(
+    model_dir: Path, config: str, batches: list[int], prompt_len: int, steps: int, warm: int
+) -> dict:
+    runner = new_runner(model_dir, config)
+    out = {"graphs": runner.graphs is not None, "fused": runner.fused_kernels}
+    for batch in batches:
+        row = {}
+        # One step at a time: the host launches, waits for the ids, then launches the next.
+        decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch)
+        times, seq_tokens = [], []
+        for step in decode:
+            t0 = time.perf_counter()
+            seq_tokens.append(runner.run_step(step).numpy())
+            times.append(time.perf_counter() - t0)
+        row["sync_ms"] = 1e3 * statistics.median(times[warm:])
+        # The overlapped loop, step N+1 launched before N is awaited, as the worker serves.
+        decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch)
+        ring = ReadySteps(decode)
+        events = StepEvents(runner)
+        run_steps(runner, ring, ring, overlap=True)
+        del runner.launch  # back to the class's method
+        gaps = np.diff(ring.times)[warm:]
+        row["overlap_ms"] = 1e3 * float(np.median(gaps))
+        row |= {k: v for k, v in events.summary(warm).items()}
+        row["overlap_tokens_equal"] = all(
+            np.array_equal(a, b) for a, b in zip(ring.tokens, seq_tokens, strict=True)
+        )
+        out[batch] = row
+        log(f"  {config} batch {batch}: {row}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def profile(model_dir: Path, config: str, batch: int, prompt_len: int, steps: int, trace_dir: Path) -> dict:
+    """Device activity over `steps` overlapped decode steps: idle fraction, the kernels that take the time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    runner = new_runner(model_dir, config)
+    decode = prefill_and_steps(runner, batch, prompt_len, steps + 8, seed=7)
+    ring = ReadySteps(decode[:8])
+    run_steps(runner, ring, ring, overlap=True)  # warm
+    ring = ReadySteps(decode[8:])
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_steps(runner, ring, ring, overlap=True)
+        torch.cuda.synchronize()
+    trace = trace_dir / f"trace_{config}_b{batch}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    device.sort(key=lambda e: e["ts"])
+    start, end = device[0]["ts"], max(e["ts"] + e["dur"] for e in device)
+    busy, cur_s, cur_e = 0.0, None, None
+    short_gaps = long_gaps = 0.0  # idle stretches under and over 5 us: launch latency vs waiting for the host
+    for e in device:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+                gap = s - cur_e
+                short_gaps += gap if gap < 5 else 0
+                long_gaps += gap if gap >= 5 else 0
+            cur_s, cur_e = s, t
+        else:
+            cur_e = max(cur_e, t)
+    busy += cur_e - cur_s
+    runner = None
+    free_memory()
+    kernels = [e for e in device if e["cat"] == "kernel"]
+    by_name: Counter = Counter()
+    for e in kernels:
+        by_name[e["name"][:80]] += e["dur"]
+    return {
+        "steps": steps,
+        "wall_us_per_step": (end - start) / steps,
+        "busy_us_per_step": busy / steps,
+        "idle_frac": 1 - busy / (end - start),
+        "idle_us_per_step_in_gaps_under_5us": short_gaps / steps,
+        "idle_us_per_step_in_gaps_over_5us": long_gaps / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_us_per_step": sum(e["dur"] for e in kernels) / steps,
+        "top_kernels_us_per_step": {k: round(v / steps, 2) for k, v in by_name.most_common(12)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def table(results: dict, batches: list[int]) -> str:
+    lines = [
+        f"# {results['date']}  {results['device']}  torch {results['torch']}  "
+        f"flashinfer {results['flashinfer']}",
+        "## correctness: 16 prompts x 64 random tokens, first-step logits and 32 greedy tokens, against HF",
+        '## transformers (sdpa) in bf16 ("torch fp32": our code in float32 against HF in float32)',
+        f"{'config':<26}{'logits rel err':>15}{'vs fp32':>9}{'agreement':>11}{'identical':>10}"
+        "  first divergence",
+    ]
+    for name, c in results["correctness"].items():
+        if "error" in c:
+            lines.append(f"{name:<26} ERROR {c['error'].splitlines()[-1]}")
+        elif "first_divergence" not in c:
+            lines.append(f"{name:<26}{c['logits_rel_err']:>15.2e}{'':>9}{c['token_agreement']:>11.3f}")
+        else:
+            lines.append(
+                f"{name:<26}{c['logits_rel_err']:>15.2e}{c['logits_rel_err_vs_fp32']:>9.2e}"
+                f"{c['token_agreement']:>11.3f}{c['prompts_identical']:>7}/16  {c['first_divergence']}"
+            )
+    lines += [
+        "## decode step time, ms (median): sync = one step at a time; overlap = the worker loop with",
+        "## the next step always ready; gpu = CUDA events around each step's device work; host = host",
+        "## time in launch(); idle = GPU idle between steps / wall time, in the overlapped loop",
+        f"{'config':<26}{'batch':>6}{'sync':>9}{'overlap':>9}{'gpu':>9}{'host':>8}{'idle':>8}  tokens equal",
+    ]
+    for name, per_batch in results["decode"].items():
+        if "error" in per_batch:
+            lines.append(f"{name:<26} ERROR {per_batch['error'].splitlines()[-1]}")
+            continue
+        for b in batches:
+            r = per_batch[b]
+            lines.append(
+                f"{name:<26}{b:>6}{r['sync_ms']:>9.3f}{r['overlap_ms']:>9.3f}{r['gpu_step_ms']:>9.3f}"
+                f"{r['host_launch_ms']:>8.3f}{100 * r['idle_between_steps_frac']:>7.1f}%"
+                f"  {r['overlap_tokens_equal']}"
+            )
+    lines.append("## profile (torch profiler, overlapped loop), per step")
+    for name, p in results["profile"].items():
+        if "error" in p:
+            lines.append(f"{name:<32} ERROR {p['error'].splitlines()[-1]}")
+            continue
+        lines += [
+            f"{name:<32} wall {p['wall_us_per_step']:.0f} us, device busy {p['busy_us_per_step']:.0f} us "
+            f"(idle {100 * p['idle_frac']:.1f}%), {p['kernels_per_step']:.0f} kernels, "
+            f"{p['kernel_us_per_step']:.0f} us",
+            f"{'':<32} idle in gaps < 5 us: {p['idle_us_per_step_in_gaps_under_5us']:.0f} us, "
+            f">= 5 us: {p['idle_us_per_step_in_gaps_over_5us']:.0f} us",
+        ]
+        lines += [f"    {v:>8.1f} us  {k}" for k, v in list(p["top_kernels_us_per_step"].items())[:10]]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_gpu.json", help="where the JSON results go")
+    p.add_argument("--model-dir", default=None, help="reuse a model directory (default: build one)")
+    p.add_argument("--batches", default="1,8,16,64,256")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--steps", type=int, default=256, help="decode steps per batch size")
+    p.add_argument("--warmup", type=int, default=16, help="steps left out of the medians")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (HF's default)")
+    p.add_argument("--profile-batches", default="1,256")
+    p.add_argument("--skip-correctness", action="store_true")
+    a = p.parse_args()
+    batches = [int(x) for x in a.batches.split(",")]
+    configs = a.configs.split(",")
+    out_path = Path(a.out)
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "flashinfer": _version("flashinfer"),
+        "command": " ".join(sys.argv),
+        "correctness": {},
+        "decode": {},
+        "profile": {},
+    }
+
+    def save() -> None:
+        out_path.write_text(json.dumps(results, indent=1, default=str))
+
+    model_dir = Path(a.model_dir) if a.model_dir else Path(tempfile.mkdtemp(prefix="qwen05b_random_"))
+    if not (model_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        make_model(model_dir, seed=0, init_std=a.init_std)
+        log(f"built the random model in {time.perf_counter() - t0:.1f} s")
+    if not a.skip_correctness:
+        t0 = time.perf_counter()
+        results["correctness"] = correctness(model_dir, configs, prompts=16, prompt_len=64, new_tokens=32)
+        log(f"correctness in {time.perf_counter() - t0:.1f} s: {results['correctness']}")
+        save()
+    for config in configs:
+        t0 = time.perf_counter()
+        try:
+            results["decode"][config] = time_decode(
+                model_dir, config, batches, a.prompt_len, a.steps, a.warmup
+            )
+        except Exception:
+            results["decode"][config] = {"error": traceback.format_exc()}
+            log(results["decode"][config]["error"])
+        free_memory()
+        log(f"{config} timed in {time.perf_counter() - t0:.1f} s")
+        save()
+    for config in configs[-1:]:
+        for b in (int(x) for x in a.profile_batches.split(",") if x):
+            try:
+                results["profile"][f"{config} b{b}"] = profile(
+                    model_dir, config, b, a.prompt_len, 64, Path(tempfile.mkdtemp(prefix="traces_"))
+                )
+            except Exception:
+                results["profile"][f"{config} b{b}"] = {"error": traceback.format_exc()}
+                log(results["profile"][f"{config} b{b}"]["error"])
+            save()
+    text = table(results, batches)
+    (out_path.with_suffix(".txt")).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

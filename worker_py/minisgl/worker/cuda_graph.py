@@ -1,0 +1,116 @@
+"""Decode forwards captured as CUDA graphs, one per batch size, replayed for batches padded up to that size.
+
+A captured graph reads its inputs from fixed addresses: the first `3 * B` entries of the uploader's device
+buffer (input ids, positions, KV locations, in that order; see batch.py), the runner's last-token table, the
+KV cache, and the index buffers of the attention backend's wrapper for size B, which `plan_graph` refills
+before every replay. Its output, the logits of all B rows, lives in the graphs' shared memory pool and is
+overwritten by the next replay of that size, so it is consumed (sampled) before the next step is launched on
+the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minisgl.attention import AttentionBackend
+from minisgl.worker.batch import BatchUploader, ForwardBatch
+from minisgl.worker.padding import DecodePadding, bucket_for
+
+log = logging.getLogger("minisgl.worker")
+
+
+def _empty_decode_step() -> SimpleNamespace:
+    """A decode step of no request: padded to B rows it is B padding rows, harmless to run."""
+    none = np.zeros(0, dtype=np.int32)
+    zero = np.zeros(1, dtype=np.int32)
+    return SimpleNamespace(
+        kind=1,
+        req_slot=none,
+        seq_len=none,
+        qo_indptr=zero,
+        kv_indptr=zero,
+        kv_last_page_len=none,
+        input_ids=none,
+        positions=none,
+        out_loc=none,
+        kv_indices=none,
+        join_slot=none,
+        join_temperature=np.zeros(0, dtype=np.float32),
+        join_top_p=np.zeros(0, dtype=np.float32),
+        join_top_k=none,
+        join_seed=np.zeros(0, dtype=np.uint64),
+    )
+
+
+class DecodeGraphs:
+    """`forward(batch) -> logits` is the part of a decode step that gets captured: everything after the
+    upload and the attention plan, up to the logits of every row."""
+
+    def __init__(
+        self,
+        forward: Callable[[ForwardBatch], torch.Tensor],
+        attn: AttentionBackend,
+        uploader: BatchUploader,
+        sizes: list[int],
+        scratch_page: int,
+        scratch_slot: int,
+        page_size: int,
+        max_kv_indices: int,
+    ) -> None:
+        self._forward = forward
+        self._attn = attn
+        self._uploader = uploader
+        self.sizes = sorted(sizes)
+        self._scratch = (scratch_page, scratch_slot, page_size)
+        self.max_kv_indices = max_kv_indices
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def padding_for(self, step) -> DecodePadding | None:
+        """How to pad this step for a graph, or None when it must run eagerly (not a decode step, larger
+        than every captured size, or with more page indices than the fixed index buffer holds)."""
+        n = len(step.req_slot)
+        if n != len(step.input_ids):
+            return None
+        rows = bucket_for(n, self.sizes)
+        if rows is None or len(step.kv_indices) + rows - n > self.max_kv_indices:
+            return None
+        return DecodePadding(rows, *self._scratch)
+
+    def capture(self, show_progress: bool = True) -> float:
+        """Captures every size, largest first so that smaller graphs reuse its memory; returns seconds."""
+        start = time.perf_counter()
+        self._attn.prepare_graphs(self.sizes, self.max_kv_indices)
+        pool = torch.cuda.graph_pool_handle()
+        empty = _empty_decode_step()
+        largest_first = sorted(self.sizes, reverse=True)
+        for rows in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
+            batch = self._uploader.upload(empty, DecodePadding(rows, *self._scratch))
+            if not batch.in_static_buffer:
+                raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
+            self._attn.plan_graph(batch, rows)
+            self._uploader.finish()
+            # One eager run first: kernels compile and libraries set up their handles outside the capture.
+            self._forward(batch)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[rows] = self._forward(batch)
+            self._graphs[rows] = graph
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(self.sizes), self.sizes, seconds)
+        return seconds
+
+    def replay(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
+        """Runs a batch uploaded with `padding_for`'s padding; returns the logits of all `rows` rows."""
+        self._attn.plan_graph(batch, rows)
+        self._graphs[rows].replay()
+        return self._logits[rows]

@@ -1,0 +1,152 @@
+"""Graph batch sizes, bucket choice, padding of decode steps, and where the padded arrays land (CPU only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fake_steps import Join, StepBuilder
+
+from minisgl.worker.batch import BatchUploader
+from minisgl.worker.cuda_graph import DecodeGraphs
+from minisgl.worker.padding import DecodePadding, bucket_for, graph_batch_sizes, padded_arrays
+
+NAMES = (
+    "input_ids",
+    "positions",
+    "out_loc",
+    "req_slot",
+    "seq_len",
+    "qo_indptr",
+    "kv_indptr",
+    "kv_last_page_len",
+    "kv_indices",
+)
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    sizes = graph_batch_sizes(256)
+    assert sizes[:11] == graph_batch_sizes(64)
+    assert sizes[11:] == list(range(80, 257, 16))
+    assert graph_batch_sizes(100)[-3:] == [80, 96, 100]
+    with pytest.raises(ValueError):
+        graph_batch_sizes(0)
+
+
+def test_bucket_is_the_smallest_size_that_fits():
+    sizes = graph_batch_sizes(256)
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65, 81, 256)] == [
+        1,
+        2,
+        4,
+        4,
+        8,
+        8,
+        16,
+        64,
+        80,
+        96,
+        256,
+    ]
+    assert bucket_for(257, sizes) is None
+    assert bucket_for(0, sizes) is None
+
+
+def decode_step(slots=(4, 0, 2), seed=0):
+    b = StepBuilder(num_pages=40, page_size=4, seed=seed)
+    b.extend([(s, list(range(5 + s))) for s in slots])
+    return b.decode(list(slots))
+
+
+def test_padding_rows_touch_only_the_scratch_page_and_slot():
+    step = decode_step()
+    pad = DecodePadding(rows=8, scratch_page=40, scratch_slot=9, page_size=4)
+    got = dict(zip(NAMES, padded_arrays(step, NAMES, pad), strict=True))
+    n, k = 3, len(step.kv_indices)
+    for name in NAMES:
+        real = np.asarray(getattr(step, name))
+        np.testing.assert_array_equal(got[name][: len(real)], real)  # real rows are untouched
+    assert all(len(got[name]) == 8 for name in ("input_ids", "positions", "out_loc", "req_slot", "seq_len"))
+    np.testing.assert_array_equal(got["input_ids"][n:], 0)  # never a -(slot+1) reference
+    np.testing.assert_array_equal(got["positions"][n:], 0)
+    np.testing.assert_array_equal(got["out_loc"][n:], 40 * 4)
+    np.testing.assert_array_equal(got["req_slot"][n:], 9)
+    np.testing.assert_array_equal(got["seq_len"][n:], 1)
+    np.testing.assert_array_equal(got["kv_last_page_len"][n:], 1)
+    np.testing.assert_array_equal(got["qo_indptr"], np.arange(9))
+    np.testing.assert_array_equal(got["kv_indptr"][n + 1 :], k + np.arange(1, 6))
+    np.testing.assert_array_equal(got["kv_indices"][k:], 40)
+    for name in NAMES:
+        assert got[name].dtype == np.int32
+
+
+def test_no_padding_and_refusals():
+    step = decode_step()
+    plain = padded_arrays(step, NAMES, None)
+    for name, a in zip(NAMES, plain, strict=True):
+        np.testing.assert_array_equal(a, getattr(step, name))
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_arrays(step, NAMES, DecodePadding(2, 40, 9, 4))
+    b = StepBuilder(num_pages=40, page_size=4)
+    with pytest.raises(ValueError, match="only decode steps"):
+        padded_arrays(b.extend([(0, [1, 2, 3])]), NAMES, DecodePadding(4, 40, 9, 4))
+
+
+def graphs_with(sizes, max_kv_indices) -> DecodeGraphs:
+    return DecodeGraphs(
+        forward=None,
+        attn=None,
+        uploader=None,
+        sizes=sizes,
+        scratch_page=40,
+        scratch_slot=9,
+        page_size=4,
+        max_kv_indices=max_kv_indices,
+    )
+
+
+def test_padding_choice_for_graph_runs():
+    graphs = graphs_with([1, 2, 4, 8], max_kv_indices=64)
+    step = decode_step()
+    assert graphs.padding_for(step) == DecodePadding(4, 40, 9, 4)
+    b = StepBuilder(num_pages=40, page_size=4)
+    assert graphs.padding_for(b.extend([(0, [1, 2, 3])])) is None  # extend steps run eagerly
+    many = StepBuilder(num_pages=40, page_size=4)
+    many.extend([(s, [1]) for s in range(9)])
+    assert graphs.padding_for(many.decode(list(range(9)))) is None  # larger than every graph
+    # The padded page list must fit the graph's fixed index buffer: 3 requests, 7 pages, 1 padding page.
+    k = len(step.kv_indices)
+    assert k == 7
+    assert graphs_with([1, 2, 4, 8], max_kv_indices=k + 1).padding_for(step) is not None
+    assert graphs_with([1, 2, 4, 8], max_kv_indices=k).padding_for(step) is None
+
+
+def test_uploaded_padded_batch_puts_graph_inputs_at_fixed_offsets():
+    step = decode_step()
+    up = BatchUploader(capacity=512, device=torch.device("cpu"))
+    pad = DecodePadding(rows=8, scratch_page=40, scratch_slot=9, page_size=4)
+    batch = up.upload(step, pad)
+    assert (batch.num_reqs, batch.num_tokens) == (8, 8) and batch.is_decode and batch.in_static_buffer
+    base = batch.input_ids.data_ptr()
+    assert batch.positions.data_ptr() == base + 8 * 4
+    assert batch.out_loc.data_ptr() == base + 16 * 4
+    np.testing.assert_array_equal(batch.out_loc[:3].numpy(), step.out_loc)
+    np.testing.assert_array_equal(batch.host_kv_indptr.numpy()[:4], step.kv_indptr)
+
+
+def test_join_parameters_travel_with_the_upload():
+    b = StepBuilder(num_pages=40, page_size=4)
+    joins = [Join(3, 0.7, 0.9, 20, 2**64 - 5), Join(1, 0.0, 1.0, -1, 12345)]
+    step = b.extend([(3, [1, 2]), (1, [3])], joins)
+    batch = BatchUploader(capacity=512, device=torch.device("cpu")).upload(step)
+    j = batch.joins
+    assert j.slot.tolist() == [3, 1]
+    assert j.temperature.tolist() == pytest.approx([0.7, 0.0])
+    assert j.top_p.tolist() == pytest.approx([0.9, 1.0])
+    assert j.top_k.tolist() == [20, -1]
+    assert j.seed.dtype == torch.int64
+    assert j.seed.numpy().view(np.uint64).tolist() == [2**64 - 5, 12345]
+    assert BatchUploader(capacity=512, device=torch.device("cpu")).upload(b.decode([3, 1])).joins is None
