@@ -74,10 +74,8 @@ pub async fn handshake(
         WorkerMsg::Ready => reply(&mut socket, &SchedulerMsg::Ok).await?,
         other => bail!("the worker answered welcome with {other:?} instead of ready"),
     }
+    // Dropping the socket removes its ipc file.
     drop(socket);
-    if let Some(path) = path {
-        let _ = std::fs::remove_file(path);
-    }
     Ok(Worker { hello, step_ring, result_ring })
 }
 

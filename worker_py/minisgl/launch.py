@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minisgl.client.client import DEFAULT_ADDRESS, Client
@@ -32,21 +32,31 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = str(DEFAULT_MODEL)
-    listen: str = DEFAULT_ADDRESS
-    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu (bf16 is slow and differs on CPUs)
-    attention: str = "auto"
-    num_pages: int | None = None  # None: the worker sizes its KV cache itself
-    page_size: int = 16
-    max_batch: int | None = None
-    max_step_tokens: int | None = None
-    max_seq_len: int | None = None
-    sched_bin: str | None = None  # None: $MINISGL_SCHED, then target/{release,debug}/minisgl-sched
-    log_level: str = "info"
-    ready_timeout_s: float = 900.0
+    """How to run an engine. Every field is also a flag of `python -m minisgl.launch` (see `--help`)."""
+
+    model: str = _opt(str(DEFAULT_MODEL), "HF checkpoint directory to serve")
+    listen: str = _opt(DEFAULT_ADDRESS, "ZeroMQ endpoint clients connect to (loopback by default)")
+    device: str = _opt("auto", "auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
+    dtype: str = _opt("auto", "auto (bfloat16 on cuda, float32 on cpu, where bf16 is slow), or a dtype")
+    attention: str = _opt("auto", "auto (flashinfer on cuda when installed, else torch), torch, flashinfer")
+    num_pages: int | None = _opt(None, "KV pages (default: from memory; 1 GiB of KV on the CPU)")
+    page_size: int = _opt(16, "tokens per KV page")
+    max_batch: int | None = _opt(None, "most requests per step (default: 256 on cuda, 64 on cpu)")
+    max_step_tokens: int | None = _opt(None, "most new tokens per step; longer prompts are chunked")
+    max_seq_len: int | None = _opt(None, "context length (default: the model's)")
+    kv_fraction: float = _opt(0.85, "on cuda: share of the memory left after the weights for the KV cache")
+    cuda_graphs: bool = _opt(True, "decode steps replay captured CUDA graphs")
+    fused_kernels: bool = _opt(True, "Triton kernels for norms, RoPE with the KV write, SiLU-and-mul")
+    overlap: bool = _opt(True, "the scheduler plans step N+1 while the worker runs step N")
+    sched_bin: str | None = _opt(None, "the minisgl-sched binary (default: $MINISGL_SCHED, target/...)")
+    log_level: str = _opt("info", "error, warn, info, debug or trace")
+    ready_timeout_s: float = _opt(900.0, "how long to wait for the engine to serve")
 
 
 def find_scheduler(explicit: str | None = None) -> str:
@@ -84,7 +94,21 @@ class Engine:
         sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level]
         worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
         worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
-        worker += ["--page-size", str(c.page_size), "--log-level", c.log_level]
+        worker += [
+            "--page-size",
+            str(c.page_size),
+            "--kv-fraction",
+            str(c.kv_fraction),
+            "--log-level",
+            c.log_level,
+        ]
+        for on, flag, to in (
+            (c.cuda_graphs, "--no-cuda-graphs", [worker]),
+            (c.fused_kernels, "--no-fused-kernels", [worker]),
+            (c.overlap, "--no-overlap", [worker, sched]),
+        ):
+            for cmd in to if not on else ():
+                cmd.append(flag)
         for flag, value, to in (
             ("--num-pages", c.num_pages, worker),
             ("--max-batch", c.max_batch, worker),
@@ -171,12 +195,15 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
+    """One flag per EngineConfig field (`--max-batch 64`); a field that is on by default has `--no-...`."""
     p = argparse.ArgumentParser(prog="minisgl", description=__doc__.split("\n\n")[0])
-    defaults = EngineConfig()
-    for field in dataclasses.fields(EngineConfig):
-        default = getattr(defaults, field.name)
-        kind = int if "int" in str(field.type) else float if "float" in str(field.type) else str
-        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default)
+    for f in dataclasses.fields(EngineConfig):
+        flag, help = f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            p.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {help}")
+            continue
+        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+        p.add_argument(f"--{flag}", type=kind, default=f.default, help=f"{help} [{f.default}]")
     return EngineConfig(**vars(p.parse_args(argv)))
 
 
