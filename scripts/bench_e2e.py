@@ -81,7 +81,7 @@ def free_port() -> int:
 def run_config(model: Path, name: str, engine_args: dict, loads: dict) -> dict:
     results = {}
     started = time.perf_counter()
-    with LLM(str(model), listen=f"tcp://127.0.0.1:{free_port()}", log_level="warn", **engine_args) as llm:
+    with LLM(str(model), listen=f"tcp://127.0.0.1:{free_port()}", **engine_args) as llm:
         startup = time.perf_counter() - started
         llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         for load, requests in tqdm(loads.items(), desc=name, file=sys.stderr):
@@ -110,6 +110,7 @@ def main() -> int:
     )
     p.add_argument("--no-overlap-too", action="store_true", help="also run with overlap off, for comparison")
     p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="warn", help="the engine's (info: the scheduler's step summary)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
 
@@ -127,7 +128,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "model": str(a.model) if a.model else "Qwen2.5-0.5B shapes, random bf16 weights (seed 0)",
             "configs": {
-                name: run_config(model, name, {"device": a.device, **args}, loads)
+                name: run_config(model, name, {"device": a.device, "log_level": a.log_level, **args}, loads)
                 for name, args in configs.items()
             },
         }

@@ -18,12 +18,13 @@
 //! snooze that the worker is alive through both rings.
 
 use crate::core::{Core, Event, FinishReason, NewRequest, Planned, ReqId};
+use crate::step_stats::StepStats;
 use anyhow::{Context, Result, bail};
 use proto::ring::{Backoff, Liveness, Ring};
 use proto::step::{ResultLayout, ResultRef, StepKind, StepLayout, StepMut};
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What the server asks of the engine.
@@ -69,8 +70,9 @@ struct Pipeline {
     result_layout: ResultLayout,
     /// Steps may be published and not yet answered: [`MAX_IN_FLIGHT`] with overlap, 1 without.
     depth: usize,
-    /// Published steps, oldest first: the order the worker answers them in.
-    in_flight: VecDeque<Planned>,
+    /// Published steps with when they were published, oldest first: the order the worker answers them in.
+    in_flight: VecDeque<(Planned, Instant)>,
+    stats: StepStats,
     /// The id of the next step, equal to the step ring's sequence number of its slot.
     next_step: u64,
     events: Vec<Event>,
@@ -94,6 +96,7 @@ impl Engine {
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             next_step: self.step_ring.write_seq(),
             events: Vec::new(),
+            stats: StepStats::default(),
         };
         if let Err(e) = self.run(&mut pipe) {
             tracing::error!("engine stopped: {e:#}");
@@ -101,6 +104,7 @@ impl Engine {
         }
         // Whatever ended the loop, a live worker is told to exit; a dead one is noticed at once.
         self.shut_worker_down(&mut pipe);
+        tracing::info!("steps run: {}", pipe.stats);
     }
 
     /// Runs until shutdown is asked for (`Ok`) or the worker, the rings or the server fail.
@@ -157,12 +161,12 @@ impl Engine {
         let Some(planned) = planned else { return Ok(false) };
         self.step_ring.publish();
         pipe.next_step += 1;
-        pipe.in_flight.push_back(planned);
+        pipe.in_flight.push_back((planned, Instant::now()));
         Ok(true)
     }
 
     /// Hands the result waiting in the result ring for `planned` to the core, and its events to the server.
-    fn complete(&mut self, pipe: &mut Pipeline, planned: Planned) -> Result<()> {
+    fn complete(&mut self, pipe: &mut Pipeline, (planned, published): (Planned, Instant)) -> Result<()> {
         let buf = self.result_ring.try_read(0).expect("turn saw it");
         let result = ResultRef::new(&pipe.result_layout, buf);
         let (answered, status, n) = (result.header.step_id, result.header.status, result.tokens.len());
@@ -174,12 +178,13 @@ impl Engine {
             // The worker logged why; it exits after a failed step, so the steps behind this one fail with it.
             self.result_ring.release(0);
             self.core.fail_step(planned, &mut pipe.events);
-            while let Some(behind) = pipe.in_flight.pop_front() {
+            while let Some((behind, _)) = pipe.in_flight.pop_front() {
                 self.core.fail_step(behind, &mut pipe.events);
             }
             self.forward(&mut pipe.events)?;
             bail!("the worker failed step {step_id}");
         }
+        pipe.stats.answered(planned.kind(), published, planned.num_reqs(), planned.num_tokens());
         self.core.complete_step(planned, result.tokens, &mut pipe.events);
         self.result_ring.release(0);
         self.forward(&mut pipe.events)

@@ -8,5 +8,6 @@ pub mod core;
 pub mod engine;
 pub mod model_files;
 pub mod server;
+pub mod step_stats;
 pub mod text;
 pub mod worker;
