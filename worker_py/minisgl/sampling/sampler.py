@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minisgl.sampling.noise import gumbel, vocab_keys
+from minisgl.sampling import fused
+from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
 from minisgl.sampling.params import SampleMode, SlotParams
 
 
@@ -58,8 +59,13 @@ class Sampler:
         scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
         if mode == SampleMode.FILTERED:
             scaled = _top_k_top_p(scaled, self.params.top_k[slots], self.params.top_p[slots])
-        noise = gumbel(self.params.seed[slots], positions, self._keys(logits.shape[-1], logits.device))
-        sampled = (scaled + noise).argmax(dim=-1)
+        if fused.available(logits.device):
+            # One kernel instead of [n, V] int64 temporaries; `scaled` already holds the division.
+            keys = row_keys(self.params.seed[slots], positions)
+            sampled = fused.gumbel_argmax(scaled, torch.ones_like(temperature), keys)
+        else:
+            noise = gumbel(self.params.seed[slots], positions, self._keys(logits.shape[-1], logits.device))
+            sampled = (scaled + noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy_ids, sampled).int()
 
     def _keys(self, vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The Gumbel-max draw in one Triton kernel (CUDA only): the same noise as `noise.gumbel`, computed in registers.
+
+Eager torch builds the noise as [n, V] int64 tensors through a dozen element-wise launches: at 138 rows of
+151,936 logits that is gigabytes of memory traffic and milliseconds per step, more than the forward itself.
+Here each row is one program that hashes, scales, adds and keeps the running argmax while it streams its
+logits once. The hash is the same 32-bit one, done in uint32 lanes, so a request draws the same token here as
+in the eager path (barring a last-bit difference of the device's log, which can only matter at an exact tie).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: the sampler uses its eager path
+    triton = None
+
+BLOCK = 2048
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
+    """argmax over each row of `x / temperature + Gumbel(row key, vocab id)`, int64 [n].
+
+    x: [n, V] logits in any float dtype (-inf entries are never chosen); temperature: float32 [n];
+    row_keys: int64 [n], `noise.row_keys(seed, position)`.
+    """
+    n, vocab = x.shape
+    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    if n:
+        _gumbel_argmax_kernel[(n,)](x, x.stride(0), temperature, row_keys, out, vocab, BLOCK=BLOCK)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # noise.mix32 on uint32 lanes: the products wrap modulo 2**32 as the masked int64 ones do.
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x2C1B3C6D
+        x = x ^ (x >> 16)
+        x = x * 0x297A2D39
+        return x ^ (x >> 15)
+
+    @triton.jit
+    def _gumbel_argmax_kernel(x_ptr, stride, temp_ptr, key_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(temp_ptr + row)
+        key = tl.load(key_ptr + row).to(tl.uint32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < vocab
+            x = tl.load(x_ptr + row * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
+            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+            val = x / t - tl.log(-tl.log(u))
+            # Strictly greater: within a lane the earlier (smaller) vocab id wins a tie, as torch.argmax's does.
+            better = val > best
+            best = tl.where(better, val, best)
+            best_idx = tl.where(better, cols, best_idx)
+        top = tl.max(best, axis=0)
+        first = tl.min(tl.where(best == top, best_idx, vocab), axis=0)
+        tl.store(out_ptr + row, first.to(tl.int64))

@@ -1,0 +1,55 @@
+"""The fused Gumbel-max kernel draws what the eager noise draws. Run by Triton's interpreter on the CPU (in a
+subprocess: the interpreter is chosen when kernels are defined), and for real on a GPU when there is one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent(
+    """
+    import torch
+    from minisgl.sampling import fused
+    from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
+
+    device = "{device}"
+    torch.manual_seed(0)
+    n, vocab = 6, 5000  # not a multiple of the kernel's block
+    logits = torch.randn(n, vocab, device=device) * 3
+    logits[2, 100:] = float("-inf")  # a filtered row: only its first 100 ids may come out
+    logits[3] = 0.0  # all equal: the noise alone decides
+    seeds = torch.tensor([0, 1, 2**40 + 7, -(2**62), 12345, 99], device=device)
+    positions = torch.tensor([0, 17, 3, 4096, 5, 5], device=device)
+    temperature = torch.tensor([1.0, 0.5, 0.7, 1.0, 2.0, 1.3], device=device)
+    scaled = logits / temperature[:, None]
+    eager = (scaled + gumbel(seeds, positions, vocab_keys(vocab, device))).argmax(-1)
+    drawn = fused.gumbel_argmax(logits, temperature, row_keys(seeds, positions))
+    assert drawn.tolist() == eager.tolist(), (drawn.tolist(), eager.tolist())
+    assert drawn[2] < 100
+    print("ok")
+    """
+)
+
+
+def run_check(device: str, interpret: bool) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK.format(device=device)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_kernel_draws_what_the_eager_noise_draws_interpreted():
+    run_check("cpu", interpret=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_kernel_draws_what_the_eager_noise_draws_on_the_gpu():
+    run_check("cuda", interpret=False)
