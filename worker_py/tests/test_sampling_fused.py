@@ -40,9 +40,8 @@ CHECK = textwrap.dedent(
 
 def run_check(device: str, interpret: bool) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK.format(device=device)], env=env, capture_output=True, text=True, timeout=300
-    )
+    cmd = [sys.executable, "-c", CHECK.format(device=device)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 

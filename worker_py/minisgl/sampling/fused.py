@@ -1,4 +1,4 @@
-"""The Gumbel-max draw in one Triton kernel (CUDA only): the same noise as `noise.gumbel`, computed in registers.
+"""The Gumbel-max draw in one Triton kernel (CUDA only): `noise.gumbel`'s noise, computed in registers.
 
 Eager torch builds the noise as [n, V] int64 tensors through a dozen element-wise launches: at 138 rows of
 151,936 logits that is gigabytes of memory traffic and milliseconds per step, more than the forward itself.
@@ -64,7 +64,7 @@ if triton is not None:
             bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
             u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             val = x / t - tl.log(-tl.log(u))
-            # Strictly greater: within a lane the earlier (smaller) vocab id wins a tie, as torch.argmax's does.
+            # Strictly greater: in a lane the earlier (smaller) vocab id wins a tie, as in torch.argmax.
             better = val > best
             best = tl.where(better, val, best)
             best_idx = tl.where(better, cols, best_idx)
