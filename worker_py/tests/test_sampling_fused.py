@@ -47,7 +47,7 @@ def run_check(device: str, interpret: bool) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernel")
 def test_the_kernel_draws_what_the_eager_noise_draws_interpreted():
-    # Only where there is no GPU (CI): Triton 3.6's interpreter, on the H200 image, disagreed with its compiled
+    # Only without a GPU (CI): Triton 3.6's interpreter, on the H200 image, disagreed with its compiled
     # kernel (which matches the eager path), while 3.9's, pinned here, agrees.
     run_check("cpu", interpret=True)
 
