@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepares a bare GPU machine (the `device` tool's H200) to run minisgl from this checkout, then runs "$@".
+# Source-free set-up only: the wheels come from .whl/ (../shared/gpu/fetch-wheels.sh puts them there, git-ignored),
+# and FlashInfer's JIT build (about 80 s on a bare machine) is restored from .whl/ficache.tgz when present.
+# After the command, the JIT build is packed into $OUT/ficache.tgz: copy it to .whl/ to skip the next build.
+#
+#   run(command="bash scripts/gpu_env.sh python3 scripts/bench_gpu.py --out $OUT/bench.json", carry=[".whl"])
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD/worker_py:${PYTHONPATH:-} MAX_JOBS=16 PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws
+if [ -f .whl/ficache.tgz ]; then
+  mkdir -p /tmp/site/flashinfer/data/aot && tar xzf .whl/ficache.tgz -C /tmp/site/flashinfer/data/aot
+  echo "[gpu_env] restored FlashInfer's JIT build" >&2
+fi
+"$@"
+rc=$?
+if [ -n "${OUT:-}" ] && [ -d /tmp/fiws ]; then
+  rm -rf /tmp/aot && mkdir -p /tmp/aot
+  find /tmp/fiws -name '*.so' | while read -r f; do n=$(basename "$f" .so); mkdir -p "/tmp/aot/$n" && cp "$f" "/tmp/aot/$n/"; done
+  tar czf "$OUT/ficache.tgz" -C /tmp/aot . 2>/dev/null
+fi
+exit $rc
