@@ -4,6 +4,7 @@
 # and FlashInfer's JIT build (about 80 s on a bare machine) is restored from .whl/ficache.tgz when present.
 # After the command, the JIT build is packed into $OUT/ficache.tgz: copy it to .whl/ to skip the next build.
 #
+# Written from the driver that ran this session's GPU measurements (2026-11-29); not yet run in this exact form.
 #   run(command="bash scripts/gpu_env.sh python3 scripts/bench_gpu.py --out $OUT/bench.json", carry=[".whl"])
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
