@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a bare GPU machine (the `device` tool's H200) to run minisgl from this checkout, then runs "$@".
-# Source-free set-up only: the wheels come from .whl/ (../shared/gpu/fetch-wheels.sh puts them there, git-ignored),
+# The wheels come from .whl/ (../shared/gpu/fetch-wheels.sh puts them there, git-ignored),
 # and FlashInfer's JIT build (about 80 s on a bare machine) is restored from .whl/ficache.tgz when present.
 # After the command, the JIT build is packed into $OUT/ficache.tgz: copy it to .whl/ to skip the next build.
 #
