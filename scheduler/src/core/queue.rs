@@ -51,20 +51,7 @@ impl WaitingQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::request::{NewRequest, SamplingParams};
-
-    fn req(id: ReqId) -> Request {
-        let params = SamplingParams {
-            max_tokens: 1,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: -1,
-            seed: 0,
-            stop_token_ids: vec![],
-            ignore_eos: false,
-        };
-        Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1)
-    }
+    use crate::core::request::test_request as req;
 
     fn ids(q: &WaitingQueue) -> Vec<ReqId> {
         q.iter().map(|r| r.id).collect()

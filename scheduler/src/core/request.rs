@@ -156,3 +156,18 @@ pub enum SubmitError {
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
 }
+
+/// A one-token greedy request, for the unit tests of the containers that hold requests.
+#[cfg(test)]
+pub(crate) fn test_request(id: ReqId) -> Request {
+    let params = SamplingParams {
+        max_tokens: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: -1,
+        seed: 0,
+        stop_token_ids: vec![],
+        ignore_eos: false,
+    };
+    Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1)
+}
