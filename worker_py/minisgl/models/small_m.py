@@ -1,0 +1,142 @@
+"""Linear layers for decode batches of at most 16 rows (Triton, CUDA only).
+
+At batch 1 to 16 a decode step is a matrix-vector product per weight: reading the weights is all the work.
+cuBLAS picks kernels tiled for large M, reaches a fraction of the memory bandwidth on these shapes, and
+splits the down projection's K with a second reduce kernel. Here every program owns a strip of output columns,
+streams its rows of W once and multiplies them with the whole (zero-padded) 16-row input through `tl.dot`,
+computing out^T = W x^T so that the weight strip is the dot's large operand. Two epilogues save launches:
+- `bias`: added in float32 before the one rounding, as cuBLAS's fused bias epilogue does;
+- `silu_mul`: W holds [gate; up]; a program reads the same columns of both halves and writes
+  silu(gate) * up, rounded at the points where the eager bf16 code rounds (gate and up to the dtype, then the
+  SiLU, then the product), so it replaces the merged projection and `fused.silu_and_mul` with one kernel.
+
+Tile sizes per weight shape come from `scripts/bench_kernels.py` on the H200 (see `TILES`); other shapes get
+`DEFAULT_TILE`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: F.linear everywhere
+    triton = None
+
+MAX_ROWS = 16  # tl.dot's smallest tile: the input is padded to it
+
+
+class Tile(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+DEFAULT_TILE = Tile(16, 128, 4, 4)
+# (output columns, input columns, silu_mul) -> tile; filled from the kernel benchmark on the H200.
+TILES: dict[tuple[int, int, bool], Tile] = {}
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    tile: Tile | None = None,
+) -> torch.Tensor:
+    """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
+    silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
+    m, k = x.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"small_m.linear takes at most {MAX_ROWS} rows, got {m}")
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    if silu_mul and bias is not None:
+        raise ValueError("silu_mul takes no bias")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    t = tile or TILES.get((n, k, silu_mul), DEFAULT_TILE)
+    grid = (triton.cdiv(n, t.block_n),)
+    _small_m_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul,
+        BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, dt: tl.constexpr):
+        """x (float32) rounded to `dt` and kept as float32 (see fused.py: done on the bits for bf16, so the
+        compiler cannot fold a cast down and back up away)."""
+        if dt == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dt).to(tl.float32)
+
+    @triton.jit
+    def _small_m_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_x,
+        HAS_BIAS: tl.constexpr,
+        SILU_MUL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, 16)
+        col_ok = cols < N
+        row_ok = rows < M
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xt = tl.load(
+                x_ptr + rows[None, :] * stride_x + ks[:, None],
+                mask=row_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(w, xt)
+            if SILU_MUL:
+                wu = tl.load(w_rows + N * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc_up += tl.dot(wu, xt)
+        dt = out_ptr.dtype.element_ty
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if SILU_MUL:
+            gate = _round(acc, dt)
+            acc = _round(gate / (1.0 + tl.exp(-gate)), dt) * _round(acc_up, dt)
+        dst = out_ptr + rows[None, :] * N + cols[:, None]
+        tl.store(dst, acc.to(dt), mask=row_ok[None, :] & col_ok[:, None])
