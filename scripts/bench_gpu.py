@@ -54,7 +54,17 @@ CONFIGS = {
     "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
     "flashinfer": {"attention": "flashinfer", "cuda_graphs": False, "fused_kernels": False},
     "flashinfer+graphs": {"attention": "flashinfer", "cuda_graphs": True, "fused_kernels": False},
-    "flashinfer+graphs+fused": {"attention": "flashinfer", "cuda_graphs": True, "fused_kernels": True},
+    "flashinfer+graphs+fused": {
+        "attention": "flashinfer",
+        "cuda_graphs": True,
+        "fused_kernels": True,
+        "small_m_kernels": False,
+    },
+    "flashinfer+graphs+fused+small_m": {
+        "attention": "flashinfer",
+        "cuda_graphs": True,
+        "fused_kernels": True,
+    },
 }
 
 
@@ -288,6 +298,102 @@ def time_decode(
     return out
 
 
+# ----------------------------------------------------------------------------------- prefill, long contexts
+
+
+def kernel_table(run, steps: int, top: int = 12) -> dict:
+    """Kernel time per call of `run()`, by kernel name, from the torch profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    by_name: Counter = Counter()
+    count = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name[:80]] += e.device_time
+            count += 1
+    return {
+        "kernels_per_call": count / steps,
+        "kernel_us_per_call": sum(by_name.values()) / steps,
+        "top_kernels_us_per_call": {k: round(v / steps, 1) for k, v in by_name.most_common(top)},
+    }
+
+
+def time_prefill(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 5) -> dict:
+    """One extend step of `reqs` fresh prompts of `length` tokens each, timed with CUDA events."""
+    runner = new_runner(model_dir, config)
+    rng = np.random.default_rng(0)
+    out = {}
+    for reqs, length in shapes:
+        b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=reqs)
+        slots = list(range(reqs))
+
+        def one(b=b, slots=slots, length=length) -> None:
+            prompts = [(s, rng.integers(0, QWEN25_05B["vocab_size"], length).tolist()) for s in slots]
+            runner.run_step(b.extend(prompts, [Join(s) for s in slots]))
+            for s in slots:
+                b.release(s)
+
+        one()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            one()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = statistics.median(times)
+        row = {"ms": ms, "tokens_per_s": reqs * length / ms * 1e3, **kernel_table(one, 2)}
+        out[f"{reqs}x{length}"] = row
+        log(f"  {config} prefill {reqs}x{length}: {row}")
+    runner = None
+    free_memory()
+    return out
+
+
+def fill(runner: ModelRunner, b: StepBuilder, lengths: list[int], rng) -> list[int]:
+    """Prefills one request per length in extend steps of at most MAX_TOKENS tokens; returns the slots."""
+    chunk: list = []
+    for slot, n in enumerate(lengths):
+        if chunk and sum(len(ids) for _, ids in chunk) + n > MAX_TOKENS:
+            runner.run_step(b.extend(chunk, [Join(s) for s, _ in chunk]))
+            chunk = []
+        chunk.append((slot, rng.integers(0, QWEN25_05B["vocab_size"], n).tolist()))
+    runner.run_step(b.extend(chunk, [Join(s) for s, _ in chunk]))
+    return list(range(len(lengths)))
+
+
+def time_long_decode(
+    model_dir: Path, config: str, batch: int, lo: int, hi: int, steps: int, warm: int
+) -> dict:
+    """Decode steps over contexts drawn uniformly from [lo, hi] (seed 0), as in the nano-vllm workload's
+    middle, through the overlapped loop; plus the kernels of one step."""
+    runner = new_runner(model_dir, config, num_pages=None)
+    rng = np.random.default_rng(0)
+    b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=1)
+    lengths = rng.integers(lo, hi + 1, batch).tolist()
+    slots = fill(runner, b, lengths, rng)
+    ring = ReadySteps([b.decode(slots) for _ in range(steps)])
+    events = StepEvents(runner)
+    run_steps(runner, ring, ring, overlap=True)
+    del runner.launch
+    row = {
+        "mean_context": float(np.mean(lengths)),
+        "overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:])),
+        **events.summary(warm),
+        **kernel_table(lambda: runner.run_step(b.decode(slots)), 4),
+    }
+    log(f"  {config} long decode b{batch} [{lo}, {hi}]: {row}")
+    runner = None
+    free_memory()
+    return row
+
+
 # ---------------------------------------------------------------------------------------------- profile
 
 
@@ -382,6 +488,17 @@ def table(results: dict, batches: list[int]) -> str:
                 f"{r['host_launch_ms']:>8.3f}{100 * r['idle_between_steps_frac']:>7.1f}%"
                 f"  {r['overlap_tokens_equal']}"
             )
+    for section in ("prefill", "long_decode"):
+        for name, rows in results.get(section, {}).items():
+            rows = {"": rows} if section == "long_decode" else rows
+            for shape, r in rows.items():
+                head = f"## {section} {name} {shape}: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and "kernel" not in k
+                )
+                lines.append(
+                    head + f", {r['kernels_per_call']:.0f} kernels, {r['kernel_us_per_call']:.0f} us"
+                )
+                lines += [f"    {v:>8.1f} us  {k}" for k, v in list(r["top_kernels_us_per_call"].items())[:8]]
     lines.append("## profile (torch profiler, overlapped loop), per step")
     for name, p in results["profile"].items():
         if "error" in p:
@@ -410,6 +527,9 @@ def main() -> int:
     p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (HF's default)")
     p.add_argument("--profile-batches", default="1,256")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--prefill", default="", help="extend steps to time, as REQSxLEN,... e.g. 16x512,2x4096")
+    p.add_argument("--long-decode", default="", help="BATCH:LO:HI, e.g. 128:100:2048 (contexts uniform)")
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     configs = a.configs.split(",")
@@ -438,7 +558,7 @@ def main() -> int:
         results["correctness"] = correctness(model_dir, configs, prompts=16, prompt_len=64, new_tokens=32)
         log(f"correctness in {time.perf_counter() - t0:.1f} s: {results['correctness']}")
         save()
-    for config in configs:
+    for config in configs if not a.skip_decode else []:
         t0 = time.perf_counter()
         try:
             results["decode"][config] = time_decode(
@@ -460,6 +580,21 @@ def main() -> int:
                 results["profile"][f"{config} b{b}"] = {"error": traceback.format_exc()}
                 log(results["profile"][f"{config} b{b}"]["error"])
             save()
+    for config in configs if a.prefill or a.long_decode else []:
+        try:
+            if a.prefill:
+                shapes = [tuple(int(v) for v in x.split("x")) for x in a.prefill.split(",")]
+                results.setdefault("prefill", {})[config] = time_prefill(model_dir, config, shapes)
+            if a.long_decode:
+                batch, lo, hi = (int(v) for v in a.long_decode.split(":"))
+                results.setdefault("long_decode", {})[config] = time_long_decode(
+                    model_dir, config, batch, lo, hi, 96, a.warmup
+                )
+        except Exception:
+            results.setdefault("errors", {})[config] = traceback.format_exc()
+            log(results["errors"][config])
+        free_memory()
+        save()
     text = table(results, batches)
     (out_path.with_suffix(".txt")).write_text(text + "\n")
     print(text)

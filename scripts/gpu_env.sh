@@ -4,13 +4,16 @@
 # and FlashInfer's JIT build (about 80 s on a bare machine) is restored from .whl/ficache.tgz when present.
 # After the command, the JIT build is packed into $OUT/ficache.tgz: copy it to .whl/ to skip the next build.
 #
-# Written from the driver that ran this session's GPU measurements (2026-11-29); not yet run in this exact form.
+# Triton's compiled kernels travel the same way, in .whl/tritoncache.tgz and $OUT/tritoncache.tgz.
 #   run(command="bash scripts/gpu_env.sh python3 scripts/bench_gpu.py --out $OUT/bench.json", carry=[".whl"])
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
-export PYTHONPATH=/tmp/site:$PWD/worker_py:${PYTHONPATH:-} MAX_JOBS=16 PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws
+export PYTHONPATH=/tmp/site:$PWD/worker_py:${PYTHONPATH:-} MAX_JOBS=16 PYTHONUNBUFFERED=1 \
+  FLASHINFER_WORKSPACE_BASE=/tmp/fiws TRITON_CACHE_DIR=/tmp/tritoncache
+mkdir -p /tmp/tritoncache
+[ -f .whl/tritoncache.tgz ] && tar xzf .whl/tritoncache.tgz -C /tmp/tritoncache
 if [ -f .whl/ficache.tgz ]; then
   mkdir -p /tmp/site/flashinfer/data/aot && tar xzf .whl/ficache.tgz -C /tmp/site/flashinfer/data/aot
   echo "[gpu_env] restored FlashInfer's JIT build" >&2
@@ -22,4 +25,5 @@ if [ -n "${OUT:-}" ] && [ -d /tmp/fiws ]; then
   find /tmp/fiws -name '*.so' | while read -r f; do n=$(basename "$f" .so); mkdir -p "/tmp/aot/$n" && cp "$f" "/tmp/aot/$n/"; done
   tar czf "$OUT/ficache.tgz" -C /tmp/aot . 2>/dev/null
 fi
+[ -n "${OUT:-}" ] && tar czf "$OUT/tritoncache.tgz" -C /tmp/tritoncache . 2>/dev/null
 exit $rc

@@ -5,6 +5,8 @@ told apart, through the backend's per-step plan. q/k/v and gate/up are each one 
 
 `set_fused(True)` switches to the kernels of `fused.py` (CUDA, and an attention backend with `attend`
 and `out_loc`): the residual then travels beside the hidden states so that each add joins the next norm.
+`set_fused(True, small_m=True)` also runs the projections of batches of at most 16 tokens through
+`small_m.linear` (bf16/fp16 only), with the bias and the SiLU-and-mul in its epilogue.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from torch import nn
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.models import fused as kernels
+from minisgl.models import small_m
 from minisgl.models.config import ModelConfig
 from minisgl.models.norm import RMSNorm
 from minisgl.models.rotary import RotaryEmbedding
+
+
+def project(x: torch.Tensor, linear: nn.Linear, small: bool, silu_mul: bool = False) -> torch.Tensor:
+    """`linear(x)` (then SiLU-and-mul over its [gate; up] halves), through `small_m` for a few rows."""
+    if small and x.shape[0] <= small_m.MAX_ROWS:
+        return small_m.linear(x, linear.weight, linear.bias, silu_mul=silu_mul)
+    out = linear(x)
+    return kernels.silu_and_mul(out) if silu_mul else out
 
 
 class Qwen2Attention(nn.Module):
@@ -33,12 +44,13 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False, dtype=dtype)
         self.rotary = rotary
         self.fused = False
+        self.small_m = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         if self.fused:
             kv = attn.kv_cache
             q = kernels.rope_store_kv(
-                self.qkv_proj(x),
+                project(x, self.qkv_proj, self.small_m),
                 positions,
                 self.rotary.cos,
                 self.rotary.sin,
@@ -49,7 +61,7 @@ class Qwen2Attention(nn.Module):
                 self.num_kv_heads,
                 self.head_dim,
             )
-            return self.o_proj(attn.attend(self.layer, q).reshape(-1, self.q_size))
+            return project(attn.attend(self.layer, q).reshape(-1, self.q_size), self.o_proj, self.small_m)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -67,10 +79,12 @@ class Qwen2MLP(nn.Module):
         )
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False, dtype=dtype)
         self.fused = False
+        self.small_m = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+            h = project(x, self.gate_up_proj, self.small_m, silu_mul=True)
+            return project(h, self.down_proj, self.small_m)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -144,10 +158,12 @@ class Qwen2ForCausalLM(nn.Module):
         """Final hidden states of every new token: [t, hidden]."""
         return self.model(input_ids, positions, attn)
 
-    def set_fused(self, on: bool) -> None:
+    def set_fused(self, on: bool, small_m: bool = False) -> None:
         for module in self.modules():
             if hasattr(module, "fused"):
                 module.fused = on
+            if hasattr(module, "small_m"):
+                module.small_m = on and small_m
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

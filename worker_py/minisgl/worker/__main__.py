@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument(
         "--no-fused-kernels",
         action="store_true",
-        help="plain torch ops instead of the Triton kernels (norms, RoPE with the KV write, SiLU-and-mul)",
+        help="plain torch ops instead of the Triton kernels (norms, RoPE with the KV write, SiLU-and-mul, "
+        "projections of batches of up to 16 tokens)",
     )
     p.add_argument(
         "--no-overlap",

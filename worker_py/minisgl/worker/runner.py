@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from minisgl.attention import AttentionConfig, create_backend, resolve_backend
-from minisgl.models import ModelConfig, load_model
+from minisgl.models import ModelConfig, load_model, small_m
 from minisgl.models import fused as kernels
 from minisgl.sampling import Sampler
 from minisgl.worker.batch import BatchUploader, ForwardBatch
@@ -59,6 +59,7 @@ class ModelRunner:
         kv_memory_fraction: float = 0.85,
         cuda_graphs: bool = True,
         fused_kernels: bool = True,
+        small_m_kernels: bool = True,
         show_progress: bool = True,
     ) -> None:
         device = torch.device(device)
@@ -93,7 +94,14 @@ class ModelRunner:
         )
         # The fused kernels write K/V themselves and then call the backend's `attend`: FlashInfer only.
         self.fused_kernels = fused_kernels and cfg.attention == "flashinfer" and kernels.available(cfg.device)
-        self.model.set_fused(self.fused_kernels)
+        # small_m's tl.dot would run float32 through TF32: it is for the half-precision dtypes only.
+        self.small_m_kernels = (
+            self.fused_kernels
+            and small_m_kernels
+            and cfg.dtype in (torch.bfloat16, torch.float16)
+            and small_m.available(cfg.device)
+        )
+        self.model.set_fused(self.fused_kernels, self.small_m_kernels)
         scratch_slot = cfg.max_batch
         self.sampler = Sampler(cfg.max_batch + 1, cfg.device)
         # The token each slot sampled last: decode inputs name it as -(slot + 1), so the host never needs it.

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""GPU micro-benchmark of `small_m.linear` against cuBLAS on Qwen2.5-0.5B's decode projections.
+
+For each weight shape (qkv with bias, o, gate/up with SiLU-and-mul, down, the tied lm_head) and batch rows
+1 and 16, times every tile of a sweep and the current path (F.linear, then `fused.silu_and_mul` for gate/up),
+each call replayed inside a CUDA graph as the decode step runs it. Prints a table and the best tile per shape
+in the form of `small_m.TILES`.
+
+    python scripts/bench_kernels.py --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "worker_py")]
+
+from minisgl.models import fused, small_m  # noqa: E402
+
+HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
+# name -> (output columns, input columns, bias, silu_mul)
+SHAPES = {
+    "qkv": (QKV, HIDDEN, True, False),
+    "o": (HIDDEN, HIDDEN, False, False),
+    "gate_up": (INTER, HIDDEN, False, True),
+    "down": (HIDDEN, INTER, False, False),
+    "lm_head": (VOCAB, HIDDEN, False, False),
+}
+ROWS = (1, 16)
+CALLS = 20  # calls per captured graph: the per-call time includes the launch gap a graph has
+
+
+def tiles() -> list[small_m.Tile]:
+    sweep = itertools.product((16, 32, 64), (128, 256), (2, 4), (3, 4))
+    extra = [small_m.Tile(16, 512, 4, 2), small_m.Tile(32, 64, 4, 4), small_m.Tile(128, 128, 8, 3)]
+    return [small_m.Tile(*t) for t in sweep] + extra
+
+
+def graph_us(fn) -> float:
+    """Median time of one `fn()` call, replayed CALLS at a time in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def bench_shape(name: str, rows: int) -> dict:
+    n, k, has_bias, silu = SHAPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w_rows = 2 * n if silu else n
+    w = (torch.randn(w_rows, k, device="cuda", generator=gen) * 0.02).bfloat16()
+    b = torch.randn(n, device="cuda", generator=gen).bfloat16() if has_bias else None
+    x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+
+    def cublas():
+        out = F.linear(x, w, b)
+        return fused.silu_and_mul(out) if silu else out
+
+    want = cublas().float()
+    weight_bytes = w.numel() * 2
+    row = {"cublas_us": graph_us(cublas), "tiles": {}}
+    for t in tiles():
+        try:
+            got = small_m.linear(x, w, b, silu_mul=silu, tile=t).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            us = graph_us(lambda t=t: small_m.linear(x, w, b, silu_mul=silu, tile=t))
+            row["tiles"][",".join(map(str, t))] = {"us": us, "rel_err": err}
+        except Exception as e:  # a tile that does not compile (shared memory): skip it, say so
+            row["tiles"][",".join(map(str, t))] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    ok = {key: r for key, r in row["tiles"].items() if "us" in r and r["rel_err"] < 2e-2}
+    best = min(ok, key=lambda key: ok[key]["us"]) if ok else None
+    row["best"] = best
+    row["best_us"] = ok[best]["us"] if best else None
+    row["cublas_gbps"] = weight_bytes / row["cublas_us"] / 1e3
+    row["best_gbps"] = weight_bytes / row["best_us"] / 1e3 if best else None
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_kernels.json")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name()}
+    lines = [f"# {results['date']} {results['device']}: us per call inside a CUDA graph (GB/s of weights)"]
+    suggested = {}
+    t0 = time.perf_counter()
+    for name in a.shapes.split(","):
+        for rows in ROWS:
+            try:
+                r = bench_shape(name, rows)
+            except Exception:
+                r = {"error": traceback.format_exc()}
+                print(r["error"], file=sys.stderr)
+            results[f"{name} m{rows}"] = r
+            if "error" in r:
+                lines.append(f"{name:<8} m{rows:<3} ERROR")
+                continue
+            lines.append(
+                f"{name:<8} m{rows:<3} cublas {r['cublas_us']:7.2f} us ({r['cublas_gbps']:5.0f})   small_m "
+                f"{r['best_us'] or float('nan'):7.2f} us ({r['best_gbps'] or 0:5.0f})  tile {r['best']}"
+            )
+            print(lines[-1], f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        # The tile for the shape: the best at 16 rows among those within 5% of the best at one row.
+        one, sixteen = results.get(f"{name} m1", {}), results.get(f"{name} m16", {})
+        if "tiles" in one and "tiles" in sixteen and one["best"]:
+            n, k, _, silu = SHAPES[name]
+            near = [
+                key
+                for key, r in one["tiles"].items()
+                if "us" in r and r["us"] <= 1.05 * one["best_us"] and "us" in sixteen["tiles"].get(key, {})
+            ]
+            key = min(near, key=lambda key: sixteen["tiles"][key]["us"])
+            suggested[f"({n}, {k}, {silu})"] = f"Tile({key})"
+    results["suggested_tiles"] = suggested
+    lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    Path(a.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
