@@ -25,7 +25,7 @@ from minisgl.models.rotary import RotaryEmbedding
 
 def project(x: torch.Tensor, linear: nn.Linear, small: bool, silu_mul: bool = False) -> torch.Tensor:
     """`linear(x)` (then SiLU-and-mul over its [gate; up] halves), through `small_m` for a few rows."""
-    if small and x.shape[0] <= small_m.MAX_ROWS:
+    if small and small_m.suits(x, linear.weight):
         return small_m.linear(x, linear.weight, linear.bias, silu_mul=silu_mul)
     out = linear(x)
     return kernels.silu_and_mul(out) if silu_mul else out
@@ -146,6 +146,7 @@ class Qwen2ForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, dtype, device
         )
         self.model = Qwen2Model(config, rotary, dtype)
+        self.small_m = False
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -167,6 +168,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.small_m and small_m.suits(hidden, weight):
+            return small_m.linear(hidden, weight)
         return F.linear(hidden, weight)
 
     def checkpoint_target(self, name: str) -> tuple[str, int, int] | None:

@@ -11,7 +11,9 @@ computing out^T = W x^T so that the weight strip is the dot's large operand. Two
   SiLU, then the product), so it replaces the merged projection and `fused.silu_and_mul` with one kernel.
 
 Tile sizes per weight shape come from `scripts/bench_kernels.py` on the H200 (see `TILES`); other shapes get
-`DEFAULT_TILE`.
+`DEFAULT_TILE`. `suits` says where the kernel loses: with one program per column strip, a long reduction over
+few strips (the down projection: K 4864, 56 strips) leaves most SMs idle, where cuBLAS splits K (8.1 vs
+6.4 us on the H200).
 """
 
 from __future__ import annotations
@@ -36,9 +38,23 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-DEFAULT_TILE = Tile(16, 128, 4, 4)
-# (output columns, input columns, silu_mul) -> tile; filled from the kernel benchmark on the H200.
-TILES: dict[tuple[int, int, bool], Tile] = {}
+DEFAULT_TILE = Tile(16, 256, 2, 3)
+# (output columns, input columns, silu_mul) -> tile: `scripts/bench_kernels.py` on the H200, 2026-11-29
+# (us per call in a CUDA graph at 1 row, cuBLAS beside it: qkv 3.36 vs 4.02, o 3.18 vs 4.54, gate/up with
+# SiLU-and-mul 5.09 vs 6.68 plus a SiLU kernel, lm_head 62.6 vs 65.3).
+TILES: dict[tuple[int, int, bool], Tile] = {
+    (1152, 896, False): Tile(64, 128, 4, 3),
+    (896, 896, False): Tile(16, 256, 2, 3),
+    (4864, 896, True): Tile(64, 128, 4, 3),
+    (151936, 896, False): Tile(64, 128, 4, 3),
+}
+
+
+def suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` should take this product: few rows, a half-precision dtype (tl.dot would run float32
+    through TF32), and a reduction no longer than twice the output width (see the module docstring)."""
+    n, k = weight.shape
+    return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and k <= 2 * n
 
 
 def available(device: torch.device) -> bool:
