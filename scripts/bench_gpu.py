@@ -65,6 +65,12 @@ CONFIGS = {
         "cuda_graphs": True,
         "fused_kernels": True,
     },
+    "flashinfer+graphs+fused+small_m+triton_decode": {
+        "attention": "flashinfer",
+        "cuda_graphs": True,
+        "fused_kernels": True,
+        "decode_kernel": "triton",
+    },
 }
 
 

@@ -24,10 +24,13 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
-def create_backend(name: str, config: AttentionConfig, kv_cache: KVCache) -> AttentionBackend:
+def create_backend(
+    name: str, config: AttentionConfig, kv_cache: KVCache, decode_kernel: str = "flashinfer"
+) -> AttentionBackend:
+    """`decode_kernel` (flashinfer or triton) picks the flashinfer backend's decode kernel."""
     name = resolve_backend(name, kv_cache.k(0).device)
     if name == "flashinfer":
-        return FlashInferBackend(config, kv_cache)
+        return FlashInferBackend(config, kv_cache, decode_kernel)
     return TorchRefBackend(config, kv_cache)
 
 

@@ -7,6 +7,11 @@ schedule. With two steps in flight, planning step N+1 would overwrite that buffe
 may still be queued behind step N-1 (mini-sglang's PR 103 was this race). So the backend owns several pinned
 buffers, hands one to the wrapper before each plan, and reuses a buffer only after an event recorded behind
 its copies has completed.
+
+With `decode_kernel="triton"` decode steps go to `triton_decode` instead: no plan at all, the kernel reads
+the page tables and lengths where the uploader put them (for a graph of B rows, at fixed offsets of its
+device buffer, so a captured launch finds each new step's tables), and splits the KV scan a fixed number of
+ways per graph size. Extend steps stay on FlashInfer's prefill either way.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from minisgl.attention.base import AttentionBackend, AttentionConfig
 from minisgl.worker.batch import ForwardBatch
 from minisgl.worker.kv_cache import KVCache
 
+DECODE_KERNELS = ("flashinfer", "triton")
+GRAPH_CONTEXT_HINT = 4096  # the context a graph's split count is chosen for (triton decode)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-KV partial results)
 PLAN_BUFFER_BYTES = 8 << 20  # the size of FlashInfer's own pinned int workspace
 PLAN_DEPTH = 2  # steps in flight at once
@@ -58,8 +65,18 @@ class FlashInferBackend(AttentionBackend):
 
     supports_graphs = True
 
-    def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
+    def __init__(self, config: AttentionConfig, kv_cache: KVCache, decode_kernel: str = "flashinfer") -> None:
         super().__init__(config, kv_cache)
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernel {decode_kernel!r}; known: {', '.join(DECODE_KERNELS)}")
+        self.decode_kernel = decode_kernel
+        self._triton = None
+        if decode_kernel == "triton":
+            from minisgl.attention import triton_decode
+
+            self._triton = triton_decode
+        self._decode_args: tuple | None = None  # (kv_indptr, kv_indices, seq_len, splits) of a triton step
+        self._graph_splits: dict[int, int] = {}
         fi = import_flashinfer()
         self._fi = fi
         k0 = kv_cache.k(0)
@@ -84,8 +101,14 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
         """One decode wrapper per graph batch size, over index buffers that never move."""
-        indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
         self.max_graph_kv_indices = max_kv_indices
+        if self._triton is not None:
+            hkv = self.config.num_kv_heads
+            self._graph_splits = {
+                b: self._triton.splits_for(b, GRAPH_CONTEXT_HINT, num_kv_heads=hkv) for b in sizes
+            }
+            return
+        indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
         for b in sizes:
             self._graph_decode[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self._workspace,
@@ -98,13 +121,28 @@ class FlashInferBackend(AttentionBackend):
             )
 
     def plan(self, batch: ForwardBatch) -> None:
-        self._plan(batch, self._decode if batch.is_decode else self._prefill)
+        if batch.is_decode and self._triton is not None:
+            hkv = self.config.num_kv_heads
+            self._plan_triton(
+                batch, self._triton.splits_for(batch.num_reqs, batch.max_seq_len, num_kv_heads=hkv)
+            )
+        else:
+            self._plan(batch, self._decode if batch.is_decode else self._prefill)
 
     def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
         """Plans a decode batch padded to `rows`, for the graph captured at that size."""
-        self._plan(batch, self._graph_decode[rows])
+        if self._triton is not None:
+            self._plan_triton(batch, self._graph_splits[rows])
+        else:
+            self._plan(batch, self._graph_decode[rows])
+
+    def _plan_triton(self, batch: ForwardBatch, splits: int) -> None:
+        self._wrapper = None
+        self._decode_args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
+        self.out_loc = batch.out_loc
 
     def _plan(self, batch: ForwardBatch, wrapper) -> None:
+        self._decode_args = None
         c = self.config
         common = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "non_blocking": True}
         if wrapper is not self._prefill and id(wrapper) in self._planned and batch.num_reqs < 65536:
@@ -190,4 +228,8 @@ class FlashInferBackend(AttentionBackend):
         return self.attend(layer, q)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        if self._decode_args is not None:
+            kv_indptr, kv_indices, seq_len, splits = self._decode_args
+            k, v = self._kv[layer]
+            return self._triton.decode_attention(q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits)
         return self._wrapper.run(q, self._kv[layer])

@@ -60,6 +60,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         fused_kernels: bool = True,
         small_m_kernels: bool = True,
+        decode_kernel: str = "flashinfer",
         show_progress: bool = True,
     ) -> None:
         device = torch.device(device)
@@ -91,6 +92,7 @@ class ModelRunner:
             cfg.attention,
             AttentionConfig(mc.num_heads, mc.num_kv_heads, mc.head_dim, cfg.page_size),
             self.kv_cache,
+            decode_kernel,
         )
         # The fused kernels write K/V themselves and then call the backend's `attend`: FlashInfer only.
         self.fused_kernels = fused_kernels and cfg.attention == "flashinfer" and kernels.available(cfg.device)
