@@ -321,6 +321,9 @@ pub struct InfoMsg {
     pub page_size: u32,
     pub num_pages: u32,
     pub eos_token_ids: Vec<u32>,
+    /// Requests admitted and not yet finished, from every client (ZeroMQ and HTTP): what a client checks to
+    /// see that nothing it started is still running.
+    pub live_requests: u32,
 }
 
 // --- control socket ------------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ fn server_messages() {
                 page_size: 16,
                 num_pages: 8192,
                 eos_token_ids: vec![151645, 151643],
+                live_requests: 3,
             }),
         ),
     ];

@@ -217,6 +217,7 @@ SERVER = {
         "page_size": 16,
         "num_pages": 8192,
         "eos_token_ids": [151645, 151643],
+        "live_requests": 3,
     },
 }
 
