@@ -1,13 +1,15 @@
 //! `minisgl-sched`: the scheduler daemon. Wiring only: load the text side of the model, shake hands with the
-//! worker, start the engine thread, serve the request socket until a signal or the worker's death.
+//! worker, start the engine thread, serve the request socket and the HTTP API until a signal or the worker's
+//! death.
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use proto::api::{InfoMsg, ServerMsg};
+use proto::api::InfoMsg;
 use scheduler::core::{Core, Limits};
 use scheduler::engine::{Command, Engine};
 use scheduler::model_files::ModelFiles;
-use scheduler::server::{Hub, PromptLimits, zmq};
+use scheduler::server::serve::{self, Ended};
+use scheduler::server::{Hub, PromptLimits, http};
 use scheduler::text::{ChatTemplate, Tokenizer};
 use scheduler::worker::{self, RingPlan};
 use std::path::PathBuf;
@@ -24,6 +26,12 @@ struct Args {
     /// The request socket clients connect to (ZeroMQ endpoint). Loopback unless you say otherwise.
     #[arg(long, default_value = "tcp://127.0.0.1:5557")]
     listen: String,
+    /// The OpenAI-compatible HTTP API's address (host:port), or `off`. Loopback unless you say otherwise.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http: String,
+    /// The model name the HTTP API reports and answers with (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
     /// The worker's handshake socket (a ZeroMQ ipc:// endpoint).
     #[arg(long)]
     control: String,
@@ -69,6 +77,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
+    // Before the worker spends minutes loading weights: a taken port should fail the start at once.
+    let http_listener = match args.http.as_str() {
+        "off" => None,
+        addr => Some(http::bind(addr).await?),
+    };
     let files = ModelFiles::load(&args.model)?;
     let tokenizer = Arc::new(Tokenizer::from_model_dir(&files.dir).context("loading tokenizer.json")?);
     let chat = ChatTemplate::from_model_dir(&files.dir).ok();
@@ -110,7 +123,7 @@ async fn run(args: Args) -> Result<ExitCode> {
 
     let (commands, command_rx) = std::sync::mpsc::channel();
     let (output_tx, outputs) = tokio::sync::mpsc::unbounded_channel();
-    let info = ServerMsg::Info(InfoMsg {
+    let info = InfoMsg {
         model: files.name.clone(),
         vocab_size: files.vocab_size,
         max_seq_len: limits.max_seq_len,
@@ -118,12 +131,14 @@ async fn run(args: Args) -> Result<ExitCode> {
         page_size: limits.page_size,
         num_pages: limits.num_pages,
         eos_token_ids: limits.eos_token_ids.clone(),
-    });
+        live_requests: 0,
+    };
     let hub_limits = PromptLimits {
         vocab_size: files.vocab_size,
         max_seq_len: limits.max_seq_len,
         max_prompt_len: limits.max_prompt_len(),
     };
+    let hub_max_seq_len = hub_limits.max_seq_len;
     let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone());
     let engine = Engine {
         core: Core::new(limits)?,
@@ -134,16 +149,25 @@ async fn run(args: Args) -> Result<ExitCode> {
     };
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
 
-    let ended = zmq::serve(&args.listen, hub, outputs, shutdown_signal()).await?;
+    // With the API off, the loop finds the channel closed at once and stops watching it.
+    let (calls, call_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(listener) = http_listener {
+        let model = args.served_model_name.clone().unwrap_or_else(|| files.name.clone());
+        http::spawn(listener, http::Api::new(calls, model, hub_max_seq_len));
+    } else {
+        drop(calls);
+    }
+
+    let ended = serve::serve(&args.listen, hub, outputs, call_rx, shutdown_signal()).await?;
     let _ = commands.send(Command::Shutdown);
     // The engine thread tells the worker to exit and unlinks the rings as it drops them.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
     match ended {
-        zmq::Ended::Shutdown => {
+        Ended::Shutdown => {
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
-        zmq::Ended::EngineFailed(why) => {
+        Ended::EngineFailed(why) => {
             tracing::error!("stopping: {why}");
             Ok(ExitCode::from(3))
         }

@@ -3,20 +3,28 @@
 //! Inbound, it decodes, validates and tokenizes what clients send and hands the engine ready requests.
 //! Outbound, it turns the engine's token events into the protocol's deltas and finals: streaming
 //! detokenization and stop strings live here, on the socket's side, so the engine thread never spends a step
-//! on text. Plain synchronous code with no I/O: the socket loop feeds it and sends what it returns.
+//! on text. Plain synchronous code with no I/O: the serve loop feeds it from both front doors (the ZeroMQ
+//! socket and the HTTP API) and routes what it returns to the peer each reply names.
 
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
 use bytes::Bytes;
-use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, Prompt, Rejection, ServerMsg};
+use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Prompt, Rejection, ServerMsg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
-/// Where a client's replies go: its ZeroMQ routing frames (the identity, and the empty delimiter when the
-/// client used a REQ-style envelope), sent back in front of each reply.
-pub type Peer = Vec<Bytes>;
+/// Where a client's replies go. Request ids are unique per peer, not globally, so the two front doors cannot
+/// collide: an HTTP request is a peer of its own, and no ZeroMQ client's rid can name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A ZeroMQ client's routing frames (the identity, and the empty delimiter when the client used a
+    /// REQ-style envelope), sent back in front of each reply.
+    Zmq(Vec<Bytes>),
+    /// One HTTP request, by the number the HTTP server gave it; the serve loop holds its reply channel.
+    Http(u64),
+}
 
 /// Limits a request must fit, known after the handshake.
 #[derive(Clone, Debug)]
@@ -31,7 +39,7 @@ pub struct Hub {
     tokenizer: Arc<Tokenizer>,
     chat: Option<ChatTemplate>,
     limits: PromptLimits,
-    info: ServerMsg,
+    info: InfoMsg,
     engine: Sender<Command>,
     live: HashMap<ReqId, Live>,
     by_rid: HashMap<(Peer, String), ReqId>,
@@ -54,7 +62,7 @@ impl Hub {
         tokenizer: Arc<Tokenizer>,
         chat: Option<ChatTemplate>,
         limits: PromptLimits,
-        info: ServerMsg,
+        info: InfoMsg,
         engine: Sender<Command>,
     ) -> Self {
         Hub {
@@ -74,30 +82,44 @@ impl Hub {
         self.live.len()
     }
 
+    /// The `info` reply: the served model, and how many requests are live right now.
+    pub fn info(&self) -> ServerMsg {
+        let live_requests = u32::try_from(self.live.len()).unwrap_or(u32::MAX);
+        ServerMsg::Info(InfoMsg { live_requests, ..self.info.clone() })
+    }
+
     /// Handles one message from `peer`; replies go to `out`.
     pub fn on_message(&mut self, peer: &Peer, bytes: &[u8], out: &mut Vec<(Peer, ServerMsg)>) {
         let reply = match api::decode_client(bytes) {
             Err(rejection) => Some(rejection.to_msg()),
-            Ok(ClientMsg::Info) => Some(self.info.clone()),
-            Ok(ClientMsg::Abort { rid }) => self.abort(peer, rid, out),
-            Ok(ClientMsg::Generate(g)) => self.generate(peer, g).err().map(|r| r.to_msg()),
+            Ok(ClientMsg::Info) => Some(self.info()),
+            Ok(ClientMsg::Abort { rid }) => {
+                if self.cancel(peer, &rid, out) {
+                    None
+                } else {
+                    let message = format!("no live request with rid {rid:?} from this client");
+                    Some(Rejection::new(Some(rid), ErrorCode::UnknownRequest, message).to_msg())
+                }
+            }
+            Ok(ClientMsg::Generate(g)) => self.submit(peer, g).err().map(|r| r.to_msg()),
         };
         if let Some(msg) = reply {
             out.push((peer.clone(), msg));
         }
     }
 
-    fn abort(&mut self, peer: &Peer, rid: String, out: &mut Vec<(Peer, ServerMsg)>) -> Option<ServerMsg> {
-        let Some(&id) = self.by_rid.get(&(peer.clone(), rid.clone())) else {
-            let message = format!("no live request with rid {rid:?} from this client");
-            return Some(Rejection::new(Some(rid), ErrorCode::UnknownRequest, message).to_msg());
-        };
+    /// Ends `peer`'s live request `rid` with `finish_reason: "abort"` (its final goes to `out`). False when no
+    /// such request is live: it ended already, or never existed.
+    pub fn cancel(&mut self, peer: &Peer, rid: &str, out: &mut Vec<(Peer, ServerMsg)>) -> bool {
+        let Some(&id) = self.by_rid.get(&(peer.clone(), rid.to_owned())) else { return false };
         let _ = self.engine.send(Command::Finish(id));
         self.finalize(id, FinishReason::Abort, None, String::new(), out);
-        None
+        true
     }
 
-    fn generate(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
+    /// Admits a decoded `generate` from `peer`, or says why not. Nothing is sent on a refusal: the caller
+    /// answers it in its own door's terms.
+    pub fn submit(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
         api::validate(&g)?;
         let key = (peer.clone(), g.rid.clone());
         let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
@@ -122,7 +144,9 @@ impl Hub {
         }
         let s = &g.sampling;
         let params = SamplingParams {
-            max_tokens: s.max_tokens as u32,
+            // Validated > 0; a larger count than u32 holds means "as many as the context allows", as does any
+            // count past the context, so saturating loses nothing.
+            max_tokens: u32::try_from(s.max_tokens).unwrap_or(u32::MAX),
             temperature: s.temperature as f32,
             top_p: s.top_p as f32,
             top_k: s.top_k as i32,
@@ -284,7 +308,7 @@ impl SeedSource {
 mod tests {
     use super::*;
     use crate::text::test_tokenizer::byte_level_tokenizer;
-    use proto::api::{ErrorMsg, FinishReason as Wire, Sampling};
+    use proto::api::{FinishReason as Wire, Sampling};
     use std::sync::mpsc::{Receiver, channel};
 
     const ALICE: &[u8] = b"alice";
@@ -292,13 +316,22 @@ mod tests {
     fn hub(max_prompt_len: u32) -> (Hub, Receiver<Command>) {
         let tokenizer = byte_level_tokenizer();
         let limits = PromptLimits { vocab_size: tokenizer.vocab_size() as u32, max_seq_len: 64, max_prompt_len };
-        let info = ServerMsg::Error(ErrorMsg { rid: None, code: ErrorCode::Malformed, message: "info".into() });
+        let info = InfoMsg {
+            model: "test".into(),
+            vocab_size: limits.vocab_size,
+            max_seq_len: 64,
+            max_batch: 4,
+            page_size: 16,
+            num_pages: 8,
+            eos_token_ids: vec![0],
+            live_requests: 0,
+        };
         let (tx, rx) = channel();
         (Hub::new(tokenizer, None, limits, info, tx), rx)
     }
 
     fn peer() -> Peer {
-        vec![Bytes::from_static(ALICE)]
+        Peer::Zmq(vec![Bytes::from_static(ALICE)])
     }
 
     fn send(hub: &mut Hub, msg: &ClientMsg) -> Vec<(Peer, ServerMsg)> {
@@ -466,5 +499,77 @@ mod tests {
         assert!(out.iter().all(|(_, m)| matches!(m, ServerMsg::Final(f)
             if f.finish_reason == Wire::Error && f.message.as_deref() == Some("the worker died"))));
         assert_eq!(hub.live_requests(), 0);
+    }
+
+    fn live_in_info(hub: &mut Hub) -> u32 {
+        match &send(hub, &ClientMsg::Info)[..] {
+            [(_, ServerMsg::Info(info))] => info.live_requests,
+            other => panic!("expected the info reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn info_counts_the_live_requests() {
+        let (mut hub, rx) = hub(32);
+        assert_eq!(live_in_info(&mut hub), 0);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &generate("b", "x", true, Sampling::default()));
+        assert_eq!(live_in_info(&mut hub), 2);
+        let id = submitted(&rx).id;
+        hub.on_events(vec![token(id, b'k' as u32, Some(FinishReason::Length))], &mut Vec::new());
+        assert_eq!(live_in_info(&mut hub), 1);
+    }
+
+    #[test]
+    fn an_http_request_and_a_zmq_rid_of_the_same_name_do_not_collide() {
+        let (mut hub, rx) = hub(32);
+        let http = Peer::Http(7);
+        let g = Generate { text: Some("x".into()), stream: false, ..Generate::new("same") };
+        hub.submit(&http, g.clone()).unwrap();
+        assert!(send(&mut hub, &ClientMsg::Generate(g.clone())).is_empty(), "the ZeroMQ client's rid is its own");
+        assert_eq!(hub.submit(&http, g).unwrap_err().code, ErrorCode::DuplicateRequest);
+        let (http_id, zmq_id) = (submitted(&rx).id, submitted(&rx).id);
+        // A ZeroMQ client cannot abort the HTTP request by naming its rid: it aborts its own.
+        let out = send(&mut hub, &ClientMsg::Abort { rid: "same".into() });
+        assert!(matches!(&out[..], [(p, ServerMsg::Final(f))] if *p == peer() && f.finish_reason == Wire::Abort));
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(id)) if id == zmq_id));
+        let mut out = Vec::new();
+        hub.on_events(vec![token(http_id, b'k' as u32, Some(FinishReason::Length))], &mut out);
+        assert!(matches!(&out[..], [(Peer::Http(7), ServerMsg::Final(f))] if f.text == "k"));
+        assert_eq!(hub.live_requests(), 0);
+    }
+
+    #[test]
+    fn cancel_ends_a_live_request_once() {
+        let (mut hub, rx) = hub(32);
+        let http = Peer::Http(1);
+        hub.submit(&http, Generate { text: Some("x".into()), ..Generate::new("r") }).unwrap();
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        assert!(!hub.cancel(&Peer::Http(2), "r", &mut out), "another peer's rid");
+        assert!(hub.cancel(&http, "r", &mut out));
+        assert!(matches!(&out[..], [(p, ServerMsg::Final(f))] if *p == http && f.finish_reason == Wire::Abort));
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(finished)) if finished == id));
+        assert!(!hub.cancel(&http, "r", &mut out), "it has ended");
+        assert_eq!((out.len(), hub.live_requests()), (1, 0));
+    }
+
+    #[test]
+    fn a_refused_submit_sends_nothing_and_says_why() {
+        let (mut hub, rx) = hub(4);
+        let long = Generate { text: Some("hello world".into()), ..Generate::new("r") };
+        let rejection = hub.submit(&Peer::Http(1), long).unwrap_err();
+        assert_eq!((rejection.code, rejection.rid.as_deref()), (ErrorCode::PromptTooLong, Some("r")));
+        assert!(rejection.message.contains("at most 4"), "{}", rejection.message);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.live_requests(), 0);
+    }
+
+    #[test]
+    fn a_max_tokens_beyond_u32_saturates_instead_of_wrapping() {
+        let (mut hub, rx) = hub(32);
+        let huge = Sampling { max_tokens: (1 << 32) + 5, ..Sampling::default() };
+        send(&mut hub, &generate("a", "x", true, huge));
+        assert_eq!(submitted(&rx).params.max_tokens, u32::MAX);
     }
 }

@@ -1,7 +1,11 @@
-//! The edges clients touch: the request hub (validation, tokenization, detokenization; no I/O) and the
-//! ZeroMQ request socket that drives it.
+//! The edges clients touch: the request hub (validation, tokenization, detokenization; no I/O), the two front
+//! doors that feed it (the ZeroMQ request socket and the OpenAI-compatible HTTP API), and the serve loop that
+//! owns the hub and joins them.
 
+pub mod http;
 pub mod hub;
+pub mod openai;
+pub mod serve;
 pub mod zmq;
 
 pub use hub::{Hub, Peer, PromptLimits};

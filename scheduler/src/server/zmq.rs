@@ -1,78 +1,49 @@
-//! The request socket: a ZeroMQ ROUTER that feeds the hub and sends what it answers.
+//! The request socket: a ZeroMQ ROUTER. Frames in become hub messages; replies go back to the identity they
+//! came from. The serve loop (`serve.rs`) drives both halves.
 
-use super::hub::{Hub, Peer};
-use crate::engine::Output;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use proto::api::ServerMsg;
-use std::future::Future;
-use tokio::sync::mpsc::UnboundedReceiver;
-use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-/// Why the serve loop ended.
-pub enum Ended {
-    /// The shutdown future completed (a signal).
-    Shutdown,
-    /// The engine stopped on its own; live requests were failed with this reason.
-    EngineFailed(String),
-}
-
-/// Binds `listen` and serves until `shutdown` completes or the engine stops.
-pub async fn serve(
-    listen: &str,
-    mut hub: Hub,
-    mut outputs: UnboundedReceiver<Output>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Ended> {
-    if let Some(path) = listen.strip_prefix("ipc://") {
-        // The zeromq crate leaves its socket file behind; a stale one makes bind fail with AddrInUse.
-        let _ = std::fs::remove_file(path);
-    }
+/// Binds `listen` and returns the socket's two halves.
+pub async fn bind(listen: &str) -> Result<(RouterSendHalf, RouterRecvHalf)> {
+    remove_socket_file(listen);
     let mut socket = RouterSocket::new();
     socket.bind(listen).await.with_context(|| format!("binding the request socket {listen}"))?;
     tracing::info!("accepting requests on {listen}");
-    let (mut send, mut recv) = socket.split();
-    let mut replies: Vec<(Peer, ServerMsg)> = Vec::new();
-    tokio::pin!(shutdown);
-    let ended = loop {
-        tokio::select! {
-            msg = recv.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => { tracing::warn!("request socket: {e}"); continue; }
-                };
-                let mut frames = msg.into_vec();
-                if frames.len() < 2 {
-                    continue; // an identity alone: nothing to answer
-                }
-                let payload = frames.pop().unwrap_or_default();
-                hub.on_message(&frames, &payload, &mut replies);
-            }
-            output = outputs.recv() => match output {
-                Some(Output::Events(events)) => hub.on_events(events, &mut replies),
-                Some(Output::Failed(why)) => {
-                    hub.fail_all(&format!("the engine stopped: {why}"), &mut replies);
-                    flush(&mut send, &mut replies).await;
-                    break Ended::EngineFailed(why);
-                }
-                None => {
-                    hub.fail_all("the engine stopped", &mut replies);
-                    flush(&mut send, &mut replies).await;
-                    break Ended::EngineFailed("the engine thread ended".into());
-                }
-            },
-            () = &mut shutdown => break Ended::Shutdown,
-        }
-        flush(&mut send, &mut replies).await;
-    };
+    Ok(socket.split())
+}
+
+/// The zeromq crate leaves an ipc:// socket file behind, and a stale one makes the next bind fail with
+/// AddrInUse: removed before binding and after serving.
+pub fn remove_socket_file(listen: &str) {
     if let Some(path) = listen.strip_prefix("ipc://") {
         let _ = std::fs::remove_file(path);
     }
-    Ok(ended)
 }
 
-async fn flush(send: &mut zeromq::RouterSendHalf, replies: &mut Vec<(Peer, ServerMsg)>) {
-    for (peer, msg) in replies.drain(..) {
+/// The next message that has a payload: its routing frames (the peer) and the payload. None when the
+/// socket cannot deliver one now (it said why in the log); the caller just waits for the next.
+pub async fn recv(recv: &mut RouterRecvHalf) -> Option<(Vec<Bytes>, Bytes)> {
+    let msg = match recv.recv().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("request socket: {e}");
+            return None;
+        }
+    };
+    let mut frames = msg.into_vec();
+    if frames.len() < 2 {
+        return None; // an identity alone: nothing to answer
+    }
+    let payload = frames.pop().unwrap_or_default();
+    Some((frames, payload))
+}
+
+/// Sends each reply behind its peer's routing frames.
+pub async fn flush(send: &mut RouterSendHalf, replies: impl IntoIterator<Item = (Vec<Bytes>, ServerMsg)>) {
+    for (peer, msg) in replies {
         let mut frames = peer.into_iter();
         let Some(identity) = frames.next() else { continue };
         let mut message = ZmqMessage::from(identity);

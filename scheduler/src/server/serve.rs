@@ -1,0 +1,276 @@
+//! The one loop that owns the hub. It feeds it from both front doors (ZeroMQ frames, HTTP calls) and from the
+//! engine's outputs, and routes every reply through the door its peer came in by: one request table and one
+//! engine for every client.
+
+use super::http::Call;
+use super::hub::{Hub, Peer};
+use super::zmq;
+use crate::engine::Output;
+use anyhow::Result;
+use bytes::Bytes;
+use proto::api::ServerMsg;
+use std::collections::HashMap;
+use std::future::Future;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// Why the serve loop ended.
+pub enum Ended {
+    /// The shutdown future completed (a signal).
+    Shutdown,
+    /// The engine stopped on its own; live requests were failed with this reason.
+    EngineFailed(String),
+}
+
+/// A live HTTP request: its rid in the hub, and where its replies go.
+struct HttpPeer {
+    rid: String,
+    replies: UnboundedSender<ServerMsg>,
+}
+
+/// Binds the request socket at `listen`, and serves it and the HTTP calls arriving on `http` until
+/// `shutdown` completes or the engine stops. `http` may be a channel whose senders are all gone (no HTTP API).
+pub async fn serve(
+    listen: &str,
+    mut hub: Hub,
+    mut outputs: UnboundedReceiver<Output>,
+    mut http: UnboundedReceiver<Call>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Ended> {
+    let (mut send, mut recv) = zmq::bind(listen).await?;
+    let mut http_open = true;
+    let mut http_peers: HashMap<u64, HttpPeer> = HashMap::new();
+    let mut replies: Vec<(Peer, ServerMsg)> = Vec::new();
+    let mut to_zmq: Vec<(Vec<Bytes>, ServerMsg)> = Vec::new();
+    tokio::pin!(shutdown);
+    let ended = loop {
+        let mut stop = None;
+        tokio::select! {
+            msg = zmq::recv(&mut recv) => {
+                if let Some((frames, payload)) = msg {
+                    hub.on_message(&Peer::Zmq(frames), &payload, &mut replies);
+                }
+            }
+            call = http.recv(), if http_open => match call {
+                Some(call) => on_call(&mut hub, &mut http_peers, call, &mut replies),
+                None => http_open = false,
+            },
+            output = outputs.recv() => match output {
+                Some(Output::Events(events)) => hub.on_events(events, &mut replies),
+                Some(Output::Failed(why)) => {
+                    hub.fail_all(&format!("the engine stopped: {why}"), &mut replies);
+                    stop = Some(Ended::EngineFailed(why));
+                }
+                None => {
+                    hub.fail_all("the engine stopped", &mut replies);
+                    stop = Some(Ended::EngineFailed("the engine thread ended".into()));
+                }
+            },
+            () = &mut shutdown => stop = Some(Ended::Shutdown),
+        }
+        route(&mut replies, &mut http_peers, &mut to_zmq);
+        zmq::flush(&mut send, to_zmq.drain(..)).await;
+        if let Some(ended) = stop {
+            break ended;
+        }
+    };
+    zmq::remove_socket_file(listen);
+    Ok(ended)
+}
+
+fn on_call(hub: &mut Hub, http_peers: &mut HashMap<u64, HttpPeer>, call: Call, out: &mut Vec<(Peer, ServerMsg)>) {
+    match call {
+        Call::Generate { id, generate, accepted, replies } => {
+            let rid = generate.rid.clone();
+            let verdict = hub.submit(&Peer::Http(id), *generate);
+            if verdict.is_ok() {
+                http_peers.insert(id, HttpPeer { rid, replies });
+            }
+            // A handler that is gone already sends its `Gone` right behind this call.
+            let _ = accepted.send(verdict);
+        }
+        Call::Gone(id) => {
+            if let Some(peer) = http_peers.remove(&id) {
+                hub.cancel(&Peer::Http(id), &peer.rid, out);
+            }
+        }
+        Call::Health(reply) => {
+            let _ = reply.send(hub.live_requests());
+        }
+    }
+}
+
+/// Sorts replies by door: ZeroMQ ones into `to_zmq` (in order), HTTP ones straight into their channels. A
+/// final or an error is an HTTP request's last reply, and forgets its peer.
+fn route(
+    replies: &mut Vec<(Peer, ServerMsg)>,
+    http_peers: &mut HashMap<u64, HttpPeer>,
+    to_zmq: &mut Vec<(Vec<Bytes>, ServerMsg)>,
+) {
+    for (peer, msg) in replies.drain(..) {
+        match peer {
+            Peer::Zmq(frames) => to_zmq.push((frames, msg)),
+            Peer::Http(id) => {
+                let last = matches!(msg, ServerMsg::Final(_) | ServerMsg::Error(_));
+                let Some(peer) = http_peers.get(&id) else { continue }; // it has gone: see `Call::Gone`
+                // A failed send means the handler was dropped; its `Gone` is on the way and aborts the request.
+                let _ = peer.replies.send(msg);
+                if last {
+                    http_peers.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Event;
+    use crate::engine::Command;
+    use crate::server::PromptLimits;
+    use crate::text::test_tokenizer::byte_level_tokenizer;
+    use proto::api::{ErrorCode, FinishReason, Generate, InfoMsg, Rejection};
+    use std::sync::mpsc::{Receiver, channel};
+    use tokio::sync::mpsc::unbounded_channel;
+    use tokio::sync::oneshot;
+
+    fn hub() -> (Hub, Receiver<Command>) {
+        let tokenizer = byte_level_tokenizer();
+        let vocab_size = tokenizer.vocab_size() as u32;
+        let limits = PromptLimits { vocab_size, max_seq_len: 64, max_prompt_len: 8 };
+        let info = InfoMsg {
+            model: "test".into(),
+            vocab_size,
+            max_seq_len: 64,
+            max_batch: 4,
+            page_size: 16,
+            num_pages: 8,
+            eos_token_ids: vec![0],
+            live_requests: 0,
+        };
+        let (tx, rx) = channel();
+        (Hub::new(tokenizer, None, limits, info, tx), rx)
+    }
+
+    struct Loop {
+        hub: Hub,
+        engine: Receiver<Command>,
+        peers: HashMap<u64, HttpPeer>,
+        to_zmq: Vec<(Vec<Bytes>, ServerMsg)>,
+    }
+
+    impl Loop {
+        fn new() -> Self {
+            let (hub, engine) = hub();
+            Loop { hub, engine, peers: HashMap::new(), to_zmq: Vec::new() }
+        }
+
+        fn call(&mut self, call: Call) {
+            let mut out = Vec::new();
+            on_call(&mut self.hub, &mut self.peers, call, &mut out);
+            route(&mut out, &mut self.peers, &mut self.to_zmq);
+        }
+
+        fn events(&mut self, events: Vec<Event>) {
+            let mut out = Vec::new();
+            self.hub.on_events(events, &mut out);
+            route(&mut out, &mut self.peers, &mut self.to_zmq);
+        }
+
+        /// Submits `text` as HTTP request `id`: the verdict, and the receiver of its replies.
+        fn generate(
+            &mut self,
+            id: u64,
+            text: &str,
+        ) -> (Result<(), Rejection>, tokio::sync::mpsc::UnboundedReceiver<ServerMsg>) {
+            let (replies, rx) = unbounded_channel();
+            let (accepted, mut verdict) = oneshot::channel();
+            let generate = Box::new(Generate { text: Some(text.into()), ..Generate::new(format!("cmpl-{id}")) });
+            self.call(Call::Generate { id, generate, accepted, replies });
+            (verdict.try_recv().expect("the loop answers at once"), rx)
+        }
+
+        fn submitted(&self) -> crate::core::ReqId {
+            match self.engine.try_recv() {
+                Ok(Command::Submit(r)) => r.id,
+                _ => panic!("expected a submit"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_http_request_gets_its_replies_and_is_forgotten_after_its_final() {
+        let mut l = Loop::new();
+        let (verdict, mut rx) = l.generate(3, "hi");
+        assert!(verdict.is_ok());
+        let id = l.submitted();
+        l.events(vec![Event::Token { id, token: b'o' as u32, finish: None }]);
+        l.events(vec![Event::Token { id, token: b'k' as u32, finish: Some(crate::core::FinishReason::Length) }]);
+        let mut got = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            got.push(msg);
+        }
+        match &got[..] {
+            [ServerMsg::Delta(a), ServerMsg::Delta(b), ServerMsg::Final(f)] => {
+                assert_eq!((a.text.as_str(), b.text.as_str()), ("o", "k"));
+                assert_eq!((f.rid.as_str(), f.text.as_str()), ("cmpl-3", "ok"));
+            }
+            other => panic!("expected two deltas and the final, got {other:?}"),
+        }
+        assert!(l.peers.is_empty() && l.to_zmq.is_empty());
+    }
+
+    #[test]
+    fn a_refused_http_request_gets_the_reason_and_is_not_kept() {
+        let mut l = Loop::new();
+        let (verdict, _rx) = l.generate(1, "far too long a prompt");
+        assert_eq!(verdict.unwrap_err().code, ErrorCode::PromptTooLong);
+        assert!(l.peers.is_empty());
+        assert!(l.engine.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_gone_handler_aborts_its_request_and_later_tokens_are_dropped() {
+        let mut l = Loop::new();
+        let (_, rx) = l.generate(5, "hi");
+        let id = l.submitted();
+        drop(rx);
+        l.call(Call::Gone(5));
+        assert!(matches!(l.engine.try_recv(), Ok(Command::Finish(finished)) if finished == id));
+        assert_eq!(l.hub.live_requests(), 0);
+        assert!(l.peers.is_empty());
+        l.events(vec![Event::Token { id, token: b'x' as u32, finish: None }]);
+        l.call(Call::Gone(5)); // a second goodbye, or one for a request that ended: nothing to do
+        assert!(l.engine.try_recv().is_err());
+        let (tx, mut live) = oneshot::channel();
+        l.call(Call::Health(tx));
+        assert_eq!(live.try_recv(), Ok(0));
+    }
+
+    #[test]
+    fn zmq_replies_keep_their_order_and_frames() {
+        let mut l = Loop::new();
+        let peer = Peer::Zmq(vec![Bytes::from_static(b"id"), Bytes::new()]);
+        let mut out = vec![
+            (peer.clone(), l.hub.info()),
+            (Peer::Http(9), l.hub.info()), // no such HTTP request: dropped
+            (peer, ServerMsg::Final(final_for("z"))),
+        ];
+        route(&mut out, &mut l.peers, &mut l.to_zmq);
+        assert_eq!(l.to_zmq.len(), 2);
+        assert!(l.to_zmq.iter().all(|(frames, _)| frames.len() == 2 && frames[0] == "id"));
+        assert!(matches!(l.to_zmq[0].1, ServerMsg::Info(_)) && matches!(l.to_zmq[1].1, ServerMsg::Final(_)));
+    }
+
+    fn final_for(rid: &str) -> proto::api::Final {
+        proto::api::Final {
+            rid: rid.into(),
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            token_ids: vec![1],
+            text: String::new(),
+            message: None,
+        }
+    }
+}
