@@ -111,10 +111,12 @@ def main() -> int:
     p.add_argument("--no-overlap-too", action="store_true", help="also run with overlap off, for comparison")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="warn", help="the engine's (info: the scheduler's step summary)")
+    p.add_argument("--workloads", default="seed,nanovllm", help="which to run, in this order")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
 
-    loads = workloads()
+    every = workloads()
+    loads = {name: every[name] for name in a.workloads.split(",")}
     if a.tiny:
         loads = {
             k: [(pr[:40], replace(sp, max_tokens=8)) for pr, sp in reqs[:8]] for k, reqs in loads.items()
