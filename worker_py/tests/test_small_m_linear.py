@@ -42,6 +42,27 @@ CHECK = textwrap.dedent(
             got = small_m.linear(x, w, silu_mul=True, tile=tile)
             err = ((got.float() - want).abs().max() / want.abs().max()).item()
             assert got.shape == (m, 20) and err < tol, ("silu_mul", dtype, m, err)
+    # The RMSNorm prologue, with and without a residual to add first, into a plain and a SiLU-and-mul matrix.
+    def rms(h, w, eps):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    for dtype, tol in dtypes:
+        for m in (1, 7, 16):
+            x = torch.randn(m, 200, device=device).to(dtype)
+            r = torch.randn(m, 200, device=device).to(dtype)
+            nw = (1 + torch.randn(200, device=device) / 4).to(dtype)
+            w = (torch.randn(40, 200, device=device) / 10).to(dtype)
+            for res in (None, r):
+                for silu in (False, True):
+                    got, new_res = small_m.norm_linear(x, res, nw, 1e-6, w, silu_mul=silu, tile=tile)
+                    s = x.float() if res is None else (x.float() + r.float()).to(dtype).float()
+                    assert torch.equal(new_res.float(), s), (dtype, m, "residual")
+                    want = F.linear(rms(s, nw.float(), 1e-6), w.float())
+                    if silu:
+                        gate, up = want.to(dtype).float().chunk(2, dim=-1)
+                        want = F.silu(gate).to(dtype).float() * up
+                    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+                    assert err < tol, ("norm", dtype, m, res is None, silu, err)
     # A column block past the end of the weight and the default tile.
     x = torch.randn(3, 96, device=device)
     w = torch.randn(7, 96, device=device)

@@ -6,7 +6,8 @@ told apart, through the backend's per-step plan. q/k/v and gate/up are each one 
 `set_fused(True)` switches to the kernels of `fused.py` (CUDA, and an attention backend with `attend`
 and `out_loc`): the residual then travels beside the hidden states so that each add joins the next norm.
 `set_fused(True, small_m=True)` also runs the projections of batches of at most 16 tokens through
-`small_m.linear` (bf16/fp16 only), with the bias and the SiLU-and-mul in its epilogue.
+`small_m` (bf16/fp16 only), with the norms in their prologue and the bias and the SiLU-and-mul in their
+epilogue.
 """
 
 from __future__ import annotations
@@ -48,20 +49,7 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         if self.fused:
-            kv = attn.kv_cache
-            q = kernels.rope_store_kv(
-                project(x, self.qkv_proj, self.small_m),
-                positions,
-                self.rotary.cos,
-                self.rotary.sin,
-                attn.out_loc,
-                kv.flat_k(self.layer),
-                kv.flat_v(self.layer),
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-            )
-            return project(attn.attend(self.layer, q).reshape(-1, self.q_size), self.o_proj, self.small_m)
+            return self.attend_fused(project(x, self.qkv_proj, self.small_m), positions, attn)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -69,6 +57,25 @@ class Qwen2Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         out = attn.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def attend_fused(
+        self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """The rest of the fused forward, from the merged projection's output."""
+        kv = attn.kv_cache
+        q = kernels.rope_store_kv(
+            qkv,
+            positions,
+            self.rotary.cos,
+            self.rotary.sin,
+            attn.out_loc,
+            kv.flat_k(self.layer),
+            kv.flat_v(self.layer),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        return project(attn.attend(self.layer, q).reshape(-1, self.q_size), self.o_proj, self.small_m)
 
 
 class Qwen2MLP(nn.Module):
@@ -97,6 +104,7 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = Qwen2MLP(config, dtype)
         self.fused = False
+        self.small_m = False
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, residual: torch.Tensor | None
@@ -107,6 +115,15 @@ class Qwen2DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), positions, attn)
             return x + self.mlp(self.post_attention_layernorm(x)), None
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if self.small_m and small_m.suits(x, self.self_attn.qkv_proj.weight):
+            # Both norms run inside the next projection's kernel.
+            qkv_proj, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+            qkv, residual = small_m.norm_linear(
+                x, residual, ln1.weight, ln1.eps, qkv_proj.weight, qkv_proj.bias
+            )
+            a = self.self_attn.attend_fused(qkv, positions, attn)
+            h, residual = small_m.norm_linear(a, residual, ln2.weight, ln2.eps, gate_up.weight, silu_mul=True)
+            return project(h, self.mlp.down_proj, True), residual
         if residual is None:
             h, residual = kernels.rms_norm(x, ln1.weight, ln1.eps), x
         else:

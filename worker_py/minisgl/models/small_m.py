@@ -70,19 +70,46 @@ def linear(
 ) -> torch.Tensor:
     """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
     silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
+    return _launch(x, None, None, 0.0, weight, bias, silu_mul, tile)[0]
+
+
+def norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    tile: Tile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear(RMSNorm(x + residual), ...)` and the new residual `x + residual` (x itself when residual is
+    None), rounded as `fused.add_rms_norm` rounds: the norm runs in the matrix kernel's prologue, so the
+    normalised rows never go through memory and the norm costs no launch of its own."""
+    out, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile)
+    return out, new_residual
+
+
+def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
     m, k = x.shape
     if m > MAX_ROWS:
-        raise ValueError(f"small_m.linear takes at most {MAX_ROWS} rows, got {m}")
+        raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     if silu_mul and bias is not None:
         raise ValueError("silu_mul takes no bias")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    norm = norm_weight is not None
+    new_residual = torch.empty_like(x) if norm and residual is not None else x
     if m == 0:
-        return out
+        return out, new_residual
     t = tile or TILES.get((n, k, silu_mul), DEFAULT_TILE)
     grid = (triton.cdiv(n, t.block_n),)
     _small_m_kernel[grid](
         x,
+        residual if residual is not None else x,
+        new_residual,
+        norm_weight if norm else x,
+        eps,
         weight,
         bias if bias is not None else weight,
         out,
@@ -90,6 +117,8 @@ def linear(
         n,
         k,
         x.stride(0),
+        NORM=norm,
+        HAS_RES=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
         BLOCK_N=t.block_n,
@@ -97,7 +126,7 @@ def linear(
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
-    return out
+    return out, new_residual
 
 
 if triton is not None:
@@ -114,8 +143,29 @@ if triton is not None:
             return x.to(dt).to(tl.float32)
 
     @triton.jit
+    def _input_tile(
+        x_ptr, res_ptr, nw_ptr, rstd, offs, mask, ks, k_ok, NORM: tl.constexpr, HAS_RES: tl.constexpr
+    ):
+        """The input at `offs` ([BLOCK_K, 16]: the rows transposed); with NORM, x + residual rounded, and
+        normalised when `rstd` ([16]) is given (the prologue's first pass has none yet)."""
+        xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if NORM:
+            dt = xt.dtype
+            xt = xt.to(tl.float32)
+            if HAS_RES:
+                xt = _round(xt + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt)
+            if rstd is not None:
+                w = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                xt = (_round(xt * rstd[None, :], dt) * w[:, None]).to(dt)
+        return xt
+
+    @triton.jit
     def _small_m_kernel(
         x_ptr,
+        res_ptr,
+        res_out_ptr,
+        nw_ptr,
+        eps,
         w_ptr,
         b_ptr,
         out_ptr,
@@ -123,25 +173,62 @@ if triton is not None:
         N,
         K,
         stride_x,
+        NORM: tl.constexpr,
+        HAS_RES: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, 16)
         col_ok = cols < N
         row_ok = rows < M
+        rstd = None
+        if NORM:
+            # First pass: each row's mean square (every program computes it; the rows are a few KB in L2),
+            # and program 0 writes the new residual.
+            sq = tl.zeros([16], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = row_ok[None, :] & (ks < K)[:, None]
+                s = _input_tile(
+                    x_ptr,
+                    res_ptr,
+                    nw_ptr,
+                    None,
+                    rows[None, :] * stride_x + ks[:, None],
+                    mask,
+                    ks,
+                    ks < K,
+                    NORM,
+                    HAS_RES,
+                )
+                if HAS_RES:  # noqa: SIM102 (a compile-time branch around a run-time one)
+                    if pid == 0:
+                        dst = res_out_ptr + rows[None, :] * K + ks[:, None]
+                        tl.store(dst, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+                s = s.to(tl.float32)
+                sq += tl.sum(s * s, axis=0)
+            rstd = tl.rsqrt(sq / K + eps)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            xt = tl.load(
-                x_ptr + rows[None, :] * stride_x + ks[:, None],
-                mask=row_ok[None, :] & k_ok[:, None],
-                other=0.0,
+            xt = _input_tile(
+                x_ptr,
+                res_ptr,
+                nw_ptr,
+                rstd,
+                rows[None, :] * stride_x + ks[:, None],
+                row_ok[None, :] & k_ok[:, None],
+                ks,
+                k_ok,
+                NORM,
+                HAS_RES,
             )
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.dot(w, xt)
