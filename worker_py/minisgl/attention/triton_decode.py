@@ -159,7 +159,7 @@ def decode_attention(
         out.stride(1),
         counters if fused_combine else seq_len,  # an unused pointer when not fused
         scale,
-        NUM_SPLITS=num_splits,
+        num_splits,
         S_PAD=s_pad,
         HQ=hq,
         HKV=hkv,
@@ -180,8 +180,8 @@ def decode_attention(
             out,
             out.stride(0),
             out.stride(1),
+            num_splits,
             HQ=hq,
-            NUM_SPLITS=num_splits,
             S_PAD=s_pad,
             D=d,
             num_warps=COMBINE_WARPS,
@@ -207,8 +207,8 @@ if triton is not None:
         stride_oh,
         row,
         head,
+        num_splits,
         HQ: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
         S_PAD: tl.constexpr,
         D: tl.constexpr,
         CACHE: tl.constexpr,
@@ -216,9 +216,9 @@ if triton is not None:
         """out[row, head] from the splits' partial results, each weighted by 2^(its lse - the largest)."""
         splits = tl.arange(0, S_PAD)
         dims = tl.arange(0, D)
-        base = (row * HQ + head) * NUM_SPLITS
+        base = (row * HQ + head) * num_splits
         lse = tl.load(
-            part_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"), cache_modifier=CACHE
+            part_lse_ptr + base + splits, mask=splits < num_splits, other=float("-inf"), cache_modifier=CACHE
         )
         # Split 0 always holds the first token (seq_len >= 1), so the largest lse is finite.
         w = tl.exp2(lse - tl.max(lse, axis=0))
@@ -253,7 +253,7 @@ if triton is not None:
         stride_oh,
         counter_ptr,
         scale,
-        NUM_SPLITS: tl.constexpr,
+        num_splits,
         S_PAD: tl.constexpr,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -272,7 +272,7 @@ if triton is not None:
         page_base = tl.load(indptr_ptr + row).to(tl.int64)
         last_page = tl.load(indptr_ptr + row + 1) - page_base - 1
         # An even share of the tokens, rounded up to whole blocks so only a share's last block is partial.
-        share = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        share = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
         start = split * share
         end = tl.minimum(start + share, length)
 
@@ -311,7 +311,7 @@ if triton is not None:
         rows_out = tl.where(start < length, GROUP, 0)
         safe = tl.where(denom > 0, denom, 1.0)
         lse = tl.where(denom > 0, m + tl.log2(safe), float("-inf"))
-        base = (row * HQ + heads) * NUM_SPLITS + split
+        base = (row * HQ + heads) * num_splits + split
         tl.store(part_lse_ptr + base, lse, mask=live)
         tl.store(
             part_o_ptr + base[:, None] * D + dims[None, :],
@@ -324,7 +324,7 @@ if triton is not None:
             tl.debug_barrier()
             counter = counter_ptr + row * HKV + kvh
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
+            if arrived == num_splits - 1:
                 # The other splits' results were written by other SMs: read them from L2, not a stale L1.
                 for j in tl.static_range(GROUP):
                     _combine_head(
@@ -335,8 +335,8 @@ if triton is not None:
                         stride_oh,
                         row,
                         kvh * GROUP + j,
+                        num_splits,
                         HQ,
-                        NUM_SPLITS,
                         S_PAD,
                         D,
                         ".cg",
@@ -350,8 +350,8 @@ if triton is not None:
         out_ptr,
         stride_on,
         stride_oh,
+        num_splits,
         HQ: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
         S_PAD: tl.constexpr,
         D: tl.constexpr,
     ):
@@ -363,8 +363,8 @@ if triton is not None:
             stride_oh,
             tl.program_id(0).to(tl.int64),
             tl.program_id(1),
+            num_splits,
             HQ,
-            NUM_SPLITS,
             S_PAD,
             D,
             "",
