@@ -12,6 +12,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Every engine a test starts without naming an HTTP address (the LLM class, `python -m minisgl.launch`) gets
+# an ephemeral port from the OS instead of 8000, so tests never collide on it, with each other or with
+# anything else on the machine.
+os.environ["MINISGL_HTTP"] = "127.0.0.1:0"
+
 
 def model_dir_or_skip() -> Path:
     path = Path(os.environ.get("MINISGL_MODEL", REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"))
@@ -46,6 +51,7 @@ def engine(model_dir: Path):
     config = EngineConfig(
         model=str(model_dir),
         listen=f"tcp://127.0.0.1:{free_tcp_port()}",
+        http=f"127.0.0.1:{free_tcp_port()}",
         device="cpu",
         dtype="float32",
         num_pages=2048,

@@ -36,12 +36,20 @@ def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _env_opt(var: str, default: str, help: str):
+    """A default that $var replaces, read when a config is made (not at import), so that a test suite can set
+    it for every engine it starts, in process or not."""
+    return field(default_factory=lambda: os.environ.get(var, default), metadata={"help": f"{help} (${var})"})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run an engine. Every field is also a flag of `python -m minisgl.launch` (see `--help`)."""
 
     model: str = _opt(str(DEFAULT_MODEL), "HF checkpoint directory to serve")
     listen: str = _opt(DEFAULT_ADDRESS, "ZeroMQ endpoint clients connect to (loopback by default)")
+    http: str = _env_opt("MINISGL_HTTP", "127.0.0.1:8000", "OpenAI-compatible HTTP API host:port, or off")
+    served_model_name: str | None = _opt(None, "model name the HTTP API uses (default: the model dir's)")
     device: str = _opt("auto", "auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
     dtype: str = _opt("auto", "auto (bfloat16 on cuda, float32 on cpu, where bf16 is slow), or a dtype")
     attention: str = _opt("auto", "auto (flashinfer on cuda when installed, else torch), torch, flashinfer")
@@ -91,7 +99,7 @@ class Engine:
         c = self.config
         control = f"ipc://{self.run_dir}/control.sock"
         sched = [find_scheduler(c.sched_bin), "--model", c.model, "--listen", c.listen, "--control", control]
-        sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level]
+        sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level, "--http", c.http]
         worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
         worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
         worker += [
@@ -114,6 +122,7 @@ class Engine:
             ("--max-batch", c.max_batch, worker),
             ("--max-tokens", c.max_step_tokens, worker),
             ("--max-seq-len", c.max_seq_len, sched),
+            ("--served-model-name", c.served_model_name, sched),
         ):
             if value is not None:
                 to += [flag, str(value)]
@@ -199,11 +208,12 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     p = argparse.ArgumentParser(prog="minisgl", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(EngineConfig):
         flag, help = f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, bool):
             p.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {help}")
             continue
         kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        p.add_argument(f"--{flag}", type=kind, default=f.default, help=f"{help} [{f.default}]")
+        p.add_argument(f"--{flag}", type=kind, default=default, help=f"{help} [{default}]")
     return EngineConfig(**vars(p.parse_args(argv)))
 
 
@@ -222,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine.start()
         info = engine.wait_ready()
-        log.info("serving %s on %s (%s)", Path(info.get("model", config.model)).name, config.listen, info)
+        http = "" if config.http == "off" else f" and http://{config.http}/v1"
+        model = Path(info.get("model", config.model)).name
+        log.info("serving %s on %s%s (%s)", model, config.listen, http, info)
         while not stopping:
             if (name := engine.dead()) is not None:
                 code = engine.procs[name].returncode

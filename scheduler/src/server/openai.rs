@@ -172,9 +172,15 @@ fn finish(mut generate: Generate, f: &Fields<'_>, max_tokens: i64) -> Result<Par
         Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
         Some(_) => return Err(ApiError::invalid("stream_options", "stream_options must be an object")),
     };
-    api::validate(&generate).map_err(|r| rejection_error(&r))?;
+    api::validate(&generate).map_err(|r| {
+        // The protocol's messages start with the field they are about; OpenAI's `param` names it.
+        let param = r.message.split_whitespace().next().filter(|w| SAMPLING_FIELDS.contains(w));
+        ApiError { param: param.map(str::to_owned), ..rejection_error(&r) }
+    })?;
     Ok(Parsed { generate, stream, include_usage })
 }
+
+const SAMPLING_FIELDS: [&str; 5] = ["max_tokens", "temperature", "top_p", "top_k", "stop"];
 
 /// What neither endpoint supports. Each is refused rather than ignored: a client that asks for it would
 /// otherwise get something it did not ask for without knowing.
@@ -629,8 +635,9 @@ mod tests {
             (e.status, e.code, e.message.as_str()),
             (400, "invalid_params", "temperature must be finite and >= 0, got -1")
         );
+        assert_eq!(e.param.as_deref(), Some("temperature"));
         let e = completion(json!({"prompt": "x", "top_p": 1.5})).unwrap_err();
-        assert_eq!(e.message, "top_p must be in (0, 1], got 1.5");
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("top_p must be in (0, 1], got 1.5", Some("top_p")));
         assert_eq!(status_code(completion(json!({"prompt": "x", "max_tokens": 0}))), (400, "invalid_params"));
         assert_eq!(status_code(completion(json!({"prompt": "x", "stop": [""]}))), (400, "invalid_params"));
         let e = completion(json!({"prompt": "x", "temperature": "hot"})).unwrap_err();
