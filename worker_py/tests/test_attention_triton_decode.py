@@ -2,8 +2,8 @@
 subprocess, since the interpreter is chosen when kernels are defined), and the compiled kernels, inside a
 CUDA graph as well, on a GPU when there is one.
 
-Every cache slot that no request's length covers holds NaN, so a kernel that reads a token past a request's
-length, or a page past its table, returns NaN rather than a value within tolerance.
+Every cache slot that no request's length covers holds NaN, so a kernel that lets a token past a request's
+length into its sum returns NaN rather than a value within tolerance.
 
 Tolerances: float32 agrees with the float64 reference to about 1e-6 (sums of at most 300 terms of size 1);
 2e-5 is well below the smallest change a wrong mask makes (one token of 300 moves the output by about

@@ -119,8 +119,8 @@ def decode_attention(
     _, page_size, hkv, dk = k_cache.shape
     if dk != d or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(f"q {tuple(q.shape)} and the caches {tuple(k_cache.shape)} do not fit together")
-    if hq % hkv or d & (d - 1) or q.stride(2) != 1 or k_cache.stride(3) != 1:
-        raise ValueError("needs Hq a multiple of Hkv, a power-of-two head_dim, and contiguous heads")
+    if hq % hkv or d < 16 or d & (d - 1) or q.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("needs Hq a multiple of Hkv, a power-of-two head_dim >= 16, contiguous heads")
     if num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")
     group = hq // hkv
