@@ -52,19 +52,33 @@ MAX_BATCH = 256
 MAX_TOKENS = 8192
 CONFIGS = {
     "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
-    "flashinfer": {"attention": "flashinfer", "cuda_graphs": False, "fused_kernels": False},
-    "flashinfer+graphs": {"attention": "flashinfer", "cuda_graphs": True, "fused_kernels": False},
+    "flashinfer": {
+        "attention": "flashinfer",
+        "cuda_graphs": False,
+        "fused_kernels": False,
+        "decode_kernel": "flashinfer",
+    },
+    "flashinfer+graphs": {
+        "attention": "flashinfer",
+        "cuda_graphs": True,
+        "fused_kernels": False,
+        "decode_kernel": "flashinfer",
+    },
+    # The default of the previous measurements: FlashInfer's decode kernel, cuBLAS for every projection.
     "flashinfer+graphs+fused": {
         "attention": "flashinfer",
         "cuda_graphs": True,
         "fused_kernels": True,
         "small_m_kernels": False,
+        "decode_kernel": "flashinfer",
     },
     "flashinfer+graphs+fused+small_m": {
         "attention": "flashinfer",
         "cuda_graphs": True,
         "fused_kernels": True,
+        "decode_kernel": "flashinfer",
     },
+    # The default now: small-batch projections through small_m, decode attention through triton_decode.
     "flashinfer+graphs+fused+small_m+triton_decode": {
         "attention": "flashinfer",
         "cuda_graphs": True,

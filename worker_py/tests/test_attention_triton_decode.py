@@ -85,11 +85,12 @@ CHECK = textwrap.dedent(
         assert err <= TOL[dtype], (what, err)
 
 
-    def case_heads(hq, hkv, dtype, splits, lens=MIX, seed=0):
+    def case_heads(hq, hkv, dtype, splits, lens=MIX, seed=0, min_tokens=0):
         batch, locs = make_batch(lens, hq, hkv, 64, dtype, seed)
         want = reference(batch, locs)
         for s in splits:
-            check(td.decode_attention(**batch, num_splits=s), want, dtype, (hq, hkv, s))
+            got = td.decode_attention(**batch, num_splits=s, min_split_tokens=min_tokens)
+            check(got, want, dtype, (hq, hkv, s, min_tokens))
 
 
     def case_fused(dtype, splits):
@@ -174,6 +175,8 @@ CHECK = textwrap.dedent(
         "group7": lambda: [case_heads(14, 2, dt, (1, 3, 8)) for dt in (torch.float32, torch.bfloat16)],
         "group1": lambda: case_heads(4, 4, torch.float32, (1, 3, 8), lens=[1, 17, 65, 300]),
         "group4": lambda: [case_heads(8, 2, dt, (3,)) for dt in (torch.float32, torch.bfloat16)],
+        # A smallest share (100 rounds up to 128): short requests in one split, the 300-token one in three.
+        "min_share": lambda: case_heads(14, 2, torch.float32, (8,), min_tokens=100),
         "fused": lambda: [case_fused(dt, (1, 3, 8)) for dt in (torch.float32, torch.bfloat16)],
         "no_alloc": case_no_alloc,
         "graph": lambda: [case_graph(fused) for fused in (False, True)],
@@ -183,7 +186,7 @@ CHECK = textwrap.dedent(
     """
 )
 
-CPU_CASES = ["group7", "group1", "group4", "fused", "no_alloc"]
+CPU_CASES = ["group7", "group1", "group4", "min_share", "fused", "no_alloc"]
 
 
 def run_check(case: str, device: str, interpret: bool) -> None:
@@ -215,3 +218,12 @@ def test_splits_for_fills_small_batches_and_cuts_long_contexts():
     assert splits_for(1, 2048) > splits_for(64, 2048) > 1
     assert splits_for(140, 2048) >= 4  # no share longer than 512 tokens
     assert splits_for(1, 1 << 20) == MAX_SPLITS
+
+
+def test_split_plan_grows_the_smallest_share_with_the_batch():
+    from minisgl.attention.triton_decode import BLOCK_N, split_plan
+
+    assert split_plan(1, 4096)[1] == BLOCK_N
+    assert split_plan(64, 4096)[1] == BLOCK_N  # 128 programs: one wave on 132 SMs
+    assert split_plan(256, 4096)[1] == 4 * BLOCK_N  # 512 programs: four waves
+    assert split_plan(256, 4096, num_sms=512)[1] == BLOCK_N

@@ -75,8 +75,9 @@ class FlashInferBackend(AttentionBackend):
             from minisgl.attention import triton_decode
 
             self._triton = triton_decode
-        self._decode_args: tuple | None = None  # (kv_indptr, kv_indices, seq_len, splits) of a triton step
-        self._graph_splits: dict[int, int] = {}
+        # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens)) of a triton decode step
+        self._decode_args: tuple | None = None
+        self._graph_splits: dict[int, tuple[int, int]] = {}
         fi = import_flashinfer()
         self._fi = fi
         k0 = kv_cache.k(0)
@@ -84,6 +85,7 @@ class FlashInferBackend(AttentionBackend):
             raise RuntimeError(f"the flashinfer attention backend runs on CUDA only, not on {k0.device}")
         self.device = k0.device
         self.dtype = k0.dtype
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa2 for prefill too: the tensor-core decode path uses the same fa2 module, so one JIT compilation
         # serves both (fa3 would be a second one of about a minute on a fresh machine).
@@ -103,10 +105,7 @@ class FlashInferBackend(AttentionBackend):
         """One decode wrapper per graph batch size, over index buffers that never move."""
         self.max_graph_kv_indices = max_kv_indices
         if self._triton is not None:
-            hkv = self.config.num_kv_heads
-            self._graph_splits = {
-                b: self._triton.splits_for(b, GRAPH_CONTEXT_HINT, num_kv_heads=hkv) for b in sizes
-            }
+            self._graph_splits = {b: self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}
             return
         indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
         for b in sizes:
@@ -122,10 +121,7 @@ class FlashInferBackend(AttentionBackend):
 
     def plan(self, batch: ForwardBatch) -> None:
         if batch.is_decode and self._triton is not None:
-            hkv = self.config.num_kv_heads
-            self._plan_triton(
-                batch, self._triton.splits_for(batch.num_reqs, batch.max_seq_len, num_kv_heads=hkv)
-            )
+            self._plan_triton(batch, self._split_plan(batch.num_reqs, batch.max_seq_len))
         else:
             self._plan(batch, self._decode if batch.is_decode else self._prefill)
 
@@ -136,7 +132,10 @@ class FlashInferBackend(AttentionBackend):
         else:
             self._plan(batch, self._graph_decode[rows])
 
-    def _plan_triton(self, batch: ForwardBatch, splits: int) -> None:
+    def _split_plan(self, rows: int, max_seq_len: int) -> tuple[int, int]:
+        return self._triton.split_plan(rows, max_seq_len, self._num_sms, self.config.num_kv_heads)
+
+    def _plan_triton(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
         self._wrapper = None
         self._decode_args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
         self.out_loc = batch.out_loc
@@ -229,7 +228,9 @@ class FlashInferBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         if self._decode_args is not None:
-            kv_indptr, kv_indices, seq_len, splits = self._decode_args
+            kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._decode_args
             k, v = self._kv[layer]
-            return self._triton.decode_attention(q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits)
+            return self._triton.decode_attention(
+                q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens
+            )
         return self._wrapper.run(q, self._kv[layer])

@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         default=0.85,
         help="on CUDA, the fraction of the memory free after loading the weights that sizes the KV cache",
     )
+    p.add_argument(
+        "--decode-attention",
+        choices=("triton", "flashinfer"),
+        default="triton",
+        help="the flashinfer backend's decode kernel: ours (minisgl.attention.triton_decode) or FlashInfer's",
+    )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument(
         "--no-fused-kernels",
@@ -59,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         kv_fraction=a.kv_fraction,
         cuda_graphs=not a.no_cuda_graphs,
         fused_kernels=not a.no_fused_kernels,
+        decode_attention=a.decode_attention,
         overlap=not a.no_overlap,
     )
 

@@ -34,6 +34,7 @@ class WorkerConfig:
     kv_fraction: float = 0.85
     cuda_graphs: bool = True
     fused_kernels: bool = True
+    decode_attention: str = "triton"
     overlap: bool = True
 
     def resolved(self) -> dict:
@@ -50,6 +51,7 @@ class WorkerConfig:
             "kv_memory_fraction": self.kv_fraction,
             "cuda_graphs": self.cuda_graphs,
             "fused_kernels": self.fused_kernels,
+            "decode_kernel": self.decode_attention,
             "kv_memory_bytes": None if on_gpu or self.num_pages is not None else CPU_KV_BYTES,
             "page_size": self.page_size,
             "max_batch": self.max_batch or (256 if on_gpu else 64),
@@ -92,12 +94,13 @@ def serve(config: WorkerConfig) -> int:
     args = config.resolved()
     runner = ModelRunner(**args)
     log.info(
-        "loaded %s on %s (%s, %s attention, CUDA graphs %s, fused kernels %s): %d KV pages of %d tokens "
+        "loaded %s on %s (%s, %s attention%s, CUDA graphs %s, fused kernels %s): %d KV pages of %d tokens "
         "(%.2f GiB)",
         args["model_dir"],
         args["device"],
         args["dtype"],
         runner.config.attention,
+        f" with {args['decode_kernel']} decode" if runner.config.attention == "flashinfer" else "",
         "on" if runner.graphs is not None else "off",
         "on" if runner.fused_kernels else "off",
         runner.num_pages,

@@ -60,7 +60,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         fused_kernels: bool = True,
         small_m_kernels: bool = True,
-        decode_kernel: str = "flashinfer",
+        decode_kernel: str = "triton",
         show_progress: bool = True,
     ) -> None:
         device = torch.device(device)
