@@ -262,3 +262,173 @@ fn error_response(e: &ApiError) -> Response {
 fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::api::{Delta, ErrorCode, Final, FinishReason};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    async fn start(calls: UnboundedSender<Call>) -> SocketAddr {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        spawn(listener, Api::new(calls, "m".into(), 64));
+        addr
+    }
+
+    fn raw_request(method: &str, path: &str, body: &str) -> String {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// One request over a fresh connection: the status and the raw body (still chunked for streams).
+    async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+        let request = raw_request(method, path, body);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = TcpStream::connect(addr).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            conn.write_all(request.as_bytes()).unwrap();
+            let mut response = String::new();
+            conn.read_to_string(&mut response).unwrap();
+            let status = response[9..12].parse().unwrap();
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            (status, body)
+        })
+        .await
+        .unwrap()
+    }
+
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn final_msg(rid: &str, text: &str) -> ServerMsg {
+        ServerMsg::Final(Final {
+            rid: rid.into(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 2,
+            completion_tokens: 1,
+            token_ids: vec![7],
+            text: text.into(),
+            message: None,
+        })
+    }
+
+    /// A stand-in for the serve loop: admits every request and answers it with `answer(rid)`.
+    fn fake_loop(mut calls: UnboundedReceiver<Call>, answer: fn(&str) -> Vec<ServerMsg>) {
+        tokio::spawn(async move {
+            while let Some(call) = calls.recv().await {
+                match call {
+                    Call::Generate { generate, accepted, replies, .. } => {
+                        let _ = accepted.send(Ok(()));
+                        for msg in answer(&generate.rid) {
+                            let _ = replies.send(msg);
+                        }
+                    }
+                    Call::Health(reply) => {
+                        let _ = reply.send(0);
+                    }
+                    Call::Gone(_) => {}
+                }
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_completion_goes_through_the_loop_and_comes_back_as_openais_body() {
+        let (tx, rx) = unbounded_channel();
+        fake_loop(rx, |rid| vec![final_msg(rid, "ok")]);
+        let addr = start(tx).await;
+        let (status, body) = send(addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#).await;
+        let body = json(&body);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!((body["id"].as_str(), body["choices"][0]["text"].as_str()), (Some("cmpl-0"), Some("ok")));
+        assert_eq!(body["usage"]["total_tokens"], 3);
+        let (status, body) = send(addr, "GET", "/health", "").await;
+        assert_eq!((status, json(&body)["live_requests"].as_u64()), (200, Some(0)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_server_sent_events_ending_with_done() {
+        let (tx, rx) = unbounded_channel();
+        fake_loop(rx, |rid| {
+            let delta = |text: &str| ServerMsg::Delta(Delta { rid: rid.into(), token_ids: vec![7], text: text.into() });
+            vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
+        });
+        let addr = start(tx).await;
+        let (status, body) = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "stream": true}"#,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data.len(), 5, "role, two pieces, finish, done: {body}");
+        assert_eq!(json(data[1])["choices"][0]["delta"]["content"], "he");
+        assert_eq!(json(data[3])["choices"][0]["finish_reason"], "length");
+        assert_eq!(data[4], "[DONE]");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_openai_error_with_its_status() {
+        let (tx, mut rx) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                if let Call::Generate { generate, accepted, .. } = call {
+                    let refusal = Rejection::new(Some(generate.rid), ErrorCode::PromptTooLong, "too long");
+                    let _ = accepted.send(Err(refusal));
+                }
+            }
+        });
+        let addr = start(tx).await;
+        let (status, body) = send(addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#).await;
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("context_length_exceeded")));
+        let (status, body) = send(addr, "POST", "/v1/completions", "{").await;
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (400, Some("invalid_json")));
+        let (status, body) = send(addr, "GET", "/v2/anything", "").await;
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (404, Some("not_found")));
+    }
+
+    #[tokio::test]
+    async fn without_a_running_loop_requests_are_503_but_models_still_answer() {
+        let (tx, rx) = unbounded_channel();
+        drop(rx);
+        let addr = start(tx).await;
+        let (status, body) = send(addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#).await;
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("engine_unavailable")));
+        assert_eq!(send(addr, "GET", "/health", "").await.0, 503);
+        let (status, body) = send(addr, "GET", "/v1/models", "").await;
+        assert_eq!((status, json(&body)["data"][0]["id"].as_str()), (200, Some("m")));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_while_waiting_aborts_its_request() {
+        let (tx, mut rx) = unbounded_channel();
+        let addr = start(tx).await;
+        let request = raw_request("POST", "/v1/completions", r#"{"prompt": "hi"}"#);
+        let conn = tokio::task::spawn_blocking(move || {
+            let mut conn = TcpStream::connect(addr).unwrap();
+            conn.write_all(request.as_bytes()).unwrap();
+            conn
+        });
+        let conn = conn.await.unwrap();
+        // Admitted, and then never answered: only the client's leaving ends it.
+        let (id, _replies) = match rx.recv().await {
+            Some(Call::Generate { id, accepted, replies, .. }) => {
+                accepted.send(Ok(())).unwrap();
+                (id, replies)
+            }
+            _ => panic!("expected the request"),
+        };
+        drop(conn);
+        let gone = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the loop is told");
+        assert!(matches!(gone, Some(Call::Gone(g)) if g == id));
+    }
+}
