@@ -76,13 +76,21 @@ CONFIGS = {
         "attention": "flashinfer",
         "cuda_graphs": True,
         "fused_kernels": True,
+        "small_m_kernels": True,
         "decode_kernel": "flashinfer",
     },
-    # The default now: small-batch projections through small_m, decode attention through triton_decode.
-    "flashinfer+graphs+fused+small_m+triton_decode": {
+    # The default now: decode attention through triton_decode.
+    "flashinfer+graphs+fused+triton_decode": {
         "attention": "flashinfer",
         "cuda_graphs": True,
         "fused_kernels": True,
+        "decode_kernel": "triton",
+    },
+    "flashinfer+graphs+fused+triton_decode+small_m": {
+        "attention": "flashinfer",
+        "cuda_graphs": True,
+        "fused_kernels": True,
+        "small_m_kernels": True,
         "decode_kernel": "triton",
     },
 }

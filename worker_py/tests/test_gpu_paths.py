@@ -73,7 +73,7 @@ def mixed_steps(seed: int):
 @pytest.mark.parametrize("fused", [False, True])
 def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
     ref = runner(model_dir, attention="torch")
-    fi = runner(model_dir, fused_kernels=fused, decode_kernel=decode)
+    fi = runner(model_dir, fused_kernels=fused, small_m_kernels=fused, decode_kernel=decode)
     assert fi.fused_kernels == fused and fi.small_m_kernels == fused
     for step_ref, step_fi in zip(mixed_steps(1), mixed_steps(1), strict=True):
         want, got = ref.forward_logits(step_ref), fi.forward_logits(step_fi)
