@@ -6,8 +6,8 @@ told apart, through the backend's per-step plan. q/k/v and gate/up are each one 
 `set_fused(True)` switches to the kernels of `fused.py` (CUDA, and an attention backend with `attend`
 and `out_loc`): the residual then travels beside the hidden states so that each add joins the next norm.
 `set_fused(True, small_m=True)` also runs the projections of batches of at most 16 tokens through
-`small_m` (bf16/fp16 only), with the norms in their prologue and the bias and the SiLU-and-mul in their
-epilogue.
+`small_m` where it measured faster (`small_m.TILES`), folding a norm into the projection after it when that
+projection is one of them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from minisgl.models.rotary import RotaryEmbedding
 
 def project(x: torch.Tensor, linear: nn.Linear, small: bool, silu_mul: bool = False) -> torch.Tensor:
     """`linear(x)` (then SiLU-and-mul over its [gate; up] halves), through `small_m` for a few rows."""
-    if small and small_m.suits(x, linear.weight):
+    if small and small_m.suits(x, linear.weight, silu_mul):
         return small_m.linear(x, linear.weight, linear.bias, silu_mul=silu_mul)
     out = linear(x)
     return kernels.silu_and_mul(out) if silu_mul else out
@@ -115,7 +115,11 @@ class Qwen2DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), positions, attn)
             return x + self.mlp(self.post_attention_layernorm(x)), None
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        if self.small_m and small_m.suits(x, self.self_attn.qkv_proj.weight):
+        if (
+            self.small_m
+            and small_m.suits(x, self.self_attn.qkv_proj.weight)
+            and small_m.suits(x, self.mlp.gate_up_proj.weight, silu_mul=True)
+        ):
             # Both norms run inside the next projection's kernel.
             qkv_proj, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
             qkv, residual = small_m.norm_linear(

@@ -1,19 +1,20 @@
 """Linear layers for decode batches of at most 16 rows (Triton, CUDA only).
 
 At batch 1 to 16 a decode step is a matrix-vector product per weight: reading the weights is all the work.
-cuBLAS picks kernels tiled for large M, reaches a fraction of the memory bandwidth on these shapes, and
-splits the down projection's K with a second reduce kernel. Here every program owns a strip of output columns,
-streams its rows of W once and multiplies them with the whole (zero-padded) 16-row input through `tl.dot`,
-computing out^T = W x^T so that the weight strip is the dot's large operand. Two epilogues save launches:
+Every program owns a strip of output columns, streams its rows of W once and multiplies them with the whole
+(zero-padded) 16-row input through `tl.dot`, computing out^T = W x^T so that the weight strip is the dot's
+large operand. Around the product, work that would otherwise be a launch of its own:
 - `bias`: added in float32 before the one rounding, as cuBLAS's fused bias epilogue does;
 - `silu_mul`: W holds [gate; up]; a program reads the same columns of both halves and writes
-  silu(gate) * up, rounded at the points where the eager bf16 code rounds (gate and up to the dtype, then the
-  SiLU, then the product), so it replaces the merged projection and `fused.silu_and_mul` with one kernel.
+  silu(gate) * up, rounded where the eager bf16 code rounds (gate and up, then the SiLU, then the product);
+- `norm_linear`: the residual add and RMSNorm of `fused.add_rms_norm` as a prologue, rounded as it rounds.
 
-Tile sizes per weight shape come from `scripts/bench_kernels.py` on the H200 (see `TILES`); other shapes get
-`DEFAULT_TILE`. `suits` says where the kernel loses: with one program per column strip, a long reduction over
-few strips (the down projection: K 4864, 56 strips) leaves most SMs idle, where cuBLAS splits K (8.1 vs
-6.4 us on the H200).
+Where it runs is measured, not assumed: `TILES` lists the weight shapes where it beat the path without it on
+the H200 (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every
+other shape to cuBLAS. On Qwen2.5-0.5B that is the o projection (3.6 vs 4.7 us at one row) and the lm_head
+(67.4 vs 71.9 us); with the norm in its prologue the qkv and gate/up kernels lost (7.2 vs 5.4 us and 13.6
+vs 10.4 us, the norm's pass over the input delaying the first weight loads), and the down projection tied:
+its K of 4864 over 56 column strips is a long serial reduction where cuBLAS splits K.
 """
 
 from __future__ import annotations
@@ -38,23 +39,20 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-DEFAULT_TILE = Tile(16, 256, 2, 3)
-# (output columns, input columns, silu_mul) -> tile: `scripts/bench_kernels.py` on the H200, 2026-11-29
-# (us per call in a CUDA graph at 1 row, cuBLAS beside it: qkv 3.36 vs 4.02, o 3.18 vs 4.54, gate/up with
-# SiLU-and-mul 5.09 vs 6.68 plus a SiLU kernel, lm_head 62.6 vs 65.3).
+# (output columns, input columns, silu_mul) -> tile, from scripts/bench_kernels.py on the H200, 2026-11-29.
 TILES: dict[tuple[int, int, bool], Tile] = {
-    (1152, 896, False): Tile(64, 128, 4, 3),
-    (896, 896, False): Tile(16, 256, 2, 3),
-    (4864, 896, True): Tile(64, 128, 4, 3),
+    (896, 896, False): Tile(16, 256, 2, 4),
     (151936, 896, False): Tile(64, 128, 4, 3),
 }
+DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
 
 
-def suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` should take this product: few rows, a half-precision dtype (tl.dot would run float32
-    through TF32), and a reduction no longer than twice the output width (see the module docstring)."""
+def suits(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> bool:
+    """Whether a product should go through this module: a few rows, a half-precision dtype (tl.dot would
+    run float32 through TF32), and a weight shape in `TILES`."""
     n, k = weight.shape
-    return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and k <= 2 * n
+    key = (n // 2 if silu_mul else n, k, silu_mul)
+    return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and key in TILES
 
 
 def available(device: torch.device) -> bool:
