@@ -23,7 +23,8 @@ rc=$?
 if [ -n "${OUT:-}" ] && [ -d /tmp/fiws ]; then
   rm -rf /tmp/aot && mkdir -p /tmp/aot
   find /tmp/fiws -name '*.so' | while read -r f; do n=$(basename "$f" .so); mkdir -p "/tmp/aot/$n" && cp "$f" "/tmp/aot/$n/"; done
-  tar czf "$OUT/ficache.tgz" -C /tmp/aot . 2>/dev/null
+  # Only when something was built: a run that found everything restored must not hand back an empty cache.
+  [ -n "$(ls /tmp/aot)" ] && tar czf "$OUT/ficache.tgz" -C /tmp/aot . 2>/dev/null
 fi
 [ -n "${OUT:-}" ] && tar czf "$OUT/tritoncache.tgz" -C /tmp/tritoncache . 2>/dev/null
 exit $rc
