@@ -185,6 +185,14 @@ impl Engine {
             bail!("the worker failed step {step_id}");
         }
         pipe.stats.answered(planned.kind(), published, planned.num_reqs(), planned.num_tokens());
+        tracing::debug!(
+            step = step_id,
+            kind = ?planned.kind(),
+            requests = planned.num_reqs(),
+            tokens = planned.num_tokens(),
+            in_flight_us = published.elapsed().as_micros() as u64,
+            "step answered"
+        );
         self.core.complete_step(planned, result.tokens, &mut pipe.events);
         self.result_ring.release(0);
         self.forward(&mut pipe.events)

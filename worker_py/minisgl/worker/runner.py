@@ -59,7 +59,7 @@ class ModelRunner:
         kv_memory_fraction: float = 0.85,
         cuda_graphs: bool = True,
         fused_kernels: bool = True,
-        small_m_kernels: bool = False,
+        small_m_kernels: bool = True,
         decode_kernel: str = "triton",
         show_progress: bool = True,
     ) -> None:
