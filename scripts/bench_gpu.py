@@ -384,6 +384,51 @@ def time_prefill(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
     return out
 
 
+def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 10) -> dict:
+    """Host time of `launch` for small extend steps (the GPU work is a fraction of it), and a Python profile
+    of a few launches: where an eager prefill's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    runner = new_runner(model_dir, config)
+    rng = np.random.default_rng(0)
+    out = {}
+    for reqs, length in shapes:
+        b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=reqs)
+        slots = list(range(reqs))
+        steps = []
+        for _ in range(reps + 1):
+            prompts = [(s, rng.integers(0, QWEN25_05B["vocab_size"], length).tolist()) for s in slots]
+            steps.append(b.extend(prompts, [Join(s) for s in slots]))
+            for s in slots:
+                b.release(s)
+        runner.collect(runner.launch(steps[0]))
+        host = []
+        for step in steps[1:]:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            handle = runner.launch(step)
+            host.append(time.perf_counter() - t0)
+            runner.collect(handle)
+        prof = cProfile.Profile()
+        prof.enable()
+        for step in steps[1:4]:
+            runner.collect(runner.launch(step))
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+        out[f"{reqs}x{length}"] = {
+            "host_launch_ms": 1e3 * statistics.median(host),
+            "profile": text.getvalue(),
+        }
+        log(f"  {config} prefill host {reqs}x{length}: {1e3 * statistics.median(host):.2f} ms")
+        log(text.getvalue())
+    runner = None
+    free_memory()
+    return out
+
+
 def fill(runner: ModelRunner, b: StepBuilder, lengths: list[int], rng) -> list[int]:
     """Prefills one request per length in extend steps of at most MAX_TOKENS tokens; returns the slots."""
     chunk: list = []
@@ -558,6 +603,9 @@ def main() -> int:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--prefill", default="", help="extend steps to time, as REQSxLEN,... e.g. 16x512,2x4096")
     p.add_argument("--long-decode", default="", help="BATCH:LO:HI, e.g. 128:100:2048 (contexts uniform)")
+    p.add_argument(
+        "--prefill-host", default="", help="extend steps whose launch() to profile, e.g. 1x32,16x32"
+    )
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     configs = a.configs.split(",")
@@ -608,8 +656,11 @@ def main() -> int:
                 results["profile"][f"{config} b{b}"] = {"error": traceback.format_exc()}
                 log(results["profile"][f"{config} b{b}"]["error"])
             save()
-    for config in configs if a.prefill or a.long_decode else []:
+    for config in configs if a.prefill or a.long_decode or a.prefill_host else []:
         try:
+            if a.prefill_host:
+                shapes = [tuple(int(v) for v in x.split("x")) for x in a.prefill_host.split(",")]
+                results.setdefault("prefill_host", {})[config] = prefill_host(model_dir, config, shapes)
             if a.prefill:
                 shapes = [tuple(int(v) for v in x.split("x")) for x in a.prefill.split(",")]
                 results.setdefault("prefill", {})[config] = time_prefill(model_dir, config, shapes)
