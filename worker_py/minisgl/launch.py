@@ -59,8 +59,13 @@ class EngineConfig:
     max_step_tokens: int | None = _opt(None, "most new tokens per step; longer prompts are chunked")
     max_seq_len: int | None = _opt(None, "context length (default: the model's)")
     kv_fraction: float = _opt(0.85, "on cuda: share of the memory left after the weights for the KV cache")
+    decode_attention: str = _opt(
+        "triton", "the flashinfer backend's decode kernel: triton (ours) or flashinfer"
+    )
     cuda_graphs: bool = _opt(True, "decode steps replay captured CUDA graphs")
-    fused_kernels: bool = _opt(True, "Triton kernels for norms, RoPE with the KV write, SiLU-and-mul")
+    fused_kernels: bool = _opt(
+        True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, small-batch projections"
+    )
     overlap: bool = _opt(True, "the scheduler plans step N+1 while the worker runs step N")
     sched_bin: str | None = _opt(None, "the minisgl-sched binary (default: $MINISGL_SCHED, target/...)")
     log_level: str = _opt("info", "error, warn, info, debug or trace")
@@ -102,6 +107,7 @@ class Engine:
         sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level, "--http", c.http]
         worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
         worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
+        worker += ["--decode-attention", c.decode_attention]
         worker += [
             "--page-size",
             str(c.page_size),
