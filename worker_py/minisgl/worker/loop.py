@@ -14,7 +14,6 @@ from minisgl.proto.channels import ResultWriter, StepReader
 from minisgl.proto.ring import PeerDead, Ring
 from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_SHUTDOWN
 from minisgl.worker.runner import ModelRunner
-from minisgl.worker.warm_up import warm_up
 
 log = logging.getLogger("minisgl.worker")
 
@@ -108,8 +107,6 @@ def serve(config: WorkerConfig) -> int:
         runner.page_size,
         runner.kv_cache.nbytes / 2**30,
     )
-    if runner.device.type == "cuda":
-        warm_up(runner)
     step_ring, result_ring = handshake(config.control, runner)
     try:
         return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=config.overlap)
