@@ -249,7 +249,9 @@ if triton is not None:
         acc = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
         tl.store(out_ptr + row * stride_on + head * stride_oh + dims, acc.to(out_ptr.dtype.element_ty))
 
-    @triton.jit
+    # The page tables and lengths are slices of the step's packed buffer at any offset: specialising on their
+    # alignment would compile a variant per offset class in the middle of serving (eager decode steps).
+    @triton.jit(do_not_specialize=["indptr_ptr", "indices_ptr", "seq_len_ptr"])
     def _split_kernel(
         q_ptr,
         stride_qn,
