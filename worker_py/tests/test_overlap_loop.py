@@ -28,11 +28,8 @@ class FakeScheduler:
     before it has read step N's result). After `num_steps` steps it publishes a shutdown, at once or only
     once every result is in."""
 
-    def __init__(self, num_steps: int, ahead: int, shutdown_early: bool = False, delay: int = 0) -> None:
+    def __init__(self, num_steps: int, ahead: int, shutdown_early: bool = False) -> None:
         self.num_steps, self.ahead, self.shutdown_early = num_steps, ahead, shutdown_early
-        # A step becomes visible only on the `delay`-th look after it could be published: the time the real
-        # scheduler takes to notice a result and plan.
-        self.delay, self.looks = delay, 0
         self.published = 0
         self.current: Step | None = None
         self.results: list[tuple[int, list[int], int]] = []
@@ -47,10 +44,6 @@ class FakeScheduler:
 
     def try_next(self) -> Step | None:
         if self.current is None and self._publishable():
-            self.looks += 1
-            if self.looks <= self.delay:
-                return None
-            self.looks = 0
             k = self.published
             kind = STEP_DECODE if k < self.num_steps else STEP_SHUTDOWN
             self.current = Step(k, kind, np.arange(k % 3 + 1, dtype=np.int32))
@@ -58,10 +51,7 @@ class FakeScheduler:
         return self.current
 
     def wait(self, timeout: float | None = None) -> Step | None:
-        for _ in range(self.delay + 1):
-            step = self.try_next()
-            if step is not None:
-                return step
+        step = self.try_next()
         if step is None:
             raise Deadlock(f"the worker waits for step {self.published}, the scheduler for a result")
         return step
@@ -86,9 +76,8 @@ class FakeRunner:
     """Each request's token is 100 * step id + its position in the step; steps named in `fail_launch` or
     `fail_collect` raise there."""
 
-    def __init__(self, sched: FakeScheduler, fail_launch=(), fail_collect=(), busy: int = 0) -> None:
+    def __init__(self, sched: FakeScheduler, fail_launch=(), fail_collect=()) -> None:
         self.sched, self.fail_launch, self.fail_collect = sched, set(fail_launch), set(fail_collect)
-        self.busy, self.polls = busy, {}  # a step reports done on the poll after `busy` polls
         self.in_flight = 0
         self.most_in_flight = 0
 
@@ -99,10 +88,6 @@ class FakeRunner:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         return Handle(step.step_id, 100 * step.step_id + np.arange(len(step.req_slot), dtype=np.int32))
-
-    def done(self, handle: Handle) -> bool:
-        self.polls[handle.step_id] = self.polls.get(handle.step_id, 0) + 1
-        return self.polls[handle.step_id] > self.busy
 
     def collect(self, handle: Handle) -> np.ndarray:
         self.sched.log.append(("collect", handle.step_id))
@@ -139,21 +124,6 @@ def test_overlap_launches_the_next_step_before_waiting_for_the_current_one():
         ("collect", 1),
     ]
     assert runner.most_in_flight == 2
-
-
-@pytest.mark.parametrize("delay, busy, overlapped", [(3, 10, True), (10, 3, False)])
-def test_a_step_published_while_the_device_is_busy_is_launched_before_the_wait(delay, busy, overlapped):
-    """The scheduler shows each step `delay` looks after it could; the device finishes a step after `busy`
-    polls. A step that shows up while the one before it still runs is launched at once (after result 0 the
-    device still runs step 1 and step 2 goes in behind it); one that shows up later finds the device done,
-    and the step before it is finished first (the scheduler may be waiting for that result)."""
-    sched = FakeScheduler(num_steps=6, ahead=2, delay=delay)
-    runner = FakeRunner(sched, busy=busy)
-    assert run_steps(runner, sched, sched, overlap=True) == 0
-    assert sched.results == expected_results(6)
-    after_result_0 = sched.log[sched.log.index(("result", 0)) + 1]
-    assert after_result_0 == (("launch", 2) if overlapped else ("launch", 1))
-    assert runner.most_in_flight == (2 if overlapped else 1)
 
 
 def test_without_overlap_each_step_finishes_before_the_next_launch():

@@ -129,7 +129,7 @@ def run_steps(runner, steps, results, overlap: bool = True) -> int:
     """
     in_flight = None
     while True:
-        step = steps.wait() if in_flight is None else _next_while_busy(runner, steps, in_flight)
+        step = steps.wait() if in_flight is None else steps.try_next()
         if step is None:
             ok, in_flight = _finish(runner, results, in_flight), None
             if not ok:
@@ -152,19 +152,6 @@ def run_steps(runner, steps, results, overlap: bool = True) -> int:
             ok, in_flight = _finish(runner, results, in_flight), None
             if not ok:
                 return 1
-
-
-def _next_while_busy(runner, steps, handle):
-    """The next step if the scheduler publishes it before the device finishes `handle`'s step, else None.
-
-    Right after this process writes result N, the scheduler is still planning N+2 while the device runs N+1:
-    looking once and then waiting for N+1 would leave the device idle for N+2's whole launch whenever the
-    scheduler is a few microseconds late. So it keeps looking for as long as the device is busy.
-    """
-    while True:
-        step = steps.try_next()
-        if step is not None or runner.done(handle):
-            return step
 
 
 def _launch(runner, step):

@@ -204,10 +204,6 @@ class ModelRunner:
         self._handles[turn] = handle
         return handle
 
-    def done(self, handle: StepHandle) -> bool:
-        """Whether a launched step's ids are ready (never waits)."""
-        return handle.ready is None or handle.ready.query()
-
     def collect(self, handle: StepHandle) -> np.ndarray:
         """Waits for a launched step; returns its sampled ids, int32 [n], a view valid until IN_FLIGHT more
         launches."""
