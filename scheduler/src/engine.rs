@@ -68,17 +68,7 @@ pub struct Engine {
     pub result_ring: Ring,
     pub commands: Receiver<Command>,
     pub outputs: UnboundedSender<Output>,
-    /// How long to spin for a result before yielding and then sleeping: [`GPU_RESULT_SPIN`] for a GPU worker,
-    /// whose steps take about a millisecond, or `proto::ring::DEFAULT_SPIN`.
-    pub result_spin: Duration,
 }
-
-/// With a GPU worker the engine spins through a whole step: the next step must be published within
-/// microseconds of a result, or the worker finds nothing queued and the GPU waits for its launch. A sleep
-/// of up to 1 ms (the backoff's longest) cost about 0.13 ms per decode step on the H200 (1.15 ms end to end
-/// against 1.02 ms for the worker alone, docs/benchmarks.md). A CPU worker's steps are long and it needs
-/// the cores, so it keeps the short spin.
-pub const GPU_RESULT_SPIN: Duration = Duration::from_millis(5);
 
 /// The engine's state while it runs, beside what it was built with.
 struct Pipeline {
@@ -143,7 +133,7 @@ impl Engine {
     fn turn(&mut self, pipe: &mut Pipeline, liveness: &Liveness) -> Result<()> {
         // False once the core had nothing to plan: nothing changes that before a step completes.
         let mut may_plan = true;
-        let mut backoff = Backoff::with_spin(self.result_spin);
+        let mut backoff = Backoff::new();
         loop {
             if may_plan && pipe.in_flight.len() < pipe.depth && self.step_ring.try_claim().is_some() {
                 may_plan = self.publish_next(pipe)?;

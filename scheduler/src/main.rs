@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use proto::api::InfoMsg;
 use scheduler::core::{Core, Limits};
-use scheduler::engine::{Command, Engine, GPU_RESULT_SPIN};
+use scheduler::engine::{Command, Engine};
 use scheduler::model_files::ModelFiles;
 use scheduler::server::serve::{self, Ended};
 use scheduler::server::{Hub, PromptLimits, http};
@@ -113,7 +113,6 @@ async fn run(args: Args) -> Result<ExitCode> {
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
     };
     let limits = limits.expect("the plan ran during the handshake");
-    let on_gpu = worker.hello.model.device.starts_with("cuda");
     tracing::info!(
         "serving {}: context {} tokens, up to {} requests and {} tokens per step",
         files.name,
@@ -147,7 +146,6 @@ async fn run(args: Args) -> Result<ExitCode> {
         result_ring: worker.result_ring,
         commands: command_rx,
         outputs: output_tx,
-        result_spin: if on_gpu { GPU_RESULT_SPIN } else { proto::ring::DEFAULT_SPIN },
     };
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
 

@@ -139,7 +139,6 @@ fn start(l: &Limits, slots: u32, overlap: bool, b: Behaviour) -> Running {
         result_ring,
         commands: command_rx,
         outputs: output_tx,
-        result_spin: proto::ring::DEFAULT_SPIN,
     };
     let engine = engine.spawn_with(overlap).unwrap();
     Running { commands, outputs, engine, worker: Some(worker) }
@@ -283,7 +282,6 @@ fn a_dead_worker_is_noticed_while_idle() {
         result_ring,
         commands: command_rx,
         outputs: output_tx,
-        result_spin: proto::ring::DEFAULT_SPIN,
     };
     let engine = engine.spawn_with(true).unwrap();
     std::thread::sleep(Duration::from_millis(150));
