@@ -14,13 +14,11 @@ the sharp ones for the indexing.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_check import run_kernel_check
 
 pytest.importorskip("triton")
 
@@ -190,10 +188,7 @@ CPU_CASES = ["group7", "group1", "group4", "min_share", "fused", "no_alloc"]
 
 
 def run_check(case: str, device: str, interpret: bool) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
-    cmd = [sys.executable, "-c", CHECK.format(device=device, case=case)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_kernel_check(CHECK.format(device=device, case=case), interpret)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the real kernels")

@@ -3,13 +3,11 @@ subprocess: the interpreter is chosen when kernels are defined), and for real on
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_check import run_kernel_check
 
 pytest.importorskip("triton")
 
@@ -39,10 +37,7 @@ CHECK = textwrap.dedent(
 
 
 def run_check(device: str, interpret: bool) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
-    cmd = [sys.executable, "-c", CHECK.format(device=device)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_kernel_check(CHECK.format(device=device), interpret)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernel")

@@ -304,30 +304,36 @@ impl SeedSource {
     }
 }
 
+/// A hub over the byte-level test tokenizer (context 64, no chat template) and the receiving end of its
+/// engine channel, for the server's unit tests.
+#[cfg(test)]
+pub(crate) fn test_hub(max_prompt_len: u32) -> (Hub, std::sync::mpsc::Receiver<Command>) {
+    let tokenizer = crate::text::test_tokenizer::byte_level_tokenizer();
+    let limits = PromptLimits { vocab_size: tokenizer.vocab_size() as u32, max_seq_len: 64, max_prompt_len };
+    let info = InfoMsg {
+        model: "test".into(),
+        vocab_size: limits.vocab_size,
+        max_seq_len: 64,
+        max_batch: 4,
+        page_size: 16,
+        num_pages: 8,
+        eos_token_ids: vec![0],
+        live_requests: 0,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    (Hub::new(tokenizer, None, limits, info, tx), rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::test_tokenizer::byte_level_tokenizer;
     use proto::api::{FinishReason as Wire, Sampling};
-    use std::sync::mpsc::{Receiver, channel};
+    use std::sync::mpsc::Receiver;
 
     const ALICE: &[u8] = b"alice";
 
     fn hub(max_prompt_len: u32) -> (Hub, Receiver<Command>) {
-        let tokenizer = byte_level_tokenizer();
-        let limits = PromptLimits { vocab_size: tokenizer.vocab_size() as u32, max_seq_len: 64, max_prompt_len };
-        let info = InfoMsg {
-            model: "test".into(),
-            vocab_size: limits.vocab_size,
-            max_seq_len: 64,
-            max_batch: 4,
-            page_size: 16,
-            num_pages: 8,
-            eos_token_ids: vec![0],
-            live_requests: 0,
-        };
-        let (tx, rx) = channel();
-        (Hub::new(tokenizer, None, limits, info, tx), rx)
+        test_hub(max_prompt_len)
     }
 
     fn peer() -> Peer {

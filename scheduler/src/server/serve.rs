@@ -127,29 +127,13 @@ mod tests {
     use super::*;
     use crate::core::Event;
     use crate::engine::Command;
-    use crate::server::PromptLimits;
-    use crate::text::test_tokenizer::byte_level_tokenizer;
-    use proto::api::{ErrorCode, FinishReason, Generate, InfoMsg, Rejection};
-    use std::sync::mpsc::{Receiver, channel};
+    use proto::api::{ErrorCode, FinishReason, Generate, Rejection};
+    use std::sync::mpsc::Receiver;
     use tokio::sync::mpsc::unbounded_channel;
     use tokio::sync::oneshot;
 
     fn hub() -> (Hub, Receiver<Command>) {
-        let tokenizer = byte_level_tokenizer();
-        let vocab_size = tokenizer.vocab_size() as u32;
-        let limits = PromptLimits { vocab_size, max_seq_len: 64, max_prompt_len: 8 };
-        let info = InfoMsg {
-            model: "test".into(),
-            vocab_size,
-            max_seq_len: 64,
-            max_batch: 4,
-            page_size: 16,
-            num_pages: 8,
-            eos_token_ids: vec![0],
-            live_requests: 0,
-        };
-        let (tx, rx) = channel();
-        (Hub::new(tokenizer, None, limits, info, tx), rx)
+        crate::server::hub::test_hub(8)
     }
 
     struct Loop {

@@ -28,7 +28,7 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _round(x, dt: tl.constexpr):
+    def round_to(x, dt: tl.constexpr):
         """x (float32) rounded to the nearest value of `dt` and kept as float32, as a bf16 torch op rounds its
         result before the next op reads it. For bf16 the rounding is done on the bits: a cast down and back
         up may be folded away by the compiler, which would skip the rounding the eager code does."""
@@ -49,10 +49,10 @@ if triton is not None:
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            x = _round(x + r, out_ptr.dtype.element_ty)
+            x = round_to(x + r, out_ptr.dtype.element_ty)
             tl.store(res_out_ptr + row * n_cols + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        normed = _round(x * rstd, out_ptr.dtype.element_ty)
+        normed = round_to(x * rstd, out_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -89,8 +89,8 @@ if triton is not None:
         rot = h < NQ + NKV
         x1 = tl.load(row + h * D + d, mask=rot, other=0.0).to(tl.float32)
         x2 = tl.load(row + h * D + half + d, mask=rot, other=0.0).to(tl.float32)
-        o1 = (_round(x1 * cos1, dt) + _round(-x2 * sin1, dt)).to(dt)
-        o2 = (_round(x2 * cos2, dt) + _round(x1 * sin2, dt)).to(dt)
+        o1 = (round_to(x1 * cos1, dt) + round_to(-x2 * sin1, dt)).to(dt)
+        o2 = (round_to(x2 * cos2, dt) + round_to(x1 * sin2, dt)).to(dt)
         is_q = h < NQ
         q_dst = q_out_ptr + tok * NQ * D + h * D + d
         tl.store(q_dst, o1, mask=is_q)
@@ -113,7 +113,7 @@ if triton is not None:
         g = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         dt = out_ptr.dtype.element_ty
-        s = _round(g / (1.0 + tl.exp(-g)), dt)
+        s = round_to(g / (1.0 + tl.exp(-g)), dt)
         tl.store(out_ptr + row * n_cols + cols, (s * u).to(dt), mask=mask)
 
 

@@ -128,17 +128,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
 
 
 if triton is not None:
-
-    @triton.jit
-    def _round(x, dt: tl.constexpr):
-        """x (float32) rounded to `dt` and kept as float32 (see fused.py: done on the bits for bf16, so the
-        compiler cannot fold a cast down and back up away)."""
-        if dt == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return x.to(dt).to(tl.float32)
+    from minisgl.models.fused import round_to  # rounds where eager bf16 torch rounds
 
     @triton.jit
     def _input_tile(
@@ -151,10 +141,10 @@ if triton is not None:
             dt = xt.dtype
             xt = xt.to(tl.float32)
             if HAS_RES:
-                xt = _round(xt + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt)
+                xt = round_to(xt + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt)
             if rstd is not None:
                 w = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                xt = (_round(xt * rstd[None, :], dt) * w[:, None]).to(dt)
+                xt = (round_to(xt * rstd[None, :], dt) * w[:, None]).to(dt)
         return xt
 
     @triton.jit
@@ -237,7 +227,7 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if SILU_MUL:
-            gate = _round(acc, dt)
-            acc = _round(gate / (1.0 + tl.exp(-gate)), dt) * _round(acc_up, dt)
+            gate = round_to(acc, dt)
+            acc = round_to(gate / (1.0 + tl.exp(-gate)), dt) * round_to(acc_up, dt)
         dst = out_ptr + rows[None, :] * N + cols[:, None]
         tl.store(dst, acc.to(dt), mask=row_ok[None, :] & col_ok[:, None])
