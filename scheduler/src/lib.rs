@@ -1,8 +1,9 @@
 //! minisgl's scheduler: everything that is CPU work in serving a model.
 //!
-//! A request's path: `server::zmq` (the socket) -> `server::hub` (validate, tokenize) -> `engine` (its own
-//! thread) -> `core` (queue, pages, batch: plans each step into the step ring) -> the worker -> the result
-//! ring -> `core` (stop conditions) -> `server::hub` (detokenize, stop strings) -> the socket.
+//! A request's path: `server::zmq` (the ZeroMQ socket) or `server::http` (the OpenAI API) -> `server::serve`
+//! (the loop that owns the hub) -> `server::hub` (validate, tokenize) -> `engine` (its own thread) -> `core`
+//! (queue, pages, batch: plans each step into the step ring) -> the worker -> the result ring -> `core` (stop
+//! conditions) -> `server::hub` (detokenize, stop strings) -> back out of the door it came in by.
 
 pub mod core;
 pub mod engine;
