@@ -51,12 +51,21 @@ pub const MAX_IN_FLIGHT: usize = 2;
 
 /// How often an idle engine wakes to refresh its heartbeat and check that the worker lives.
 const IDLE_TICK: Duration = Duration::from_millis(50);
-/// When an idle engine receives a request it waits this long for the next one before planning (again after
-/// each arrival, for BURST_MAX at most), so that a client's burst is prefilled as one step. Without it the
-/// first request's prefill is planned alone and the rest wait behind it: on the H200 every eager prefill costs
-/// about 12 ms of host time whatever its size, and the seed workload (16 requests sent at once) paid twice.
-const BURST_GAP: Duration = Duration::from_micros(200);
-const BURST_MAX: Duration = Duration::from_millis(2);
+/// When an idle engine receives a request it waits `gap` for the next one before planning (again after each
+/// arrival, for `max` in all), so that a client's burst is prefilled as one step. Without it the first
+/// request's prefill is planned alone and the rest wait behind it: on the H200 every eager prefill costs about
+/// 12 ms of host time whatever its size, and the seed workload (16 requests sent at once) paid twice.
+#[derive(Clone, Copy, Debug)]
+pub struct BurstWindow {
+    pub gap: Duration,
+    pub max: Duration,
+}
+
+impl Default for BurstWindow {
+    fn default() -> Self {
+        BurstWindow { gap: Duration::from_micros(200), max: Duration::from_millis(2) }
+    }
+}
 
 /// How long stopping waits for the steps in flight to be answered and for a slot to tell the worker to exit. The
 /// launcher gives the scheduler 5 s before it signals it.
@@ -68,6 +77,7 @@ pub struct Engine {
     pub result_ring: Ring,
     pub commands: Receiver<Command>,
     pub outputs: UnboundedSender<Output>,
+    pub burst: BurstWindow,
 }
 
 /// The engine's state while it runs, beside what it was built with.
@@ -230,7 +240,7 @@ impl Engine {
                 match self.commands.recv_timeout(IDLE_TICK) {
                     Ok(c) => {
                         let now = Instant::now();
-                        burst = Some((now + BURST_GAP, now + BURST_MAX));
+                        burst = Some((now + self.burst.gap, now + self.burst.max));
                         c
                     }
                     Err(RecvTimeoutError::Timeout) => {
@@ -244,7 +254,7 @@ impl Engine {
                 let now = Instant::now();
                 match self.commands.recv_timeout(until.saturating_duration_since(now)) {
                     Ok(c) => {
-                        burst = Some((Instant::now() + BURST_GAP, end));
+                        burst = Some((Instant::now() + self.burst.gap, end));
                         c
                     }
                     Err(RecvTimeoutError::Timeout) => return Ok(true),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use proto::api::InfoMsg;
 use scheduler::core::{Core, Limits};
-use scheduler::engine::{Command, Engine};
+use scheduler::engine::{BurstWindow, Command, Engine};
 use scheduler::model_files::ModelFiles;
 use scheduler::server::serve::{self, Ended};
 use scheduler::server::{Hub, PromptLimits, http};
@@ -146,6 +146,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         result_ring: worker.result_ring,
         commands: command_rx,
         outputs: output_tx,
+        burst: BurstWindow::default(),
     };
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
 

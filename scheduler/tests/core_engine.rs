@@ -9,7 +9,7 @@ use core_support::{FakeWorker, hash_model, limits, reference_output};
 use proto::ring::{Ring, RingKind};
 use proto::step::{ResultLayout, ResultMut, StepKind, StepRef};
 use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, ReqId, SamplingParams};
-use scheduler::engine::{Command, Engine, MAX_IN_FLIGHT, Output};
+use scheduler::engine::{BurstWindow, Command, Engine, MAX_IN_FLIGHT, Output};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
@@ -29,6 +29,8 @@ struct WorkerReport {
     max_in_flight: usize,
     answered: u64,
     got_shutdown: bool,
+    /// How many requests the first step carried.
+    first_step_reqs: Option<u32>,
 }
 
 /// How the fake worker thread behaves.
@@ -50,7 +52,7 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
     let result_layout = ResultLayout::new(result_ring.capacity().max_reqs);
     let mut fake = FakeWorker::new(l, hash_model);
     let mut ids = VecDeque::new();
-    let mut report = WorkerReport { max_in_flight: 0, answered: 0, got_shutdown: false };
+    let mut report = WorkerReport { max_in_flight: 0, answered: 0, got_shutdown: false, first_step_reqs: None };
     let started = Instant::now();
     // Since when the oldest step in hand has waited for company.
     let mut holding_since = None;
@@ -58,6 +60,7 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
         assert!(started.elapsed() < PATIENCE, "the fake worker saw no end");
         while let Some(buf) = step_ring.try_read(0) {
             let header = StepRef::new(&fake.layout, buf).header;
+            report.first_step_reqs.get_or_insert(header.num_reqs);
             if header.kind == StepKind::Shutdown as u32 {
                 assert_eq!(fake.in_flight(), 0, "shutdown while steps are unanswered");
                 step_ring.release(0);
@@ -125,6 +128,10 @@ fn rings(prefix: &str, l: &Limits, slots: u32) -> (Ring, Ring) {
 }
 
 fn start(l: &Limits, slots: u32, overlap: bool, b: Behaviour) -> Running {
+    start_with(l, slots, overlap, b, BurstWindow::default())
+}
+
+fn start_with(l: &Limits, slots: u32, overlap: bool, b: Behaviour, burst: BurstWindow) -> Running {
     let prefix = unique_prefix();
     let (step_ring, result_ring) = rings(&prefix, l, slots);
     let worker = {
@@ -139,6 +146,7 @@ fn start(l: &Limits, slots: u32, overlap: bool, b: Behaviour) -> Running {
         result_ring,
         commands: command_rx,
         outputs: output_tx,
+        burst,
     };
     let engine = engine.spawn_with(overlap).unwrap();
     Running { commands, outputs, engine, worker: Some(worker) }
@@ -175,9 +183,22 @@ fn requests() -> Vec<(ReqId, Vec<u32>, SamplingParams)> {
 
 /// Serves `requests()` to the end and stops; returns what each produced, and the worker's report.
 fn serve(l: &Limits, slots: u32, overlap: bool) -> (HashMap<ReqId, (Vec<u32>, FinishReason)>, WorkerReport) {
-    let mut r = start(l, slots, overlap, Behaviour { grace: Duration::from_millis(5), fail_at: None });
-    for (id, prompt, params) in requests() {
+    serve_spaced(l, slots, overlap, BurstWindow::default(), |_| Duration::ZERO)
+}
+
+/// `serve` through an engine with this burst window, with `gap(i)` between request i and the next.
+fn serve_spaced(
+    l: &Limits,
+    slots: u32,
+    overlap: bool,
+    burst: BurstWindow,
+    gap: impl Fn(usize) -> Duration,
+) -> (HashMap<ReqId, (Vec<u32>, FinishReason)>, WorkerReport) {
+    let b = Behaviour { grace: Duration::from_millis(5), fail_at: None };
+    let mut r = start_with(l, slots, overlap, b, burst);
+    for (i, (id, prompt, params)) in requests().into_iter().enumerate() {
         r.commands.send(Command::Submit(NewRequest { id, prompt, params })).unwrap();
+        std::thread::sleep(gap(i));
     }
     let mut ended = HashMap::new();
     let mut tokens: HashMap<ReqId, Vec<u32>> = HashMap::new();
@@ -224,6 +245,28 @@ fn without_overlap_one_step_is_in_flight_and_the_outputs_are_the_same() {
     assert!(report.got_shutdown);
     let (overlapped, _) = serve(&l, 4, true);
     assert_eq!(ended, overlapped);
+}
+
+/// Requests that reach an idle engine closer together than the burst gap start together: the first step
+/// prefills all six. (Windows far wider than the default's 200 us, so that a loaded machine cannot stretch the
+/// sender's sleeps past them.)
+#[test]
+fn a_burst_of_requests_is_prefilled_in_one_step() {
+    let l = limits(8, 256, 128, 4, 256);
+    let burst = BurstWindow { gap: Duration::from_millis(200), max: Duration::from_secs(2) };
+    let (ended, report) = serve_spaced(&l, 4, true, burst, |_| Duration::from_millis(2));
+    check_outputs(&l, &ended);
+    assert_eq!(report.first_step_reqs, Some(requests().len() as u32));
+}
+
+/// A request that arrives after the burst gap does not hold the one before it back.
+#[test]
+fn a_lone_request_is_not_held_for_company() {
+    let l = limits(8, 256, 128, 4, 256);
+    let burst = BurstWindow { gap: Duration::from_millis(5), max: Duration::from_millis(10) };
+    let (ended, report) = serve_spaced(&l, 4, true, burst, |i| Duration::from_millis(if i == 0 { 200 } else { 0 }));
+    check_outputs(&l, &ended);
+    assert_eq!(report.first_step_reqs, Some(1));
 }
 
 /// One slot per ring: the engine cannot publish N+1 until the worker hands N's slot back, nor read a second
@@ -282,6 +325,7 @@ fn a_dead_worker_is_noticed_while_idle() {
         result_ring,
         commands: command_rx,
         outputs: output_tx,
+        burst: BurstWindow::default(),
     };
     let engine = engine.spawn_with(true).unwrap();
     std::thread::sleep(Duration::from_millis(150));
