@@ -29,9 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 
-from fake_steps import Join, StepBuilder  # noqa: E402
+from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
-from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
 
@@ -226,30 +225,6 @@ def correctness(model_dir: Path, configs: list[str], prompts: int, prompt_len: i
 # ---------------------------------------------------------------------------------------------- decode timing
 
 
-class ReadySteps:
-    """Plays a scheduler that is always a step ahead: every step is published before the worker asks."""
-
-    def __init__(self, steps: list) -> None:
-        shutdown = type("Shutdown", (), {"kind": STEP_SHUTDOWN, "step_id": len(steps)})()
-        self.steps, self.i = [*steps, shutdown], 0
-        self.times: list[float] = []
-        self.tokens: list[np.ndarray] = []
-
-    def try_next(self):
-        return self.steps[self.i] if self.i < len(self.steps) else None
-
-    def wait(self, timeout=None):
-        return self.try_next()
-
-    def release(self) -> None:
-        self.i += 1
-
-    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
-        self.times.append(time.perf_counter())
-        self.tokens.append(np.array(tokens))
-        return True
-
-
 class StepEvents:
     """Wraps `runner.launch` to record a CUDA event where each step's device work starts and ends."""
 
@@ -319,7 +294,7 @@ def time_decode(
         row["overlap_ms"] = 1e3 * float(np.median(gaps))
         row |= {k: v for k, v in events.summary(warm).items()}
         row["overlap_tokens_equal"] = all(
-            np.array_equal(a, b) for a, b in zip(ring.tokens, seq_tokens, strict=True)
+            np.array_equal(a, b) for (_, a), b in zip(ring.results, seq_tokens, strict=True)
         )
         out[batch] = row
         log(f"  {config} batch {batch}: {row}")

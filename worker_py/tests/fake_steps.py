@@ -7,9 +7,12 @@ cut to their used lengths.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN
 
 EXTEND, DECODE = 0, 1
 
@@ -124,3 +127,29 @@ class StepBuilder:
             join_top_k=i32([j.top_k for j in joins]),
             join_seed=np.asarray([j.seed for j in joins], dtype=np.uint64),
         )
+
+
+class ReadySteps:
+    """Both rings of a scheduler that published every step (then a shutdown) before the worker started: the
+    most overlap there can be. Records each result, in order, and when it came."""
+
+    def __init__(self, steps: list) -> None:
+        shutdown = type("Shutdown", (), {"kind": STEP_SHUTDOWN, "step_id": len(steps)})()
+        self.steps, self.i = [*steps, shutdown], 0
+        self.results: list[tuple[int, list[int]]] = []
+        self.times: list[float] = []
+
+    def try_next(self):
+        return self.steps[self.i] if self.i < len(self.steps) else None
+
+    def wait(self, timeout=None):
+        return self.try_next()
+
+    def release(self) -> None:
+        self.i += 1
+
+    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
+        assert status == RESULT_OK
+        self.times.append(time.perf_counter())
+        self.results.append((step_id, np.asarray(tokens).tolist()))
+        return True

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fake_steps import Join, StepBuilder
+from fake_steps import Join, ReadySteps, StepBuilder
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
-from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
 
@@ -122,28 +121,6 @@ def test_graph_logits_equal_eager_logits(model_dir):
         assert padding is not None and padding.rows == 4
         got = graphed.graphs.replay(graphed.uploader.upload(step_g, padding), padding.rows)[:4]
     assert rel_err(got, want) < 1e-2
-
-
-class ReadySteps:
-    """A scheduler that has published every step before the worker starts (the most overlap possible)."""
-
-    def __init__(self, steps) -> None:
-        shutdown = type("Shutdown", (), {"kind": STEP_SHUTDOWN, "step_id": len(steps)})()
-        self.steps, self.i, self.results = [*steps, shutdown], 0, []
-
-    def try_next(self):
-        return self.steps[self.i] if self.i < len(self.steps) else None
-
-    def wait(self, timeout=None):
-        return self.try_next()
-
-    def release(self) -> None:
-        self.i += 1
-
-    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
-        assert status == RESULT_OK
-        self.results.append((step_id, tokens.tolist()))
-        return True
 
 
 def sampled_steps(seed: int):

@@ -332,10 +332,6 @@ mod tests {
 
     const ALICE: &[u8] = b"alice";
 
-    fn hub(max_prompt_len: u32) -> (Hub, Receiver<Command>) {
-        test_hub(max_prompt_len)
-    }
-
     fn peer() -> Peer {
         Peer::Zmq(vec![Bytes::from_static(ALICE)])
     }
@@ -370,7 +366,7 @@ mod tests {
 
     #[test]
     fn a_request_is_tokenized_submitted_streamed_and_finished() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         assert!(send(&mut hub, &generate("a", "hé", true, Sampling::default())).is_empty());
         let req = submitted(&rx);
         assert_eq!(req.prompt, hub.tokenizer.encode("hé").unwrap());
@@ -398,7 +394,7 @@ mod tests {
 
     #[test]
     fn without_stream_only_the_final_is_sent() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         send(&mut hub, &generate("a", "x", false, Sampling::default()));
         let id = submitted(&rx).id;
         let mut out = Vec::new();
@@ -410,7 +406,7 @@ mod tests {
 
     #[test]
     fn a_stop_token_counts_as_an_id_but_not_as_text() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         send(&mut hub, &generate("a", "x", false, Sampling::default()));
         let id = submitted(&rx).id;
         let mut out = Vec::new();
@@ -424,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_stop_string_ends_the_request_and_cuts_the_text() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         let sampling = Sampling { stop: vec!["ab".into()], ..Sampling::default() };
         send(&mut hub, &generate("a", "x", true, sampling));
         let id = submitted(&rx).id;
@@ -450,7 +446,7 @@ mod tests {
 
     #[test]
     fn abort_finishes_a_live_request_and_refuses_an_unknown_one() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         send(&mut hub, &generate("a", "x", true, Sampling::default()));
         let id = submitted(&rx).id;
         assert_eq!(error_code(&send(&mut hub, &ClientMsg::Abort { rid: "nope".into() })), ErrorCode::UnknownRequest);
@@ -463,7 +459,7 @@ mod tests {
 
     #[test]
     fn bad_requests_get_the_right_error_codes() {
-        let (mut hub, rx) = hub(4);
+        let (mut hub, rx) = test_hub(4);
         let mut out = Vec::new();
         hub.on_message(&peer(), b"\xc1", &mut out);
         assert_eq!(error_code(&out), ErrorCode::Malformed);
@@ -485,7 +481,7 @@ mod tests {
 
     #[test]
     fn unseeded_requests_get_distinct_seeds_and_seeded_ones_keep_theirs() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         send(&mut hub, &generate("a", "x", true, Sampling::default()));
         send(&mut hub, &generate("b", "x", true, Sampling::default()));
         send(&mut hub, &generate("c", "x", true, Sampling { seed: Some(7), ..Sampling::default() }));
@@ -496,7 +492,7 @@ mod tests {
 
     #[test]
     fn when_the_engine_fails_every_live_request_ends_with_an_error() {
-        let (mut hub, _rx) = hub(32);
+        let (mut hub, _rx) = test_hub(32);
         send(&mut hub, &generate("a", "x", true, Sampling::default()));
         send(&mut hub, &generate("b", "x", false, Sampling::default()));
         let mut out = Vec::new();
@@ -516,7 +512,7 @@ mod tests {
 
     #[test]
     fn info_counts_the_live_requests() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         assert_eq!(live_in_info(&mut hub), 0);
         send(&mut hub, &generate("a", "x", true, Sampling::default()));
         send(&mut hub, &generate("b", "x", true, Sampling::default()));
@@ -528,7 +524,7 @@ mod tests {
 
     #[test]
     fn an_http_request_and_a_zmq_rid_of_the_same_name_do_not_collide() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         let http = Peer::Http(7);
         let g = Generate { text: Some("x".into()), stream: false, ..Generate::new("same") };
         hub.submit(&http, g.clone()).unwrap();
@@ -547,7 +543,7 @@ mod tests {
 
     #[test]
     fn cancel_ends_a_live_request_once() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         let http = Peer::Http(1);
         hub.submit(&http, Generate { text: Some("x".into()), ..Generate::new("r") }).unwrap();
         let id = submitted(&rx).id;
@@ -562,7 +558,7 @@ mod tests {
 
     #[test]
     fn a_refused_submit_sends_nothing_and_says_why() {
-        let (mut hub, rx) = hub(4);
+        let (mut hub, rx) = test_hub(4);
         let long = Generate { text: Some("hello world".into()), ..Generate::new("r") };
         let rejection = hub.submit(&Peer::Http(1), long).unwrap_err();
         assert_eq!((rejection.code, rejection.rid.as_deref()), (ErrorCode::PromptTooLong, Some("r")));
@@ -573,7 +569,7 @@ mod tests {
 
     #[test]
     fn a_max_tokens_beyond_u32_saturates_instead_of_wrapping() {
-        let (mut hub, rx) = hub(32);
+        let (mut hub, rx) = test_hub(32);
         let huge = Sampling { max_tokens: (1 << 32) + 5, ..Sampling::default() };
         send(&mut hub, &generate("a", "x", true, huge));
         assert_eq!(submitted(&rx).params.max_tokens, u32::MAX);
