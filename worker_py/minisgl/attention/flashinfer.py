@@ -69,7 +69,6 @@ class FlashInferBackend(AttentionBackend):
         super().__init__(config, kv_cache)
         if decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"unknown decode kernel {decode_kernel!r}; known: {', '.join(DECODE_KERNELS)}")
-        self.decode_kernel = decode_kernel
         self._triton = None
         if decode_kernel == "triton":
             from minisgl.attention import triton_decode
@@ -102,7 +101,8 @@ class FlashInferBackend(AttentionBackend):
         self._planned: set[int] = set()
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
-        """One decode wrapper per graph batch size, over index buffers that never move."""
+        """Per graph batch size: the split plan of the triton decode kernel, or a FlashInfer decode wrapper
+        over index buffers that never move."""
         self.max_graph_kv_indices = max_kv_indices
         if self._triton is not None:
             self._graph_splits = {b: self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minisgl.attention.flashinfer import DECODE_KERNELS
 from minisgl.logs import setup_logging
 from minisgl.worker.loop import WorkerConfig, serve
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
     )
     p.add_argument(
         "--decode-attention",
-        choices=("triton", "flashinfer"),
+        choices=DECODE_KERNELS,
         default="triton",
         help="the flashinfer backend's decode kernel: ours (minisgl.attention.triton_decode) or FlashInfer's",
     )
