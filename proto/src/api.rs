@@ -332,6 +332,11 @@ pub struct InfoMsg {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMsg {
+    /// Before its hello, what the worker is busy with ("loading weights", "capturing CUDA graphs"); the
+    /// scheduler answers `ok` and reports it as the reason it is not serving yet.
+    Status {
+        phase: String,
+    },
     Hello(Hello),
     Ready,
 }

@@ -227,6 +227,7 @@ fn control_messages() {
     for (file, bytes) in [
         ("control_hello.msgpack", encode(&hello)),
         ("control_ready.msgpack", encode(&WorkerMsg::Ready)),
+        ("control_status.msgpack", encode(&WorkerMsg::Status { phase: "loading weights".into() })),
         ("control_welcome.msgpack", encode(&welcome)),
         ("control_ok.msgpack", encode(&SchedulerMsg::Ok)),
         ("control_error.msgpack", encode(&SchedulerMsg::Error { message: "expected hello".into() })),

@@ -18,11 +18,13 @@
 //! snooze that the worker is alive through both rings.
 
 use crate::core::{Core, Event, FinishReason, NewRequest, Planned, ReqId};
+use crate::metrics::Metrics;
 use crate::step_stats::StepStats;
 use anyhow::{Context, Result, bail};
 use proto::ring::{Backoff, Liveness, Ring};
 use proto::step::{ResultLayout, ResultRef, StepKind, StepLayout, StepMut};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -78,6 +80,7 @@ pub struct Engine {
     pub commands: Receiver<Command>,
     pub outputs: UnboundedSender<Output>,
     pub burst: BurstWindow,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The engine's state while it runs, beside what it was built with.
@@ -132,6 +135,7 @@ impl Engine {
             if !self.take_commands(&liveness)? {
                 return Ok(());
             }
+            self.report_load();
             self.turn(pipe, &liveness)?;
         }
     }
@@ -200,7 +204,8 @@ impl Engine {
             self.forward(&mut pipe.events)?;
             bail!("the worker failed step {step_id}");
         }
-        pipe.stats.answered(planned.kind(), published, planned.num_reqs(), planned.num_tokens());
+        let busy = pipe.stats.answered(planned.kind(), published, planned.num_reqs(), planned.num_tokens());
+        self.metrics.step_answered(planned.kind(), busy);
         tracing::debug!(
             step = step_id,
             kind = ?planned.kind(),
@@ -211,7 +216,13 @@ impl Engine {
         );
         self.core.complete_step(planned, result.tokens, &mut pipe.events);
         self.result_ring.release(0);
+        self.report_load();
         self.forward(&mut pipe.events)
+    }
+
+    fn report_load(&self) {
+        let core = &self.core;
+        self.metrics.set_load(core.waiting(), core.running(), core.free_pages(), core.limits().num_pages);
     }
 
     /// Fails when the worker is gone. Also refreshes our heartbeats on both rings, for diagnostics.

@@ -1,14 +1,16 @@
-//! `minisgl-sched`: the scheduler daemon. Wiring only: load the text side of the model, shake hands with the
-//! worker, start the engine thread, serve the request socket and the HTTP API until a signal or the worker's
-//! death.
+//! `minisgl-sched`: the scheduler daemon. Wiring only: open the HTTP API (it reports the start), load the text
+//! side of the model, shake hands with the worker, start the engine thread, serve the request socket and the
+//! HTTP API until a signal's drain ends or the worker dies.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use proto::api::InfoMsg;
 use scheduler::core::{Core, Limits};
 use scheduler::engine::{BurstWindow, Command, Engine};
+use scheduler::metrics::Metrics;
 use scheduler::model_files::ModelFiles;
-use scheduler::server::serve::{self, Ended};
+use scheduler::server::serve::{self, Ended, Lifecycle};
+use scheduler::server::status::{Phase, Status};
 use scheduler::server::{Hub, PromptLimits, http};
 use scheduler::text::{ChatTemplate, Tokenizer};
 use scheduler::worker::{self, RingPlan};
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 #[derive(Parser, Debug)]
 #[command(name = "minisgl-sched", version, about = "minisgl's scheduler daemon")]
@@ -32,6 +35,14 @@ struct Args {
     /// The model name the HTTP API reports and answers with (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the HTTP API's /v1 routes (prefer the environment variable: a
+    /// command line is visible to every user of the machine). The ZeroMQ socket has no authentication.
+    #[arg(long, env = "MINISGL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// After SIGTERM or Ctrl-C, how long live requests may run before they are ended; new ones are refused
+    /// meanwhile. A second signal stops at once.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    shutdown_timeout: f64,
     /// The worker's handshake socket (a ZeroMQ ipc:// endpoint).
     #[arg(long)]
     control: String,
@@ -59,13 +70,30 @@ struct Args {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing's EnvFilter syntax.
     #[arg(long, env = "MINISGL_LOG", default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object each (fields such as request_id stay separate).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    if !args.shutdown_timeout.is_finite() || args.shutdown_timeout < 0.0 {
+        tracing::error!("--shutdown-timeout must be a number of seconds, 0 or more");
+        return ExitCode::FAILURE;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(args))) {
         Ok(code) => code,
@@ -77,12 +105,28 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
+    let mut signals = shutdown_signals();
     // Before the worker spends minutes loading weights: a taken port should fail the start at once.
     let http_listener = match args.http.as_str() {
         "off" => None,
         addr => Some(http::bind(addr).await?),
     };
     let files = ModelFiles::load(&args.model)?;
+    let status = Arc::new(Status::new(Phase::Starting("waiting for the worker".into())));
+    let metrics = Arc::new(Metrics::default());
+    // The API answers from now on: /health says what the start waits for, requests get a 503 until it serves.
+    let (calls, call_rx) = unbounded_channel();
+    let api = http_listener.map(|listener| {
+        let model = args.served_model_name.clone().unwrap_or_else(|| files.name.clone());
+        let max_seq_len = args.max_seq_len.unwrap_or(files.max_position_embeddings);
+        let api = http::Api::new(calls, model, max_seq_len)
+            .with_status(status.clone())
+            .with_metrics(metrics.clone())
+            .with_api_key(args.api_key.clone());
+        let api = Arc::new(api);
+        http::spawn(listener, api.clone());
+        api
+    });
     let tokenizer = Arc::new(Tokenizer::from_model_dir(&files.dir).context("loading tokenizer.json")?);
     let chat = ChatTemplate::from_model_dir(&files.dir).ok();
     if chat.is_none() {
@@ -90,8 +134,13 @@ async fn run(args: Args) -> Result<ExitCode> {
     }
 
     let mut limits = None;
-    let handshake =
-        worker::handshake(&args.control, &args.shm_prefix, Duration::from_secs(args.handshake_timeout_s), |hello| {
+    let on_status = |phase: &str| status.set(Phase::Starting(format!("the worker is {phase}")));
+    let handshake = worker::handshake(
+        &args.control,
+        &args.shm_prefix,
+        Duration::from_secs(args.handshake_timeout_s),
+        on_status,
+        |hello| {
             let l = Limits {
                 max_batch: args.max_batch.map_or(hello.max_batch, |b| b.min(hello.max_batch)),
                 max_step_tokens: args.max_step_tokens.map_or(hello.max_tokens, |t| t.min(hello.max_tokens)),
@@ -107,10 +156,11 @@ async fn run(args: Args) -> Result<ExitCode> {
             let plan = RingPlan { capacity: l.capacity(), slot_count: args.ring_slots };
             limits = Some(l);
             Ok(plan)
-        });
+        },
+    );
     let worker = tokio::select! {
         w = handshake => w?,
-        () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+        _ = signals.recv() => return Ok(ExitCode::SUCCESS), // nothing to drain yet
     };
     let limits = limits.expect("the plan ran during the handshake");
     tracing::info!(
@@ -139,7 +189,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         max_prompt_len: limits.max_prompt_len(),
     };
     let hub_max_seq_len = hub_limits.max_seq_len;
-    let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone());
+    let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone(), metrics.clone());
     let engine = Engine {
         core: Core::new(limits)?,
         step_ring: worker.step_ring,
@@ -147,19 +197,16 @@ async fn run(args: Args) -> Result<ExitCode> {
         commands: command_rx,
         outputs: output_tx,
         burst: BurstWindow::default(),
+        metrics,
     };
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
-
-    // With the API off, the loop finds the channel closed at once and stops watching it.
-    let (calls, call_rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Some(listener) = http_listener {
-        let model = args.served_model_name.clone().unwrap_or_else(|| files.name.clone());
-        http::spawn(listener, http::Api::new(calls, model, hub_max_seq_len));
-    } else {
-        drop(calls);
+    if let Some(api) = &api {
+        api.set_max_seq_len(hub_max_seq_len);
     }
 
-    let ended = serve::serve(&args.listen, hub, outputs, call_rx, shutdown_signal()).await?;
+    // With the API off, the loop finds the call channel closed at once and stops watching it.
+    let life = Lifecycle { signals, drain_timeout: Duration::from_secs_f64(args.shutdown_timeout), status };
+    let ended = serve::serve(&args.listen, hub, outputs, call_rx, life).await?;
     let _ = commands.send(Command::Shutdown);
     // The engine thread tells the worker to exit and unlinks the rings as it drops them.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
@@ -175,11 +222,22 @@ async fn run(args: Args) -> Result<ExitCode> {
     }
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// One message per Ctrl-C or SIGTERM, for as long as the receiver lives.
+fn shutdown_signals() -> UnboundedReceiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = unbounded_channel();
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

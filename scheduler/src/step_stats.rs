@@ -23,8 +23,8 @@ pub struct StepStats {
 }
 
 impl StepStats {
-    /// Records a step answered now that was published at `published`.
-    pub fn answered(&mut self, kind: StepKind, published: Instant, requests: usize, tokens: u32) {
+    /// Records a step answered now that was published at `published`; returns the time the worker spent on it.
+    pub fn answered(&mut self, kind: StepKind, published: Instant, requests: usize, tokens: u32) -> Duration {
         let now = Instant::now();
         // With two steps in flight the second one starts on the worker when the first is answered.
         let started = self.last_answer.map_or(published, |last| last.max(published));
@@ -34,6 +34,7 @@ impl StepStats {
         stats.requests += requests as u64;
         stats.tokens += u64::from(tokens);
         stats.busy += now - started;
+        now - started
     }
 }
 

@@ -23,11 +23,14 @@ pub struct Worker {
     pub result_ring: Ring,
 }
 
-/// Binds `control`, waits (at most `timeout`) for the worker, and creates the rings that `plan` asks for.
+/// Binds `control`, waits (at most `timeout` between messages) for the worker, and creates the rings that
+/// `plan` asks for. `on_status` hears what the worker says it is doing before its hello (loading weights,
+/// capturing CUDA graphs), for the readiness the HTTP API reports.
 pub async fn handshake(
     control: &str,
     shm_prefix: &str,
     timeout: Duration,
+    mut on_status: impl FnMut(&str),
     plan: impl FnOnce(&Hello) -> Result<RingPlan>,
 ) -> Result<Worker> {
     let path = control.strip_prefix("ipc://");
@@ -38,11 +41,17 @@ pub async fn handshake(
     socket.bind(control).await.with_context(|| format!("binding the control socket {control}"))?;
     tracing::info!("waiting for the worker on {control}");
 
-    let hello = match recv(&mut socket, timeout).await? {
-        WorkerMsg::Hello(hello) => hello,
-        other => {
-            reply(&mut socket, &SchedulerMsg::Error { message: "expected hello".into() }).await?;
-            bail!("the worker opened with {other:?} instead of hello");
+    let hello = loop {
+        match recv(&mut socket, timeout).await? {
+            WorkerMsg::Status { phase } => {
+                on_status(&phase);
+                reply(&mut socket, &SchedulerMsg::Ok).await?;
+            }
+            WorkerMsg::Hello(hello) => break hello,
+            other => {
+                reply(&mut socket, &SchedulerMsg::Error { message: "expected hello".into() }).await?;
+                bail!("the worker opened with {other:?} instead of hello");
+            }
         }
     };
     tracing::info!(

@@ -147,6 +147,7 @@ fn start_with(l: &Limits, slots: u32, overlap: bool, b: Behaviour, burst: BurstW
         commands: command_rx,
         outputs: output_tx,
         burst,
+        metrics: Default::default(),
     };
     let engine = engine.spawn_with(overlap).unwrap();
     Running { commands, outputs, engine, worker: Some(worker) }
@@ -326,6 +327,7 @@ fn a_dead_worker_is_noticed_while_idle() {
         commands: command_rx,
         outputs: output_tx,
         burst: BurstWindow::default(),
+        metrics: Default::default(),
     };
     let engine = engine.spawn_with(true).unwrap();
     std::thread::sleep(Duration::from_millis(150));

@@ -245,6 +245,7 @@ CONTROL = {
         "max_tokens": 8192,
     },
     "control_ready.msgpack": {"type": "ready"},
+    "control_status.msgpack": {"type": "status", "phase": "loading weights"},
     "control_welcome.msgpack": {
         "type": "welcome",
         "step_ring": "minisgl-1234-step",
@@ -295,6 +296,7 @@ def test_python_builders_give_the_schedulers_bytes():
             max_tokens=8192,
         ),
         "control_ready.msgpack": messages.ready(),
+        "control_status.msgpack": messages.status("loading weights"),
     }
     for name, msg in built.items():
         assert msgpack.packb(msg) == golden(name), name

@@ -5,24 +5,32 @@
 //! Each HTTP request is a hub peer of its own (`Peer::Http(n)`), so its id cannot collide with a ZeroMQ
 //! client's. A request whose handler is dropped (the client disconnected, mid-stream or while waiting) is
 //! aborted: the `Ticket` it holds tells the loop when it goes.
+//!
+//! The API answers from the moment the process starts: until the engine serves, `/health` says what it is
+//! waiting for and requests get a 503 at once (`status.rs`). With an API key, every `/v1` route requires it;
+//! `/health` and `/metrics` stay open for probes and scrapers.
 
 use super::openai::{self, ApiError, Chunks, Endpoint, Reply};
+use super::status::{Phase, Status};
+use crate::metrics::{self, Metrics};
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{Method, StatusCode, Uri, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures_core::Stream;
 use proto::api::{Generate, Rejection, ServerMsg};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll, ready};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -48,15 +56,51 @@ pub enum Call {
 pub struct Api {
     calls: UnboundedSender<Call>,
     model: String,
-    max_seq_len: u32,
+    /// The context length: the model's until the worker's limits are known, then the served one.
+    max_seq_len: AtomicU32,
     started: u64,
     next_id: AtomicU64,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    api_key: Option<String>,
 }
 
 impl Api {
-    /// `model` is the name the API serves under; `max_seq_len` the context length.
+    /// `model` is the name the API serves under; `max_seq_len` the context length. It serves at once, with
+    /// metrics of its own and no key, unless told otherwise.
     pub fn new(calls: UnboundedSender<Call>, model: String, max_seq_len: u32) -> Self {
-        Api { calls, model, max_seq_len, started: unix_seconds(), next_id: AtomicU64::new(0) }
+        Api {
+            calls,
+            model,
+            max_seq_len: AtomicU32::new(max_seq_len),
+            started: unix_seconds(),
+            next_id: AtomicU64::new(0),
+            status: Arc::new(Status::new(Phase::Serving)),
+            metrics: Arc::default(),
+            api_key: None,
+        }
+    }
+
+    /// Follows `status` instead of always serving.
+    pub fn with_status(self, status: Arc<Status>) -> Self {
+        Api { status, ..self }
+    }
+
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Api { metrics, ..self }
+    }
+
+    /// Requires `Authorization: Bearer <key>` on every `/v1` route.
+    pub fn with_api_key(self, api_key: Option<String>) -> Self {
+        Api { api_key, ..self }
+    }
+
+    pub fn set_max_seq_len(&self, max_seq_len: u32) {
+        self.max_seq_len.store(max_seq_len, Ordering::Relaxed);
+    }
+
+    fn max_seq_len(&self) -> u32 {
+        self.max_seq_len.load(Ordering::Relaxed)
     }
 }
 
@@ -66,12 +110,19 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 /// Serves the API on `listener` until the runtime stops.
-pub fn spawn(listener: TcpListener, api: Api) -> tokio::task::JoinHandle<()> {
+pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()> {
     match listener.local_addr() {
         Ok(addr) => tracing::info!("OpenAI-compatible HTTP API on http://{addr}/v1"),
         Err(e) => tracing::warn!("the HTTP API's address: {e}"),
     }
-    let app = router(Arc::new(api));
+    // Without TCP_NODELAY the first small write of a response (an SSE chunk) waits for the client's delayed
+    // ACK: Nagle's algorithm cost every stream's first token about 40 ms on the H200.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
+    let app = router(api);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("the HTTP API stopped: {e}");
@@ -80,41 +131,80 @@ pub fn spawn(listener: TcpListener, api: Api) -> tokio::task::JoinHandle<()> {
 }
 
 pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
+    Router::new()
+        .merge(v1)
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
 }
 
-async fn completions(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
-    generate(&api, Endpoint::Completions, body).await
+async fn require_key(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let Some(key) = &api.api_key else { return next.run(request).await };
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match given.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) if same_secret(token.trim().as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => error_response(&ApiError::new(401, "invalid_api_key", "the API key is not valid")),
+        None => error_response(&ApiError::new(
+            401,
+            "invalid_api_key",
+            "an API key is required: send it as `Authorization: Bearer <key>`",
+        )),
+    }
 }
 
-async fn chat_completions(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
-    generate(&api, Endpoint::Chat, body).await
+/// Compares in time that depends only on the lengths, so a wrong key's answer does not tell how much of it
+/// was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn completions(State(api): State<Arc<Api>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(&api, Endpoint::Completions, &headers, body).await
+}
+
+async fn chat_completions(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(&api, Endpoint::Chat, &headers, body).await
 }
 
 async fn models(State(api): State<Arc<Api>>) -> Response {
-    json_response(StatusCode::OK, openai::models_body(&api.model, api.started, api.max_seq_len).to_string())
+    json_response(StatusCode::OK, openai::models_body(&api.model, api.started, api.max_seq_len()).to_string())
 }
 
+/// 200 while serving; 503 while starting (with what it waits for), draining or stopped.
 async fn health(State(api): State<Arc<Api>>) -> Response {
-    let (tx, rx) = oneshot::channel();
-    let live = match api.calls.send(Call::Health(tx)) {
-        Ok(()) => rx.await.ok(),
-        Err(_) => None,
-    };
-    match live {
-        Some(live) => {
-            let body = serde_json::json!({ "status": "ok", "live_requests": live });
-            json_response(StatusCode::OK, body.to_string())
-        }
-        None => error_response(&engine_gone()),
+    let phase = api.status.get();
+    let mut body = serde_json::json!({ "status": phase.word() });
+    if let Phase::Starting(reason) = &phase {
+        body["reason"] = reason.as_str().into();
     }
+    if matches!(phase, Phase::Serving | Phase::Draining) {
+        let (tx, rx) = oneshot::channel();
+        let live = match api.calls.send(Call::Health(tx)) {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        match live {
+            Some(live) => body["live_requests"] = live.into(),
+            None => return error_response(&engine_gone()),
+        }
+    }
+    let status = if phase == Phase::Serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, body.to_string())
+}
+
+async fn metrics_text(State(api): State<Arc<Api>>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], api.metrics.render()).into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
@@ -130,7 +220,49 @@ fn engine_gone() -> ApiError {
     ApiError::unavailable("the engine is not running")
 }
 
-async fn generate(api: &Api, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
+/// Why a request cannot be taken now, when the engine is not serving.
+fn not_serving(phase: Phase) -> Option<ApiError> {
+    match phase {
+        Phase::Serving => None,
+        Phase::Starting(reason) => {
+            Some(ApiError::new(503, "engine_starting", format!("the engine is starting ({reason}): try again soon")))
+        }
+        Phase::Draining => Some(ApiError::new(503, "shutting_down", "the server is shutting down")),
+        Phase::Stopped => Some(engine_gone()),
+    }
+}
+
+/// A client's `X-Request-Id`, when it is one we can log and echo as it is.
+fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let id = headers.get("x-request-id")?.to_str().ok()?;
+    let fits = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic());
+    fits.then_some(id)
+}
+
+/// Every response to a generate request carries its id, `X-Request-Id`: the id its log lines name.
+async fn generate(api: &Api, endpoint: Endpoint, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let id = api.next_id.fetch_add(1, Ordering::Relaxed);
+    let rid = match client_request_id(headers) {
+        Some(theirs) => format!("{}-{theirs}", endpoint.id_prefix()),
+        None => format!("{}-{id}", endpoint.id_prefix()),
+    };
+    let mut response = match not_serving(api.status.get()) {
+        Some(refusal) => error_response(&refusal),
+        None => run_request(api, endpoint, id, &rid, body).await,
+    };
+    if let Ok(value) = HeaderValue::from_str(&rid) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn run_request(
+    api: &Api,
+    endpoint: Endpoint,
+    id: u64,
+    rid: &str,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
@@ -139,11 +271,9 @@ async fn generate(api: &Api, endpoint: Endpoint, body: Result<Bytes, BytesReject
             return error_response(&ApiError::new(status.as_u16(), code, rejection.body_text()));
         }
     };
-    let id = api.next_id.fetch_add(1, Ordering::Relaxed);
-    let rid = format!("{}-{id}", endpoint.id_prefix());
     let parsed = match endpoint {
-        Endpoint::Completions => openai::parse_completion(&body, &rid),
-        Endpoint::Chat => openai::parse_chat(&body, &rid, api.max_seq_len),
+        Endpoint::Completions => openai::parse_completion(&body, rid),
+        Endpoint::Chat => openai::parse_chat(&body, rid, api.max_seq_len()),
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -167,7 +297,7 @@ async fn generate(api: &Api, endpoint: Endpoint, body: Result<Bytes, BytesReject
             return error_response(&engine_gone());
         }
     }
-    let reply = Reply { endpoint, id: rid, model: api.model.clone(), created: unix_seconds() };
+    let reply = Reply { endpoint, id: rid.to_owned(), model: api.model.clone(), created: unix_seconds() };
     if parsed.stream {
         let chunks = Chunks::new(reply, parsed.include_usage);
         let queued = chunks.opening().into();
@@ -274,7 +404,7 @@ mod tests {
     async fn start(calls: UnboundedSender<Call>) -> SocketAddr {
         let listener = bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        spawn(listener, Api::new(calls, "m".into(), 64));
+        spawn(listener, Arc::new(Api::new(calls, "m".into(), 64)));
         addr
     }
 

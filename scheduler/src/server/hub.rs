@@ -8,12 +8,14 @@
 
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
+use crate::metrics::{Metrics, Outcome};
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
 use bytes::Bytes;
 use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Prompt, Rejection, ServerMsg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
 
 /// Where a client's replies go. Request ids are unique per peer, not globally, so the two front doors cannot
 /// collide: an HTTP request is a peer of its own, and no ZeroMQ client's rid can name it.
@@ -45,6 +47,9 @@ pub struct Hub {
     by_rid: HashMap<(Peer, String), ReqId>,
     next_id: ReqId,
     seeds: SeedSource,
+    metrics: Arc<Metrics>,
+    /// Set once a shutdown began: live requests finish, new ones are refused.
+    draining: bool,
 }
 
 struct Live {
@@ -55,6 +60,10 @@ struct Live {
     token_ids: Vec<u32>,
     text: String,
     detok: TextStream,
+    admitted: Instant,
+    /// When its first token came (the time to first token), and its latest (the gap to the next).
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 impl Hub {
@@ -64,6 +73,7 @@ impl Hub {
         limits: PromptLimits,
         info: InfoMsg,
         engine: Sender<Command>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Hub {
             tokenizer,
@@ -75,7 +85,14 @@ impl Hub {
             by_rid: HashMap::new(),
             next_id: 0,
             seeds: SeedSource::new(),
+            metrics,
+            draining: false,
         }
+    }
+
+    /// Refuses new requests from now on (`shutting_down`); live ones run to their end.
+    pub fn drain(&mut self) {
+        self.draining = true;
     }
 
     pub fn live_requests(&self) -> usize {
@@ -120,9 +137,22 @@ impl Hub {
     /// Admits a decoded `generate` from `peer`, or says why not. Nothing is sent on a refusal: the caller
     /// answers it in its own door's terms.
     pub fn submit(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
+        let rid = g.rid.clone();
+        let verdict = self.admit(peer, g);
+        if let Err(refused) = &verdict {
+            self.metrics.request_ended(Outcome::Rejected);
+            tracing::info!(request_id = %rid, code = ?refused.code, "request refused: {}", refused.message);
+        }
+        verdict
+    }
+
+    fn admit(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
+        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
+        if self.draining {
+            return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
+        }
         api::validate(&g)?;
         let key = (peer.clone(), g.rid.clone());
-        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
         if self.by_rid.contains_key(&key) {
             return Err(reject(ErrorCode::DuplicateRequest, format!("request {:?} is still running", g.rid)));
         }
@@ -162,6 +192,8 @@ impl Hub {
             return Err(reject(ErrorCode::ShuttingDown, "the engine has stopped".into()));
         }
         self.by_rid.insert(key, id);
+        self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
+        tracing::debug!(request_id = %g.rid, prompt_tokens, "request admitted");
         let live = Live {
             peer: peer.clone(),
             rid: g.rid,
@@ -170,6 +202,9 @@ impl Hub {
             token_ids: Vec::new(),
             text: String::new(),
             detok,
+            admitted: Instant::now(),
+            first_token: None,
+            last_token: None,
         };
         self.live.insert(id, live);
         Ok(())
@@ -195,6 +230,7 @@ impl Hub {
 
     /// Turns one step's events into replies.
     pub fn on_events(&mut self, events: Vec<Event>, out: &mut Vec<(Peer, ServerMsg)>) {
+        let now = Instant::now();
         for event in events {
             let (id, token, finish) = match event {
                 Event::Token { id, token, finish } => (id, token, finish),
@@ -205,6 +241,15 @@ impl Hub {
             };
             let Some(live) = self.live.get_mut(&id) else { continue }; // ended here already (abort, stop string)
             live.token_ids.push(token);
+            self.metrics.generated_tokens.inc();
+            match live.last_token {
+                None => {
+                    live.first_token = Some(now);
+                    self.metrics.time_to_first_token.observe((now - live.admitted).as_secs_f64());
+                }
+                Some(last) => self.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+            }
+            live.last_token = Some(now);
             // A token that stopped the request by id (EOS, a stop token) is returned as an id, not as text.
             let (piece, stopped) = if finish == Some(FinishReason::Stop) {
                 (String::new(), false)
@@ -256,15 +301,41 @@ impl Hub {
             let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), token_ids, text: piece });
             out.push((live.peer.clone(), msg));
         }
+        self.ended(&live, reason);
         out.push((live.peer.clone(), final_msg(live, reason, None)));
     }
 
-    /// The engine is gone: every live request ends with an error saying why.
+    /// Every live request ends with an error saying why: the engine is gone, or the drain ran out of time.
     pub fn fail_all(&mut self, why: &str, out: &mut Vec<(Peer, ServerMsg)>) {
-        for (_, live) in self.live.drain() {
+        for (id, live) in std::mem::take(&mut self.live) {
+            let _ = self.engine.send(Command::Finish(id));
+            self.ended(&live, FinishReason::Error);
             out.push((live.peer.clone(), final_msg(live, FinishReason::Error, Some(why.to_string()))));
         }
         self.by_rid.clear();
+    }
+
+    /// Records a request's end: its outcome and latency in the metrics, and one line in the log.
+    fn ended(&self, live: &Live, reason: FinishReason) {
+        let outcome = match reason {
+            FinishReason::Stop => Outcome::Stop,
+            FinishReason::Length => Outcome::Length,
+            FinishReason::Abort => Outcome::Abort,
+            FinishReason::Error => Outcome::Error,
+        };
+        let total = live.admitted.elapsed();
+        self.metrics.request_ended(outcome);
+        self.metrics.request_latency.observe(total.as_secs_f64());
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::info!(
+            request_id = %live.rid,
+            prompt_tokens = live.prompt_tokens,
+            completion_tokens = live.token_ids.len(),
+            ttft_ms = live.first_token.map(|t| ms(t - live.admitted)),
+            total_ms = ms(total),
+            finish_reason = outcome.label(),
+            "request finished"
+        );
     }
 }
 
@@ -321,7 +392,7 @@ pub(crate) fn test_hub(max_prompt_len: u32) -> (Hub, std::sync::mpsc::Receiver<C
         live_requests: 0,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    (Hub::new(tokenizer, None, limits, info, tx), rx)
+    (Hub::new(tokenizer, None, limits, info, tx, Arc::default()), rx)
 }
 
 #[cfg(test)]

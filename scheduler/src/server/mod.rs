@@ -6,6 +6,7 @@ pub mod http;
 pub mod hub;
 pub mod openai;
 pub mod serve;
+pub mod status;
 pub mod zmq;
 
 pub use hub::{Hub, Peer, PromptLimits};

@@ -1,21 +1,29 @@
 //! The one loop that owns the hub. It feeds it from both front doors (ZeroMQ frames, HTTP calls) and from the
 //! engine's outputs, and routes every reply through the door its peer came in by: one request table and one
 //! engine for every client.
+//!
+//! It also runs the server's end of life. The first shutdown signal starts a drain: new requests are refused
+//! (HTTP 503, ZeroMQ `shutting_down`), live ones run to their end for up to the drain timeout, and then any
+//! still live end with an error that says so. A second signal stops at once, failing what is live the same
+//! way: no client is left without an answer.
 
 use super::http::Call;
 use super::hub::{Hub, Peer};
+use super::status::{Phase, Status};
 use super::zmq;
 use crate::engine::Output;
 use anyhow::Result;
 use bytes::Bytes;
 use proto::api::ServerMsg;
 use std::collections::HashMap;
-use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
 
 /// Why the serve loop ended.
 pub enum Ended {
-    /// The shutdown future completed (a signal).
+    /// A signal: the drain ended, or a second signal cut it short.
     Shutdown,
     /// The engine stopped on its own; live requests were failed with this reason.
     EngineFailed(String),
@@ -27,21 +35,34 @@ struct HttpPeer {
     replies: UnboundedSender<ServerMsg>,
 }
 
-/// Binds the request socket at `listen`, and serves it and the HTTP calls arriving on `http` until
-/// `shutdown` completes or the engine stops. `http` may be a channel whose senders are all gone (no HTTP API).
+/// How the serve loop learns it should end, and where it says how far it got.
+pub struct Lifecycle {
+    /// One message per shutdown signal (SIGTERM, SIGINT); the channel closing counts as one.
+    pub signals: UnboundedReceiver<()>,
+    /// How long live requests may run after the first signal.
+    pub drain_timeout: Duration,
+    pub status: Arc<Status>,
+}
+
+/// Binds the request socket at `listen`, and serves it and the HTTP calls arriving on `http` until a shutdown
+/// signal's drain ends or the engine stops. `http` may be a channel whose senders are all gone (no HTTP API).
 pub async fn serve(
     listen: &str,
     mut hub: Hub,
     mut outputs: UnboundedReceiver<Output>,
     mut http: UnboundedReceiver<Call>,
-    shutdown: impl Future<Output = ()>,
+    mut life: Lifecycle,
 ) -> Result<Ended> {
     let (mut send, mut recv) = zmq::bind(listen).await?;
+    life.status.set(Phase::Serving);
     let mut http_open = true;
     let mut http_peers: HashMap<u64, HttpPeer> = HashMap::new();
     let mut replies: Vec<(Peer, ServerMsg)> = Vec::new();
     let mut to_zmq: Vec<(Vec<Bytes>, ServerMsg)> = Vec::new();
-    tokio::pin!(shutdown);
+    let mut draining = false;
+    // Armed by the first signal.
+    let drain_end = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(drain_end);
     let ended = loop {
         let mut stop = None;
         tokio::select! {
@@ -65,14 +86,39 @@ pub async fn serve(
                     stop = Some(Ended::EngineFailed("the engine thread ended".into()));
                 }
             },
-            () = &mut shutdown => stop = Some(Ended::Shutdown),
+            signal = life.signals.recv() => {
+                if draining || signal.is_none() {
+                    hub.fail_all("the server stopped before the request finished", &mut replies);
+                    stop = Some(Ended::Shutdown);
+                } else {
+                    draining = true;
+                    hub.drain();
+                    life.status.set(Phase::Draining);
+                    drain_end.as_mut().reset(Instant::now() + life.drain_timeout);
+                    tracing::info!(
+                        "draining: {} live requests get up to {:?} to finish; a second signal stops at once",
+                        hub.live_requests(),
+                        life.drain_timeout
+                    );
+                }
+            }
+            () = &mut drain_end, if draining => {
+                let why = format!("the server shut down before the request finished (drain timeout {:?})",
+                    life.drain_timeout);
+                hub.fail_all(&why, &mut replies);
+                stop = Some(Ended::Shutdown);
+            }
         }
         route(&mut replies, &mut http_peers, &mut to_zmq);
         zmq::flush(&mut send, to_zmq.drain(..)).await;
+        if draining && hub.live_requests() == 0 {
+            stop.get_or_insert(Ended::Shutdown);
+        }
         if let Some(ended) = stop {
             break ended;
         }
     };
+    life.status.set(Phase::Stopped);
     zmq::remove_socket_file(listen);
     Ok(ended)
 }

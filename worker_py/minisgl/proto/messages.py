@@ -148,5 +148,10 @@ def hello(
     }
 
 
+def status(phase: str) -> dict[str, Any]:
+    """Before the hello: what the worker is busy with, which the scheduler reports as why it is not serving."""
+    return {"type": "status", "phase": phase}
+
+
 def ready() -> dict[str, Any]:
     return {"type": "ready"}

@@ -10,6 +10,7 @@ import msgpack
 import torch
 import zmq
 
+from minisgl.proto import messages
 from minisgl.proto.channels import ResultWriter, StepReader
 from minisgl.proto.ring import PeerDead, Ring
 from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_SHUTDOWN
@@ -59,40 +60,49 @@ class WorkerConfig:
         }
 
 
-def handshake(control: str, runner: ModelRunner) -> tuple[Ring, Ring]:
-    """docs/protocol.md section 2: hello, welcome, map both rings, ready, ok."""
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(control)
+class Control:
+    """The worker's end of the control socket (docs/protocol.md section 2): status reports while the model
+    loads, then hello, welcome, map both rings, ready, ok."""
 
-    def ask(msg: dict) -> dict:
-        sock.send(msgpack.packb(msg, use_bin_type=True))
-        reply = msgpack.unpackb(sock.recv(), raw=False)
+    def __init__(self, address: str):
+        self._sock = zmq.Context.instance().socket(zmq.REQ)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+
+    def _ask(self, msg: dict) -> dict:
+        self._sock.send(msgpack.packb(msg, use_bin_type=True))
+        reply = msgpack.unpackb(self._sock.recv(), raw=False)
         if reply.get("type") == "error":
             raise RuntimeError(f"the scheduler refused the handshake: {reply.get('message')}")
         return reply
 
-    hello = {
-        "type": "hello",
-        "pid": os.getpid(),
-        "model": runner.model_facts(),
-        "num_pages": runner.num_pages,
-        "page_size": runner.page_size,
-        "max_batch": runner.max_batch,
-        "max_tokens": runner.max_tokens,
-    }
-    welcome = ask(hello)
-    step_ring, result_ring = Ring.open(welcome["step_ring"]), Ring.open(welcome["result_ring"])
-    step_ring.attach_reader(0, os.getpid())
-    result_ring.attach_writer(os.getpid())
-    ask({"type": "ready"})
-    sock.close()
-    return step_ring, result_ring
+    def status(self, phase: str) -> None:
+        """Tells the scheduler what is keeping us: its HTTP API reports it until we serve."""
+        log.info("%s", phase)
+        self._ask(messages.status(phase))
+
+    def handshake(self, runner: ModelRunner) -> tuple[Ring, Ring]:
+        hello = messages.hello(
+            pid=os.getpid(),
+            model=runner.model_facts(),
+            num_pages=runner.num_pages,
+            page_size=runner.page_size,
+            max_batch=runner.max_batch,
+            max_tokens=runner.max_tokens,
+        )
+        welcome = self._ask(hello)
+        step_ring, result_ring = Ring.open(welcome["step_ring"]), Ring.open(welcome["result_ring"])
+        step_ring.attach_reader(0, os.getpid())
+        result_ring.attach_writer(os.getpid())
+        self._ask(messages.ready())
+        self._sock.close()
+        return step_ring, result_ring
 
 
 def serve(config: WorkerConfig) -> int:
     args = config.resolved()
-    runner = ModelRunner(**args)
+    control = Control(config.control)
+    runner = ModelRunner(**args, on_phase=control.status)
     log.info(
         "loaded %s on %s (%s, %s attention%s, CUDA graphs %s, fused kernels %s): %d KV pages of %d tokens "
         "(%.2f GiB)",
@@ -107,7 +117,7 @@ def serve(config: WorkerConfig) -> int:
         runner.page_size,
         runner.kv_cache.nbytes / 2**30,
     )
-    step_ring, result_ring = handshake(config.control, runner)
+    step_ring, result_ring = control.handshake(runner)
     try:
         return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=config.overlap)
     except PeerDead as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ class ModelRunner:
         small_m_kernels: bool = True,
         decode_kernel: str = "triton",
         show_progress: bool = True,
+        on_phase: Callable[[str], None] = lambda phase: None,
     ) -> None:
+        """`on_phase` hears each slow part of the start as it begins (the worker tells the scheduler)."""
         device = torch.device(device)
         self.config = RunnerConfig(
             model_dir=str(model_dir),
@@ -80,11 +83,13 @@ class ModelRunner:
         self.device = cfg.device
         on_cuda = cfg.device.type == "cuda"
         self.model_config = ModelConfig.from_dir(cfg.model_dir)
+        on_phase("loading weights")
         self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device, show_progress=show_progress)
         mc = self.model_config
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
         # the scheduler is told about, and sample into a slot past the last real one.
         use_graphs = cuda_graphs and on_cuda and cfg.attention == "flashinfer"
+        on_phase("allocating the KV cache")
         kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, cfg.dtype)
         self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
         self.kv_cache = KVCache(kv_shape, self._usable_pages + int(use_graphs), cfg.device)
@@ -127,6 +132,7 @@ class ModelRunner:
                 page_size=cfg.page_size,
                 max_kv_indices=max_kv_indices,
             )
+            on_phase("capturing CUDA graphs")
             with torch.inference_mode():
                 self.graphs.capture(show_progress)
 
