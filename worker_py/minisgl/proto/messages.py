@@ -136,7 +136,7 @@ def model_facts(
 def hello(
     *, pid: int, model: dict[str, Any], num_pages: int, page_size: int, max_batch: int, max_tokens: int
 ) -> dict[str, Any]:
-    """The worker's first control message: what it allocated (`model` from `model_facts`)."""
+    """The worker's control message once it has loaded: what it allocated (`model` from `model_facts`)."""
     return {
         "type": "hello",
         "pid": pid,
@@ -149,7 +149,7 @@ def hello(
 
 
 def status(phase: str) -> dict[str, Any]:
-    """Before the hello: what the worker is busy with, which the scheduler reports as why it is not serving."""
+    """Before the hello: what the worker is busy with (the scheduler reports it as why it is not serving)."""
     return {"type": "status", "phase": phase}
 
 
