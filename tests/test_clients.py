@@ -1,7 +1,10 @@
-"""The Python clients: the offline LLM class (on a running engine, or starting its own), the CLI."""
+"""The Python clients: the offline LLM class (on a running engine, or starting its own), `minisgl ask`."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import subprocess
 import sys
 
@@ -42,8 +45,30 @@ def test_llm_starts_and_stops_its_own_engine(tiny_model):
     assert all(p.poll() is not None for p in engine.procs.values()), "closing the LLM stops both processes"
 
 
-def test_cli_streams_an_answer(engine):
-    cmd = [sys.executable, "-m", "minisgl.client.cli", "--address", engine.config.listen, "--max-tokens", "6"]
+def test_an_offline_llm_leaves_the_default_ports_to_a_server(tiny_model):
+    # Hold the default ZeroMQ and HTTP ports, as `minisgl serve` would; one already held is held all the same.
+    held = []
+    for port in (5557, 8000):
+        sock = socket.socket()
+        with contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        held.append(sock)
+    try:
+        with LLM(str(tiny_model), device="cpu", num_pages=64, max_batch=4, log_level="warn") as llm:
+            [out] = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+            engine = llm.engine
+            assert engine.config.listen == f"ipc://{engine.run_dir}/requests.sock"
+            assert engine.config.http == "off"
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(out.token_ids) == 2
+    assert not os.path.exists(engine.run_dir), "the socket goes with the run directory"
+
+
+def test_ask_streams_an_answer(engine):
+    cmd = [sys.executable, "-m", "minisgl", "ask", "--address", engine.config.listen, "--max-tokens", "6"]
     cmd += ["--raw", "The capital of France is"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

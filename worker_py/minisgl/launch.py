@@ -1,8 +1,11 @@
 """Starts the scheduler daemon and the worker, waits until they serve, and supervises them.
 
-Either process dying stops the other, and the launcher exits non-zero. Ctrl-C or SIGTERM stops both (SIGTERM,
-then SIGKILL after a grace period) and removes what they left behind: shared-memory segments and socket files.
+Either process dying stops the other, and the launcher exits non-zero. The first Ctrl-C or SIGTERM drains:
+the scheduler stops taking requests and finishes the live ones (up to --shutdown-timeout seconds), then both
+processes exit. A second one stops them at once. Either way nothing is left behind: no shared-memory segment,
+no socket file.
 
+    minisgl serve models/Qwen2.5-Coder-0.5B-Instruct
     python -m minisgl.launch --model models/Qwen2.5-Coder-0.5B-Instruct
 """
 
@@ -12,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import ipaddress
 import logging
 import os
 import shutil
@@ -20,56 +24,102 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minisgl.client.client import DEFAULT_ADDRESS, Client
-from minisgl.logs import setup_logging
+from minisgl.logs import LOG_FORMATS, setup_logging
+
+# Nothing heavier than the standard library at import: `minisgl serve --help` runs without the venv.
 
 log = logging.getLogger("minisgl.launch")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"
+# The same as minisgl.client.client.DEFAULT_ADDRESS, which imports zmq.
+DEFAULT_LISTEN = "tcp://127.0.0.1:5557"
+API_KEY_ENV = "MINISGL_API_KEY"
+# The scheduler's default too, so that it is passed only when changed (see Engine._commands).
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# After the scheduler's own drain deadline, how long the launcher still waits for it before stopping it.
+DRAIN_SLACK_S = 10.0
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
 
 
-def _env_opt(var: str, default: str, help: str):
+def _env_opt(var: str, default: str | None, help: str, *, secret: bool = False, **meta):
     """A default that $var replaces, read when a config is made (not at import), so that a test suite can set
     it for every engine it starts, in process or not."""
-    return field(default_factory=lambda: os.environ.get(var, default), metadata={"help": f"{help} (${var})"})
+    return field(
+        default_factory=lambda: os.environ.get(var) or default,
+        repr=not secret,
+        metadata={"help": f"{help} (${var})", "secret": secret, **meta},
+    )
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How to run an engine. Every field is also a flag of `python -m minisgl.launch` (see `--help`)."""
+    """How to run an engine. Every field is also a flag of `minisgl serve` (see `--help`)."""
 
-    model: str = _opt(str(DEFAULT_MODEL), "HF checkpoint directory to serve")
-    listen: str = _opt(DEFAULT_ADDRESS, "ZeroMQ endpoint clients connect to (loopback by default)")
-    http: str = _env_opt("MINISGL_HTTP", "127.0.0.1:8000", "OpenAI-compatible HTTP API host:port, or off")
-    served_model_name: str | None = _opt(None, "model name the HTTP API uses (default: the model dir's)")
+    model: str = _opt(str(DEFAULT_MODEL), "HF checkpoint directory to serve", metavar="DIR")
+    listen: str = _opt(
+        DEFAULT_LISTEN,
+        "ZeroMQ endpoint clients connect to; it has no authentication: keep it on loopback or an ipc:// path",
+        metavar="ENDPOINT",
+    )
+    http: str = _env_opt(
+        "MINISGL_HTTP", "127.0.0.1:8000", "OpenAI-compatible HTTP API, or off", metavar="HOST:PORT"
+    )
+    api_key: str | None = _env_opt(
+        API_KEY_ENV,
+        None,
+        "bearer token the HTTP API requires; the variable keeps it out of `ps`",
+        secret=True,
+        metavar="KEY",
+    )
+    served_model_name: str | None = _opt(
+        None, "model name the HTTP API uses (default: the model dir's)", metavar="NAME"
+    )
     device: str = _opt("auto", "auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
     dtype: str = _opt("auto", "auto (bfloat16 on cuda, float32 on cpu, where bf16 is slow), or a dtype")
-    attention: str = _opt("auto", "auto (flashinfer on cuda when installed, else torch), torch, flashinfer")
-    num_pages: int | None = _opt(None, "KV pages (default: from memory; 1 GiB of KV on the CPU)")
-    page_size: int = _opt(16, "tokens per KV page")
-    max_batch: int | None = _opt(None, "most requests per step (default: 256 on cuda, 64 on cpu)")
-    max_step_tokens: int | None = _opt(None, "most new tokens per step; longer prompts are chunked")
-    max_seq_len: int | None = _opt(None, "context length (default: the model's)")
-    kv_fraction: float = _opt(0.85, "on cuda: share of the memory left after the weights for the KV cache")
+    attention: str = _opt(
+        "auto", "auto (flashinfer on cuda when installed, else torch), torch, flashinfer", metavar="BACKEND"
+    )
+    num_pages: int | None = _opt(None, "KV pages (default: from memory; 1 GiB of KV on the CPU)", metavar="N")
+    page_size: int = _opt(16, "tokens per KV page", metavar="N")
+    max_batch: int | None = _opt(
+        None, "most requests per step (default: 256 on cuda, 64 on cpu)", metavar="N"
+    )
+    max_step_tokens: int | None = _opt(
+        None, "most new tokens per step; longer prompts are chunked", metavar="N"
+    )
+    max_seq_len: int | None = _opt(None, "context length (default: the model's)", metavar="N")
+    kv_fraction: float = _opt(
+        0.85, "on cuda: share of the memory left after the weights for the KV cache", metavar="F"
+    )
     decode_attention: str = _opt(
-        "triton", "the flashinfer backend's decode kernel: triton (ours) or flashinfer"
+        "triton", "the flashinfer backend's decode kernel: triton (ours) or flashinfer", metavar="KERNEL"
     )
     cuda_graphs: bool = _opt(True, "decode steps replay captured CUDA graphs")
     fused_kernels: bool = _opt(
         True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, small-batch projections"
     )
     overlap: bool = _opt(True, "the scheduler plans step N+1 while the worker runs step N")
-    sched_bin: str | None = _opt(None, "the minisgl-sched binary (default: $MINISGL_SCHED, target/...)")
-    log_level: str = _opt("info", "error, warn, info, debug or trace")
-    ready_timeout_s: float = _opt(900.0, "how long to wait for the engine to serve")
+    shutdown_timeout: float = _opt(
+        DEFAULT_SHUTDOWN_TIMEOUT_S,
+        "after the first Ctrl-C or SIGTERM: how long live requests may still run",
+        metavar="SECS",
+    )
+    sched_bin: str | None = _opt(
+        None, "the minisgl-sched binary (default: $MINISGL_SCHED, target/...)", metavar="PATH"
+    )
+    log_level: str = _opt("info", "error, warn, info, debug or trace", metavar="LEVEL")
+    log_format: str = _opt(
+        "text", "text, or json: one object per line, in all three processes", choices=LOG_FORMATS
+    )
+    ready_timeout_s: float = _opt(900.0, "how long to wait for the engine to serve", metavar="SECS")
 
 
 def find_scheduler(explicit: str | None = None) -> str:
@@ -87,35 +137,66 @@ def find_scheduler(explicit: str | None = None) -> str:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # `*`, an interface name, a host name: assume the network can reach it
+
+
+def exposure_warnings(config: EngineConfig) -> list[str]:
+    """What in `config` lets other machines in without a credential."""
+    warnings = []
+    if config.listen.startswith("tcp://") and not _is_loopback(config.listen[6:].rpartition(":")[0]):
+        warnings.append(
+            f"the ZeroMQ socket {config.listen} is reachable from the network and has no authentication: "
+            "anyone who reaches it can run requests; keep --listen on loopback or an ipc:// path"
+        )
+    if config.http != "off" and not config.api_key and not _is_loopback(config.http.rpartition(":")[0]):
+        warnings.append(
+            f"the HTTP API on {config.http} is reachable from the network without an API key: "
+            f"set ${API_KEY_ENV}"
+        )
+    return warnings
+
+
 class EngineDied(RuntimeError):
     pass
 
 
 class Engine:
-    """The two processes of a running engine. Use as a context manager, or call start() and stop()."""
+    """The two processes of a running engine. Use as a context manager, or call start() and stop().
 
-    def __init__(self, config: EngineConfig):
-        self.config = config
+    `private_listen` replaces the config's `listen` with an ipc:// socket in the engine's own run directory,
+    so that an engine nobody else needs to reach cannot collide with a server on the default address."""
+
+    def __init__(self, config: EngineConfig, *, private_listen: bool = False):
         self.procs: dict[str, subprocess.Popen] = {}
         self.run_dir = tempfile.mkdtemp(prefix="minisgl-")  # 0700: holds the control socket
         self.shm_prefix = f"minisgl-{os.getpid()}-{os.path.basename(self.run_dir)[8:]}"
+        if private_listen:
+            config = dataclasses.replace(config, listen=f"ipc://{self.run_dir}/requests.sock")
+        self.config = config
 
     def _commands(self) -> dict[str, list[str]]:
         c = self.config
         control = f"ipc://{self.run_dir}/control.sock"
         sched = [find_scheduler(c.sched_bin), "--model", c.model, "--listen", c.listen, "--control", control]
-        sched += ["--shm-prefix", self.shm_prefix, "--log-level", c.log_level, "--http", c.http]
+        sched += ["--shm-prefix", self.shm_prefix, "--http", c.http, "--log-level", c.log_level]
+        # Only values that differ from the scheduler's defaults (the same as ours): a scheduler built before
+        # it had these flags still starts.
+        if c.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT_S:
+            sched += ["--shutdown-timeout", f"{c.shutdown_timeout:g}"]
+        if c.log_format != "text":
+            sched += ["--log-format", c.log_format]
         worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
         worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
         worker += ["--decode-attention", c.decode_attention]
-        worker += [
-            "--page-size",
-            str(c.page_size),
-            "--kv-fraction",
-            str(c.kv_fraction),
-            "--log-level",
-            c.log_level,
-        ]
+        worker += ["--page-size", str(c.page_size), "--kv-fraction", str(c.kv_fraction)]
+        worker += ["--log-level", c.log_level, "--log-format", c.log_format]
         for on, flag, to in (
             (c.cuda_graphs, "--no-cuda-graphs", [worker]),
             (c.fused_kernels, "--no-fused-kernels", [worker]),
@@ -134,11 +215,22 @@ class Engine:
                 to += [flag, str(value)]
         return {"scheduler": sched, "worker": worker}
 
+    def _environments(self) -> dict[str, dict[str, str]]:
+        # The key goes through the environment: on the command line every user of `ps` would read it. Only
+        # the scheduler checks it, so the worker does not get it at all.
+        worker = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        sched = dict(worker)
+        if self.config.api_key:
+            sched[API_KEY_ENV] = self.config.api_key
+        return {"scheduler": sched, "worker": worker}
+
     def start(self) -> Engine:
+        envs = self._environments()
         for name, cmd in self._commands().items():
             log.debug("starting %s: %s", name, " ".join(cmd))
-            # A process group of its own, so a stop reaches whatever the child started too.
-            self.procs[name] = subprocess.Popen(cmd, start_new_session=True)
+            # A process group of its own, so a stop reaches whatever the child started too, and so a Ctrl-C in
+            # the terminal reaches only the launcher, which decides what each process gets.
+            self.procs[name] = subprocess.Popen(cmd, start_new_session=True, env=envs[name])
         return self
 
     def dead(self) -> str | None:
@@ -148,12 +240,17 @@ class Engine:
                 return name
         return None
 
-    def wait_ready(self) -> dict:
-        """Blocks until the scheduler answers `info`; raises EngineDied if a process exits first."""
+    def wait_ready(self, cancelled: Callable[[], bool] = lambda: False) -> dict | None:
+        """Blocks until the scheduler answers `info` (and returns it), or `cancelled()` (and returns None);
+        raises EngineDied if a process exits first."""
+        from minisgl.client.client import Client
+
         deadline = time.monotonic() + self.config.ready_timeout_s
         with Client(self.config.listen) as client:
             client.send({"type": "info"})
             while time.monotonic() < deadline:
+                if cancelled():
+                    return None
                 if (name := self.dead()) is not None:
                     code = self.procs[name].returncode
                     raise EngineDied(f"the {name} exited with code {code} before the engine was ready")
@@ -165,8 +262,8 @@ class Engine:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stops the scheduler first: it tells the worker to exit through the ring (and a worker whose
-        scheduler is gone exits by itself), so both end cleanly. A process still there after `grace_s` gets
-        SIGTERM, then SIGKILL."""
+        scheduler is gone exits by itself), so both end cleanly. A scheduler still there after `grace_s` gets
+        a second SIGTERM, which ends a drain at once; then, like the worker, SIGKILL."""
         for name in ("scheduler", "worker"):
             proc = self.procs.get(name)
             if proc is None:
@@ -209,51 +306,114 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def parse_args(argv: list[str] | None = None) -> EngineConfig:
+SIGNALS_HELP = """\
+signals:
+  The first Ctrl-C or SIGTERM drains: the engine refuses new requests (HTTP 503, ZeroMQ error code
+  shutting_down), lets the live ones finish for up to --shutdown-timeout seconds, then exits 0.
+  A second Ctrl-C or SIGTERM stops it at once.
+"""
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
     """One flag per EngineConfig field (`--max-batch 64`); a field that is on by default has `--no-...`."""
-    p = argparse.ArgumentParser(prog="minisgl", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        epilog=SIGNALS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model_dir", nargs="?", metavar="MODEL", help="HF checkpoint directory to serve (or --model)"
+    )
     for f in dataclasses.fields(EngineConfig):
-        flag, help = f.name.replace("_", "-"), f.metadata["help"]
+        flag, meta = f.name.replace("_", "-"), f.metadata
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if isinstance(default, bool):
-            p.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {help}")
+            p.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {meta['help']}")
             continue
         kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        p.add_argument(f"--{flag}", type=kind, default=default, help=f"{help} [{default}]")
-    return EngineConfig(**vars(p.parse_args(argv)))
+        shown = ("set" if default else "not set") if meta.get("secret") else default
+        shown = "" if shown is None else f" [{shown}]"
+        p.add_argument(
+            f"--{flag}",
+            type=kind,
+            # --model's default is filled in after parsing, so that MODEL and --model cannot both be given.
+            default=None if f.name == "model" else default,
+            choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
+            help=meta["help"] + shown,
+        )
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    setup_logging(config.log_level)
+def parse_args(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") -> EngineConfig:
+    p = build_parser(prog)
+    args = vars(p.parse_args(argv))
+    model_dir = args.pop("model_dir")
+    if model_dir is not None and args["model"] is not None:
+        p.error("give the model once: as MODEL or as --model")
+    args["model"] = model_dir or args["model"] or str(DEFAULT_MODEL)
+    return EngineConfig(**args)
+
+
+def _drain(engine: Engine, signals: list[int]) -> int:
+    """After the first signal: the scheduler drains and exits by itself, telling the worker to exit."""
+    timeout = engine.config.shutdown_timeout
+    log.info("draining: up to %g s for live requests (Ctrl-C again to stop at once)", timeout)
+    scheduler = engine.procs["scheduler"]
+    _signal_group(scheduler, signal.SIGTERM)
+    deadline = time.monotonic() + timeout + DRAIN_SLACK_S
+    while scheduler.poll() is None:
+        if len(signals) > 1:
+            log.info("stopping at once")
+            _signal_group(scheduler, signal.SIGTERM)
+            return 0
+        if time.monotonic() > deadline:
+            log.error("the scheduler was still draining %g s after its deadline: stopping it", DRAIN_SLACK_S)
+            return 1
+        time.sleep(0.1)
+    if scheduler.returncode != 0:
+        log.error("the scheduler exited with code %s while draining", scheduler.returncode)
+        return 1
+    log.info("drained")
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") -> int:
+    config = parse_args(argv, prog)
+    setup_logging(config.log_level, config.log_format)
+    for warning in exposure_warnings(config):
+        log.warning("%s", warning)
     engine = Engine(config)
-    stopping = False
+    signals: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        signals.append(signum)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         engine.start()
-        info = engine.wait_ready()
-        http = "" if config.http == "off" else f" and http://{config.http}/v1"
-        model = Path(info.get("model", config.model)).name
-        log.info("serving %s on %s%s (%s)", model, config.listen, http, info)
-        while not stopping:
+        # A signal during the start drains too: the scheduler may be serving already (clients can get its
+        # `info` before we do), and one that is still starting has nothing to drain and exits at once.
+        info = engine.wait_ready(cancelled=lambda: bool(signals))
+        if info is not None:
+            http = "" if config.http == "off" else f" and http://{config.http}/v1"
+            model = Path(info.get("model", config.model)).name
+            log.info("serving %s on %s%s (%s)", model, config.listen, http, info)
+        while not signals:
             if (name := engine.dead()) is not None:
                 code = engine.procs[name].returncode
                 log.error("the %s exited with code %s; stopping the engine", name, code)
                 return 1
             time.sleep(0.2)
-        log.info("stopping")
-        return 0
-    except (EngineDied, TimeoutError) as e:
+        return _drain(engine, signals)
+    except (EngineDied, TimeoutError, FileNotFoundError) as e:
         log.error("%s", e)
         return 1
     finally:
         engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

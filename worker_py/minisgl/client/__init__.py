@@ -1,15 +1,7 @@
-"""Clients of minisgl-sched: the ZeroMQ `Client`, the offline `LLM` class, and the one-shot CLI."""
+"""Clients of minisgl-sched: the ZeroMQ `Client` and the offline `LLM` class (the command-line clients,
+`minisgl ask` and `minisgl chat`, are in minisgl.cli)."""
 
 from minisgl.client.client import Client, MinisglError
+from minisgl.client.llm import LLM, Output, SamplingParams
 
 __all__ = ["LLM", "Client", "MinisglError", "Output", "SamplingParams"]
-
-
-def __getattr__(name: str):
-    # The LLM class starts engines through minisgl.launch, which itself uses Client: import it lazily so that
-    # importing either module first works.
-    if name in ("LLM", "Output", "SamplingParams"):
-        from minisgl.client import llm
-
-        return getattr(llm, name)
-    raise AttributeError(name)

@@ -54,14 +54,19 @@ def prompt_fields(prompt: Prompt) -> dict:
 
 
 class LLM:
-    """Starts an engine for `model` (or connects to a running one at `address`) and generates in batches."""
+    """Starts an engine for `model` (or connects to a running one at `address`) and generates in batches.
+
+    An engine of its own listens on an ipc:// socket in its private run directory and serves no HTTP, unless
+    `listen=` or `http=` say otherwise: so it runs next to a server on the default addresses (`minisgl serve`)
+    instead of failing to bind them."""
 
     def __init__(self, model: str | None = None, *, address: str | None = None, **engine_args):
         self.engine: Engine | None = None
         if address is None:
+            engine_args.setdefault("http", "off")
             config = EngineConfig(**({"model": model} if model else {}), **engine_args)
-            self.engine = Engine(config).__enter__()
-            address = config.listen
+            self.engine = Engine(config, private_listen="listen" not in engine_args).__enter__()
+            address = self.engine.config.listen
         self.client = Client(address)
 
     def generate(

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from minisgl.attention.flashinfer import DECODE_KERNELS
-from minisgl.logs import setup_logging
+from minisgl.logs import LOG_FORMATS, setup_logging
 from minisgl.worker.loop import WorkerConfig, serve
 
 
@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerConfig:
         help="finish each step before reading the next (for measurement: the GPU then waits for the host)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="json: one object per line")
     a = p.parse_args(argv)
-    setup_logging(a.log_level)
+    setup_logging(a.log_level, a.log_format)
     return WorkerConfig(
         model=a.model,
         control=a.control,

@@ -1,0 +1,5 @@
+import sys
+
+from minisgl.cli import main
+
+sys.exit(main())
