@@ -99,9 +99,6 @@ def test_a_dead_process_stops_the_other_and_the_launcher_fails(tiny_model, victi
 
 
 # --- draining -----------------------------------------------------------------------------------------------
-DRAIN_PENDING = pytest.mark.skip(reason="waiting for the scheduler's drain")
-
-
 def post(port: int, path: str, body: dict) -> tuple[HTTPConnection, object]:
     conn = HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
@@ -111,7 +108,6 @@ def post(port: int, path: str, body: dict) -> tuple[HTTPConnection, object]:
 LONG = {"prompt": "hello", "max_tokens": 900, "ignore_eos": True, "temperature": 0.0, "stream": True}
 
 
-@DRAIN_PENDING
 def test_the_first_sigterm_drains_live_requests_then_exits_0(tiny_model, tmp_path):
     address, port = f"tcp://127.0.0.1:{free_tcp_port()}", free_tcp_port()
     log_path = tmp_path / "log.jsonl"
@@ -156,7 +152,6 @@ def test_the_first_sigterm_drains_live_requests_then_exits_0(tiny_model, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@DRAIN_PENDING
 def test_a_second_signal_stops_at_once(tiny_model):
     address, port = f"tcp://127.0.0.1:{free_tcp_port()}", free_tcp_port()
     proc = launch(tiny_model, address, "--http", f"127.0.0.1:{port}", "--shutdown-timeout", "60")
