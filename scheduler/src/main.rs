@@ -83,8 +83,13 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !args.log_level.contains("zeromq") {
+        // The zeromq crate warns on every stop that an ipc socket file it meant to delete is gone: we delete it
+        // ourselves, since the crate's own removal runs in a task the runtime may not get to.
+        filter = filter.add_directive("zeromq::transport::ipc=error".parse().expect("a valid directive"));
+    }
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),

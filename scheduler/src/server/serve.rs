@@ -119,8 +119,6 @@ pub async fn serve(
         }
     };
     life.status.set(Phase::Stopped);
-    // The socket first: closing it removes its ipc file, and a file already gone makes it log a warning.
-    drop((send, recv));
     zmq::remove_socket_file(listen);
     Ok(ended)
 }
