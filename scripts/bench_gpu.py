@@ -31,21 +31,10 @@ sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 
 from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
+from minisgl.bench.random_model import QWEN25_05B, make_model  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
 
-QWEN25_05B = {
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1e6,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
 PAGE_SIZE = 16
 MAX_BATCH = 256
 MAX_TOKENS = 8192
@@ -97,21 +86,6 @@ CONFIGS = {
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def make_model(path: Path, seed: int, init_std: float) -> Path:
-    """Random weights from a fixed seed; a larger init than HF's 0.02 so that logits are peaked enough for
-    greedy decoding to mean something."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(**QWEN25_05B, initializer_range=init_std, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
-    return path
 
 
 def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:

@@ -1,0 +1,319 @@
+"""`minisgl bench`: the online client's numbers against the stand-in server's known timings, its failures,
+its workloads, the plots, and the offline bench's smoke test.
+
+The stand-in (`python -m minisgl.bench.standin`) runs in a subprocess with a first-token delay and an
+inter-token delay; the client runs in process through `minisgl.bench.main`, with its own spawned processes.
+The tolerances allow for a loaded 2-core machine: they catch a wrong definition (TTFT from the headers, TPOT
+over the wrong count), not scheduling noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import free_tcp_port, model_dir_or_skip
+
+from minisgl.bench import main
+from minisgl.bench import workloads as wl
+from minisgl.bench.loadgen import Columns, Plan, Runner
+
+TTFT_MS, ITL_MS, TOKENS = 60, 8, 16
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def standin(*args: str):
+    port = free_tcp_port()
+    cmd = [sys.executable, "-m", "minisgl.bench.standin", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (a 401 with --api-key)
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the stand-in did not start: {proc.stderr.read().decode()}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with standin("--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS)) as url:
+        yield url
+
+
+def serve(url: str, tmp_path: Path, *args: str, name: str = "out.json") -> dict:
+    out = tmp_path / name
+    common = ["--input-len", "32", "--output-len", str(TOKENS), "--no-progress", "--processes", "2"]
+    assert main(["serve", "--base-url", url, "--out", str(out), *common, *args]) == 0
+    return json.loads(out.read_text())
+
+
+RUN_KEYS = {
+    "rate",
+    "concurrency",
+    "processes",
+    "completed",
+    "failed",
+    "errors",
+    "duration_s",
+    "requests_per_s",
+    "output_tokens",
+    "input_tokens",
+    "output_tok_per_s",
+    "input_tok_per_s",
+    "chunks_per_s",
+    "goodput_req_per_s",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2e_ms",
+}
+
+
+def check_timings(run: dict, requests: int) -> None:
+    assert run["failed"] == 0, run["errors"]
+    assert run["completed"] == requests
+    assert run["output_tokens"] == requests * TOKENS  # the usage chunk's count: ignore_eos, exact
+    assert run["input_tokens"] == requests * 32  # the stand-in counts words
+    assert 55 <= run["ttft_ms"]["p50"] <= 120, run["ttft_ms"]
+    assert 6 <= run["itl_ms"]["p50"] <= 16, run["itl_ms"]
+    assert 6 <= run["tpot_ms"]["p50"] <= 16, run["tpot_ms"]
+    e2e = TTFT_MS + ITL_MS * (TOKENS - 1)
+    assert e2e - 5 <= run["e2e_ms"]["p50"] <= e2e + 100, run["e2e_ms"]
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(run[key]) == {"mean", "p50", "p90", "p99"}
+        assert run[key]["p50"] <= run[key]["p90"] <= run[key]["p99"]
+
+
+def test_fixed_concurrency_measures_the_standins_delays(server, tmp_path):
+    report = serve(server, tmp_path, "--num-prompts", "24", "--concurrency", "4", "--label", "standin")
+    assert set(report) == {"date", "label", "config", "runs"}
+    assert report["label"] == "standin"
+    assert report["config"]["model"] == "standin"  # from GET /v1/models
+    assert "api_key" not in report["config"]
+    (run,) = report["runs"]
+    assert set(run) == RUN_KEYS
+    assert run["concurrency"] == 4 and run["rate"] is None
+    check_timings(run, 24)
+    # Four streams of 24 requests, each ~180 ms: at least six rounds.
+    assert run["duration_s"] >= 6 * (TTFT_MS + ITL_MS * (TOKENS - 1)) / 1000
+
+
+def test_poisson_rates_sweep_goodput_and_plots(server, tmp_path):
+    report = serve(
+        server,
+        tmp_path,
+        "--num-prompts",
+        "16",
+        "--request-rate",
+        "40,inf",
+        "--slo-ttft-ms",
+        "1000",
+        "--slo-tpot-ms",
+        "1",  # nobody meets it
+        "--plot",
+        str(tmp_path / "own.png"),
+    )
+    assert [r["rate"] for r in report["runs"]] == [40.0, "inf"]
+    for run in report["runs"]:
+        check_timings(run, 16)
+        assert run["goodput_req_per_s"] == 0.0
+    # 16 arrivals at 40/s take about 0.4 s; all at once, about one request's time.
+    assert report["runs"][0]["duration_s"] > 0.25
+    assert report["runs"][1]["duration_s"] < report["runs"][0]["duration_s"]
+    assert (tmp_path / "own.png").read_bytes().startswith(PNG)
+
+    other = serve(server, tmp_path, "--num-prompts", "8", "--request-rate", "20,inf", name="b.json")
+    png = tmp_path / "cmp.png"
+    assert main(["plot", str(tmp_path / "out.json"), str(tmp_path / "b.json"), "-o", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes().startswith(PNG)
+    assert other["runs"][1]["rate"] == "inf"
+
+
+def test_goodput_counts_requests_within_the_slos(server, tmp_path):
+    report = serve(server, tmp_path, "--num-prompts", "8", "--concurrency", "8", "--slo-ttft-ms", "5000")
+    run = report["runs"][0]
+    assert run["goodput_req_per_s"] == pytest.approx(run["requests_per_s"])
+
+
+def test_completions_with_token_ids(tmp_path):
+    log = tmp_path / "requests.jsonl"
+    with standin("--ttft-ms", "1", "--itl-ms", "0", "--log", str(log)) as url:
+        report = serve(url, tmp_path, "--endpoint", "completions", "--token-ids", "--num-prompts", "6")
+    assert report["runs"][0]["completed"] == 6
+    assert report["runs"][0]["input_tokens"] == 6 * 32
+    bodies = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(bodies) == 7  # and the warm-up
+    for body in bodies:
+        assert len(body["prompt"]) == 32 and all(isinstance(t, int) for t in body["prompt"])
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert body["ignore_eos"] is True and body["temperature"] == 0.0 and body["max_tokens"] == TOKENS
+
+
+def test_wrong_api_key_is_reported_as_failures(tmp_path, capsys):
+    with standin("--ttft-ms", "1", "--itl-ms", "0", "--api-key", "sesame") as url:
+        report = serve(url, tmp_path, "--num-prompts", "5", "--api-key", "wrong", "--model", "m")
+        (run,) = report["runs"]
+        assert run["completed"] == 0 and run["failed"] == 5
+        ((error, count),) = run["errors"].items()
+        assert count == 5 and error.startswith("HTTP 401") and "invalid API key" in error
+        assert run["ttft_ms"]["p50"] is None and run["output_tok_per_s"] == 0
+        assert "5 failed: HTTP 401" in capsys.readouterr().out
+
+        good = serve(url, tmp_path, "--num-prompts", "5", "--api-key", "sesame", name="good.json")
+        assert good["runs"][0]["completed"] == 5
+        assert good["config"]["api_key_set"] is True
+
+
+def test_refused_connection_is_reported_as_failures(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_tcp_port()}"  # nothing listens there
+    report = serve(url, tmp_path, "--num-prompts", "4", "--concurrency", "2")
+    (run,) = report["runs"]
+    assert run["failed"] == 4 and run["completed"] == 0
+    assert any("connect" in e.lower() for e in run["errors"])
+    assert "sending model 'default'" in capsys.readouterr().err
+
+
+def test_multi_turn_sends_the_growing_history(tmp_path):
+    log = tmp_path / "requests.jsonl"
+    with standin("--ttft-ms", "1", "--itl-ms", "0", "--log", str(log)) as url:
+        report = serve(
+            url, tmp_path, "--workload", "multi-turn", "--turns", "3", "--num-prompts", "2", "--warmup", "0"
+        )
+    assert report["runs"][0]["completed"] == 6
+    chats = [json.loads(line)["messages"] for line in log.read_text().splitlines()]
+    assert len(chats) == 6
+    answer = {"role": "assistant", "content": " tok" * TOKENS}
+    for first in [c for c in chats if len(c) == 1]:
+        second = next(c for c in chats if len(c) == 3 and c[0] == first[0])
+        third = next(c for c in chats if len(c) == 5 and c[0] == first[0])
+        assert second[1] == answer and third[:3] == second and third[3] == answer
+        assert all(m["role"] == "user" for m in (first[0], second[2], third[4]))
+
+
+def test_dataset_requests_are_sent_as_written(tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"prompt": "one two three", "max_tokens": 3},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+        {"turns": ["first question", "second question"], "max_tokens": 2},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    log = tmp_path / "requests.jsonl"
+    with standin("--ttft-ms", "1", "--itl-ms", "0", "--log", str(log)) as url:
+        report = serve(url, tmp_path, "--workload", "dataset", "--dataset", str(data), "--warmup", "0")
+    run = report["runs"][0]
+    assert run["completed"] == 4 and run["output_tokens"] == 3 + TOKENS + 2 + 2
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(b["max_tokens"] for b in sent) == [2, 2, 3, TOKENS]
+    assert {"role": "system", "content": "be brief"} in next(b for b in sent if b["max_tokens"] == TOKENS)[
+        "messages"
+    ]
+
+
+def test_read_dataset_and_its_errors(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": [1, 2, 3]}\n{"prompt": "x", "max_tokens": 9}\n')
+    convs = wl.read_dataset(data, output_len=5)
+    assert [c.turns[0].prompt for c in convs] == [[1, 2, 3], "x"]
+    assert [c.turns[0].max_tokens for c in convs] == [5, 9]
+    assert len(wl.take(convs, 5)) == 5 and wl.take(convs, 5)[2] is convs[0]
+    data.write_text('{"prompt": "ok"}\n{"nothing": 1}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2"):
+        wl.read_dataset(data, 5)
+
+
+def test_shared_prefix_prompts_share_their_prefix():
+    convs = wl.shared_prefix_workload(6, 20, 8, 0.0, seed=1, prefix_len=50, num_prefixes=2)
+    systems = [c.system for c in convs]
+    assert systems[0] == systems[2] == systems[4] != systems[1] == systems[3] == systems[5]
+    assert len(systems[0].split()) == 50
+    assert len({c.turns[0].prompt for c in convs}) == 6
+    ids = wl.shared_prefix_workload(4, 20, 8, 0.0, seed=1, prefix_len=50, token_ids=True)
+    assert all(c.turns[0].prompt[:50] == ids[0].turns[0].prompt[:50] for c in ids)
+    assert all(len(c.turns[0].prompt) == 70 and c.system is None for c in ids)
+    assert wl.shared_prefix_workload(6, 20, 8, 0.0, 1, 50, 2)[3].system == systems[3]  # seeded
+
+
+def test_random_lengths_stay_in_the_range():
+    convs = wl.random_workload(200, 100, 50, 0.5, seed=0)
+    ins = [len(c.turns[0].prompt.split()) for c in convs]
+    outs = [c.turns[0].max_tokens for c in convs]
+    assert 50 <= min(ins) < 60 and 140 < max(ins) <= 150
+    assert min(outs) >= 25 and max(outs) <= 75
+    assert {len(c.turns[0].prompt.split()) for c in wl.random_workload(5, 30, 5, 0.0, 0)} == {30}
+
+
+def test_multi_turn_workload_shape():
+    convs = wl.multi_turn_workload(3, 10, 4, 0.0, seed=0, turns=5)
+    assert [len(c.turns) for c in convs] == [5, 5, 5]
+    assert all(len(t.prompt.split()) == 10 and t.max_tokens == 4 for c in convs for t in c.turns)
+
+
+def runner(chat: bool) -> Runner:
+    plan = Plan(0, "", chat, {}, {}, [], [], None, 1, 0, 1.0, False)
+    return Runner(plan, None, [0], Columns())
+
+
+@pytest.mark.parametrize(
+    ("chat", "payload", "expected"),
+    [
+        (True, b'{"choices":[{"delta":{"content":"hi"}}]}', True),
+        (True, b'{"choices": [{"delta": {"content": ""}}]}', False),
+        (True, b'{"choices":[{"delta":{"role":"assistant","content":"\\""}}],"usage":null}', True),
+        (True, b'{"choices":[{"delta":{"content":"x"}}],"usage":{"completion_tokens":3}}', None),
+        (True, b'{"choices":[{"delta":{"reasoning_content":"hmm"}}]}', None),
+        (True, b'{"choices":[],"usage":{"prompt_tokens":1}}', None),
+        (False, b'{"choices":[{"text":" a","index":0}]}', True),
+        (False, b'{"choices":[{"text":"","finish_reason":"length"}]}', False),
+        (False, b'{"error":{"message":"boom"}}', None),
+    ],
+)
+def test_chunks_are_classified_from_their_bytes(chat, payload, expected):
+    r = runner(chat)
+    assert r.quick(payload) is expected
+    if expected is None:  # the full decode agrees with what the quick path would have said
+        piece, _, _, error = r.decode(payload)
+        assert error == ("boom" if b"error" in payload else None)
+        assert bool(piece) == (b"hmm" in payload or b'"x"' in payload)
+
+
+@pytest.mark.parametrize("command", ["serve", "offline", "plot"])
+def test_help_reads(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: minisgl bench {command}")
+    assert "(default: None)" not in text
+
+
+def test_offline_tiny_runs_an_engine(tmp_path):
+    model_dir_or_skip()  # the tokenizer files come from the default model
+    out = tmp_path / "offline.json"
+    argv = ["offline", "--tiny", "--workloads", "seed", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"date", "label", "config", "runs"}
+    (run,) = report["runs"]
+    assert run["engine"] == "overlap" and run["workload"] == "seed"
+    assert run["requests"] == 8 and run["output_tokens"] == 64
+    assert run["output_tok_per_s"] > 0 and run["requests_per_s"] > 0 and run["seconds"] > 0

@@ -1,0 +1,56 @@
+"""Models with random weights, for benchmarks that need a model's shapes but not its answers: no weights
+travel to the machine that runs them. `scripts/bench_gpu.py` and `minisgl bench offline` share these."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+# A Qwen2 small enough to start in seconds on a CPU, with the real vocabulary (so the real tokenizer fits).
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def make_model(path: Path, seed: int, init_std: float) -> Path:
+    """Qwen2.5-0.5B's shapes in bf16, built on the GPU from a fixed seed. `init_std` above HF's 0.02 makes
+    logits peaked enough for greedy decoding to mean something."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**QWEN25_05B, initializer_range=init_std, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def make_tiny_model(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=QWEN25_05B["vocab_size"], num_key_value_heads=2, **TINY)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def copy_tokenizer(tokenizer_dir: Path, model_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tokenizer_dir) / name, Path(model_dir) / name)
