@@ -80,7 +80,7 @@ class Runner:
         key = b'"content":' if plan.chat else b'"text":'
         self.keys = (key + b'"', key + b' "')
 
-    def body(self, conv: Conversation, history: list | str, turn: Turn) -> bytes:
+    def body(self, history: list | str, turn: Turn) -> bytes:
         body = dict(self.plan.base, max_tokens=turn.max_tokens)
         if self.plan.chat:
             if isinstance(turn.prompt, list) and turn.prompt and isinstance(turn.prompt[0], dict):
@@ -101,7 +101,7 @@ class Runner:
         chat = self.plan.chat
         history = self.start_history(conv, chat)
         for i, turn in enumerate(conv.turns):
-            body = first_body if i == 0 and first_body is not None else self.body(conv, history, turn)
+            body = first_body if i == 0 and first_body is not None else self.body(history, turn)
             answer = await self.request(body, record)
             if answer is None:
                 return  # the rest of a conversation depends on this answer
@@ -238,13 +238,11 @@ async def run_plan(plan: Plan, ready, go, progress) -> Columns:
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         warm = Runner(plan, session, progress, Columns())
-        runner = Runner(plan, session, progress, Columns())
-        warmup_errors = Columns()
-        warm.cols = warmup_errors
         await asyncio.gather(*(warm.conversation(c, None, True) for c in plan.warmup))
         progress[plan.index] = 0
-        first = [runner.body(c, runner.start_history(c, plan.chat), c.turns[0]) for c in plan.conversations]
-        ready.put((plan.index, warmup_errors.errors))
+        runner = Runner(plan, session, progress, Columns())
+        first = [runner.body(runner.start_history(c, plan.chat), c.turns[0]) for c in plan.conversations]
+        ready.put((plan.index, warm.cols.errors))
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
 
         if plan.concurrency is not None:
