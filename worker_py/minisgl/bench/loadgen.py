@@ -102,7 +102,7 @@ class Runner:
         history = self.start_history(conv, chat)
         for i, turn in enumerate(conv.turns):
             body = first_body if i == 0 and first_body is not None else self.body(history, turn)
-            answer = await self.request(body, record)
+            answer = await self.request(body, record, turn.max_tokens)
             if answer is None:
                 return  # the rest of a conversation depends on this answer
             if i + 1 < len(conv.turns):
@@ -145,7 +145,7 @@ class Runner:
                 piece = content = choices[0].get("text")
         return piece, content, obj.get("usage"), None
 
-    async def request(self, body: bytes, record: bool) -> str | None:
+    async def request(self, body: bytes, record: bool, max_tokens: int) -> str | None:
         """Sends one streamed request; returns its text (empty unless the plan wants text), None if it
         failed. Per chunk: a few byte operations, a JSON decode only where `quick` cannot tell."""
         want_text = self.plan.want_text
@@ -208,6 +208,11 @@ class Runner:
             end = perf_counter()
         self.progress[self.plan.index] += 1
         if record:
+            if out_tokens < 0:
+                # No usage (mini-sglang sends none). With ignore_eos the server generates exactly max_tokens;
+                # counting chunks instead would miss the tokens whose chunk is empty (a character split over
+                # tokens), which some servers still send as a chunk of their own.
+                out_tokens = max_tokens if self.plan.base.get("ignore_eos") else chunks
             self.record(t0, end, ttft, chunks, out_tokens, prompt_tokens, gaps, error)
         return None if error is not None else "".join(texts)
 
@@ -224,8 +229,6 @@ class Runner:
             cols.tpot.append(math.nan)
             cols.output_tokens.append(0)
             return
-        if out_tokens < 0:
-            out_tokens = chunks
         cols.ok.append(1)
         cols.ttft.append(ttft)
         cols.tpot.append((end - t0 - ttft) / (out_tokens - 1) if out_tokens > 1 else math.nan)

@@ -46,7 +46,8 @@ its own tokens); --range-ratio R draws each length uniformly in [L*(1-R), L*(1+R
 
 metrics: TTFT from before the request is sent to the first chunk with generated text; ITL the gaps between
 chunks with text; TPOT (e2e - TTFT) / (output tokens - 1) per request; output tokens from the server's usage
-(else the number of chunks with text); goodput the requests per second that met every --slo-* given.
+(else max_tokens under --ignore-eos, else the chunks with text); goodput the requests per second that
+met every --slo-* given.
 
 examples:
   minisgl bench serve --num-prompts 200 --request-rate 1,2,4,8,inf --out ours.json --label minisgl
