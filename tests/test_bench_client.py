@@ -296,7 +296,7 @@ def test_chunks_are_classified_from_their_bytes(chat, payload, expected):
         assert bool(piece) == (b"hmm" in payload or b'"x"' in payload)
 
 
-@pytest.mark.parametrize("command", ["serve", "offline", "plot"])
+@pytest.mark.parametrize("command", ["serve", "offline", "engine", "plot"])
 def test_help_reads(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -317,3 +317,18 @@ def test_offline_tiny_runs_an_engine(tmp_path):
     assert run["engine"] == "overlap" and run["workload"] == "seed"
     assert run["requests"] == 8 and run["output_tokens"] == 64
     assert run["output_tok_per_s"] > 0 and run["requests_per_s"] > 0 and run["seconds"] > 0
+
+
+def test_engine_runs_serves_workload_through_zeromq_at_a_concurrency(tiny_model, tmp_path):
+    from minisgl.client import LLM
+
+    out = tmp_path / "engine.json"
+    with LLM(str(tiny_model), device="cpu", num_pages=64, max_batch=4) as llm:
+        address = llm.engine.config.listen
+        argv = ["engine", "--address", address, "--concurrency", "1,3", "--num-prompts", "5"]
+        argv += ["--input-len", "8", "--output-len", "4", "--out", str(out)]
+        assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["concurrency"] for r in runs] == [1, 3]
+    assert all((r["completed"], r["failed"], r["output_tokens"]) == (5, 0, 20) for r in runs)
+    assert all(r["output_tok_per_s"] > 0 and r["e2e_ms"]["p50"] > 0 for r in runs)

@@ -1,5 +1,5 @@
-"""`minisgl bench`: measure a server online (`serve`), the engine offline (`offline`), and draw the results
-(`plot`). Also `python -m minisgl.bench`.
+"""`minisgl bench`: measure a server online (`serve`), the engine offline (`offline`) or behind a running
+server (`engine`), and draw the results (`plot`). Also `python -m minisgl.bench`.
 
 Subcommand modules import what they need (aiohttp, matplotlib, torch) when they run, so that `--help` and the
 other subcommands stay light.
@@ -27,15 +27,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parser(prog: str = "minisgl bench") -> argparse.ArgumentParser:
-    from minisgl.bench import offline, plot, serve
+    from minisgl.bench import engine, offline, plot, serve
 
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,engine,plot}")
     for name, module, summary in (
         ("serve", serve, "load an OpenAI-compatible server with streamed requests; latency and throughput"),
         ("offline", offline, "start an engine here and time batches of requests through it (throughput)"),
+        (
+            "engine",
+            engine,
+            "serve's workload through a running engine's ZeroMQ socket: its own throughput",
+        ),
         ("plot", plot, "draw the JSON of `serve` runs: latency percentiles and throughput against load"),
     ):
         sp = sub.add_parser(
