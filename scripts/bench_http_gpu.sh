@@ -31,8 +31,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/http_bench.log") 2>&1
 
 T0=$(date +%s)
-BUDGET=${HTTP_BENCH_BUDGET_S:-520}
-OURS_SHARE=${OURS_SHARE_S:-260}
+BUDGET=${HTTP_BENCH_BUDGET_S:-560}
+OURS_SHARE=${OURS_SHARE_S:-300}
 PARTS=${PARTS:-c1 c8 c64 c256 c1024 rate}
 RES=/tmp/http_res
 LOGS=/tmp/http_logs
@@ -198,18 +198,54 @@ client() {
   return 0
 }
 has() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+scrape() {  # part: our /metrics after a client part, kept beside its results (the engine's own step times)
+  python3 - "$1" "$RES/minisgl__metrics_$1.json" <<'EOF2'
+import json, sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8000/metrics", timeout=10).read().decode()
+keep = [l for l in text.splitlines() if not l.startswith("#") and "_bucket" not in l]
+json.dump({"part": sys.argv[1], "metrics": keep}, open(sys.argv[2], "w"))
+EOF2
+}
+engine_runs() {  # our engine through ZeroMQ at the concurrencies of the HTTP parts: what HTTP is compared with
+  local d=$1 c n
+  for c in 64 256 1024; do
+    has "c$c" || continue
+    n=$((c * 4)); [ "$c" = 1024 ] && n=2048
+    local tmo=$((d - $(date +%s)))
+    [ "$tmo" -gt 90 ] && tmo=90
+    [ "$tmo" -lt 20 ] && { log "SKIP engine c$c"; continue; }
+    log "RUN engine c$c"
+    PYTHONPATH=$OUR_PYTHONPATH timeout -k 5 "$tmo" python3 -m minisgl.bench engine --address tcp://127.0.0.1:5557 \
+      --concurrency "$c" --num-prompts "$n" --input-len 128 --output-len 128 --label minisgl-zmq \
+      --out "$RES/minisgl__engine_c$c.json"
+    log "END engine c$c: rc=$?"
+  done
+}
+ceiling() {  # the client against our front end over a free engine (instant_server): the client's ceiling
+  [ -x .gpu-bin/instant_server ] || { log "SKIP ceiling: no .gpu-bin/instant_server"; return 0; }
+  setsid .gpu-bin/instant_server 127.0.0.1:8100 >"$LOGS/instant.log" 2>&1 &
+  local pid=$!
+  sleep 1
+  for k in 8 12; do
+    client ceiling http://127.0.0.1:8100 "ceiling_k$k" $(($(date +%s) + 60)) 40 --input-len 16 --output-len 512 \
+      --concurrency 256,1024 --num-prompts 2048 --processes "$k"
+  done
+  kill_group "$pid" 3
+}
 client_runs() {  # label base deadline
   local l=$1 b=$2 d=$3
   # Warm-up: the first prefills may JIT-compile FlashInfer kernels (a minute on a bare machine).
   client "$l" "$b" warmup "$d" 150 --input-len 128 --output-len 16 --concurrency 16 --num-prompts 32
-  has c1 && client "$l" "$b" c1 "$d" 60 --input-len 128 --output-len 64 --concurrency 1 --num-prompts 32
-  has c8 && client "$l" "$b" c8 "$d" 60 --input-len 128 --output-len 64 --concurrency 8 --num-prompts 64
+  local m=:
+  [ "$l" = minisgl ] && m=scrape
+  has c1 && client "$l" "$b" c1 "$d" 60 --input-len 128 --output-len 64 --concurrency 1 --num-prompts 32 && $m c1
+  has c8 && client "$l" "$b" c8 "$d" 60 --input-len 128 --output-len 64 --concurrency 8 --num-prompts 64 && $m c8
   has c64 && client "$l" "$b" c64 "$d" 60 --input-len 128 --output-len 128 --concurrency 64 --num-prompts 256
   has c256 && client "$l" "$b" c256 "$d" 90 --input-len 128 --output-len 128 --concurrency 256 --num-prompts 1024
   has c1024 && client "$l" "$b" c1024 "$d" 120 --input-len 128 --output-len 128 --concurrency 1024 \
     --num-prompts 2048
   has rate && client "$l" "$b" rate "$d" 90 --input-len 128 --output-len 128 --request-rate 4,16,64,256 \
-    --num-prompts 64
+    --num-prompts 64 && $m rate
   return 0
 }
 
@@ -248,6 +284,10 @@ if [ "$rc" -ne 0 ] || [ ! -f "$MODEL/config.json" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------- ours
+if [ "${SKIP_CEILING:-0}" != 1 ]; then
+  ceiling
+  combine ceiling "the client against instant_server: our HTTP front end over an engine that costs nothing"
+fi
 if [ "${SKIP_OURS:-0}" != 1 ]; then
   chmod +x .gpu-bin/minisgl-sched 2>/dev/null
   OURS_DEADLINE=$((T0 + OURS_SHARE))
@@ -264,6 +304,7 @@ if [ "${SKIP_OURS:-0}" != 1 ]; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>&1 | sed 's/^/[gpu] used: /'
     python3 -c "import urllib.request as u; print('[http_bench] /v1/models:', u.urlopen('http://127.0.0.1:8000/v1/models').read().decode()[:300])"
     client_runs minisgl http://127.0.0.1:8000 "$OURS_DEADLINE"
+    engine_runs "$OURS_DEADLINE"
   else
     log "FAILED: our engine did not come up; the last lines of its log:"
     tail -n 40 "$LOGS/ours.log"
