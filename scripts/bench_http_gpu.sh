@@ -22,7 +22,8 @@
 #      http_servers.log (head and tail of each server's log), http_bench.log (this script's output).
 # Knobs (environment): BENCH_EXTRA (more client flags for every run), HTTP_BENCH_BUDGET_S, OURS_SHARE_S (when
 # our runs must end, from the start), SKIP_OURS=1 / SKIP_MINI=1, PARTS (which client runs, default all of
-# "c1 c8 c64 c256 c1024 rate").
+# "c1 c8 c64 c256 c1024 rate"), RANGE_RATIO (lengths of c64..c1024 and the engine runs spread by this ratio, 0),
+# PROMPTS_X (requests per stream in those parts, 4; half that at 1024 streams).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -210,13 +211,15 @@ engine_runs() {  # our engine through ZeroMQ at the concurrencies of the HTTP pa
   local d=$1 c n
   for c in 64 256 1024; do
     has "c$c" || continue
-    n=$((c * 4)); [ "$c" = 1024 ] && n=2048
+    local x=${PROMPTS_X:-4}
+    n=$((c * x)); [ "$c" = 1024 ] && n=$((c * (x > 2 ? x / 2 : x)))
     local tmo=$((d - $(date +%s)))
     [ "$tmo" -gt 90 ] && tmo=90
     [ "$tmo" -lt 20 ] && { log "SKIP engine c$c"; continue; }
     log "RUN engine c$c"
     PYTHONPATH=$OUR_PYTHONPATH timeout -k 5 "$tmo" python3 -m minisgl.bench engine --address tcp://127.0.0.1:5557 \
-      --concurrency "$c" --num-prompts "$n" --input-len 128 --output-len 128 --label minisgl-zmq \
+      --concurrency "$c" --num-prompts "$n" --input-len 128 --output-len 128 --range-ratio "${RANGE_RATIO:-0}" \
+      --label minisgl-zmq \
       --out "$RES/minisgl__engine_c$c.json"
     log "END engine c$c: rc=$?"
   done
@@ -236,14 +239,19 @@ client_runs() {  # label base deadline
   local l=$1 b=$2 d=$3
   # Warm-up: the first prefills may JIT-compile FlashInfer kernels (a minute on a bare machine).
   client "$l" "$b" warmup "$d" 150 --input-len 128 --output-len 16 --concurrency 16 --num-prompts 32
-  local m=:
-  [ "$l" = minisgl ] && m=scrape
+  local m=: x=${PROMPTS_X:-4} r="--range-ratio ${RANGE_RATIO:-0}"
+  [ "$l" = minisgl ] && m=scrape && $m warmup
   has c1 && client "$l" "$b" c1 "$d" 60 --input-len 128 --output-len 64 --concurrency 1 --num-prompts 32 && $m c1
   has c8 && client "$l" "$b" c8 "$d" 60 --input-len 128 --output-len 64 --concurrency 8 --num-prompts 64 && $m c8
-  has c64 && client "$l" "$b" c64 "$d" 60 --input-len 128 --output-len 128 --concurrency 64 --num-prompts 256
-  has c256 && client "$l" "$b" c256 "$d" 90 --input-len 128 --output-len 128 --concurrency 256 --num-prompts 1024
+  # shellcheck disable=SC2086
+  has c64 && client "$l" "$b" c64 "$d" 60 --input-len 128 --output-len 128 --concurrency 64 \
+    --num-prompts $((64 * x)) $r
+  # shellcheck disable=SC2086
+  has c256 && client "$l" "$b" c256 "$d" 90 --input-len 128 --output-len 128 --concurrency 256 \
+    --num-prompts $((256 * x)) $r
+  # shellcheck disable=SC2086
   has c1024 && client "$l" "$b" c1024 "$d" 120 --input-len 128 --output-len 128 --concurrency 1024 \
-    --num-prompts 2048
+    --num-prompts $((1024 * (x > 2 ? x / 2 : x))) $r
   has rate && client "$l" "$b" rate "$d" 90 --input-len 128 --output-len 128 --request-rate 4,16,64,256 \
     --num-prompts 64 && $m rate
   return 0
