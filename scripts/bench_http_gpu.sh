@@ -23,7 +23,8 @@
 # Knobs (environment): BENCH_EXTRA (more client flags for every run), HTTP_BENCH_BUDGET_S, OURS_SHARE_S (when
 # our runs must end, from the start), SKIP_OURS=1 / SKIP_MINI=1, PARTS (which client runs, default all of
 # "c1 c8 c64 c256 c1024 rate"), RANGE_RATIO (lengths of c64..c1024 and the engine runs spread by this ratio, 0),
-# PROMPTS_X (requests per stream in those parts, 4; half that at 1024 streams).
+# PROMPTS_X (requests per stream in those parts, 4; half that at 1024 streams), RATES and RATE_PROMPTS (the
+# rate sweep: 4,16,64,256 requests/s, 64 requests each).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -252,8 +253,8 @@ client_runs() {  # label base deadline
   # shellcheck disable=SC2086
   has c1024 && client "$l" "$b" c1024 "$d" 120 --input-len 128 --output-len 128 --concurrency 1024 \
     --num-prompts $((1024 * (x > 2 ? x / 2 : x))) $r
-  has rate && client "$l" "$b" rate "$d" 90 --input-len 128 --output-len 128 --request-rate 4,16,64,256 \
-    --num-prompts 64 && $m rate
+  has rate && client "$l" "$b" rate "$d" 90 --input-len 128 --output-len 128 --request-rate "${RATES:-4,16,64,256}" \
+    --num-prompts "${RATE_PROMPTS:-64}" $r && $m rate
   return 0
 }
 
