@@ -310,7 +310,10 @@ def test_offline_tiny_runs_an_engine(tmp_path):
     model_dir_or_skip()  # the tokenizer files come from the default model
     out = tmp_path / "offline.json"
     argv = ["offline", "--tiny", "--workloads", "seed", "--device", "cpu", "--no-progress", "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--plot", str(tmp_path / "offline.png")]) == 0
+    assert (tmp_path / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out), "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 1000
     report = json.loads(out.read_text())
     assert set(report) == {"date", "label", "config", "runs"}
     (run,) = report["runs"]

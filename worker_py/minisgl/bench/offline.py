@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help="a tiny random model and small workloads (CPU smoke test)"
     )
     p.add_argument("--no-overlap-too", action="store_true", help="also run with overlap off, for comparison")
+    p.add_argument("--plot", type=Path, default=None, help="draw output tokens/s per workload into this PNG")
     p.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="warn", help="the engine's (info: the scheduler's step summary)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which to run, in this order")
@@ -193,4 +194,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             f"{r['engine']:<12} {r['workload']:<10} {r['requests']:>8} {r['output_tokens']:>10} "
             f"{r['seconds']:>8.3f} {r['output_tok_per_s']:>10.0f}"
         )
+    if a.plot:
+        from minisgl.bench.plot import plot_offline
+
+        plot_offline([(a.label or "minisgl", report)], a.plot)
     return 0

@@ -1,5 +1,6 @@
 """`minisgl bench plot`: latency percentiles and throughput of `minisgl bench serve` runs, one line per
-result file, against the offered request rate (or the concurrency, for concurrency sweeps).
+result file, against the offered request rate (or the concurrency, for concurrency sweeps); or, for the JSON
+of `minisgl bench offline`, output tokens/s per workload, one bar per file and engine configuration.
 
 A rate of inf (every request at once) is drawn one step to the right of the largest finite rate. With
 `--x achieved` the x axis is the measured requests per second instead, which puts runs of any kind on one
@@ -25,7 +26,7 @@ PANELS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", type=Path, help="JSON results of `minisgl bench serve --out`")
+    p.add_argument("files", nargs="+", type=Path, help="JSON results of `minisgl bench serve` or `offline`")
     p.add_argument("-o", "--out", type=Path, required=True, help="the PNG to write")
     p.add_argument(
         "--x",
@@ -108,11 +109,49 @@ def plot_reports(reports: list[tuple[str, dict]], out: Path, x: str = "offered",
     plt.close(fig)
 
 
+def plot_offline(reports: list[tuple[str, dict]], out: Path, title: str | None = None) -> None:
+    """Output tokens/s of `(label, offline report)` pairs: a group of bars per workload, a bar per label and
+    engine configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for _, rep in reports for r in rep["runs"]))
+    bars = list(dict.fromkeys((label, r["engine"]) for label, rep in reports for r in rep["runs"]))
+    speed = {
+        (label, r["engine"], r["workload"]): r["output_tok_per_s"]
+        for label, rep in reports
+        for r in rep["runs"]
+    }
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(2 + 2.5 * len(workloads), 4.5), constrained_layout=True)
+    for n, (label, engine) in enumerate(bars):
+        xs = [w + (n - (len(bars) - 1) / 2) * width for w in range(len(workloads))]
+        ys = [speed.get((label, engine, w), 0.0) for w in workloads]
+        drawn = ax.bar(xs, ys, width, label=f"{label} ({engine})" if label != engine else label)
+        ax.bar_label(drawn, fmt="{:,.0f}", fontsize="small")
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_ylabel("output tokens/s")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(title or "minisgl bench offline")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def load(path: Path) -> tuple[str, dict]:
     report = json.loads(Path(path).read_text())
-    if not all("ttft_ms" in r for r in report.get("runs", [None])):
-        raise ValueError(f"{path}: not the JSON of `minisgl bench serve --out`")
+    runs = report.get("runs") or []
+    if not runs or not (all("ttft_ms" in r for r in runs) or all("workload" in r for r in runs)):
+        raise ValueError(
+            f"{path}: not the JSON of `minisgl bench serve --out` or `minisgl bench offline --out`"
+        )
     return report.get("label") or Path(path).stem, report
+
+
+def is_offline(report: dict) -> bool:
+    return all("workload" in r for r in report["runs"])
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
@@ -120,6 +159,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         reports = [load(f) for f in a.files]
     except (OSError, ValueError) as e:
         p.error(str(e))
-    plot_reports(reports, a.out, a.x, a.title)
+    offline = {is_offline(rep) for _, rep in reports}
+    if len(offline) > 1:
+        p.error("the files mix `serve` and `offline` results: plot them apart")
+    if offline == {True}:
+        plot_offline(reports, a.out, a.title)
+    else:
+        plot_reports(reports, a.out, a.x, a.title)
     print(f"wrote {a.out}")
     return 0
