@@ -56,6 +56,13 @@ def our_segments(launcher_pid: int) -> list[str]:
     return glob.glob(f"/dev/shm/minisgl-{launcher_pid}-*")
 
 
+def assert_all_gone(launcher_pid: int, children: list[int]) -> None:
+    """Both processes have exited and left no shared-memory segment."""
+    assert our_segments(launcher_pid) == []
+    for child in children:
+        assert not os.path.exists(f"/proc/{child}"), f"process {child} is still there"
+
+
 def test_serves_and_stops_cleanly_on_ctrl_c(tiny_model):
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     proc = launch(tiny_model, address)
@@ -68,9 +75,7 @@ def test_serves_and_stops_cleanly_on_ctrl_c(tiny_model):
         children = children_of(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
-        assert our_segments(proc.pid) == []
-        for child in children:
-            assert not os.path.exists(f"/proc/{child}"), "both processes are gone"
+        assert_all_gone(proc.pid, children)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -90,9 +95,7 @@ def test_a_dead_process_stops_the_other_and_the_launcher_fails(tiny_model, victi
         )
         os.kill(target, signal.SIGKILL)
         assert proc.wait(60) != 0
-        assert our_segments(proc.pid) == []
-        for child in children:
-            assert not os.path.exists(f"/proc/{child}")
+        assert_all_gone(proc.pid, children)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -166,9 +169,7 @@ def test_a_second_signal_stops_at_once(tiny_model):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
         conn.close()
-        assert our_segments(proc.pid) == []
-        for child in children:
-            assert not os.path.exists(f"/proc/{child}")
+        assert_all_gone(proc.pid, children)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
