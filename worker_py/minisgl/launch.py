@@ -39,7 +39,6 @@ DEFAULT_MODEL = REPO_ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"
 # The same as minisgl.client.client.DEFAULT_ADDRESS, which imports zmq.
 DEFAULT_LISTEN = "tcp://127.0.0.1:5557"
 API_KEY_ENV = "MINISGL_API_KEY"
-# The scheduler's default too, so that it is passed only when changed (see Engine._commands).
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # After the scheduler's own drain deadline, how long the launcher still waits for it before stopping it.
 DRAIN_SLACK_S = 10.0
@@ -186,12 +185,7 @@ class Engine:
         control = f"ipc://{self.run_dir}/control.sock"
         sched = [find_scheduler(c.sched_bin), "--model", c.model, "--listen", c.listen, "--control", control]
         sched += ["--shm-prefix", self.shm_prefix, "--http", c.http, "--log-level", c.log_level]
-        # Only values that differ from the scheduler's defaults (the same as ours): a scheduler built before
-        # it had these flags still starts.
-        if c.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT_S:
-            sched += ["--shutdown-timeout", f"{c.shutdown_timeout:g}"]
-        if c.log_format != "text":
-            sched += ["--log-format", c.log_format]
+        sched += ["--shutdown-timeout", f"{c.shutdown_timeout:g}", "--log-format", c.log_format]
         worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
         worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
         worker += ["--decode-attention", c.decode_attention]
