@@ -639,6 +639,33 @@ mod tests {
     }
 
     #[test]
+    fn metrics_count_requests_tokens_and_latencies_as_they_happen() {
+        let (mut hub, rx) = test_hub(4);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        let id = submitted(&rx).id;
+        send(&mut hub, &generate("b", "hello world", true, Sampling::default())); // too long: refused
+        hub.drain();
+        assert_eq!(
+            error_code(&send(&mut hub, &generate("c", "x", true, Sampling::default()))),
+            ErrorCode::ShuttingDown
+        );
+        hub.on_events(vec![token(id, b'o' as u32, None)], &mut Vec::new());
+        hub.on_events(vec![token(id, b'k' as u32, Some(FinishReason::Length))], &mut Vec::new());
+        let text = hub.metrics.render();
+        let value = |series: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}: {text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(value("minisgl_requests_total{outcome=\"length\"} "), 1.0);
+        assert_eq!(value("minisgl_requests_total{outcome=\"rejected\"} "), 2.0, "too long, and shutting down");
+        assert_eq!(value("minisgl_prompt_tokens_total "), 1.0);
+        assert_eq!(value("minisgl_generation_tokens_total "), 2.0);
+        assert_eq!(value("minisgl_time_to_first_token_seconds_count "), 1.0);
+        assert_eq!(value("minisgl_inter_token_latency_seconds_count "), 1.0);
+        assert_eq!(value("minisgl_e2e_request_latency_seconds_count "), 1.0);
+    }
+
+    #[test]
     fn a_max_tokens_beyond_u32_saturates_instead_of_wrapping() {
         let (mut hub, rx) = test_hub(32);
         let huge = Sampling { max_tokens: (1 << 32) + 5, ..Sampling::default() };
