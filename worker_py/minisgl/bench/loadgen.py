@@ -37,6 +37,8 @@ class Plan:
     chat: bool
     headers: dict
     base: dict  # the body's fixed fields: model, stream, stream_options, temperature, ignore_eos...
+    # With a rate, this process's share; with a concurrency, every conversation, taken in turn by all the
+    # processes through a shared counter, so that none runs dry while others still have a queue.
     conversations: list[Conversation]
     warmup: list[Conversation]
     rate: float | None  # conversations per second started by this process (Poisson), inf: all at once
@@ -236,7 +238,15 @@ class Runner:
         cols.itl.extend(gaps)
 
 
-async def run_plan(plan: Plan, ready, go, progress) -> Columns:
+def take(counter) -> int:
+    """The index of the next conversation no process has started yet."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    return index
+
+
+async def run_plan(plan: Plan, ready, go, progress, counter) -> Columns:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -249,11 +259,10 @@ async def run_plan(plan: Plan, ready, go, progress) -> Columns:
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
 
         if plan.concurrency is not None:
-            queue = iter(zip(plan.conversations, first, strict=True))
 
             async def stream() -> None:
-                for conv, body in queue:
-                    await runner.conversation(conv, body, True)
+                while (i := take(counter)) < len(plan.conversations):
+                    await runner.conversation(plan.conversations[i], first[i], True)
 
             await asyncio.gather(*(stream() for _ in range(plan.concurrency)))
         else:
@@ -271,10 +280,10 @@ async def run_plan(plan: Plan, ready, go, progress) -> Columns:
         return runner.cols
 
 
-def process_main(plan: Plan, ready, go, results, progress) -> None:
+def process_main(plan: Plan, ready, go, results, progress, counter) -> None:
     """The target of each spawned process. Whatever happens, it puts one message on `results`."""
     try:
-        cols = asyncio.run(run_plan(plan, ready, go, progress))
+        cols = asyncio.run(run_plan(plan, ready, go, progress, counter))
     except BaseException:
         ready.put((plan.index, None))
         results.put((plan.index, None, traceback.format_exc()))

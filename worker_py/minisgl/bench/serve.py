@@ -224,7 +224,7 @@ def run_once(
             chat=a.endpoint == "chat",
             headers=headers(a.api_key),
             base=base,
-            conversations=convs[i::k],
+            conversations=convs if concurrency is not None else convs[i::k],
             warmup=warmup[i::k],
             rate=None if rate is None else rate / k,
             concurrency=None if concurrency is None else concurrency // k + (i < concurrency % k),
@@ -237,7 +237,9 @@ def run_once(
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or loops
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     progress = ctx.RawArray("q", k)
-    procs = [ctx.Process(target=process_main, args=(pl, ready, go, results, progress)) for pl in plans]
+    counter = ctx.Value("q", 0)  # the next conversation to start, under a concurrency
+    args = (ready, go, results, progress, counter)
+    procs = [ctx.Process(target=process_main, args=(pl, *args)) for pl in plans]
     for proc in procs:
         proc.start()
     try:
