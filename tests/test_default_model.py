@@ -235,15 +235,17 @@ def test_pins_are_the_six_wheels_in_order(assembler) -> None:
     assert pins[0][2] == "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"
 
 
-def test_tensor_names(assembler) -> None:
-    assert assembler.hf_name("output.weight") == "model.embed_tokens.weight"
-    assert assembler.hf_name("token_embd.weight") is None
-    assert assembler.hf_name("output_norm.weight") == "model.norm.weight"
-    assert assembler.hf_name("blk.7.attn_k.bias") == "model.layers.7.self_attn.k_proj.bias"
-    assert assembler.hf_name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
-    assert assembler.hf_name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
-    with pytest.raises(assembler.AssemblyError):
-        assembler.hf_name("blk.0.attn_qkv.weight")
+def test_tensor_names() -> None:
+    from minisgl.checkpoint.gguf import CheckpointError, hf_name
+
+    assert hf_name("output.weight") == "model.embed_tokens.weight"
+    assert hf_name("token_embd.weight") is None
+    assert hf_name("output_norm.weight") == "model.norm.weight"
+    assert hf_name("blk.7.attn_k.bias") == "model.layers.7.self_attn.k_proj.bias"
+    assert hf_name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
+    assert hf_name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
+    with pytest.raises(CheckpointError):
+        hf_name("blk.0.attn_qkv.weight")
 
 
 def fake_complete_directory(assembler, out: Path) -> None:

@@ -62,7 +62,9 @@ def _env_opt(var: str, default: str | None, help: str, *, secret: bool = False, 
 class EngineConfig:
     """How to run an engine. Every field is also a flag of `minisgl serve` (see `--help`)."""
 
-    model: str = _opt(str(DEFAULT_MODEL), "HF checkpoint directory to serve", metavar="DIR")
+    model: str = _opt(
+        str(DEFAULT_MODEL), "HF checkpoint directory, .gguf file or Hugging Face model id", metavar="MODEL"
+    )
     listen: str = _opt(
         DEFAULT_LISTEN,
         "ZeroMQ endpoint clients connect to; it has no authentication: keep it on loopback or an ipc:// path",
@@ -219,6 +221,7 @@ class Engine:
         return {"scheduler": sched, "worker": worker}
 
     def start(self) -> Engine:
+        self._resolve_model()
         envs = self._environments()
         for name, cmd in self._commands().items():
             log.debug("starting %s: %s", name, " ".join(cmd))
@@ -226,6 +229,19 @@ class Engine:
             # the terminal reaches only the launcher, which decides what each process gets.
             self.procs[name] = subprocess.Popen(cmd, start_new_session=True, env=envs[name])
         return self
+
+    def _resolve_model(self) -> None:
+        """A GGUF file or a hub id becomes a checkpoint directory (converted or fetched first if need be),
+        served under the name the user gave it rather than the directory's."""
+        from minisgl.checkpoint.sources import resolve_model
+
+        c = self.config
+        if Path(c.model).expanduser().is_dir():
+            return
+        directory = resolve_model(c.model)
+        name = c.served_model_name or (Path(c.model).stem if c.model.endswith(".gguf") else c.model)
+        log.info("serving %s from %s", c.model, directory)
+        self.config = dataclasses.replace(c, model=str(directory), served_model_name=name)
 
     def dead(self) -> str | None:
         """The name of a process that has exited, if any."""
@@ -317,7 +333,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "model_dir", nargs="?", metavar="MODEL", help="HF checkpoint directory to serve (or --model)"
+        "model_dir",
+        nargs="?",
+        metavar="MODEL",
+        help="an HF checkpoint directory, a .gguf file (converted once) or a Hugging Face model id (from the "
+        "local hub cache; fetched when the machine may reach the hub) (or --model)",
     )
     for f in dataclasses.fields(EngineConfig):
         flag, meta = f.name.replace("_", "-"), f.metadata
@@ -375,6 +395,9 @@ def _drain(engine: Engine, signals: list[int]) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") -> int:
     config = parse_args(argv, prog)
+    from minisgl.checkpoint.gguf import CheckpointError
+    from minisgl.checkpoint.sources import ModelNotFound
+
     setup_logging(config.log_level, config.log_format)
     for warning in exposure_warnings(config):
         log.warning("%s", warning)
@@ -401,7 +424,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") 
                 return 1
             time.sleep(0.2)
         return _drain(engine, signals)
-    except (EngineDied, TimeoutError, FileNotFoundError) as e:
+    except (EngineDied, TimeoutError, FileNotFoundError, ModelNotFound, CheckpointError) as e:
         log.error("%s", e)
         return 1
     finally:
