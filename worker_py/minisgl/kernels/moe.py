@@ -443,7 +443,7 @@ if triton is not None:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        dt: tl.constexpr = h_ptr.dtype.element_ty
+        dt = h_ptr.dtype.element_ty
         gate = _round(acc_g, dt)
         act = _round(gate / (1.0 + tl.exp(-gate)), dt)
         res = _round(act * _round(acc_u, dt), dt)
@@ -496,7 +496,7 @@ if triton is not None:
             acc = _dot(a, b, acc, IEEE)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        dt: tl.constexpr = y_ptr.dtype.element_ty
+        dt = y_ptr.dtype.element_ty
         wt = _round(tl.load(weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32), dt)
         res = _round(_round(acc, dt) * wt[:, None], dt)
         dst = y_ptr + rows[:, None] * N + cols[None, :]
@@ -512,5 +512,5 @@ if triton is not None:
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for slot in tl.static_range(TOP_K):
             acc += tl.load(y_ptr + (token * TOP_K + slot) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dt: tl.constexpr = out_ptr.dtype.element_ty
+        dt = out_ptr.dtype.element_ty
         tl.store(out_ptr + token * N + cols, _round(acc, dt).to(dt), mask=col_ok)
