@@ -92,3 +92,27 @@ def tiny_model(model_dir, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(model_dir / name, out / name)
     return out
+
+
+# The second real model, a Llama: SmolLM2-135M-Instruct, assembled by scripts/setup next to the default model
+# (docs/models.md). Missing, its tests skip locally and fail under MINISGL_REQUIRE_MODEL=1 (CI), as above.
+SMOLLM2_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = REPO_ROOT / "models" / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def required_file_or_skip(path: Path, what: str) -> Path:
+    if not path.exists():
+        if os.environ.get("MINISGL_REQUIRE_MODEL") == "1":
+            pytest.fail(f"{what} {path} is missing: run scripts/setup (MINISGL_REQUIRE_MODEL=1)")
+        pytest.skip(f"no {what} at {path} (run scripts/setup)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return required_file_or_skip(SMOLLM2_DIR / "config.json", "SmolLM2 model directory").parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return required_file_or_skip(SMOLLM2_GGUF, "SmolLM2 GGUF")

@@ -98,3 +98,14 @@ def test_a_gguf_file_serves_the_default_models_tokens(converted, client, monkeyp
     with LLM(str(GGUF), device="cpu", dtype="float32", num_pages=256, max_batch=4) as llm:
         assert llm.engine.config.served_model_name == GGUF.stem
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+
+
+def test_the_smollm2_gguf_is_converted_into_its_directorys_files(
+    smollm2_gguf, smollm2_dir, tmp_path, monkeypatch
+):
+    """The second real model, a Llama: its .gguf converts through the cache into what scripts/setup built."""
+    monkeypatch.setenv("MINISGL_CACHE", str(tmp_path))
+    directory = resolve_model(str(smollm2_gguf))
+    assert directory.parent == tmp_path / "gguf"
+    for name in OUTPUT_FILES:
+        assert digest(directory / name) == digest(smollm2_dir / name), name

@@ -1,0 +1,126 @@
+"""Acceptance for the Llama family on the real SmolLM2-135M-Instruct: greedy fp32 tokens on the CPU through
+the whole engine equal HF transformers' `generate(do_sample=False)` on the same directory; and its .gguf file
+and a hub-cache id for it serve the same tokens as the directory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import free_tcp_port
+from test_model_sources import fake_hub_cache
+
+from minisgl.client import LLM, SamplingParams
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a short poem about the ocean."}],
+    [
+        {"role": "system", "content": "You are a terse assistant. Answer in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
+    [
+        {"role": "user", "content": "Hi! My name is Ana."},
+        {"role": "assistant", "content": "Hello Ana! How can I help you today?"},
+        {"role": "user", "content": "What is my name?"},
+    ],
+    "The three primary colors are",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+]
+NEW_TOKENS = 32
+ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "num_pages": 512, "max_batch": 8}
+
+
+@pytest.fixture(scope="module")
+def hf_outputs(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in PROMPTS:
+        if isinstance(prompt, str):
+            ids = tok(prompt, return_tensors="pt").input_ids
+        else:
+            ids = tok.apply_chat_template(
+                prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            ids = ids["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                repetition_penalty=1.0,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        outputs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def smollm2_client(smollm2_dir):
+    from minisgl.client import Client
+    from minisgl.launch import Engine, EngineConfig
+
+    config = EngineConfig(
+        model=str(smollm2_dir),
+        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
+        http=f"127.0.0.1:{free_tcp_port()}",
+        page_size=16,
+        max_step_tokens=2048,
+        max_seq_len=2048,
+        log_level=os.environ.get("MINISGL_LOG", "info"),
+        ready_timeout_s=300,
+        **ENGINE_ARGS,
+    )
+    with Engine(config) as running, Client(running.config.listen, timeout_s=300) as client:
+        yield client
+
+
+def test_greedy_tokens_equal_hf_transformers(smollm2_client, hf_outputs):
+    from minisgl.client.llm import prompt_fields
+
+    sampling = {"temperature": 0.0, "max_tokens": NEW_TOKENS}
+    rids = [smollm2_client.submit(**prompt_fields(p), sampling=sampling, stream=False) for p in PROMPTS]
+    finals = [list(smollm2_client.replies(rid))[-1] for rid in rids]
+    for prompt, (hf_prompt, hf_tokens), final in zip(PROMPTS, hf_outputs, finals, strict=True):
+        assert final["prompt_tokens"] == len(hf_prompt), prompt
+        assert final["token_ids"] == hf_tokens, f"prompt {prompt!r}: {final['text']!r}"
+        assert len(hf_tokens) == NEW_TOKENS or final["finish_reason"] == "stop"
+    assert "Paris" in finals[0]["text"], finals[0]["text"]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+SHORT = [PROMPTS[0], PROMPTS[5]]
+
+
+@pytest.fixture(scope="module")
+def directory_tokens(smollm2_client):
+    from minisgl.client.llm import prompt_fields
+
+    sampling = {"temperature": 0.0, "max_tokens": GREEDY.max_tokens}
+    return [smollm2_client.generate(**prompt_fields(p), sampling=sampling)["token_ids"] for p in SHORT]
+
+
+def test_the_gguf_file_serves_the_directorys_tokens(smollm2_gguf, directory_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINISGL_CACHE", str(tmp_path / "cache"))
+    with LLM(str(smollm2_gguf), **ENGINE_ARGS) as llm:
+        assert llm.engine.config.served_model_name == smollm2_gguf.stem
+        assert [o.token_ids for o in llm.generate(SHORT, GREEDY)] == directory_tokens
+
+
+def test_a_hub_id_serves_the_directorys_tokens(smollm2_dir, directory_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2_dir)
+    with LLM("HuggingFaceTB/SmolLM2-135M-Instruct", **ENGINE_ARGS) as llm:
+        assert llm.engine.config.model == str(snapshot)
+        assert [o.token_ids for o in llm.generate(SHORT, GREEDY)] == directory_tokens
