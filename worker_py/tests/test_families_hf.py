@@ -73,18 +73,33 @@ NAMES = ["qwen2_tiny", *FAMILIES]
 
 
 def make_runner(model_dir: Path) -> ModelRunner:
-    """The one place that knows the runner's constructor."""
-    return ModelRunner(
-        model_dir,
-        "cpu",
-        torch.float32,
-        NUM_PAGES,
-        PAGE_SIZE,
-        max_batch=MAX_BATCH,
-        max_tokens=MAX_STEP_TOKENS,
+    """The one place that knows the runner's constructor. It is being reshaped into one WorkerConfig with
+    the scheduler's names (max_step_tokens); this takes that one where it exists, else the arguments."""
+    try:
+        from minisgl.worker.config import WorkerConfig
+    except ImportError:  # the runner's arguments before WorkerConfig
+        return ModelRunner(
+            model_dir,
+            "cpu",
+            torch.float32,
+            NUM_PAGES,
+            PAGE_SIZE,
+            max_batch=MAX_BATCH,
+            max_tokens=MAX_STEP_TOKENS,
+            attention="torch",
+            show_progress=False,
+        )
+    config = WorkerConfig(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
         attention="torch",
-        show_progress=False,
+        num_pages=NUM_PAGES,
+        page_size=PAGE_SIZE,
+        max_batch=MAX_BATCH,
+        max_step_tokens=MAX_STEP_TOKENS,
     )
+    return ModelRunner(config, show_progress=False)
 
 
 @dataclass
@@ -150,7 +165,8 @@ def test_greedy_alone_on_recycled_pages_matches_hf(case):
     assert generate(runner, builder, [1], [LONG]) == [case.hf_greedy()[2]]
 
 
-# Config fields the engine does not implement: construction must fail, and say which field.
+# Config fields the engine does not implement: construction must fail, and say which field (or, for a rope
+# type, which type).
 LONGROPE = {
     "rope_type": "longrope",
     "short_factor": [1.0] * 8,
@@ -169,7 +185,7 @@ REFUSED = {
         {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 0},
         "sliding_window",
     ),
-    "rope_scaling_longrope": ("llama3", {"rope_scaling": LONGROPE}, "longrope"),
+    "rope_scaling_longrope": ("llama3", {"rope_scaling": LONGROPE}, "longrope|rope_scaling"),
     "rope_parameters_unknown": (
         "llama_dynamic",
         {"rope_parameters": {"rope_type": "made_up_rope", "factor": 2.0, "rope_theta": 10000.0}},
