@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU benchmark of decode attention alone: minisgl's Triton kernel (attention/triton_decode.py) against
+"""GPU benchmark of decode attention alone: minisgl's Triton kernel (kernels/decode_attention.py) against
 FlashInfer 0.5.3's tensor-core decode, on Qwen2.5-0.5B's shapes (Hq 14, Hkv 2, D 64, bf16, page size 16) with
 random page tables.
 
@@ -203,7 +203,7 @@ def flashinfer_variants(b: dict, want, timer: Timer) -> list[dict]:
 def ours(
     b: dict, want, timer: Timer, splits: int, block_n: int, warps: int, stages: int, fused: bool, graph: bool
 ):
-    from minisgl.attention import triton_decode as td
+    from minisgl.kernels import decode_attention as td
 
     n = len(b["lens"])
     name = f"s={splits} block={block_n} warps={warps} stages={stages}" + (" fused" if fused else "")
@@ -246,7 +246,7 @@ def ours(
 def our_variants(lens: list[int]) -> list[tuple]:
     """(splits, block_n, warps, stages, fused, graph): the defaults at splits_for's count, eager and in a
     graph; other split counts; the fused combine; other block shapes."""
-    from minisgl.attention import triton_decode as td
+    from minisgl.kernels import decode_attention as td
 
     auto = td.splits_for(
         len(lens), max(lens), num_sms=torch.cuda.get_device_properties(0).multi_processor_count

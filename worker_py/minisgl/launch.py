@@ -25,10 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from minisgl.flags import add_flags, env_opt, opt, to_argv
 from minisgl.logs import LOG_FORMATS, setup_logging
+from minisgl.worker.config import WorkerConfig
 
 # Nothing heavier than the standard library at import: `minisgl serve --help` runs without the venv.
 
@@ -44,83 +46,46 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 DRAIN_SLACK_S = 10.0
 
 
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def _env_opt(var: str, default: str | None, help: str, *, secret: bool = False, **meta):
-    """A default that $var replaces, read when a config is made (not at import), so that a test suite can set
-    it for every engine it starts, in process or not."""
-    return field(
-        default_factory=lambda: os.environ.get(var) or default,
-        repr=not secret,
-        metadata={"help": f"{help} (${var})", "secret": secret, **meta},
-    )
-
-
 @dataclass(frozen=True)
-class EngineConfig:
-    """How to run an engine. Every field is also a flag of `minisgl serve` (see `--help`)."""
+class EngineConfig(WorkerConfig):
+    """How to run an engine: the worker's settings (`WorkerConfig`, passed to it as they are) and the
+    scheduler's. Every field is also a flag of `minisgl serve` (see `--help`)."""
 
-    model: str = _opt(
+    model: str = opt(
         str(DEFAULT_MODEL), "HF checkpoint directory, .gguf file or Hugging Face model id", metavar="MODEL"
     )
-    listen: str = _opt(
+    listen: str = opt(
         DEFAULT_LISTEN,
         "ZeroMQ endpoint clients connect to; it has no authentication: keep it on loopback or an ipc:// path",
         metavar="ENDPOINT",
     )
-    http: str = _env_opt(
+    http: str = env_opt(
         "MINISGL_HTTP", "127.0.0.1:8000", "OpenAI-compatible HTTP API, or off", metavar="HOST:PORT"
     )
-    api_key: str | None = _env_opt(
+    api_key: str | None = env_opt(
         API_KEY_ENV,
         None,
         "bearer token the HTTP API requires; the variable keeps it out of `ps`",
         secret=True,
         metavar="KEY",
     )
-    served_model_name: str | None = _opt(
+    served_model_name: str | None = opt(
         None, "model name the HTTP API uses (default: the model dir's)", metavar="NAME"
     )
-    device: str = _opt("auto", "auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
-    dtype: str = _opt("auto", "auto (bfloat16 on cuda, float32 on cpu, where bf16 is slow), or a dtype")
-    attention: str = _opt(
-        "auto", "auto (flashinfer on cuda when installed, else torch), torch, flashinfer", metavar="BACKEND"
-    )
-    num_pages: int | None = _opt(None, "KV pages (default: from memory; 1 GiB of KV on the CPU)", metavar="N")
-    page_size: int = _opt(16, "tokens per KV page", metavar="N")
-    max_batch: int | None = _opt(
-        None, "most requests per step (default: 256 on cuda, 64 on cpu)", metavar="N"
-    )
-    max_step_tokens: int | None = _opt(
-        None, "most new tokens per step; longer prompts are chunked", metavar="N"
-    )
-    max_seq_len: int | None = _opt(None, "context length (default: the model's)", metavar="N")
-    kv_fraction: float = _opt(
-        0.85, "on cuda: share of the memory left after the weights for the KV cache", metavar="F"
-    )
-    decode_attention: str = _opt(
-        "triton", "the flashinfer backend's decode kernel: triton (ours) or flashinfer", metavar="KERNEL"
-    )
-    cuda_graphs: bool = _opt(True, "decode steps replay captured CUDA graphs")
-    fused_kernels: bool = _opt(
-        True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, small-batch projections"
-    )
-    overlap: bool = _opt(True, "the scheduler plans step N+1 while the worker runs step N")
-    shutdown_timeout: float = _opt(
+    max_seq_len: int | None = opt(None, "context length (default: the model's)", metavar="N")
+    shutdown_timeout: float = opt(
         DEFAULT_SHUTDOWN_TIMEOUT_S,
         "after the first Ctrl-C or SIGTERM: how long live requests may still run",
         metavar="SECS",
     )
-    sched_bin: str | None = _opt(
+    sched_bin: str | None = opt(
         None, "the minisgl-sched binary (default: $MINISGL_SCHED, target/...)", metavar="PATH"
     )
-    log_level: str = _opt("info", "error, warn, info, debug or trace", metavar="LEVEL")
-    log_format: str = _opt(
+    log_level: str = opt("info", "error, warn, info, debug or trace", metavar="LEVEL")
+    log_format: str = opt(
         "text", "text, or json: one object per line, in all three processes", choices=LOG_FORMATS
     )
-    ready_timeout_s: float = _opt(900.0, "how long to wait for the engine to serve", metavar="SECS")
+    ready_timeout_s: float = opt(900.0, "how long to wait for the engine to serve", metavar="SECS")
 
 
 def find_scheduler(explicit: str | None = None) -> str:
@@ -188,27 +153,14 @@ class Engine:
         sched = [find_scheduler(c.sched_bin), "--model", c.model, "--listen", c.listen, "--control", control]
         sched += ["--shm-prefix", self.shm_prefix, "--http", c.http, "--log-level", c.log_level]
         sched += ["--shutdown-timeout", f"{c.shutdown_timeout:g}", "--log-format", c.log_format]
-        worker = [sys.executable, "-m", "minisgl.worker", "--model", c.model, "--control", control]
-        worker += ["--device", c.device, "--dtype", c.dtype, "--attention", c.attention]
-        worker += ["--decode-attention", c.decode_attention]
-        worker += ["--page-size", str(c.page_size), "--kv-fraction", str(c.kv_fraction)]
-        worker += ["--log-level", c.log_level, "--log-format", c.log_format]
-        for on, flag, to in (
-            (c.cuda_graphs, "--no-cuda-graphs", [worker]),
-            (c.fused_kernels, "--no-fused-kernels", [worker]),
-            (c.overlap, "--no-overlap", [worker, sched]),
-        ):
-            for cmd in to if not on else ():
-                cmd.append(flag)
-        for flag, value, to in (
-            ("--num-pages", c.num_pages, worker),
-            ("--max-batch", c.max_batch, worker),
-            ("--max-tokens", c.max_step_tokens, worker),
-            ("--max-seq-len", c.max_seq_len, sched),
-            ("--served-model-name", c.served_model_name, sched),
-        ):
+        if not c.overlap:
+            sched.append("--no-overlap")
+        for flag, value in (("--max-seq-len", c.max_seq_len), ("--served-model-name", c.served_model_name)):
             if value is not None:
-                to += [flag, str(value)]
+                sched += [flag, str(value)]
+        # The worker's flags are its config's fields, so every worker setting reaches it by the same name.
+        worker = [sys.executable, "-m", "minisgl.worker", "--control", control, *to_argv(c, WorkerConfig)]
+        worker += ["--log-level", c.log_level, "--log-format", c.log_format]
         return {"scheduler": sched, "worker": worker}
 
     def _environments(self) -> dict[str, dict[str, str]]:
@@ -339,24 +291,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="an HF checkpoint directory, a .gguf file (converted once) or a Hugging Face model id (from the "
         "local hub cache; fetched when the machine may reach the hub) (or --model)",
     )
-    for f in dataclasses.fields(EngineConfig):
-        flag, meta = f.name.replace("_", "-"), f.metadata
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if isinstance(default, bool):
-            p.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {meta['help']}")
-            continue
-        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        shown = ("set" if default else "not set") if meta.get("secret") else default
-        shown = "" if shown is None else f" [{shown}]"
-        p.add_argument(
-            f"--{flag}",
-            type=kind,
-            # --model's default is filled in after parsing, so that MODEL and --model cannot both be given.
-            default=None if f.name == "model" else default,
-            choices=meta.get("choices"),
-            metavar=meta.get("metavar"),
-            help=meta["help"] + shown,
-        )
+    add_flags(p, EngineConfig)
+    # --model's default is filled in after parsing, so that MODEL and --model cannot both be given.
+    p.set_defaults(model=None)
     return p
 
 

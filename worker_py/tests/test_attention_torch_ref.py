@@ -9,7 +9,8 @@ import pytest
 import torch
 from fake_steps import StepBuilder
 
-from minisgl.attention import AttentionConfig, create_backend
+from minisgl.attention import create_backend, resolve
+from minisgl.attention.base import AttentionConfig
 from minisgl.worker.batch import BatchUploader
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
 
@@ -31,8 +32,14 @@ def naive_attention(q, keys, values, prefix_len):
 
 def setup(layers=2):
     cache = KVCache(KVCacheShape(layers, PAGE, HKV, D, torch.float32), PAGES, "cpu")
-    backend = create_backend("torch", AttentionConfig(HQ, HKV, D, PAGE), cache)
+    backend = create_backend("torch", "torch", AttentionConfig(HQ, HKV, D, PAGE), cache)
     return cache, backend, BatchUploader(4096, torch.device("cpu"))
+
+
+def forward(backend, layer, q, k, v):
+    """What an attention layer does: write the new K/V where the plan says, then attend."""
+    backend.kv_cache.store(layer, k, v, backend.out_loc)
+    return backend.attend(layer, q)
 
 
 def test_matches_naive_attention_over_scattered_pages():
@@ -46,7 +53,7 @@ def test_matches_naive_attention_over_scattered_pages():
         q, k, v = torch.randn(t, HQ, D), torch.randn(t, HKV, D), torch.randn(t, HKV, D)
         batch = uploader.upload(step)
         backend.plan(batch)
-        out = backend.forward(layer, q, k, v)
+        out = forward(backend, layer, q, k, v)
         for r, slot in enumerate(step.req_slot.tolist()):
             lo, hi = step.qo_indptr[r], step.qo_indptr[r + 1]
             old_k, old_v = history.get(slot, (torch.empty(0, HKV, D), torch.empty(0, HKV, D)))
@@ -69,7 +76,7 @@ def test_writes_new_kv_at_out_loc_of_its_layer_only():
     step = b.extend([(0, [1] * 6), (1, [1] * 3)])
     k, v = torch.randn(9, HKV, D), torch.randn(9, HKV, D)
     backend.plan(uploader.upload(step))
-    backend.forward(0, torch.randn(9, HQ, D), k, v)
+    forward(backend, 0, torch.randn(9, HQ, D), k, v)
     loc = torch.from_numpy(step.out_loc).long()
     torch.testing.assert_close(cache.flat_k(0)[loc], k)
     torch.testing.assert_close(cache.flat_v(0)[loc], v)
@@ -87,7 +94,7 @@ def test_stale_pages_do_not_leak():
     step = StepBuilder(PAGES, PAGE, seed=9).extend([(0, [1] * 5), (1, [1] * 2)])
     backend.plan(uploader.upload(step))
     q, k, v = torch.randn(7, HQ, D), torch.randn(7, HKV, D), torch.randn(7, HKV, D)
-    out = backend.forward(0, q, k, v)
+    out = forward(backend, 0, q, k, v)
     expected0 = naive_attention(q[:5], k[:5], v[:5], 0)
     expected1 = naive_attention(q[5:], k[5:], v[5:], 0)
     torch.testing.assert_close(out, torch.cat([expected0, expected1]), atol=1e-5, rtol=1e-5)
@@ -95,10 +102,12 @@ def test_stale_pages_do_not_leak():
 
 def test_unknown_backend_is_rejected():
     cache = KVCache(KVCacheShape(1, PAGE, HKV, D, torch.float32), 4, "cpu")
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        create_backend("nope", AttentionConfig(HQ, HKV, D, PAGE), cache)
+    with pytest.raises(ValueError, match="unknown prefill attention backend 'nope'"):
+        resolve("nope", "auto", "cpu")
+    with pytest.raises(ValueError, match="unknown prefill attention backend 'triton'"):
+        resolve("triton", "auto", "cuda")  # decode only
     with pytest.raises(ValueError, match="page size"):
-        create_backend("torch", AttentionConfig(HQ, HKV, D, PAGE * 2), cache)
+        create_backend("torch", "torch", AttentionConfig(HQ, HKV, D, PAGE * 2), cache)
 
 
 def test_kv_cache_is_zeroed_and_sized_from_a_budget():

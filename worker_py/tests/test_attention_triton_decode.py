@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 CHECK = textwrap.dedent(
     """
     import torch
-    from minisgl.attention import triton_decode as td
+    from minisgl.kernels import decode_attention as td
 
     DEVICE = "{device}"
     PAGE = 16
@@ -206,7 +206,7 @@ def test_decode_attention_matches_the_reference_on_the_gpu(case):
 
 
 def test_splits_for_fills_small_batches_and_cuts_long_contexts():
-    from minisgl.attention.triton_decode import MAX_SPLITS, splits_for
+    from minisgl.kernels.decode_attention import MAX_SPLITS, splits_for
 
     assert splits_for(1, 64) == 1  # one block of tokens: nothing to share
     assert splits_for(256, 160) == 1  # 512 programs already fill 132 SMs
@@ -216,7 +216,7 @@ def test_splits_for_fills_small_batches_and_cuts_long_contexts():
 
 
 def test_split_plan_grows_the_smallest_share_with_the_batch():
-    from minisgl.attention.triton_decode import BLOCK_N, split_plan
+    from minisgl.kernels.decode_attention import BLOCK_N, split_plan
 
     assert split_plan(1, 4096)[1] == BLOCK_N
     assert split_plan(64, 4096)[1] == BLOCK_N  # 128 programs: one wave on 132 SMs

@@ -8,12 +8,14 @@ import pytest
 import torch
 from fake_steps import StepBuilder
 from safetensors.torch import load_file, save_file
-from tiny_qwen import hf_last_logits, load_hf, make_tiny_qwen
+from tiny_qwen import cpu_config, hf_last_logits, load_hf, make_tiny_qwen
 
+from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
 from minisgl.worker.runner import ModelRunner
 
 torch.set_num_threads(1)
+FP32 = LayerOptions(torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +47,14 @@ def test_config_from_hf_dir(tied_dir, tmp_path):
     cfg = ModelConfig.from_dir(tmp_path)
     assert cfg.rope_theta == 1e6 and cfg.eos_token_ids == (151645, 151643)
 
-    for bad in ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, {"use_sliding_window": True}):
+    for bad in ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, {"use_sliding_window": True}):
         (tmp_path / "config.json").write_text(json.dumps({**legacy, **bad}))
         with pytest.raises(NotImplementedError):
             ModelConfig.from_dir(tmp_path)
 
 
 def test_merged_projections_hold_the_checkpoint_rows(tied_dir):
-    model = load_model(tied_dir, torch.float32, "cpu", show_progress=False)
+    model = load_model(tied_dir, FP32, "cpu", show_progress=False)
     ckpt = load_file(tied_dir / "model.safetensors")
     p = "model.layers.1."
     qkv = model.model.layers[1].self_attn.qkv_proj
@@ -61,18 +63,18 @@ def test_merged_projections_hold_the_checkpoint_rows(tied_dir):
         assert torch.equal(getattr(qkv, part), expected)
     gate_up = model.model.layers[1].mlp.gate_up_proj.weight
     assert torch.equal(gate_up, torch.cat([ckpt[f"{p}mlp.gate_proj.weight"], ckpt[f"{p}mlp.up_proj.weight"]]))
-    assert model.lm_head is None
+    assert model.lm_head.weight is None  # tied: the embedding's
 
 
 def prefill_logits(model_dir, prompt):
-    runner = ModelRunner(model_dir, "cpu", "float32", 16, 4, max_batch=2, max_tokens=64, show_progress=False)
+    runner = ModelRunner(cpu_config(model_dir, 16, 4, 2, 64), show_progress=False)
     return runner.forward_logits(StepBuilder(16, 4).extend([(0, prompt)]))[0]
 
 
 def test_bf16_checkpoint_runs_in_fp32(tmp_path):
     model_dir = make_tiny_qwen(tmp_path, seed=2, dtype=torch.bfloat16)
     assert next(iter(load_file(model_dir / "model.safetensors").values())).dtype == torch.bfloat16
-    model = load_model(model_dir, torch.float32, "cpu", show_progress=False)
+    model = load_model(model_dir, FP32, "cpu", show_progress=False)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     torch.testing.assert_close(
@@ -82,8 +84,8 @@ def test_bf16_checkpoint_runs_in_fp32(tmp_path):
 
 def test_untied_lm_head(tmp_path):
     model_dir = make_tiny_qwen(tmp_path, seed=3, tie=False)
-    model = load_model(model_dir, torch.float32, "cpu", show_progress=False)
-    assert model.lm_head is not None
+    model = load_model(model_dir, FP32, "cpu", show_progress=False)
+    assert model.lm_head.weight is not None
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     prompt = [7, 7, 8, 100, 511]
     torch.testing.assert_close(
@@ -99,17 +101,17 @@ def test_missing_or_unknown_tensors_are_errors(tied_dir, tmp_path):
     del partial["model.layers.0.self_attn.k_proj.weight"]  # one shard of a merged parameter
     save_file(partial, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="qkv_proj.weight"):
-        load_model(tmp_path, torch.float32, "cpu", show_progress=False)
+        load_model(tmp_path, FP32, "cpu", show_progress=False)
 
     save_file({**ckpt, "model.layers.0.mystery.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="mystery"):
-        load_model(tmp_path, torch.float32, "cpu", show_progress=False)
+        load_model(tmp_path, FP32, "cpu", show_progress=False)
 
     wrong = dict(ckpt)
     wrong["model.norm.weight"] = torch.zeros(65)
     save_file(wrong, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="shape"):
-        load_model(tmp_path, torch.float32, "cpu", show_progress=False)
+        load_model(tmp_path, FP32, "cpu", show_progress=False)
 
 
 def test_sharded_checkpoint(tied_dir, tmp_path):
@@ -118,7 +120,7 @@ def test_sharded_checkpoint(tied_dir, tmp_path):
     (tmp_path / "config.json").write_text((tied_dir / "config.json").read_text())
     save_file({n: ckpt[n] for n in names[::2]}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({n: ckpt[n] for n in names[1::2]}, tmp_path / "model-00002-of-00002.safetensors")
-    a = load_model(tmp_path, torch.float32, "cpu", show_progress=False)
-    b = load_model(tied_dir, torch.float32, "cpu", show_progress=False)
+    a = load_model(tmp_path, FP32, "cpu", show_progress=False)
+    b = load_model(tied_dir, FP32, "cpu", show_progress=False)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_steps import StepBuilder
-from tiny_qwen import hf_greedy, hf_last_logits, load_hf, make_tiny_qwen
+from tiny_qwen import cpu_config, hf_greedy, hf_last_logits, load_hf, make_tiny_qwen
 
 from minisgl.worker.runner import ModelRunner
 
@@ -33,16 +33,7 @@ def hf_tokens(hf_model):
 
 
 def make_runner(model_dir) -> ModelRunner:
-    return ModelRunner(
-        model_dir,
-        "cpu",
-        torch.float32,
-        NUM_PAGES,
-        PAGE_SIZE,
-        max_batch=8,
-        max_tokens=128,
-        show_progress=False,
-    )
+    return ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 128), show_progress=False)
 
 
 def generate(runner: ModelRunner, builder: StepBuilder, slots: list[int], prompts, explicit_ids=False):

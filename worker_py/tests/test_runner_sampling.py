@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_steps import Join, StepBuilder
-from tiny_qwen import make_tiny_qwen
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.worker.runner import ModelRunner
 
@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory):
 
 
 def make_runner(model_dir) -> ModelRunner:
-    return ModelRunner(model_dir, "cpu", "float32", 128, 4, max_batch=8, max_tokens=64, show_progress=False)
+    return ModelRunner(cpu_config(model_dir, 128, 4, 8, 64), show_progress=False)
 
 
 def run(runner, builder, reqs: dict[int, tuple[list[int], Join]], start: dict[int, int] | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_steps import StepBuilder
-from tiny_qwen import make_tiny_qwen
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.worker.kv_cache import KVCacheShape
 from minisgl.worker.runner import ModelRunner
@@ -19,7 +19,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_model_facts_for_the_hello(model_dir):
-    runner = ModelRunner(model_dir, "cpu", "float32", 32, 8, max_batch=4, max_tokens=64, show_progress=False)
+    runner = ModelRunner(cpu_config(model_dir, 32, 8, 4, 64), show_progress=False)
     assert runner.model_facts() == {
         "architecture": "Qwen2ForCausalLM",
         "vocab_size": 512,
@@ -32,34 +32,25 @@ def test_model_facts_for_the_hello(model_dir):
         "dtype": "float32",
         "device": "cpu",
     }
-    assert (runner.num_pages, runner.page_size, runner.max_batch, runner.max_tokens) == (32, 8, 4, 64)
+    assert (runner.num_pages, runner.page_size, runner.max_batch, runner.max_step_tokens) == (32, 8, 4, 64)
     assert runner.kv_cache.k(1).shape == (32, 8, 2, 16)
 
 
 def test_kv_pages_from_a_memory_budget(model_dir):
     per_page = KVCacheShape(2, 4, 2, 16, torch.float32).bytes_per_page
     runner = ModelRunner(
-        model_dir,
-        "cpu",
-        "float32",
-        None,
-        4,
-        max_batch=4,
-        max_tokens=64,
-        kv_memory_bytes=50 * per_page + 1,
-        show_progress=False,
+        cpu_config(model_dir, None, 4, 4, 64, kv_bytes=50 * per_page + 1), show_progress=False
     )
     assert runner.num_pages == 50 and runner.kv_cache.nbytes == 50 * per_page
-    with pytest.raises(ValueError, match="num_pages or kv_memory_bytes"):
-        ModelRunner(model_dir, "cpu", "float32", None, 4, max_batch=4, max_tokens=64, show_progress=False)
+    # On the CPU, without a page count or a budget: 1 GiB of KV.
+    default = ModelRunner(cpu_config(model_dir, None, 4, 4, 64), show_progress=False)
+    assert default.num_pages == (1 << 30) // per_page
     with pytest.raises(ValueError, match="holds no page"):
-        ModelRunner(
-            model_dir, "cpu", "float32", None, 4, 4, 64, kv_memory_bytes=per_page - 1, show_progress=False
-        )
+        ModelRunner(cpu_config(model_dir, None, 4, 4, 64, kv_bytes=per_page - 1), show_progress=False)
 
 
 def test_steps_beyond_the_limits_are_refused(model_dir):
-    runner = ModelRunner(model_dir, "cpu", "float32", 64, 4, max_batch=2, max_tokens=16, show_progress=False)
+    runner = ModelRunner(cpu_config(model_dir, 64, 4, 2, 16), show_progress=False)
     with pytest.raises(ValueError, match="exceeds"):
         runner.run_step(StepBuilder(64, 4).extend([(0, [1]), (1, [1]), (2, [1])]))
     with pytest.raises(ValueError, match="exceeds"):

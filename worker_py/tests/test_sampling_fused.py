@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 CHECK = textwrap.dedent(
     """
     import torch
-    from minisgl.sampling import fused
+    from minisgl.kernels import sampling as fused
     from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
 
     device = "{device}"

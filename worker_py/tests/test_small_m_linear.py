@@ -16,7 +16,7 @@ CHECK = textwrap.dedent(
     """
     import torch
     import torch.nn.functional as F
-    from minisgl.models import small_m
+    from minisgl.kernels import small_m
 
     device = "{device}"
     torch.manual_seed(0)

@@ -6,6 +6,22 @@ from pathlib import Path
 
 import torch
 
+from minisgl.worker.config import WorkerConfig
+
+
+def cpu_config(model_dir, num_pages, page_size, max_batch, max_step_tokens, **kw) -> WorkerConfig:
+    """A runner's config on the CPU in float32 (the reference numerics)."""
+    return WorkerConfig(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        num_pages=num_pages,
+        page_size=page_size,
+        max_batch=max_batch,
+        max_step_tokens=max_step_tokens,
+        **kw,
+    )
+
 
 def make_tiny_qwen(path: Path, seed: int = 0, tie: bool = True, dtype: torch.dtype = torch.float32) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM

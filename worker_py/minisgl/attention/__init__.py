@@ -1,44 +1,21 @@
-"""Attention backends: paged causal attention over the KV cache, chosen by name."""
+"""Attention backends: paged causal attention over the KV cache, one backend for extend steps and one for
+decode steps, chosen by name (`registry.py`; the contract is `base.py`). Importing this package costs
+nothing: the backends load when created."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import torch
-
-from minisgl.attention.base import AttentionBackend, AttentionConfig
-from minisgl.attention.flashinfer import FlashInferBackend  # imports flashinfer only when constructed
-from minisgl.attention.torch_ref import TorchRefBackend
-from minisgl.worker.kv_cache import KVCache
-
-BACKENDS = ("torch", "flashinfer")
+from minisgl.attention.registry import BACKENDS, DECODE_CHOICES, PREFILL_CHOICES, resolve
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """`auto` is flashinfer on CUDA when the package is importable, torch otherwise; other names pass."""
-    if name == "auto":
-        on_cuda = torch.device(device).type == "cuda"
-        return "flashinfer" if on_cuda and importlib.util.find_spec("flashinfer") is not None else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(BACKENDS)}")
-    return name
+def create_backend(prefill: str, decode: str, config, kv_cache):
+    """The backend for resolved names (`resolve`): one object when both are the same backend, else a
+    `PairedBackend` of the two."""
+    from minisgl.attention.base import PairedBackend
+
+    first = BACKENDS[prefill].load()(config, kv_cache)
+    if decode == prefill:
+        return first
+    return PairedBackend(first, BACKENDS[decode].load()(config, kv_cache))
 
 
-def create_backend(
-    name: str, config: AttentionConfig, kv_cache: KVCache, decode_kernel: str = "flashinfer"
-) -> AttentionBackend:
-    """`decode_kernel` (flashinfer or triton) picks the flashinfer backend's decode kernel."""
-    name = resolve_backend(name, kv_cache.k(0).device)
-    if name == "flashinfer":
-        return FlashInferBackend(config, kv_cache, decode_kernel)
-    return TorchRefBackend(config, kv_cache)
-
-
-__all__ = [
-    "BACKENDS",
-    "AttentionBackend",
-    "AttentionConfig",
-    "TorchRefBackend",
-    "create_backend",
-    "resolve_backend",
-]
+__all__ = ["BACKENDS", "DECODE_CHOICES", "PREFILL_CHOICES", "create_backend", "resolve"]

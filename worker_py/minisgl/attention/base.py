@@ -1,9 +1,21 @@
-"""The attention backend interface: plan once per step, then attend once per layer."""
+"""The attention backend contract: everything the model and the runner call, and what the runner may ask.
+
+Per step the runner calls `plan(batch)` once (eagerly) or `plan_graph(batch, rows)` (before a CUDA graph's
+replay). Then each attention layer writes its new K/V into `kv_cache` at `out_loc` (itself, or fused with
+the rotary embedding) and calls `attend(layer, q)`: every new token attends to its request's cached prefix
+and to the new tokens up to and including itself.
+
+Capabilities are class attributes that the runner reads; it never asks for a backend by name:
+- `prefill` / `decode`: the kinds of step it runs (a registry entry may pair two backends, one each);
+- `graphs`: its decode steps may be captured in CUDA graphs (`prepare_graphs`, then `plan_graph`);
+- `devices`: the device types it runs on.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,27 +36,62 @@ class AttentionConfig:
 
 
 class AttentionBackend(ABC):
-    """Paged causal attention over the KV cache.
-
-    `plan` turns the step's page tables into whatever the kernels need (index tensors, kernel plans); it
-    runs once per step, before the forward. `forward` runs once per layer: it stores this step's K/V at
-    `out_loc`, then lets each new token attend to its request's cached prefix and to the new tokens up to and
-    including itself.
-    """
+    prefill: ClassVar[bool] = True
+    decode: ClassVar[bool] = True
+    graphs: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
     def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
         if kv_cache.page_size != config.page_size:
             raise ValueError("the KV cache and the attention backend disagree on the page size")
+        device = kv_cache.k(0).device
+        if device.type not in self.devices:
+            raise RuntimeError(
+                f"the {type(self).__name__} runs on {', '.join(self.devices)}, not on {device}"
+            )
         self.config = config
         self.kv_cache = kv_cache
+        self.out_loc: torch.Tensor | None = None  # where this step's K/V go; set by plan
 
     @abstractmethod
-    def plan(self, batch: ForwardBatch) -> None: ...
+    def plan(self, batch: ForwardBatch) -> None:
+        """Turns the step's page tables into what the kernels need; sets `out_loc`."""
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [t, Hq, D]; k, v: [t, Hkv, D] for this step's new tokens. Returns [t, Hq, D]."""
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q: [t, Hq, D] of this step's new tokens, whose K/V are in the cache already. -> [t, Hq, D]."""
 
-    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, out_loc: torch.Tensor) -> None:
-        self.kv_cache.flat_k(layer)[out_loc] = k
-        self.kv_cache.flat_v(layer)[out_loc] = v
+    def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
+        """Sets up whatever a captured decode batch of each size reads from fixed addresses."""
+        raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
+
+    def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
+        """`plan` for a decode batch padded to `rows`, for the graph captured at that size."""
+        raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
+
+
+class PairedBackend(AttentionBackend):
+    """One backend for extend steps and another for decode steps (FlashInfer's prefill with our Triton
+    decode, say): each plan goes to the one whose kind of step it is, and `attend` follows it."""
+
+    def __init__(self, prefill: AttentionBackend, decode: AttentionBackend) -> None:
+        super().__init__(prefill.config, prefill.kv_cache)
+        self._prefill, self._decode = prefill, decode
+        self._active = prefill
+        self.graphs = decode.graphs  # an instance attribute: it depends on the pair
+
+    def plan(self, batch: ForwardBatch) -> None:
+        self._active = self._decode if batch.is_decode else self._prefill
+        self._active.plan(batch)
+        self.out_loc = self._active.out_loc
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self._active.attend(layer, q)
+
+    def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
+        self._decode.prepare_graphs(sizes, max_kv_indices)
+
+    def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
+        self._active = self._decode
+        self._decode.plan_graph(batch, rows)
+        self.out_loc = self._decode.out_loc

@@ -2,19 +2,20 @@
 wrapper for decode steps (the CUDA-core decode kernel rejects Qwen2.5's group size of 7), and one decode
 wrapper per captured CUDA-graph batch size, whose index buffers stay at fixed addresses.
 
+Two speed-ups reach into FlashInfer's private attributes: the pinned plan buffers below, and the decode
+re-plan (`_replan_decode`). Both were written against 0.5.x (`PRIVATE_API_VERSIONS`); with any other version
+the backend warns and uses only the public plan(), waiting for the previous step's copies before each one.
+
 `plan()` is host work plus asynchronous copies out of a pinned buffer that FlashInfer fills with the kernels'
 schedule. With two steps in flight, planning step N+1 would overwrite that buffer while the copy for step N
 may still be queued behind step N-1 (mini-sglang's PR 103 was this race). So the backend owns several pinned
 buffers, hands one to the wrapper before each plan, and reuses a buffer only after an event recorded behind
 its copies has completed.
-
-With `decode_kernel="triton"` decode steps go to `triton_decode` instead: no plan at all, the kernel reads
-the page tables and lengths where the uploader put them (for a graph of B rows, at fixed offsets of its
-device buffer, so a captured launch finds each new step's tables), and splits the KV scan a fixed number of
-ways per graph size. Extend steps stay on FlashInfer's prefill either way.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -22,8 +23,11 @@ from minisgl.attention.base import AttentionBackend, AttentionConfig
 from minisgl.worker.batch import ForwardBatch
 from minisgl.worker.kv_cache import KVCache
 
-DECODE_KERNELS = ("flashinfer", "triton")
-GRAPH_CONTEXT_HINT = 4096  # the context a graph's split count is chosen for (triton decode)
+log = logging.getLogger("minisgl.worker")
+
+PRIVATE_API_VERSIONS = (
+    "0.5.",
+)  # FlashInfer versions whose private attributes the fast paths were written for
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-KV partial results)
 PLAN_BUFFER_BYTES = 8 << 20  # the size of FlashInfer's own pinned int workspace
 PLAN_DEPTH = 2  # steps in flight at once
@@ -40,61 +44,65 @@ def import_flashinfer():
     return flashinfer
 
 
+def private_api_checked(fi) -> bool:
+    version = getattr(fi, "__version__", "unknown")
+    if version.startswith(PRIVATE_API_VERSIONS):
+        return True
+    log.warning(
+        "FlashInfer %s is not a version the fast plan paths were checked against (%s): using its public "
+        "plan() with a wait before each",
+        version,
+        ", ".join(v + "x" for v in PRIVATE_API_VERSIONS),
+    )
+    return False
+
+
 class _PlanBuffers:
     """Pinned host buffers handed out round-robin; each is reused only once the copies queued from it ran."""
 
-    def __init__(self, depth: int, nbytes: int) -> None:
+    def __init__(self, depth: int, nbytes: int, private_api: bool) -> None:
+        self._private = private_api
         self._buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
         self._done = [torch.cuda.Event() for _ in range(depth)]
         self._turn = 0
 
     def plan(self, wrapper, plan, *args, **kwargs) -> None:
         """Runs `plan(*args, **kwargs)` with `wrapper` holding a free pinned buffer."""
+        if not self._private:
+            # The wrapper's one buffer may still be read by a queued copy of the step before.
+            torch.cuda.current_stream().synchronize()
+            plan(*args, **kwargs)
+            return
         turn = self._turn
         self._turn = (turn + 1) % len(self._buffers)
         self._done[turn].synchronize()
-        # FlashInfer 0.5.3 keeps this buffer in a private attribute and reads it on every plan().
+        # FlashInfer 0.5.x keeps this buffer in a private attribute and reads it on every plan().
         wrapper._pin_memory_int_workspace_buffer = self._buffers[turn]
         plan(*args, **kwargs)
         self._done[turn].record()
 
 
 class FlashInferBackend(AttentionBackend):
-    """`supports_graphs`: decode steps may run inside CUDA graphs, after `prepare_graphs` and through
-    `plan_graph`."""
+    graphs = True
+    devices = ("cuda",)
 
-    supports_graphs = True
-
-    def __init__(self, config: AttentionConfig, kv_cache: KVCache, decode_kernel: str = "flashinfer") -> None:
-        super().__init__(config, kv_cache)
-        if decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"unknown decode kernel {decode_kernel!r}; known: {', '.join(DECODE_KERNELS)}")
-        self._triton = None
-        if decode_kernel == "triton":
-            from minisgl.attention import triton_decode
-
-            self._triton = triton_decode
-        # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens)) of a triton decode step
-        self._decode_args: tuple | None = None
-        self._graph_splits: dict[int, tuple[int, int]] = {}
+    def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
         fi = import_flashinfer()
+        super().__init__(config, kv_cache)
         self._fi = fi
+        self._private = private_api_checked(fi)
         k0 = kv_cache.k(0)
-        if k0.device.type != "cuda":
-            raise RuntimeError(f"the flashinfer attention backend runs on CUDA only, not on {k0.device}")
         self.device = k0.device
         self.dtype = k0.dtype
-        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa2 for prefill too: the tensor-core decode path uses the same fa2 module, so one JIT compilation
         # serves both (fa3 would be a second one of about a minute on a fresh machine).
         self._prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self._decode = fi.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        self._decode = None
         self._graph_decode: dict[int, object] = {}
-        self._plans = _PlanBuffers(PLAN_DEPTH, PLAN_BUFFER_BYTES)
+        self._plans = _PlanBuffers(PLAN_DEPTH, PLAN_BUFFER_BYTES, self._private)
         self._kv = [(kv_cache.k(i), kv_cache.v(i)) for i in range(kv_cache.shape.num_layers)]
         self._wrapper = None
-        self.out_loc: torch.Tensor | None = None
         # qo_indptr of a decode batch is 0..n; kept once on both sides instead of copied every step.
         self._arange_host = torch.arange(65537, dtype=torch.int32).pin_memory()
         self._arange_dev = self._arange_host.to(self.device)
@@ -103,10 +111,6 @@ class FlashInferBackend(AttentionBackend):
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
         """Per graph batch size: the split plan of the triton decode kernel, or a FlashInfer decode wrapper
         over index buffers that never move."""
-        self.max_graph_kv_indices = max_kv_indices
-        if self._triton is not None:
-            self._graph_splits = {b: self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}
-            return
         indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
         for b in sizes:
             self._graph_decode[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
@@ -120,31 +124,24 @@ class FlashInferBackend(AttentionBackend):
             )
 
     def plan(self, batch: ForwardBatch) -> None:
-        if batch.is_decode and self._triton is not None:
-            self._plan_triton(batch, self._split_plan(batch.num_reqs, batch.max_seq_len))
-        else:
-            self._plan(batch, self._decode if batch.is_decode else self._prefill)
+        self._plan(batch, self._decode_wrapper() if batch.is_decode else self._prefill)
 
     def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
-        """Plans a decode batch padded to `rows`, for the graph captured at that size."""
-        if self._triton is not None:
-            self._plan_triton(batch, self._graph_splits[rows])
-        else:
-            self._plan(batch, self._graph_decode[rows])
+        self._plan(batch, self._graph_decode[rows])
 
-    def _split_plan(self, rows: int, max_seq_len: int) -> tuple[int, int]:
-        return self._triton.split_plan(rows, max_seq_len, self._num_sms, self.config.num_kv_heads)
-
-    def _plan_triton(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
-        self._wrapper = None
-        self._decode_args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
-        self.out_loc = batch.out_loc
+    def _decode_wrapper(self):
+        # Made on first use: paired with another decode backend, this one never plans a decode step.
+        if self._decode is None:
+            self._decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_tensor_cores=True
+            )
+        return self._decode
 
     def _plan(self, batch: ForwardBatch, wrapper) -> None:
-        self._decode_args = None
         c = self.config
         common = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "non_blocking": True}
-        if wrapper is not self._prefill and id(wrapper) in self._planned and batch.num_reqs < 65536:
+        fast = self._private and batch.num_reqs < 65536
+        if wrapper is not self._prefill and id(wrapper) in self._planned and fast:
             self._plans.plan(wrapper, self._replan_decode, wrapper, batch)
         elif wrapper is not self._prefill:
             self._planned.add(id(wrapper))
@@ -222,15 +219,5 @@ class FlashInferBackend(AttentionBackend):
             0,  # no co-located CTAs
         )
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.store_kv(layer, k, v, self.out_loc)
-        return self.attend(layer, q)
-
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        if self._decode_args is not None:
-            kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._decode_args
-            k, v = self._kv[layer]
-            return self._triton.decode_attention(
-                q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens
-            )
         return self._wrapper.run(q, self._kv[layer])

@@ -51,10 +51,9 @@ class TorchRefBackend(AttentionBackend):
         # forward), so the mask is tiled once per head of a group.
         group = self.config.num_heads // self.config.num_kv_heads
         self._mask = mask.repeat(1, group, 1)[:, None, :, :]
-        self._out_loc = batch.out_loc.long()
+        self.out_loc = batch.out_loc.long()
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.store_kv(layer, k, v, self._out_loc)
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n, q_max = self._q_gather.shape
         hq, hkv, d = self.config.num_heads, self.config.num_kv_heads, q.shape[-1]
         # [n, Qmax, Hq, D] -> [n, Hkv, group * Qmax, D]: query heads h = kv * group + g share KV head kv, so

@@ -8,6 +8,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from minisgl.layers.loading import ALL
+
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -16,17 +18,21 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = True) -> None:
-    """Copy every checkpoint tensor into its parameter (or its rows of a merged one), casting on the way.
+def loader(model: nn.Module, pname: str):
+    """(load(tensor, shard), shards) of parameter `pname` (`minisgl.layers.loading`)."""
+    owner, _, attr = pname.rpartition(".")
+    return model.get_submodule(owner).loaders[attr]
 
-    The model must provide `checkpoint_target(name) -> (param, first_row, rows) | None`. Fails if a
-    checkpoint tensor has no parameter, or if a parameter is not entirely covered: an empty parameter would
-    otherwise serve uninitialised memory.
+
+def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = True) -> None:
+    """Hands every checkpoint tensor to its parameter's loader, casting on the way.
+
+    Fails if a checkpoint tensor has no parameter, or if a parameter is not entirely covered: an empty
+    parameter would otherwise serve uninitialised memory.
     """
     params = dict(model.named_parameters())
-    rows_loaded = dict.fromkeys(params, 0)
-    files = checkpoint_files(model_dir)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    filled: dict[str, set] = {name: set() for name in params}
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in checkpoint_files(model_dir)]
     total = sum(len(list(h.keys())) for h in handles)
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
         for handle in handles:
@@ -35,18 +41,15 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                 target = model.checkpoint_target(name)
                 if target is None:
                     continue
-                pname, start, rows = target
+                pname, shard = target
                 if pname not in params:
                     raise KeyError(f"checkpoint tensor {name!r} has no parameter {pname!r} in the model")
-                param = params[pname]
-                dst = param.data if rows < 0 else param.data.narrow(0, start, rows)
-                src = handle.get_tensor(name)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"{name}: checkpoint shape {tuple(src.shape)}, model expects {tuple(dst.shape)}"
-                    )
-                dst.copy_(src)
-                rows_loaded[pname] += dst.shape[0] if dst.dim() else 1
-    missing = [n for n, p in params.items() if rows_loaded[n] != (p.shape[0] if p.dim() else 1)]
+                load, shards = loader(model, pname)
+                try:
+                    load(handle.get_tensor(name), shard)
+                except (KeyError, ValueError) as e:
+                    raise ValueError(f"{name}: {e}") from None
+                filled[pname].update(shards if shard == ALL else (shard,))
+    missing = [n for n in params if filled[n] != set(loader(model, n)[1])]
     if missing:
         raise ValueError(f"parameters not (fully) loaded from {model_dir}: {missing}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minisgl.sampling import fused
+from minisgl.kernels import sampling as fused
+from minisgl.kernels.rounding import available
 from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
 from minisgl.sampling.params import SampleMode, SlotParams
 
@@ -59,7 +60,7 @@ class Sampler:
         scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
         if mode == SampleMode.FILTERED:
             scaled = _top_k_top_p(scaled, self.params.top_k[slots], self.params.top_p[slots])
-        if fused.available(logits.device):
+        if available(logits.device):
             # One kernel instead of [n, V] int64 temporaries; `scaled` already holds the division.
             keys = row_keys(self.params.seed[slots], positions)
             sampled = fused.gumbel_argmax(scaled, torch.ones_like(temperature), keys)

@@ -1,52 +1,104 @@
-"""What the worker allocates: the runner's configuration."""
+"""The worker's configuration: one set of names from `minisgl serve`'s flags to the runner, the scheduler's
+where it has them (max_batch, max_step_tokens). Importable without torch: the launcher builds its flags
+from these fields."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
+from minisgl.attention.registry import DECODE_CHOICES, PREFILL_CHOICES
+from minisgl.flags import opt
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+# Accepted names and torch's for each.
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(_DTYPES)}") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+CPU_KV_BYTES = 1 << 30  # on the CPU there is no free-memory probe: 1 GiB of KV cache unless told otherwise
 
 
 @dataclass(frozen=True)
-class RunnerConfig:
-    """`num_pages=None` sizes the KV cache from `kv_memory_bytes`, or on CUDA from `kv_memory_fraction` of the
-    memory still free once the weights are loaded."""
+class WorkerConfig:
+    """Every field is a flag of `minisgl serve` and of `python -m minisgl.worker`. `resolved()` decides
+    every `auto` and default for the machine it runs on; the runner takes the resolved config."""
 
-    model_dir: str
-    device: torch.device
-    dtype: torch.dtype
-    num_pages: int | None
-    page_size: int
-    max_batch: int
-    max_tokens: int
-    attention: str = "torch"
-    kv_memory_bytes: int | None = None
-    kv_memory_fraction: float = 0.85
+    model: str = opt("", "HF checkpoint directory", metavar="DIR")
+    device: str = opt("auto", "auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
+    dtype: str = opt("auto", "auto (bfloat16 on cuda, float32 on cpu, where bf16 is slow), or a dtype")
+    attention: str = opt(
+        "auto",
+        "attention backend of extend steps; auto: flashinfer on cuda when installed, else torch",
+        choices=PREFILL_CHOICES,
+    )
+    decode_attention: str = opt(
+        "auto",
+        "attention backend of decode steps; auto: triton on cuda (torch when --attention is torch)",
+        choices=DECODE_CHOICES,
+    )
+    num_pages: int | None = opt(None, "KV pages (default: from memory; 1 GiB of KV on the CPU)", metavar="N")
+    page_size: int = opt(16, "tokens per KV page", metavar="N")
+    max_batch: int | None = opt(None, "most requests per step (default: 256 on cuda, 64 on cpu)", metavar="N")
+    max_step_tokens: int | None = opt(
+        None,
+        "most new tokens per step; longer prompts are chunked (default: 8192 on cuda, 2048 on cpu)",
+        metavar="N",
+    )
+    kv_fraction: float = opt(
+        0.85, "on cuda: share of the memory left after the weights for the KV cache", metavar="F"
+    )
+    kv_bytes: int | None = opt(
+        None, "KV cache size in bytes (default: from --kv-fraction on cuda)", metavar="N"
+    )
+    cuda_graphs: bool = opt(True, "decode steps replay captured CUDA graphs")
+    fused_kernels: bool = opt(
+        True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, MoE, small-batch projections"
+    )
+    overlap: bool = opt(True, "the scheduler plans step N+1 while the worker runs step N")
+
+    def resolved(self) -> WorkerConfig:
+        """This config with `auto` and every machine-dependent default decided."""
+        import torch
+
+        from minisgl.attention.registry import resolve
+
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = device.startswith("cuda")
+        prefill, decode = resolve(self.attention, self.decode_attention, "cuda" if on_gpu else "cpu")
+        cpu_kv = None if on_gpu or self.num_pages is not None else CPU_KV_BYTES
+        return replace(
+            self,
+            device=device,
+            dtype=self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+            attention=prefill,
+            decode_attention=decode,
+            max_batch=self.max_batch or (256 if on_gpu else 64),
+            max_step_tokens=self.max_step_tokens or (8192 if on_gpu else 2048),
+            kv_bytes=self.kv_bytes if self.kv_bytes is not None else cpu_kv,
+        )
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ValueError(f"unknown dtype {self.dtype!r}; known: auto, {', '.join(DTYPES)}")
+        for name in ("page_size", "max_batch", "max_step_tokens", "num_pages"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_batch and self.max_step_tokens and self.max_step_tokens < self.max_batch:
+            raise ValueError("max_step_tokens must allow one token for each of max_batch requests")
 
     def __post_init__(self) -> None:
-        if self.page_size <= 0 or self.max_batch <= 0 or self.max_tokens <= 0:
-            raise ValueError("page_size, max_batch and max_tokens must be positive")
-        if self.max_tokens < self.max_batch:
-            raise ValueError("max_tokens must allow one token for each of max_batch requests")
+        self.validate()
+
+
+def parse_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minisgl.attention import AttentionBackend
+from minisgl.attention.base import AttentionBackend
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.padding import DecodePadding, bucket_for
 

@@ -62,6 +62,11 @@ class KVCache:
     def flat_v(self, layer: int) -> torch.Tensor:
         return self._storage[1, layer].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
 
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor) -> None:
+        """Writes new tokens' K and V ([t, Hkv, D]) at flat locations `loc` ([t])."""
+        self.flat_k(layer)[loc] = k
+        self.flat_v(layer)[loc] = v
+
     @property
     def nbytes(self) -> int:
         return self._storage.numel() * self._storage.element_size()

@@ -4,60 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import msgpack
-import torch
 import zmq
 
 from minisgl.proto import messages
 from minisgl.proto.channels import ResultWriter, StepReader
 from minisgl.proto.ring import PeerDead, Ring
 from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_SHUTDOWN
+from minisgl.worker.config import WorkerConfig
 from minisgl.worker.runner import ModelRunner
 
 log = logging.getLogger("minisgl.worker")
-
-CPU_KV_BYTES = 1 << 30  # on the CPU there is no free-memory probe: 1 GiB of KV cache unless told otherwise
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    model: str
-    control: str
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "auto"
-    num_pages: int | None = None
-    page_size: int = 16
-    max_batch: int | None = None
-    max_tokens: int | None = None
-    kv_fraction: float = 0.85
-    cuda_graphs: bool = True
-    fused_kernels: bool = True
-    decode_attention: str = "triton"
-    overlap: bool = True
-
-    def resolved(self) -> dict:
-        """The runner's arguments, with every `auto` and default decided for this machine."""
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        on_gpu = device.startswith("cuda")
-        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        return {
-            "model_dir": self.model,
-            "device": device,
-            "dtype": dtype,
-            "attention": self.attention,
-            "num_pages": self.num_pages,
-            "kv_memory_fraction": self.kv_fraction,
-            "cuda_graphs": self.cuda_graphs,
-            "fused_kernels": self.fused_kernels,
-            "decode_kernel": self.decode_attention,
-            "kv_memory_bytes": None if on_gpu or self.num_pages is not None else CPU_KV_BYTES,
-            "page_size": self.page_size,
-            "max_batch": self.max_batch or (256 if on_gpu else 64),
-            "max_tokens": self.max_tokens or (8192 if on_gpu else 2048),
-        }
 
 
 class Control:
@@ -88,7 +46,7 @@ class Control:
             num_pages=runner.num_pages,
             page_size=runner.page_size,
             max_batch=runner.max_batch,
-            max_tokens=runner.max_tokens,
+            max_tokens=runner.max_step_tokens,
         )
         welcome = self._ask(hello)
         step_ring, result_ring = Ring.open(welcome["step_ring"]), Ring.open(welcome["result_ring"])
@@ -99,18 +57,18 @@ class Control:
         return step_ring, result_ring
 
 
-def serve(config: WorkerConfig) -> int:
-    args = config.resolved()
-    control = Control(config.control)
-    runner = ModelRunner(**args, on_phase=control.status)
+def serve(config: WorkerConfig, control_address: str) -> int:
+    control = Control(control_address)
+    runner = ModelRunner(config, on_phase=control.status)
+    c = runner.config
     log.info(
-        "loaded %s on %s (%s, %s attention%s, CUDA graphs %s, fused kernels %s): %d KV pages of %d tokens "
-        "(%.2f GiB)",
-        args["model_dir"],
-        args["device"],
-        args["dtype"],
-        runner.config.attention,
-        f" with {args['decode_kernel']} decode" if runner.config.attention == "flashinfer" else "",
+        "loaded %s on %s (%s, attention %s for extend and %s for decode steps, CUDA graphs %s, fused kernels "
+        "%s): %d KV pages of %d tokens (%.2f GiB)",
+        c.model,
+        c.device,
+        c.dtype,
+        c.attention,
+        c.decode_attention,
         "on" if runner.graphs is not None else "off",
         "on" if runner.fused_kernels else "off",
         runner.num_pages,
@@ -119,7 +77,7 @@ def serve(config: WorkerConfig) -> int:
     )
     step_ring, result_ring = control.handshake(runner)
     try:
-        return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=config.overlap)
+        return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=c.overlap)
     except PeerDead as e:
         log.error("%s: stopping", e)
         return 1

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from minisgl.attention import AttentionConfig, create_backend, resolve_backend
-from minisgl.models import ModelConfig, load_model, small_m
-from minisgl.models import fused as kernels
+from minisgl.attention import BACKENDS, create_backend
+from minisgl.attention.base import AttentionConfig
+from minisgl.kernels.rounding import available as kernels_available
+from minisgl.layers import LayerOptions
+from minisgl.models import ModelConfig, load_model
 from minisgl.sampling import Sampler
 from minisgl.worker.batch import BatchUploader, ForwardBatch
-from minisgl.worker.config import RunnerConfig, dtype_name, parse_dtype
+from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
 from minisgl.worker.padding import graph_batch_sizes
@@ -48,73 +49,44 @@ class ModelRunner:
 
     def __init__(
         self,
-        model_dir: str | Path,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
-        num_pages: int | None = None,
-        page_size: int = 16,
-        max_batch: int = 64,
-        max_tokens: int = 8192,
-        attention: str = "auto",
-        kv_memory_bytes: int | None = None,
-        kv_memory_fraction: float = 0.85,
-        cuda_graphs: bool = True,
-        fused_kernels: bool = True,
-        small_m_kernels: bool = True,
-        decode_kernel: str = "triton",
+        config: WorkerConfig,
+        *,
         show_progress: bool = True,
         on_phase: Callable[[str], None] = lambda phase: None,
     ) -> None:
-        """`on_phase` hears each slow part of the start as it begins (the worker tells the scheduler)."""
-        device = torch.device(device)
-        self.config = RunnerConfig(
-            model_dir=str(model_dir),
-            device=device,
-            dtype=parse_dtype(dtype),
-            num_pages=num_pages,
-            page_size=page_size,
-            max_batch=max_batch,
-            max_tokens=max_tokens,
-            attention=resolve_backend(attention, device),
-            kv_memory_bytes=kv_memory_bytes,
-            kv_memory_fraction=kv_memory_fraction,
-        )
-        cfg = self.config
-        self.device = cfg.device
-        on_cuda = cfg.device.type == "cuda"
-        self.model_config = ModelConfig.from_dir(cfg.model_dir)
+        """`config` is resolved here (`WorkerConfig.resolved`); `on_phase` hears each slow part of the start
+        as it begins (the worker tells the scheduler)."""
+        cfg = self.config = config.resolved()
+        self.device = torch.device(cfg.device)
+        self.dtype = parse_dtype(cfg.dtype)
+        on_cuda = self.device.type == "cuda"
+        self.model_config = mc = ModelConfig.from_dir(cfg.model)
+        decode_backend = BACKENDS[cfg.decode_attention].load()
+        self.fused_kernels = cfg.fused_kernels and kernels_available(self.device)
+        # small_m's tl.dot would run float32 through TF32: it is for the half-precision dtypes only.
+        self.small_m_kernels = self.fused_kernels and self.dtype in (torch.bfloat16, torch.float16)
+        options = LayerOptions(self.dtype, fused=self.fused_kernels, small_m=self.small_m_kernels)
         on_phase("loading weights")
-        self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device, show_progress=show_progress)
-        mc = self.model_config
+        self.model = load_model(cfg.model, options, self.device, show_progress=show_progress)
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
         # the scheduler is told about, and sample into a slot past the last real one.
-        use_graphs = cuda_graphs and on_cuda and cfg.attention == "flashinfer"
+        use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs
         on_phase("allocating the KV cache")
-        kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, cfg.dtype)
+        kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
-        self.kv_cache = KVCache(kv_shape, self._usable_pages + int(use_graphs), cfg.device)
+        self.kv_cache = KVCache(kv_shape, self._usable_pages + int(use_graphs), self.device)
         self.attn = create_backend(
             cfg.attention,
+            cfg.decode_attention,
             AttentionConfig(mc.num_heads, mc.num_kv_heads, mc.head_dim, cfg.page_size),
             self.kv_cache,
-            decode_kernel,
         )
-        # The fused kernels write K/V themselves and then call the backend's `attend`: FlashInfer only.
-        self.fused_kernels = fused_kernels and cfg.attention == "flashinfer" and kernels.available(cfg.device)
-        # small_m's tl.dot would run float32 through TF32: it is for the half-precision dtypes only.
-        self.small_m_kernels = (
-            self.fused_kernels
-            and small_m_kernels
-            and cfg.dtype in (torch.bfloat16, torch.float16)
-            and small_m.available(cfg.device)
-        )
-        self.model.set_fused(self.fused_kernels, self.small_m_kernels)
         scratch_slot = cfg.max_batch
-        self.sampler = Sampler(cfg.max_batch + 1, cfg.device)
+        self.sampler = Sampler(cfg.max_batch + 1, self.device)
         # The token each slot sampled last: decode inputs name it as -(slot + 1), so the host never needs it.
-        self.last_token = torch.zeros(cfg.max_batch + 1, dtype=torch.int32, device=cfg.device)
+        self.last_token = torch.zeros(cfg.max_batch + 1, dtype=torch.int32, device=self.device)
         max_kv_indices = self._usable_pages + cfg.max_batch
-        self.uploader = BatchUploader(self._staging_capacity(max_kv_indices), cfg.device, depth=IN_FLIGHT)
+        self.uploader = BatchUploader(self._staging_capacity(max_kv_indices), self.device, depth=IN_FLIGHT)
         self._host_tokens = [
             torch.zeros(cfg.max_batch, dtype=torch.int32, pin_memory=on_cuda) for _ in range(IN_FLIGHT)
         ]
@@ -150,8 +122,8 @@ class ModelRunner:
         return self.config.max_batch
 
     @property
-    def max_tokens(self) -> int:
-        return self.config.max_tokens
+    def max_step_tokens(self) -> int:
+        return self.config.max_step_tokens
 
     def model_facts(self) -> dict[str, Any]:
         mc = self.model_config
@@ -164,7 +136,7 @@ class ModelRunner:
             "num_kv_heads": mc.num_kv_heads,
             "head_dim": mc.head_dim,
             "max_position_embeddings": mc.max_position_embeddings,
-            "dtype": dtype_name(self.config.dtype),
+            "dtype": dtype_name(self.dtype),
             "device": str(self.device),
         }
 
@@ -256,31 +228,29 @@ class ModelRunner:
 
     def _check_limits(self, step) -> None:
         n, t = len(step.req_slot), len(step.input_ids)
-        if n > self.config.max_batch or t > self.config.max_tokens:
+        if n > self.config.max_batch or t > self.config.max_step_tokens:
             raise ValueError(
-                f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_tokens}"
+                f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_step_tokens}"
             )
 
     def _num_pages(self, shape: KVCacheShape, scratch: int) -> int:
         cfg = self.config
         if cfg.num_pages is not None:
             return cfg.num_pages
-        if cfg.kv_memory_bytes is not None:
-            budget = cfg.kv_memory_bytes
-        elif cfg.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(cfg.device)
+        if cfg.kv_bytes is not None:
+            budget = cfg.kv_bytes
+        else:
+            free, _total = torch.cuda.mem_get_info(self.device)
             reserve = self._transient_bytes()
-            budget = int(free * cfg.kv_memory_fraction) - reserve
+            budget = int(free * cfg.kv_fraction) - reserve
             log.info(
                 "KV budget: %.2f GiB = %.2f of %.2f GiB free after the weights, less %.2f GiB for "
                 "activations, sampling and graphs",
                 max(budget, 0) / 2**30,
-                cfg.kv_memory_fraction,
+                cfg.kv_fraction,
                 free / 2**30,
                 reserve / 2**30,
             )
-        else:
-            raise ValueError("on the CPU give num_pages or kv_memory_bytes")
         pages = shape.pages_for_budget(budget)
         if pages <= 0:
             raise ValueError(f"a KV budget of {budget} bytes holds no page of {shape.bytes_per_page} bytes")
@@ -293,15 +263,15 @@ class ModelRunner:
         """A generous bound on what a step allocates beyond the weights and the KV cache: a full-size
         prefill's activations, a full batch's logits through the filtered sampler, FlashInfer's workspaces."""
         mc, cfg = self.model_config, self.config
-        elem = torch.empty((), dtype=cfg.dtype).element_size()
+        elem = torch.empty((), dtype=self.dtype).element_size()
         qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
         per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size) * elem
         sampling = cfg.max_batch * mc.vocab_size * 40  # logits, noise hashes (int64), sort values and indices
-        return cfg.max_tokens * per_token + sampling + (1 << 30)
+        return cfg.max_step_tokens * per_token + sampling + (1 << 30)
 
     def _staging_capacity(self, max_kv_indices: int) -> int:
         # Tokens: ids, positions, out_loc. Requests: slot, seq_len, two indptrs, last-page length. KV
         # indices: every page once per request plus a padding page per row. Joins: six words per request and
         # one of alignment. The uploader grows past this if prefix sharing needs more.
         cfg = self.config
-        return 3 * cfg.max_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + 6 * cfg.max_batch + 1
+        return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + 6 * cfg.max_batch + 1

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
+from minisgl.kernels.rounding import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # a CPU-only install: the sampler uses its eager path
-    triton = None
 
 BLOCK = 2048
-
-
-def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
 
 
 def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ large operand. Around the product, work that would otherwise be a launch of its 
 - `bias`: added in float32 before the one rounding, as cuBLAS's fused bias epilogue does;
 - `silu_mul`: W holds [gate; up]; a program reads the same columns of both halves and writes
   silu(gate) * up, rounded where the eager bf16 code rounds (gate and up, then the SiLU, then the product);
-- `norm_linear`: the residual add and RMSNorm of `fused.add_rms_norm` as a prologue, rounded as it rounds.
+- `norm_linear`: the residual add and RMSNorm of `norm.add_rms_norm` as a prologue, rounded as it rounds.
 
 Where it runs is measured, not assumed: `TILES` lists the weight shapes where it beat the path without it on
 the H200 (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every
@@ -23,11 +23,10 @@ from typing import NamedTuple
 
 import torch
 
-try:
-    import triton
+from minisgl.kernels.rounding import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # a CPU-only install: F.linear everywhere
-    triton = None
 
 MAX_ROWS = 16  # tl.dot's smallest tile: the input is padded to it
 
@@ -55,10 +54,6 @@ def suits(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> bool
     return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and key in TILES
 
 
-def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
-
-
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -82,7 +77,7 @@ def norm_linear(
     tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`linear(RMSNorm(x + residual), ...)` and the new residual `x + residual` (x itself when residual is
-    None), rounded as `fused.add_rms_norm` rounds: the norm runs in the matrix kernel's prologue, so the
+    None), rounded as `norm.add_rms_norm` rounds: the norm runs in the matrix kernel's prologue, so the
     normalised rows never go through memory and the norm costs no launch of its own."""
     out, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile)
     return out, new_residual
@@ -128,7 +123,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
 
 
 if triton is not None:
-    from minisgl.models.fused import round_to  # rounds where eager bf16 torch rounds
+    from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
     @triton.jit
     def _input_tile(

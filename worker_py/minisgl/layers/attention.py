@@ -1,0 +1,94 @@
+"""Self-attention over the paged KV cache: the merged q/k/v projection, an optional per-head q/k RMSNorm
+(Qwen3), rotary embedding with the write of this step's K/V, the attention backend, the output projection.
+Heads would split across tensor-parallel ranks with the projections (q/k/v column-, o row-parallel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minisgl.attention.base import AttentionBackend
+from minisgl.kernels import rope
+from minisgl.layers.linear import Linear
+from minisgl.layers.norm import RMSNorm
+from minisgl.layers.options import LayerOptions
+from minisgl.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        options: LayerOptions,
+        *,
+        qkv_bias: bool = False,
+        qk_norm_eps: float | None = None,
+    ) -> None:
+        """`qk_norm_eps` adds the q/k norms (checkpoint names `q_norm`, `k_norm`)."""
+        super().__init__()
+        self.layer = layer
+        self.num_heads = options.split(num_heads, "attention heads")
+        self.num_kv_heads = options.split(num_kv_heads, "KV heads")
+        self.head_dim = head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.qkv_proj = Linear(
+            hidden_size,
+            [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+            options,
+            bias=qkv_bias,
+            tp_dim=0,
+            shards=("q", "k", "v"),
+        )
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, options, tp_dim=1)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, options)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, options)
+        self.rotary = rotary
+        self.fused = options.fused
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q = (
+            self._rope_store_fused(qkv, positions, attn)
+            if self.fused
+            else self._rope_store(qkv, positions, attn)
+        )
+        return self.o_proj(attn.attend(self.layer, q).reshape(-1, self.q_size))
+
+    def _rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
+        q, k = rope.rope_reference(positions, q, k, self.rotary.cos, self.rotary.sin)
+        attn.kv_cache.store(self.layer, k, v, attn.out_loc)
+        return q
+
+    def _rope_store_fused(
+        self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        kv = attn.kv_cache
+        qk_norm = None
+        if self.q_norm is not None:
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        return rope.rope_store_kv(
+            qkv,
+            positions,
+            self.rotary.cos,
+            self.rotary.sin,
+            attn.out_loc,
+            kv.flat_k(self.layer),
+            kv.flat_v(self.layer),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            qk_norm,
+        )
