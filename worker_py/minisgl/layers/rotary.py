@@ -5,10 +5,10 @@ checkpoints name in `rope_scaling` / `rope_parameters` (formulas as transformers
   original_max / high_freq_factor) kept, the band between blended smoothly;
 - yarn: a per-frequency blend of interpolated and original frequencies over a ramp set by beta_fast /
   beta_slow, and cos/sin scaled by an attention factor (0.1 ln(factor) + 1 unless given);
-- dynamic (NTK): the base grows with the sequence length beyond max_position_embeddings. Transformers
-  recomputes it from the longest position of each forward call; here position p uses length p + 1, which is
-  what transformers does for every token generated one at a time, and differs only for the tokens of a
-  prefill that runs past max_position_embeddings.
+- dynamic (NTK): the base grows with the length of each forward call once it passes max_position_embeddings
+  (transformers). The scheduler never lets a sequence pass max_position_embeddings, and below it dynamic
+  NTK is the plain rotary, which is what runs here. (Beyond it, the frequencies would depend on how a prompt
+  is chunked: transformers' results differ between one forward and several.)
 """
 
 from __future__ import annotations
@@ -66,12 +66,6 @@ class RotaryEmbedding:
             inv_freq, scale = _yarn(base, dim, max_position, s, device)
         pos = torch.arange(max_position, device=device).float()
         freqs = pos[:, None] * inv_freq[None, :]
-        if s.kind == "dynamic":
-            # Positions past max_position_embeddings, up to factor times it, each with its own base.
-            longer = torch.arange(max_position, int(max_position * s.factor), device=device)
-            grown = (s.factor * (longer + 1).float() / max_position - (s.factor - 1)) ** (dim / (dim - 2))
-            inv_long = 1.0 / ((base * grown)[:, None] ** exponent[None, :])
-            freqs = torch.cat((freqs, longer.float()[:, None] * inv_long))
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos = (angles.cos() * scale).to(dtype)
         self.sin = (angles.sin() * scale).to(dtype)
@@ -109,7 +103,7 @@ def _yarn(base: float, dim: int, max_position: int, s: RopeScaling, device) -> t
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
     extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp

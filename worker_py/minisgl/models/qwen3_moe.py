@@ -17,7 +17,8 @@ from minisgl.models.qwen3 import Qwen3ForCausalLM
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def make_layer(self, config: ModelConfig, layer: int, options: LayerOptions) -> nn.Module:
         hf = config.hf
-        experts = hf.get("num_experts", 0)
+        # transformers 5 writes num_local_experts, earlier versions and the Qwen checkpoints num_experts.
+        experts = hf.get("num_experts", hf.get("num_local_experts", 0))
         sparse = (
             experts > 0
             and layer not in hf.get("mlp_only_layers", [])
