@@ -1,4 +1,5 @@
-"""Which attention backends `--attention` and `--decode-attention` pick, and the error when flashinfer is asked for and cannot run."""
+"""Which attention backends `--attention` and `--decode-attention` pick, and the error when flashinfer is
+asked for and cannot run."""
 
 from __future__ import annotations
 
