@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the worker on Qwen2.5-0.5B's shapes with random weights (issue 3).
+"""GPU benchmark of the worker on a model family's shapes with random weights (Qwen2.5-0.5B's by default).
 
 Builds the model itself (no weights travel), then drives `ModelRunner` directly with synthetic steps:
 - correctness: greedy tokens and first-step logits against HF transformers (bf16, sdpa) on the same weights;
@@ -21,6 +21,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,56 +32,22 @@ sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 
 from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
-from minisgl.bench.random_model import QWEN25_05B, make_model  # noqa: E402
+from minisgl.bench.random_model import SHAPES, make_model  # noqa: E402
+from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
 
 PAGE_SIZE = 16
 MAX_BATCH = 256
 MAX_TOKENS = 8192
+# Worker settings (WorkerConfig fields) compared. `default` is what `minisgl serve` runs on a GPU.
 CONFIGS = {
     "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
-    "flashinfer": {
-        "attention": "flashinfer",
-        "cuda_graphs": False,
-        "fused_kernels": False,
-        "decode_kernel": "flashinfer",
-    },
-    "flashinfer+graphs": {
-        "attention": "flashinfer",
-        "cuda_graphs": True,
-        "fused_kernels": False,
-        "decode_kernel": "flashinfer",
-    },
-    # The default of the previous measurements: FlashInfer's decode kernel, cuBLAS for every projection.
-    "flashinfer+graphs+fused": {
-        "attention": "flashinfer",
-        "cuda_graphs": True,
-        "fused_kernels": True,
-        "small_m_kernels": False,
-        "decode_kernel": "flashinfer",
-    },
-    "flashinfer+graphs+fused+small_m": {
-        "attention": "flashinfer",
-        "cuda_graphs": True,
-        "fused_kernels": True,
-        "small_m_kernels": True,
-        "decode_kernel": "flashinfer",
-    },
-    # The default now: decode attention through triton_decode.
-    "flashinfer+graphs+fused+triton_decode": {
-        "attention": "flashinfer",
-        "cuda_graphs": True,
-        "fused_kernels": True,
-        "decode_kernel": "triton",
-    },
-    "flashinfer+graphs+fused+triton_decode+small_m": {
-        "attention": "flashinfer",
-        "cuda_graphs": True,
-        "fused_kernels": True,
-        "small_m_kernels": True,
-        "decode_kernel": "triton",
-    },
+    "flashinfer": {"attention": "flashinfer", "decode_attention": "flashinfer", "cuda_graphs": False},
+    # FlashInfer's decode kernel in graphs, with our fused kernels.
+    "flashinfer+graphs+fused": {"attention": "flashinfer", "decode_attention": "flashinfer"},
+    # Our Triton decode attention, graphs, fused kernels and small-batch projections.
+    "default": {},
 }
 
 
@@ -88,18 +55,17 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def worker_config(model_dir: Path, num_pages: int | None, **settings) -> WorkerConfig:
+    fields = {"page_size": PAGE_SIZE, "max_batch": MAX_BATCH, "max_step_tokens": MAX_TOKENS} | settings
+    return WorkerConfig(model=str(model_dir), device="cuda", dtype="bfloat16", num_pages=num_pages, **fields)
+
+
 def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:
-    return ModelRunner(
-        model_dir,
-        "cuda",
-        "bfloat16",
-        num_pages,
-        PAGE_SIZE,
-        MAX_BATCH,
-        MAX_TOKENS,
-        show_progress=False,
-        **CONFIGS[config],
-    )
+    return ModelRunner(worker_config(model_dir, num_pages, **CONFIGS[config]), show_progress=False)
+
+
+def vocab_size(model_dir) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 
 def free_memory() -> None:
@@ -113,14 +79,14 @@ def free_memory() -> None:
 
 
 def correctness(model_dir: Path, configs: list[str], prompts: int, prompt_len: int, new_tokens: int) -> dict:
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, QWEN25_05B["vocab_size"], (prompts, prompt_len))
+    ids = rng.integers(0, vocab_size(model_dir), (prompts, prompt_len))
     inp = torch.from_numpy(ids).cuda()
     ref = {}
     for dtype in (torch.float32, torch.bfloat16):
-        hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").cuda()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").cuda()
         with torch.no_grad():
             logits = hf(inp).logits[:, -1].float()
             gen = hf.generate(
@@ -151,17 +117,8 @@ def correctness(model_dir: Path, configs: list[str], prompts: int, prompt_len: i
         runner = None
         try:
             if config == "torch fp32":  # our code in float32 against HF in float32: is the model right?
-                runner = ModelRunner(
-                    model_dir,
-                    "cuda",
-                    "float32",
-                    2048,
-                    PAGE_SIZE,
-                    16,
-                    2048,
-                    attention="torch",
-                    show_progress=False,
-                )
+                cfg = worker_config(model_dir, 2048, max_batch=16, max_step_tokens=2048, **CONFIGS["torch"])
+                runner = ModelRunner(replace(cfg, dtype="float32"), show_progress=False)
             else:
                 runner = new_runner(model_dir, config, num_pages=None if config == configs[-1] else 2048)
             slots = list(range(prompts))
@@ -238,7 +195,7 @@ def prefill_and_steps(runner: ModelRunner, batch: int, prompt_len: int, steps: i
     rng = np.random.default_rng(seed)
     b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=seed)
     slots = list(range(batch))
-    reqs = [(s, rng.integers(0, QWEN25_05B["vocab_size"], prompt_len).tolist()) for s in slots]
+    reqs = [(s, rng.integers(0, vocab_size(runner.config.model), prompt_len).tolist()) for s in slots]
     runner.run_step(b.extend(reqs, [Join(s) for s in slots]))
     return [b.decode(slots) for _ in range(steps)]
 
@@ -310,7 +267,7 @@ def time_prefill(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
         slots = list(range(reqs))
 
         def one(b=b, slots=slots, length=length) -> None:
-            prompts = [(s, rng.integers(0, QWEN25_05B["vocab_size"], length).tolist()) for s in slots]
+            prompts = [(s, rng.integers(0, vocab_size(runner.config.model), length).tolist()) for s in slots]
             runner.run_step(b.extend(prompts, [Join(s) for s in slots]))
             for s in slots:
                 b.release(s)
@@ -348,7 +305,7 @@ def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
         slots = list(range(reqs))
         steps = []
         for _ in range(reps + 1):
-            prompts = [(s, rng.integers(0, QWEN25_05B["vocab_size"], length).tolist()) for s in slots]
+            prompts = [(s, rng.integers(0, vocab_size(runner.config.model), length).tolist()) for s in slots]
             steps.append(b.extend(prompts, [Join(s) for s in slots]))
             for s in slots:
                 b.release(s)
@@ -385,7 +342,7 @@ def fill(runner: ModelRunner, b: StepBuilder, lengths: list[int], rng) -> list[i
         if chunk and sum(len(ids) for _, ids in chunk) + n > MAX_TOKENS:
             runner.run_step(b.extend(chunk, [Join(s) for s, _ in chunk]))
             chunk = []
-        chunk.append((slot, rng.integers(0, QWEN25_05B["vocab_size"], n).tolist()))
+        chunk.append((slot, rng.integers(0, vocab_size(runner.config.model), n).tolist()))
     runner.run_step(b.extend(chunk, [Join(s) for s, _ in chunk]))
     return list(range(len(lengths)))
 
@@ -541,6 +498,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_gpu.json", help="where the JSON results go")
     p.add_argument("--model-dir", default=None, help="reuse a model directory (default: build one)")
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=SHAPES, help="the random model's shape")
     p.add_argument("--batches", default="1,8,16,64,256")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--steps", type=int, default=256, help="decode steps per batch size")
@@ -576,7 +534,7 @@ def main() -> int:
     model_dir = Path(a.model_dir) if a.model_dir else Path(tempfile.mkdtemp(prefix="qwen05b_random_"))
     if not (model_dir / "config.json").exists():
         t0 = time.perf_counter()
-        make_model(model_dir, seed=0, init_std=a.init_std)
+        make_model(model_dir, seed=0, init_std=a.init_std, shape=a.shape)
         log(f"built the random model in {time.perf_counter() - t0:.1f} s")
     if not a.skip_correctness:
         t0 = time.perf_counter()

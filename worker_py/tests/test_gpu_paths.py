@@ -3,6 +3,8 @@ runs, the overlapped loop against one step at a time. Skipped without CUDA or wi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
+from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
 
@@ -44,9 +47,18 @@ def model_dir(tmp_path_factory):
 
 def runner(model_dir, **kw) -> ModelRunner:
     args = {"attention": "flashinfer", "cuda_graphs": False, "fused_kernels": True} | kw
-    return ModelRunner(
-        model_dir, "cuda", "bfloat16", NUM_PAGES, PAGE_SIZE, MAX_BATCH, 1024, show_progress=False, **args
+    if args["attention"] == "torch":
+        args.setdefault("decode_attention", "torch")
+    config = WorkerConfig(
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        num_pages=NUM_PAGES,
+        page_size=PAGE_SIZE,
+        max_batch=MAX_BATCH,
+        max_step_tokens=1024,
     )
+    return ModelRunner(replace(config, **args), show_progress=False)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +84,7 @@ def mixed_steps(seed: int):
 @pytest.mark.parametrize("fused", [False, True])
 def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
     ref = runner(model_dir, attention="torch")
-    fi = runner(model_dir, fused_kernels=fused, small_m_kernels=fused, decode_kernel=decode)
+    fi = runner(model_dir, fused_kernels=fused, decode_attention=decode)
     assert fi.fused_kernels == fused and fi.small_m_kernels == fused
     for step_ref, step_fi in zip(mixed_steps(1), mixed_steps(1), strict=True):
         want, got = ref.forward_logits(step_ref), fi.forward_logits(step_fi)
@@ -82,8 +94,8 @@ def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
 
 @pytest.mark.parametrize("decode", ["flashinfer", "triton"])
 def test_graph_replay_equals_eager(model_dir, decode):
-    eager = runner(model_dir, decode_kernel=decode)
-    graphed = runner(model_dir, cuda_graphs=True, decode_kernel=decode)
+    eager = runner(model_dir, decode_attention=decode)
+    graphed = runner(model_dir, cuda_graphs=True, decode_attention=decode)
     assert graphed.graphs is not None and eager.graphs is None
     for n in (3, 5, 16):  # padded to 4 and 8; 16 needs no padding
         slots = list(range(n))
@@ -135,8 +147,8 @@ def sampled_steps(seed: int):
 @pytest.mark.parametrize("decode", ["flashinfer", "triton"])
 @pytest.mark.parametrize("graphs", [False, True])
 def test_overlapped_loop_equals_one_step_at_a_time(model_dir, graphs, decode):
-    sequential = runner(model_dir, cuda_graphs=graphs, decode_kernel=decode)
-    overlapped = runner(model_dir, cuda_graphs=graphs, decode_kernel=decode)
+    sequential = runner(model_dir, cuda_graphs=graphs, decode_attention=decode)
+    overlapped = runner(model_dir, cuda_graphs=graphs, decode_attention=decode)
     want = [(s.step_id, sequential.run_step(s).tolist()) for s in sampled_steps(3)]
     ring = ReadySteps(list(sampled_steps(3)))
     assert run_steps(overlapped, ring, ring, overlap=True) == 0
@@ -144,18 +156,7 @@ def test_overlapped_loop_equals_one_step_at_a_time(model_dir, graphs, decode):
 
 
 def test_kv_cache_sized_from_free_memory(model_dir):
-    r = ModelRunner(
-        model_dir,
-        "cuda",
-        "bfloat16",
-        None,
-        PAGE_SIZE,
-        MAX_BATCH,
-        1024,
-        attention="flashinfer",
-        kv_memory_fraction=0.02,
-        show_progress=False,
-    )
+    r = runner(model_dir, num_pages=None, kv_fraction=0.02, cuda_graphs=True)
     free, _ = torch.cuda.mem_get_info()
     assert r.num_pages > 0 and (r.num_pages + 1) * PAGE_SIZE < 2**31
     assert r.kv_cache.num_pages == r.num_pages + 1  # the graphs' scratch page
