@@ -143,7 +143,7 @@ def bench_point(name, shape, t, sweep):
         "H": hidden,
         "I": inter,
         "t": t,
-        "tile": list(moe.tile_for(t, k, num_experts)),
+        "tile": list(moe.tile_for(t, k, num_experts, inter)),
         "ref_us": events_us(ref, copies),
         "fused_us": events_us(fused, copies),
         "graph_us": graph_us(fused, copies),

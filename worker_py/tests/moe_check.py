@@ -96,6 +96,8 @@ ALIGN_SHAPES = [  # (t, E, k, block_m)
     (200, 128, 8, 16),
     (5, 3, 3, 64),
     (64, 4, 2, 128),
+    (2048, 128, 8, 64),  # chunks of 2048 pairs
+    (700, 8, 2, 16),
 ]
 
 
@@ -114,10 +116,10 @@ def check_align_paths(device: str) -> None:
             assert torch.equal(a, b), (t, num_experts, k, block_m, name, a, b)
 
 
-def check_graph(device: str = "cuda") -> None:
+def check_graph(t: int = 16, device: str = "cuda") -> None:
     """fused_moe captured once replays right for another x and another routing (no host sync, no shape
     that depends on the routing)."""
-    t, num_experts, k, hidden, inter = 16, 64, 8, 512, 200
+    num_experts, k, hidden, inter = 64, 8, 512, 200
     x, w13, w2, weights, ids = make_case(t, num_experts, k, hidden, inter, BF16, device, seed=0)
     x2, _, _, weights2, ids2 = make_case(t, num_experts, k, hidden, inter, BF16, device, seed=1)
     ids2[:, 0] = 3  # a skewed second routing: a different number of blocks than the first
@@ -136,7 +138,7 @@ def check_graph(device: str = "cuda") -> None:
         assert_moe_close(out, moe.moe_reference(x, w13, w2, weights, ids), "graph replay")
 
 
-TILES = [moe.tile_for(t, 8, 64) for t in (1, 64, 512, 8192)]  # one of each of tile_for's answers
+TILES = [moe.SMALL_TILE, moe.MEDIUM_TILE, moe.WIDE_TILE, moe.LARGE_TILE]
 
 # Groups for the interpreter (each a few seconds to ~20 s on two CPU cores): t=1 and t=3, E up to 128,
 # I not a multiple of any block, float32 and bf16, both align paths, every tile.
@@ -152,8 +154,8 @@ INTERPRETED_GROUPS = {
         (17, 64, 8, 64, 40, BF16),
         (256, 8, 2, 64, 40, BF16),
     ],
-    # 130 * 8 = 1040 pairs: past ALIGN_KERNEL_MAX_PAIRS, so torch's sort aligns; 65 rows per expert.
-    "torch_align": [(130, 16, 8, 64, 40, BF16)],
+    # 65 rows per expert, several 2048-pair chunks in the align kernel.
+    "large": [(520, 16, 8, 64, 40, BF16)],
 }
 
 

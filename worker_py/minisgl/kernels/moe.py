@@ -25,12 +25,12 @@ HF transformers 5.x (`modeling_qwen3_moe.py`, `integrations/moe.py`), with `dt` 
 one GEMM pair per hit expert, same ops in the same dtypes), so in float32 on the CPU it gives HF's bits.
 
 `fused_moe` (an align step and three launches; nothing reads the device from the host):
-- align: the t*k pairs sorted by expert (stable), each expert's run padded to a multiple of BLOCK_M with the
-  pad value t*k, into a buffer of fixed size t*k + min(E, t*k)*(BLOCK_M-1) rounded down to whole blocks
-  (at most min(E, t*k) experts are hit, each wasting at most BLOCK_M-1 slots), plus every block's expert and
-  the padded total, all computed on the device, so the whole call can be captured in a CUDA graph. Small
-  batches use one tiny Triton program (`_align_kernel`, one launch); large ones torch's sort (`_align_torch`,
-  a dozen launches, but faster than one program walking thousands of pairs).
+- align (`_align_kernel`, one launch of E programs): the t*k pairs sorted by expert (stable), each expert's
+  run padded to a multiple of BLOCK_M with the pad value t*k, into a buffer of fixed size
+  t*k + min(E, t*k)*(BLOCK_M-1) rounded down to whole blocks (at most min(E, t*k) experts are hit, each
+  wasting at most BLOCK_M-1 slots), plus every block's expert and the padded total, all computed on the
+  device, so the whole call can be captured in a CUDA graph. (`_align_torch` does the same with torch's
+  sort; it is the tests' reference, too slow on the host to be the path: ~750 us a call on the H200.)
 - `_gate_up_kernel`: grouped GEMM, one program per (block of sorted pairs, block of I columns): gathers the
   block's token rows of x, reads the same columns of the expert's gate and up halves, and writes
   silu(gate) * up into h [t*k, I], rounded as in 2. Blocks past the padded total return at once.
@@ -41,8 +41,8 @@ add the H (or I) products in different orders, so a value near a bf16 rounding b
 way (one bf16 step), which then propagates. In float32 the kernels use IEEE float32 dots (no TF32) and agree
 with the reference to float32 rounding error, not bit for bit.
 
-Tiles (`tile_for`) are guesses until timed on the H200 (`scripts/bench_moe.py`): decode-sized batches, a
-few rows per expert, take BLOCK_M=16 (tl.dot's smallest) and a long K step, as the work is streaming the
+Tiles (`tile_for`): picked from a sweep on the H200 (`scripts/bench_moe.py --sweep`). Decode-sized batches,
+a few rows per expert, take BLOCK_M=16 (tl.dot's smallest) and a long K step, as the work is streaming the
 experts' weights; prefill-sized ones take 64- and 128-row blocks.
 """
 
@@ -129,18 +129,31 @@ class MoeTile(NamedTuple):
     num_stages: int
 
 
-def tile_for(num_tokens: int, top_k: int, num_experts: int) -> MoeTile:
+# tile_for's tiles. Measured with scripts/bench_moe.py --sweep on the H200 (torch 2.11, Triton 3.6,
+# 2026-12-04; graph replay, us, best of 26 tiles vs the one picked here):
+#   E=128 k=8 H=2048 I=768:  t=1 46 (SMALL)  t=16 316 vs 319 (SMALL)  t=256 399 (MEDIUM)  t=2048 674 (LARGE)
+#   E=8 k=2 H=1024 I=512:    t=1 16 vs 17 (SMALL)  t=16 20 (SMALL)  t=256 40 (WIDE)  t=2048 149 (WIDE)
+# GROUP_M 1 and 8 timed the same everywhere.
+SMALL_TILE = MoeTile(16, 64, 128, 1, 4, 4)  # a row or a few per expert (decode): streaming the weights
+MEDIUM_TILE = MoeTile(32, 64, 128, 1, 4, 4)
+WIDE_TILE = MoeTile(64, 64, 64, 1, 4, 4)  # many rows per expert but too few 128x128 tiles to fill the GPU
+LARGE_TILE = MoeTile(128, 128, 64, 1, 8, 3)
+NUM_SMS = 132  # the H200's
+
+
+def tile_for(num_tokens: int, top_k: int, num_experts: int, inter: int) -> MoeTile:
     """A tile for `num_tokens` tokens, by the rows an expert gets on average (t*k/E): decode batches give
-    each hit expert a row or a few, so the smallest M tile and a long K step keep the weight stream going;
-    prefill batches give each expert hundreds of rows and want square-ish tiles. Guesses until measured."""
+    each hit expert a row or a few, so the smallest M tile (tl.dot's 16) and a long K step keep the weight
+    stream going; prefill batches give each expert hundreds of rows and want large tiles, as long as there
+    are enough of them (t*k*I / 128^2 gate/up programs) for a few waves over the SMs."""
     rows_per_expert = num_tokens * top_k / max(1, num_experts)
-    if rows_per_expert <= 16:
-        return MoeTile(16, 64, 128, 1, 4, 4)
+    if rows_per_expert <= 12:
+        return SMALL_TILE
     if rows_per_expert <= 48:
-        return MoeTile(32, 64, 128, 4, 4, 4)
-    if rows_per_expert <= 256:
-        return MoeTile(64, 128, 64, 8, 4, 3)
-    return MoeTile(128, 128, 64, 8, 8, 3)
+        return MEDIUM_TILE
+    if num_tokens * top_k * inter >= 4 * NUM_SMS * 128 * 128:
+        return LARGE_TILE
+    return WIDE_TILE
 
 
 # ------------------------------------------------------------------------------------------------ align
@@ -243,7 +256,7 @@ def fused_moe(
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     weights = weights.contiguous()
     ids = ids.to(torch.int32).contiguous()
-    tl_tile = tile or tile_for(t, k, num_experts)
+    tl_tile = tile or tile_for(t, k, num_experts, inter)
     bm, bn, bk = tl_tile.block_m, tl_tile.block_n, tl_tile.block_k
     num_pairs = t * k
     al = align(ids, num_experts, bm)
@@ -349,7 +362,7 @@ if triton is not None:
         start = tl.sum(tl.where(mine, padded_end - padded, 0), axis=0)
         count = tl.sum(tl.where(mine, counts, 0), axis=0)
         end = tl.sum(tl.where(mine, padded_end, 0), axis=0)
-        seen = 0
+        seen = tl.full([], 0, tl.int32)
         for p0 in range(0, num_pairs, CHUNK):
             ps = p0 + lane
             hit = (tl.load(ids_ptr + ps, mask=ps < num_pairs, other=-1) == e).to(tl.int32)
