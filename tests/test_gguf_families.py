@@ -52,7 +52,7 @@ TOKENS = CONTROL + byte_symbols() + [a + b for a, b in MERGES]
 VOCAB_ROWS = len(TOKENS) + FILLERS
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, pre: str) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, pre: str, add_bos: bool = False) -> None:
     tokens = TOKENS + [f"[PAD{i}]" for i in range(len(TOKENS), VOCAB_ROWS)]
     types = (
         [gguf.TokenType.CONTROL] * len(CONTROL)
@@ -67,7 +67,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, pre: str) -> None:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
@@ -194,7 +194,7 @@ def write_gguf(path: Path, arch: str, config, hf: dict[str, np.ndarray], **optio
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     add_rope_scaling(writer, config, tensors)
-    add_tokenizer(writer, options.get("pre", "smollm"))
+    add_tokenizer(writer, options.get("pre", "smollm"), options.get("add_bos", False))
     quantized = options.get("quantized", {})
     for name, value in tensors.items():
         if name in quantized:
@@ -413,6 +413,16 @@ def test_the_tokenizer_files(tmp_path):
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [2, 0]  # the chat turn's end, then the document's
+
+
+def test_a_tokenizer_that_adds_bos(tmp_path):
+    out = round_trip(tmp_path, "llama", "llama", small_model("llama"), add_bos=True)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf("hello").input_ids == [1, TOKENS.index("hello")]
+    assert hf("hello", add_special_tokens=False).input_ids == [TOKENS.index("hello")]
+    assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] == "<|im_start|>"
 
 
 # ----------------------------------------------------------------------------------------------------

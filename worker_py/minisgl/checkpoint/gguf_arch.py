@@ -90,6 +90,8 @@ TRANSFORMER = {
     "num_attention_heads": Meta("attention.head_count"),
     "num_key_value_heads": Meta("attention.head_count_kv"),
 }
+# Written when a head is not hidden / heads wide (Qwen3); absent, it is that, as llama.cpp reads it.
+HEAD_DIM = {"head_dim": Meta("attention.key_length", default=head_dim)}
 CONTEXT = {
     "max_position_embeddings": Meta("context_length"),
     "rope_theta": Meta("rope.freq_base", float32_value),
@@ -148,10 +150,6 @@ def rope(arch: str) -> Callable[[dict, Any], dict | None]:
     return lambda config, reader: rope_scaling(reader, arch, config)
 
 
-def qwen3_head_dim(config: dict) -> int:
-    raise CheckpointError("a qwen3 GGUF must say its head size (attention.key_length)")
-
-
 QWEN3_EXTRA = {
     "attention_bias": literal(False),
     "use_sliding_window": literal(False),
@@ -194,7 +192,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(
         hf_class="LlamaForCausalLM",
         model_type="llama",
-        metadata=TRANSFORMER | {"head_dim": Meta("attention.key_length", default=head_dim)} | CONTEXT,
+        metadata=TRANSFORMER | HEAD_DIM | CONTEXT,
         layer=LLAMA_ATTENTION | DENSE_MLP,
         extra={
             "attention_bias": has_layer_tensor("attn_q.bias"),
@@ -208,7 +206,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": Architecture(
         hf_class="Qwen3ForCausalLM",
         model_type="qwen3",
-        metadata=TRANSFORMER | {"head_dim": Meta("attention.key_length", default=qwen3_head_dim)} | CONTEXT,
+        metadata=TRANSFORMER | HEAD_DIM | CONTEXT,
         layer=ATTENTION | QK_NORM | DENSE_MLP,
         extra={"rope_scaling": rope("qwen3")} | QWEN3_EXTRA,
         sampling=QWEN3_SAMPLING,
@@ -223,10 +221,11 @@ ARCHITECTURES: dict[str, Architecture] = {
             "moe_intermediate_size": Meta("expert_feed_forward_length"),
             # Used only by dense layers, which these checkpoints do not have.
             "intermediate_size": Meta("feed_forward_length", default=lambda c: c["moe_intermediate_size"]),
+            # Every Qwen3-MoE release renormalizes its top-k routing weights.
             "norm_topk_prob": Meta("expert_weights_norm", bool, default=lambda c: True),
         }
         | {k: v for k, v in TRANSFORMER.items() if k not in ("hidden_size", "intermediate_size")}
-        | {"head_dim": Meta("attention.key_length", default=qwen3_head_dim)}
+        | HEAD_DIM
         | CONTEXT,
         layer=ATTENTION | QK_NORM | EXPERT_MLP,
         extra={
