@@ -14,6 +14,7 @@ shapes=${SHAPES:-qwen3-0.6b llama3.2-1b qwen3-moe-4l}
 batches=${BATCHES:-1,16,256}
 old=${OLD:-.peers/minisgl-old}
 old_config=${OLD_CONFIG:-flashinfer+graphs+fused+triton_decode+small_m}
+steps=${STEPS:+--steps $STEPS}
 bench() { echo "== bench_gpu $*" >&2; python3 "$@" --profile-batches "" 2>&1 | grep -v Warning; }
 
 if [[ $part != time ]]; then
@@ -27,13 +28,13 @@ if [[ $part != check ]]; then
   for round in 1 2; do
     if [[ -d $old ]]; then
       bench "$old/scripts/bench_gpu.py" --model-dir $q --configs "$old_config" --skip-correctness \
-        --batches "$batches" --out "$out/qwen2.5-old-$round.json"
+        --batches "$batches" $steps --out "$out/qwen2.5-old-$round.json"
     fi
-    bench scripts/bench_gpu.py --model-dir $q --configs default --skip-correctness --batches "$batches" \
+    bench scripts/bench_gpu.py --model-dir $q --configs default --skip-correctness --batches "$batches" $steps \
       --out "$out/qwen2.5-new-$round.json"
   done
   for s in $shapes; do
     bench scripts/bench_gpu.py --shape "$s" --model-dir "/tmp/model-$s" --configs default --skip-correctness \
-      --batches "$batches" --out "$out/time-$s.json"
+      --batches "$batches" $steps --out "$out/time-$s.json"
   done
 fi

@@ -79,6 +79,8 @@ class MoE(nn.Module):
         self.gate = Linear(hidden_size, num_experts, options)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, options)
         self._experts = moe.fused_moe if options.fused else moe.moe_reference
+        # The reference reads each expert's token count on the host: it cannot run inside a CUDA graph.
+        self.capturable = options.fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = moe.route(self.gate(x), self.top_k, self.renormalize)

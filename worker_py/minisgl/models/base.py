@@ -69,6 +69,11 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, positions, attn)
         return self.model.norm(x, residual)[0]
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a forward may be captured in a CUDA graph (no layer reads the device from the host)."""
+        return all(getattr(m, "capturable", True) for m in self.modules() if m is not self)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

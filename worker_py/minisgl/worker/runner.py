@@ -70,7 +70,7 @@ class ModelRunner:
         self.model = load_model(cfg.model, options, self.device, show_progress=show_progress)
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
         # the scheduler is told about, and sample into a slot past the last real one.
-        use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs
+        use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs and self.model.capturable
         on_phase("allocating the KV cache")
         kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
