@@ -10,7 +10,9 @@
 //!   `page_table`: one request's pages;
 //! - `step_writer`: encoding a step into the slot's arrays; `stop`: stop conditions on token ids;
 //! - `planned`: a step in flight and the events it produced; `limits`: the sizes agreed with the worker;
-//! - `scheduler`: the state machine tying them together.
+//! - `scheduler`: the state machine tying them together, split by concern into `scheduler/admission.rs` (what
+//!   fits, and extend steps), `scheduler/decode.rs` (pages for the next decode, preemption, decode steps) and
+//!   `scheduler/invariants.rs` (the bookkeeping's checks).
 
 mod index_pool;
 mod limits;

@@ -65,6 +65,12 @@ use super::stop::stop_reason;
 use proto::step::{StepKind, StepMut};
 use std::collections::{HashMap, VecDeque};
 
+mod admission;
+mod decode;
+mod invariants;
+
+use decode::Room;
+
 #[derive(Clone, Debug)]
 pub struct Core {
     limits: Limits,
@@ -273,27 +279,6 @@ impl Core {
         );
     }
 
-    /// Pages the running requests will need for their next decode step, beyond what they hold.
-    fn decode_reserve(&self) -> u32 {
-        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
-        self.running
-            .iter()
-            .filter(|(_, r)| !r.fully_planned(max_seq_len))
-            .map(|(_, r)| r.pages.missing_for(r.kv_len_after_next_decode(), ps))
-            .sum()
-    }
-
-    fn head_admissible(&self) -> bool {
-        let Some(head) = self.waiting.front() else { return false };
-        self.running.has_free_slot()
-            && pages_for(head.len(), self.limits.page_size) + self.decode_reserve() <= self.pages.available()
-    }
-
-    /// A running request has a decode left to plan.
-    fn has_decodable(&self) -> bool {
-        self.running.iter().any(|(_, r)| !r.fully_planned(self.limits.max_seq_len))
-    }
-
     /// Whether step `step` is still in flight. Ids increase and steps complete in order, so that is any id from
     /// the oldest in flight on.
     fn is_in_flight(&self, step: u64) -> bool {
@@ -311,107 +296,6 @@ impl Core {
         assert!(oldest == Some(step_id), "step {step_id} completed, but the oldest step in flight is {oldest:?}");
         self.pages.complete(step_id);
         self.running.complete(step_id);
-    }
-
-    fn plan_extend(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
-        let ps = self.limits.page_size;
-        let mut reqs = self.take_spare();
-        let mut w = StepWriter::new(step, ps);
-        let mut budget = self.limits.max_step_tokens;
-
-        if let Some(slot) = self.prefilling.take() {
-            let req = self.running.get_mut(slot).expect("the prefilling slot is running");
-            budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
-            if req.is_prefilling() {
-                self.prefilling = Some(slot);
-            }
-        }
-
-        if self.prefilling.is_none() {
-            let mut reserve = self.decode_reserve();
-            while budget > 0 && self.running.has_free_slot() {
-                let Some(head) = self.waiting.front() else { break };
-                let prompt_pages = pages_for(head.len(), ps);
-                if prompt_pages + reserve > self.pages.available() {
-                    break;
-                }
-                let mut req = self.waiting.pop_front().expect("head exists");
-                assert!(req.pages.grow_to(req.len(), ps, &mut self.pages), "checked available pages");
-                reserve += req.pages.missing_for(req.kv_len_after_next_decode(), ps);
-                let slot = self.running.admit(req);
-                let req = self.running.get_mut(slot).expect("just admitted");
-                budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
-                if req.is_prefilling() {
-                    self.prefilling = Some(slot);
-                    break;
-                }
-            }
-        }
-
-        let num_tokens = w.num_tokens() as u32;
-        debug_assert!(num_tokens > 0, "an extend step was planned with nothing to extend");
-        w.finish(step_id, StepKind::Extend);
-        self.record_planned(step_id);
-        Planned { step_id, kind: StepKind::Extend, num_tokens, reqs }
-    }
-
-    /// Preempts until the next decode step's new pages are free, if nothing is in flight (see the module docs).
-    fn make_room_for_decode(&mut self, events: &mut Vec<Event>) -> Room {
-        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
-        loop {
-            let needed: u32 = self
-                .running
-                .iter()
-                .filter(|(_, r)| !r.fully_planned(max_seq_len))
-                .map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps))
-                .sum();
-            if needed <= self.pages.available() {
-                return Room::Ready;
-            }
-            if !self.in_flight.is_empty() {
-                return Room::AfterInFlight;
-            }
-            let victim = self.running.newest().expect("pages are needed, so something runs");
-            if self.running.len() == 1 {
-                let id = self.release(victim).id;
-                events.push(Event::Finished { id, reason: FinishReason::Length });
-                return Room::Emptied;
-            }
-            self.preempt(victim);
-        }
-    }
-
-    fn plan_decode(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
-        let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
-        let mut reqs = self.take_spare();
-        let mut w = StepWriter::new(step, ps);
-        let (order, by_slot) = self.running.parts_mut();
-        for &slot in order {
-            let req = by_slot[slot as usize].as_mut().expect("ordered slots are occupied");
-            debug_assert!(!req.is_prefilling() && req.joined);
-            if req.fully_planned(max_seq_len) {
-                continue;
-            }
-            assert!(req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages), "make_room_for_decode freed enough");
-            w.push_request(slot, &req.pages, req.kv_len, NewTokens::LastSampled);
-            req.kv_len += 1;
-            req.pending += 1;
-            req.last_step = Some(step_id);
-            reqs.push(PlannedReq { id: req.id, slot, samples: true });
-        }
-        let num_tokens = w.num_tokens() as u32;
-        debug_assert!(num_tokens > 0, "a decode step was planned with nothing to decode");
-        w.finish(step_id, StepKind::Decode);
-        self.record_planned(step_id);
-        Planned { step_id, kind: StepKind::Decode, num_tokens, reqs }
-    }
-
-    fn preempt(&mut self, slot: u32) {
-        debug_assert!(self.in_flight.is_empty(), "preempting with steps in flight");
-        let mut req = self.release(slot);
-        req.reset_for_readmission();
-        self.waiting.push_front(req);
-        self.preemptions += 1;
     }
 
     /// Takes a running request out and frees its pages and slot, once the last step in flight that includes it has
@@ -439,131 +323,4 @@ impl Core {
             self.spare.push(reqs);
         }
     }
-
-    /// Checks the bookkeeping: every page is free, held by exactly one running request, or waiting for a step in
-    /// flight; slots and ids are consistent; page tables match KV lengths; and the tokens known plus the samples in
-    /// flight match what was planned. For tests and debug builds; linear in pages and requests.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let ps = self.limits.page_size;
-        let mut owner: HashMap<u32, ReqId> = HashMap::new();
-        let mut ids: HashMap<ReqId, &str> = HashMap::new();
-        if !self.in_flight.iter().zip(self.in_flight.iter().skip(1)).all(|(a, b)| a < b)
-            || self.in_flight.back().is_some_and(|&s| Some(s) != self.last_planned)
-        {
-            return Err(format!("steps in flight {:?}, last planned {:?}", self.in_flight, self.last_planned));
-        }
-        for req in self.waiting.iter() {
-            if ids.insert(req.id, "waiting").is_some() {
-                return Err(format!("request {} is waiting twice", req.id));
-            }
-            if req.pages.len() != 0 || req.kv_len != 0 || req.joined || req.prefill_len != req.len() {
-                return Err(format!("waiting request {} holds state from a previous admission", req.id));
-            }
-            if req.pending != 0 || req.last_step.is_some_and(|s| self.is_in_flight(s)) {
-                return Err(format!("waiting request {} is in a step in flight", req.id));
-            }
-        }
-        let mut prefilling = None;
-        for (slot, req) in self.running.iter() {
-            if let Some(place) = ids.insert(req.id, "running") {
-                return Err(format!("request {} is running and {place}", req.id));
-            }
-            for &p in req.pages.pages() {
-                if let Some(other) = owner.insert(p, req.id) {
-                    return Err(format!("page {p} is held by requests {other} and {}", req.id));
-                }
-                if !self.pages.is_in_use(p) {
-                    return Err(format!("page {p} of request {} is also on the free list", req.id));
-                }
-            }
-            let want_pages = pages_for(req.kv_len.max(req.prefill_len), ps);
-            if req.pages.len() != want_pages {
-                return Err(format!("request {} holds {} pages for {} tokens", req.id, req.pages.len(), req.kv_len));
-            }
-            if req.pending > 0 && !req.last_step.is_some_and(|s| self.is_in_flight(s)) {
-                return Err(format!(
-                    "request {} waits for {} samples, but no step of it is in flight",
-                    req.id, req.pending
-                ));
-            }
-            if req.is_prefilling() {
-                if prefilling.replace(slot).is_some() {
-                    return Err("two requests are part-way through their prefill".into());
-                }
-                if req.pending != 0 {
-                    return Err(format!("request {} samples before its prompt is planned", req.id));
-                }
-            } else if req.len() + req.pending != req.kv_len + 1 {
-                return Err(format!(
-                    "decoding request {} has {} tokens and {} in flight, {} cached",
-                    req.id,
-                    req.len(),
-                    req.pending,
-                    req.kv_len
-                ));
-            }
-        }
-        if prefilling != self.prefilling {
-            return Err(format!("prefilling slot is {:?}, the requests say {prefilling:?}", self.prefilling));
-        }
-        let deferred = self.pages.deferred();
-        for &(step, p) in deferred {
-            if let Some(id) = owner.get(&p) {
-                return Err(format!("page {p} of request {id} is also waiting to be freed after step {step}"));
-            }
-            if !self.is_in_flight(step) {
-                return Err(format!("page {p} waits for step {step}, which is not in flight"));
-            }
-        }
-        for &(step, slot) in self.running.deferred_slots() {
-            if self.running.get(slot).is_some() || !self.is_in_flight(step) {
-                return Err(format!("slot {slot} waits for step {step}, but it runs or the step is not in flight"));
-            }
-        }
-        if self.pages.available() as usize + owner.len() + deferred.len() != self.limits.num_pages as usize {
-            return Err(format!(
-                "{} free pages + {} held pages + {} waiting for a step != {} pages",
-                self.pages.available(),
-                owner.len(),
-                deferred.len(),
-                self.limits.num_pages
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Writes the next prefill chunk of `req` (at most `budget` tokens), its join if due, and advances its KV length.
-/// Returns the chunk's length.
-fn write_chunk(
-    w: &mut StepWriter<'_, '_>,
-    step_id: u64,
-    slot: u32,
-    req: &mut Request,
-    budget: u32,
-    reqs: &mut Vec<PlannedReq>,
-) -> u32 {
-    let start = req.kv_len;
-    let count = req.prefill_left().min(budget);
-    w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
-    if !req.joined {
-        w.push_join(slot, &req.params);
-        req.joined = true;
-    }
-    req.kv_len += count;
-    req.last_step = Some(step_id);
-    let samples = !req.is_prefilling();
-    req.pending += u32::from(samples);
-    reqs.push(PlannedReq { id: req.id, slot, samples });
-    count
-}
-
-/// What [`Core::make_room_for_decode`] achieved.
-enum Room {
-    /// The next decode step's pages are free.
-    Ready,
-    /// Pages are short and steps are in flight: plan again once one completes.
-    AfterInFlight,
-    /// The only running request could not get a page even alone, and ended.
-    Emptied,
 }
