@@ -319,17 +319,7 @@ def fused_moe(
 
 
 if triton is not None:
-
-    @triton.jit
-    def _round(x, dt: tl.constexpr):
-        """x (float32) rounded to the nearest `dt` value, kept in float32: where a bf16 torch op rounds its
-        result. On the bits for bf16, so the compiler cannot fold a cast down and back up away."""
-        if dt == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return x.to(dt).to(tl.float32)
+    from minisgl.kernels.rounding import round_to as _round  # where a bf16 torch op rounds
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
