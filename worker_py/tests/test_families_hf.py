@@ -49,7 +49,7 @@ import pytest
 import torch
 from fake_steps import StepBuilder
 from hf_families import FAMILIES, hf_greedy, hf_last_logits, load_hf, make_checkpoint, make_variant
-from tiny_qwen import make_tiny_qwen
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.worker.runner import ModelRunner
 
@@ -73,33 +73,10 @@ NAMES = ["qwen2_tiny", *FAMILIES]
 
 
 def make_runner(model_dir: Path) -> ModelRunner:
-    """The one place that knows the runner's constructor. It is being reshaped into one WorkerConfig with
-    the scheduler's names (max_step_tokens); this takes that one where it exists, else the arguments."""
-    try:
-        from minisgl.worker.config import WorkerConfig
-    except ImportError:  # the runner's arguments before WorkerConfig
-        return ModelRunner(
-            model_dir,
-            "cpu",
-            torch.float32,
-            NUM_PAGES,
-            PAGE_SIZE,
-            max_batch=MAX_BATCH,
-            max_tokens=MAX_STEP_TOKENS,
-            attention="torch",
-            show_progress=False,
-        )
-    config = WorkerConfig(
-        model=str(model_dir),
-        device="cpu",
-        dtype="float32",
-        attention="torch",
-        num_pages=NUM_PAGES,
-        page_size=PAGE_SIZE,
-        max_batch=MAX_BATCH,
-        max_step_tokens=MAX_STEP_TOKENS,
+    return ModelRunner(
+        cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, MAX_BATCH, MAX_STEP_TOKENS, attention="torch"),
+        show_progress=False,
     )
-    return ModelRunner(config, show_progress=False)
 
 
 @dataclass
