@@ -18,6 +18,7 @@ mod index_pool;
 mod limits;
 mod page_table;
 mod planned;
+mod policy;
 mod queue;
 mod request;
 mod running;
@@ -26,6 +27,7 @@ mod step_writer;
 mod stop;
 
 pub use limits::{InvalidLimits, Limits};
-pub use planned::{Event, Planned, PlannedReq};
+pub use planned::{CacheStats, Event, Planned, PlannedReq};
+pub use policy::{Order, Policy};
 pub use request::{FinishReason, NewRequest, ReqId, SamplingParams, SubmitError};
 pub use scheduler::Core;

@@ -54,12 +54,15 @@ pub enum Event {
     Token { id: ReqId, token: u32, finish: Option<FinishReason> },
     /// The request ended without a new token (the KV cache cannot hold it, or the worker failed it) and is gone.
     Finished { id: ReqId, reason: FinishReason },
+    /// The request's first admission found its prompt's first `tokens` tokens in the prefix cache: they were not
+    /// prefilled again. Sent once per request, before its first token, and only when `tokens > 0`.
+    Cached { id: ReqId, tokens: u32 },
 }
 
 impl Event {
     pub fn id(&self) -> ReqId {
         match *self {
-            Event::Token { id, .. } | Event::Finished { id, .. } => id,
+            Event::Token { id, .. } | Event::Finished { id, .. } | Event::Cached { id, .. } => id,
         }
     }
 
@@ -68,6 +71,19 @@ impl Event {
         match *self {
             Event::Token { finish, .. } => finish,
             Event::Finished { reason, .. } => Some(reason),
+            Event::Cached { .. } => None,
         }
     }
+}
+
+/// What the prefix cache saved so far, and what it holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Prompt tokens of every admission (re-admissions after a preemption included).
+    pub prompt_tokens: u64,
+    /// Of those, the tokens found in the cache rather than prefilled.
+    pub cached_tokens: u64,
+    /// Pages in the radix tree, and those of them no running request uses (evicted first when pages run out).
+    pub cached_pages: u32,
+    pub evictable_pages: u32,
 }

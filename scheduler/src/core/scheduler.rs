@@ -56,7 +56,8 @@
 use super::index_pool::IndexPool;
 use super::limits::{InvalidLimits, Limits};
 use super::page_table::pages_for;
-use super::planned::{Event, Planned, PlannedReq};
+use super::planned::{CacheStats, Event, Planned, PlannedReq};
+use super::policy::Policy;
 use super::queue::WaitingQueue;
 use super::request::{FinishReason, NewRequest, ReqId, Request, SubmitError};
 use super::running::RunningSet;
@@ -86,10 +87,16 @@ pub struct Core {
     /// Request lists of completed steps, reused so that planning allocates nothing in steady state.
     spare: Vec<Vec<PlannedReq>>,
     preemptions: u64,
+    policy: Policy,
 }
 
 impl Core {
+    /// A core with the default [`Policy`].
     pub fn new(limits: Limits) -> Result<Self, InvalidLimits> {
+        Self::with_policy(limits, Policy::default())
+    }
+
+    pub fn with_policy(limits: Limits, policy: Policy) -> Result<Self, InvalidLimits> {
         limits.validate()?;
         Ok(Core {
             waiting: WaitingQueue::default(),
@@ -102,11 +109,20 @@ impl Core {
             spare: Vec::new(),
             preemptions: 0,
             limits,
+            policy,
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats::default()
     }
 
     /// Queues a request behind every waiting one. Refuses what could never run or would corrupt a step.

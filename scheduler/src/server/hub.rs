@@ -238,6 +238,7 @@ impl Hub {
                     self.finalize(id, reason, None, String::new(), out);
                     continue;
                 }
+                Event::Cached { .. } => continue,
             };
             let Some(live) = self.live.get_mut(&id) else { continue }; // ended here already (abort, stop string)
             live.token_ids.push(token);
