@@ -97,8 +97,8 @@ fn abort_with_two_steps_in_flight_frees_only_after_both_complete() {
     h.complete().unwrap(); // step 2
     assert!(h.core.free_pages() > pages_before, "request 1's pages are back");
     let admitted = h.plan().unwrap();
-    assert_eq!((admitted.step_id, admitted.kind, admitted.ids()), (4, StepKind::Extend, vec![3]));
-    assert_eq!(admitted.reqs[0].slot, slot_of_1);
+    assert_eq!((admitted.step_id, admitted.kind, admitted.ids()), (4, StepKind::Extend, vec![2, 3]), "2 decodes");
+    assert_eq!(admitted.reqs[1].slot, slot_of_1);
     h.finish(2);
     h.run_to_idle(50);
     let (want, reason) = reference_output(&prompt(3, 3), &seeded(4, 3), h.core.limits(), hash_model);

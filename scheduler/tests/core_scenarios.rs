@@ -51,7 +51,7 @@ fn a_long_prompt_is_chunked_and_finished_before_anything_new_is_admitted() {
 }
 
 #[test]
-fn waiting_requests_are_admitted_before_running_ones_decode() {
+fn waiting_requests_are_admitted_in_the_running_ones_decode_step() {
     let mut h = Harness::new(limits(4, 64, 32, 4, 128), hash_model);
     h.submit(1, prompt(5, 1), seeded(10, 1));
     h.step().unwrap();
@@ -59,8 +59,15 @@ fn waiting_requests_are_admitted_before_running_ones_decode() {
     h.submit(2, prompt(5, 2), seeded(10, 2));
     h.submit(3, prompt(5, 3), seeded(10, 3));
     let s = h.step().unwrap();
-    assert_eq!((s.kind, s.ids()), (StepKind::Extend, vec![2, 3]), "both new requests in one extend step, FCFS");
-    assert_eq!(h.step().unwrap().ids(), vec![1, 2, 3], "then everyone decodes together");
+    assert_eq!((s.kind, s.ids()), (StepKind::Extend, vec![1, 2, 3]), "1 decodes, both new prompts join, FCFS");
+    assert_eq!(s.num_tokens, 1 + 5 + 5);
+    let s = h.step().unwrap();
+    assert_eq!((s.kind, s.ids()), (StepKind::Decode, vec![1, 2, 3]), "then everyone decodes together");
+    h.run_to_idle(100);
+    for id in 1..=3 {
+        let (want, reason) = reference_output(&prompt(5, id as u32), &seeded(10, id), h.core.limits(), hash_model);
+        assert_eq!((&h.outputs[&id], h.finished[&id]), (&want, reason));
+    }
 }
 
 #[test]

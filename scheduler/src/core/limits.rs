@@ -59,10 +59,13 @@ impl Limits {
         Ok(())
     }
 
-    /// The step-slot capacity the core's steps need: every running request in a step, a full token budget, and at
-    /// most every page (each page belongs to one request, so a step never lists more than `num_pages`).
+    /// The step-slot capacity the core's steps need: every running request in a step, a full token budget, and
+    /// every request's whole page list. Pages shared through the prefix cache are listed once per request, so the
+    /// bound is per request (its context or the whole cache), not the cache's size.
     pub fn capacity(&self) -> Capacity {
-        Capacity { max_reqs: self.max_batch, max_tokens: self.max_step_tokens, max_kv_indices: self.num_pages }
+        let per_request = super::page_table::pages_for(self.max_seq_len, self.page_size).min(self.num_pages);
+        let max_kv_indices = self.max_batch.saturating_mul(per_request).min(i32::MAX as u32);
+        Capacity { max_reqs: self.max_batch, max_tokens: self.max_step_tokens, max_kv_indices }
     }
 
     /// The longest prompt that can ever run: one that leaves room for a generated token in the context, and whose
@@ -90,7 +93,8 @@ mod tests {
     #[test]
     fn accepts_sane_limits() {
         assert_eq!(ok().validate(), Ok(()));
-        assert_eq!(ok().capacity(), Capacity { max_reqs: 4, max_tokens: 64, max_kv_indices: 10 });
+        // Each of 4 requests may list all 10 pages (128 tokens would take 32).
+        assert_eq!(ok().capacity(), Capacity { max_reqs: 4, max_tokens: 64, max_kv_indices: 40 });
         assert_eq!(ok().max_prompt_len(), 40, "the cache, not the context, is the bound here");
         assert_eq!(Limits { num_pages: 100, ..ok() }.max_prompt_len(), 127);
     }

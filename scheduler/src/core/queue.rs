@@ -1,7 +1,8 @@
-//! The waiting queue: first come, first served, with preempted requests put back at the front.
+//! The waiting queue: first come, first served, with preempted requests put back at the front, unless the policy
+//! reorders it ([`WaitingQueue::sort_by_key`]).
 //!
-//! Strict FCFS: only the head is ever considered for admission, so a large request at the head is not overtaken
-//! by smaller ones behind it (no starvation, at the price of head-of-line blocking).
+//! Only the head is ever considered for admission, so a large request at the head is not overtaken by smaller
+//! ones behind it (no starvation, at the price of head-of-line blocking).
 
 use super::request::{ReqId, Request};
 use std::collections::VecDeque;
@@ -45,6 +46,15 @@ impl WaitingQueue {
 
     pub fn iter(&self) -> impl Iterator<Item = &Request> {
         self.queue.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Request> {
+        self.queue.iter_mut()
+    }
+
+    /// Reorders the queue, in place and without allocating (keys must be unique for a deterministic order).
+    pub fn sort_by_key<K: Ord>(&mut self, key: impl FnMut(&Request) -> K) {
+        self.queue.make_contiguous().sort_unstable_by_key(key);
     }
 }
 

@@ -1,6 +1,7 @@
 //! A request as the engine hands it in, and the state the core keeps for it while it lives.
 
 use super::page_table::{PageTable, pages_for};
+use super::prefix_cache::ROOT;
 
 /// Assigned by the engine; unique among live requests.
 pub type ReqId = u64;
@@ -67,12 +68,22 @@ pub(crate) struct Request {
     /// The last step planned with this request in it. While that step is in flight, the request's pages and slot
     /// are still the worker's, so freeing them waits for it.
     pub last_step: Option<u64>,
+    /// The prefix-cache node of the last shared page (`prefix_cache::ROOT` when none): the request holds a lock on
+    /// the path from the root to it.
+    pub tree_node: u32,
+    /// Arrival order, and the step planned next when it arrived: the policy's tie-break and age.
+    pub seq: u64,
+    pub arrived: u64,
+    /// Admissions so far (more than one after a preemption).
+    pub admissions: u32,
+    /// Pages of the prompt found in the prefix cache, as of the last ordering of the queue by match.
+    pub match_pages: u32,
 }
 
 impl Request {
     /// `room` is how many tokens the sequence may still grow by; reserving for it now keeps decode steps free of
     /// reallocation.
-    pub fn new(req: NewRequest, room: u32, page_size: u32) -> Self {
+    pub fn new(req: NewRequest, room: u32, page_size: u32, seq: u64, arrived: u64) -> Self {
         let NewRequest { id, mut prompt, params } = req;
         let prefill_len = prompt.len() as u32;
         let growth = room.min(params.max_tokens);
@@ -89,6 +100,11 @@ impl Request {
             joined: false,
             pending: 0,
             last_step: None,
+            tree_node: ROOT,
+            seq,
+            arrived,
+            admissions: 0,
+            match_pages: 0,
         }
     }
 
@@ -169,5 +185,5 @@ pub(crate) fn test_request(id: ReqId) -> Request {
         stop_token_ids: vec![],
         ignore_eos: false,
     };
-    Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1)
+    Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1, id, 0)
 }

@@ -5,11 +5,21 @@
 //! planned, and forwards the events. It calls [`Core::submit`] and [`Core::finish`] between steps. The policy lives
 //! here, and only here:
 //!
-//! - **Extend before decode.** When the head of the waiting queue can be admitted (a free slot, and pages for its
-//!   whole prompt plus what the running requests need for their next decode), the step is an extend step: newly
-//!   admitted requests' prompts, FCFS, up to `max_step_tokens` tokens. Otherwise it is a decode step of every
-//!   running request. Admitting eagerly fills the batch as soon as possible, which is what makes decode steps
-//!   efficient (mini-sglang and nano-vllm do the same); slots and pages bound how long decodes can be held off.
+//! - **One token budget per step.** Every step first carries one token for each running request that decodes,
+//!   then what is left of `max_step_tokens` goes to prefill: the rest of a chunked prompt, then newly admitted
+//!   prompts, in queue order. A step with no prefill is a decode step (the worker can replay a CUDA graph for it);
+//!   any other is an extend step, decodes included. So a long prompt never stalls the running requests: each step
+//!   it is part of is one chunk longer than a decode step, no more (vLLM V1 schedules the same way).
+//! - **Admission.** The head of the waiting queue is admitted when a slot is free and the pages its prompt needs
+//!   beyond its cached prefix fit beside what every running request needs for its next decode. Admitting eagerly
+//!   fills the batch as soon as possible, which is what makes decode steps efficient. The queue is first come,
+//!   first served, or ordered by longest cached prefix ([`super::Order::Lpm`]), with an age bound.
+//! - **Prefix cache.** On admission the longest cached prefix of the prompt (whole pages, and at least one token
+//!   left to compute, whose logits give the first sample) is taken from the [`PrefixCache`] instead of prefilled.
+//!   Each prompt page becomes cached as soon as the step that writes its KV is planned, and everything else the
+//!   request wrote when it ends (finish, abort or preemption). A request that would match a page written by the
+//!   step being planned waits for the next step instead of computing it twice: that is what makes a burst of
+//!   requests with one system prompt, or the `n` samples of one prompt, prefill it once.
 //! - **Chunked prefill.** A prompt longer than the budget left in the step is cut; the rest continues first in the
 //!   next step, before anything new is admitted, so at most one request is part-way through its prefill and a long
 //!   prompt is never starved by later short ones. The worker samples after a non-final chunk anyway; that token is
@@ -17,14 +27,15 @@
 //!   one is in flight: the worker runs steps in order, so the earlier chunk's KV is written before the later one
 //!   reads it. The request's first real token comes from its last chunk.
 //! - **Pages.** A request gets the pages for its whole prompt when admitted (so a chunked prefill can never stall
-//!   half-way for memory), then one page each time decoding crosses a page boundary. The admission check reserves
-//!   the pages every running request needs for its next decode, so admitting does not force a preemption right
-//!   away.
-//! - **Preemption.** When a decode step cannot get its pages, the most recently admitted request (the one with the
-//!   least work to lose) is preempted: pages and slot freed, and it goes back to the front of the waiting queue
-//!   with everything it has so far as its prompt, keeping its generated count and its params. Preempting several
-//!   puts them back in admission order. A request that needs a page while holding every page finishes with
-//!   `Length`: it could not proceed even alone.
+//!   half-way for memory), then one page each time decoding crosses a page boundary. Pages come from the free
+//!   pool, then from evicting the least recently used unlocked cached pages. The admission check reserves the
+//!   pages every running request needs for its next decode, so admitting does not force a preemption right away.
+//! - **Preemption.** When the decodes of a step cannot get their pages, the most recently admitted request (the one
+//!   with the least work to lose) is preempted: its pages go to the prefix cache (unlocked) and its slot is freed,
+//!   and it goes back to the front of the waiting queue with everything it has so far as its prompt, keeping its
+//!   generated count and its params. Its re-admission finds most of it cached, unless memory pressure evicted it.
+//!   Preempting several puts them back in admission order. A request that needs a page while holding every page
+//!   finishes with `Length`: it could not proceed even alone.
 //! - **Decode inputs by reference.** A decode token is written as `-(slot + 1)`: the worker substitutes the last
 //!   token it sampled for that slot. Planning therefore never needs the previous step's tokens, which is what lets
 //!   step N+1 be planned while step N runs. Sampled tokens are still appended on completion, for stop checks and
@@ -40,12 +51,13 @@
 //!   for it is dropped, with no event. That costs at most one step per request, and nothing when the limit is
 //!   known in advance: a request whose planned samples already reach `max_tokens` or the context length is not
 //!   planned again (the last of them ends it whatever the token), so it needs no page and no slot beyond it.
-//! - **Deferred frees.** A request's pages and slot go back to the pools only once the last step that includes it
-//!   has completed: until then the worker may still write its KV into those pages, read them in attention, or
-//!   sample into the slot, and handing them to a request admitted in the next step would let the two overlap (the
-//!   same race mini-sglang has had with pages freed while still mapped). Steps complete in order, so each step's
-//!   completion releases what waited for it. A request that ends at step N and is also in N+1 gives its slot to a
-//!   request admitted in N+3 at the earliest; one that is not in N+1 (its limit was known), in N+2.
+//! - **Deferred frees.** A request's own pages, its slot and its locks on cached pages are given up only once the
+//!   last step that includes it has completed: until then the worker may still write its KV into those pages,
+//!   read them in attention, or sample into the slot, and handing them to a request admitted in the next step
+//!   would let the two overlap (the same race mini-sglang has had with pages freed while still mapped). Steps
+//!   complete in order, so each step's completion releases what waited for it. A request that ends at step N and
+//!   is also in N+1 gives its slot to a request admitted in N+3 at the earliest; one that is not in N+1 (its limit
+//!   was known), in N+2. An unlocked cached page is therefore never in use, and can be evicted at once.
 //! - **Preemption waits for the pipeline.** When the next decode lacks pages while steps are in flight, nothing is
 //!   planned until they complete; only then are victims chosen, exactly as without overlap. Preempting earlier
 //!   would need the victim's samples in flight (its re-admission prompt is everything it has generated) and could
@@ -57,7 +69,8 @@ use super::index_pool::IndexPool;
 use super::limits::{InvalidLimits, Limits};
 use super::page_table::pages_for;
 use super::planned::{CacheStats, Event, Planned, PlannedReq};
-use super::policy::Policy;
+use super::policy::{Order, Policy};
+use super::prefix_cache::{Inserted, PrefixCache, ROOT};
 use super::queue::WaitingQueue;
 use super::request::{FinishReason, NewRequest, ReqId, Request, SubmitError};
 use super::running::RunningSet;
@@ -70,6 +83,7 @@ mod admission;
 mod decode;
 mod invariants;
 
+use super::prefix_cache::Match;
 use decode::Room;
 
 #[derive(Clone, Debug)]
@@ -77,7 +91,9 @@ pub struct Core {
     limits: Limits,
     waiting: WaitingQueue,
     running: RunningSet,
+    /// Free pages; pages held by requests or by the prefix cache are in use here.
     pages: IndexPool,
+    cache: PrefixCache,
     /// The slot of the request part-way through a chunked prefill.
     prefilling: Option<u32>,
     /// Steps planned and not yet completed or failed, oldest first: the order the worker runs them in.
@@ -87,6 +103,9 @@ pub struct Core {
     /// Request lists of completed steps, reused so that planning allocates nothing in steady state.
     spare: Vec<Vec<PlannedReq>>,
     preemptions: u64,
+    /// Requests submitted so far: the next one's arrival number.
+    submitted: u64,
+    stats: CacheStats,
     policy: Policy,
 }
 
@@ -102,12 +121,15 @@ impl Core {
             waiting: WaitingQueue::default(),
             running: RunningSet::new(limits.max_batch),
             pages: IndexPool::new(limits.num_pages),
+            cache: PrefixCache::new(limits.num_pages, limits.page_size, policy.prefix_cache),
             prefilling: None,
             // The engine keeps two in flight; more only cost a reallocation.
             in_flight: VecDeque::with_capacity(4),
             last_planned: None,
             spare: Vec::new(),
             preemptions: 0,
+            submitted: 0,
+            stats: CacheStats::default(),
             limits,
             policy,
         })
@@ -122,7 +144,7 @@ impl Core {
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        CacheStats::default()
+        CacheStats { cached_pages: self.cache.size(), evictable_pages: self.cache.evictable(), ..self.stats }
     }
 
     /// Queues a request behind every waiting one. Refuses what could never run or would corrupt a step.
@@ -143,7 +165,9 @@ impl Core {
         }
         debug_assert!(!self.contains(req.id), "request id {} submitted twice", req.id);
         let room = self.limits.max_seq_len - len as u32;
-        self.waiting.push_back(Request::new(req, room, self.limits.page_size));
+        let arrived = self.last_planned.map_or(0, |s| s + 1);
+        self.waiting.push_back(Request::new(req, room, self.limits.page_size, self.submitted, arrived));
+        self.submitted += 1;
         Ok(())
     }
 
@@ -175,16 +199,18 @@ impl Core {
             assert!(step_id > last, "step {step_id} planned after step {last}: step ids must increase");
         }
         self.check_capacity(step);
+        self.order_waiting(step_id);
         loop {
-            if self.prefilling.is_some() || self.head_admissible() {
-                return Some(self.plan_extend(step_id, step));
-            }
-            if self.has_decodable() {
+            let decodes = self.has_decodable();
+            if decodes {
                 match self.make_room_for_decode(events) {
-                    Room::Ready => return Some(self.plan_decode(step_id, step)),
+                    Room::Ready => {}
                     Room::AfterInFlight => return None,
                     Room::Emptied => continue,
                 }
+            }
+            if decodes || self.prefilling.is_some() || self.head_admissible(step_id) {
+                return Some(self.plan(step_id, step, events));
             }
             if !self.in_flight.is_empty() {
                 // Whatever is in flight will end requests or free pages; the head may fit then.
@@ -239,9 +265,12 @@ impl Core {
     }
 
     /// The worker failed the step: its requests end with `Error`, since their KV cache can no longer be trusted.
+    /// Neither can the pages it wrote for the prefix cache, nor those written after them from them, so the cache
+    /// stops matching for good (the engine stops after a failed step anyway).
     ///
     /// Panics if `planned` is not the oldest step in flight.
     pub fn fail_step(&mut self, planned: Planned, events: &mut Vec<Event>) {
+        self.cache.disable();
         self.retire(planned.step_id);
         for p in &planned.reqs {
             if self.running.get(p.slot).is_some_and(|r| r.id == p.id) {
@@ -261,9 +290,10 @@ impl Core {
         self.running.len()
     }
 
-    /// Pages that can be handed out now: not those freed after a step still in flight.
+    /// Pages that can be handed out now, free or evictable from the prefix cache; not those freed after a step
+    /// still in flight.
     pub fn free_pages(&self) -> u32 {
-        self.pages.available()
+        self.pages.available() + self.cache.evictable()
     }
 
     /// Nothing waits, runs or is in flight: nothing happens until a submit.
@@ -311,20 +341,50 @@ impl Core {
         let oldest = self.in_flight.pop_front();
         assert!(oldest == Some(step_id), "step {step_id} completed, but the oldest step in flight is {oldest:?}");
         self.pages.complete(step_id);
+        self.cache.complete(step_id);
         self.running.complete(step_id);
     }
 
-    /// Takes a running request out and frees its pages and slot, once the last step in flight that includes it has
-    /// completed.
+    /// Takes a running request out: what it wrote goes to the prefix cache, and its own pages, its locks and its
+    /// slot are given up once the last step in flight that includes it has completed.
     fn release(&mut self, slot: u32) -> Request {
         let last = self.running.get(slot).and_then(|r| r.last_step);
         let after = last.filter(|&s| self.is_in_flight(s));
         let mut req = self.running.remove(slot, after);
+        cache_written_pages(
+            &mut self.cache,
+            &mut self.pages,
+            &mut req,
+            self.limits.page_size,
+            last.unwrap_or(0),
+            after,
+        );
         req.pages.release(&mut self.pages, after);
+        self.cache.unlock_after(req.tree_node, after);
+        req.tree_node = ROOT;
         if self.prefilling == Some(slot) {
             self.prefilling = None;
         }
         req
+    }
+
+    /// Pages that can be handed out: free, or cached and held by no running request.
+    fn available_pages(&self) -> u32 {
+        self.pages.available() + self.cache.evictable()
+    }
+
+    /// Writes a step: the running requests' decodes, then prefill in what is left of the token budget.
+    fn plan(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Planned {
+        let mut reqs = self.take_spare();
+        let mut w = StepWriter::new(step, self.limits.page_size);
+        let decodes = self.write_decodes(step_id, &mut w, &mut reqs);
+        let prefill = self.write_prefills(step_id, &mut w, self.limits.max_step_tokens - decodes, &mut reqs, events);
+        let num_tokens = w.num_tokens() as u32;
+        debug_assert!(num_tokens > 0, "a step was planned with nothing in it");
+        let kind = if prefill == 0 { StepKind::Decode } else { StepKind::Extend };
+        w.finish(step_id, kind);
+        self.record_planned(step_id);
+        Planned { step_id, kind, num_tokens, reqs }
     }
 
     fn take_spare(&mut self) -> Vec<PlannedReq> {
@@ -337,6 +397,37 @@ impl Core {
         // One per step in flight and one being planned suffice; more only accumulate if plans are dropped uncompleted.
         if self.spare.len() < 4 {
             self.spare.push(reqs);
+        }
+    }
+}
+
+/// Hands `req`'s full pages whose tokens are known and whose KV is written (by step `written_in` or earlier) to the
+/// prefix cache, after those it already shares. A page the cache already has under another id replaces the
+/// request's own, which is freed after step `free_after` (a step in flight may still write it).
+fn cache_written_pages(
+    cache: &mut PrefixCache,
+    pool: &mut IndexPool,
+    req: &mut Request,
+    page_size: u32,
+    written_in: u64,
+    free_after: Option<u64>,
+) {
+    if !cache.enabled() {
+        return;
+    }
+    let full = req.kv_len.min(req.len()) / page_size;
+    while req.pages.shared() < full {
+        let i = req.pages.shared();
+        let key = &req.tokens[(i * page_size) as usize..((i + 1) * page_size) as usize];
+        let own = req.pages.pages()[i as usize];
+        match cache.insert(req.tree_node, key, own, written_in) {
+            Inserted::New(node) | Inserted::Existing(node) => {
+                if let Some(own) = req.pages.share_next(node) {
+                    pool.free_after(own, free_after);
+                }
+                req.tree_node = node;
+            }
+            Inserted::Refused => break,
         }
     }
 }

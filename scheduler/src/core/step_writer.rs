@@ -103,6 +103,7 @@ impl<'s, 'a> StepWriter<'s, 'a> {
 mod tests {
     use super::*;
     use crate::core::index_pool::IndexPool;
+    use crate::core::prefix_cache::PrefixCache;
     use proto::step::{Capacity, SlotBuf, StepLayout, StepRef};
 
     #[test]
@@ -110,10 +111,11 @@ mod tests {
         let layout = StepLayout::new(Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 8 });
         let mut buf = SlotBuf::zeroed(layout.slot_bytes);
         let mut pool = IndexPool::new(8);
+        let mut cache = PrefixCache::new(8, 4, false);
         pool.alloc(); // keep page 0 out so pages and positions differ
         let (mut a, mut b) = (PageTable::default(), PageTable::default());
-        assert!(a.grow_to(5, 4, &mut pool)); // pages 1, 2: a chunk of 3 after 2 cached tokens
-        assert!(b.grow_to(9, 4, &mut pool)); // pages 3, 4, 5: a decode at position 8
+        assert!(a.grow_to(5, 4, &mut pool, &mut cache)); // pages 1, 2: a chunk of 3 after 2 cached tokens
+        assert!(b.grow_to(9, 4, &mut pool, &mut cache)); // pages 3, 4, 5: a decode at position 8
         let params = SamplingParams {
             max_tokens: 4,
             temperature: 0.5,
@@ -153,7 +155,7 @@ mod tests {
         let mut buf = SlotBuf::zeroed(layout.slot_bytes);
         let mut pool = IndexPool::new(4);
         let mut t = PageTable::default();
-        assert!(t.grow_to(16, 4, &mut pool));
+        assert!(t.grow_to(16, 4, &mut pool, &mut PrefixCache::new(4, 4, false)));
         {
             let mut step = StepMut::new(&layout, buf.bytes_mut());
             let mut w = StepWriter::new(&mut step, 4);

@@ -8,10 +8,11 @@
 //! all of it at once.
 //!
 //! Like the real worker with overlap, it holds the steps published to it and runs them one at a time, in order.
-//! When a step is published it checks it against every step published earlier and not yet run: no page may be
-//! used there by another slot, and no slot may be joined (handed to a new request) while an earlier step still
-//! uses it. That is the rule deferred frees exist for: on a GPU the earlier step could still be reading the page
-//! or sampling into the slot.
+//! When a step is published it checks it against every step published earlier and not yet run: no page it writes
+//! may be used there by another slot, and no slot may be joined (handed to a new request) while an earlier step
+//! still uses it. That is the rule deferred frees exist for: on a GPU the earlier step could still be reading the
+//! page or sampling into the slot. Pages shared through the prefix cache are only read, by any number of
+//! requests; a page written in a step must be listed by the writing request alone.
 #![allow(dead_code)] // each test file uses a different part
 use proto::step::{SlotBuf, StepKind, StepLayout, StepMut, StepRef};
 use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, Planned, PlannedReq, ReqId, SamplingParams};
@@ -90,8 +91,8 @@ pub struct FakeWorker {
 struct Published {
     buf: SlotBuf,
     step_id: u64,
-    /// The slot each listed page is read or written for.
-    page_slot: HashMap<i32, i32>,
+    /// The slots each listed page is read or written for.
+    page_slots: HashMap<i32, HashSet<i32>>,
     slots: HashSet<i32>,
 }
 
@@ -123,17 +124,21 @@ impl FakeWorker {
         buf.bytes_mut().copy_from_slice(self.buf.bytes());
         let s = StepRef::new(&self.layout, buf.bytes());
         let step_id = s.header.step_id;
-        let mut page_slot = HashMap::new();
+        let mut page_slots: HashMap<i32, HashSet<i32>> = HashMap::new();
+        let mut written = HashMap::new();
         for r in 0..s.header.num_reqs as usize {
             for &p in &s.kv_indices[s.kv_indptr[r] as usize..s.kv_indptr[r + 1] as usize] {
-                page_slot.insert(p, s.req_slot[r]);
+                page_slots.entry(p).or_default().insert(s.req_slot[r]);
+            }
+            for &loc in &s.out_loc[s.qo_indptr[r] as usize..s.qo_indptr[r + 1] as usize] {
+                written.insert(loc / self.page_size as i32, s.req_slot[r]);
             }
         }
         for earlier in &self.queue {
-            for (p, slot) in &page_slot {
-                if let Some(other) = earlier.page_slot.get(p).filter(|&o| o != slot) {
+            for (p, slot) in &written {
+                if let Some(other) = earlier.page_slots.get(p).and_then(|o| o.iter().find(|&o| o != slot)) {
                     panic!(
-                        "step {step_id} uses page {p} for slot {slot}; step {} in flight uses it for slot {other}",
+                        "step {step_id} writes page {p} for slot {slot}; step {} in flight uses it for slot {other}",
                         earlier.step_id
                     );
                 }
@@ -147,7 +152,7 @@ impl FakeWorker {
             }
         }
         let slots = s.req_slot.iter().copied().collect();
-        self.queue.push_back(Published { buf, step_id, page_slot, slots });
+        self.queue.push_back(Published { buf, step_id, page_slots, slots });
     }
 
     /// Publishes the step in `self.buf` and runs it: for tests that keep one step in flight.
@@ -180,7 +185,20 @@ impl FakeWorker {
         }
 
         let mut slots = HashSet::new();
-        let mut pages = HashSet::new();
+        // Pages written in this step, and every request that lists each page.
+        let mut written = HashMap::new();
+        let mut listed: HashMap<i32, Vec<i32>> = HashMap::new();
+        for r in 0..n {
+            for &loc in &s.out_loc[s.qo_indptr[r] as usize..s.qo_indptr[r + 1] as usize] {
+                written.insert(loc / ps, s.req_slot[r]);
+            }
+            for &p in &s.kv_indices[s.kv_indptr[r] as usize..s.kv_indptr[r + 1] as usize] {
+                listed.entry(p).or_default().push(s.req_slot[r]);
+            }
+        }
+        for (p, writer) in &written {
+            assert_eq!(listed[p], [*writer], "page {p}, written for slot {writer}, is listed for other requests too");
+        }
         let mut out = Vec::with_capacity(n);
         for r in 0..n {
             let slot = s.req_slot[r];
@@ -195,12 +213,10 @@ impl FakeWorker {
             let seq_len = s.seq_len[r];
             let my_pages = &s.kv_indices[k0..k1];
             assert_eq!(my_pages.len() as i32, (seq_len + ps - 1) / ps, "pages listed for seq_len {seq_len}");
+            assert_eq!(my_pages.iter().collect::<HashSet<_>>().len(), my_pages.len(), "a page listed twice");
             let last = s.kv_last_page_len[r];
             assert!((1..=ps).contains(&last));
             assert_eq!(seq_len, my_pages.len() as i32 * ps - (ps - last));
-            for &p in my_pages {
-                assert!(pages.insert(p), "page {p} listed for two requests of one step");
-            }
             let start = seq_len - (q1 - q0) as i32;
             if start == 0 {
                 assert!(joined.contains(&slot), "a (re)admitted request in slot {slot} came without its params");

@@ -1,79 +1,134 @@
-//! Admission: whether the head of the waiting queue fits, and the extend step of the prompts admitted (chunked
-//! where the step's token budget ends).
+//! Admission: the order of the waiting queue, whether its head fits (beside its cached prefix), and the prefill
+//! part of a step (the rest of a chunked prompt, then new prompts, chunked where the step's token budget ends).
 
 use super::*;
 
+/// Above this many waiting requests, [`Order::Lpm`] falls back to arrival order: matching every prompt against
+/// the cache each step would cost more than it saves (SGLang draws the line at the same place).
+const LPM_MAX_QUEUE: usize = 128;
+
 impl Core {
-    pub(super) fn head_admissible(&self) -> bool {
-        let Some(head) = self.waiting.front() else { return false };
-        self.running.has_free_slot()
-            && pages_for(head.len(), self.limits.page_size) + self.decode_reserve() <= self.pages.available()
+    /// Orders the waiting queue by the policy: with [`Order::Lpm`], requests that waited longer than the age bound
+    /// first (in arrival order), then by cached prefix, longest first.
+    pub(super) fn order_waiting(&mut self, step_id: u64) {
+        if self.policy.order != Order::Lpm
+            || !self.cache.enabled()
+            || !(2..=LPM_MAX_QUEUE).contains(&self.waiting.len())
+        {
+            return;
+        }
+        let ps = self.limits.page_size;
+        for req in self.waiting.iter_mut() {
+            req.match_pages = self.cache.match_prefix(&req.tokens, cacheable_pages(req.len(), ps), step_id).pages;
+        }
+        let bound = self.policy.max_wait_steps;
+        self.waiting.sort_by_key(|r| {
+            let aged = step_id.saturating_sub(r.arrived) > bound;
+            (!aged, std::cmp::Reverse(if aged { 0 } else { r.match_pages }), r.seq)
+        });
     }
 
-    pub(super) fn plan_extend(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
-        let ps = self.limits.page_size;
-        let mut reqs = self.take_spare();
-        let mut w = StepWriter::new(step, ps);
-        let mut budget = self.limits.max_step_tokens;
+    /// The head of the queue can be admitted now: a slot is free, and the pages its prompt needs beyond its cached
+    /// prefix fit beside the next decode of every running request.
+    pub(super) fn head_admissible(&self, step_id: u64) -> bool {
+        let Some(head) = self.waiting.front() else { return false };
+        self.running.has_free_slot() && self.fits(head, step_id, self.decode_reserve()).is_some()
+    }
 
+    /// Writes the prefill part of a step with `budget` tokens left after its decodes; returns the tokens written.
+    pub(super) fn write_prefills(
+        &mut self,
+        step_id: u64,
+        w: &mut StepWriter<'_, '_>,
+        mut budget: u32,
+        reqs: &mut Vec<PlannedReq>,
+        events: &mut Vec<Event>,
+    ) -> u32 {
+        let start = budget;
         if let Some(slot) = self.prefilling.take() {
-            let req = self.running.get_mut(slot).expect("the prefilling slot is running");
-            budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
-            if req.is_prefilling() {
+            budget -= self.write_chunk(w, step_id, slot, budget, reqs);
+            if self.running.get(slot).is_some_and(|r| r.is_prefilling()) {
                 self.prefilling = Some(slot);
+                return start - budget;
             }
         }
-
-        if self.prefilling.is_none() {
-            let mut reserve = self.decode_reserve();
-            while budget > 0 && self.running.has_free_slot() {
-                let Some(head) = self.waiting.front() else { break };
-                let prompt_pages = pages_for(head.len(), ps);
-                if prompt_pages + reserve > self.pages.available() {
-                    break;
-                }
-                let mut req = self.waiting.pop_front().expect("head exists");
-                assert!(req.pages.grow_to(req.len(), ps, &mut self.pages), "checked available pages");
-                reserve += req.pages.missing_for(req.kv_len_after_next_decode(), ps);
-                let slot = self.running.admit(req);
-                let req = self.running.get_mut(slot).expect("just admitted");
-                budget -= write_chunk(&mut w, step_id, slot, req, budget, &mut reqs);
-                if req.is_prefilling() {
-                    self.prefilling = Some(slot);
-                    break;
-                }
+        let mut reserve = self.decode_reserve();
+        while budget > 0 && self.running.has_free_slot() {
+            let Some(head) = self.waiting.front() else { break };
+            let Some(m) = self.fits(head, step_id, reserve) else { break };
+            if m.blocked {
+                // The step being planned writes the next page of this prompt: one step later it is cached.
+                break;
+            }
+            let mut req = self.waiting.pop_front().expect("head exists");
+            self.admit(&mut req, m, events);
+            reserve += req.pages.missing_for(req.kv_len_after_next_decode(), self.limits.page_size);
+            let slot = self.running.admit(req);
+            budget -= self.write_chunk(w, step_id, slot, budget, reqs);
+            if self.running.get(slot).is_some_and(|r| r.is_prefilling()) {
+                self.prefilling = Some(slot);
+                break;
             }
         }
+        start - budget
+    }
 
-        let num_tokens = w.num_tokens() as u32;
-        debug_assert!(num_tokens > 0, "an extend step was planned with nothing to extend");
-        w.finish(step_id, StepKind::Extend);
-        self.record_planned(step_id);
-        Planned { step_id, kind: StepKind::Extend, num_tokens, reqs }
+    /// The cached prefix `req` would start from, if its remaining pages fit beside `reserve`.
+    fn fits(&self, req: &Request, step_id: u64, reserve: u32) -> Option<Match> {
+        let ps = self.limits.page_size;
+        let m = self.cache.match_prefix(&req.tokens, cacheable_pages(req.len(), ps), step_id);
+        let needed = pages_for(req.len(), ps) - m.pages + reserve;
+        (needed <= self.available_pages() - m.unlocked).then_some(m)
+    }
+
+    /// Gives `req` its cached prefix `m` (locked) and pages for the rest of its prompt.
+    fn admit(&mut self, req: &mut Request, m: Match, events: &mut Vec<Event>) {
+        let ps = self.limits.page_size;
+        self.cache.lock(m.node);
+        req.pages.share_path(&self.cache, m.node);
+        req.tree_node = m.node;
+        req.kv_len = m.pages * ps;
+        assert!(req.pages.grow_to(req.len(), ps, &mut self.pages, &mut self.cache), "checked available pages");
+        if req.admissions == 0 && req.kv_len > 0 {
+            events.push(Event::Cached { id: req.id, tokens: req.kv_len });
+        }
+        req.admissions += 1;
+        self.stats.prompt_tokens += u64::from(req.len());
+        self.stats.cached_tokens += u64::from(req.kv_len);
+    }
+
+    /// Writes the next prefill chunk of the request in `slot` (at most `budget` tokens), its join if due, advances
+    /// its KV length and caches the prompt pages the chunk completes. Returns the chunk's length.
+    fn write_chunk(
+        &mut self,
+        w: &mut StepWriter<'_, '_>,
+        step_id: u64,
+        slot: u32,
+        budget: u32,
+        reqs: &mut Vec<PlannedReq>,
+    ) -> u32 {
+        let req = self.running.get_mut(slot).expect("a prefilling request is running");
+        let start = req.kv_len;
+        let count = req.prefill_left().min(budget);
+        w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
+        if !req.joined {
+            w.push_join(slot, &req.params);
+            req.joined = true;
+        }
+        req.kv_len += count;
+        req.last_step = Some(step_id);
+        let samples = !req.is_prefilling();
+        req.pending += u32::from(samples);
+        reqs.push(PlannedReq { id: req.id, slot, samples });
+        // This step writes the pages; a later one may read them. The own copy of a page some other request cached
+        // first is written by this step too, so it is freed after it.
+        cache_written_pages(&mut self.cache, &mut self.pages, req, self.limits.page_size, step_id, Some(step_id));
+        count
     }
 }
 
-/// Writes the next prefill chunk of `req` (at most `budget` tokens), its join if due, and advances its KV length.
-/// Returns the chunk's length.
-fn write_chunk(
-    w: &mut StepWriter<'_, '_>,
-    step_id: u64,
-    slot: u32,
-    req: &mut Request,
-    budget: u32,
-    reqs: &mut Vec<PlannedReq>,
-) -> u32 {
-    let start = req.kv_len;
-    let count = req.prefill_left().min(budget);
-    w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
-    if !req.joined {
-        w.push_join(slot, &req.params);
-        req.joined = true;
-    }
-    req.kv_len += count;
-    req.last_step = Some(step_id);
-    let samples = !req.is_prefilling();
-    req.pending += u32::from(samples);
-    reqs.push(PlannedReq { id: req.id, slot, samples });
-    count
+/// Pages of a `len`-token prompt that may come from the cache: at least its last token must be computed, since
+/// its logits give the first sample.
+fn cacheable_pages(len: u32, page_size: u32) -> u32 {
+    (len - 1) / page_size
 }

@@ -1,4 +1,5 @@
-//! Decode: the pages the running requests need next, the room made for them by preemption, and the decode step.
+//! Decode: the pages the running requests need next, the room made for them by preemption, and the decode part
+//! of a step.
 
 use super::*;
 
@@ -15,7 +16,7 @@ impl Core {
 
     /// A running request has a decode left to plan.
     pub(super) fn has_decodable(&self) -> bool {
-        self.running.iter().any(|(_, r)| !r.fully_planned(self.limits.max_seq_len))
+        self.running.iter().any(|(_, r)| !r.is_prefilling() && !r.fully_planned(self.limits.max_seq_len))
     }
 
     /// Preempts until the next decode step's new pages are free, if nothing is in flight (see the module docs).
@@ -25,10 +26,10 @@ impl Core {
             let needed: u32 = self
                 .running
                 .iter()
-                .filter(|(_, r)| !r.fully_planned(max_seq_len))
+                .filter(|(_, r)| !r.is_prefilling() && !r.fully_planned(max_seq_len))
                 .map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps))
                 .sum();
-            if needed <= self.pages.available() {
+            if needed <= self.available_pages() {
                 return Room::Ready;
             }
             if !self.in_flight.is_empty() {
@@ -44,29 +45,32 @@ impl Core {
         }
     }
 
-    pub(super) fn plan_decode(&mut self, step_id: u64, step: &mut StepMut<'_>) -> Planned {
+    /// Writes one token for every running request with a decode left to plan; returns how many.
+    pub(super) fn write_decodes(
+        &mut self,
+        step_id: u64,
+        w: &mut StepWriter<'_, '_>,
+        reqs: &mut Vec<PlannedReq>,
+    ) -> u32 {
         let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
-        let mut reqs = self.take_spare();
-        let mut w = StepWriter::new(step, ps);
         let (order, by_slot) = self.running.parts_mut();
+        let mut count = 0;
         for &slot in order {
             let req = by_slot[slot as usize].as_mut().expect("ordered slots are occupied");
-            debug_assert!(!req.is_prefilling() && req.joined);
-            if req.fully_planned(max_seq_len) {
+            if req.is_prefilling() || req.fully_planned(max_seq_len) {
                 continue;
             }
-            assert!(req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages), "make_room_for_decode freed enough");
+            debug_assert!(req.joined);
+            let grown = req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages, &mut self.cache);
+            assert!(grown, "make_room_for_decode freed enough");
             w.push_request(slot, &req.pages, req.kv_len, NewTokens::LastSampled);
             req.kv_len += 1;
             req.pending += 1;
             req.last_step = Some(step_id);
             reqs.push(PlannedReq { id: req.id, slot, samples: true });
+            count += 1;
         }
-        let num_tokens = w.num_tokens() as u32;
-        debug_assert!(num_tokens > 0, "a decode step was planned with nothing to decode");
-        w.finish(step_id, StepKind::Decode);
-        self.record_planned(step_id);
-        Planned { step_id, kind: StepKind::Decode, num_tokens, reqs }
+        count
     }
 
     pub(super) fn preempt(&mut self, slot: u32) {
