@@ -1,13 +1,15 @@
-//! Property tests of the scheduling core: any interleaving of submissions, steps and aborts, under any limits and
-//! with up to three steps in flight, keeps the page and slot books straight, writes consistent steps (the fake
-//! worker checks each one, and that none reuses a page or slot an earlier step in flight still uses), ends every
-//! request exactly once, frees everything at the end, and produces exactly what each request produces alone.
+//! Property tests of the scheduling core: any interleaving of submissions, steps and aborts, under any limits, any
+//! policy (prefix cache on or off, FCFS or LPM) and with up to three steps in flight, keeps the page, cache and
+//! slot books straight, writes consistent steps (the fake worker checks each one, and that none writes a page or
+//! reuses a slot an earlier step in flight still uses), ends every request exactly once, frees everything at the
+//! end, and produces exactly what each request produces alone. Prompts often share prefixes, so pages are shared,
+//! matched while their writers are in flight, and evicted under memory pressure.
 
 mod core_support;
 
 use core_support::{Harness, reference_output, small_hash_model};
 use proptest::prelude::*;
-use scheduler::core::{FinishReason, Limits, NewRequest, ReqId, SamplingParams, SubmitError};
+use scheduler::core::{FinishReason, Limits, NewRequest, Order, Policy, ReqId, SamplingParams, SubmitError};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -16,6 +18,8 @@ enum Op {
         max_tokens: u32,
         ignore_eos: bool,
         stop: Option<u32>,
+        /// Prompts of one family share their first tokens.
+        family: Option<u32>,
     },
     /// What the engine does: fill the pipeline, complete the oldest step.
     Step,
@@ -28,8 +32,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => (1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120))
-            .prop_map(|(len, max_tokens, ignore_eos, stop)| Op::Submit { len, max_tokens, ignore_eos, stop }),
+        2 => (1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120), prop::option::of(0u32..3))
+            .prop_map(|(len, max_tokens, ignore_eos, stop, family)| Op::Submit { len, max_tokens, ignore_eos, stop, family }),
         4 => Just(Op::Step),
         1 => Just(Op::Plan),
         1 => Just(Op::Complete),
@@ -62,8 +66,22 @@ fn limits() -> impl Strategy<Value = Limits> {
     )
 }
 
-fn prompt_of(id: ReqId, len: u32) -> Vec<u32> {
-    (0..len).map(|i| 1000 + (id as u32 * 7 + i * 13) % 50).collect()
+fn policy() -> impl Strategy<Value = Policy> {
+    (any::<bool>(), any::<bool>(), 0u64..6).prop_map(|(prefix_cache, lpm, max_wait_steps)| Policy {
+        prefix_cache,
+        order: if lpm { Order::Lpm } else { Order::Fcfs },
+        max_wait_steps,
+    })
+}
+
+/// A prompt of its own, or one whose first 24 tokens its family shares.
+fn prompt_of(id: ReqId, len: u32, family: Option<u32>) -> Vec<u32> {
+    (0..len)
+        .map(|i| match family {
+            Some(f) if i < 24 => 2000 + f * 50 + i,
+            _ => 1000 + (id as u32 * 7 + i * 13) % 50,
+        })
+        .collect()
 }
 
 proptest! {
@@ -72,22 +90,24 @@ proptest! {
     #[test]
     fn any_interleaving_keeps_the_books_and_the_outputs(
         l in limits(),
+        policy in policy(),
         depth in 1usize..=3,
         ops in prop::collection::vec(op(), 1..100),
     ) {
-        let mut h = Harness::with_depth(l.clone(), small_hash_model, depth);
+        let mut h = Harness::with_policy(l.clone(), small_hash_model, depth, policy);
         let mut submitted: Vec<(ReqId, Vec<u32>, SamplingParams)> = vec![];
         for op in ops {
             match op {
-                Op::Submit { len, max_tokens, ignore_eos, stop } => {
+                Op::Submit { len, max_tokens, ignore_eos, stop, family } => {
                     let id = submitted.len() as ReqId + 1;
                     let params = params_of(id, max_tokens, ignore_eos, stop);
+                    let prompt = prompt_of(id, len, family);
                     if len > l.max_prompt_len() {
-                        let refused = h.core.submit(NewRequest { id, prompt: prompt_of(id, len), params });
+                        let refused = h.core.submit(NewRequest { id, prompt, params });
                         prop_assert_eq!(refused, Err(SubmitError::PromptTooLong { len: len as usize, max: l.max_prompt_len() }));
                     } else {
-                        h.submit(id, prompt_of(id, len), params.clone());
-                        submitted.push((id, prompt_of(id, len), params));
+                        h.submit(id, prompt.clone(), params.clone());
+                        submitted.push((id, prompt, params));
                     }
                 }
                 Op::Step => {
@@ -133,17 +153,21 @@ proptest! {
     #[test]
     fn overlap_changes_no_output(
         l in limits(),
-        arrivals in prop::collection::vec((0usize..6, 1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120)), 1..20),
+        policy in policy(),
+        arrivals in prop::collection::vec(
+            (0usize..6, 1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120), prop::option::of(0u32..3)),
+            1..20,
+        ),
     ) {
         let run = |depth| {
-            let mut h = Harness::with_depth(l.clone(), small_hash_model, depth);
-            for (i, &(steps_before, len, max_tokens, ignore_eos, stop)) in arrivals.iter().enumerate() {
+            let mut h = Harness::with_policy(l.clone(), small_hash_model, depth, policy.clone());
+            for (i, &(steps_before, len, max_tokens, ignore_eos, stop, family)) in arrivals.iter().enumerate() {
                 for _ in 0..steps_before {
                     h.step();
                 }
                 let id = i as ReqId + 1;
                 if len <= l.max_prompt_len() {
-                    h.submit(id, prompt_of(id, len), params_of(id, max_tokens, ignore_eos, stop));
+                    h.submit(id, prompt_of(id, len, family), params_of(id, max_tokens, ignore_eos, stop));
                 }
             }
             h.run_to_idle(20_000);

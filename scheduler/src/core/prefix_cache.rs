@@ -359,3 +359,204 @@ fn hash_key(key: &[u32]) -> u64 {
     key.hash(&mut h);
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::index_pool::IndexPool;
+    use proptest::prelude::*;
+
+    /// The tokens of the path ending at `node`.
+    fn path_tokens(c: &PrefixCache, node: u32) -> Vec<u32> {
+        let mut pages = vec![];
+        c.path_pages(node, &mut pages);
+        pages.iter().flat_map(|&p| c.key(p).to_vec()).collect()
+    }
+
+    /// Inserts `tokens`' full pages after the prefix `from` (locked by the caller), with fresh pages from `pool`;
+    /// returns the last node, locked once more along the whole new part.
+    fn insert_all(c: &mut PrefixCache, pool: &mut IndexPool, from: Match, tokens: &[u32], step: u64) -> u32 {
+        let ps = c.page_size as usize;
+        let mut node = from.node;
+        for key in tokens.chunks_exact(ps).skip(from.pages as usize) {
+            let page = pool.alloc().or_else(|| c.evict()).expect("a page");
+            match c.insert(node, key, page, step) {
+                Inserted::New(n) => node = n,
+                Inserted::Existing(n) => {
+                    pool.free(page);
+                    node = n;
+                }
+                Inserted::Refused => unreachable!("no collisions among a few pages"),
+            }
+        }
+        node
+    }
+
+    #[test]
+    fn matches_whole_pages_and_shares_the_common_part() {
+        let mut pool = IndexPool::new(8);
+        let mut c = PrefixCache::new(8, 2, true);
+        let none = c.match_prefix(&[1, 2, 3, 4, 5], 8, 1);
+        assert_eq!(none, Match { node: ROOT, pages: 0, unlocked: 0, blocked: false });
+        let a = insert_all(&mut c, &mut pool, none, &[1, 2, 3, 4, 5], 0);
+        assert_eq!((c.size(), c.evictable()), (2, 0), "the partial page is not cached; the rest is locked");
+        let m = c.match_prefix(&[1, 2, 3, 9, 9], 8, 1);
+        assert_eq!((m.pages, m.unlocked), (1, 0));
+        assert_eq!(path_tokens(&c, m.node), [1, 2]);
+        c.lock(m.node);
+        let b = insert_all(&mut c, &mut pool, m, &[1, 2, 3, 9, 9], 1);
+        assert_eq!(c.size(), 3, "[1, 2] is shared, [3, 4] and [3, 9] are siblings");
+        assert_eq!(c.match_prefix(&[1, 2, 3, 4, 5, 6], 1, 2).pages, 1, "at most max_pages");
+        c.unlock_after(a, None);
+        assert_eq!(c.evictable(), 1, "[3, 4] is free; [1, 2] is still b's");
+        c.unlock_after(b, Some(7));
+        assert_eq!(c.evictable(), 1, "b's unlock waits for step 7");
+        c.complete(7);
+        assert_eq!(c.evictable(), 3);
+        let mut locks = HashMap::new();
+        c.check(&locks).unwrap();
+        // Least recently used first: [3, 4] was unlocked before [3, 9]; [1, 2] goes once it is a leaf.
+        let order: Vec<u32> = std::iter::from_fn(|| c.evict()).collect();
+        assert_eq!(order.len(), 3);
+        assert_eq!(order[2], m.node, "the parent is evicted last");
+        locks.clear();
+        c.check(&locks).unwrap();
+        assert_eq!((c.size(), c.evictable()), (0, 0));
+    }
+
+    #[test]
+    fn pages_written_by_the_step_being_planned_do_not_match_in_it() {
+        let mut pool = IndexPool::new(4);
+        let mut c = PrefixCache::new(4, 2, true);
+        let m = c.match_prefix(&[1, 2, 3, 4, 5], 4, 5);
+        insert_all(&mut c, &mut pool, m, &[1, 2, 3, 4, 5], 5);
+        let same_step = c.match_prefix(&[1, 2, 3, 4, 5], 4, 5);
+        assert_eq!((same_step.pages, same_step.blocked), (0, true));
+        let next = c.match_prefix(&[1, 2, 3, 4, 5], 4, 6);
+        assert_eq!((next.pages, next.blocked), (2, false));
+    }
+
+    #[test]
+    fn a_locked_path_is_never_evicted() {
+        let mut pool = IndexPool::new(2);
+        let mut c = PrefixCache::new(2, 1, true);
+        let m = c.match_prefix(&[1, 2], 2, 0);
+        let n = insert_all(&mut c, &mut pool, m, &[1, 2], 0);
+        assert_eq!(c.evict(), None);
+        c.unlock_after(n, None);
+        c.lock(c.match_prefix(&[1, 9], 2, 1).node);
+        assert_eq!(c.evict(), Some(n), "[1, 2]'s leaf goes; [1] is locked");
+        assert_eq!(c.evict(), None);
+    }
+
+    #[test]
+    fn a_disabled_cache_matches_and_keeps_nothing() {
+        let mut c = PrefixCache::new(4, 1, false);
+        assert_eq!(c.insert(ROOT, &[1], 0, 0), Inserted::Refused);
+        assert_eq!(c.match_prefix(&[1, 2], 4, 1).pages, 0);
+        assert_eq!((c.size(), c.evict()), (0, None));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A request with one of a few prompts (so that they share prefixes) arrives: it matches, locks, and
+        /// caches its full pages.
+        Admit {
+            prompt: usize,
+            len: usize,
+        },
+        /// A live request ends: its unlock waits for the current step, or not.
+        Release {
+            pick: prop::sample::Index,
+            deferred: bool,
+        },
+        /// The current step completes.
+        Complete,
+        Evict,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0usize..4, 1usize..24).prop_map(|(prompt, len)| Op::Admit { prompt, len }),
+            2 => (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(pick, deferred)| Op::Release { pick, deferred }),
+            1 => Just(Op::Complete),
+            1 => Just(Op::Evict),
+        ]
+    }
+
+    proptest! {
+        /// Against a model of who holds what: every match is a true prefix of the prompt, no page is cached and
+        /// free at once or handed out twice, locks are exactly the live requests' (and pending unlocks') paths,
+        /// only unlocked leaves are evicted, and nothing leaks.
+        #[test]
+        fn insert_match_lock_unlock_evict(
+            num_pages in 1u32..24,
+            page_size in 1u32..4,
+            ops in prop::collection::vec(op(), 1..120),
+        ) {
+            let prompts: Vec<Vec<u32>> = (0..4u32)
+                .map(|p| (0..24u32).map(|i| if i < 6 { 1 } else { 10 * p + i % 3 }).collect())
+                .collect();
+            let mut pool = IndexPool::new(num_pages);
+            let mut c = PrefixCache::new(num_pages, page_size, true);
+            let mut live: Vec<u32> = vec![]; // each live request's deepest node
+            let mut pending: Vec<u32> = vec![]; // unlocks waiting for the current step
+            let mut step = 0u64;
+            for op in ops {
+                match op {
+                    Op::Admit { prompt, len } => {
+                        let tokens = &prompts[prompt][..len];
+                        let m = c.match_prefix(tokens, num_pages, step);
+                        prop_assert_eq!(&path_tokens(&c, m.node)[..], &tokens[..(m.pages * page_size) as usize]);
+                        let full = len as u32 / page_size;
+                        if full - m.pages > pool.available() + c.evictable() - m.unlocked {
+                            continue; // does not fit
+                        }
+                        c.lock(m.node);
+                        live.push(insert_all(&mut c, &mut pool, m, tokens, step));
+                    }
+                    Op::Release { pick, deferred } => {
+                        if !live.is_empty() {
+                            let node = live.swap_remove(pick.index(live.len()));
+                            c.unlock_after(node, deferred.then_some(step));
+                            if deferred {
+                                pending.push(node);
+                            }
+                        }
+                    }
+                    Op::Complete => {
+                        c.complete(step);
+                        pending.clear();
+                        step += 1;
+                    }
+                    Op::Evict => {
+                        let before = c.evictable();
+                        match c.evict() {
+                            Some(p) => {
+                                prop_assert!(!c.contains(p) && pool.is_in_use(p), "evicted page {} is the caller's", p);
+                                prop_assert_eq!(c.evictable(), before - 1);
+                                pool.free(p);
+                            }
+                            None => prop_assert_eq!(before, 0),
+                        }
+                    }
+                }
+                let mut locks = HashMap::new();
+                let mut path = vec![];
+                for &node in live.iter().chain(&pending) {
+                    path.clear();
+                    c.path_pages(node, &mut path);
+                    for &p in &path {
+                        *locks.entry(p).or_default() += 1;
+                    }
+                }
+                c.check(&locks).map_err(TestCaseError::fail)?;
+                // Every page is free or cached, never both; cached pages are in use in the pool.
+                for p in 0..num_pages {
+                    prop_assert!(c.contains(p) != !pool.is_in_use(p), "page {} is cached {} / in use {}", p, c.contains(p), pool.is_in_use(p));
+                }
+                prop_assert_eq!(pool.available() + c.size(), num_pages);
+            }
+        }
+    }
+}

@@ -15,7 +15,9 @@
 //! requests; a page written in a step must be listed by the writing request alone.
 #![allow(dead_code)] // each test file uses a different part
 use proto::step::{SlotBuf, StepKind, StepLayout, StepMut, StepRef};
-use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, Planned, PlannedReq, ReqId, SamplingParams};
+use scheduler::core::{
+    Core, Event, FinishReason, Limits, NewRequest, Planned, PlannedReq, Policy, ReqId, SamplingParams,
+};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Next token from the whole sequence so far and the request's seed.
@@ -285,6 +287,8 @@ pub struct Harness {
     in_flight: VecDeque<Planned>,
     pub outputs: HashMap<ReqId, Vec<u32>>,
     pub finished: HashMap<ReqId, FinishReason>,
+    /// Prompt tokens each request found in the prefix cache on its first admission (`Event::Cached`).
+    pub cached: HashMap<ReqId, u32>,
     /// Every step planned so far, in order.
     pub planned: Vec<StepInfo>,
     events: Vec<Event>,
@@ -298,15 +302,20 @@ impl Harness {
 
     /// Up to `depth` steps in flight (2 is the engine's overlap).
     pub fn with_depth(l: Limits, model: Model, depth: usize) -> Self {
+        Self::with_policy(l, model, depth, Policy::default())
+    }
+
+    pub fn with_policy(l: Limits, model: Model, depth: usize, policy: Policy) -> Self {
         assert!(depth >= 1);
         Harness {
             worker: FakeWorker::new(&l, model),
-            core: Core::new(l).expect("valid limits"),
+            core: Core::with_policy(l, policy).expect("valid limits"),
             depth,
             next_step: 0,
             in_flight: VecDeque::new(),
             outputs: HashMap::new(),
             finished: HashMap::new(),
+            cached: HashMap::new(),
             planned: vec![],
             events: vec![],
         }
@@ -384,8 +393,13 @@ impl Harness {
         for e in self.events.drain(..) {
             let id = e.id();
             assert!(!self.finished.contains_key(&id), "event {e:?} for a finished request");
-            if let Event::Token { token, .. } = e {
-                self.outputs.get_mut(&id).expect("a submitted request").push(token);
+            match e {
+                Event::Token { token, .. } => self.outputs.get_mut(&id).expect("a submitted request").push(token),
+                Event::Cached { tokens, .. } => {
+                    assert!(self.outputs[&id].is_empty(), "{e:?} after the request's first token");
+                    assert!(tokens > 0 && self.cached.insert(id, tokens).is_none(), "{e:?} twice or empty");
+                }
+                Event::Finished { .. } => {}
             }
             if let Some(reason) = e.finish() {
                 self.finished.insert(id, reason);
