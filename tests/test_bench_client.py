@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import free_tcp_port, model_dir_or_skip
 
@@ -80,11 +81,13 @@ RUN_KEYS = {
     "output_tok_per_s",
     "input_tok_per_s",
     "chunks_per_s",
+    "cached_tokens",
     "goodput_req_per_s",
     "ttft_ms",
     "tpot_ms",
     "itl_ms",
     "e2e_ms",
+    "by_turn",
 }
 
 
@@ -112,6 +115,7 @@ def test_fixed_concurrency_measures_the_standins_delays(server, tmp_path):
     (run,) = report["runs"]
     assert set(run) == RUN_KEYS
     assert run["concurrency"] == 4 and run["rate"] is None
+    assert run["cached_tokens"] is None and run["by_turn"] is None  # no cache reported; one turn each
     check_timings(run, 24)
     # Four streams of 24 requests, each ~180 ms: at least six rounds.
     assert run["duration_s"] >= 6 * (TTFT_MS + ITL_MS * (TOKENS - 1)) / 1000
@@ -296,7 +300,7 @@ def test_chunks_are_classified_from_their_bytes(chat, payload, expected):
         assert bool(piece) == (b"hmm" in payload or b'"x"' in payload)
 
 
-@pytest.mark.parametrize("command", ["serve", "offline", "engine", "plot"])
+@pytest.mark.parametrize("command", ["serve", "offline", "engine", "stall", "plot"])
 def test_help_reads(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -335,3 +339,132 @@ def test_engine_runs_serves_workload_through_zeromq_at_a_concurrency(tiny_model,
     assert [r["concurrency"] for r in runs] == [1, 3]
     assert all((r["completed"], r["failed"], r["output_tokens"]) == (5, 0, 20) for r in runs)
     assert all(r["output_tok_per_s"] > 0 and r["e2e_ms"]["p50"] > 0 for r in runs)
+
+
+# ------------------------------------------------------------------------------------ prefix caches (issue 9)
+
+
+def test_shared_prefix_rounds_keep_the_prefix_with_a_prefix_seed():
+    first = wl.shared_prefix_workload(4, 10, 8, 0.0, seed=1, prefix_len=30, prefix_seed=100)
+    second = wl.shared_prefix_workload(4, 10, 8, 0.0, seed=2, prefix_len=30, prefix_seed=100)
+    assert {c.system for c in first} == {c.system for c in second} and len({c.system for c in first}) == 1
+    assert not {c.turns[0].prompt for c in first} & {c.turns[0].prompt for c in second}  # new questions
+    other = wl.shared_prefix_workload(4, 10, 8, 0.0, seed=1, prefix_len=30, prefix_seed=101)
+    assert other[0].system != first[0].system
+    # Without a prefix seed, as before: the prefix follows --seed.
+    assert wl.shared_prefix_workload(4, 10, 8, 0.0, seed=1, prefix_len=30)[0].system != first[0].system
+
+
+def test_cached_tokens_are_reported_per_run_and_per_turn(tmp_path, capsys):
+    """The stand-in with --prefix-cache reports, per request, the words an earlier prompt shared: round 1 of a
+    shared-prefix run (after a warm-up of another prefix) shares the prefix among its own requests, round 2
+    (the same prefix seed) finds it from the start; a multi-turn run's later turns find their history."""
+    log = tmp_path / "requests.jsonl"
+    with standin("--ttft-ms", "1", "--itl-ms", "0", "--prefix-cache", "--log", str(log)) as url:
+        common = [
+            "--workload",
+            "shared-prefix",
+            "--prefix-len",
+            "40",
+            "--input-len",
+            "10",
+            "--prefix-seed",
+            "5",
+        ]
+        common += ["--num-prompts", "4", "--concurrency", "1"]  # one at a time: each sees the ones before
+        one = serve(url, tmp_path, *common, "--seed", "1", name="one.json")["runs"][0]
+        two = serve(url, tmp_path, *common, "--seed", "2", name="two.json")["runs"][0]
+        turns = ["--workload", "multi-turn", "--turns", "3", "--num-prompts", "2", "--input-len", "6"]
+        multi = serve(url, tmp_path, *turns, "--warmup", "0", name="multi.json")["runs"][0]
+    assert one["input_tokens"] == two["input_tokens"] == 4 * 50
+    assert one["cached_tokens"] == 3 * 40  # the first request of round 1 found nothing
+    assert two["cached_tokens"] == 4 * 40
+    sent = [json.loads(line)["messages"] for line in log.read_text().splitlines()]
+    warm, measured = sent[0][0]["content"], sent[1][0]["content"]
+    assert sent[0][0]["role"] == "system" and len(warm.split()) == 40 and warm != measured  # prefix seed 6
+    assert one["by_turn"] is None
+    assert [t["turn"] for t in multi["by_turn"]] == [1, 2, 3]
+    assert [t["completed"] for t in multi["by_turn"]] == [2, 2, 2]
+    assert multi["by_turn"][0]["cached_tokens"] == 0
+    # Turn 2 has turn 1's words cached; turn 3 those of turns 1 and 2 and the first answer.
+    assert multi["by_turn"][1]["cached_tokens"] == 2 * 6
+    assert multi["by_turn"][2]["cached_tokens"] == 2 * (6 + TOKENS + 6)
+    assert multi["by_turn"][2]["input_tokens"] == 2 * (3 * 6 + 2 * TOKENS)
+    assert all(t["ttft_ms"]["p50"] > 0 for t in multi["by_turn"])
+    table = capsys.readouterr().out
+    assert "cached" in table and "    turn 3" in table and "60%" in table  # round 1: 120 of 200 words
+
+
+def test_cached_of_reads_openais_usage_details():
+    from minisgl.bench.loadgen import cached_of
+
+    assert cached_of({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}, -1) == 4
+    assert cached_of({"prompt_tokens": 9}, -1) == -1
+    assert cached_of({"prompt_tokens_details": None}, -1) == -1
+
+
+# ------------------------------------------------------------------------------------------- stall
+
+
+def test_stall_analysis_sorts_gaps_into_windows():
+    from minisgl.bench.stall import analyse
+
+    # Two streams with a token every 10 ms, the second one stalled for 110 ms across the window.
+    a = np.arange(60) * 0.01
+    b = np.concatenate([np.arange(20), np.arange(30, 60)]) * 0.01
+    out = analyse([a, b], [(0.205, 0.295), None])
+    gaps = out["gaps_ms"]
+    assert gaps["before"]["gaps"] == 20 + 19 and gaps["before"]["max_ms"] == pytest.approx(10)
+    assert gaps["during"]["max_ms"] == pytest.approx(110) and gaps["after"]["max_ms"] == pytest.approx(10)
+    assert gaps["before"]["gaps"] + gaps["during"]["gaps"] + gaps["after"]["gaps"] == 59 + 49
+    event, failed = out["events"]
+    assert failed == {"index": 1, "ok": False}
+    assert event["prefill_ms"] == pytest.approx(90)
+    assert event["tokens_per_stream_mean"] == pytest.approx(9 / 2)
+    assert event["streams_through"] == 2 and event["tokens_per_stream_min"] == 0
+    assert event["streams_without_token"] == 1 and event["max_gap_ms"] == pytest.approx(110)
+    empty = analyse([np.zeros(0)], [])
+    assert empty["events"] == [] and empty["gaps_ms"]["during"]["gaps"] == 0
+
+
+def test_stall_measures_the_streams_around_long_prompts(tmp_path, capsys):
+    out = tmp_path / "stall.json"
+    with standin("--ttft-ms", "5", "--itl-ms", "4") as url:
+        argv = ["stall", "--base-url", url, "--streams", "3", "--stream-input-len", "8"]
+        argv += ["--stream-output-len", "150", "--long-input-len", "300", "--long-output-len", "3"]
+        argv += ["--long-count", "2", "--delay-s", "0.2", "--spacing-s", "0.2", "--processes", "2"]
+        assert main([*argv, "--out", str(out), "--label", "standin"]) == 0
+    r = json.loads(out.read_text())
+    assert r["label"] == "standin" and "api_key" not in r["config"]
+    assert r["streams"] == {
+        "requested": 3,
+        "completed": 3,
+        "failed": 0,
+        "errors": {},
+        "decoding_before_long": 3,
+        "tokens": 3 * 150,
+    }
+    assert [lp["prompt_tokens"] for lp in r["long"]] == [300, 300]
+    assert all(lp["ok"] and lp["output_tokens"] == 3 for lp in r["long"])
+    # The stand-in does not stall: every gap is about 4 ms, during the long prompts' 5 ms "prefills" too.
+    for window in ("before", "during", "after"):
+        g = r["gaps_ms"][window]
+        assert g["gaps"] > 0 and 2 <= g["p50_ms"] <= 12, (window, g)
+    assert r["gaps_ms"]["before"]["gaps"] >= 3 * 30  # 0.2 s of 4 ms gaps per stream, less the start
+    assert sum(g["gaps"] for g in r["gaps_ms"].values()) == 3 * 149
+    for k, ev in enumerate(r["events"]):
+        assert ev["index"] == k and ev["ok"] and 4 <= ev["prefill_ms"] < 200
+        assert ev["streams_through"] == 3
+    assert "long 1: 300 prompt tokens" in capsys.readouterr().out
+
+
+def test_offline_engine_flags_are_serves_flags():
+    from minisgl.bench.offline import engine_flags
+
+    assert engine_flags("") == {}
+    assert engine_flags("--no-cuda-graphs --max-step-tokens 4096") == {
+        "cuda_graphs": False,
+        "max_step_tokens": 4096,
+    }
+    with pytest.raises(SystemExit):
+        engine_flags("--no-such-flag")

@@ -1,5 +1,6 @@
 """`minisgl bench`: measure a server online (`serve`), the engine offline (`offline`) or behind a running
-server (`engine`), and draw the results (`plot`). Also `python -m minisgl.bench`.
+server (`engine`), decodes while a long prompt is prefilled (`stall`), and draw the results (`plot`). Also
+`python -m minisgl.bench`.
 
 Subcommand modules import what they need (aiohttp, matplotlib, torch) when they run, so that `--help` and the
 other subcommands stay light.
@@ -27,12 +28,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parser(prog: str = "minisgl bench") -> argparse.ArgumentParser:
-    from minisgl.bench import engine, offline, plot, serve
+    from minisgl.bench import engine, offline, plot, serve, stall
 
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,engine,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,engine,stall,plot}")
     for name, module, summary in (
         ("serve", serve, "load an OpenAI-compatible server with streamed requests; latency and throughput"),
         ("offline", offline, "start an engine here and time batches of requests through it (throughput)"),
@@ -41,6 +42,7 @@ def parser(prog: str = "minisgl bench") -> argparse.ArgumentParser:
             engine,
             "serve's workload through a running engine's ZeroMQ socket: its own throughput",
         ),
+        ("stall", stall, "running decodes' inter-token gaps while a long prompt is prefilled"),
         ("plot", plot, "draw the JSON of `serve` runs: latency percentiles and throughput against load"),
     ):
         sp = sub.add_parser(

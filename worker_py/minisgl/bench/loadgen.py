@@ -58,6 +58,9 @@ class Columns:
     tpot: array = field(default_factory=lambda: array("d"))  # NaN with fewer than 2 output tokens
     output_tokens: array = field(default_factory=lambda: array("q"))
     prompt_tokens: array = field(default_factory=lambda: array("q"))  # -1: the server did not say
+    # usage.prompt_tokens_details.cached_tokens: the prompt tokens a prefix cache served; -1: not said
+    cached_tokens: array = field(default_factory=lambda: array("q"))
+    turn: array = field(default_factory=lambda: array("h"))  # 0 for the first turn of a conversation
     chunks: array = field(default_factory=lambda: array("q"))
     ok: array = field(default_factory=lambda: array("b"))
     itl: array = field(default_factory=lambda: array("d"))
@@ -104,7 +107,7 @@ class Runner:
         history = self.start_history(conv, chat)
         for i, turn in enumerate(conv.turns):
             body = first_body if i == 0 and first_body is not None else self.body(history, turn)
-            answer = await self.request(body, record, turn.max_tokens)
+            answer = await self.request(body, record, turn.max_tokens, turn=i)
             if answer is None:
                 return  # the rest of a conversation depends on this answer
             if i + 1 < len(conv.turns):
@@ -147,15 +150,18 @@ class Runner:
                 piece = content = choices[0].get("text")
         return piece, content, obj.get("usage"), None
 
-    async def request(self, body: bytes, record: bool, max_tokens: int) -> str | None:
+    async def request(
+        self, body: bytes, record: bool, max_tokens: int, turn: int = 0, stamps: array | None = None
+    ) -> str | None:
         """Sends one streamed request; returns its text (empty unless the plan wants text), None if it
-        failed. Per chunk: a few byte operations, a JSON decode only where `quick` cannot tell."""
+        failed. Per chunk: a few byte operations, a JSON decode only where `quick` cannot tell. `stamps`,
+        if given, gets the arrival time of every chunk with text."""
         want_text = self.plan.want_text
         texts: list[str] = []
         ttft = -1.0
         last = 0.0
         chunks = 0
-        out_tokens = prompt_tokens = -1
+        out_tokens = prompt_tokens = cached_tokens = -1
         error = None
         gaps = array("d")
         t0 = perf_counter()  # before the send: connecting and queueing count
@@ -191,6 +197,7 @@ class Runner:
                                 if usage:
                                     out_tokens = usage.get("completion_tokens", out_tokens)
                                     prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                                    cached_tokens = cached_of(usage, cached_tokens)
                                 if content and want_text:
                                     texts.append(content)
                                 nonempty = bool(piece)
@@ -201,6 +208,8 @@ class Runner:
                                     gaps.append(now - last)
                                 last = now
                                 chunks += 1
+                                if stamps is not None:
+                                    stamps.append(now)
                     if end == t0:
                         end = perf_counter()  # no [DONE]: the end of the body ends the request
                     if error is None and ttft < 0:
@@ -215,14 +224,18 @@ class Runner:
                 # counting chunks instead would miss the tokens whose chunk is empty (a character split over
                 # tokens), which some servers still send as a chunk of their own.
                 out_tokens = max_tokens if self.plan.base.get("ignore_eos") else chunks
-            self.record(t0, end, ttft, chunks, out_tokens, prompt_tokens, gaps, error)
+            self.record(t0, end, ttft, chunks, out_tokens, prompt_tokens, gaps, error, cached_tokens, turn)
         return None if error is not None else "".join(texts)
 
-    def record(self, t0, end, ttft, chunks, out_tokens, prompt_tokens, gaps, error) -> None:
+    def record(
+        self, t0, end, ttft, chunks, out_tokens, prompt_tokens, gaps, error, cached_tokens=-1, turn=0
+    ) -> None:
         cols = self.cols
         cols.start.append(t0)
         cols.end.append(end)
         cols.prompt_tokens.append(prompt_tokens)
+        cols.cached_tokens.append(cached_tokens)
+        cols.turn.append(turn)
         cols.chunks.append(chunks)
         if error is not None:
             cols.ok.append(0)
@@ -236,6 +249,15 @@ class Runner:
         cols.tpot.append((end - t0 - ttft) / (out_tokens - 1) if out_tokens > 1 else math.nan)
         cols.output_tokens.append(out_tokens)
         cols.itl.extend(gaps)
+
+
+def cached_of(usage: dict, default: int) -> int:
+    """The cached prompt tokens of a usage object: OpenAI's `prompt_tokens_details.cached_tokens` (ours,
+    vLLM, SGLang), else `default`."""
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        return details["cached_tokens"]
+    return default
 
 
 def take(counter) -> int:

@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help="a tiny random model and small workloads (CPU smoke test)"
     )
     p.add_argument("--no-overlap-too", action="store_true", help="also run with overlap off, for comparison")
+    p.add_argument(
+        "--engine-flags",
+        default="",
+        metavar="FLAGS",
+        help="`minisgl serve` flags for the engines, one string ('--no-cuda-graphs --max-step-tokens 4096')",
+    )
     p.add_argument("--plot", type=Path, default=None, help="draw output tokens/s per workload into this PNG")
     p.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="warn", help="the engine's (info: the scheduler's step summary)")
@@ -137,6 +143,18 @@ def run_engine(model: Path, name: str, engine_args: dict, loads: dict, quiet: bo
     return runs
 
 
+def engine_flags(flags: str) -> dict:
+    """The EngineConfig fields that `minisgl serve` FLAGS set to other than their defaults, as keyword
+    arguments of `LLM`."""
+    import shlex
+
+    from minisgl.launch import build_parser
+
+    parser = build_parser("--engine-flags")
+    given, default = vars(parser.parse_args(shlex.split(flags))), vars(parser.parse_args([]))
+    return {k: v for k, v in given.items() if v != default[k] and k not in ("model", "model_dir")}
+
+
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from minisgl.bench import random_model
     from minisgl.launch import DEFAULT_MODEL
@@ -156,6 +174,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.no_overlap_too:
         engines["no overlap"] = {"overlap": False}
     tokenizer_dir = a.tokenizer_dir or DEFAULT_MODEL
+    try:
+        flags = engine_flags(a.engine_flags)
+    except SystemExit:  # argparse has said what is wrong with them
+        p.error(f"--engine-flags {a.engine_flags!r}: not flags of `minisgl serve`")
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model
         if model is None:
@@ -173,7 +195,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             else "Qwen2.5-0.5B shapes, random bf16 weights (seed 0)"
         )
         engine_args = {
-            name: {"device": a.device, "log_level": a.log_level, **args} for name, args in engines.items()
+            name: {"device": a.device, "log_level": a.log_level, **flags, **args}
+            for name, args in engines.items()
         }
         report = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

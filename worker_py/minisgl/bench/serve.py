@@ -106,6 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [L*(1-R), L*(1+R)]")
     g.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: words in each prefix")
     g.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: distinct prefixes")
+    g.add_argument(
+        "--prefix-seed",
+        type=int,
+        default=None,
+        help="shared-prefix: draw the prefixes from this seed, apart from the rest (runs with another --seed "
+        "then ask new questions after the same prefixes: a second round against a warm cache); default: "
+        "from --seed",
+    )
     g.add_argument("--turns", type=int, default=4, help="multi-turn: user messages per conversation")
     g.add_argument(
         "--token-ids",
@@ -175,13 +183,17 @@ def first_model(base_url: str, api_key: str | None) -> str:
         return "default"
 
 
-def build_workload(a: argparse.Namespace, num: int | None, seed: int) -> list[wl.Conversation]:
+def build_workload(
+    a: argparse.Namespace, num: int | None, seed: int, prefix_seed: int | None = None
+) -> list[wl.Conversation]:
     n = 1000 if num is None else num
     common = (a.input_len, a.output_len, a.range_ratio, seed)
     if a.workload == "random":
         return wl.random_workload(n, *common, token_ids=a.token_ids)
     if a.workload == "shared-prefix":
-        return wl.shared_prefix_workload(n, *common, a.prefix_len, a.num_prefixes, token_ids=a.token_ids)
+        return wl.shared_prefix_workload(
+            n, *common, a.prefix_len, a.num_prefixes, token_ids=a.token_ids, prefix_seed=prefix_seed
+        )
     if a.workload == "multi-turn":
         return wl.multi_turn_workload(n, *common, a.turns)
     return wl.take(wl.read_dataset(a.dataset, a.output_len), num)
@@ -305,6 +317,7 @@ def summarize(a: argparse.Namespace, columns: list, rate: float | None, concurre
     start, end = cat("start", np.float64), cat("end", np.float64)
     ttft, tpot = cat("ttft", np.float64), cat("tpot", np.float64)
     out_tokens, prompt_tokens = cat("output_tokens", np.int64), cat("prompt_tokens", np.int64)
+    cached, turn = cat("cached_tokens", np.int64), cat("turn", np.int16)
     duration = float(end.max() - start.min()) if start.size else 0.0
     per_s = 1.0 / duration if duration > 0 else math.nan
     errors: dict[str, int] = {}
@@ -312,6 +325,7 @@ def summarize(a: argparse.Namespace, columns: list, rate: float | None, concurre
         for e in c.errors:
             errors[e] = errors.get(e, 0) + 1
     known_prompt = ok & (prompt_tokens >= 0)
+    known_cached = ok & (cached >= 0)
     run = {
         "rate": None if rate is None else ("inf" if rate == math.inf else rate),
         "concurrency": concurrency,
@@ -326,12 +340,27 @@ def summarize(a: argparse.Namespace, columns: list, rate: float | None, concurre
         "output_tok_per_s": float(out_tokens[ok].sum()) * per_s,
         "input_tok_per_s": float(prompt_tokens[known_prompt].sum()) * per_s if known_prompt.any() else None,
         "chunks_per_s": float(cat("chunks", np.int64).sum()) * per_s,
+        "cached_tokens": int(cached[known_cached].sum()) if known_cached.any() else None,
         "goodput_req_per_s": None,
         "ttft_ms": percentiles(ttft[ok]),
         "tpot_ms": percentiles(tpot[ok]),
         "itl_ms": percentiles(cat("itl", np.float64)),
         "e2e_ms": percentiles((end - start)[ok]),
+        "by_turn": None,
     }
+    if turn.size and turn.max() > 0:  # multi-turn: how the first turns and the later ones fared
+        run["by_turn"] = [
+            {
+                "turn": int(t) + 1,
+                "completed": int((ok & (turn == t)).sum()),
+                "input_tokens": int(prompt_tokens[known_prompt & (turn == t)].sum()),
+                "cached_tokens": int(cached[known_cached & (turn == t)].sum())
+                if (known_cached & (turn == t)).any()
+                else None,
+                "ttft_ms": percentiles(ttft[ok & (turn == t)]),
+            }
+            for t in range(int(turn.max()) + 1)
+        ]
     if a.slo_ttft_ms is not None or a.slo_tpot_ms is not None:
         good = ok.copy()
         if a.slo_ttft_ms is not None:
@@ -354,7 +383,7 @@ def print_table(runs: list[dict], file=None) -> None:
     cols = (
         f"{'load':>10} {'ok':>6} {'fail':>5} {'secs':>7} {'req/s':>7} {'out tok/s':>10} "
         f"{'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'E2E p50':>9} "
-        f"{'goodput':>7}"
+        f"{'goodput':>7} {'cached':>6}"
     )
     print(cols + "   (times in ms)", file=file)
     for r in runs:
@@ -365,11 +394,26 @@ def print_table(runs: list[dict], file=None) -> None:
             f"{fmt(r['ttft_ms']['p50']):>9} {fmt(r['ttft_ms']['p99']):>8} "
             f"{fmt(r['tpot_ms']['p50'], 2):>9} {fmt(r['tpot_ms']['p99'], 2):>7} "
             f"{fmt(r['itl_ms']['p50'], 2):>8} {fmt(r['itl_ms']['p99'], 2):>7} {fmt(r['e2e_ms']['p50']):>9} "
-            f"{fmt(r['goodput_req_per_s'], 2):>7}",
+            f"{fmt(r['goodput_req_per_s'], 2):>7} {cached_share(r):>6}",
             file=file,
         )
+        for t in r.get("by_turn") or ():
+            ttft = t["ttft_ms"]
+            blank = " " * 51  # under TPOT, ITL, E2E and goodput
+            print(
+                f"{'turn ' + str(t['turn']):>10} {t['completed']:>6} {'':>5} {'':>7} {'':>7} {'':>10} "
+                f"{fmt(ttft['p50']):>9} {fmt(ttft['p99']):>8} {blank} {cached_share(t):>6}",
+                file=file,
+            )
         for error, count in r["errors"].items():
             print(f"{'':>10} {count} failed: {error}", file=file)
+
+
+def cached_share(r: dict) -> str:
+    """The share of the prompt tokens that the server said were cached, as a percentage."""
+    if r.get("cached_tokens") is None or not r.get("input_tokens"):
+        return "-"
+    return f"{100.0 * r['cached_tokens'] / r['input_tokens']:.0f}%"
 
 
 def config_of(a: argparse.Namespace) -> dict:
@@ -384,11 +428,12 @@ def config_of(a: argparse.Namespace) -> dict:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     check(a, p)
     try:
-        convs = build_workload(a, a.num_prompts, a.seed)
+        convs = build_workload(a, a.num_prompts, a.seed, a.prefix_seed)
         # Single requests, from other prompts than the measured ones (whose prefixes they would cache).
+        other = None if a.prefix_seed is None else a.prefix_seed + 1
         warmup = [
             wl.Conversation(c.turns[:1], c.system)
-            for c in build_workload(a, a.warmup, a.seed + 1)[: a.warmup]
+            for c in build_workload(a, a.warmup, a.seed + 1, other)[: a.warmup]
         ]
     except (OSError, ValueError) as e:
         p.error(str(e))

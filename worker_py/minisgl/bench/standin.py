@@ -7,7 +7,9 @@ every request answers `max_tokens` chunks of one word each, the first after --tt
 GET /v1/models; POST /v1/chat/completions and /v1/completions, streamed (with the usage chunk when
 `stream_options.include_usage` is set) or not. Prompt tokens are counted as words (token ids: their number),
 as the bench's prompts are built. With --api-key, requests without `Authorization: Bearer KEY` get a 401;
---log FILE appends every request body to FILE as a JSON line.
+--log FILE appends every request body to FILE as a JSON line. With --prefix-cache the usage says, as
+`prompt_tokens_details.cached_tokens`, how many leading words of the prompt (all its messages' words in order)
+an earlier request already had: what a server with a prefix cache of one-word pages would report.
 """
 
 from __future__ import annotations
@@ -22,16 +24,39 @@ from aiohttp import web
 WORD = " tok"
 
 
-def prompt_tokens(body: dict) -> int:
+def prompt_words(body: dict) -> list:
+    """The prompt as the stand-in counts it: words (of every message, in order), or token ids."""
     if "messages" in body:
-        return sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        return [w for m in body["messages"] for w in str(m.get("content", "")).split()]
     prompt = body.get("prompt", "")
-    return len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+    return list(prompt) if isinstance(prompt, list) else str(prompt).split()
+
+
+def prompt_tokens(body: dict) -> int:
+    return len(prompt_words(body))
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Standin:
-    def __init__(self, ttft_s: float, itl_s: float, model: str, api_key: str | None, log: str | None):
+    def __init__(
+        self,
+        ttft_s: float,
+        itl_s: float,
+        model: str,
+        api_key: str | None,
+        log: str | None,
+        prefix_cache: bool = False,
+    ):
         self.ttft_s = ttft_s
+        self.seen: list[list] | None = [] if prefix_cache else None  # every prompt so far, for the cache
         self.itl_s = itl_s
         self.model = model
         self.api_key = api_key
@@ -76,7 +101,12 @@ class Standin:
             self.log.flush()
         self.served += 1
         n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
-        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": n}
+        words = prompt_words(body)
+        usage = {"prompt_tokens": len(words), "completion_tokens": n}
+        if self.seen is not None:
+            cached = max((common_prefix(words, s) for s in self.seen), default=0)
+            self.seen.append(words)
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.served}"
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -133,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="standin", help="the model id GET /v1/models lists")
     p.add_argument("--api-key", default=None, help="answer 401 to requests without this bearer key")
     p.add_argument("--log", default=None, help="append each request body to this file (JSON lines)")
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="report the words an earlier prompt shared as usage.prompt_tokens_details.cached_tokens",
+    )
     a = p.parse_args(argv)
-    server = Standin(a.ttft_ms / 1000, a.itl_ms / 1000, a.model, a.api_key, a.log)
+    server = Standin(a.ttft_ms / 1000, a.itl_ms / 1000, a.model, a.api_key, a.log, a.prefix_cache)
     ready = f"standin serving on http://{a.host}:{a.port} (TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms)"
     web.run_app(
         server.app(), host=a.host, port=a.port, print=lambda _: print(ready, flush=True), access_log=None

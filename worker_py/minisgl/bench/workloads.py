@@ -97,11 +97,15 @@ def shared_prefix_workload(
     prefix_len: int,
     num_prefixes: int = 1,
     token_ids: bool = False,
+    prefix_seed: int | None = None,
 ) -> list[Conversation]:
     """Request i starts with prefix i % num_prefixes (`prefix_len` words) and goes on with `input_len` words
-    of its own: what a prefix cache is for (a long system prompt, few-shot examples, a shared document)."""
+    of its own: what a prefix cache is for (a long system prompt, few-shot examples, a shared document).
+    With `prefix_seed` the prefixes come from a generator of their own, so that runs of different `seed`s
+    ask other questions after the same prefixes (a second round against a warm cache)."""
     rng = np.random.default_rng(seed)
-    prefixes = [random_prompt(rng, prefix_len, token_ids) for _ in range(num_prefixes)]
+    prefix_rng = rng if prefix_seed is None else np.random.default_rng(prefix_seed)
+    prefixes = [random_prompt(prefix_rng, prefix_len, token_ids) for _ in range(num_prefixes)]
     ins, outs = lengths(rng, input_len, ratio, num), lengths(rng, output_len, ratio, num)
     convs = []
     for i, (n, out) in enumerate(zip(ins, outs, strict=True)):

@@ -48,7 +48,10 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "start the engine for a model and serve it (ZeroMQ and the OpenAI HTTP API)"),
     "chat": (_chat, "chat in the terminal with a running server, over its OpenAI HTTP API"),
     "ask": (_ask, "send one prompt to a running server over ZeroMQ and stream the answer"),
-    "bench": (_bench, "benchmarks: serve (a running server), offline (an engine of its own), engine, plot"),
+    "bench": (
+        _bench,
+        "benchmarks: serve (a running server), offline (an engine of its own), engine, stall, plot",
+    ),
 }
 
 
