@@ -1,0 +1,74 @@
+"""Acceptance (issue 9), on the CPU with the real default model in fp32: memory pressure, the prefix cache and
+mixed steps change when work is done, never what a request generates."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import free_tcp_port
+
+PAGE_SIZE = 16
+TOPICS = ["a binary search", "the TCP handshake", "photosynthesis", "prime numbers", "black holes"]
+
+
+def distinct_requests(n: int) -> list[tuple[dict, dict]]:
+    """`n` different requests: chats that share the template's system prompt, and texts that share a preamble
+    by topic, so the cache has prefixes to find; half greedy, half seeded sampling."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        if i % 2:
+            prompt = {"messages": [{"role": "user", "content": f"In {i + 3} words, describe {topic}."}]}
+        else:
+            prompt = {"text": f"Notes on {topic}, part {i}:"}
+        sampling = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+        if i % 4 >= 2:
+            sampling |= {"temperature": 0.8, "top_k": 40, "seed": 100 + i}
+        out.append((prompt, sampling))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_pool_engine(model_dir):
+    """The default model with a KV pool far smaller than its load."""
+    from minisgl.launch import Engine, EngineConfig
+
+    config = EngineConfig(
+        model=str(model_dir),
+        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
+        http=f"127.0.0.1:{free_tcp_port()}",
+        device="cpu",
+        dtype="float32",
+        num_pages=120,
+        page_size=PAGE_SIZE,
+        max_batch=64,
+        max_step_tokens=512,
+        max_seq_len=1024,
+        log_level=os.environ.get("MINISGL_LOG", "info"),
+        ready_timeout_s=300,
+    )
+    with Engine(config) as running:
+        yield running
+
+
+def test_200_requests_needing_5_times_the_pool_all_complete_as_alone(client, small_pool_engine):
+    from minisgl.client import Client
+
+    distinct = distinct_requests(50)
+    alone = [client.generate(**prompt, sampling=sampling) for prompt, sampling in distinct]
+    requests = [distinct[i % len(distinct)] for i in range(200)]
+    need = sum(
+        -(-(alone[i % len(distinct)]["prompt_tokens"] + 12) // PAGE_SIZE) for i in range(len(requests))
+    )
+    assert need >= 5 * small_pool_engine.config.num_pages, f"only {need} pages of KV needed in all"
+
+    with Client(small_pool_engine.config.listen, timeout_s=600) as c:
+        rids = [c.submit(**prompt, sampling=sampling, stream=False) for prompt, sampling in requests]
+        finals = [list(c.replies(rid))[-1] for rid in rids]
+        info = c.info()
+    for i, final in enumerate(finals):
+        want = alone[i % len(distinct)]
+        assert final["finish_reason"] == "length", f"request {i}: {final}"
+        assert final["token_ids"] == want["token_ids"], f"request {i} differs from its run alone"
+    assert info["live_requests"] == 0
