@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_tcp_port, model_dir_or_skip
+from conftest import REPO_ROOT, free_tcp_port, model_dir_or_skip
 
 from minisgl.bench import main
 from minisgl.bench import workloads as wl
@@ -468,3 +468,47 @@ def test_offline_engine_flags_are_serves_flags():
     }
     with pytest.raises(SystemExit):
         engine_flags("--no-such-flag")
+
+
+def test_prefix_bench_summary_reads_what_the_script_writes(tmp_path, capsys):
+    """scripts/bench_prefix_gpu.sh's table, from files shaped as it writes them (a part may be missing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "summary", REPO_ROOT / "scripts" / "bench_prefix_summary.py"
+    )
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def run(ttft_p50: float, cached: int | None, by_turn=None) -> dict:
+        stats = {"mean": 1.0, "p50": ttft_p50, "p90": 1.0, "p99": 2 * ttft_p50}
+        return {
+            "completed": 64, "failed": 0, "errors": {}, "duration_s": 1.5, "output_tok_per_s": 2730.0,
+            "input_tokens": 1000, "cached_tokens": cached, "ttft_ms": stats, "tpot_ms": stats,
+            "by_turn": by_turn,
+        }  # fmt: skip
+
+    def scrape(extend: int, seconds: float) -> dict:
+        lines = [f'minisgl_step_duration_seconds_count{{kind="extend"}} {extend}']
+        return {"metrics": [*lines, f'minisgl_step_duration_seconds_sum{{kind="extend"}} {seconds}']}
+
+    a_cfg = {"num_prompts": 64, "prefix_len": 2000, "input_len": 50, "output_len": 64}
+    turns = [{"turn": 1, "completed": 32, "input_tokens": 10, "cached_tokens": 0, "ttft_ms": {"p50": 30.0}}]
+    on = {
+        "a1": {"config": a_cfg, "runs": [run(40.0, 900)]},
+        "a2": {"config": a_cfg, "runs": [run(20.0, 950)]},
+        "b": {"config": {"num_prompts": 32, "turns": 6}, "runs": [run(25.0, 800, turns)]},
+        "metrics_warmup": scrape(10, 1.0),
+        "metrics_a1": scrape(14, 1.1),
+    }
+    off = {"a1": {"config": a_cfg, "runs": [run(200.0, 0)]}, "a2": {"config": a_cfg, "runs": [run(100.0, 0)]}}
+    for label, parts in (("ours-on", on), ("ours-off", off)):
+        doc = {"label": label, "gpu": "NVIDIA H200", "date_utc": "2026-12-05 07:00:00", "parts": parts}
+        (tmp_path / f"prefix_{label}.json").write_text(json.dumps(doc))
+    assert summary.main(["summary", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "64/0" in out and "90%" in out
+    assert "extend 4x25.00ms" in out  # the steps of round 1, from /metrics before and after it
+    assert "= x5.00 (goal >= x3)" in out and "= x5.00 (goal >= x3)" in out.split("round 2")[-1]
+    assert "by turn: 1: 30.0 (0%)" in out
+    assert "(c) offline nano-vllm: no result" in out and "WARNING" not in out

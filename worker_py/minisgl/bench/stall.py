@@ -370,9 +370,9 @@ def print_report(r: dict, file=None) -> None:
             print(f"long {ev['index']}: failed: {lp['error']}", file=file)
             continue
         print(
-            f"long {ev['index']}: {lp['prompt_tokens']} prompt tokens ({lp['cached_tokens']} cached), "
-            f"prefill (TTFT) {fmt(ev['prefill_ms'], 1)} ms; streams' gaps during it: max "
-            f"{fmt(ev['max_gap_ms'])}, p99 {fmt(ev['p99_gap_ms'])}, mean {fmt(ev['mean_gap_ms'])} ms; "
+            f"long {ev['index']}: {lp['prompt_tokens']} prompt tokens ({fmt(lp['cached_tokens'], 0)} "
+            f"cached), prefill (TTFT) {fmt(ev['prefill_ms'], 1)} ms; streams' gaps during it: "
+            f"max {fmt(ev['max_gap_ms'])}, p99 {fmt(ev['p99_gap_ms'])}, mean {fmt(ev['mean_gap_ms'])} ms; "
             f"tokens per stream meanwhile: min {ev['tokens_per_stream_min']}, "
             f"mean {fmt(ev['tokens_per_stream_mean'], 1)} ({ev['streams_without_token']} of "
             f"{ev['streams_through']} streams got none)",
