@@ -44,6 +44,20 @@ pub struct Generate {
     pub input_ids: Option<Vec<u32>>,
     pub sampling: Sampling,
     pub stream: bool,
+    /// Samples of the prompt, each its own sequence with replies carrying its `index` (0..n). Wide like the
+    /// sampling fields, so that 0 or -1 is an `invalid_params` refusal rather than a malformed frame; the upper
+    /// bound is the scheduler's (it depends on the batch size). Left off the wire when 1, so that a plain
+    /// request's bytes stay what they were before `n` existed.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub n: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn is_one(n: &i64) -> bool {
+    *n == 1
 }
 
 /// The prompt of a `generate`, in whichever form the client gave it.
@@ -64,6 +78,7 @@ impl Generate {
             input_ids: None,
             sampling: Sampling::default(),
             stream: true,
+            n: 1,
         }
     }
 
@@ -121,6 +136,8 @@ pub enum ErrorCode {
     UnknownRequest,
     DuplicateRequest,
     ShuttingDown,
+    /// The waiting queue is full (`--max-waiting`): the request was refused at once; retrying later may work.
+    Overloaded,
 }
 
 /// Why a client message was refused, with what the `error` reply needs.
@@ -160,6 +177,7 @@ struct WireGenerate {
     input_ids: Option<Vec<u32>>,
     sampling: Option<WireSampling>,
     stream: Option<bool>,
+    n: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +245,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
                 input_ids: w.input_ids,
                 sampling: w.sampling.map(Sampling::from).unwrap_or_default(),
                 stream: w.stream.unwrap_or(true),
+                n: w.n.unwrap_or(1),
             }))
         }
         "abort" => {
@@ -245,6 +264,9 @@ pub fn validate(g: &Generate) -> Result<(), Rejection> {
     let forms = [g.text.is_some(), g.messages.is_some(), g.input_ids.is_some()].iter().filter(|x| **x).count();
     if forms != 1 {
         return bad(format!("give exactly one of text, messages, input_ids ({forms} given)"));
+    }
+    if g.n < 1 {
+        return bad(format!("n must be >= 1, got {}", g.n));
     }
     let s = &g.sampling;
     if s.max_tokens <= 0 {
@@ -280,6 +302,10 @@ pub enum ServerMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delta {
     pub rid: String,
+    /// Which of the request's `n` samples this is (0 when n is 1). A reply without it (an older scheduler) is
+    /// sample 0.
+    #[serde(default)]
+    pub index: u32,
     pub token_ids: Vec<u32>,
     pub text: String,
 }
@@ -296,9 +322,16 @@ pub enum FinishReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Final {
     pub rid: String,
+    /// Which sample ended (see [`Delta::index`]); a request of `n` samples gets `n` finals.
+    #[serde(default)]
+    pub index: u32,
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Of `prompt_tokens`, those whose KV came from the prefix cache instead of a prefill. Older schedulers
+    /// did not send it: absent reads as 0.
+    #[serde(default)]
+    pub cached_tokens: u32,
     pub token_ids: Vec<u32>,
     pub text: String,
     /// Why, when `finish_reason` is `error`; nil otherwise.

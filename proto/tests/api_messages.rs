@@ -207,21 +207,23 @@ fn client_messages_encode_as_the_protocol_writes_them() {
 
 #[test]
 fn server_messages_encode_as_the_protocol_writes_them() {
-    let delta = ServerMsg::Delta(Delta { rid: "r".into(), token_ids: vec![9], text: "é".into() });
-    assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "token_ids": [9], "text": "é"}));
+    let delta = ServerMsg::Delta(Delta { rid: "r".into(), index: 2, token_ids: vec![9], text: "é".into() });
+    assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "index": 2, "token_ids": [9], "text": "é"}));
     let fin = ServerMsg::Final(Final {
         rid: "r".into(),
+        index: 2,
         finish_reason: FinishReason::Length,
         prompt_tokens: 3,
         completion_tokens: 1,
+        cached_tokens: 2,
         token_ids: vec![9],
         text: "é".into(),
         message: None,
     });
     assert_eq!(
         wire(&fin),
-        json!({"type": "final", "rid": "r", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 1,
-               "token_ids": [9], "text": "é", "message": null})
+        json!({"type": "final", "rid": "r", "index": 2, "finish_reason": "length", "prompt_tokens": 3,
+               "completion_tokens": 1, "cached_tokens": 2, "token_ids": [9], "text": "é", "message": null})
     );
     let err = Rejection::new(None, ErrorCode::UnknownType, "no").to_msg();
     assert_eq!(wire(&err), json!({"type": "error", "rid": null, "code": "unknown_type", "message": "no"}));
@@ -233,6 +235,7 @@ fn server_messages_encode_as_the_protocol_writes_them() {
         (ErrorCode::UnknownRequest, "unknown_request"),
         (ErrorCode::DuplicateRequest, "duplicate_request"),
         (ErrorCode::ShuttingDown, "shutting_down"),
+        (ErrorCode::Overloaded, "overloaded"),
     ] {
         assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
     }
@@ -255,4 +258,39 @@ fn control_messages_encode_as_the_protocol_writes_them() {
     // A worker message of the wrong type must not decode as a WorkerMsg.
     assert!(decode::<WorkerMsg>(&pack(&json!({"type": "welcome"}))).is_err());
     assert_eq!(decode::<WorkerMsg>(&pack(&json!({"type": "ready"}))).unwrap(), WorkerMsg::Ready);
+}
+
+#[test]
+fn replies_of_a_scheduler_without_index_and_cached_tokens_still_decode() {
+    // What schedulers sent before `n` and the prefix cache: a client built now reads them as sample 0, no cache.
+    let old_final = json!({"type": "final", "rid": "r", "finish_reason": "stop", "prompt_tokens": 3,
+                           "completion_tokens": 1, "token_ids": [9], "text": "x", "message": null});
+    let ServerMsg::Final(f) = decode::<ServerMsg>(&pack(&old_final)).unwrap() else { panic!() };
+    assert_eq!((f.index, f.cached_tokens, f.prompt_tokens), (0, 0, 3));
+    let old_delta = json!({"type": "delta", "rid": "r", "token_ids": [9], "text": "x"});
+    let ServerMsg::Delta(d) = decode::<ServerMsg>(&pack(&old_delta)).unwrap() else { panic!() };
+    assert_eq!((d.index, d.token_ids), (0, vec![9]));
+}
+
+#[test]
+fn n_is_read_checked_and_left_off_the_wire_when_it_is_one() {
+    let v = json!({"type": "generate", "rid": "s", "text": "x", "n": 4});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!(g.n, 4);
+    assert!(validate(&g).is_ok());
+    assert_eq!(wire(&ClientMsg::Generate(g.clone()))["n"], json!(4));
+    let one = Generate { n: 1, ..g.clone() };
+    assert!(wire(&ClientMsg::Generate(one)).get("n").is_none(), "a plain request's bytes are unchanged");
+    let v = json!({"type": "generate", "rid": "s", "text": "x", "n": null});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!(g.n, 1, "nil means the default");
+    for bad in [0, -3] {
+        let v = json!({"type": "generate", "rid": "s", "text": "x", "n": bad});
+        let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+        let r = validate(&g).unwrap_err();
+        assert_eq!(r.code, ErrorCode::InvalidParams);
+        assert!(r.message.starts_with("n must be >= 1"), "{}", r.message);
+    }
+    let v = json!({"type": "generate", "rid": "s", "text": "x", "n": "two"});
+    assert_eq!(rejection(&v).code, ErrorCode::Malformed);
 }

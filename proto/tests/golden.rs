@@ -121,10 +121,16 @@ fn client_messages() {
     let mut text = Generate::new("req-3");
     text.text = Some("def fib(n):".into());
     text.sampling.seed = Some(7);
+    let mut samples = Generate::new("req-5");
+    samples.text = Some("def fib(n):".into());
+    samples.sampling.temperature = 0.8;
+    samples.sampling.seed = Some(7);
+    samples.n = 3;
     for (file, msg) in [
         ("client_generate.msgpack", generate),
         ("client_generate_input_ids.msgpack", ClientMsg::Generate(ids)),
         ("client_generate_text.msgpack", ClientMsg::Generate(text)),
+        ("client_generate_n.msgpack", ClientMsg::Generate(samples)),
         ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
         ("client_info.msgpack", ClientMsg::Info),
     ] {
@@ -139,15 +145,17 @@ fn server_messages() {
     let msgs = [
         (
             "server_delta.msgpack",
-            ServerMsg::Delta(Delta { rid: "req-1".into(), token_ids: vec![9707, 0], text: "Hi!".into() }),
+            ServerMsg::Delta(Delta { rid: "req-1".into(), index: 1, token_ids: vec![9707, 0], text: "Hi!".into() }),
         ),
         (
             "server_final.msgpack",
             ServerMsg::Final(Final {
                 rid: "req-1".into(),
+                index: 1,
                 finish_reason: FinishReason::Stop,
                 prompt_tokens: 21,
                 completion_tokens: 3,
+                cached_tokens: 16,
                 token_ids: vec![9707, 0, 151645],
                 text: "Hi!".into(),
                 message: None,
@@ -157,9 +165,11 @@ fn server_messages() {
             "server_final_error.msgpack",
             ServerMsg::Final(Final {
                 rid: "req-4".into(),
+                index: 0,
                 finish_reason: FinishReason::Error,
                 prompt_tokens: 5,
                 completion_tokens: 0,
+                cached_tokens: 0,
                 token_ids: vec![],
                 text: String::new(),
                 message: Some("worker failed the step".into()),

@@ -24,20 +24,25 @@ fn main() -> anyhow::Result<()> {
                 Call::Generate { generate, accepted, replies, .. } => {
                     let _ = accepted.send(Ok(()));
                     let n = u32::try_from(generate.sampling.max_tokens).unwrap_or(16).clamp(1, 1 << 16);
+                    let samples = u32::try_from(generate.n).unwrap_or(1).max(1);
                     let rid = generate.rid;
-                    for _ in 0..n {
-                        let delta = Delta { rid: rid.clone(), token_ids: vec![42], text: " word".into() };
-                        let _ = replies.send(ServerMsg::Delta(delta));
+                    for index in 0..samples {
+                        for _ in 0..n {
+                            let delta = Delta { rid: rid.clone(), index, token_ids: vec![42], text: " word".into() };
+                            let _ = replies.send(ServerMsg::Delta(delta));
+                        }
+                        let _ = replies.send(ServerMsg::Final(Final {
+                            rid: rid.clone(),
+                            index,
+                            finish_reason: FinishReason::Length,
+                            prompt_tokens: 1,
+                            completion_tokens: n,
+                            cached_tokens: 0,
+                            token_ids: vec![42; n as usize],
+                            text: " word".repeat(n as usize),
+                            message: None,
+                        }));
                     }
-                    let _ = replies.send(ServerMsg::Final(Final {
-                        rid,
-                        finish_reason: FinishReason::Length,
-                        prompt_tokens: 1,
-                        completion_tokens: n,
-                        token_ids: vec![42; n as usize],
-                        text: " word".repeat(n as usize),
-                        message: None,
-                    }));
                 }
                 Call::Health(reply) => {
                     let _ = reply.send(0);

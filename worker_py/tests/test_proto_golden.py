@@ -170,18 +170,34 @@ CLIENT = {
         "sampling": {**messages.SAMPLING_DEFAULTS, "seed": 7},
         "stream": True,
     },
+    "client_generate_n.msgpack": {
+        "type": "generate",
+        "rid": "req-5",
+        "text": "def fib(n):",
+        "sampling": {**messages.SAMPLING_DEFAULTS, "temperature": 0.8, "seed": 7},
+        "stream": True,
+        "n": 3,
+    },
     "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
     "client_info.msgpack": {"type": "info"},
 }
 
 SERVER = {
-    "server_delta.msgpack": {"type": "delta", "rid": "req-1", "token_ids": [9707, 0], "text": "Hi!"},
+    "server_delta.msgpack": {
+        "type": "delta",
+        "rid": "req-1",
+        "index": 1,
+        "token_ids": [9707, 0],
+        "text": "Hi!",
+    },
     "server_final.msgpack": {
         "type": "final",
         "rid": "req-1",
+        "index": 1,
         "finish_reason": "stop",
         "prompt_tokens": 21,
         "completion_tokens": 3,
+        "cached_tokens": 16,
         "token_ids": [9707, 0, 151645],
         "text": "Hi!",
         "message": None,
@@ -189,9 +205,11 @@ SERVER = {
     "server_final_error.msgpack": {
         "type": "final",
         "rid": "req-4",
+        "index": 0,
         "finish_reason": "error",
         "prompt_tokens": 5,
         "completion_tokens": 0,
+        "cached_tokens": 0,
         "token_ids": [],
         "text": "",
         "message": "worker failed the step",
@@ -284,6 +302,12 @@ def test_python_builders_give_the_schedulers_bytes():
         ),
         "client_generate_input_ids.msgpack": messages.generate(
             "req-2", input_ids=[1, 2, 151643], sampling=messages.SAMPLING_DEFAULTS
+        ),
+        "client_generate_n.msgpack": messages.generate(
+            "req-5",
+            text="def fib(n):",
+            sampling={**messages.SAMPLING_DEFAULTS, "temperature": 0.8, "seed": 7},
+            n=3,
         ),
         "client_abort.msgpack": messages.abort("req-1"),
         "client_info.msgpack": messages.info(),

@@ -18,6 +18,19 @@ def test_generate_takes_exactly_one_prompt_form():
             messages.generate("a", **bad)
 
 
+def test_n_is_sent_only_when_it_is_not_one():
+    assert "n" not in messages.generate("a", text="hi", n=1)
+    assert messages.generate("a", text="hi", n=3)["n"] == 3
+    assert list(messages.generate("a", text="hi", sampling={}, n=2)) == [
+        "type",
+        "rid",
+        "text",
+        "sampling",
+        "stream",
+        "n",
+    ]
+
+
 def test_generate_refuses_unknown_sampling_keys():
     with pytest.raises(ValueError, match="max_new_tokens"):
         messages.generate("a", text="x", sampling={"max_new_tokens": 3})
@@ -42,6 +55,7 @@ def test_constants_match_the_protocol():
         "unknown_request",
         "duplicate_request",
         "shutting_down",
+        "overloaded",
     }
     assert messages.abort("r") == {"type": "abort", "rid": "r"}
     assert messages.info() == {"type": "info"} and messages.ready() == {"type": "ready"}

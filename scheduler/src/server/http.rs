@@ -440,6 +440,8 @@ mod tests {
     fn final_msg(rid: &str, text: &str) -> ServerMsg {
         ServerMsg::Final(Final {
             rid: rid.into(),
+            index: 0,
+            cached_tokens: 0,
             finish_reason: FinishReason::Length,
             prompt_tokens: 2,
             completion_tokens: 1,
@@ -487,7 +489,7 @@ mod tests {
     async fn a_stream_is_server_sent_events_ending_with_done() {
         let (tx, rx) = unbounded_channel();
         fake_loop(rx, |rid| {
-            let delta = |text: &str| ServerMsg::Delta(Delta { rid: rid.into(), token_ids: vec![7], text: text.into() });
+            let delta = |text: &str| ServerMsg::Delta(Delta { rid: rid.into(), index: 0, token_ids: vec![7], text: text.into() });
             vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
         });
         let addr = start(tx).await;

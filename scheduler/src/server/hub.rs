@@ -271,7 +271,7 @@ impl Hub {
             } else if let Some(reason) = finish {
                 self.finalize(id, reason, Some(token), piece, out);
             } else if live.stream {
-                let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), token_ids: vec![token], text: piece });
+                let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), index: 0, token_ids: vec![token], text: piece });
                 out.push((live.peer.clone(), msg));
             }
         }
@@ -299,7 +299,7 @@ impl Hub {
         }
         if live.stream && (last_token.is_some() || !piece.is_empty()) {
             let token_ids = last_token.into_iter().collect();
-            let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), token_ids, text: piece });
+            let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), index: 0, token_ids, text: piece });
             out.push((live.peer.clone(), msg));
         }
         self.ended(&live, reason);
@@ -343,6 +343,8 @@ impl Hub {
 fn final_msg(live: Live, reason: FinishReason, message: Option<String>) -> ServerMsg {
     ServerMsg::Final(Final {
         rid: live.rid,
+        index: 0,
+        cached_tokens: 0,
         finish_reason: match reason {
             FinishReason::Stop => api::FinishReason::Stop,
             FinishReason::Length => api::FinishReason::Length,

@@ -86,6 +86,7 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
         ErrorCode::UnknownRequest => (500, "unknown_request"),
         ErrorCode::DuplicateRequest => (500, "duplicate_request"),
         ErrorCode::ShuttingDown => (503, "engine_unavailable"),
+        ErrorCode::Overloaded => (503, "overloaded"),
     };
     ApiError::new(status, code, r.message.clone())
 }
@@ -715,6 +716,8 @@ mod tests {
     fn final_msg(reason: FinishReason, text: &str) -> Final {
         Final {
             rid: "x-1".into(),
+            index: 0,
+            cached_tokens: 0,
             finish_reason: reason,
             prompt_tokens: 5,
             completion_tokens: 3,
@@ -754,7 +757,7 @@ mod tests {
     }
 
     fn delta(text: &str) -> ServerMsg {
-        ServerMsg::Delta(Delta { rid: "x-1".into(), token_ids: vec![1], text: text.into() })
+        ServerMsg::Delta(Delta { rid: "x-1".into(), index: 0, token_ids: vec![1], text: text.into() })
     }
 
     /// Every payload of a stream of `msgs`, and whether the last message ended it.

@@ -295,6 +295,8 @@ mod tests {
     fn final_for(rid: &str) -> proto::api::Final {
         proto::api::Final {
             rid: rid.into(),
+            index: 0,
+            cached_tokens: 0,
             finish_reason: FinishReason::Stop,
             prompt_tokens: 1,
             completion_tokens: 1,

@@ -47,6 +47,7 @@ PROMPT_TOO_LONG = "prompt_too_long"
 UNKNOWN_REQUEST = "unknown_request"
 DUPLICATE_REQUEST = "duplicate_request"
 SHUTTING_DOWN = "shutting_down"
+OVERLOADED = "overloaded"
 ERROR_CODES = (
     MALFORMED,
     UNKNOWN_TYPE,
@@ -56,6 +57,7 @@ ERROR_CODES = (
     UNKNOWN_REQUEST,
     DUPLICATE_REQUEST,
     SHUTTING_DOWN,
+    OVERLOADED,
 )
 
 # What the scheduler assumes for a key the client leaves out, in the order it writes them.
@@ -79,9 +81,11 @@ def generate(
     input_ids: list[int] | None = None,
     sampling: dict[str, Any] | None = None,
     stream: bool = True,
+    n: int = 1,
 ) -> dict[str, Any]:
     """A `generate` message. Exactly one of text, messages, input_ids; `sampling` keys as in the protocol
-    (left-out keys take the scheduler's defaults)."""
+    (left-out keys take the scheduler's defaults). `n` samples of the prompt; left off when 1, as the
+    scheduler writes it."""
     forms = [
         (k, v) for k, v in (("text", text), ("messages", messages), ("input_ids", input_ids)) if v is not None
     ]
@@ -94,6 +98,8 @@ def generate(
     if sampling is not None:
         msg["sampling"] = dict(sampling)
     msg["stream"] = stream
+    if n != 1:
+        msg["n"] = n
     return msg
 
 
