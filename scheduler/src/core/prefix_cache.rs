@@ -23,10 +23,10 @@
 //! keyed by `(parent, hash of the page's tokens)` sized for every page, and the LRU order in a binary heap of
 //! `(last use, node)` with lazy deletion, compacted in place when it fills.
 
+use foldhash::fast::RandomState;
 use std::cmp::Reverse;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
 /// The parent of a first page.
 pub(crate) const ROOT: u32 = u32::MAX;
@@ -69,8 +69,9 @@ pub(crate) enum Inserted {
     /// A node with the same tokens already follows the parent (another sequence got there first). It was locked
     /// once for the inserting request, which should use that page and free its own.
     Existing(u32),
-    /// Not cached: the cache is off, or (astronomically rarely) another page under the same parent has the same
-    /// hash. The request keeps the page as its own.
+    /// Not cached: the cache is off, or (with a chance of about 2^-64 per page) another page under the same parent
+    /// has the same hash; lookups compare the tokens themselves, so that costs reuse, never correctness. The
+    /// request keeps the page as its own.
     Refused,
 }
 
@@ -81,7 +82,10 @@ pub(crate) struct PrefixCache {
     nodes: Vec<Node>,
     /// Page `p`'s tokens at `p * page_size ..`, valid while `p` is in the tree.
     keys: Vec<u32>,
-    children: HashMap<(u32, u64), u32>,
+    /// Seeded per process, for the page hashes and the map alike: clients choose the tokens, and must not be able
+    /// to choose colliding pages.
+    hasher: RandomState,
+    children: HashMap<(u32, u64), u32, RandomState>,
     /// `(last use, node)` of unlocked leaves, oldest on top; an entry is stale once the node changed since.
     lru: BinaryHeap<Reverse<(u64, u32)>>,
     tick: u64,
@@ -101,7 +105,8 @@ impl PrefixCache {
             nodes: vec![EMPTY; n],
             keys: vec![0; n * page_size as usize],
             // Twice the nodes, so that removals' tombstones never force a resize.
-            children: HashMap::with_capacity(2 * n),
+            hasher: RandomState::default(),
+            children: HashMap::with_capacity_and_hasher(2 * n, RandomState::default()),
             lru: BinaryHeap::with_capacity(2 * n + 16),
             tick: 0,
             size: 0,
@@ -211,7 +216,7 @@ impl PrefixCache {
         if !self.enabled {
             return Inserted::Refused;
         }
-        let hash = hash_key(key);
+        let hash = self.hasher.hash_one(key);
         if let Some(&child) = self.children.get(&(parent, hash)) {
             if self.key(child) != key {
                 return Inserted::Refused;
@@ -307,7 +312,7 @@ impl PrefixCache {
     }
 
     fn child(&self, parent: u32, key: &[u32]) -> Option<u32> {
-        let &child = self.children.get(&(parent, hash_key(key)))?;
+        let &child = self.children.get(&(parent, self.hasher.hash_one(key)))?;
         (self.key(child) == key).then_some(child)
     }
 
@@ -352,12 +357,6 @@ impl PrefixCache {
         }
         self.lru.push(Reverse((used, node)));
     }
-}
-
-fn hash_key(key: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
 }
 
 #[cfg(test)]

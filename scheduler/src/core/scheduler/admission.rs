@@ -52,6 +52,9 @@ impl Core {
                 return start - budget;
             }
         }
+        if self.waiting.is_empty() || !self.running.has_free_slot() {
+            return start - budget;
+        }
         let mut reserve = self.decode_reserve();
         while budget > 0 && self.running.has_free_slot() {
             let Some(head) = self.waiting.front() else { break };
