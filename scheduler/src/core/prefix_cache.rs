@@ -552,7 +552,7 @@ mod tests {
                 c.check(&locks).map_err(TestCaseError::fail)?;
                 // Every page is free or cached, never both; cached pages are in use in the pool.
                 for p in 0..num_pages {
-                    prop_assert!(c.contains(p) != !pool.is_in_use(p), "page {} is cached {} / in use {}", p, c.contains(p), pool.is_in_use(p));
+                    prop_assert!(c.contains(p) == pool.is_in_use(p), "page {} is cached {} / in use {}", p, c.contains(p), pool.is_in_use(p));
                 }
                 prop_assert_eq!(pool.available() + c.size(), num_pages);
             }
