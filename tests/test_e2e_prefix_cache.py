@@ -3,6 +3,7 @@ mixed steps change when work is done, never what a request generates."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -72,3 +73,45 @@ def test_200_requests_needing_5_times_the_pool_all_complete_as_alone(client, sma
         assert final["finish_reason"] == "length", f"request {i}: {final}"
         assert final["token_ids"] == want["token_ids"], f"request {i} differs from its run alone"
     assert info["live_requests"] == 0
+
+
+def step_trace(log: str) -> list[dict]:
+    """The scheduler's `step planned` lines (JSON logs at trace level for the engine)."""
+    steps = []
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        fields = record.get("fields", record)
+        if fields.get("message") == "step planned":
+            steps.append({**fields, "requests": [int(r) for r in str(fields["requests"]).split()]})
+    return steps
+
+
+def test_a_running_request_gets_a_token_in_every_step_of_a_chunked_prefill(model_dir):
+    from test_operations import Scheduler, open_stream, sse
+
+    trace = ("--log-format", "json", "--log-level", "info,scheduler::engine=trace")
+    s = Scheduler(model_dir, "--max-step-tokens", "64", *trace)
+    try:
+        s.wait_serving(300)
+        conn, resp = open_stream(s, {"prompt": "Count to fifty:", "max_tokens": 120, "ignore_eos": True})
+        chunks = sse(resp)
+        next(chunks)  # the running request has its first token
+        long_prompt = "Notes on prime numbers, " + "and more notes " * 120
+        status, _, body = s.request("POST", "/v1/completions", {"prompt": long_prompt, "max_tokens": 2})
+        assert status == 200, body
+        rest = list(chunks)
+        conn.close()
+        assert rest, "the running request went on"
+        steps = step_trace(s.log())
+    finally:
+        s.stop()
+    running = steps[0]["requests"][0]
+    chunked = [st for st in steps if any(r != running for r in st["requests"])]
+    assert len(chunked) >= body["usage"]["prompt_tokens"] // 64, "the long prompt was prefilled in chunks"
+    for st in chunked:
+        assert running in st["requests"], f"step {st['step']} left the running request out: {st}"
+        assert st["tokens"] <= 64
+        assert st["requests"][0] == running, "decodes come first in a mixed step"

@@ -17,7 +17,7 @@
 //! a step slot). Every wait is therefore a poll (`try_claim`, `try_read`) under a [`Backoff`], checking on each
 //! snooze that the worker is alive through both rings.
 
-use crate::core::{Core, Event, FinishReason, NewRequest, Planned, ReqId};
+use crate::core::{Core, Event, FinishReason, NewRequest, Planned, PlannedReq, ReqId};
 use crate::metrics::Metrics;
 use crate::step_stats::StepStats;
 use anyhow::{Context, Result, bail};
@@ -179,6 +179,15 @@ impl Engine {
         // Planning may end requests (one that can never get its pages) even when it plans nothing.
         self.forward(&mut pipe.events)?;
         let Some(planned) = planned else { return Ok(false) };
+        // The step trace (`--log-level info,scheduler::engine=trace`): which requests each step carries, with how
+        // many new tokens. Off by default; its fields are not even formatted then.
+        tracing::trace!(
+            step = planned.step_id(),
+            kind = ?planned.kind(),
+            tokens = planned.num_tokens(),
+            requests = %RequestIds(planned.reqs()),
+            "step planned"
+        );
         self.step_ring.publish();
         pipe.next_step += 1;
         pipe.in_flight.push_back((planned, Instant::now()));
@@ -223,6 +232,7 @@ impl Engine {
     fn report_load(&self) {
         let core = &self.core;
         self.metrics.set_load(core.waiting(), core.running(), core.free_pages(), core.limits().num_pages);
+        self.metrics.set_cache(&core.cache_stats());
     }
 
     /// Fails when the worker is gone. Also refreshes our heartbeats on both rings, for diagnostics.
@@ -327,5 +337,17 @@ impl Engine {
                 return;
             }
         }
+    }
+}
+
+/// A step's request ids, space-separated, formatted only when a log line is written.
+struct RequestIds<'a>(&'a [PlannedReq]);
+
+impl std::fmt::Display for RequestIds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            write!(f, "{}{}", if i > 0 { " " } else { "" }, r.id)?;
+        }
+        Ok(())
     }
 }
