@@ -98,6 +98,7 @@ client_runs() {  # label base deadline
   # shellcheck disable=SC2086
   has c1024 && client "$l" "$b" c1024 "$d" 120 --input-len 128 --output-len 128 --concurrency 1024 \
     --num-prompts $((1024 * (x > 2 ? x / 2 : x))) $r
+  # shellcheck disable=SC2086
   has rate && client "$l" "$b" rate "$d" 90 --input-len 128 --output-len 128 --request-rate "${RATES:-4,16,64,256}" \
     --num-prompts "${RATE_PROMPTS:-64}" $r && $m rate
   return 0

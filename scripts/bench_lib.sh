@@ -122,6 +122,7 @@ wait_gpu_free() {  # until the GPU's memory is (almost) free again, 30 s at most
 # ---------------------------------------------------------------------------------------------- the model
 build_model() {  # Qwen2.5-0.5B's shapes, random bf16 weights (seed 0), in $MODEL; a tiny one with BENCH_DEVICE=cpu
   log "building the random-weight model in $MODEL ($BENCH_DEVICE) with the tokenizer of $TOKENIZER_DIR"
+  # shellcheck disable=SC2012
   ls -la "$TOKENIZER_DIR" .gpu-bin 2>&1 | sed 's/^/[files] /'
   rm -rf "$MODEL"
   timeout -k 5 "${1:-120}" python3 - "$TOKENIZER_DIR" "$MODEL" "$BENCH_DEVICE" "$BENCH_TAG" <<'EOF'

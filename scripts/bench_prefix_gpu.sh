@@ -168,6 +168,7 @@ metrics_off() { scrape "$RES/ours-off__metrics_$1.json"; }
 
 ours_phase() {  # label end_s after flags: one of our servers and its parts
   local label=$1 end=$((T0 + $2)) after=$3 flags=$4
+  wait_gpu_free  # the KV cache takes a share of the memory that is free when the worker starts
   local wait_s=$((end - $(date +%s) - 60))
   [ "$wait_s" -gt 240 ] && wait_s=240
   if [ "$wait_s" -lt 20 ]; then
@@ -187,7 +188,7 @@ ours_phase() {  # label end_s after flags: one of our servers and its parts
     fi
   fi
   stop_ours
-  grep -h "steps run" "$LOGS/ours_$label.log" 2>/dev/null | tail -n 2 | sed "s/^/[$label] /"
+  grep -h "steps run" "$LOGS/ours_$label.log" 2>/dev/null | tail -n 2 | sed "s/\x1b\[[0-9;]*m//g; s/^/[$label] /"
   combine "$label" "ours ($label): minisgl.launch + minisgl-sched (release), flags: $flags" "$OUT/prefix_$label.json"
 }
 
@@ -209,7 +210,7 @@ if [ "${SKIP_C:-0}" != 1 ]; then
     t=$(date +%s)
     PYTHONPATH=$OUR_PYTHONPATH MINISGL_SCHED=$SCHED_BIN timeout -k 5 "$tmo" "${cmd[@]}" >"$LOGS/offline.log" 2>&1
     log "END offline c: rc=$? in $(($(date +%s) - t))s"
-    grep -E "^(engine|overlap|no overlap|#)|steps run|rror" "$LOGS/offline.log" | tail -n 12
+    grep -E "^(engine|overlap|no overlap|#)|steps run|rror" "$LOGS/offline.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 12
     combine offline "minisgl bench offline (its own engine, the defaults)" "$OUT/prefix_offline.json"
   else
     log "SKIP offline c: ${tmo}s left"
@@ -248,5 +249,6 @@ fi
 
 servers_log "$OUT/prefix_servers.log"
 log "finished in $(($(date +%s) - T0)) s"
+# shellcheck disable=SC2012
 ls -la "$OUT" | tail -n 20
 python3 scripts/bench_prefix_summary.py "$OUT" | tee "$OUT/prefix_summary.txt"
