@@ -11,10 +11,9 @@ impl Core {
     /// Orders the waiting queue by the policy: with [`Order::Lpm`], requests that waited longer than the age bound
     /// first (in arrival order), then by cached prefix, longest first.
     pub(super) fn order_waiting(&mut self, step_id: u64) {
-        if self.policy.order != Order::Lpm
-            || !self.cache.enabled()
-            || !(2..=LPM_MAX_QUEUE).contains(&self.waiting.len())
-        {
+        let lpm = self.policy.order == Order::Lpm && self.cache.enabled();
+        // Only when something may be admitted: matching the whole queue is the costly part.
+        if !lpm || !(2..=LPM_MAX_QUEUE).contains(&self.waiting.len()) || !self.running.has_free_slot() {
             return;
         }
         let ps = self.limits.page_size;
