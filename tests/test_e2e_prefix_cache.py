@@ -56,7 +56,7 @@ def small_pool_engine(model_dir):
 def test_200_requests_needing_5_times_the_pool_all_complete_as_alone(client, small_pool_engine):
     from minisgl.client import Client
 
-    distinct = distinct_requests(50)
+    distinct = distinct_requests(25)
     alone = [client.generate(**prompt, sampling=sampling) for prompt, sampling in distinct]
     requests = [distinct[i % len(distinct)] for i in range(200)]
     need = sum(
