@@ -5,10 +5,11 @@
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use proto::api::InfoMsg;
-use scheduler::core::{Core, Limits};
+use scheduler::core::{Core, Limits, Order, Policy};
 use scheduler::engine::{BurstWindow, Command, Engine};
 use scheduler::metrics::Metrics;
 use scheduler::model_files::ModelFiles;
+use scheduler::server::hub::DEFAULT_MAX_WAITING;
 use scheduler::server::serve::{self, Ended, Lifecycle};
 use scheduler::server::status::{Phase, Status};
 use scheduler::server::{Hub, PromptLimits, http};
@@ -61,6 +62,20 @@ struct Args {
     /// Keep one step in flight instead of planning the next while the worker runs one (for measurement).
     #[arg(long)]
     no_overlap: bool,
+    /// Prefill every prompt whole instead of reusing the KV pages of earlier prompts with the same start.
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Admission order of waiting requests: fcfs (arrival order), or lpm (longest cached prefix first).
+    #[arg(long, value_enum, default_value_t = SchedulePolicy::Fcfs)]
+    schedule_policy: SchedulePolicy,
+    /// With lpm: steps after which a waiting request goes first in arrival order, so that none starves.
+    #[arg(long, default_value_t = Policy::default().max_wait_steps, value_name = "STEPS")]
+    lpm_max_wait_steps: u64,
+    /// Most requests (each of n samples counting) accepted and still waiting for their first token; past it a
+    /// request is refused at once: HTTP 503 with Retry-After, ZeroMQ error `overloaded`.
+    #[arg(long, default_value_t = DEFAULT_MAX_WAITING, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting: u32,
     /// Slots per ring.
     #[arg(long, default_value_t = 4)]
     ring_slots: u32,
@@ -73,6 +88,12 @@ struct Args {
     /// Log lines as text, or as one JSON object each (fields such as request_id stay separate).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SchedulePolicy {
+    Fcfs,
+    Lpm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -168,12 +189,24 @@ async fn run(args: Args) -> Result<ExitCode> {
         _ = signals.recv() => return Ok(ExitCode::SUCCESS), // nothing to drain yet
     };
     let limits = limits.expect("the plan ran during the handshake");
+    let policy = Policy {
+        prefix_cache: !args.no_prefix_cache,
+        order: match args.schedule_policy {
+            SchedulePolicy::Fcfs => Order::Fcfs,
+            SchedulePolicy::Lpm => Order::Lpm,
+        },
+        max_wait_steps: args.lpm_max_wait_steps,
+    };
     tracing::info!(
-        "serving {}: context {} tokens, up to {} requests and {} tokens per step",
+        "serving {}: context {} tokens, up to {} requests and {} tokens per step, {} waiting; prefix cache {}, \
+         {:?} order",
         files.name,
         limits.max_seq_len,
         limits.max_batch,
-        limits.max_step_tokens
+        limits.max_step_tokens,
+        args.max_waiting,
+        if policy.prefix_cache { "on" } else { "off" },
+        args.schedule_policy
     );
 
     let (commands, command_rx) = std::sync::mpsc::channel();
@@ -194,9 +227,10 @@ async fn run(args: Args) -> Result<ExitCode> {
         max_prompt_len: limits.max_prompt_len(),
     };
     let hub_max_seq_len = hub_limits.max_seq_len;
-    let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone(), metrics.clone());
+    let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone(), metrics.clone())
+        .with_max_waiting(args.max_waiting);
     let engine = Engine {
-        core: Core::new(limits)?,
+        core: Core::with_policy(limits, policy)?,
         step_ring: worker.step_ring,
         result_ring: worker.result_ring,
         commands: command_rx,

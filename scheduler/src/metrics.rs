@@ -1,10 +1,12 @@
 //! What an operator scrapes from `GET /metrics` (docs/operations.md lists every series): requests by outcome,
-//! the queue and the running batch, KV pages, tokens, step times, and the latencies clients feel.
+//! the queue and the running batch, KV pages, the prefix cache, tokens, step times, and the latencies clients
+//! feel.
 //!
 //! Each number is recorded where it happens: the hub (on the serve loop) counts requests and tokens and times
 //! them, the engine thread sets the queue and page gauges and times steps. The metrics are atomics and
 //! short-locked histograms behind one `Arc`, so recording needs no channel and no await.
 
+use crate::core::CacheStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,10 +25,13 @@ pub enum Outcome {
     Error,
     /// Refused before it reached the engine (invalid, too long, duplicate, shutting down).
     Rejected,
+    /// Refused because the waiting queue was full (`--max-waiting`): load shed, not a client's mistake.
+    Overloaded,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [Outcome::Stop, Outcome::Length, Outcome::Abort, Outcome::Error, Outcome::Rejected];
+    const ALL: [Outcome; 6] =
+        [Outcome::Stop, Outcome::Length, Outcome::Abort, Outcome::Error, Outcome::Rejected, Outcome::Overloaded];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -35,6 +40,7 @@ impl Outcome {
             Outcome::Abort => "abort",
             Outcome::Error => "error",
             Outcome::Rejected => "rejected",
+            Outcome::Overloaded => "overloaded",
         }
     }
 }
@@ -48,6 +54,10 @@ pub struct Metrics {
     pub running: Gauge,
     pub kv_pages_used: Gauge,
     pub kv_pages_free: Gauge,
+    cache_prompt_tokens: Counter,
+    cache_cached_tokens: Counter,
+    cache_pages: Gauge,
+    cache_evictable_pages: Gauge,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     extend_steps: Histogram,
@@ -101,6 +111,22 @@ impl Default for Metrics {
             running: gauge(&mut registry, "requests_running", "Requests in the running batch"),
             kv_pages_used: gauge(&mut registry, "kv_pages_used", "KV-cache pages held by requests"),
             kv_pages_free: gauge(&mut registry, "kv_pages_free", "KV-cache pages free"),
+            cache_prompt_tokens: counter(
+                &mut registry,
+                "prefix_cache_prompt_tokens",
+                "Prompt tokens of every admission to the batch, re-admissions after a preemption included",
+            ),
+            cache_cached_tokens: counter(
+                &mut registry,
+                "prefix_cache_cached_tokens",
+                "Of those prompt tokens, the ones found in the prefix cache instead of prefilled",
+            ),
+            cache_pages: gauge(&mut registry, "prefix_cache_pages", "KV pages held by the prefix cache"),
+            cache_evictable_pages: gauge(
+                &mut registry,
+                "prefix_cache_evictable_pages",
+                "Prefix-cache pages no running request uses: evicted first when pages run out",
+            ),
             prompt_tokens: counter(&mut registry, "prompt_tokens", "Prompt tokens of admitted requests"),
             generated_tokens: counter(&mut registry, "generation_tokens", "Tokens generated"),
             extend_steps,
@@ -146,6 +172,16 @@ impl Metrics {
         self.kv_pages_used.set(i64::from(pages_total.saturating_sub(pages_free)));
     }
 
+    /// The prefix cache's totals and size, as the core reports them. Its counters are totals since the start,
+    /// and the engine thread is their only writer: each report adds what grew since the last.
+    pub fn set_cache(&self, stats: &CacheStats) {
+        let grow = |counter: &Counter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
+        grow(&self.cache_prompt_tokens, stats.prompt_tokens);
+        grow(&self.cache_cached_tokens, stats.cached_tokens);
+        self.cache_pages.set(i64::from(stats.cached_pages));
+        self.cache_evictable_pages.set(i64::from(stats.evictable_pages));
+    }
+
     /// The exposition in Prometheus' text format (OpenMetrics 1.0).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -177,6 +213,10 @@ mod tests {
         m.generated_tokens.inc_by(5);
         m.step_answered(StepKind::Decode, Duration::from_micros(1500));
         m.time_to_first_token.observe(0.03);
+        let stats = CacheStats { prompt_tokens: 100, cached_tokens: 64, cached_pages: 7, evictable_pages: 3 };
+        m.set_cache(&stats);
+        m.set_cache(&CacheStats { prompt_tokens: 130, cached_tokens: 80, ..stats });
+        m.request_ended(Outcome::Overloaded);
         let text = m.render();
         assert_eq!(value(&text, "minisgl_requests_total{outcome=\"stop\"}"), 1.0);
         assert_eq!(value(&text, "minisgl_requests_total{outcome=\"rejected\"}"), 1.0);
@@ -186,6 +226,11 @@ mod tests {
         assert_eq!(value(&text, "minisgl_step_duration_seconds_count{kind=\"decode\"}"), 1.0);
         assert_eq!(value(&text, "minisgl_step_duration_seconds_bucket{le=\"0.002\",kind=\"decode\"}"), 1.0);
         assert_eq!(value(&text, "minisgl_time_to_first_token_seconds_count "), 1.0);
+        assert_eq!(value(&text, "minisgl_prefix_cache_prompt_tokens_total "), 130.0, "totals, not sums of them");
+        assert_eq!(value(&text, "minisgl_prefix_cache_cached_tokens_total "), 80.0);
+        assert_eq!(value(&text, "minisgl_prefix_cache_pages "), 7.0);
+        assert_eq!(value(&text, "minisgl_prefix_cache_evictable_pages "), 3.0);
+        assert_eq!(value(&text, "minisgl_requests_total{outcome=\"overloaded\"}"), 1.0);
         assert!(text.ends_with("# EOF\n"));
     }
 }

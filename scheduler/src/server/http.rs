@@ -279,6 +279,8 @@ async fn run_request(
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
+    // The hub checks n's range before admitting the request; here it is how many finals to wait for.
+    let n = usize::try_from(parsed.generate.n).unwrap_or(1);
     let (replies, mut rx) = unbounded_channel();
     let (accepted, verdict) = oneshot::channel();
     if api.calls.send(Call::Generate { id, generate: Box::new(parsed.generate), accepted, replies }).is_err() {
@@ -299,16 +301,25 @@ async fn run_request(
     }
     let reply = Reply { endpoint, id: rid.to_owned(), model: api.model.clone(), created: unix_seconds() };
     if parsed.stream {
-        let chunks = Chunks::new(reply, parsed.include_usage);
+        let chunks = Chunks::new(reply, parsed.include_usage, n as u32);
         let queued = chunks.opening().into();
         let stream = ChunkStream { replies: rx, ticket, chunks, queued, done: false };
         return Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     }
+    let mut finals = Vec::with_capacity(n);
     loop {
         match rx.recv().await {
             Some(ServerMsg::Final(f)) => {
-                ticket.close();
-                return match reply.body(&f) {
+                let failed = f.finish_reason == proto::api::FinishReason::Error;
+                finals.push(f);
+                if finals.len() < n && !failed {
+                    continue;
+                }
+                // A failure answers at once; the samples still running are aborted when the ticket drops.
+                if finals.len() == n {
+                    ticket.close();
+                }
+                return match reply.body(&finals) {
                     Ok(body) => json_response(StatusCode::OK, body),
                     Err(e) => error_response(&e),
                 };
@@ -374,7 +385,11 @@ impl Stream for ChunkStream {
             this.queued.extend(data);
             if last {
                 this.done = true;
-                this.ticket.close();
+                // A stream ended by one sample's failure leaves the others running: the ticket, dropped open
+                // with the stream, aborts them.
+                if this.chunks.complete() {
+                    this.ticket.close();
+                }
             }
         }
     }
@@ -386,7 +401,11 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 fn error_response(e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(status, e.body().to_string())
+    let mut response = json_response(status, e.body().to_string());
+    if let Some(seconds) = e.retry_after() {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn unix_seconds() -> u64 {
@@ -418,6 +437,12 @@ mod tests {
 
     /// One request over a fresh connection: the status and the raw body (still chunked for streams).
     async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+        let (status, _, body) = send_with_head(addr, method, path, body).await;
+        (status, body)
+    }
+
+    /// The same, with the response's head (status line and headers) too.
+    async fn send_with_head(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
         let request = raw_request(method, path, body);
         tokio::task::spawn_blocking(move || {
             let mut conn = TcpStream::connect(addr).unwrap();
@@ -426,8 +451,8 @@ mod tests {
             let mut response = String::new();
             conn.read_to_string(&mut response).unwrap();
             let status = response[9..12].parse().unwrap();
-            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-            (status, body)
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+            (status, head.to_ascii_lowercase(), body.to_owned())
         })
         .await
         .unwrap()
@@ -452,13 +477,18 @@ mod tests {
     }
 
     /// A stand-in for the serve loop: admits every request and answers it with `answer(rid)`.
-    fn fake_loop(mut calls: UnboundedReceiver<Call>, answer: fn(&str) -> Vec<ServerMsg>) {
+    fn fake_loop(calls: UnboundedReceiver<Call>, answer: fn(&str) -> Vec<ServerMsg>) {
+        fake_loop_of(calls, move |g| answer(&g.rid));
+    }
+
+    /// The same, answering from the whole request.
+    fn fake_loop_of(mut calls: UnboundedReceiver<Call>, answer: impl Fn(&Generate) -> Vec<ServerMsg> + Send + 'static) {
         tokio::spawn(async move {
             while let Some(call) = calls.recv().await {
                 match call {
                     Call::Generate { generate, accepted, replies, .. } => {
                         let _ = accepted.send(Ok(()));
-                        for msg in answer(&generate.rid) {
+                        for msg in answer(&generate) {
                             let _ = replies.send(msg);
                         }
                     }
@@ -489,7 +519,9 @@ mod tests {
     async fn a_stream_is_server_sent_events_ending_with_done() {
         let (tx, rx) = unbounded_channel();
         fake_loop(rx, |rid| {
-            let delta = |text: &str| ServerMsg::Delta(Delta { rid: rid.into(), index: 0, token_ids: vec![7], text: text.into() });
+            let delta = |text: &str| {
+                ServerMsg::Delta(Delta { rid: rid.into(), index: 0, token_ids: vec![7], text: text.into() })
+            };
             vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
         });
         let addr = start(tx).await;
@@ -562,5 +594,74 @@ mod tests {
         drop(conn);
         let gone = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the loop is told");
         assert!(matches!(gone, Some(Call::Gone(g)) if g == id));
+    }
+
+    #[tokio::test]
+    async fn an_overloaded_refusal_is_a_503_with_retry_after() {
+        let (tx, mut rx) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                if let Call::Generate { generate, accepted, .. } = call {
+                    let refusal = Rejection::new(Some(generate.rid), ErrorCode::Overloaded, "the queue is full");
+                    let _ = accepted.send(Err(refusal));
+                }
+            }
+        });
+        let addr = start(tx).await;
+        let (status, head, body) = send_with_head(addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+        let error = &json(&body)["error"];
+        assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("overloaded_error"), Some("overloaded")));
+        // Other 503s say nothing about retrying (this loop never answers a health call: the engine is gone).
+        let (status, head, _) = send_with_head(addr, "GET", "/health", "").await;
+        assert_eq!(status, 503);
+        assert!(!head.contains("retry-after"), "{head}");
+    }
+
+    /// Sample `i` of `g` answers "s{i}" in one token; the sample with the highest index ends first.
+    fn answer_samples(g: &Generate) -> Vec<ServerMsg> {
+        let n = g.n as u32;
+        let mut out = Vec::new();
+        for index in (0..n).rev() {
+            let text = format!("s{index}");
+            out.push(ServerMsg::Delta(Delta { rid: g.rid.clone(), index, token_ids: vec![7], text: text.clone() }));
+            out.push(ServerMsg::Final(Final {
+                rid: g.rid.clone(),
+                index,
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 2,
+                completion_tokens: 1,
+                cached_tokens: if index == 0 { 0 } else { 16 },
+                token_ids: vec![7],
+                text,
+                message: None,
+            }));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn n_choices_come_back_in_one_body_or_one_stream() {
+        let (tx, rx) = unbounded_channel();
+        fake_loop_of(rx, answer_samples);
+        let addr = start(tx).await;
+        let (status, body) = send(addr, "POST", "/v1/completions", r#"{"prompt": "hi", "n": 3}"#).await;
+        let body = json(&body);
+        assert_eq!(status, 200, "{body}");
+        let texts: Vec<&str> =
+            body["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["s0", "s1", "s2"]);
+        assert_eq!(body["usage"]["total_tokens"], 5, "the prompt once, three completions");
+        let request = r#"{"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": true,
+                          "stream_options": {"include_usage": true}}"#;
+        let (status, body) = send(addr, "POST", "/v1/chat/completions", request).await;
+        assert_eq!(status, 200);
+        let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data.len(), 2 + 2 * 2 + 2, "two roles, a piece and a finish per choice, usage, done: {body}");
+        assert_eq!(*data.last().unwrap(), "[DONE]");
+        let usage = json(data[data.len() - 2]);
+        assert_eq!(usage["usage"]["completion_tokens"], 2);
+        assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     }
 }

@@ -5,6 +5,14 @@
 //! detokenization and stop strings live here, on the socket's side, so the engine thread never spends a step
 //! on text. Plain synchronous code with no I/O: the serve loop feeds it from both front doors (the ZeroMQ
 //! socket and the HTTP API) and routes what it returns to the peer each reply names.
+//!
+//! A client request of `n` samples is `n` core requests with the same prompt, each with its own id, seed,
+//! detokenizer and final; the replies of sample `i` carry `index: i`. The core's prefix cache, not the hub,
+//! makes them share the prompt's pages.
+//!
+//! Load is bounded here, where a refusal costs nothing: past `max_waiting` samples accepted and still without
+//! their first token, a new request is refused at once (`overloaded`) instead of queueing behind work that may
+//! take minutes.
 
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
@@ -16,6 +24,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
+
+/// `--max-waiting`'s default: on the H200 a few thousand queued requests drain within a minute or two, about
+/// what a client waits before giving up; more would only be work done for clients that have left.
+pub const DEFAULT_MAX_WAITING: u32 = 4096;
+
+/// The most samples one request may ask for (also at most the batch size, so that they can run together and
+/// share their prompt's pages).
+pub const MAX_N: u32 = 128;
 
 /// Where a client's replies go. Request ids are unique per peer, not globally, so the two front doors cannot
 /// collide: an HTTP request is a peer of its own, and no ZeroMQ client's rid can name it.
@@ -43,24 +59,42 @@ pub struct Hub {
     limits: PromptLimits,
     info: InfoMsg,
     engine: Sender<Command>,
-    live: HashMap<ReqId, Live>,
+    /// Live client requests, keyed by their sample 0's id (sample `i` is that id plus `i`).
+    requests: HashMap<ReqId, Request>,
+    /// Live samples by core id: every id the engine may still send events for.
+    samples: HashMap<ReqId, Sample>,
     by_rid: HashMap<(Peer, String), ReqId>,
     next_id: ReqId,
     seeds: SeedSource,
     metrics: Arc<Metrics>,
+    /// Samples accepted that have neither a first token nor an end: what `max_waiting` bounds.
+    waiting: u32,
+    max_waiting: u32,
     /// Set once a shutdown began: live requests finish, new ones are refused.
     draining: bool,
 }
 
-struct Live {
+/// What the samples of one client request share.
+struct Request {
     peer: Peer,
     rid: String,
     stream: bool,
+    n: u32,
     prompt_tokens: u32,
+    admitted: Instant,
+    /// Samples not ended yet; the request is forgotten when the last one ends.
+    open: u32,
+}
+
+struct Sample {
+    /// Its request's key in `Hub::requests`.
+    request: ReqId,
+    index: u32,
     token_ids: Vec<u32>,
     text: String,
     detok: TextStream,
-    admitted: Instant,
+    /// Prompt tokens the core found in the prefix cache at its first admission.
+    cached_tokens: u32,
     /// When its first token came (the time to first token), and its latest (the gap to the next).
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -81,13 +115,21 @@ impl Hub {
             limits,
             info,
             engine,
-            live: HashMap::new(),
+            requests: HashMap::new(),
+            samples: HashMap::new(),
             by_rid: HashMap::new(),
             next_id: 0,
             seeds: SeedSource::new(),
             metrics,
+            waiting: 0,
+            max_waiting: DEFAULT_MAX_WAITING,
             draining: false,
         }
+    }
+
+    /// Bounds the samples that may wait for their first token (`--max-waiting`, at least 1).
+    pub fn with_max_waiting(self, max_waiting: u32) -> Self {
+        Hub { max_waiting: max_waiting.max(1), ..self }
     }
 
     /// Refuses new requests from now on (`shutting_down`); live ones run to their end.
@@ -95,13 +137,25 @@ impl Hub {
         self.draining = true;
     }
 
+    /// Client requests admitted and not ended (a request of `n` samples counts once).
     pub fn live_requests(&self) -> usize {
-        self.live.len()
+        self.requests.len()
+    }
+
+    /// Samples admitted that have had no token yet and have not ended.
+    pub fn waiting(&self) -> u32 {
+        self.waiting
+    }
+
+    /// The most samples a request may ask for: [`MAX_N`], the batch size and the waiting bound, whichever is
+    /// least (a request of more than `max_waiting` samples could never be admitted).
+    pub fn max_n(&self) -> u32 {
+        MAX_N.min(self.info.max_batch).min(self.max_waiting).max(1)
     }
 
     /// The `info` reply: the served model, and how many requests are live right now.
     pub fn info(&self) -> ServerMsg {
-        let live_requests = u32::try_from(self.live.len()).unwrap_or(u32::MAX);
+        let live_requests = u32::try_from(self.requests.len()).unwrap_or(u32::MAX);
         ServerMsg::Info(InfoMsg { live_requests, ..self.info.clone() })
     }
 
@@ -125,12 +179,17 @@ impl Hub {
         }
     }
 
-    /// Ends `peer`'s live request `rid` with `finish_reason: "abort"` (its final goes to `out`). False when no
-    /// such request is live: it ended already, or never existed.
+    /// Ends every live sample of `peer`'s request `rid` with `finish_reason: "abort"` (their finals go to
+    /// `out`). False when no such request is live: it ended already, or never existed.
     pub fn cancel(&mut self, peer: &Peer, rid: &str, out: &mut Vec<(Peer, ServerMsg)>) -> bool {
-        let Some(&id) = self.by_rid.get(&(peer.clone(), rid.to_owned())) else { return false };
-        let _ = self.engine.send(Command::Finish(id));
-        self.finalize(id, FinishReason::Abort, None, String::new(), out);
+        let Some(&key) = self.by_rid.get(&(peer.clone(), rid.to_owned())) else { return false };
+        let n = self.requests.get(&key).map_or(0, |r| r.n);
+        for id in key..key + ReqId::from(n) {
+            if self.samples.contains_key(&id) {
+                let _ = self.engine.send(Command::Finish(id));
+                self.finalize(id, FinishReason::Abort, None, String::new(), out);
+            }
+        }
         true
     }
 
@@ -140,7 +199,8 @@ impl Hub {
         let rid = g.rid.clone();
         let verdict = self.admit(peer, g);
         if let Err(refused) = &verdict {
-            self.metrics.request_ended(Outcome::Rejected);
+            let outcome = if refused.code == ErrorCode::Overloaded { Outcome::Overloaded } else { Outcome::Rejected };
+            self.metrics.request_ended(outcome);
             tracing::info!(request_id = %rid, code = ?refused.code, "request refused: {}", refused.message);
         }
         verdict
@@ -152,9 +212,26 @@ impl Hub {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
         api::validate(&g)?;
+        let max_n = self.max_n();
+        let n = match u32::try_from(g.n) {
+            Ok(n) if n <= max_n => n,
+            _ => {
+                let message = format!("n must be at most {max_n} (samples run in one batch), got {}", g.n);
+                return Err(reject(ErrorCode::InvalidParams, message));
+            }
+        };
         let key = (peer.clone(), g.rid.clone());
         if self.by_rid.contains_key(&key) {
             return Err(reject(ErrorCode::DuplicateRequest, format!("request {:?} is still running", g.rid)));
+        }
+        // Before tokenizing: shedding load should cost as little as possible.
+        if self.waiting + n > self.max_waiting {
+            let message = format!(
+                "the server is overloaded: {} requests wait for their first token, at most {} may \
+                 (--max-waiting); retry later",
+                self.waiting, self.max_waiting
+            );
+            return Err(reject(ErrorCode::Overloaded, message));
         }
         let Some(prompt) = g.prompt() else {
             return Err(reject(ErrorCode::InvalidParams, "give exactly one of text, messages, input_ids".into()));
@@ -180,33 +257,48 @@ impl Hub {
             temperature: s.temperature as f32,
             top_p: s.top_p as f32,
             top_k: s.top_k as i32,
-            seed: s.seed.unwrap_or_else(|| self.seeds.next()),
+            seed: 0,
             stop_token_ids: s.stop_token_ids.clone(),
             ignore_eos: s.ignore_eos,
         };
-        let id = self.next_id;
-        self.next_id += 1;
+        let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;
-        let detok = TextStream::new(self.tokenizer.clone(), s.stop.clone());
-        if self.engine.send(Command::Submit(NewRequest { id, prompt, params })).is_err() {
-            return Err(reject(ErrorCode::ShuttingDown, "the engine has stopped".into()));
+        for index in 0..n {
+            let seed = match s.seed {
+                Some(seed) => sample_seed(seed, index),
+                None => self.seeds.next(),
+            };
+            let req = NewRequest {
+                id: base + ReqId::from(index),
+                prompt: prompt.clone(),
+                params: SamplingParams { seed, ..params.clone() },
+            };
+            if self.engine.send(Command::Submit(req)).is_err() {
+                return Err(reject(ErrorCode::ShuttingDown, "the engine has stopped".into()));
+            }
         }
-        self.by_rid.insert(key, id);
+        self.next_id += ReqId::from(n);
+        let now = Instant::now();
+        for index in 0..n {
+            let sample = Sample {
+                request: base,
+                index,
+                token_ids: Vec::new(),
+                text: String::new(),
+                detok: TextStream::new(self.tokenizer.clone(), s.stop.clone()),
+                cached_tokens: 0,
+                first_token: None,
+                last_token: None,
+            };
+            self.samples.insert(base + ReqId::from(index), sample);
+        }
+        self.waiting += n;
+        self.by_rid.insert(key, base);
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
-        tracing::debug!(request_id = %g.rid, prompt_tokens, "request admitted");
-        let live = Live {
-            peer: peer.clone(),
-            rid: g.rid,
-            stream: g.stream,
-            prompt_tokens,
-            token_ids: Vec::new(),
-            text: String::new(),
-            detok,
-            admitted: Instant::now(),
-            first_token: None,
-            last_token: None,
-        };
-        self.live.insert(id, live);
+        tracing::debug!(request_id = %g.rid, prompt_tokens, n, "request admitted");
+        let request =
+            Request { peer: peer.clone(), rid: g.rid, stream: g.stream, n, prompt_tokens, admitted: now, open: n };
+        self.requests.insert(base, request);
         Ok(())
     }
 
@@ -238,24 +330,31 @@ impl Hub {
                     self.finalize(id, reason, None, String::new(), out);
                     continue;
                 }
-                Event::Cached { .. } => continue,
+                Event::Cached { id, tokens } => {
+                    if let Some(sample) = self.samples.get_mut(&id) {
+                        sample.cached_tokens = tokens;
+                    }
+                    continue;
+                }
             };
-            let Some(live) = self.live.get_mut(&id) else { continue }; // ended here already (abort, stop string)
-            live.token_ids.push(token);
+            let Some(sample) = self.samples.get_mut(&id) else { continue }; // ended here already (abort, stop string)
+            let Some(request) = self.requests.get(&sample.request) else { continue };
+            sample.token_ids.push(token);
             self.metrics.generated_tokens.inc();
-            match live.last_token {
+            match sample.last_token {
                 None => {
-                    live.first_token = Some(now);
-                    self.metrics.time_to_first_token.observe((now - live.admitted).as_secs_f64());
+                    sample.first_token = Some(now);
+                    self.waiting -= 1;
+                    self.metrics.time_to_first_token.observe((now - request.admitted).as_secs_f64());
                 }
                 Some(last) => self.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
             }
-            live.last_token = Some(now);
+            sample.last_token = Some(now);
             // A token that stopped the request by id (EOS, a stop token) is returned as an id, not as text.
             let (piece, stopped) = if finish == Some(FinishReason::Stop) {
                 (String::new(), false)
             } else {
-                match live.detok.push(token) {
+                match sample.detok.push(token) {
                     Ok(step) => (step.text, step.stopped),
                     Err(e) => {
                         // Not the client's fault and not fatal: the id is still returned, its text is lost.
@@ -264,21 +363,23 @@ impl Hub {
                     }
                 }
             };
-            live.text.push_str(&piece);
+            sample.text.push_str(&piece);
             if stopped {
                 let _ = self.engine.send(Command::Finish(id));
                 self.finalize(id, FinishReason::Stop, Some(token), piece, out);
             } else if let Some(reason) = finish {
                 self.finalize(id, reason, Some(token), piece, out);
-            } else if live.stream {
-                let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), index: 0, token_ids: vec![token], text: piece });
-                out.push((live.peer.clone(), msg));
+            } else if request.stream {
+                let delta =
+                    Delta { rid: request.rid.clone(), index: sample.index, token_ids: vec![token], text: piece };
+                out.push((request.peer.clone(), ServerMsg::Delta(delta)));
             }
         }
     }
 
-    /// Ends request `id` here. A streaming client gets a last delta first: the last token (if this step
-    /// produced one), its text, and whatever the detokenizer still held back that no stop string claimed.
+    /// Ends sample `id` here. A streaming client gets a last delta first: the last token (if this step
+    /// produced one), its text, and whatever the detokenizer still held back that no stop string claimed. The
+    /// request is forgotten with its last sample.
     fn finalize(
         &mut self,
         id: ReqId,
@@ -287,76 +388,110 @@ impl Hub {
         mut piece: String,
         out: &mut Vec<(Peer, ServerMsg)>,
     ) {
-        let Some(mut live) = self.live.remove(&id) else { return };
-        self.by_rid.remove(&(live.peer.clone(), live.rid.clone()));
-        if !live.detok.stopped() {
-            let rest = live.detok.finish().unwrap_or_else(|e| {
+        let Some(mut sample) = self.samples.remove(&id) else { return };
+        if sample.first_token.is_none() {
+            self.waiting -= 1;
+        }
+        let key = sample.request;
+        let Some(request) = self.requests.get_mut(&key) else { return };
+        request.open -= 1;
+        if !sample.detok.stopped() {
+            let rest = sample.detok.finish().unwrap_or_else(|e| {
                 tracing::warn!("flushing the text of request {id}: {e}");
                 String::new()
             });
-            live.text.push_str(&rest);
+            sample.text.push_str(&rest);
             piece.push_str(&rest);
         }
-        if live.stream && (last_token.is_some() || !piece.is_empty()) {
+        if request.stream && (last_token.is_some() || !piece.is_empty()) {
             let token_ids = last_token.into_iter().collect();
-            let msg = ServerMsg::Delta(Delta { rid: live.rid.clone(), index: 0, token_ids, text: piece });
-            out.push((live.peer.clone(), msg));
+            let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece };
+            out.push((request.peer.clone(), ServerMsg::Delta(delta)));
         }
-        self.ended(&live, reason);
-        out.push((live.peer.clone(), final_msg(live, reason, None)));
+        ended(&self.metrics, request, &sample, reason);
+        out.push((request.peer.clone(), final_msg(request, sample, reason, None)));
+        if request.open == 0
+            && let Some(request) = self.requests.remove(&key)
+        {
+            self.by_rid.remove(&(request.peer, request.rid));
+        }
     }
 
     /// Every live request ends with an error saying why: the engine is gone, or the drain ran out of time.
     pub fn fail_all(&mut self, why: &str, out: &mut Vec<(Peer, ServerMsg)>) {
-        for (id, live) in std::mem::take(&mut self.live) {
+        let mut samples: Vec<_> = std::mem::take(&mut self.samples).into_iter().collect();
+        // Each client reads its samples' finals in index order.
+        samples.sort_unstable_by_key(|(id, _)| *id);
+        for (id, sample) in samples {
             let _ = self.engine.send(Command::Finish(id));
-            self.ended(&live, FinishReason::Error);
-            out.push((live.peer.clone(), final_msg(live, FinishReason::Error, Some(why.to_string()))));
+            let Some(request) = self.requests.get(&sample.request) else { continue };
+            ended(&self.metrics, request, &sample, FinishReason::Error);
+            out.push((request.peer.clone(), final_msg(request, sample, FinishReason::Error, Some(why.to_string()))));
         }
+        self.requests.clear();
         self.by_rid.clear();
-    }
-
-    /// Records a request's end: its outcome and latency in the metrics, and one line in the log.
-    fn ended(&self, live: &Live, reason: FinishReason) {
-        let outcome = match reason {
-            FinishReason::Stop => Outcome::Stop,
-            FinishReason::Length => Outcome::Length,
-            FinishReason::Abort => Outcome::Abort,
-            FinishReason::Error => Outcome::Error,
-        };
-        let total = live.admitted.elapsed();
-        self.metrics.request_ended(outcome);
-        self.metrics.request_latency.observe(total.as_secs_f64());
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        tracing::info!(
-            request_id = %live.rid,
-            prompt_tokens = live.prompt_tokens,
-            completion_tokens = live.token_ids.len(),
-            ttft_ms = live.first_token.map(|t| ms(t - live.admitted)),
-            total_ms = ms(total),
-            finish_reason = outcome.label(),
-            "request finished"
-        );
+        self.waiting = 0;
     }
 }
 
-fn final_msg(live: Live, reason: FinishReason, message: Option<String>) -> ServerMsg {
+/// Records a sample's end: its outcome and latency in the metrics, and one line in the log.
+fn ended(metrics: &Metrics, request: &Request, sample: &Sample, reason: FinishReason) {
+    let outcome = match reason {
+        FinishReason::Stop => Outcome::Stop,
+        FinishReason::Length => Outcome::Length,
+        FinishReason::Abort => Outcome::Abort,
+        FinishReason::Error => Outcome::Error,
+    };
+    let total = request.admitted.elapsed();
+    metrics.request_ended(outcome);
+    metrics.request_latency.observe(total.as_secs_f64());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::info!(
+        request_id = %request.rid,
+        sample = (request.n > 1).then_some(sample.index),
+        prompt_tokens = request.prompt_tokens,
+        cached_tokens = sample.cached_tokens,
+        completion_tokens = sample.token_ids.len(),
+        ttft_ms = sample.first_token.map(|t| ms(t - request.admitted)),
+        total_ms = ms(total),
+        finish_reason = outcome.label(),
+        "request finished"
+    );
+}
+
+fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: Option<String>) -> ServerMsg {
     ServerMsg::Final(Final {
-        rid: live.rid,
-        index: 0,
-        cached_tokens: 0,
+        rid: request.rid.clone(),
+        index: sample.index,
         finish_reason: match reason {
             FinishReason::Stop => api::FinishReason::Stop,
             FinishReason::Length => api::FinishReason::Length,
             FinishReason::Abort => api::FinishReason::Abort,
             FinishReason::Error => api::FinishReason::Error,
         },
-        prompt_tokens: live.prompt_tokens,
-        completion_tokens: live.token_ids.len() as u32,
-        token_ids: live.token_ids,
-        text: live.text,
+        prompt_tokens: request.prompt_tokens,
+        completion_tokens: sample.token_ids.len() as u32,
+        cached_tokens: sample.cached_tokens,
+        token_ids: sample.token_ids,
+        text: sample.text,
         message,
     })
+}
+
+/// The seed of sample `index` of a request seeded with `seed`: the seed itself for sample 0, so that `n: 1`
+/// and the first of `n` samples agree; for sample i >= 1 the i-th output of splitmix64 started from `seed`
+/// (docs/protocol.md spells it out), so that the samples differ and each is reproducible from the request.
+pub fn sample_seed(seed: u64, index: u32) -> u64 {
+    if index == 0 { seed } else { splitmix64(seed.wrapping_add(u64::from(index).wrapping_mul(GOLDEN_GAMMA))) }
+}
+
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's output function: consecutive states give well-mixed outputs.
+fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Seeds for requests that name none: distinct per request and per process start, so two unseeded requests
@@ -368,13 +503,10 @@ impl SeedSource {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         SeedSource(nanos as u64 ^ (u64::from(std::process::id()) << 32))
     }
-    /// splitmix64: consecutive states give well-mixed outputs.
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
+        splitmix64(self.0)
     }
 }
 
@@ -674,5 +806,208 @@ mod tests {
         let huge = Sampling { max_tokens: (1 << 32) + 5, ..Sampling::default() };
         send(&mut hub, &generate("a", "x", true, huge));
         assert_eq!(submitted(&rx).params.max_tokens, u32::MAX);
+    }
+
+    fn final_of(out: &[(Peer, ServerMsg)], index: u32) -> &Final {
+        let mut finals = out.iter().filter_map(|(_, m)| match m {
+            ServerMsg::Final(f) if f.index == index => Some(f),
+            _ => None,
+        });
+        let f = finals.next().unwrap_or_else(|| panic!("no final of sample {index} in {out:?}"));
+        assert!(finals.next().is_none(), "one final per sample");
+        f
+    }
+
+    #[test]
+    fn past_max_waiting_a_request_is_refused_at_once_and_taken_again_once_the_queue_moves() {
+        let (hub, rx) = test_hub(32);
+        let mut hub = hub.with_max_waiting(2);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &generate("b", "x", true, Sampling::default()));
+        let (a, b) = (submitted(&rx).id, submitted(&rx).id);
+        assert_eq!(hub.waiting(), 2);
+        let out = send(&mut hub, &generate("c", "x", true, Sampling::default()));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((e.code, e.rid.as_deref()), (ErrorCode::Overloaded, Some("c")));
+        assert!(e.message.contains("at most 2") && e.message.contains("--max-waiting"), "{}", e.message);
+        assert!(rx.try_recv().is_err(), "a refused request never reaches the engine");
+        // A first token takes a request out of the queue: there is room again.
+        hub.on_events(vec![token(a, b'o' as u32, None)], &mut Vec::new());
+        assert_eq!(hub.waiting(), 1);
+        assert!(send(&mut hub, &generate("c", "x", true, Sampling::default())).is_empty());
+        submitted(&rx);
+        assert_eq!(error_code(&send(&mut hub, &generate("d", "x", true, Sampling::default()))), ErrorCode::Overloaded);
+        // So does an end before any token (an abort here).
+        send(&mut hub, &ClientMsg::Abort { rid: "b".into() });
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(id)) if id == b));
+        assert_eq!(hub.waiting(), 1);
+        // Two samples need two places: with one free, refused.
+        let two = ClientMsg::Generate(Generate { n: 2, ..generate_of("e") });
+        assert_eq!(error_code(&send(&mut hub, &two)), ErrorCode::Overloaded);
+        assert!(send(&mut hub, &generate("d", "x", true, Sampling::default())).is_empty());
+        // The first token of `a` came before its end; `a` ending does not count twice.
+        hub.on_events(vec![token(a, b'k' as u32, Some(FinishReason::Length))], &mut Vec::new());
+        assert_eq!((hub.waiting(), hub.live_requests()), (2, 2));
+        let text = hub.metrics.render();
+        assert!(text.contains("minisgl_requests_total{outcome=\"overloaded\"} 3"), "{text}");
+        assert!(text.contains("minisgl_requests_total{outcome=\"rejected\"} 0"), "{text}");
+    }
+
+    fn generate_of(rid: &str) -> Generate {
+        Generate { text: Some("x".into()), ..Generate::new(rid) }
+    }
+
+    #[test]
+    fn the_prefix_caches_tokens_reach_the_final_of_their_sample() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &generate("a", "hello", false, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        hub.on_events(vec![Event::Cached { id, tokens: 4 }, Event::Cached { id: id + 99, tokens: 1 }], &mut out);
+        assert!(out.is_empty());
+        assert_eq!(hub.waiting(), 1, "cached tokens are not a first token");
+        hub.on_events(vec![token(id, b'k' as u32, Some(FinishReason::Length))], &mut out);
+        let f = final_of(&out, 0);
+        assert_eq!((f.prompt_tokens, f.cached_tokens, f.completion_tokens), (5, 4, 1));
+        // Without a Cached event (nothing was cached), 0.
+        send(&mut hub, &generate("b", "hello", false, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        hub.on_events(vec![token(id, b'k' as u32, Some(FinishReason::Length))], &mut out);
+        assert_eq!(final_of(&out, 0).cached_tokens, 0);
+    }
+
+    #[test]
+    fn n_samples_fan_out_to_the_engine_and_fan_in_as_n_finals() {
+        let (mut hub, rx) = test_hub(32);
+        let sampling = Sampling { seed: Some(7), temperature: 0.8, ..Sampling::default() };
+        let g = Generate { n: 3, ..Generate::new("a") };
+        let g = Generate { text: Some("hi".into()), sampling, ..g };
+        assert!(send(&mut hub, &ClientMsg::Generate(g.clone())).is_empty());
+        let reqs: Vec<NewRequest> = (0..3).map(|_| submitted(&rx)).collect();
+        assert!(reqs.iter().all(|r| r.prompt == reqs[0].prompt && r.params.temperature == 0.8));
+        let ids: Vec<ReqId> = reqs.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [ids[0], ids[0] + 1, ids[0] + 2], "each sample its own id");
+        let seeds: Vec<u64> = reqs.iter().map(|r| r.params.seed).collect();
+        assert_eq!(seeds[0], 7, "sample 0 keeps the request's seed");
+        assert!(seeds[1] != seeds[0] && seeds[2] != seeds[1] && seeds[2] != seeds[0]);
+        // Splitmix64 from the seed: what docs/protocol.md tells a client to compute.
+        let mut source = SeedSource(7);
+        assert_eq!(seeds[1..], [source.next(), source.next()]);
+        assert_eq!((hub.waiting(), hub.live_requests()), (3, 1));
+        // A second request with the same seed gets the same seeds: reproducible.
+        let again = Generate { rid: "b".into(), ..g };
+        send(&mut hub, &ClientMsg::Generate(again));
+        assert_eq!((0..3).map(|_| submitted(&rx).params.seed).collect::<Vec<_>>(), seeds);
+        send(&mut hub, &ClientMsg::Abort { rid: "b".into() });
+        while rx.try_recv().is_ok() {}
+
+        let mut out = Vec::new();
+        hub.on_events(
+            vec![
+                token(ids[2], b'z' as u32, None),
+                token(ids[0], b'x' as u32, None),
+                Event::Cached { id: ids[1], tokens: 0 },
+            ],
+            &mut out,
+        );
+        let deltas: Vec<(u32, String)> = out
+            .iter()
+            .filter_map(|(_, m)| if let ServerMsg::Delta(d) = m { Some((d.index, d.text.clone())) } else { None })
+            .collect();
+        assert_eq!(deltas, [(2, "z".to_string()), (0, "x".to_string())], "deltas say which sample they are of");
+        hub.on_events(vec![token(ids[2], b'!' as u32, Some(FinishReason::Length))], &mut out);
+        assert_eq!(final_of(&out, 2).text, "z!");
+        assert_eq!(hub.live_requests(), 1, "live until its last sample ends");
+        assert_eq!(
+            error_code(&send(&mut hub, &generate("a", "x", true, Sampling::default()))),
+            ErrorCode::DuplicateRequest
+        );
+        hub.on_events(vec![token(ids[1], b'y' as u32, Some(FinishReason::Length))], &mut out);
+        hub.on_events(vec![token(ids[0], b'w' as u32, Some(FinishReason::Stop))], &mut out);
+        let (f0, f1) = (final_of(&out, 0), final_of(&out, 1));
+        assert_eq!((f0.text.as_str(), f0.finish_reason, f0.completion_tokens), ("x", Wire::Stop, 2));
+        assert_eq!((f1.text.as_str(), f1.finish_reason, f1.prompt_tokens), ("y", Wire::Length, 2));
+        assert!(out.iter().all(|(p, m)| *p == peer() && matches!(m, ServerMsg::Delta(_) | ServerMsg::Final(_))));
+        assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
+        assert!(send(&mut hub, &generate("a", "x", true, Sampling::default())).is_empty(), "the rid is free again");
+        let text = hub.metrics.render();
+        // "hi" twice (a, b) and "x": each request's prompt counts once, whatever its n.
+        assert!(text.contains("minisgl_prompt_tokens_total 5"), "{text}");
+    }
+
+    #[test]
+    fn unseeded_samples_draw_distinct_seeds() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("a") }));
+        let (s0, s1) = (submitted(&rx).params.seed, submitted(&rx).params.seed);
+        assert_ne!(s0, s1);
+    }
+
+    #[test]
+    fn n_is_bounded_by_the_batch_and_the_waiting_queue() {
+        let (hub, rx) = test_hub(32);
+        assert_eq!(hub.max_n(), 4, "the test hub's batch");
+        let out = send_generate_n(&mut hub.with_max_waiting(3), 4);
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(e.message.starts_with("n must be at most 3"), "{}", e.message);
+        assert!(rx.try_recv().is_err());
+        let (mut hub, rx) = test_hub(32);
+        for n in [0, -1, 5, 1 << 40] {
+            assert_eq!(error_code(&send_generate_n(&mut hub, n)), ErrorCode::InvalidParams, "n = {n}");
+        }
+        assert!(rx.try_recv().is_err());
+        assert!(send_generate_n(&mut hub, 4).is_empty());
+    }
+
+    fn send_generate_n(hub: &mut Hub, n: i64) -> Vec<(Peer, ServerMsg)> {
+        send(hub, &ClientMsg::Generate(Generate { n, ..generate_of("n") }))
+    }
+
+    #[test]
+    fn an_abort_ends_every_live_sample_of_the_request() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 3, ..generate_of("a") }));
+        let ids: Vec<ReqId> = (0..3).map(|_| submitted(&rx).id).collect();
+        let mut out = Vec::new();
+        hub.on_events(
+            vec![token(ids[0], b'o' as u32, None), token(ids[1], b'k' as u32, Some(FinishReason::Length))],
+            &mut out,
+        );
+        let out = send(&mut hub, &ClientMsg::Abort { rid: "a".into() });
+        let aborted: Vec<(u32, Wire)> = out
+            .iter()
+            .filter_map(|(_, m)| if let ServerMsg::Final(f) = m { Some((f.index, f.finish_reason)) } else { None })
+            .collect();
+        assert_eq!(aborted, [(0, Wire::Abort), (2, Wire::Abort)], "the live ones, once each");
+        let finished: Vec<ReqId> =
+            rx.try_iter().filter_map(|c| if let Command::Finish(id) = c { Some(id) } else { None }).collect();
+        assert_eq!(finished, [ids[0], ids[2]]);
+        assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
+        assert_eq!(error_code(&send(&mut hub, &ClientMsg::Abort { rid: "a".into() })), ErrorCode::UnknownRequest);
+        // Late tokens of the aborted samples are dropped.
+        let mut late = Vec::new();
+        hub.on_events(vec![token(ids[2], b'x' as u32, None)], &mut late);
+        assert!(late.is_empty());
+    }
+
+    #[test]
+    fn when_the_engine_fails_every_sample_gets_its_error_final() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("a") }));
+        let id = submitted(&rx).id;
+        hub.on_events(vec![token(id, b'o' as u32, None)], &mut Vec::new());
+        let mut out = Vec::new();
+        hub.fail_all("gone", &mut out);
+        let indices: Vec<u32> = out
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMsg::Final(f) if f.finish_reason == Wire::Error => Some(f.index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(indices, [0, 1]);
+        assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
     }
 }

@@ -61,9 +61,20 @@ impl ApiError {
         ApiError::new(503, "engine_unavailable", message)
     }
 
-    /// OpenAI's `type`: the client's mistake, or ours.
+    /// OpenAI's `type`: the client's mistake, or ours; or neither: too much load, which a retry may get past
+    /// (Anthropic's name for it, which OpenAI's own clients treat as a retryable server error).
     pub fn kind(&self) -> &'static str {
-        if self.status < 500 { "invalid_request_error" } else { "server_error" }
+        match self.status {
+            _ if self.code == "overloaded" => "overloaded_error",
+            ..500 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    /// Seconds a client should wait before trying again (`Retry-After`), for refusals that a retry may get
+    /// past. One second: the queue moves every step, and a client that retries sooner only adds load.
+    pub fn retry_after(&self) -> Option<u32> {
+        (self.code == "overloaded").then_some(1)
     }
 
     /// `{"error": {"message", "type", "param", "code"}}`, as a JSON value.
@@ -74,7 +85,8 @@ impl ApiError {
     }
 }
 
-/// How the hub's refusals read over HTTP. Over-long prompts use OpenAI's own code for them.
+/// How the hub's refusals read over HTTP. Over-long prompts use OpenAI's own code for them. The protocol's
+/// messages about one field start with its name, which becomes OpenAI's `param`.
 pub fn rejection_error(r: &Rejection) -> ApiError {
     let (status, code) = match r.code {
         ErrorCode::Malformed => (400, "malformed"),
@@ -88,8 +100,14 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
         ErrorCode::ShuttingDown => (503, "engine_unavailable"),
         ErrorCode::Overloaded => (503, "overloaded"),
     };
-    ApiError::new(status, code, r.message.clone())
+    let param = match r.code {
+        ErrorCode::InvalidParams => r.message.split_whitespace().next().filter(|w| PARAM_FIELDS.contains(w)),
+        _ => None,
+    };
+    ApiError { param: param.map(str::to_owned), ..ApiError::new(status, code, r.message.clone()) }
 }
+
+const PARAM_FIELDS: [&str; 6] = ["max_tokens", "temperature", "top_p", "top_k", "stop", "n"];
 
 /// OpenAI's `finish_reason` for ours. `abort` only happens to an HTTP request whose client has gone (nobody
 /// reads it), and `error` never reaches a choice: it is an error response, or an error event in a stream.
@@ -166,6 +184,8 @@ fn finish(mut generate: Generate, f: &Fields<'_>, max_tokens: i64) -> Result<Par
         stop_token_ids: f.token_ids("stop_token_ids")?,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(d.ignore_eos),
     };
+    // Its upper bound depends on the batch size: the hub checks it.
+    generate.n = f.i64("n")?.unwrap_or(1);
     let stream = f.bool("stream")?.unwrap_or(false);
     generate.stream = stream;
     let include_usage = match f.get("stream_options") {
@@ -173,22 +193,13 @@ fn finish(mut generate: Generate, f: &Fields<'_>, max_tokens: i64) -> Result<Par
         Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
         Some(_) => return Err(ApiError::invalid("stream_options", "stream_options must be an object")),
     };
-    api::validate(&generate).map_err(|r| {
-        // The protocol's messages start with the field they are about; OpenAI's `param` names it.
-        let param = r.message.split_whitespace().next().filter(|w| SAMPLING_FIELDS.contains(w));
-        ApiError { param: param.map(str::to_owned), ..rejection_error(&r) }
-    })?;
+    api::validate(&generate).map_err(|r| rejection_error(&r))?;
     Ok(Parsed { generate, stream, include_usage })
 }
-
-const SAMPLING_FIELDS: [&str; 5] = ["max_tokens", "temperature", "top_p", "top_k", "stop"];
 
 /// What neither endpoint supports. Each is refused rather than ignored: a client that asks for it would
 /// otherwise get something it did not ask for without knowing.
 fn reject_common(f: &Fields<'_>) -> Result<(), ApiError> {
-    if f.i64("n")?.is_some_and(|n| n != 1) {
-        return Err(ApiError::unsupported("n", "n other than 1 is not supported: send one request per choice"));
-    }
     for penalty in ["presence_penalty", "frequency_penalty", "repetition_penalty"] {
         if f.f64(penalty)?.is_some_and(|p| p != 0.0 && !(penalty == "repetition_penalty" && p == 1.0)) {
             return Err(ApiError::unsupported(penalty, format!("{penalty} is not supported")));
@@ -351,16 +362,55 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache rather than a prefill.
+    pub cached_tokens: u32,
 }
 
 impl Usage {
-    pub fn of(f: &Final) -> Usage {
-        Usage {
-            prompt_tokens: f.prompt_tokens,
-            completion_tokens: f.completion_tokens,
-            total_tokens: f.prompt_tokens.saturating_add(f.completion_tokens),
-        }
+    /// A request's usage from its samples' finals: the prompt once (the samples share it), the completions of
+    /// all, and as cached the least any sample found in the cache. That is the part of the prompt that was
+    /// cached before the request came; the samples that reused what another one just prefilled do not make the
+    /// prompt count as cached.
+    pub fn of<'a>(finals: impl IntoIterator<Item = &'a Final>) -> Usage {
+        finals.into_iter().fold(None, Usage::with).unwrap_or(Usage::EMPTY)
     }
+
+    const EMPTY: Usage = Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
+    };
+
+    /// `so_far` (the usage of the samples that ended before) with sample `f` added.
+    fn with(so_far: Option<Usage>, f: &Final) -> Option<Usage> {
+        let u = match so_far {
+            None => Usage {
+                prompt_tokens: f.prompt_tokens,
+                completion_tokens: f.completion_tokens,
+                prompt_tokens_details: PromptTokensDetails { cached_tokens: f.cached_tokens },
+                ..Usage::EMPTY
+            },
+            Some(u) => Usage {
+                completion_tokens: u.completion_tokens.saturating_add(f.completion_tokens),
+                prompt_tokens_details: PromptTokensDetails {
+                    cached_tokens: u.prompt_tokens_details.cached_tokens.min(f.cached_tokens),
+                },
+                ..u
+            },
+        };
+        Some(Usage { total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens), ..u })
+    }
+}
+
+/// A failed sample's error response (or, in a stream, its error event).
+fn failure(f: &Final) -> ApiError {
+    ApiError::unavailable(f.message.clone().unwrap_or_else(|| "the engine failed".into()))
 }
 
 #[derive(Serialize)]
@@ -415,37 +465,55 @@ impl Reply {
         Envelope { id: &self.id, object, created: self.created, model: &self.model, choices, usage }
     }
 
-    /// The non-streaming response body for a request's final, or the error response that replaces it.
-    pub fn body(&self, f: &Final) -> Result<String, ApiError> {
-        if f.finish_reason == FinishReason::Error {
-            return Err(ApiError::unavailable(f.message.clone().unwrap_or_else(|| "the engine failed".into())));
+    /// The non-streaming response body for a request's finals (one per sample, in any order), or the error
+    /// response that replaces it when a sample failed.
+    pub fn body(&self, finals: &[Final]) -> Result<String, ApiError> {
+        if let Some(failed) = finals.iter().find(|f| f.finish_reason == FinishReason::Error) {
+            return Err(failure(failed));
         }
-        let finish_reason = Some(finish_reason(f.finish_reason));
-        let usage = Some(Usage::of(f));
+        let mut finals: Vec<&Final> = finals.iter().collect();
+        finals.sort_by_key(|f| f.index);
+        let usage = Some(Usage::of(finals.iter().copied()));
         let json = match self.endpoint {
             Endpoint::Completions => {
-                let choice = TextChoice { index: 0, text: &f.text, logprobs: None, finish_reason };
-                serde_json::to_string(&self.envelope("text_completion", vec![choice], usage))
+                let choices = finals
+                    .iter()
+                    .map(|f| TextChoice {
+                        index: f.index,
+                        text: &f.text,
+                        logprobs: None,
+                        finish_reason: Some(finish_reason(f.finish_reason)),
+                    })
+                    .collect();
+                serde_json::to_string(&self.envelope("text_completion", choices, usage))
             }
             Endpoint::Chat => {
-                let message = Message { role: "assistant", content: &f.text };
-                let choice = ChatChoice { index: 0, message, logprobs: None, finish_reason };
-                serde_json::to_string(&self.envelope("chat.completion", vec![choice], usage))
+                let choices = finals
+                    .iter()
+                    .map(|f| ChatChoice {
+                        index: f.index,
+                        message: Message { role: "assistant", content: &f.text },
+                        logprobs: None,
+                        finish_reason: Some(finish_reason(f.finish_reason)),
+                    })
+                    .collect();
+                serde_json::to_string(&self.envelope("chat.completion", choices, usage))
             }
         };
         Ok(json.expect("response bodies always serialize"))
     }
 
-    /// One stream chunk: a piece of text, the role (chat's first chunk), and the finish reason (the last).
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&'static str>) -> String {
+    /// One stream chunk of choice `index`: a piece of text, the role (chat's first chunk), and the finish
+    /// reason (the last).
+    fn chunk(&self, index: u32, text: Option<&str>, role: bool, finish: Option<&'static str>) -> String {
         let json = match self.endpoint {
             Endpoint::Completions => {
-                let choice = TextChoice { index: 0, text: text.unwrap_or(""), logprobs: None, finish_reason: finish };
+                let choice = TextChoice { index, text: text.unwrap_or(""), logprobs: None, finish_reason: finish };
                 serde_json::to_string(&self.envelope("text_completion", vec![choice], None))
             }
             Endpoint::Chat => {
                 let delta = ChunkDelta { role: role.then_some("assistant"), content: text };
-                let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish };
+                let choice = ChunkChoice { index, delta, logprobs: None, finish_reason: finish };
                 serde_json::to_string(&self.envelope("chat.completion.chunk", vec![choice], None))
             }
         };
@@ -466,42 +534,58 @@ impl Reply {
 pub struct Chunks {
     reply: Reply,
     include_usage: bool,
+    /// Samples (choices) in the request, and how many have ended.
+    n: u32,
+    ended: u32,
+    usage: Option<Usage>,
 }
 
 pub const DONE: &str = "[DONE]";
 
 impl Chunks {
-    pub fn new(reply: Reply, include_usage: bool) -> Self {
-        Chunks { reply, include_usage }
+    pub fn new(reply: Reply, include_usage: bool, n: u32) -> Self {
+        Chunks { reply, include_usage, n: n.max(1), ended: 0, usage: None }
     }
 
-    /// What the stream starts with, before any token: chat announces the assistant's role, as OpenAI does.
+    /// What the stream starts with, before any token: chat announces the assistant's role for each choice, as
+    /// OpenAI does.
     pub fn opening(&self) -> Vec<String> {
         match self.reply.endpoint {
             Endpoint::Completions => Vec::new(),
-            Endpoint::Chat => vec![self.reply.chunk(Some(""), true, None)],
+            Endpoint::Chat => (0..self.n).map(|i| self.reply.chunk(i, Some(""), true, None)).collect(),
         }
     }
 
-    /// The payloads one hub reply becomes, and whether the stream ends with them.
-    pub fn on_reply(&self, msg: &ServerMsg) -> (Vec<String>, bool) {
+    /// Every sample has had its final: nothing of the request is left running.
+    pub fn complete(&self) -> bool {
+        self.ended == self.n
+    }
+
+    /// The payloads one hub reply becomes, and whether the stream ends with them: after the last sample's
+    /// final, or at the first failure.
+    pub fn on_reply(&mut self, msg: &ServerMsg) -> (Vec<String>, bool) {
         match msg {
             // A token whose text is still held back (half a character, a possible stop string) says nothing yet.
             ServerMsg::Delta(d) if d.text.is_empty() => (Vec::new(), false),
-            ServerMsg::Delta(d) => (vec![self.reply.chunk(Some(&d.text), false, None)], false),
+            ServerMsg::Delta(d) => (vec![self.reply.chunk(d.index, Some(&d.text), false, None)], false),
             ServerMsg::Final(f) if f.finish_reason == FinishReason::Error => {
-                let message = f.message.clone().unwrap_or_else(|| "the engine failed".into());
-                (self.error(&ApiError::unavailable(message)), true)
+                self.ended += 1;
+                (self.error(&failure(f)), true)
             }
             ServerMsg::Final(f) => {
+                self.ended += 1;
+                self.usage = Usage::with(self.usage, f);
                 let reason = Some(finish_reason(f.finish_reason));
                 let last = match self.reply.endpoint {
-                    Endpoint::Completions => self.reply.chunk(Some(""), false, reason),
-                    Endpoint::Chat => self.reply.chunk(None, false, reason),
+                    Endpoint::Completions => self.reply.chunk(f.index, Some(""), false, reason),
+                    Endpoint::Chat => self.reply.chunk(f.index, None, false, reason),
                 };
                 let mut out = vec![last];
+                if !self.complete() {
+                    return (out, false);
+                }
                 if self.include_usage {
-                    out.push(self.reply.usage_chunk(Usage::of(f)));
+                    out.push(self.reply.usage_chunk(self.usage.unwrap_or(Usage::EMPTY)));
                 }
                 out.push(DONE.into());
                 (out, true)
@@ -604,7 +688,6 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_with_a_400_naming_them() {
         for (body, param) in [
-            (json!({"prompt": "x", "n": 2}), "n"),
             (json!({"prompt": "x", "echo": true}), "echo"),
             (json!({"prompt": "x", "logprobs": 1}), "logprobs"),
             (json!({"prompt": "x", "best_of": 3}), "best_of"),
@@ -622,7 +705,6 @@ mod tests {
             json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
             json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
             json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            json!({"messages": [{"role": "user", "content": "x"}], "n": 3}),
         ];
         for body in chat_refusals {
             assert_eq!(status_code(chat(body)), (400, "unsupported_parameter"));
@@ -733,20 +815,76 @@ mod tests {
 
     #[test]
     fn a_final_becomes_openais_response_body() {
-        let body = parse(&reply(Endpoint::Completions).body(&final_msg(FinishReason::Length, "abc")).unwrap());
+        let cached = Final { cached_tokens: 4, ..final_msg(FinishReason::Length, "abc") };
+        let body = parse(&reply(Endpoint::Completions).body(&[cached]).unwrap());
         assert_eq!(
             body,
             json!({"id": "x-1", "object": "text_completion", "created": 42, "model": "m",
                    "choices": [{"index": 0, "text": "abc", "logprobs": null, "finish_reason": "length"}],
-                   "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 4}}})
         );
-        let body = parse(&reply(Endpoint::Chat).body(&final_msg(FinishReason::Stop, "hi")).unwrap());
+        let body = parse(&reply(Endpoint::Chat).body(&[final_msg(FinishReason::Stop, "hi")]).unwrap());
         assert_eq!(body["object"], "chat.completion");
         assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "hi"}));
         assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert_eq!(body["usage"]["prompt_tokens_details"], json!({"cached_tokens": 0}));
         let failed = Final { message: Some("the worker died".into()), ..final_msg(FinishReason::Error, "") };
-        let e = reply(Endpoint::Chat).body(&failed).unwrap_err();
+        let e = reply(Endpoint::Chat).body(&[failed]).unwrap_err();
         assert_eq!((e.status, e.message.as_str()), (503, "the worker died"));
+    }
+
+    fn sample(index: u32, text: &str, completion_tokens: u32, cached_tokens: u32) -> Final {
+        Final { index, completion_tokens, cached_tokens, ..final_msg(FinishReason::Length, text) }
+    }
+
+    #[test]
+    fn n_finals_become_n_choices_in_index_order_and_usage_counts_the_prompt_once() {
+        // As they may arrive: out of order, the first sample prefilling, the others reusing its pages.
+        let finals = [sample(2, "c", 4, 16), sample(0, "a", 3, 0), sample(1, "b", 5, 16)];
+        let body = parse(&reply(Endpoint::Chat).body(&finals).unwrap());
+        let choices = body["choices"].as_array().unwrap();
+        let got: Vec<(u64, &str)> =
+            choices.iter().map(|c| (c["index"].as_u64().unwrap(), c["message"]["content"].as_str().unwrap())).collect();
+        assert_eq!(got, [(0, "a"), (1, "b"), (2, "c")]);
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+        let body = parse(&reply(Endpoint::Completions).body(&finals).unwrap());
+        assert_eq!(body["choices"][2], json!({"index": 2, "text": "c", "logprobs": null, "finish_reason": "length"}));
+        // One failed sample fails the request.
+        let failed = Final { index: 1, message: Some("gone".into()), ..final_msg(FinishReason::Error, "") };
+        let e = reply(Endpoint::Chat).body(&[finals[1].clone(), failed]).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (503, "gone"));
+    }
+
+    #[test]
+    fn n_is_read_and_checked_and_a_bound_the_hub_sets_names_it() {
+        assert_eq!(completion(json!({"prompt": "x", "n": 3})).unwrap().generate.n, 3);
+        assert_eq!(chat(json!({"messages": [{"role": "user", "content": "x"}], "n": 2})).unwrap().generate.n, 2);
+        assert_eq!(completion(json!({"prompt": "x"})).unwrap().generate.n, 1);
+        let e = completion(json!({"prompt": "x", "n": 0})).unwrap_err();
+        assert_eq!((e.status, e.code, e.param.as_deref()), (400, "invalid_params", Some("n")));
+        let e = completion(json!({"prompt": "x", "n": "two"})).unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("n")));
+        let hub_says = Rejection::new(None, ErrorCode::InvalidParams, "n must be at most 48 (...), got 100");
+        let e = rejection_error(&hub_says);
+        assert_eq!((e.status, e.code, e.param.as_deref()), (400, "invalid_params", Some("n")));
+        let other = rejection_error(&Rejection::new(None, ErrorCode::InvalidParams, "no such thing"));
+        assert_eq!(other.param, None);
+    }
+
+    #[test]
+    fn an_overloaded_refusal_is_a_503_to_retry() {
+        let e = rejection_error(&Rejection::new(None, ErrorCode::Overloaded, "the queue is full"));
+        assert_eq!((e.status, e.code, e.retry_after()), (503, "overloaded", Some(1)));
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "the queue is full", "type": "overloaded_error", "param": null, "code": "overloaded"}})
+        );
+        assert_eq!(ApiError::unavailable("gone").retry_after(), None);
     }
 
     #[test]
@@ -761,7 +899,7 @@ mod tests {
     }
 
     /// Every payload of a stream of `msgs`, and whether the last message ended it.
-    fn stream(chunks: &Chunks, msgs: &[ServerMsg]) -> (Vec<String>, bool) {
+    fn stream(chunks: &mut Chunks, msgs: &[ServerMsg]) -> (Vec<String>, bool) {
         let mut out = chunks.opening();
         let mut ended = false;
         for m in msgs {
@@ -774,9 +912,9 @@ mod tests {
 
     #[test]
     fn a_chat_stream_opens_with_the_role_and_ends_with_the_reason_usage_and_done() {
-        let chunks = Chunks::new(reply(Endpoint::Chat), true);
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), true, 1);
         let msgs = [delta("He"), delta(""), delta("llo"), ServerMsg::Final(final_msg(FinishReason::Stop, "Hello"))];
-        let (out, ended) = stream(&chunks, &msgs);
+        let (out, ended) = stream(&mut chunks, &msgs);
         assert!(ended);
         assert_eq!(out.len(), 6, "{out:?}");
         assert_eq!(out.last().map(String::as_str), Some(DONE));
@@ -787,15 +925,19 @@ mod tests {
         assert_eq!(text, "Hello");
         assert_eq!(json[3]["choices"][0], json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}));
         assert_eq!(json[4]["choices"], json!([]));
-        assert_eq!(json[4]["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}));
+        assert_eq!(
+            json[4]["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
         assert!(json[..4].iter().all(|c| c.get("usage").is_none()));
     }
 
     #[test]
     fn a_completion_stream_carries_text_chunks() {
-        let chunks = Chunks::new(reply(Endpoint::Completions), false);
+        let mut chunks = Chunks::new(reply(Endpoint::Completions), false, 1);
         let msgs = [delta("a"), ServerMsg::Final(final_msg(FinishReason::Length, "a"))];
-        let (out, _) = stream(&chunks, &msgs);
+        let (out, _) = stream(&mut chunks, &msgs);
         assert_eq!(out.len(), 3, "no opening, no usage: {out:?}");
         assert_eq!(parse(&out[0])["choices"][0]["text"], "a");
         assert_eq!(parse(&out[1])["choices"][0]["finish_reason"], "length");
@@ -804,13 +946,63 @@ mod tests {
 
     #[test]
     fn a_stream_that_fails_ends_with_an_error_event() {
-        let chunks = Chunks::new(reply(Endpoint::Chat), true);
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), true, 2);
         let failed = Final { message: Some("the worker died".into()), ..final_msg(FinishReason::Error, "") };
         let (out, ended) = chunks.on_reply(&ServerMsg::Final(failed));
-        assert!(ended);
+        assert!(ended && !chunks.complete(), "one sample's failure ends the stream; the other is still running");
         assert_eq!(parse(&out[0])["error"]["message"], "the worker died");
         assert_eq!(out[1], DONE);
         let lost = chunks.on_lost();
         assert_eq!((parse(&lost[0])["error"]["code"].as_str(), lost[1].as_str()), (Some("engine_unavailable"), DONE));
+    }
+
+    fn delta_of(index: u32, text: &str) -> ServerMsg {
+        ServerMsg::Delta(Delta { rid: "x-1".into(), index, token_ids: vec![1], text: text.into() })
+    }
+
+    #[test]
+    fn a_stream_of_n_choices_tags_each_chunk_and_ends_after_the_last_final() {
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), true, 2);
+        let msgs = [
+            delta_of(1, "B"),
+            delta_of(0, "A"),
+            ServerMsg::Final(sample(1, "B", 1, 16)),
+            delta_of(0, "a"),
+            ServerMsg::Final(sample(0, "Aa", 2, 0)),
+        ];
+        let mut out = chunks.opening();
+        let mut ends = Vec::new();
+        for m in &msgs {
+            let (data, last) = chunks.on_reply(m);
+            out.extend(data);
+            ends.push(last);
+        }
+        assert_eq!(ends, [false, false, false, false, true], "the stream ends with the last sample's final");
+        assert!(chunks.complete());
+        assert_eq!(out.last().map(String::as_str), Some(DONE));
+        let json: Vec<Value> = out[..out.len() - 1].iter().map(|s| parse(s)).collect();
+        let roles: Vec<u64> = json[..2].iter().map(|c| c["choices"][0]["index"].as_u64().unwrap()).collect();
+        assert_eq!(roles, [0, 1], "each choice opens with the role");
+        let text_of = |i: u64| -> String {
+            json.iter()
+                .filter(|c| c["choices"].get(0).is_some_and(|ch| ch["index"] == i))
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect()
+        };
+        assert_eq!((text_of(0), text_of(1)), ("Aa".to_string(), "B".to_string()));
+        let reasons: Vec<(u64, &str)> = json
+            .iter()
+            .filter_map(|c| {
+                let ch = c["choices"].get(0)?;
+                Some((ch["index"].as_u64()?, ch["finish_reason"].as_str()?))
+            })
+            .collect();
+        assert_eq!(reasons, [(1, "length"), (0, "length")]);
+        let usage = &json.last().unwrap()["usage"];
+        assert_eq!(
+            *usage,
+            json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
     }
 }

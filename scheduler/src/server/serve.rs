@@ -33,6 +33,8 @@ pub enum Ended {
 struct HttpPeer {
     rid: String,
     replies: UnboundedSender<ServerMsg>,
+    /// Finals still to come: one per sample.
+    finals_left: u32,
 }
 
 /// How the serve loop learns it should end, and where it says how far it got.
@@ -127,9 +129,11 @@ fn on_call(hub: &mut Hub, http_peers: &mut HashMap<u64, HttpPeer>, call: Call, o
     match call {
         Call::Generate { id, generate, accepted, replies } => {
             let rid = generate.rid.clone();
+            // Validated by the hub: a refused n never reaches the map.
+            let finals_left = u32::try_from(generate.n).unwrap_or(1);
             let verdict = hub.submit(&Peer::Http(id), *generate);
             if verdict.is_ok() {
-                http_peers.insert(id, HttpPeer { rid, replies });
+                http_peers.insert(id, HttpPeer { rid, replies, finals_left });
             }
             // A handler that is gone already sends its `Gone` right behind this call.
             let _ = accepted.send(verdict);
@@ -145,8 +149,8 @@ fn on_call(hub: &mut Hub, http_peers: &mut HashMap<u64, HttpPeer>, call: Call, o
     }
 }
 
-/// Sorts replies by door: ZeroMQ ones into `to_zmq` (in order), HTTP ones straight into their channels. A
-/// final or an error is an HTTP request's last reply, and forgets its peer.
+/// Sorts replies by door: ZeroMQ ones into `to_zmq` (in order), HTTP ones straight into their channels. An
+/// HTTP request's last final (one per sample) or an error is its last reply, and forgets its peer.
 fn route(
     replies: &mut Vec<(Peer, ServerMsg)>,
     http_peers: &mut HashMap<u64, HttpPeer>,
@@ -156,8 +160,15 @@ fn route(
         match peer {
             Peer::Zmq(frames) => to_zmq.push((frames, msg)),
             Peer::Http(id) => {
-                let last = matches!(msg, ServerMsg::Final(_) | ServerMsg::Error(_));
-                let Some(peer) = http_peers.get(&id) else { continue }; // it has gone: see `Call::Gone`
+                let Some(peer) = http_peers.get_mut(&id) else { continue }; // it has gone: see `Call::Gone`
+                let last = match msg {
+                    ServerMsg::Final(_) => {
+                        peer.finals_left = peer.finals_left.saturating_sub(1);
+                        peer.finals_left == 0
+                    }
+                    ServerMsg::Error(_) => true,
+                    _ => false,
+                };
                 // A failed send means the handler was dropped; its `Gone` is on the way and aborts the request.
                 let _ = peer.replies.send(msg);
                 if last {
@@ -213,9 +224,20 @@ mod tests {
             id: u64,
             text: &str,
         ) -> (Result<(), Rejection>, tokio::sync::mpsc::UnboundedReceiver<ServerMsg>) {
+            self.generate_n(id, text, 1)
+        }
+
+        /// The same with `n` samples.
+        fn generate_n(
+            &mut self,
+            id: u64,
+            text: &str,
+            n: i64,
+        ) -> (Result<(), Rejection>, tokio::sync::mpsc::UnboundedReceiver<ServerMsg>) {
             let (replies, rx) = unbounded_channel();
             let (accepted, mut verdict) = oneshot::channel();
-            let generate = Box::new(Generate { text: Some(text.into()), ..Generate::new(format!("cmpl-{id}")) });
+            let generate = Generate { text: Some(text.into()), n, ..Generate::new(format!("cmpl-{id}")) };
+            let generate = Box::new(generate);
             self.call(Call::Generate { id, generate, accepted, replies });
             (verdict.try_recv().expect("the loop answers at once"), rx)
         }
@@ -248,6 +270,37 @@ mod tests {
             other => panic!("expected two deltas and the final, got {other:?}"),
         }
         assert!(l.peers.is_empty() && l.to_zmq.is_empty());
+    }
+
+    #[test]
+    fn an_http_request_of_n_samples_is_kept_until_its_last_final() {
+        let mut l = Loop::new();
+        let (verdict, mut rx) = l.generate_n(4, "hi", 2);
+        assert!(verdict.is_ok());
+        let (a, b) = (l.submitted(), l.submitted());
+        let length = Some(crate::core::FinishReason::Length);
+        l.events(vec![Event::Token { id: b, token: b'k' as u32, finish: length }]);
+        assert!(l.peers.contains_key(&4), "one sample is still running");
+        l.events(vec![Event::Token { id: a, token: b'o' as u32, finish: length }]);
+        assert!(l.peers.is_empty());
+        let finals: Vec<(u32, String)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| if let ServerMsg::Final(f) = m { Some((f.index, f.text)) } else { None })
+            .collect();
+        assert_eq!(finals, [(1, "k".to_string()), (0, "o".to_string())]);
+    }
+
+    #[test]
+    fn a_gone_handler_aborts_every_sample_of_its_request() {
+        let mut l = Loop::new();
+        let (_, rx) = l.generate_n(6, "hi", 3);
+        let ids = [l.submitted(), l.submitted(), l.submitted()];
+        drop(rx);
+        l.call(Call::Gone(6));
+        let finished: Vec<_> =
+            l.engine.try_iter().filter_map(|c| if let Command::Finish(id) = c { Some(id) } else { None }).collect();
+        assert_eq!(finished, ids);
+        assert_eq!((l.hub.live_requests(), l.hub.waiting()), (0, 0));
+        assert!(l.peers.is_empty());
     }
 
     #[test]
