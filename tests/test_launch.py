@@ -24,7 +24,14 @@ from conftest import REPO_ROOT, free_tcp_port
 
 from minisgl.cli.chat import sse_data
 from minisgl.client import Client, MinisglError
-from minisgl.launch import Engine, EngineConfig, exposure_warnings, parse_args
+from minisgl.launch import (
+    Engine,
+    EngineConfig,
+    SchedulingConfig,
+    exposure_warnings,
+    find_scheduler,
+    parse_args,
+)
 from minisgl.logs import JsonFormatter
 
 
@@ -188,6 +195,46 @@ def test_model_is_positional_or_a_flag_but_not_both():
     assert parse_args([]).model == EngineConfig().model
     with pytest.raises(SystemExit):
         parse_args(["some/dir", "--model", "other/dir"])
+
+
+def test_scheduling_flags_reach_the_scheduler_as_given_and_their_defaults_are_its():
+    flags = [
+        "--no-prefix-cache",
+        "--schedule-policy",
+        "lpm",
+        "--lpm-max-wait-steps",
+        "7",
+        "--max-waiting",
+        "3",
+    ]
+    engine = Engine(parse_args(["--sched-bin", "/bin/true", *flags]))
+    try:
+        sched = engine._commands()["scheduler"]
+    finally:
+        engine.cleanup()
+    start = sched.index("--no-prefix-cache")
+    assert sched[start : start + len(flags)] == flags
+    with pytest.raises(SystemExit):
+        parse_args(["--schedule-policy", "sjf"])
+    with pytest.raises(ValueError, match="max_waiting"):
+        parse_args(["--max-waiting", "0"])
+    # The defaults the launcher passes are the scheduler's own, so `minisgl serve` and minisgl-sched agree.
+    try:
+        sched_bin = find_scheduler()
+    except FileNotFoundError:
+        pytest.skip("minisgl-sched is not built")
+    help_text = " ".join(
+        subprocess.run([sched_bin, "--help"], capture_output=True, text=True, check=True).stdout.split()
+    )
+    defaults = SchedulingConfig()
+    for flag, value in [
+        ("--schedule-policy", defaults.schedule_policy),
+        ("--lpm-max-wait-steps", defaults.lpm_max_wait_steps),
+        ("--max-waiting", defaults.max_waiting),
+    ]:
+        described = help_text[help_text.index(flag) :]
+        assert f"[default: {value}]" in described[: described.index("--", 2)], flag
+    assert defaults.prefix_cache and "--no-prefix-cache" in help_text
 
 
 def test_the_api_key_reaches_only_the_scheduler_and_never_a_command_line(monkeypatch):

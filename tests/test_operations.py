@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
@@ -24,7 +25,7 @@ import pytest
 import zmq
 from conftest import free_tcp_port
 
-from minisgl.client import Client, MinisglError
+from minisgl.client import Client, MinisglError, Overloaded
 from minisgl.proto import messages
 
 KEY = "sk-test-0123456789"
@@ -249,6 +250,29 @@ def test_metrics_move_as_requests_run(serving):
     assert metric(after, "minisgl_kv_pages_free") == 128
 
 
+def test_prefix_cache_metrics_count_what_a_repeated_prompt_reuses(serving):
+    before = serving.request("GET", "/metrics")[2]
+    # Over two pages of prompt, sent twice: the second finds the first's full pages in the cache.
+    body = {"prompt": "Count with me: " + ", ".join(str(i) for i in range(30)), "max_tokens": 2}
+    replies = [serving.request("POST", "/v1/completions", body, AUTH)[2] for _ in range(2)]
+    after = serving.request("GET", "/metrics")[2]
+    prompt = replies[0]["usage"]["prompt_tokens"]
+    cached = replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert prompt > 32 and 16 <= cached < prompt and cached % 16 == 0, replies
+
+    def grew(series: str) -> float:
+        return metric(after, series) - metric(before, series)
+
+    assert grew("minisgl_prefix_cache_prompt_tokens_total") == 2 * prompt
+    assert grew("minisgl_prefix_cache_cached_tokens_total") >= cached
+    assert metric(after, "minisgl_prefix_cache_pages") >= cached // 16
+    assert (
+        0
+        <= metric(after, "minisgl_prefix_cache_evictable_pages")
+        <= metric(after, "minisgl_prefix_cache_pages")
+    )
+
+
 def test_json_logs_name_the_request_its_response_names(serving):
     conn, resp = open_stream(serving, {**LONG, "max_tokens": 4}, {**AUTH, "X-Request-Id": "trace-42"})
     rid = resp.getheader("X-Request-Id")
@@ -334,5 +358,58 @@ def test_a_second_signal_stops_at_once_and_still_answers_live_requests(tiny_mode
         assert replies[-1]["finish_reason"] == "error"
         assert s.proc.wait(30) == 0
         assert s.segments() == []
+    finally:
+        s.stop()
+
+
+# --- a bounded waiting queue --------------------------------------------------------------------------------
+
+MAX_WAITING = 2
+# Long enough that the accepted requests still run while the rest of the burst arrives.
+BURST = {"prompt": "Count: 1, 2, 3,", "max_tokens": 64, "ignore_eos": True, "temperature": 0}
+
+
+def test_past_max_waiting_a_burst_is_refused_at_once_and_the_accepted_all_complete(tiny_model):
+    # The worker runs 4 requests at once (Scheduler's --max-batch 4) and 2 more may wait: of 16 sent together,
+    # at least 10 are refused.
+    s = Scheduler(tiny_model, "--max-waiting", str(MAX_WAITING))
+    try:
+        s.wait_serving()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda _: s.request("POST", "/v1/completions", BURST), range(16)))
+        refused = [(headers, body) for status, headers, body in results if status == 503]
+        done = [body for status, _, body in results if status == 200]
+        assert len(refused) + len(done) == 16, [r[0] for r in results]
+        assert len(refused) >= 10 and done, f"{len(refused)} refused"
+        for headers, body in refused:
+            assert headers["Retry-After"] == "1"
+            error = body["error"]
+            assert (error["type"], error["code"]) == ("overloaded_error", "overloaded"), body
+            assert f"at most {MAX_WAITING}" in error["message"] and "--max-waiting" in error["message"]
+        texts = {body["choices"][0]["text"] for body in done}
+        assert len(texts) == 1, "every accepted request ran to its end, greedy, as any other"
+        assert all(body["usage"]["completion_tokens"] == 64 for body in done)
+        text = s.request("GET", "/metrics")[2]
+        assert metric(text, 'minisgl_requests_total{outcome="overloaded"}') == len(refused)
+        assert metric(text, 'minisgl_requests_total{outcome="length"}') == len(done)
+
+        # The same over ZeroMQ: the client raises Overloaded for each refusal; the daemon keeps serving.
+        with Client(s.listen, timeout_s=120) as c:
+            rids = [
+                c.submit(text=BURST["prompt"], sampling={"max_tokens": 64, "ignore_eos": True})
+                for _ in range(10)
+            ]
+            outcomes = []
+            for rid in rids:
+                try:
+                    outcomes.append(list(c.replies(rid))[-1]["finish_reason"])
+                except Overloaded as e:
+                    assert (e.code, e.rid) == ("overloaded", rid) and "--max-waiting" in e.message
+                    outcomes.append("overloaded")
+            assert outcomes.count("overloaded") >= 4 and "length" in outcomes, outcomes
+            assert c.info()["live_requests"] == 0
+            final = c.generate(text="hi", sampling={"max_tokens": 2, "ignore_eos": True})
+            assert final["finish_reason"] == "length"
+        assert s.request("POST", "/v1/completions", {**BURST, "max_tokens": 2})[0] == 200
     finally:
         s.stop()

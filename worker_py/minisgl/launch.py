@@ -47,9 +47,32 @@ DRAIN_SLACK_S = 10.0
 
 
 @dataclass(frozen=True)
-class EngineConfig(WorkerConfig):
+class SchedulingConfig:
+    """How the scheduler admits requests. Each field is a flag of `minisgl serve` and, by the same name, of
+    minisgl-sched, which gets them as they are (tests/test_launch.py checks that the defaults agree)."""
+
+    prefix_cache: bool = opt(True, "reuse the KV pages of earlier prompts that start with the same tokens")
+    schedule_policy: str = opt(
+        "fcfs",
+        "admission order: fcfs (arrival) or lpm (longest cached prefix first)",
+        choices=("fcfs", "lpm"),
+    )
+    lpm_max_wait_steps: int = opt(
+        1024, "with lpm: steps after which a waiting request goes first anyway", metavar="STEPS"
+    )
+    max_waiting: int = opt(
+        4096,
+        "requests (each of n samples) waiting for their first token; past it new ones are refused at once "
+        "(HTTP 503 with Retry-After, ZeroMQ error overloaded)",
+        metavar="N",
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig(SchedulingConfig, WorkerConfig):
     """How to run an engine: the worker's settings (`WorkerConfig`, passed to it as they are) and the
-    scheduler's. Every field is also a flag of `minisgl serve` (see `--help`)."""
+    scheduler's (`SchedulingConfig`, passed as they are, and the fields below). Every field is also a flag
+    of `minisgl serve` (see `--help`)."""
 
     model: str = opt(
         str(DEFAULT_MODEL), "HF checkpoint directory, .gguf file or Hugging Face model id", metavar="MODEL"
@@ -86,6 +109,13 @@ class EngineConfig(WorkerConfig):
         "text", "text, or json: one object per line, in all three processes", choices=LOG_FORMATS
     )
     ready_timeout_s: float = opt(900.0, "how long to wait for the engine to serve", metavar="SECS")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
+        if self.lpm_max_wait_steps < 0:
+            raise ValueError(f"lpm_max_wait_steps must be 0 or more, got {self.lpm_max_wait_steps}")
 
 
 def find_scheduler(explicit: str | None = None) -> str:
@@ -155,6 +185,7 @@ class Engine:
         sched += ["--shutdown-timeout", f"{c.shutdown_timeout:g}", "--log-format", c.log_format]
         if not c.overlap:
             sched.append("--no-overlap")
+        sched += to_argv(c, SchedulingConfig)
         for flag, value in (("--max-seq-len", c.max_seq_len), ("--served-model-name", c.served_model_name)):
             if value is not None:
                 sched += [flag, str(value)]

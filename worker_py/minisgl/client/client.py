@@ -1,7 +1,8 @@
 """A ZeroMQ client of minisgl-sched (docs/protocol.md, section 1).
 
 One DEALER socket carries any number of requests at once; replies are sorted by request id as they arrive, so
-several requests can be consumed in any order.
+several requests can be consumed in any order. A request of `n` samples gets deltas and a final per sample,
+each with its sample's `index`; `replies(rid)` ends after the last of the n finals.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ class MinisglError(RuntimeError):
         self.rid = rid
 
 
+class Overloaded(MinisglError):
+    """The scheduler's waiting queue is full (its --max-waiting): the request was refused before anything ran,
+    and the same request may succeed a little later."""
+
+
+def error_from(msg: dict, rid: str | None = None) -> MinisglError:
+    """The exception for an `error` reply: `Overloaded` for a full queue, `MinisglError` otherwise."""
+    cls = Overloaded if msg["code"] == "overloaded" else MinisglError
+    return cls(msg["code"], msg["message"], rid)
+
+
 class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = 600.0):
         self.address = address
@@ -38,6 +50,8 @@ class Client:
         self._sock.connect(address)
         # Replies that arrived while the caller waited for another request's.
         self._inbox: dict[str | None, deque[dict]] = {}
+        # Samples of each request sent with n > 1: how many finals end it.
+        self._samples: dict[str, int] = {}
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}"
 
@@ -51,10 +65,14 @@ class Client:
         sampling: dict | None = None,
         stream: bool = True,
         rid: str | None = None,
+        n: int = 1,
     ) -> str:
-        """Sends a generate request and returns its rid; read its replies with `replies(rid)`."""
+        """Sends a generate request of `n` samples and returns its rid; `replies(rid)` reads its replies."""
         rid = rid if rid is not None else f"{self._prefix}-{next(self._ids)}"
         msg: dict[str, Any] = {"type": "generate", "rid": rid, "stream": stream, "sampling": sampling or {}}
+        if n != 1:
+            msg["n"] = n
+            self._samples[rid] = n
         if text is not None:
             msg["text"] = text
         if messages is not None:
@@ -94,23 +112,36 @@ class Client:
             self._inbox.setdefault(msg.get("rid"), deque()).append(msg)
 
     def replies(self, rid: str) -> Iterator[dict]:
-        """Yields the deltas of `rid`, then its final; raises MinisglError for an error reply."""
+        """Yields the deltas and finals of `rid` up to its last final (one per sample); raises MinisglError
+        (`Overloaded` when the queue was full) for an error reply."""
+        left = self._samples.get(rid, 1)
         while True:
             msg = self.next_reply(rid)
             kind = msg["type"]
-            if kind == "error":
-                self._inbox.pop(rid, None)
-                raise MinisglError(msg["code"], msg["message"], rid)
-            yield msg
             if kind == "final":
+                left -= 1
+            if kind == "error" or left == 0:
+                # The rid may be reused once its request has ended.
                 self._inbox.pop(rid, None)
+                self._samples.pop(rid, None)
+            if kind == "error":
+                raise error_from(msg, rid)
+            yield msg
+            if left == 0:
                 return
 
     # --- conveniences --------------------------------------------------------------------------------
     def generate(self, **request: Any) -> dict:
         """Runs one request to completion and returns its final message."""
+        if request.get("n", 1) != 1:
+            raise ValueError("a request of n samples has n finals: use samples()")
         rid = self.submit(stream=False, **request)
         return list(self.replies(rid))[-1]
+
+    def samples(self, n: int, **request: Any) -> list[dict]:
+        """Runs one request of `n` samples to completion and returns their finals, in index order."""
+        rid = self.submit(stream=False, n=n, **request)
+        return sorted((m for m in self.replies(rid) if m["type"] == "final"), key=lambda f: f.get("index", 0))
 
     def stream(self, **request: Any) -> Iterator[dict]:
         rid = self.submit(stream=True, **request)
@@ -120,7 +151,7 @@ class Client:
         self.send({"type": "info"})
         msg = self.next_reply(None, timeout_s)
         if msg["type"] == "error":
-            raise MinisglError(msg["code"], msg["message"])
+            raise error_from(msg)
         return msg
 
     def close(self) -> None:
