@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import E2E_MAX_SEQ_LEN
+from conftest import E2E_MAX_BATCH, E2E_MAX_SEQ_LEN
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -86,11 +86,14 @@ def test_a_completion_equals_the_zmq_clients_greedy_output(engine, client):
     [choice] = body["choices"]
     assert choice["text"] == final["text"] and choice["text"]
     assert choice["finish_reason"] == final["finish_reason"] == "length"
-    assert body["usage"] == {
+    usage = dict(body["usage"])
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert usage == {
         "prompt_tokens": final["prompt_tokens"],
         "completion_tokens": len(final["token_ids"]),
         "total_tokens": final["prompt_tokens"] + len(final["token_ids"]),
     }
+    assert 0 <= cached < final["prompt_tokens"]
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["model"] == "Qwen2.5-Coder-0.5B-Instruct"
 
@@ -131,7 +134,14 @@ def test_chat_streamed_deltas_concatenate_to_the_non_streamed_content(engine, cl
     assert text == message["content"]
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert reasons[-1] == whole["choices"][0]["finish_reason"] and not any(reasons[:-1])
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert chunks[-1]["choices"] == [] and counts(chunks[-1]["usage"]) == counts(whole["usage"])
+    # The same messages again: the cache now holds their prompt's full pages.
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def counts(usage: dict) -> dict:
+    """A usage without what the prefix cache's state decides."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
 
 
 def test_a_completion_stream(engine, client):
@@ -159,8 +169,8 @@ def test_models_and_health(engine):
         ("/v1/completions", b'{"prompt": "x", ', 400, "invalid_json"),
         ("/v1/chat/completions", b"not json at all", 400, "invalid_json"),
         ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "invalid_params"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "unsupported_parameter"),
-        ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "unsupported_parameter"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_params"),
+        ("/v1/chat/completions", {"messages": CHAT, "n": E2E_MAX_BATCH + 1}, 400, "invalid_params"),
         ("/v1/completions", {"prompt": "x", "echo": True}, 400, "unsupported_parameter"),
         ("/v1/completions", {"prompt": [9707] * (E2E_MAX_SEQ_LEN + 1)}, 400, "context_length_exceeded"),
         ("/v1/completions", {"prompt": [1 << 30]}, 400, "invalid_params"),
@@ -172,8 +182,8 @@ def test_models_and_health(engine):
         "bad-json",
         "not-json",
         "bad-temperature",
-        "n-2",
-        "chat-n-2",
+        "n-0",
+        "chat-n-over-the-batch",
         "echo",
         "over-long-prompt",
         "token-outside-vocab",
@@ -236,6 +246,89 @@ def test_a_waiting_client_that_disconnects_leaves_no_live_request(engine, client
     while client.info(timeout_s=30)["live_requests"] == 0:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.05)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_until_idle(client)
+    assert_still_serving(engine)
+
+
+# --- issue 9: n samples, cached prompt tokens --------------------------------------------------------------
+
+SAMPLED = {"temperature": 0.9, "top_k": 50, "max_tokens": 12, "seed": 1234, "ignore_eos": True}
+
+
+def test_n_choices_differ_are_reproducible_and_count_the_prompt_once(engine, client):
+    body = {"messages": CHAT, "n": 3, **SAMPLED}
+    status, whole = post(engine, "/v1/chat/completions", body)
+    assert status == 200, whole
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert all(c["finish_reason"] == "length" for c in whole["choices"])
+    texts = [c["message"]["content"] for c in whole["choices"]]
+    assert len(set(texts)) > 1, f"derived seeds make the samples differ: {texts}"
+    status, single = post(engine, "/v1/chat/completions", {"messages": CHAT, **SAMPLED})
+    assert single["choices"][0]["message"]["content"] == texts[0], "sample 0 keeps the request's seed"
+    usage = whole["usage"]
+    assert usage["prompt_tokens"] == single["usage"]["prompt_tokens"], "the prompt counts once"
+    assert usage["completion_tokens"] == 3 * SAMPLED["max_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    status, again = post(engine, "/v1/chat/completions", body)
+    assert [c["message"]["content"] for c in again["choices"]] == texts, "the same seed, the same choices"
+    # The ZeroMQ door derives the same seeds.
+    finals = client.samples(3, messages=CHAT, sampling=SAMPLED)
+    assert [f["index"] for f in finals] == [0, 1, 2]
+    assert [f["text"] for f in finals] == texts
+
+
+def test_n_choices_stream_each_with_its_index_and_end_together(engine):
+    body = {"prompt": "def fib(n):", "n": 2, **SAMPLED}
+    chunks = stream(engine, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]"
+    usage = chunks[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2 * SAMPLED["max_tokens"]
+    texts, reasons = {0: "", 1: ""}, {}
+    for chunk in chunks[:-2]:
+        [choice] = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            reasons[choice["index"]] = choice["finish_reason"]
+    assert reasons == {0: "length", 1: "length"}
+    status, whole = post(engine, "/v1/completions", body)
+    assert status == 200 and [c["text"] for c in whole["choices"]] == [texts[0], texts[1]]
+    assert counts(whole["usage"]) == counts(usage["usage"])
+
+
+def test_n_beyond_the_batch_is_a_400_naming_n(engine):
+    status, body = post(engine, "/v1/completions", {"prompt": "x", "n": E2E_MAX_BATCH + 1})
+    assert_error(status, body, 400, "invalid_params")
+    assert body["error"]["param"] == "n" and f"at most {E2E_MAX_BATCH}" in body["error"]["message"]
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_and_gives_the_same_output(engine):
+    # A prompt no earlier test sent (its first tokens are a fresh number), over three pages long.
+    prompt = f"{time.time_ns()}: " + "The quick brown fox jumps over the lazy dog. " * 6
+    body = {"prompt": prompt, **GREEDY}
+    status, first = post(engine, "/v1/completions", body)
+    assert status == 200
+    status, second = post(engine, "/v1/completions", body)
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert prompt_tokens > 48
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 48 <= cached < prompt_tokens and cached % 16 == 0, "whole pages, and at least one token computed"
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    chunks = stream(engine, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+
+
+def test_a_client_that_disconnects_from_n_streams_ends_every_sample(engine, client):
+    conn, resp = open_stream(engine, "/v1/completions", {**ENDLESS, "n": 3})
+    received = events(resp)
+    seen = set()
+    while len(seen) < 3:
+        [choice] = next(received)["choices"]
+        assert choice["finish_reason"] is None
+        seen.add(choice["index"])
+    assert client.info(timeout_s=30)["live_requests"] == 1, "one request, three samples"
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_until_idle(client)
