@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from minisgl.proto import PeerDead, ResultWriter, Ring, StepReader, StepView
-from minisgl.proto.step import STEP_SHUTDOWN
+from minisgl.proto.step import STEP_ARRAYS, STEP_SHUTDOWN
 
 ROOT = Path(__file__).resolve().parents[1]
 MOD = 1 << 31
@@ -40,7 +40,8 @@ def peer_binary() -> Path:
 
 
 def answer(step: StepView, seen_before: int) -> np.ndarray:
-    """The checksums ring_peer.rs expects (its `expected`): one per request, then joins, header, count."""
+    """The checksums ring_peer.rs expects (its `expected`): one per request, then one over every array of the
+    table (this side's table: an array that only one side has, or reads elsewhere, fails), header, count."""
     n = step.num_reqs
     i64 = np.int64
     w_tok = np.arange(1, step.num_tokens + 1, dtype=i64)
@@ -60,20 +61,13 @@ def answer(step: StepView, seen_before: int) -> np.ndarray:
         + step.seq_len.astype(i64) * 17
         + step.kv_last_page_len.astype(i64) * 19
     )
-    seed = step.join_seed
-    joins = (
-        step.join_slot.astype(i64) * 3
-        + step.join_top_k.astype(i64) * 5
-        + step.join_temperature.view(np.uint32).astype(i64) * 7
-        + step.join_top_p.view(np.uint32).astype(i64) * 11
-        + (seed & np.uint64(0xFFFFFFFF)).astype(i64) * 13
-        + (seed >> np.uint64(32)).astype(i64) * 17
-    ) * np.arange(1, step.num_joins + 1, dtype=i64)
-    w_ptr = np.arange(1, n + 2, dtype=i64)
-    indptrs = ((step.qo_indptr.astype(i64) * 19 + step.kv_indptr.astype(i64) * 23) * w_ptr).sum()
+    arrays = 0
+    for a, (name, _, _) in enumerate(STEP_ARRAYS):
+        words = getattr(step, name).view(np.uint32).astype(i64) % MOD
+        arrays += int((words * np.arange(1, len(words) + 1, dtype=i64)).sum()) * (2 * a + 3)
     header = step.kind * 3 + n * 5 + step.num_tokens * 7 + step.num_kv_indices * 11 + step.num_joins * 13
-    header += (step.step_id % MOD) * 17
-    extra = [int(joins.sum()) % MOD, (header + int(indptrs)) % MOD, seen_before]
+    header += step.num_bias * 19 + (step.step_id % MOD) * 17
+    extra = [arrays % MOD, header % MOD, seen_before]
     return np.concatenate([per_req % MOD, extra]).astype(np.int32)
 
 

@@ -7,7 +7,9 @@
 //! 2 when the peer died or stalled.
 
 use proto::ring::{Backoff, Liveness, Ring, RingError, RingKind};
-use proto::step::{Capacity, ResultLayout, ResultRef, StepHeader, StepKind, StepLayout, StepMut};
+use proto::step::{
+    Capacity, MAX_LOGIT_BIAS, ResultLayout, ResultRef, StepHeader, StepKind, StepLayout, StepMut, StepRef,
+};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -40,9 +42,6 @@ impl Rng {
             _ => self.below(max + 1),
         }
     }
-    fn i32(&mut self) -> i32 {
-        self.next() as i32
-    }
     /// An indptr of n + 1 entries from 0 to total: random cut points, sorted (empty ranges allowed).
     fn indptr(&mut self, out: &mut [i32], n: usize, total: u32) {
         out[0] = 0;
@@ -56,11 +55,13 @@ impl Rng {
     }
 }
 
-/// Fills the claimed slot with a random step.
+/// Fills the claimed slot with a random step: every array of the table gets random bits (NaNs included: the peer
+/// checks bits, not values), then the indptrs are made consistent with the counts.
 fn fill_step(rng: &mut Rng, s: &mut StepMut<'_>, step_id: u64) {
     let n = rng.count(CAP.max_reqs);
     let (t, k) = if n == 0 { (0, 0) } else { (rng.count(CAP.max_tokens), rng.count(CAP.max_kv_indices)) };
     let j = rng.count(CAP.max_reqs);
+    let b = if j == 0 { 0 } else { rng.count(j * MAX_LOGIT_BIAS as u32) };
     let kind = if rng.below(2) == 0 { StepKind::Extend } else { StepKind::Decode };
     *s.header = StepHeader {
         step_id,
@@ -69,32 +70,21 @@ fn fill_step(rng: &mut Rng, s: &mut StepMut<'_>, step_id: u64) {
         num_tokens: t,
         num_kv_indices: k,
         num_joins: j,
+        num_bias: b,
         ..Default::default()
     };
-    let (n, t, k, j) = (n as usize, t as usize, k as usize, j as usize);
-    rng.indptr(s.qo_indptr, n, t as u32);
-    rng.indptr(s.kv_indptr, n, k as u32);
-    for a in [&mut *s.req_slot, &mut *s.seq_len, &mut *s.kv_last_page_len] {
-        a[..n].iter_mut().for_each(|x| *x = rng.i32());
-    }
-    for a in [&mut *s.input_ids, &mut *s.positions, &mut *s.out_loc] {
-        a[..t].iter_mut().for_each(|x| *x = rng.i32());
-    }
-    s.kv_indices[..k].iter_mut().for_each(|x| *x = rng.i32());
-    for a in [&mut *s.join_slot, &mut *s.join_top_k] {
-        a[..j].iter_mut().for_each(|x| *x = rng.i32());
-    }
-    // Any bit pattern, NaNs included: the peer checks bits, not values.
-    for a in [&mut *s.join_temperature, &mut *s.join_top_p] {
-        a[..j].iter_mut().for_each(|x| *x = f32::from_bits(rng.next() as u32));
-    }
-    s.join_seed[..j].iter_mut().for_each(|x| *x = rng.next());
+    s.for_each_bytes_mut(|_, bytes| bytes.iter_mut().for_each(|x| *x = rng.next() as u8));
+    rng.indptr(s.qo_indptr, n as usize, t);
+    rng.indptr(s.kv_indptr, n as usize, k);
+    rng.indptr(s.join_bias_indptr, j as usize, b);
 }
 
-/// What the peer must answer for the step just written: the same sums as `answer` in the Python test.
-fn expected(s: &StepMut<'_>, seen_before: u64) -> Vec<i32> {
-    let h = *s.header;
-    let (n, j) = (h.num_reqs as usize, h.num_joins as usize);
+/// What the peer must answer for the step just written: the same sums as `answer` in the Python test. One per
+/// request over its tokens and pages (through the indptrs), then one over the used part of every array of the
+/// table (so an array added on one side only, or read at another offset or length, fails), one over the header.
+fn expected(s: &StepRef<'_>, seen_before: u64) -> Vec<i32> {
+    let h = s.header;
+    let n = h.num_reqs as usize;
     let w = |i: usize| i as i64 + 1;
     let mut out = Vec::with_capacity(n + EXTRA as usize);
     for r in 0..n {
@@ -109,27 +99,27 @@ fn expected(s: &StepMut<'_>, seen_before: u64) -> Vec<i32> {
         sum += i64::from(s.req_slot[r]) * 13 + i64::from(s.seq_len[r]) * 17 + i64::from(s.kv_last_page_len[r]) * 19;
         out.push(sum.rem_euclid(MOD) as i32);
     }
-    let joins: i64 = (0..j)
-        .map(|x| {
-            let seed = s.join_seed[x];
-            (i64::from(s.join_slot[x]) * 3
-                + i64::from(s.join_top_k[x]) * 5
-                + i64::from(s.join_temperature[x].to_bits()) * 7
-                + i64::from(s.join_top_p[x].to_bits()) * 11
-                + (seed & 0xffff_ffff) as i64 * 13
-                + (seed >> 32) as i64 * 17)
-                * w(x)
+    let arrays: i64 = s
+        .bytes()
+        .enumerate()
+        .map(|(a, (_, bytes))| {
+            let weight = 2 * a as i64 + 3;
+            bytes
+                .chunks_exact(4)
+                .enumerate()
+                .map(|(i, word)| i64::from(u32::from_le_bytes(word.try_into().unwrap())) % MOD * w(i) * weight)
+                .sum::<i64>()
         })
         .sum();
-    let indptrs: i64 = (0..=n).map(|i| (i64::from(s.qo_indptr[i]) * 19 + i64::from(s.kv_indptr[i]) * 23) * w(i)).sum();
     let header = i64::from(h.kind) * 3
         + i64::from(h.num_reqs) * 5
         + i64::from(h.num_tokens) * 7
         + i64::from(h.num_kv_indices) * 11
         + i64::from(h.num_joins) * 13
+        + i64::from(h.num_bias) * 19
         + (h.step_id % MOD as u64) as i64 * 17;
-    out.push(joins.rem_euclid(MOD) as i32);
-    out.push((header + indptrs).rem_euclid(MOD) as i32);
+    out.push(arrays.rem_euclid(MOD) as i32);
+    out.push(header.rem_euclid(MOD) as i32);
     out.push(seen_before as i32);
     out
 }
@@ -182,9 +172,8 @@ fn run(args: Vec<String>) -> Result<String, Failure> {
         if sent < steps {
             match step_ring.try_claim() {
                 Some(buf) => {
-                    let mut s = StepMut::new(&step_layout, buf);
-                    fill_step(&mut rng, &mut s, sent);
-                    in_flight.push_back((sent, expected(&s, sent)));
+                    fill_step(&mut rng, &mut StepMut::new(&step_layout, buf), sent);
+                    in_flight.push_back((sent, expected(&StepRef::new(&step_layout, buf), sent)));
                     step_ring.publish();
                     sent += 1;
                     progress = true;

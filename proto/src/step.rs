@@ -1,6 +1,12 @@
 //! What one ring slot holds: the step the scheduler asks for, and the worker's result (docs/protocol.md,
 //! "Step slot" and "Result slot"). Offsets follow from the ring's capacities alone, so both processes derive the
 //! same layout from the ring header without negotiating anything else.
+//!
+//! Each slot's arrays are listed once, in [`slot_arrays!`] tables below: name, element type and [`Basis`]. The
+//! layout (byte ranges), the writer's view (`*Mut`, every array at full capacity) and the reader's view (`*Ref`,
+//! every array cut to its used length) are generated from that table, and so is [`ArraySpec`], the description
+//! that the golden test writes out for the Python mirror (worker_py/minisgl/proto/step.py) to check against its own
+//! table. Adding an array is one line here and one there.
 
 use bytemuck::{Pod, Zeroable};
 use std::ops::Range;
@@ -11,6 +17,11 @@ compile_error!("the ring layout is little-endian and is read in place");
 /// Every array in a slot starts on a cache line, which also satisfies the alignment numpy and torch want.
 pub const ALIGN: usize = 64;
 pub const SLOT_HEADER_BYTES: usize = 64;
+/// Logit-bias entries one request may send, as OpenAI's API allows. A step has room for this many per request, so
+/// joins never have to wait for room in the bias arrays.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Top logprobs one request may ask for per sampled token, as OpenAI's API allows.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// How many requests, tokens and KV page indices one slot can describe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +62,9 @@ pub struct StepHeader {
     pub num_tokens: u32,
     pub num_kv_indices: u32,
     pub num_joins: u32,
-    pub _reserved: [u32; 9],
+    /// Logit-bias entries of all the joins together.
+    pub num_bias: u32,
+    pub _reserved: [u32; 8],
 }
 
 #[repr(C)]
@@ -60,11 +73,140 @@ pub struct ResultHeader {
     pub step_id: u64,
     pub num_reqs: u32,
     pub status: u32,
-    pub _reserved: [u32; 12],
+    /// 1 when `logprob` holds the sampled token's logprob for every request of the step, else 0.
+    pub logprobs: u32,
+    /// Top logprobs per request in `top_ids` and `top_logprobs` (0 ..= 20), rows packed one after another.
+    pub num_top: u32,
+    pub _reserved: [u32; 10],
 }
 
 const _: () = assert!(std::mem::size_of::<StepHeader>() == SLOT_HEADER_BYTES);
 const _: () = assert!(std::mem::size_of::<ResultHeader>() == SLOT_HEADER_BYTES);
+
+/// What an array's length follows: its capacity from the ring's capacities (R, T, K), its used length from the
+/// slot header's counts. The names are the protocol's ("length used" in docs/protocol.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Basis {
+    /// R entries, `n` used: one per request.
+    Reqs,
+    /// R + 1 entries, `n + 1` used: an indptr over requests.
+    ReqsPlus1,
+    /// T entries, `t` used: one per new token.
+    Tokens,
+    /// K entries, `k` used.
+    KvIndices,
+    /// R entries, `j` used: one per join.
+    Joins,
+    /// R + 1 entries, `j + 1` used: an indptr over joins.
+    JoinsPlus1,
+    /// R * MAX_LOGIT_BIAS entries, `b` used.
+    Bias,
+    /// R entries; `n` used when the result header's `logprobs` is 1, else none.
+    Logprobs,
+    /// R * MAX_TOP_LOGPROBS entries; `n * m` used when logprobs are there, with `m` the header's `num_top`.
+    TopLogprobs,
+}
+
+impl Basis {
+    /// The protocol's name for the used length.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Reqs => "n",
+            Self::ReqsPlus1 => "n+1",
+            Self::Tokens => "t",
+            Self::KvIndices => "k",
+            Self::Joins => "j",
+            Self::JoinsPlus1 => "j+1",
+            Self::Bias => "b",
+            Self::Logprobs => "l",
+            Self::TopLogprobs => "l*m",
+        }
+    }
+
+    /// The protocol's name for the capacity.
+    pub const fn capacity_name(self) -> &'static str {
+        match self {
+            Self::Reqs | Self::Joins | Self::Logprobs => "R",
+            Self::ReqsPlus1 | Self::JoinsPlus1 => "R+1",
+            Self::Tokens => "T",
+            Self::KvIndices => "K",
+            Self::Bias => "R*300",
+            Self::TopLogprobs => "R*20",
+        }
+    }
+
+    pub fn capacity(self, cap: &Capacity) -> usize {
+        let (r, t, k) = (cap.max_reqs as usize, cap.max_tokens as usize, cap.max_kv_indices as usize);
+        match self {
+            Self::Reqs | Self::Joins | Self::Logprobs => r,
+            Self::ReqsPlus1 | Self::JoinsPlus1 => r + 1,
+            Self::Tokens => t,
+            Self::KvIndices => k,
+            Self::Bias => r * MAX_LOGIT_BIAS,
+            Self::TopLogprobs => r * MAX_TOP_LOGPROBS,
+        }
+    }
+}
+
+const _: () = assert!(MAX_LOGIT_BIAS == 300 && MAX_TOP_LOGPROBS == 20, "Basis::capacity_name spells them out");
+
+/// A slot header: the counts that cut each array to its used length.
+pub trait SlotHeader: Pod {
+    fn used(&self, basis: Basis) -> usize;
+}
+
+impl SlotHeader for StepHeader {
+    fn used(&self, basis: Basis) -> usize {
+        let count = match basis {
+            Basis::Reqs => self.num_reqs,
+            Basis::ReqsPlus1 => self.num_reqs + 1,
+            Basis::Tokens => self.num_tokens,
+            Basis::KvIndices => self.num_kv_indices,
+            Basis::Joins => self.num_joins,
+            Basis::JoinsPlus1 => self.num_joins + 1,
+            Basis::Bias => self.num_bias,
+            Basis::Logprobs | Basis::TopLogprobs => unreachable!("a step slot has no {basis:?} array"),
+        };
+        count as usize
+    }
+}
+
+impl SlotHeader for ResultHeader {
+    fn used(&self, basis: Basis) -> usize {
+        let l = if self.logprobs != 0 { self.num_reqs } else { 0 };
+        let count = match basis {
+            Basis::Reqs => self.num_reqs,
+            Basis::Logprobs => l,
+            Basis::TopLogprobs => l * self.num_top,
+            _ => unreachable!("a result slot has no {basis:?} array"),
+        };
+        count as usize
+    }
+}
+
+/// The element types arrays may have, with the protocol's names for them.
+pub trait Elem: Pod {
+    const NAME: &'static str;
+}
+
+impl Elem for i32 {
+    const NAME: &'static str = "i32";
+}
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Elem for u64 {
+    const NAME: &'static str = "u64";
+}
+
+/// One row of a slot's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArraySpec {
+    pub name: &'static str,
+    pub elem: &'static str,
+    pub elem_bytes: usize,
+    pub basis: Basis,
+}
 
 /// Lays arrays out one after another, each on the next 64-byte boundary.
 struct Cursor(usize);
@@ -80,225 +222,175 @@ impl Cursor {
     }
 }
 
-/// Byte ranges of a step slot's arrays, in protocol order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepLayout {
-    pub cap: Capacity,
-    pub req_slot: Range<usize>,
-    pub seq_len: Range<usize>,
-    pub qo_indptr: Range<usize>,
-    pub kv_indptr: Range<usize>,
-    pub kv_last_page_len: Range<usize>,
-    pub input_ids: Range<usize>,
-    pub positions: Range<usize>,
-    pub out_loc: Range<usize>,
-    pub kv_indices: Range<usize>,
-    pub join_slot: Range<usize>,
-    pub join_temperature: Range<usize>,
-    pub join_top_p: Range<usize>,
-    pub join_top_k: Range<usize>,
-    pub join_seed: Range<usize>,
-    pub slot_bytes: usize,
+/// Cuts the next array, at `range`, off the front of `rest` (which starts at byte `at` of the slot).
+fn take_mut<'a>(rest: &mut &'a mut [u8], at: &mut usize, range: &Range<usize>) -> &'a mut [u8] {
+    let buf = std::mem::take(rest);
+    let (_, buf) = buf.split_at_mut(range.start - *at);
+    let (piece, tail) = buf.split_at_mut(range.len());
+    *rest = tail;
+    *at = range.end;
+    piece
+}
+
+/// Generates, from one table of `name: type = Basis`, a slot's layout, its mutable view and its read view.
+macro_rules! slot_arrays {
+    (
+        $(#[$layout_doc:meta])* $Layout:ident,
+        $(#[$mut_doc:meta])* $Mut:ident,
+        $(#[$ref_doc:meta])* $Ref:ident,
+        $Header:ty {
+            $( $(#[$doc:meta])* $name:ident : $ty:ty = $basis:ident, )+
+        }
+    ) => {
+        $(#[$layout_doc])*
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub struct $Layout {
+            pub cap: Capacity,
+            $( $(#[$doc])* pub $name: Range<usize>, )+
+            pub slot_bytes: usize,
+        }
+
+        impl $Layout {
+            /// The table, in protocol order.
+            pub const ARRAYS: &'static [ArraySpec] = &[
+                $( ArraySpec {
+                    name: stringify!($name),
+                    elem: <$ty as Elem>::NAME,
+                    elem_bytes: std::mem::size_of::<$ty>(),
+                    basis: Basis::$basis,
+                }, )+
+            ];
+
+            fn with_capacity(cap: Capacity) -> Self {
+                let mut c = Cursor(SLOT_HEADER_BYTES);
+                $( let $name = c.place(Basis::$basis.capacity(&cap), std::mem::size_of::<$ty>()); )+
+                Self { cap, $( $name, )+ slot_bytes: c.end() }
+            }
+
+            /// Each array's description and byte range, in protocol order.
+            pub fn ranges(&self) -> impl Iterator<Item = (&'static ArraySpec, &Range<usize>)> {
+                Self::ARRAYS.iter().zip([$( &self.$name, )+])
+            }
+        }
+
+        $(#[$mut_doc])*
+        pub struct $Mut<'a> {
+            pub header: &'a mut $Header,
+            $( pub $name: &'a mut [$ty], )+
+        }
+
+        impl<'a> $Mut<'a> {
+            /// `buf` must be at least `layout.slot_bytes` long and 64-byte aligned (ring slots and [`SlotBuf`] are).
+            pub fn new(layout: &$Layout, buf: &'a mut [u8]) -> Self {
+                assert!(buf.len() >= layout.slot_bytes, "slot buffer smaller than its layout");
+                let (header, mut rest) = buf.split_at_mut(SLOT_HEADER_BYTES);
+                let mut at = SLOT_HEADER_BYTES;
+                $( let $name = bytemuck::cast_slice_mut(take_mut(&mut rest, &mut at, &layout.$name)); )+
+                Self { header: bytemuck::from_bytes_mut(header), $( $name, )+ }
+            }
+
+            /// Every array's bytes at full capacity, in protocol order (tests fill them without naming each).
+            pub fn for_each_bytes_mut(&mut self, mut f: impl FnMut(&'static ArraySpec, &mut [u8])) {
+                let mut specs = $Layout::ARRAYS.iter();
+                $( f(specs.next().expect("one spec per array"), bytemuck::cast_slice_mut(&mut *self.$name)); )+
+            }
+        }
+
+        $(#[$ref_doc])*
+        #[derive(Debug)]
+        pub struct $Ref<'a> {
+            pub header: $Header,
+            $( pub $name: &'a [$ty], )+
+        }
+
+        impl<'a> $Ref<'a> {
+            pub fn new(layout: &$Layout, buf: &'a [u8]) -> Self {
+                let header: $Header = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
+                $(
+                    let $name =
+                        &bytemuck::cast_slice::<u8, $ty>(&buf[layout.$name.clone()])[..header.used(Basis::$basis)];
+                )+
+                Self { header, $( $name, )+ }
+            }
+
+            /// Every array's used bytes, in protocol order.
+            pub fn bytes(&self) -> impl Iterator<Item = (&'static ArraySpec, &'a [u8])> {
+                $Layout::ARRAYS.iter().zip([$( bytemuck::cast_slice::<$ty, u8>(self.$name), )+])
+            }
+        }
+    };
+}
+
+slot_arrays! {
+    /// Byte ranges of a step slot's arrays, in protocol order.
+    StepLayout,
+    /// A step slot opened for writing: every array at full capacity, as disjoint mutable slices.
+    StepMut,
+    /// A step slot opened for reading, each array cut to the length its header gives.
+    StepRef,
+    StepHeader {
+        req_slot: i32 = Reqs,
+        seq_len: i32 = Reqs,
+        qo_indptr: i32 = ReqsPlus1,
+        kv_indptr: i32 = ReqsPlus1,
+        kv_last_page_len: i32 = Reqs,
+        input_ids: i32 = Tokens,
+        positions: i32 = Tokens,
+        out_loc: i32 = Tokens,
+        kv_indices: i32 = KvIndices,
+        join_slot: i32 = Joins,
+        join_temperature: f32 = Joins,
+        join_top_p: f32 = Joins,
+        join_top_k: i32 = Joins,
+        join_seed: u64 = Joins,
+        join_min_p: f32 = Joins,
+        join_presence_penalty: f32 = Joins,
+        join_frequency_penalty: f32 = Joins,
+        join_repetition_penalty: f32 = Joins,
+        join_prompt_len: i32 = Joins,
+        join_logprobs: i32 = Joins,
+        join_bias_indptr: i32 = JoinsPlus1,
+        join_bias_ids: i32 = Bias,
+        join_bias_values: f32 = Bias,
+    }
 }
 
 impl StepLayout {
     pub fn new(cap: Capacity) -> Self {
-        let (r, t, k) = (cap.max_reqs as usize, cap.max_tokens as usize, cap.max_kv_indices as usize);
-        let mut c = Cursor(SLOT_HEADER_BYTES);
-        let mut layout = StepLayout {
-            cap,
-            req_slot: c.place(r, 4),
-            seq_len: c.place(r, 4),
-            qo_indptr: c.place(r + 1, 4),
-            kv_indptr: c.place(r + 1, 4),
-            kv_last_page_len: c.place(r, 4),
-            input_ids: c.place(t, 4),
-            positions: c.place(t, 4),
-            out_loc: c.place(t, 4),
-            kv_indices: c.place(k, 4),
-            join_slot: c.place(r, 4),
-            join_temperature: c.place(r, 4),
-            join_top_p: c.place(r, 4),
-            join_top_k: c.place(r, 4),
-            join_seed: c.place(r, 8),
-            slot_bytes: 0,
-        };
-        layout.slot_bytes = c.end();
-        layout
+        Self::with_capacity(cap)
     }
 }
 
-/// Byte ranges of a result slot's arrays.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResultLayout {
-    pub max_reqs: u32,
-    pub tokens: Range<usize>,
-    pub slot_bytes: usize,
+slot_arrays! {
+    /// Byte ranges of a result slot's arrays.
+    ResultLayout,
+    /// A result slot opened for writing.
+    ResultMut,
+    /// A result slot opened for reading: `tokens` cut to the header's request count, the logprob arrays to what
+    /// the header says the step carries (empty when it carries none).
+    ResultRef,
+    ResultHeader {
+        tokens: i32 = Reqs,
+        logprob: f32 = Logprobs,
+        top_ids: i32 = TopLogprobs,
+        top_logprobs: f32 = TopLogprobs,
+    }
 }
 
 impl ResultLayout {
+    /// Only R matters to a result slot.
     pub fn new(max_reqs: u32) -> Self {
-        let mut c = Cursor(SLOT_HEADER_BYTES);
-        let tokens = c.place(max_reqs as usize, 4);
-        ResultLayout { max_reqs, tokens, slot_bytes: c.end() }
+        Self::with_capacity(Capacity { max_reqs, max_tokens: 0, max_kv_indices: 0 })
     }
 }
 
-/// Splits `buf` into consecutive disjoint pieces at the given (ascending, non-overlapping) ranges.
-fn carve<'a, const N: usize>(mut buf: &'a mut [u8], ranges: [&Range<usize>; N]) -> [&'a mut [u8]; N] {
-    let mut consumed = 0;
-    ranges.map(|r| {
-        let rest = std::mem::take(&mut buf);
-        let (_, rest) = rest.split_at_mut(r.start - consumed);
-        let (piece, rest) = rest.split_at_mut(r.len());
-        consumed = r.end;
-        buf = rest;
-        piece
-    })
-}
-
-/// A step slot opened for writing: every array at full capacity, as disjoint mutable slices.
-pub struct StepMut<'a> {
-    pub header: &'a mut StepHeader,
-    pub req_slot: &'a mut [i32],
-    pub seq_len: &'a mut [i32],
-    pub qo_indptr: &'a mut [i32],
-    pub kv_indptr: &'a mut [i32],
-    pub kv_last_page_len: &'a mut [i32],
-    pub input_ids: &'a mut [i32],
-    pub positions: &'a mut [i32],
-    pub out_loc: &'a mut [i32],
-    pub kv_indices: &'a mut [i32],
-    pub join_slot: &'a mut [i32],
-    pub join_temperature: &'a mut [f32],
-    pub join_top_p: &'a mut [f32],
-    pub join_top_k: &'a mut [i32],
-    pub join_seed: &'a mut [u64],
-}
-
-impl<'a> StepMut<'a> {
-    /// `buf` must be at least `layout.slot_bytes` long and 64-byte aligned (ring slots and [`SlotBuf`] are).
-    pub fn new(layout: &StepLayout, buf: &'a mut [u8]) -> Self {
-        assert!(buf.len() >= layout.slot_bytes, "slot buffer smaller than its layout");
-        let header = 0..SLOT_HEADER_BYTES;
-        let l = layout;
-        let [h, a, b, c, d, e, f, g, i, k, m, n, o, p, q] = carve(
-            buf,
-            [
-                &header,
-                &l.req_slot,
-                &l.seq_len,
-                &l.qo_indptr,
-                &l.kv_indptr,
-                &l.kv_last_page_len,
-                &l.input_ids,
-                &l.positions,
-                &l.out_loc,
-                &l.kv_indices,
-                &l.join_slot,
-                &l.join_temperature,
-                &l.join_top_p,
-                &l.join_top_k,
-                &l.join_seed,
-            ],
-        );
-        let cast = |s: &'a mut [u8]| bytemuck::cast_slice_mut::<u8, i32>(s);
-        StepMut {
-            header: bytemuck::from_bytes_mut(h),
-            req_slot: cast(a),
-            seq_len: cast(b),
-            qo_indptr: cast(c),
-            kv_indptr: cast(d),
-            kv_last_page_len: cast(e),
-            input_ids: cast(f),
-            positions: cast(g),
-            out_loc: cast(i),
-            kv_indices: cast(k),
-            join_slot: cast(m),
-            join_temperature: bytemuck::cast_slice_mut(n),
-            join_top_p: bytemuck::cast_slice_mut(o),
-            join_top_k: cast(p),
-            join_seed: bytemuck::cast_slice_mut(q),
-        }
-    }
-}
-
-/// A step slot opened for reading, each array cut to the length its header gives.
-#[derive(Debug)]
-pub struct StepRef<'a> {
-    pub header: StepHeader,
-    pub req_slot: &'a [i32],
-    pub seq_len: &'a [i32],
-    pub qo_indptr: &'a [i32],
-    pub kv_indptr: &'a [i32],
-    pub kv_last_page_len: &'a [i32],
-    pub input_ids: &'a [i32],
-    pub positions: &'a [i32],
-    pub out_loc: &'a [i32],
-    pub kv_indices: &'a [i32],
-    pub join_slot: &'a [i32],
-    pub join_temperature: &'a [f32],
-    pub join_top_p: &'a [f32],
-    pub join_top_k: &'a [i32],
-    pub join_seed: &'a [u64],
-}
-
-impl<'a> StepRef<'a> {
-    pub fn new(layout: &StepLayout, buf: &'a [u8]) -> Self {
-        let header: StepHeader = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
-        let (n, t, k, j) = (
-            header.num_reqs as usize,
-            header.num_tokens as usize,
-            header.num_kv_indices as usize,
-            header.num_joins as usize,
-        );
-        let arr = |r: &Range<usize>, len: usize| -> &'a [i32] { &bytemuck::cast_slice(&buf[r.clone()])[..len] };
-        StepRef {
-            header,
-            req_slot: arr(&layout.req_slot, n),
-            seq_len: arr(&layout.seq_len, n),
-            qo_indptr: arr(&layout.qo_indptr, n + 1),
-            kv_indptr: arr(&layout.kv_indptr, n + 1),
-            kv_last_page_len: arr(&layout.kv_last_page_len, n),
-            input_ids: arr(&layout.input_ids, t),
-            positions: arr(&layout.positions, t),
-            out_loc: arr(&layout.out_loc, t),
-            kv_indices: arr(&layout.kv_indices, k),
-            join_slot: arr(&layout.join_slot, j),
-            join_temperature: &bytemuck::cast_slice(&buf[layout.join_temperature.clone()])[..j],
-            join_top_p: &bytemuck::cast_slice(&buf[layout.join_top_p.clone()])[..j],
-            join_top_k: arr(&layout.join_top_k, j),
-            join_seed: &bytemuck::cast_slice(&buf[layout.join_seed.clone()])[..j],
-        }
-    }
-}
-
-/// A result slot opened for writing.
-pub struct ResultMut<'a> {
-    pub header: &'a mut ResultHeader,
-    pub tokens: &'a mut [i32],
-}
-
-impl<'a> ResultMut<'a> {
-    pub fn new(layout: &ResultLayout, buf: &'a mut [u8]) -> Self {
-        let header = 0..SLOT_HEADER_BYTES;
-        let [h, t] = carve(buf, [&header, &layout.tokens]);
-        ResultMut { header: bytemuck::from_bytes_mut(h), tokens: bytemuck::cast_slice_mut(t) }
-    }
-}
-
-/// A result slot opened for reading, `tokens` cut to the header's request count.
-#[derive(Debug)]
-pub struct ResultRef<'a> {
-    pub header: ResultHeader,
-    pub tokens: &'a [i32],
-}
-
-impl<'a> ResultRef<'a> {
-    pub fn new(layout: &ResultLayout, buf: &'a [u8]) -> Self {
-        let header: ResultHeader = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
-        let n = header.num_reqs as usize;
-        ResultRef { header, tokens: &bytemuck::cast_slice(&buf[layout.tokens.clone()])[..n] }
+impl ResultRef<'_> {
+    /// The logprobs of the `r`-th request's sampled token, when the step carries them: its own logprob, then the
+    /// ids and logprobs of the `num_top` most likely tokens, most likely first.
+    pub fn logprobs_of(&self, r: usize) -> Option<(f32, &[i32], &[f32])> {
+        let &lp = self.logprob.get(r)?;
+        let m = self.header.num_top as usize;
+        Some((lp, &self.top_ids[r * m..(r + 1) * m], &self.top_logprobs[r * m..(r + 1) * m]))
     }
 }
 
@@ -330,35 +422,39 @@ mod tests {
 
     const CAP: Capacity = Capacity { max_reqs: 3, max_tokens: 5, max_kv_indices: 7 };
 
+    fn check_ranges<'a>(ranges: impl Iterator<Item = (&'static ArraySpec, &'a Range<usize>)>, cap: &Capacity) {
+        let mut prev_end = SLOT_HEADER_BYTES;
+        for (spec, r) in ranges {
+            assert_eq!(r.start % ALIGN, 0, "{}", spec.name);
+            assert!(r.start >= prev_end, "{}", spec.name);
+            assert!(r.start - prev_end < ALIGN, "no gap wider than the alignment");
+            assert_eq!(r.len(), spec.basis.capacity(cap) * spec.elem_bytes, "{}", spec.name);
+            prev_end = r.end;
+        }
+    }
+
     #[test]
     fn arrays_are_aligned_ordered_and_disjoint() {
         let l = StepLayout::new(CAP);
-        let ranges = [
-            &l.req_slot,
-            &l.seq_len,
-            &l.qo_indptr,
-            &l.kv_indptr,
-            &l.kv_last_page_len,
-            &l.input_ids,
-            &l.positions,
-            &l.out_loc,
-            &l.kv_indices,
-            &l.join_slot,
-            &l.join_temperature,
-            &l.join_top_p,
-            &l.join_top_k,
-            &l.join_seed,
-        ];
-        let mut prev_end = SLOT_HEADER_BYTES;
-        for r in ranges {
-            assert_eq!(r.start % ALIGN, 0);
-            assert!(r.start >= prev_end);
-            assert!(r.start - prev_end < ALIGN, "no gap wider than the alignment");
-            prev_end = r.end;
-        }
+        check_ranges(l.ranges(), &CAP);
         assert_eq!(l.qo_indptr.len(), 4 * 4);
         assert_eq!(l.join_seed.len(), 3 * 8);
-        assert_eq!(l.slot_bytes, prev_end.next_multiple_of(ALIGN));
+        assert_eq!(l.join_bias_ids.len(), 3 * 300 * 4);
+        assert_eq!(l.slot_bytes, l.join_bias_values.end.next_multiple_of(ALIGN));
+        let r = ResultLayout::new(3);
+        check_ranges(r.ranges(), &r.cap);
+        assert_eq!(r.top_ids.len(), 3 * 20 * 4);
+        assert_eq!(r.slot_bytes, r.top_logprobs.end.next_multiple_of(ALIGN));
+    }
+
+    #[test]
+    fn every_array_is_named_once() {
+        for arrays in [StepLayout::ARRAYS, ResultLayout::ARRAYS] {
+            let mut names: Vec<_> = arrays.iter().map(|a| a.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), arrays.len());
+        }
     }
 
     #[test]
@@ -374,12 +470,16 @@ mod tests {
                 num_tokens: 2,
                 num_kv_indices: 3,
                 num_joins: 1,
+                num_bias: 2,
                 ..Default::default()
             };
             s.req_slot[..2].copy_from_slice(&[4, 1]);
             s.kv_indices[..3].copy_from_slice(&[7, 8, 9]);
             s.join_seed[0] = u64::MAX;
             s.join_temperature[0] = 0.5;
+            s.join_bias_indptr[..2].copy_from_slice(&[0, 2]);
+            s.join_bias_ids[..2].copy_from_slice(&[11, 12]);
+            s.join_bias_values[..2].copy_from_slice(&[-100.0, 2.5]);
         }
         let r = StepRef::new(&l, buf.bytes());
         assert_eq!(r.header.step_id, 9);
@@ -388,6 +488,27 @@ mod tests {
         assert_eq!(r.join_seed, &[u64::MAX]);
         assert_eq!(r.join_temperature, &[0.5]);
         assert_eq!(r.qo_indptr.len(), 3);
+        assert_eq!(r.join_bias_indptr, &[0, 2]);
+        assert_eq!((r.join_bias_ids, r.join_bias_values), (&[11, 12][..], &[-100.0, 2.5][..]));
+        let used: Vec<_> = r.bytes().map(|(a, b)| (a.name, b.len())).collect();
+        assert_eq!(&used[..3], &[("req_slot", 8), ("seq_len", 8), ("qo_indptr", 12)]);
+        assert_eq!(used.last(), Some(&("join_bias_values", 8)));
+    }
+
+    #[test]
+    fn the_mutable_view_visits_every_array_in_order() {
+        let l = StepLayout::new(CAP);
+        let mut buf = SlotBuf::zeroed(l.slot_bytes);
+        let mut seen = vec![];
+        StepMut::new(&l, buf.bytes_mut()).for_each_bytes_mut(|spec, bytes| {
+            bytes.fill(0xab);
+            seen.push((spec.name, bytes.len()));
+        });
+        let expected: Vec<_> = l.ranges().map(|(a, r)| (a.name, r.len())).collect();
+        assert_eq!(seen, expected);
+        // Everything but the header and the alignment gaps was filled.
+        let filled = buf.bytes().iter().filter(|&&b| b == 0xab).count();
+        assert_eq!(filled, l.ranges().map(|(_, r)| r.len()).sum::<usize>());
     }
 
     #[test]
@@ -402,5 +523,24 @@ mod tests {
         }
         let r = ResultRef::new(&l, buf.bytes());
         assert_eq!((r.header.step_id, r.tokens), (3, &[151645, -1][..]));
+        assert!(r.logprob.is_empty() && r.top_ids.is_empty() && r.logprobs_of(0).is_none());
+    }
+
+    #[test]
+    fn logprobs_read_back_per_request() {
+        let l = ResultLayout::new(4);
+        let mut buf = SlotBuf::zeroed(l.slot_bytes);
+        {
+            let r = ResultMut::new(&l, buf.bytes_mut());
+            *r.header = ResultHeader { step_id: 5, num_reqs: 2, logprobs: 1, num_top: 2, ..Default::default() };
+            r.tokens[..2].copy_from_slice(&[7, 9]);
+            r.logprob[..2].copy_from_slice(&[-0.5, -1.25]);
+            r.top_ids[..4].copy_from_slice(&[7, 3, 9, 7]);
+            r.top_logprobs[..4].copy_from_slice(&[-0.5, -2.0, -1.25, -1.5]);
+        }
+        let r = ResultRef::new(&l, buf.bytes());
+        assert_eq!(r.logprobs_of(0), Some((-0.5, &[7, 3][..], &[-0.5, -2.0][..])));
+        assert_eq!(r.logprobs_of(1), Some((-1.25, &[9, 7][..], &[-1.25, -1.5][..])));
+        assert_eq!(r.logprobs_of(2), None);
     }
 }

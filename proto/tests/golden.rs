@@ -1,12 +1,17 @@
 //! Golden bytes under proto/testdata/, pinned here and read back by worker_py/tests/test_proto_golden.py.
 //! `UPDATE_GOLDEN=1 cargo test -p minisgl-proto --test golden` rewrites them; otherwise each must match exactly.
 //! The values are chosen to catch layout mistakes: every array used, a negative input id, a seed above 2^63,
-//! floats that are not integers.
+//! floats that are not integers. `slot_layout.json` is the slot tables themselves (each array's name, type,
+//! capacity, used length, offset and size at the capacities below), which the Python mirror must reproduce.
 
 use proto::api::*;
 use proto::ring::{ReaderState, RingHeader, RingKind};
-use proto::step::{Capacity, ResultLayout, ResultMut, SlotBuf, StepHeader, StepLayout, StepMut, StepRef};
+use proto::step::{
+    ArraySpec, Capacity, ResultHeader, ResultLayout, ResultMut, ResultRef, SlotBuf, StepHeader, StepLayout, StepMut,
+    StepRef,
+};
 use serde_json::json;
+use std::ops::Range;
 use std::path::PathBuf;
 
 const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
@@ -33,12 +38,13 @@ fn ring_header() {
     h.readers[1] = ReaderState { read_seq: 6, pid: 4344, heartbeat_ms: 1_764_000_000_789 };
     let bytes = h.encode();
     assert_eq!(RingHeader::decode(&bytes).unwrap(), h);
-    assert_eq!(h.slot_bytes, 960);
+    assert_eq!(h.slot_bytes, 11008);
     check_golden("ring_header.bin", &bytes);
 }
 
 /// Three requests with page size 16: a prefill of 5 new tokens after 16 cached ones (slot 2), a decode (slot 0),
-/// and 2 new tokens after 38 cached ones (slot 3); slots 2 and 3 join.
+/// and 2 new tokens after 38 cached ones (slot 3); slots 2 and 3 join, slot 2 with penalties, min_p, 5 top
+/// logprobs and two logit biases, slot 3 with one bias and the sampled token's logprob only.
 fn golden_step() -> SlotBuf {
     let layout = StepLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
@@ -50,6 +56,7 @@ fn golden_step() -> SlotBuf {
         num_tokens: 8,
         num_kv_indices: 6,
         num_joins: 2,
+        num_bias: 3,
         ..Default::default()
     };
     s.req_slot[..3].copy_from_slice(&[2, 0, 3]);
@@ -66,6 +73,15 @@ fn golden_step() -> SlotBuf {
     s.join_top_p[..2].copy_from_slice(&[0.95, 1.0]);
     s.join_top_k[..2].copy_from_slice(&[40, -1]);
     s.join_seed[..2].copy_from_slice(&[(1 << 63) + 12345, 42]);
+    s.join_min_p[..2].copy_from_slice(&[0.05, 0.0]);
+    s.join_presence_penalty[..2].copy_from_slice(&[0.5, 0.0]);
+    s.join_frequency_penalty[..2].copy_from_slice(&[-0.25, 0.0]);
+    s.join_repetition_penalty[..2].copy_from_slice(&[1.1, 1.0]);
+    s.join_prompt_len[..2].copy_from_slice(&[21, i32::MAX]);
+    s.join_logprobs[..2].copy_from_slice(&[5, 0]);
+    s.join_bias_indptr[..3].copy_from_slice(&[0, 2, 3]);
+    s.join_bias_ids[..3].copy_from_slice(&[151645, 11, 198]);
+    s.join_bias_values[..3].copy_from_slice(&[-100.0, 2.5, 0.75]);
     buf
 }
 
@@ -76,7 +92,8 @@ fn step_slot() {
     let r = StepRef::new(&layout, buf.bytes());
     assert_eq!(r.join_seed, &[9_223_372_036_854_788_153, 42]);
     assert_eq!(r.input_ids[5], -1);
-    assert_eq!(buf.bytes().len(), 960);
+    assert_eq!(r.join_bias_ids, &[151645, 11, 198]);
+    assert_eq!(buf.bytes().len(), 11008);
     check_golden("step_slot.bin", buf.bytes());
 }
 
@@ -89,8 +106,57 @@ fn result_slot() {
     r.header.num_reqs = 3;
     r.header.status = 0;
     r.tokens[..3].copy_from_slice(&[151645, 13, 2]);
-    assert_eq!(buf.bytes().len(), 128);
+    assert_eq!(buf.bytes().len(), 832);
     check_golden("result_slot.bin", buf.bytes());
+}
+
+/// The step above answered with logprobs: 2 top logprobs per request (the most any request of it asked for).
+#[test]
+fn result_slot_logprobs() {
+    let layout = ResultLayout::new(CAP.max_reqs);
+    let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+    let r = ResultMut::new(&layout, buf.bytes_mut());
+    *r.header = ResultHeader { step_id: 7, num_reqs: 3, status: 0, logprobs: 1, num_top: 2, ..Default::default() };
+    r.tokens[..3].copy_from_slice(&[151645, 13, 2]);
+    r.logprob[..3].copy_from_slice(&[-0.125, -2.5, -0.75]);
+    r.top_ids[..6].copy_from_slice(&[151645, 198, 11, 13, 2, 0]);
+    r.top_logprobs[..6].copy_from_slice(&[-0.125, -3.0, -1.5, -2.5, -0.75, -0.875]);
+    let read = ResultRef::new(&layout, buf.bytes());
+    assert_eq!(read.logprobs_of(1), Some((-2.5, &[11, 13][..], &[-1.5, -2.5][..])));
+    check_golden("result_slot_logprobs.bin", buf.bytes());
+}
+
+/// One slot's table as JSON text, an array per line (reviewable diffs when a field is added).
+fn layout_json<'a>(ranges: impl Iterator<Item = (&'static ArraySpec, &'a Range<usize>)>, slot_bytes: usize) -> String {
+    let arrays: Vec<_> = ranges
+        .map(|(a, r)| {
+            let row = json!({
+                "name": a.name,
+                "type": a.elem,
+                "capacity": a.basis.capacity_name(),
+                "used": a.basis.name(),
+                "offset": r.start,
+                "bytes": r.len(),
+            });
+            format!("      {row}")
+        })
+        .collect();
+    format!("{{\n    \"arrays\": [\n{}\n    ],\n    \"slot_bytes\": {slot_bytes}\n  }}", arrays.join(",\n"))
+}
+
+#[test]
+fn slot_layout() {
+    let (step, result) = (StepLayout::new(CAP), ResultLayout::new(CAP.max_reqs));
+    let capacity =
+        json!({"max_reqs": CAP.max_reqs, "max_tokens": CAP.max_tokens, "max_kv_indices": CAP.max_kv_indices});
+    let text = format!(
+        "{{\n  \"capacity\": {capacity},\n  \"step\": {},\n  \"result\": {}\n}}\n",
+        layout_json(step.ranges(), step.slot_bytes),
+        layout_json(result.ranges(), result.slot_bytes),
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(parsed["step"]["slot_bytes"], step.slot_bytes);
+    check_golden("slot_layout.json", text.as_bytes());
 }
 
 fn golden_generate() -> Generate {

@@ -3,6 +3,8 @@ written out here by hand from docs/protocol.md, not taken from the Rust side."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import msgpack
@@ -11,9 +13,19 @@ import pytest
 
 from minisgl.proto import messages
 from minisgl.proto.ring import MAGIC
-from minisgl.proto.step import Capacity, ResultLayout, StepLayout, StepView, read_result
+from minisgl.proto.step import (
+    RESULT_ARRAYS,
+    STEP_ARRAYS,
+    Capacity,
+    ResultLayout,
+    ResultSlot,
+    StepLayout,
+    StepView,
+    read_result,
+)
 
-TESTDATA = Path(__file__).resolve().parents[2] / "proto" / "testdata"
+ROOT = Path(__file__).resolve().parents[2]
+TESTDATA = ROOT / "proto" / "testdata"
 CAP = Capacity(max_reqs=4, max_tokens=8, max_kv_indices=6)
 
 
@@ -43,10 +55,71 @@ def test_layout_offsets_match_the_protocol_by_hand():
         "join_top_p": (768, 16),
         "join_top_k": (832, 16),
         "join_seed": (896, 32),
+        "join_min_p": (960, 16),
+        "join_presence_penalty": (1024, 16),
+        "join_frequency_penalty": (1088, 16),
+        "join_repetition_penalty": (1152, 16),
+        "join_prompt_len": (1216, 16),
+        "join_logprobs": (1280, 16),
+        "join_bias_indptr": (1344, 20),
+        "join_bias_ids": (1408, 4 * 4 * 300),
+        "join_bias_values": (6208, 4 * 4 * 300),
     }
-    assert layout.slot_bytes == 960
+    assert layout.slot_bytes == 11008
     result = ResultLayout(4)
-    assert (result.tokens.offset, result.tokens.nbytes, result.slot_bytes) == (64, 16, 128)
+    offsets = {a.name: (a.offset, a.nbytes) for a in result.arrays}
+    assert offsets == {
+        "tokens": (64, 16),
+        "logprob": (128, 16),
+        "top_ids": (192, 320),
+        "top_logprobs": (512, 320),
+    }
+    assert result.slot_bytes == 832
+
+
+def layout_rows(layout) -> list[dict]:
+    return [
+        {
+            "name": a.name,
+            "type": {"<i4": "i32", "<f4": "f32", "<u8": "u64"}[a.dtype.str],
+            "capacity": a.capacity,
+            "used": a.used_by,
+            "offset": a.offset,
+            "bytes": a.nbytes,
+        }
+        for a in layout.arrays
+    ]
+
+
+def test_both_sides_lay_out_the_same_arrays():
+    """slot_layout.json is what the Rust tables generate; the Python tables must give the same rows."""
+    doc = json.loads(golden("slot_layout.json"))
+    cap = Capacity(**doc["capacity"])
+    assert cap == CAP
+    step, result = StepLayout(cap), ResultLayout(cap.max_reqs)
+    assert layout_rows(step) == doc["step"]["arrays"]
+    assert step.slot_bytes == doc["step"]["slot_bytes"]
+    assert layout_rows(result) == doc["result"]["arrays"]
+    assert result.slot_bytes == doc["result"]["slot_bytes"]
+
+
+def doc_table(section: str) -> list[tuple[str, str, str]]:
+    """(array, type, length used) of the arrays table under `### {section}` in docs/protocol.md."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    body = text.split(f"### {section}\n", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\w+)\[([^\]]+)\] \| ([^|]+?) \|", body, flags=re.M)
+    return [(name, f"{elem}[{cap}]", used) for name, elem, cap, used in rows]
+
+
+@pytest.mark.parametrize(
+    ("section", "table"),
+    [("Step slot (ring kind 1)", STEP_ARRAYS), ("Result slot (ring kind 2)", RESULT_ARRAYS)],
+)
+def test_the_protocol_tables_list_the_same_arrays(section, table):
+    """docs/protocol.md is the specification: its tables name every array, in order, with type and length."""
+    layout = StepLayout(CAP) if table is STEP_ARRAYS else ResultLayout(CAP.max_reqs)
+    ours = [(r["name"], f"{r['type']}[{r['capacity']}]", r["used"]) for r in layout_rows(layout)]
+    assert doc_table(section) == ours
 
 
 def test_ring_header():
@@ -56,11 +129,11 @@ def test_ring_header():
     u64 = np.frombuffer(b, dtype="<u8")
     assert b[:8] == b"MSGLRING" and int(u64[0]) == MAGIC == 0x474E49524C47534D
     assert [int(u32[i]) for i in range(2, 16)] == [
-        1,  # version
+        2,  # version
         1,  # kind: step ring
         512,  # header bytes
         4,  # slot count
-        960,  # slot bytes
+        11008,  # slot bytes
         2,  # readers
         4242,  # writer pid
         0,  # reserved
@@ -87,16 +160,10 @@ def test_ring_header():
 
 def test_step_slot():
     b = golden("step_slot.bin")
-    assert len(b) == 960
+    assert len(b) == 11008
     step = StepView(StepLayout(CAP), b)
-    assert (step.step_id, step.kind, step.num_reqs, step.num_tokens, step.num_kv_indices, step.num_joins) == (
-        7,
-        messages.STEP_EXTEND,
-        3,
-        8,
-        6,
-        2,
-    )
+    header = (step.step_id, step.kind, step.num_reqs, step.num_tokens, step.num_kv_indices, step.num_joins)
+    assert header + (step.num_bias,) == (7, messages.STEP_EXTEND, 3, 8, 6, 2, 3)
     assert step.req_slot.tolist() == [2, 0, 3]
     assert step.seq_len.tolist() == [21, 6, 40]
     assert step.qo_indptr.tolist() == [0, 5, 6, 8]
@@ -113,16 +180,42 @@ def test_step_slot():
     assert step.join_top_k.tolist() == [40, -1]
     assert step.join_seed.dtype == np.uint64
     assert step.join_seed.tolist() == [2**63 + 12345, 42]
+    assert step.join_min_p.tolist() == [np.float32(0.05), 0.0]
+    assert step.join_presence_penalty.tolist() == [0.5, 0.0]
+    assert step.join_frequency_penalty.tolist() == [-0.25, 0.0]
+    assert step.join_repetition_penalty.tolist() == [np.float32(1.1), 1.0]
+    assert step.join_prompt_len.tolist() == [21, 2**31 - 1]
+    assert step.join_logprobs.tolist() == [5, 0]
+    assert step.join_bias_indptr.tolist() == [0, 2, 3]
+    assert step.join_bias_ids.tolist() == [151645, 11, 198]
+    assert step.join_bias_values.tolist() == [-100.0, 2.5, 0.75]
     # The unused tails are zero: the scheduler writes only what the counts cover.
     raw = np.frombuffer(b, dtype=np.uint8)
-    assert not raw[64 + 12 : 128].any() and not raw[896 + 16 :].any()
+    assert not raw[64 + 32 : 128].any() and not raw[6208 + 12 :].any()
 
 
 def test_result_slot():
     b = golden("result_slot.bin")
-    assert len(b) == 128
+    assert len(b) == 832
     step_id, status, tokens = read_result(ResultLayout(4), b)
     assert (step_id, status, tokens.tolist()) == (7, messages.RESULT_OK, [151645, 13, 2])
+    assert ResultSlot(ResultLayout(4), bytearray(b)).read_logprobs() is None
+
+
+def test_result_slot_logprobs():
+    b = golden("result_slot_logprobs.bin")
+    slot = ResultSlot(ResultLayout(4), bytearray(b))
+    step_id, status, tokens = slot.read()
+    assert (step_id, status, tokens.tolist()) == (7, messages.RESULT_OK, [151645, 13, 2])
+    lp = slot.read_logprobs()
+    assert lp.logprob.tolist() == [-0.125, -2.5, -0.75]
+    assert lp.top_ids.tolist() == [[151645, 198], [11, 13], [2, 0]]
+    assert lp.top_logprobs.tolist() == [[-0.125, -3.0], [-1.5, -2.5], [-0.75, -0.875]]
+    # The Python writer gives the same bytes.
+    ours = bytearray(len(b))
+    slot = ResultSlot(ResultLayout(4), ours)
+    slot.write(7, np.array([151645, 13, 2], np.int32), logprobs=lp)
+    assert bytes(ours) == b
 
 
 SAMPLING_ALL = {
@@ -287,7 +380,14 @@ def test_message(name: str, expected: dict):
 
 
 def test_every_golden_file_is_checked():
-    checked = {"ring_header.bin", "step_slot.bin", "result_slot.bin", *CLIENT, *SERVER, *CONTROL}
+    checked = {
+        "ring_header.bin",
+        "step_slot.bin",
+        "result_slot.bin",
+        "result_slot_logprobs.bin",
+        "slot_layout.json",
+    }
+    checked |= {*CLIENT, *SERVER, *CONTROL}
     assert {p.name for p in TESTDATA.iterdir()} == checked
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minisgl.proto import PeerDead, ResultWriter, Ring, RingError, StepReader
-from minisgl.proto.ring import process_alive, unix_ms
+from minisgl.proto.ring import VERSION, process_alive, unix_ms
 from minisgl.proto.step import (
     STEP_DECODE,
     Capacity,
@@ -30,7 +30,9 @@ CAP = Capacity(4, 8, 6)
 def make_segment(name: str, kind: int, slot_count: int, slot_bytes: int, num_readers: int = 1) -> Path:
     path = Path("/dev/shm") / name
     header = bytearray(512)
-    struct.pack_into("<8sIIIIII", header, 0, b"MSGLRING", 1, kind, 512, slot_count, slot_bytes, num_readers)
+    struct.pack_into(
+        "<8sIIIIII", header, 0, b"MSGLRING", VERSION, kind, 512, slot_count, slot_bytes, num_readers
+    )
     struct.pack_into("<IIII", header, 48, CAP.max_reqs, CAP.max_tokens, CAP.max_kv_indices, 16)
     path.write_bytes(bytes(header) + bytes(slot_count * slot_bytes))
     return path
@@ -61,7 +63,7 @@ def dead_pid() -> int:
 def test_open_reads_the_header_and_close_keeps_the_segment(segment):
     name = segment(kind=1, slot_count=3, num_readers=2)
     ring = Ring.open(name)
-    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 960, 2)
+    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 11008, 2)
     assert (ring.capacity, ring.page_size) == (CAP, 16)
     assert (ring.write_seq, ring.read_seq(0), ring.read_seq(1), ring.writer_pid) == (0, 0, 0, 0)
     ring.attach_reader(1, 777)
@@ -91,9 +93,9 @@ def test_foreign_or_missing_segments_are_refused(segment):
     name = segment()
     path = Path("/dev/shm") / name
     raw = bytearray(path.read_bytes())
-    raw[8] = 2
+    raw[8] = 3
     path.write_bytes(bytes(raw))
-    with pytest.raises(RingError, match="version 2"):
+    with pytest.raises(RingError, match="version 3"):
         Ring(name)
     raw[0] = 0
     path.write_bytes(bytes(raw))

@@ -10,6 +10,7 @@ import pytest
 from minisgl.proto.step import (
     STEP_EXTEND,
     Capacity,
+    Logprobs,
     ResultLayout,
     ResultSlot,
     StepLayout,
@@ -34,8 +35,8 @@ def test_arrays_are_aligned_in_order_and_tight(cap):
     assert lengths["input_ids"] == cap.max_tokens and lengths["kv_indices"] == cap.max_kv_indices
 
 
-def fill(slot: StepSlot, n: int, t: int, k: int, j: int) -> None:
-    slot.write_header(2**40 + 3, STEP_EXTEND, n, t, k, j)
+def fill(slot: StepSlot, n: int, t: int, k: int, j: int, b: int = 0) -> None:
+    slot.write_header(2**40 + 3, STEP_EXTEND, n, t, k, j, b)
     for a in slot.layout.arrays:
         arr = getattr(slot, a.name)
         arr[:] = np.arange(1, len(arr) + 1, dtype=arr.dtype)
@@ -45,17 +46,18 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
     layout = StepLayout(Capacity(4, 8, 6))
     buf = np.zeros(layout.slot_bytes, np.uint8)
     slot = StepSlot(layout, buf)
-    fill(slot, n=2, t=5, k=0, j=4)
+    fill(slot, n=2, t=5, k=0, j=4, b=301)
     v = StepView(layout, buf)
-    assert (v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins) == (
+    assert (v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins, v.num_bias) == (
         2**40 + 3,
         0,
         2,
         5,
         0,
         4,
+        301,
     )
-    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4}
+    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4, "j+1": 5, "b": 301}
     for a in layout.arrays:
         arr = getattr(v, a.name)
         assert len(arr) == expected[a.used_by], a.name
@@ -69,7 +71,7 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
 
 def test_a_buffer_too_small_is_refused():
     layout = StepLayout(Capacity(4, 8, 6))
-    with pytest.raises(ValueError, match="layout needs 960"):
+    with pytest.raises(ValueError, match="layout needs 11008"):
         StepView(layout, bytearray(900))
     with pytest.raises(ValueError):
         ResultSlot(ResultLayout(4), bytearray(64))
@@ -87,10 +89,37 @@ def test_results_round_trip():
         write_result(layout, buf, 11, np.zeros(5, np.int32))
 
 
+def test_logprobs_round_trip_packed_by_row():
+    layout = ResultLayout(4)
+    slot = ResultSlot(layout, bytearray(layout.slot_bytes))
+    lp = Logprobs(
+        np.array([-0.5, -1.5, -0.25], np.float32),
+        np.array([[7, 1], [2, 9], [4, 4]], np.int32),
+        np.array([[-0.5, -2.0], [-1.0, -1.5], [-0.25, -0.25]], np.float32),
+    )
+    slot.write(3, np.array([7, 9, 4], np.int32), logprobs=lp)
+    got = slot.read_logprobs()
+    assert got.logprob.tolist() == [-0.5, -1.5, -0.25]
+    assert got.top_ids.tolist() == [[7, 1], [2, 9], [4, 4]]
+    assert got.top_logprobs.tolist() == lp.top_logprobs.tolist()
+    assert slot.top_ids[:6].tolist() == [7, 1, 2, 9, 4, 4]  # rows one after another, m entries each
+    # Only the sampled token's logprob: m = 0.
+    slot.write(
+        4, np.array([1], np.int32), logprobs=Logprobs(np.array([-3.0], np.float32), *[np.zeros((1, 0))] * 2)
+    )
+    got = slot.read_logprobs()
+    assert got.logprob.tolist() == [-3.0] and got.top_ids.shape == (1, 0)
+    # A later step without logprobs says so: stale values are not read back.
+    slot.write(5, np.array([1, 2], np.int32))
+    assert slot.read_logprobs() is None
+    with pytest.raises(ValueError, match="expected 2 rows"):
+        slot.write(6, np.array([1, 2], np.int32), logprobs=lp)
+
+
 def test_a_view_per_step_costs_microseconds():
     layout = StepLayout(Capacity(256, 8192, 65536))
     slot = StepSlot(layout, np.zeros(layout.slot_bytes, np.uint8))
-    fill(slot, 256, 8192, 65536, 256)
+    fill(slot, 256, 8192, 65536, 256, 256 * 300)
     rounds = 2000
     t = time.perf_counter()
     for _ in range(rounds):

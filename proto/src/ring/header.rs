@@ -5,7 +5,9 @@ use super::RingError;
 use crate::step::{Capacity, ResultLayout, StepLayout};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MSGLRING");
-pub const VERSION: u32 = 1;
+/// 2: the slot headers count logit-bias entries and logprobs, and the join arrays carry penalties, min_p, logprobs
+/// and logit bias.
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 512;
 pub const MAX_READERS: usize = 4;
 
@@ -244,8 +246,8 @@ mod tests {
     fn decode_rejects_foreign_bytes() {
         let h = RingHeader::new(RingKind::Result, 2, 128, CAP, 16, 1);
         let mut b = h.encode();
-        b[OFF_VERSION] = 2;
-        assert!(matches!(RingHeader::decode(&b), Err(RingError::BadVersion(2))));
+        b[OFF_VERSION] = 3;
+        assert!(matches!(RingHeader::decode(&b), Err(RingError::BadVersion(3))));
         b[0] ^= 1;
         assert!(matches!(RingHeader::decode(&b), Err(RingError::BadMagic(_))));
         assert!(matches!(RingHeader::decode(&[0; 100]), Err(RingError::BadHeader(_))));
@@ -253,7 +255,7 @@ mod tests {
 
     #[test]
     fn validate_catches_bad_shapes() {
-        let ok = RingHeader::new(RingKind::Result, 2, 128, CAP, 16, 1);
+        let ok = RingHeader::new(RingKind::Result, 2, RingKind::Result.min_slot_bytes(CAP) as u32, CAP, 16, 1);
         assert!(ok.validate().is_ok());
         for bad in [
             RingHeader { slot_count: 0, ..ok.clone() },

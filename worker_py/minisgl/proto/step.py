@@ -1,7 +1,10 @@
 """What one ring slot holds (docs/protocol.md, "Step slot" and "Result slot"), as numpy views.
 
 The offsets follow from the ring's capacities alone, by the same rule as proto/src/step.rs: a 64-byte slot
-header, then each array on the next 64-byte boundary after the previous one ends.
+header, then each array on the next 64-byte boundary after the previous one ends. Each slot's arrays are
+listed once, in `STEP_ARRAYS` and `RESULT_ARRAYS` (name, dtype, basis): everything else here is derived from
+those tables, and the golden test checks them against the Rust tables (proto/testdata/slot_layout.json) and
+the tables of docs/protocol.md.
 
 Reading a step is per step, so the cost is split: `StepSlot` builds full-capacity views over one slot
 buffer once (per ring slot, at startup), and `StepSlot.view()` only reads the 64-byte header and cuts each
@@ -18,6 +21,8 @@ import numpy as np
 
 ALIGN = 64
 SLOT_HEADER_BYTES = 64
+MAX_LOGIT_BIAS = 300  # logit-bias entries per request (OpenAI's bound); a step has room for R of them
+MAX_TOP_LOGPROBS = 20  # top logprobs per sampled token (OpenAI's bound)
 
 STEP_EXTEND = 0
 STEP_DECODE = 1
@@ -30,10 +35,60 @@ I32 = np.dtype("<i4")
 F32 = np.dtype("<f4")
 U64 = np.dtype("<u8")
 
-# step_id u64, kind u32, n u32, t u32, k u32, j u32
-_STEP_HEADER = struct.Struct("<QIIIII")
-# step_id u64, n u32, status u32
-_RESULT_HEADER = struct.Struct("<QII")
+# The step slot's arrays, in protocol order: name, dtype, basis (the used length's name; see BASES).
+STEP_ARRAYS: tuple[tuple[str, np.dtype, str], ...] = (
+    ("req_slot", I32, "n"),
+    ("seq_len", I32, "n"),
+    ("qo_indptr", I32, "n+1"),
+    ("kv_indptr", I32, "n+1"),
+    ("kv_last_page_len", I32, "n"),
+    ("input_ids", I32, "t"),
+    ("positions", I32, "t"),
+    ("out_loc", I32, "t"),
+    ("kv_indices", I32, "k"),
+    ("join_slot", I32, "j"),
+    ("join_temperature", F32, "j"),
+    ("join_top_p", F32, "j"),
+    ("join_top_k", I32, "j"),
+    ("join_seed", U64, "j"),
+    ("join_min_p", F32, "j"),
+    ("join_presence_penalty", F32, "j"),
+    ("join_frequency_penalty", F32, "j"),
+    ("join_repetition_penalty", F32, "j"),
+    ("join_prompt_len", I32, "j"),
+    ("join_logprobs", I32, "j"),
+    ("join_bias_indptr", I32, "j+1"),
+    ("join_bias_ids", I32, "b"),
+    ("join_bias_values", F32, "b"),
+)
+
+# The result slot's arrays. `l` is n when the header's `logprobs` is 1, else 0; `m` is its `num_top`.
+RESULT_ARRAYS: tuple[tuple[str, np.dtype, str], ...] = (
+    ("tokens", I32, "n"),
+    ("logprob", F32, "l"),
+    ("top_ids", I32, "l*m"),
+    ("top_logprobs", F32, "l*m"),
+)
+
+# basis -> the capacity it is laid out with (its name in the protocol, and its value).
+BASES = {
+    "n": ("R", lambda c: c.max_reqs),
+    "n+1": ("R+1", lambda c: c.max_reqs + 1),
+    "t": ("T", lambda c: c.max_tokens),
+    "k": ("K", lambda c: c.max_kv_indices),
+    "j": ("R", lambda c: c.max_reqs),
+    "j+1": ("R+1", lambda c: c.max_reqs + 1),
+    "b": ("R*300", lambda c: c.max_reqs * MAX_LOGIT_BIAS),
+    "l": ("R", lambda c: c.max_reqs),
+    "l*m": ("R*20", lambda c: c.max_reqs * MAX_TOP_LOGPROBS),
+}
+# The step header's counts, in the order `_STEP_USED` lists them for the bases that cut step arrays.
+_STEP_BASES = ("n", "n+1", "t", "k", "j", "j+1", "b")
+
+# step_id u64, kind u32, n u32, t u32, k u32, j u32, b u32
+_STEP_HEADER = struct.Struct("<QIIIIII")
+# step_id u64, n u32, status u32, logprobs u32, num_top u32
+_RESULT_HEADER = struct.Struct("<QIIII")
 
 
 @dataclass(frozen=True)
@@ -51,19 +106,24 @@ class ArraySpec:
     offset: int
     length: int  # entries at full capacity
     dtype: np.dtype
-    used_by: str  # which header count cuts it: "n", "n+1", "t", "k" or "j"
+    used_by: str  # the basis: which header count cuts it ("n", "n+1", "t", "k", "j", "j+1", "b", "l", "l*m")
 
     @property
     def nbytes(self) -> int:
         return self.length * self.dtype.itemsize
 
+    @property
+    def capacity(self) -> str:
+        return BASES[self.used_by][0]
 
-def _place(specs: list[tuple[str, int, np.dtype, str]]) -> tuple[tuple[ArraySpec, ...], int]:
+
+def _place(table, cap: Capacity) -> tuple[tuple[ArraySpec, ...], int]:
     out = []
     end = SLOT_HEADER_BYTES
-    for name, length, dtype, used_by in specs:
+    for name, dtype, basis in table:
         start = -(-end // ALIGN) * ALIGN
-        out.append(ArraySpec(name, start, length, dtype, used_by))
+        length = BASES[basis][1](cap)
+        out.append(ArraySpec(name, start, length, dtype, basis))
         end = start + length * dtype.itemsize
     return tuple(out), -(-end // ALIGN) * ALIGN
 
@@ -72,35 +132,20 @@ class StepLayout:
     """Byte offsets of a step slot's arrays, in protocol order."""
 
     def __init__(self, cap: Capacity):
-        r, t, k = cap.max_reqs, cap.max_tokens, cap.max_kv_indices
         self.cap = cap
-        self.arrays, self.slot_bytes = _place(
-            [
-                ("req_slot", r, I32, "n"),
-                ("seq_len", r, I32, "n"),
-                ("qo_indptr", r + 1, I32, "n+1"),
-                ("kv_indptr", r + 1, I32, "n+1"),
-                ("kv_last_page_len", r, I32, "n"),
-                ("input_ids", t, I32, "t"),
-                ("positions", t, I32, "t"),
-                ("out_loc", t, I32, "t"),
-                ("kv_indices", k, I32, "k"),
-                ("join_slot", r, I32, "j"),
-                ("join_temperature", r, F32, "j"),
-                ("join_top_p", r, F32, "j"),
-                ("join_top_k", r, I32, "j"),
-                ("join_seed", r, U64, "j"),
-            ]
-        )
+        self.arrays, self.slot_bytes = _place(STEP_ARRAYS, cap)
         self.by_name = {a.name: a for a in self.arrays}
 
 
 class ResultLayout:
-    """Byte offsets of a result slot: the header, then `tokens` i32[R]."""
+    """Byte offsets of a result slot's arrays; only R matters to it."""
 
     def __init__(self, max_reqs: int):
         self.max_reqs = max_reqs
-        (self.tokens,), self.slot_bytes = _place([("tokens", max_reqs, I32, "n")])
+        self.cap = Capacity(max_reqs, 0, 0)
+        self.arrays, self.slot_bytes = _place(RESULT_ARRAYS, self.cap)
+        self.by_name = {a.name: a for a in self.arrays}
+        self.tokens = self.by_name["tokens"]
 
 
 def _as_bytes(buf) -> np.ndarray:
@@ -110,11 +155,19 @@ def _as_bytes(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)
 
 
+def _views(layout, buf) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    raw = _as_bytes(buf)
+    if raw.nbytes < layout.slot_bytes:
+        raise ValueError(f"slot buffer of {raw.nbytes} bytes, the layout needs {layout.slot_bytes}")
+    raw = raw[: layout.slot_bytes]
+    return raw, {a.name: raw[a.offset : a.offset + a.nbytes].view(a.dtype) for a in layout.arrays}
+
+
 class StepView:
     """One step, each array cut to the length its header gives. Views into the slot: valid until release.
 
     `StepView(layout, buf)` parses any buffer from scratch (a few microseconds); on a ring, `StepReader` (or a
-    `StepSlot` per slot) gives the same view from precomputed arrays in about a third of that.
+    `StepSlot` per slot) gives the same view from precomputed arrays in a fraction of that.
     """
 
     __slots__ = (
@@ -124,20 +177,8 @@ class StepView:
         "num_tokens",
         "num_kv_indices",
         "num_joins",
-        "req_slot",
-        "seq_len",
-        "qo_indptr",
-        "kv_indptr",
-        "kv_last_page_len",
-        "input_ids",
-        "positions",
-        "out_loc",
-        "kv_indices",
-        "join_slot",
-        "join_temperature",
-        "join_top_p",
-        "join_top_k",
-        "join_seed",
+        "num_bias",
+        *(name for name, _, _ in STEP_ARRAYS),
     )
 
     def __init__(self, layout: StepLayout, buf):
@@ -146,104 +187,131 @@ class StepView:
     def __repr__(self) -> str:
         return (
             f"StepView(step_id={self.step_id}, kind={self.kind}, n={self.num_reqs}, t={self.num_tokens}, "
-            f"k={self.num_kv_indices}, j={self.num_joins})"
+            f"k={self.num_kv_indices}, j={self.num_joins}, b={self.num_bias})"
         )
 
 
 class StepSlot:
-    """Full-capacity views over one step slot buffer, built once; `view()` is the per-step part."""
+    """Full-capacity views over one step slot buffer, built once; `view()` is the per-step part.
 
-    # Full-capacity arrays, set in __init__ (typed here for readers and linters).
-    req_slot: np.ndarray
-    seq_len: np.ndarray
-    qo_indptr: np.ndarray
-    kv_indptr: np.ndarray
-    kv_last_page_len: np.ndarray
-    input_ids: np.ndarray
-    positions: np.ndarray
-    out_loc: np.ndarray
-    kv_indices: np.ndarray
-    join_slot: np.ndarray
-    join_temperature: np.ndarray
-    join_top_p: np.ndarray
-    join_top_k: np.ndarray
-    join_seed: np.ndarray
+    Each array is also an attribute of the slot, at full capacity (`slot.input_ids`).
+    """
 
     def __init__(self, layout: StepLayout, buf):
-        raw = _as_bytes(buf)
-        if raw.nbytes < layout.slot_bytes:
-            raise ValueError(f"slot buffer of {raw.nbytes} bytes, the layout needs {layout.slot_bytes}")
         self.layout = layout
-        self.raw = raw[: layout.slot_bytes]
+        self.raw, full = _views(layout, buf)
         # memoryview for struct.unpack_from: one call reads the whole fixed header.
         self._mem = memoryview(self.raw)
-        for a in layout.arrays:
-            setattr(self, a.name, self.raw[a.offset : a.offset + a.nbytes].view(a.dtype))
+        for name, arr in full.items():
+            setattr(self, name, arr)
+        self._cuts = tuple((a.name, full[a.name], _STEP_BASES.index(a.used_by)) for a in layout.arrays)
 
     def view(self) -> StepView:
         """The step now in this slot."""
         return self.fill(StepView.__new__(StepView))
 
     def fill(self, v: StepView) -> StepView:
-        step_id, kind, n, t, k, j = _STEP_HEADER.unpack_from(self._mem, 0)
-        v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins = step_id, kind, n, t, k, j
-        v.req_slot = self.req_slot[:n]
-        v.seq_len = self.seq_len[:n]
-        v.qo_indptr = self.qo_indptr[: n + 1]
-        v.kv_indptr = self.kv_indptr[: n + 1]
-        v.kv_last_page_len = self.kv_last_page_len[:n]
-        v.input_ids = self.input_ids[:t]
-        v.positions = self.positions[:t]
-        v.out_loc = self.out_loc[:t]
-        v.kv_indices = self.kv_indices[:k]
-        v.join_slot = self.join_slot[:j]
-        v.join_temperature = self.join_temperature[:j]
-        v.join_top_p = self.join_top_p[:j]
-        v.join_top_k = self.join_top_k[:j]
-        v.join_seed = self.join_seed[:j]
+        step_id, kind, n, t, k, j, b = _STEP_HEADER.unpack_from(self._mem, 0)
+        v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins, v.num_bias = (
+            step_id,
+            kind,
+            n,
+            t,
+            k,
+            j,
+            b,
+        )
+        used = (n, n + 1, t, k, j, j + 1, b)
+        for name, full, basis in self._cuts:
+            setattr(v, name, full[: used[basis]])
         return v
 
     def write_header(
-        self, step_id: int, kind: int, num_reqs: int, num_tokens: int, num_kv: int, num_joins: int
+        self,
+        step_id: int,
+        kind: int,
+        num_reqs: int,
+        num_tokens: int,
+        num_kv: int,
+        num_joins: int,
+        num_bias: int = 0,
     ):
         """Sets the fixed header (tests and tools that play the scheduler; the worker never writes steps)."""
-        _STEP_HEADER.pack_into(self._mem, 0, step_id, kind, num_reqs, num_tokens, num_kv, num_joins)
+        _STEP_HEADER.pack_into(self._mem, 0, step_id, kind, num_reqs, num_tokens, num_kv, num_joins, num_bias)
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """What a step returns beside its tokens when a request of it asked for logprobs: for each of its n
+    requests, the sampled token's logprob and the m most likely tokens' ids and logprobs (m may be 0)."""
+
+    logprob: np.ndarray  # float32 [n]
+    top_ids: np.ndarray  # int32 [n, m]
+    top_logprobs: np.ndarray  # float32 [n, m]
 
 
 class ResultSlot:
     """Views over one result slot buffer, built once; `write()` is the per-step part."""
 
     def __init__(self, layout: ResultLayout, buf):
-        raw = _as_bytes(buf)
-        if raw.nbytes < layout.slot_bytes:
-            raise ValueError(f"slot buffer of {raw.nbytes} bytes, the layout needs {layout.slot_bytes}")
         self.layout = layout
-        self.raw = raw[: layout.slot_bytes]
+        self.raw, full = _views(layout, buf)
         self._mem = memoryview(self.raw)
-        spec = layout.tokens
-        self.tokens = self.raw[spec.offset : spec.offset + spec.nbytes].view(I32)
+        self.tokens = full["tokens"]
+        self.logprob = full["logprob"]
+        self.top_ids = full["top_ids"]
+        self.top_logprobs = full["top_logprobs"]
 
-    def write(self, step_id: int, tokens: np.ndarray | None, status: int = RESULT_OK) -> None:
-        """Writes the sampled token of each request, in the step's request order. `tokens` may be None for a
-        failed step (then n is 0)."""
+    def write(
+        self,
+        step_id: int,
+        tokens: np.ndarray | None,
+        status: int = RESULT_OK,
+        logprobs: Logprobs | None = None,
+    ) -> None:
+        """Writes the sampled token of each request, in the step's request order, and their logprobs when
+        given. `tokens` may be None for a failed step (then n is 0)."""
         n = 0 if tokens is None else len(tokens)
         if n > self.layout.max_reqs:
             raise ValueError(f"{n} tokens, the result slot holds {self.layout.max_reqs}")
         if n:
             self.tokens[:n] = tokens
-        _RESULT_HEADER.pack_into(self._mem, 0, step_id, n, status)
+        has_logprobs, m = 0, 0
+        if logprobs is not None and n:
+            m = logprobs.top_ids.shape[1]
+            if m > MAX_TOP_LOGPROBS or logprobs.logprob.shape[0] != n:
+                raise ValueError(f"logprobs for {logprobs.logprob.shape[0]} rows, {m} top; expected {n} rows")
+            self.logprob[:n] = logprobs.logprob
+            self.top_ids[: n * m] = logprobs.top_ids.reshape(-1)
+            self.top_logprobs[: n * m] = logprobs.top_logprobs.reshape(-1)
+            has_logprobs = 1
+        _RESULT_HEADER.pack_into(self._mem, 0, step_id, n, status, has_logprobs, m)
 
     def read(self) -> tuple[int, int, np.ndarray]:
         """(step_id, status, tokens[:n]); tokens is a view into the slot."""
-        step_id, n, status = _RESULT_HEADER.unpack_from(self._mem, 0)
+        step_id, n, status, _, _ = _RESULT_HEADER.unpack_from(self._mem, 0)
         return step_id, status, self.tokens[:n]
+
+    def read_logprobs(self) -> Logprobs | None:
+        """The logprobs the slot carries (views into it), or None."""
+        _, n, _, has_logprobs, m = _RESULT_HEADER.unpack_from(self._mem, 0)
+        if not has_logprobs:
+            return None
+        return Logprobs(
+            self.logprob[:n], self.top_ids[: n * m].reshape(n, m), self.top_logprobs[: n * m].reshape(n, m)
+        )
 
 
 def write_result(
-    layout: ResultLayout, buf, step_id: int, tokens: np.ndarray, status: int = RESULT_OK
+    layout: ResultLayout,
+    buf,
+    step_id: int,
+    tokens: np.ndarray,
+    status: int = RESULT_OK,
+    logprobs: Logprobs | None = None,
 ) -> None:
     """One-off form of `ResultSlot.write` (for a ring, keep a `ResultSlot` per slot)."""
-    ResultSlot(layout, buf).write(step_id, tokens, status)
+    ResultSlot(layout, buf).write(step_id, tokens, status, logprobs)
 
 
 def read_result(layout: ResultLayout, buf) -> tuple[int, int, np.ndarray]:
