@@ -61,6 +61,8 @@ impl Bench {
                 seed: id,
                 stop_token_ids: vec![7, 8],
                 ignore_eos: false,
+
+                ..Default::default()
             };
             // One token short: the prefill's sample brings each context to CONTEXT.
             let prompt = (0..CONTEXT - 1).map(|i| 100 + (i + id as u32) % 30000).collect();

@@ -176,6 +176,8 @@ fn requests() -> Vec<(ReqId, Vec<u32>, SamplingParams)> {
                 seed: id,
                 stop_token_ids: vec![],
                 ignore_eos: false,
+
+                ..Default::default()
             };
             (id, prompt, params)
         })

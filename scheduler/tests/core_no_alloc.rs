@@ -58,6 +58,8 @@ fn overlapped_decode_allocates_nothing_per_step() {
             seed: id,
             stop_token_ids: vec![],
             ignore_eos: false,
+
+            ..Default::default()
         };
         core.submit(NewRequest { id, prompt: vec![7; 100 + id as usize], params }).unwrap();
     }

@@ -50,6 +50,8 @@ fn params_of(id: ReqId, max_tokens: u32, ignore_eos: bool, stop: Option<u32>) ->
         seed: id * 1_000_003,
         stop_token_ids: stop.into_iter().collect(),
         ignore_eos,
+
+        ..Default::default()
     }
 }
 

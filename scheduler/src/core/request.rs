@@ -2,12 +2,16 @@
 
 use super::page_table::{PageTable, pages_for};
 use super::prefix_cache::ROOT;
+use proto::step::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 
 /// Assigned by the engine; unique among live requests.
 pub type ReqId = u64;
 
 /// Sampling parameters, already validated by the engine (docs/protocol.md, `sampling`). Stop strings are text and
 /// are handled outside the core; they end a request through [`super::Core::finish`].
+///
+/// Everything past `ignore_eos` is off by default (`..Default::default()` keeps a caller that predates a field
+/// correct); the worker applies it in the order docs/protocol.md ("Sampling") gives.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// Tokens to generate at most, counted across preemptions.
@@ -20,6 +24,61 @@ pub struct SamplingParams {
     pub seed: u64,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// `0` means off; tokens below `min_p` times the top token's probability are dropped.
+    pub min_p: f32,
+    /// OpenAI's: subtracted from the logit of every token generated at least once. `0` means off.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated. `0` means off.
+    pub frequency_penalty: f32,
+    /// Hugging Face's and vLLM's, over prompt and generated tokens: a positive logit is divided by it, a negative
+    /// one multiplied. `1` means off; must be above 0.
+    pub repetition_penalty: f32,
+    /// `(token id, bias)` added to the logits before anything else: each id at most once, at most
+    /// [`MAX_LOGIT_BIAS`] of them, ids inside the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// `None`: no logprobs. `Some(k)`: with each sampled token, its logprob and those of the `k` (at most
+    /// [`MAX_TOP_LOGPROBS`]) most likely tokens.
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingParams {
+    /// The wire's defaults (docs/protocol.md, `sampling`), with the seed 0 and every option off.
+    fn default() -> Self {
+        SamplingParams {
+            max_tokens: 128,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: -1,
+            seed: 0,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Whether the worker must count this request's tokens (any of the three penalties is on).
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
+    }
+
+    /// The limits a step slot relies on: more bias entries or top logprobs than it has room for would not fit the
+    /// join's arrays. The engine refuses such requests before they reach the core; this is the core's own check.
+    pub fn check_step_limits(&self) -> Result<(), SubmitError> {
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(SubmitError::TooManyLogitBias(self.logit_bias.len()));
+        }
+        if let Some(k) = self.logprobs.filter(|&k| k as usize > MAX_TOP_LOGPROBS) {
+            return Err(SubmitError::TooManyTopLogprobs(k));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -171,19 +230,51 @@ pub enum SubmitError {
     TokenOutOfRange(u32),
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
+    #[error("{0} logit_bias entries; at most {MAX_LOGIT_BIAS} are allowed")]
+    TooManyLogitBias(usize),
+    #[error("{0} top logprobs asked for; at most {MAX_TOP_LOGPROBS} are allowed")]
+    TooManyTopLogprobs(u32),
 }
 
 /// A one-token greedy request, for the unit tests of the containers that hold requests.
 #[cfg(test)]
 pub(crate) fn test_request(id: ReqId) -> Request {
-    let params = SamplingParams {
-        max_tokens: 1,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: -1,
-        seed: 0,
-        stop_token_ids: vec![],
-        ignore_eos: false,
-    };
+    let params = SamplingParams { max_tokens: 1, temperature: 0.0, ..Default::default() };
     Request::new(NewRequest { id, prompt: vec![1], params }, 1, 1, id, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_turn_every_option_off() {
+        let p = SamplingParams::default();
+        assert!(!p.has_penalties());
+        assert_eq!((p.min_p, p.logprobs, p.logit_bias.len()), (0.0, None, 0));
+        assert_eq!((p.temperature, p.top_p, p.top_k), (1.0, 1.0, -1));
+        assert!(p.check_step_limits().is_ok());
+    }
+
+    #[test]
+    fn any_penalty_counts() {
+        for p in [
+            SamplingParams { presence_penalty: 0.5, ..Default::default() },
+            SamplingParams { frequency_penalty: -0.1, ..Default::default() },
+            SamplingParams { repetition_penalty: 1.2, ..Default::default() },
+        ] {
+            assert!(p.has_penalties(), "{p:?}");
+        }
+        assert!(!SamplingParams { min_p: 0.1, logprobs: Some(3), ..Default::default() }.has_penalties());
+    }
+
+    #[test]
+    fn step_limits_bound_bias_and_top_logprobs() {
+        let bias = |n: u32| SamplingParams { logit_bias: (0..n).map(|i| (i, 1.0)).collect(), ..Default::default() };
+        assert!(bias(300).check_step_limits().is_ok());
+        assert_eq!(bias(301).check_step_limits(), Err(SubmitError::TooManyLogitBias(301)));
+        let top = |k| SamplingParams { logprobs: Some(k), ..Default::default() };
+        assert!(top(0).check_step_limits().is_ok() && top(20).check_step_limits().is_ok());
+        assert_eq!(top(21).check_step_limits(), Err(SubmitError::TooManyTopLogprobs(21)));
+    }
 }

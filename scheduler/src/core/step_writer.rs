@@ -5,7 +5,7 @@
 
 use super::page_table::{PageTable, last_page_len, pages_for};
 use super::request::SamplingParams;
-use proto::step::{StepHeader, StepKind, StepMut};
+use proto::step::{MAX_LOGIT_BIAS, StepHeader, StepKind, StepMut};
 
 /// The new tokens of one request in a step.
 pub(crate) enum NewTokens<'t> {
@@ -22,13 +22,16 @@ pub(crate) struct StepWriter<'s, 'a> {
     t: usize,
     k: usize,
     j: usize,
+    /// Logit-bias entries written so far, over all joins.
+    b: usize,
 }
 
 impl<'s, 'a> StepWriter<'s, 'a> {
     pub fn new(step: &'s mut StepMut<'a>, page_size: u32) -> Self {
         step.qo_indptr[0] = 0;
         step.kv_indptr[0] = 0;
-        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0 }
+        step.join_bias_indptr[0] = 0;
+        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0, b: 0 }
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -74,14 +77,47 @@ impl<'s, 'a> StepWriter<'s, 'a> {
         self.k += listed;
     }
 
-    /// (Re)sets the sampling parameters of `slot` in the worker.
+    /// (Re)sets the sampling parameters of `slot` in the worker. Without the request's prompt length the worker
+    /// counts, for the penalties, every id sent in a step as prompt: right unless the request was preempted (then
+    /// its generated tokens come back as prompt ids); [`Self::push_join_with_prompt_len`] is right either way.
     pub fn push_join(&mut self, slot: u32, params: &SamplingParams) {
-        let (s, j) = (&mut *self.step, self.j);
+        self.join(slot, params, i32::MAX);
+    }
+
+    /// [`Self::push_join`] for a request whose first `prompt_len` tokens are its prompt (the rest, after a
+    /// preemption, were generated).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "admission.rs calls push_join until it passes the prompt length (issue 10)")
+    )]
+    pub fn push_join_with_prompt_len(&mut self, slot: u32, params: &SamplingParams, prompt_len: u32) {
+        self.join(slot, params, i32::try_from(prompt_len).unwrap_or(i32::MAX));
+    }
+
+    fn join(&mut self, slot: u32, params: &SamplingParams, prompt_len: i32) {
+        let (s, j, b) = (&mut *self.step, self.j, self.b);
         s.join_slot[j] = slot as i32;
         s.join_temperature[j] = params.temperature;
         s.join_top_p[j] = params.top_p;
         s.join_top_k[j] = params.top_k;
         s.join_seed[j] = params.seed;
+        s.join_min_p[j] = params.min_p;
+        s.join_presence_penalty[j] = params.presence_penalty;
+        s.join_frequency_penalty[j] = params.frequency_penalty;
+        s.join_repetition_penalty[j] = params.repetition_penalty;
+        s.join_prompt_len[j] = prompt_len;
+        s.join_logprobs[j] = params.logprobs.map_or(-1, |k| k as i32);
+        // The slot has room for MAX_LOGIT_BIAS entries per join; `check_step_limits` refuses more before a request
+        // gets here, and cutting the list keeps a slip from overrunning another join's room.
+        let bias = &params.logit_bias[..params.logit_bias.len().min(MAX_LOGIT_BIAS)];
+        for ((id, value), &(token, bias)) in
+            s.join_bias_ids[b..b + bias.len()].iter_mut().zip(&mut s.join_bias_values[b..b + bias.len()]).zip(bias)
+        {
+            *id = token as i32;
+            *value = bias;
+        }
+        self.b += bias.len();
+        s.join_bias_indptr[j + 1] = self.b as i32;
         self.j += 1;
     }
 
@@ -94,6 +130,7 @@ impl<'s, 'a> StepWriter<'s, 'a> {
             num_tokens: self.t as u32,
             num_kv_indices: self.k as u32,
             num_joins: self.j as u32,
+            num_bias: self.b as u32,
             ..Default::default()
         };
     }
@@ -122,8 +159,7 @@ mod tests {
             top_p: 0.9,
             top_k: 7,
             seed: u64::MAX,
-            stop_token_ids: vec![],
-            ignore_eos: false,
+            ..Default::default()
         };
         {
             let mut step = StepMut::new(&layout, buf.bytes_mut());
@@ -147,6 +183,71 @@ mod tests {
         assert_eq!(r.out_loc, &[6, 7, 8, 20]);
         assert_eq!((r.join_slot, r.join_top_k, r.join_seed), (&[2][..], &[7][..], &[u64::MAX][..]));
         assert_eq!((r.join_temperature, r.join_top_p), (&[0.5f32][..], &[0.9f32][..]));
+        // Every option off: what the worker reads as "nothing to do".
+        assert_eq!(
+            (r.join_min_p, r.join_presence_penalty, r.join_frequency_penalty),
+            (&[0.0][..], &[0.0][..], &[0.0][..])
+        );
+        assert_eq!((r.join_repetition_penalty, r.join_logprobs), (&[1.0][..], &[-1][..]));
+        assert_eq!((r.join_prompt_len, r.join_bias_indptr, r.header.num_bias), (&[i32::MAX][..], &[0, 0][..], 0));
+    }
+
+    /// A step slot with room for 3 requests, and a writer over it that has written nothing yet.
+    fn with_writer(page_size: u32, f: impl FnOnce(&mut StepWriter<'_, '_>)) -> SlotBuf {
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+        let mut step = StepMut::new(&layout, buf.bytes_mut());
+        let mut w = StepWriter::new(&mut step, page_size);
+        f(&mut w);
+        w.finish(1, StepKind::Extend);
+        buf
+    }
+
+    #[test]
+    fn joins_carry_every_option_and_their_biases_one_after_another() {
+        let penalties = SamplingParams {
+            min_p: 0.05,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
+            repetition_penalty: 1.3,
+            logit_bias: vec![(151645, -100.0), (11, 2.5)],
+            logprobs: Some(20),
+            ..Default::default()
+        };
+        let only_logprob = SamplingParams { logprobs: Some(0), ..Default::default() };
+        let one_bias = SamplingParams { logit_bias: vec![(7, 0.75)], ..Default::default() };
+        let buf = with_writer(4, |w| {
+            w.push_join_with_prompt_len(1, &penalties, 40);
+            w.push_join(0, &only_logprob);
+            w.push_join(2, &one_bias);
+        });
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let r = StepRef::new(&layout, buf.bytes());
+        assert_eq!((r.header.num_joins, r.header.num_bias), (3, 3));
+        assert_eq!(r.join_slot, &[1, 0, 2]);
+        assert_eq!(r.join_min_p, &[0.05, 0.0, 0.0]);
+        assert_eq!(r.join_presence_penalty, &[0.5, 0.0, 0.0]);
+        assert_eq!(r.join_frequency_penalty, &[-0.25, 0.0, 0.0]);
+        assert_eq!(r.join_repetition_penalty, &[1.3, 1.0, 1.0]);
+        assert_eq!(r.join_prompt_len, &[40, i32::MAX, i32::MAX]);
+        assert_eq!(r.join_logprobs, &[20, 0, -1]);
+        assert_eq!(r.join_bias_indptr, &[0, 2, 2, 3]);
+        assert_eq!(r.join_bias_ids, &[151645, 11, 7]);
+        assert_eq!(r.join_bias_values, &[-100.0, 2.5, 0.75]);
+    }
+
+    #[test]
+    fn a_full_step_of_joins_fits_300_biases_each_and_no_more() {
+        let too_many = SamplingParams { logit_bias: (0..301).map(|i| (i, 1.0)).collect(), ..Default::default() };
+        let buf = with_writer(4, |w| {
+            for slot in 0..3 {
+                w.push_join(slot, &too_many);
+            }
+        });
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let r = StepRef::new(&layout, buf.bytes());
+        assert_eq!(r.join_bias_indptr, &[0, 300, 600, 900]);
+        assert_eq!((r.join_bias_ids[299], r.join_bias_ids[300]), (299, 0));
     }
 
     #[test]

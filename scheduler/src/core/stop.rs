@@ -41,6 +41,8 @@ mod tests {
             seed: 0,
             stop_token_ids: stop.to_vec(),
             ignore_eos,
+
+            ..Default::default()
         }
     }
 

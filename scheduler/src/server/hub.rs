@@ -260,6 +260,7 @@ impl Hub {
             seed: 0,
             stop_token_ids: s.stop_token_ids.clone(),
             ignore_eos: s.ignore_eos,
+            ..Default::default()
         };
         let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;

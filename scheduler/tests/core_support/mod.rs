@@ -51,6 +51,8 @@ pub fn params(max_tokens: u32) -> SamplingParams {
         seed: 0,
         stop_token_ids: vec![],
         ignore_eos: false,
+
+        ..Default::default()
     }
 }
 
