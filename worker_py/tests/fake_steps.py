@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN
+from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN, Logprobs
 
 EXTEND, DECODE = 0, 1
 
@@ -35,6 +35,15 @@ class FakeStep:
     join_top_p: np.ndarray
     join_top_k: np.ndarray
     join_seed: np.ndarray
+    join_min_p: np.ndarray
+    join_presence_penalty: np.ndarray
+    join_frequency_penalty: np.ndarray
+    join_repetition_penalty: np.ndarray
+    join_prompt_len: np.ndarray
+    join_logprobs: np.ndarray
+    join_bias_indptr: np.ndarray
+    join_bias_ids: np.ndarray
+    join_bias_values: np.ndarray
 
     @property
     def num_reqs(self) -> int:
@@ -52,6 +61,13 @@ class Join:
     top_p: float = 1.0
     top_k: int = -1
     seed: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt_len: int = 2**31 - 1
+    logprobs: int = -1
+    bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -109,6 +125,9 @@ class StepBuilder:
         def i32(xs) -> np.ndarray:
             return np.asarray(xs, dtype=np.int32)
 
+        def f32(xs) -> np.ndarray:
+            return np.asarray(xs, dtype=np.float32)
+
         return FakeStep(
             step_id=self.step_id - 1,
             kind=kind,
@@ -122,10 +141,19 @@ class StepBuilder:
             out_loc=i32(loc),
             kv_indices=i32(indices),
             join_slot=i32([j.slot for j in joins]),
-            join_temperature=np.asarray([j.temperature for j in joins], dtype=np.float32),
-            join_top_p=np.asarray([j.top_p for j in joins], dtype=np.float32),
+            join_temperature=f32([j.temperature for j in joins]),
+            join_top_p=f32([j.top_p for j in joins]),
             join_top_k=i32([j.top_k for j in joins]),
             join_seed=np.asarray([j.seed for j in joins], dtype=np.uint64),
+            join_min_p=f32([j.min_p for j in joins]),
+            join_presence_penalty=f32([j.presence_penalty for j in joins]),
+            join_frequency_penalty=f32([j.frequency_penalty for j in joins]),
+            join_repetition_penalty=f32([j.repetition_penalty for j in joins]),
+            join_prompt_len=i32([j.prompt_len for j in joins]),
+            join_logprobs=i32([j.logprobs for j in joins]),
+            join_bias_indptr=i32(np.cumsum([0, *(len(j.bias) for j in joins)])),
+            join_bias_ids=i32([t for j in joins for t, _ in j.bias]),
+            join_bias_values=f32([v for j in joins for _, v in j.bias]),
         )
 
 
@@ -137,6 +165,7 @@ class ReadySteps:
         shutdown = type("Shutdown", (), {"kind": STEP_SHUTDOWN, "step_id": len(steps)})()
         self.steps, self.i = [*steps, shutdown], 0
         self.results: list[tuple[int, list[int]]] = []
+        self.logprobs: list = []  # what each result carried beside its tokens (None, or a Logprobs)
         self.times: list[float] = []
 
     def try_next(self):
@@ -148,8 +177,12 @@ class ReadySteps:
     def release(self) -> None:
         self.i += 1
 
-    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
+    def write(self, step_id, tokens, status=RESULT_OK, timeout=None, logprobs=None) -> bool:
         assert status == RESULT_OK
         self.times.append(time.perf_counter())
         self.results.append((step_id, np.asarray(tokens).tolist()))
+        # Copies: the runner's buffers are reused IN_FLIGHT steps later.
+        self.logprobs.append(
+            None if logprobs is None else Logprobs(*(np.array(a) for a in vars(logprobs).values()))
+        )
         return True

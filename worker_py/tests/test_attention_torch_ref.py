@@ -112,7 +112,7 @@ def test_unknown_backend_is_rejected():
 
 def test_kv_cache_is_zeroed_and_sized_from_a_budget():
     shape = KVCacheShape(num_layers=3, page_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
-    assert shape.bytes_per_page == 2 * 3 * 4 * 2 * 8 * 2
+    assert shape.bytes_per_page == 2 * 3 * 4 * 2 * 8 * 2 + 4 * 4  # K and V, and each token's id
     assert shape.pages_for_budget(10 * shape.bytes_per_page + 5) == 10
     cache = KVCache(shape, 10, "cpu")
     assert cache.k(2).shape == (10, 4, 2, 8) and cache.k(2).is_contiguous()

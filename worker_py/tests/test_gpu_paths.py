@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
+from minisgl.sampling.params import PROMPT_SEEN  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
@@ -153,6 +154,73 @@ def test_overlapped_loop_equals_one_step_at_a_time(model_dir, graphs, decode):
     ring = ReadySteps(list(sampled_steps(3)))
     assert run_steps(overlapped, ring, ring, overlap=True) == 0
     assert ring.results == want
+
+
+OPTION_PROMPTS = {s: np.random.default_rng(s).integers(0, 2048, 30 + s).tolist() for s in (0, 3, 4, 6)}
+OPTION_JOINS = [
+    Join(0, repetition_penalty=1.3, logprobs=5),
+    Join(
+        3, temperature=0.8, top_p=0.9, seed=7, presence_penalty=0.8, min_p=0.05, bias=((11, 2.0), (12, -50.0))
+    ),
+    Join(4, temperature=1.0, seed=8, frequency_penalty=0.5, logprobs=0),
+    Join(6, temperature=0.9, seed=9),  # no option
+]
+DECODE_ORDER = [4, 0, 6, 3]
+
+
+def option_steps(builder: StepBuilder, decodes: int = 20):
+    """A prefill whose requests use every sampling option (and one none), then decodes."""
+    yield builder.extend(list(OPTION_PROMPTS.items()), OPTION_JOINS)
+    for _ in range(decodes):
+        yield builder.decode(DECODE_ORDER)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_sampling_options_overlapped_equal_one_step_at_a_time(model_dir, graphs):
+    """Bias, penalties (their token counts), min_p and logprobs on the GPU path, graphs or not: the overlapped
+    loop gives the tokens and logprobs of steps run one at a time."""
+    one, overlapped = runner(model_dir, cuda_graphs=graphs), runner(model_dir, cuda_graphs=graphs)
+    a = ReadySteps(list(option_steps(StepBuilder(NUM_PAGES, PAGE_SIZE, seed=5))))
+    b = ReadySteps(list(option_steps(StepBuilder(NUM_PAGES, PAGE_SIZE, seed=5))))
+    assert run_steps(one, a, a, overlap=False) == 0
+    assert run_steps(overlapped, b, b, overlap=True) == 0
+    assert a.results == b.results
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert x is not None and y is not None  # requests 0 and 4 ask in every step
+        assert x.top_ids.shape == (4, 5) and np.array_equal(x.top_ids, y.top_ids)
+        assert np.array_equal(x.logprob, y.logprob) and np.array_equal(x.top_logprobs, y.top_logprobs)
+        lse = np.log(np.exp(x.top_logprobs.astype(np.float64)).sum(axis=1))
+        assert np.all(x.top_logprobs <= 0) and np.all(lse <= 1e-3)  # logprobs of one distribution
+    assert torch.equal(one.sampler.counts.counts, overlapped.sampler.counts.counts)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_token_ids_beside_the_kv_and_the_counts_are_the_sequences(model_dir, graphs):
+    """Every fed token's id is written beside its KV (inside the replayed graph for decode steps), and the
+    penalized requests' counts are exactly their prompts (seen) and fed-back samples (counted)."""
+    r = runner(model_dir, cuda_graphs=graphs)
+    builder = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=6)
+    steps = list(option_steps(builder, decodes=12))
+    if graphs:
+        assert r.graphs.padding_for(steps[1]) is not None
+    ready = ReadySteps(steps)
+    assert run_steps(r, ready, ready, overlap=False) == 0
+    sampled = {s: [] for s in OPTION_PROMPTS}
+    for i, (_, tokens) in enumerate(ready.results):
+        for s, t in zip(list(OPTION_PROMPTS) if i == 0 else DECODE_ORDER, tokens, strict=True):
+            sampled[s].append(t)
+    vocab = r.model_config.vocab_size
+    for s, prompt in OPTION_PROMPTS.items():
+        fed = prompt + sampled[s][:-1]  # the last sample was never fed back
+        pages = builder.pages[s]
+        locs = [pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(len(fed))]
+        assert r.kv_cache.token_ids[torch.tensor(locs, device="cuda")].tolist() == fed, s
+        if s == 6:
+            continue  # no penalties: its counts are never read
+        want = torch.zeros(vocab, dtype=torch.int64)
+        want[torch.tensor(prompt)] = PROMPT_SEEN
+        want += torch.bincount(torch.tensor(sampled[s][:-1]), minlength=vocab)
+        assert torch.equal(r.sampler.counts.counts[s].cpu().long(), want), s
 
 
 def test_kv_cache_sized_from_free_memory(model_dir):

@@ -60,7 +60,7 @@ class FakeScheduler:
         assert self.current is not None
         self.current = None
 
-    def write(self, step_id, tokens, status=RESULT_OK, timeout=None) -> bool:
+    def write(self, step_id, tokens, status=RESULT_OK, timeout=None, logprobs=None) -> bool:
         self.log.append(("result", step_id))
         self.results.append((step_id, None if tokens is None else list(tokens), status))
         return True
@@ -70,6 +70,9 @@ class FakeScheduler:
 class Handle:
     step_id: int
     tokens: np.ndarray
+
+    def result_logprobs(self):
+        return None
 
 
 class FakeRunner:

@@ -1,5 +1,6 @@
-"""The fused Gumbel-max kernel draws what the eager noise draws. Run by Triton's interpreter on the CPU (in a
-subprocess: the interpreter is chosen when kernels are defined), and for real on a GPU when there is one."""
+"""The fused sampling kernels against their eager references: the Gumbel-max draw against the eager noise, the
+penalty pass against `penalties.apply_penalties`. Run by Triton's interpreter on the CPU (in a subprocess: the
+interpreter is chosen when kernels are defined), and for real on a GPU when there is one."""
 
 from __future__ import annotations
 
@@ -36,8 +37,40 @@ CHECK = textwrap.dedent(
 )
 
 
+PENALTIES = textwrap.dedent(
+    """
+    import torch
+    from minisgl.kernels import sampling as fused
+    from minisgl.sampling.params import PROMPT_SEEN
+    from minisgl.sampling.penalties import apply_penalties
+
+    device = "{device}"
+    torch.manual_seed(1)
+    slots_total, vocab = 7, 3000  # not a multiple of the kernel's block
+    counts = torch.randint(0, 4, (slots_total, vocab), dtype=torch.int32)
+    counts |= torch.where(torch.rand(slots_total, vocab) < 0.2, PROMPT_SEEN, 0).int()
+    counts[2] = 0  # a slot with nothing counted
+    counts = counts.to(device)
+    repetition = torch.tensor([1.0, 1.3, 0.8, 2.0, 1.0, 1.1, 1.0], device=device)
+    frequency = torch.tensor([0.0, 0.5, -0.3, 0.0, 1.2, 0.0, 0.0], device=device)
+    presence = torch.tensor([0.0, 0.25, 0.0, -1.0, 0.7, 0.0, 0.0], device=device)
+    slots = torch.tensor([3, 1, 6, 2, 4, 1, 0, 5], device=device)  # slot 1 twice, in another order
+    logits = torch.randn(len(slots), vocab, device=device) * 4
+    logits[0, :10] = 0.0  # zeros: multiplied, as HF does
+    logits[4, 5] = float("-inf")
+    ref = apply_penalties(logits, counts[slots], repetition[slots], frequency[slots], presence[slots])
+    out = fused.apply_penalties(logits.clone(), counts, slots, repetition, frequency, presence)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[6], logits[6]), "penalties off: the row is untouched"
+    assert out[4, 5] == float("-inf")
+    print("ok")
+    """
+)
+
+
 def run_check(device: str, interpret: bool) -> None:
     run_kernel_check(CHECK.format(device=device), interpret)
+    run_kernel_check(PENALTIES.format(device=device), interpret)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernel")

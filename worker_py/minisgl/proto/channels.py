@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from minisgl.proto.ring import RING_RESULT, RING_STEP, Ring, RingError
-from minisgl.proto.step import RESULT_OK, ResultLayout, ResultSlot, StepLayout, StepSlot, StepView
+from minisgl.proto.step import RESULT_OK, Logprobs, ResultLayout, ResultSlot, StepLayout, StepSlot, StepView
 
 
 class StepReader:
@@ -52,13 +52,18 @@ class ResultWriter:
         self._slots = [ResultSlot(self.layout, ring.slot(i)) for i in range(ring.slot_count)]
 
     def write(
-        self, step_id: int, tokens: np.ndarray | None, status: int = RESULT_OK, timeout: float | None = None
+        self,
+        step_id: int,
+        tokens: np.ndarray | None,
+        status: int = RESULT_OK,
+        timeout: float | None = None,
+        logprobs: Logprobs | None = None,
     ) -> bool:
-        """Waits for a free slot, writes the result of step `step_id` (`tokens` None for a failed step) and
-        publishes it. Returns False if no slot came free within `timeout` seconds; raises PeerDead if the
-        scheduler is gone."""
+        """Waits for a free slot, writes the result of step `step_id` (`tokens` None for a failed step; its
+        `logprobs` when the step computed them) and publishes it. Returns False if no slot came free within
+        `timeout` seconds; raises PeerDead if the scheduler is gone."""
         if self.ring.wait_claim(timeout) is None:
             return False
-        self._slots[self.ring.write_seq % self.ring.slot_count].write(step_id, tokens, status)
+        self._slots[self.ring.write_seq % self.ring.slot_count].write(step_id, tokens, status, logprobs)
         self.ring.publish()
         return True

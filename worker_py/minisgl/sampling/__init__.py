@@ -1,6 +1,6 @@
-"""Sampling on the device: per-slot parameters and a batch-invariant sampler."""
+"""Sampling on the device: per-slot parameters, token counts for the penalties, a batch-invariant sampler."""
 
-from minisgl.sampling.params import SampleMode, SlotParams
+from minisgl.sampling.params import Joins, SampleMode, SamplePlan, SlotParams
 from minisgl.sampling.sampler import Sampler
 
-__all__ = ["SampleMode", "Sampler", "SlotParams"]
+__all__ = ["Joins", "SampleMode", "SamplePlan", "Sampler", "SlotParams"]

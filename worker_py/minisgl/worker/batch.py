@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from minisgl.proto.step import STEP_ARRAYS
 from minisgl.worker.padding import DecodePadding, padded_arrays
 
 # The int32 arrays of a step, in the order they are packed into one host buffer for one host-to-device copy.
@@ -25,15 +27,15 @@ _PACKED = (
 )
 
 
-@dataclass(frozen=True)
-class JoinArrays:
-    """Sampling parameters of the requests that join at this step, on the device (bit-cast from int32)."""
-
-    slot: torch.Tensor  # int32 [j]
-    temperature: torch.Tensor  # float32 [j]
-    top_p: torch.Tensor  # float32 [j]
-    top_k: torch.Tensor  # int32 [j]
-    seed: torch.Tensor  # int64 [j]: the uint64 seed's bits
+# The join arrays (docs/protocol.md: those cut by j, j + 1 or b), in the order they follow the packed arrays
+# as int32 words: the 8-byte ones first, so that they stay 8-byte aligned on the device.
+_JOINED = tuple(
+    sorted(
+        ((name, dtype) for name, dtype, basis in STEP_ARRAYS if basis in ("j", "j+1", "b")),
+        key=lambda a: a[1].itemsize != 8,
+    )
+)
+_TORCH_VIEW = {"<i4": None, "<f4": torch.float32, "<u8": torch.int64}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ class ForwardBatch:
     host_kv_indptr: torch.Tensor
     host_kv_last_page_len: torch.Tensor
     host_seq_len: torch.Tensor
-    joins: JoinArrays | None = None
+    # The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64 bits), or
+    # None when nobody joins.
+    joins: SimpleNamespace | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # `upload`'s extra int32 arrays
     in_static_buffer: bool = True  # False when the step outgrew the fixed device buffer
 
     @property
@@ -99,14 +104,19 @@ class BatchUploader:
         self._staging_np = [s.numpy() for s in self._staging]
         self._copied = [torch.cuda.Event() if self._on_gpu else None for _ in range(self.depth)]
 
-    def upload(self, step, padding: DecodePadding | None = None) -> ForwardBatch:
+    def upload(
+        self, step, padding: DecodePadding | None = None, extra: dict[str, np.ndarray] | None = None
+    ) -> ForwardBatch:
+        """`extra`: more int32 arrays to take along in the same copy (`ForwardBatch.extra`, by name)."""
         arrays = padded_arrays(step, _PACKED, padding)
         sizes = [a.shape[0] for a in arrays]
         joins = _join_parts(step)
+        extra = {name: np.asarray(a, dtype=np.int32) for name, a in (extra or {}).items()}
+        tail = [*joins, *extra.values()]
         # The seed pairs are viewed as int64 on the device, so they must start on an 8-byte boundary.
         base = sum(sizes)
         align = base % 2
-        total = base + align + sum(p.shape[0] for p in joins)
+        total = base + align + sum(p.shape[0] for p in tail)
         if total > self._staging_np[0].shape[0]:
             # Rare (prefix-shared pages listed by many requests). Every staging buffer is replaced; the old
             # ones stay alive for as long as a pending copy (holding a reference) needs them.
@@ -118,7 +128,7 @@ class BatchUploader:
         staging, staging_np = self._staging[turn], self._staging_np[turn]
         np.concatenate(arrays, out=staging_np[:base], casting="same_kind")
         offset = base + align
-        for part in joins:
+        for part in tail:
             staging_np[offset : offset + part.shape[0]] = part
             offset += part.shape[0]
 
@@ -147,7 +157,8 @@ class BatchUploader:
             host_kv_indptr=host["kv_indptr"],
             host_kv_last_page_len=host["kv_last_page_len"],
             host_seq_len=host["seq_len"],
-            joins=_join_tensors(flat[base + align :], len(step.join_slot)) if len(joins[0]) else None,
+            joins=_join_tensors(flat[base + align :], joins) if joins else None,
+            extra=_split(flat[total - sum(a.shape[0] for a in extra.values()) : total], extra),
             in_static_buffer=in_static,
             **parts,
         )
@@ -159,22 +170,25 @@ class BatchUploader:
 
 
 def _join_parts(step) -> list[np.ndarray]:
-    """The join arrays as int32 words: seeds first (two words each, kept 8-byte aligned), then the rest."""
-    return [
-        np.ascontiguousarray(step.join_seed, dtype=np.uint64).view(np.int32),
-        np.asarray(step.join_slot, dtype=np.int32),
-        np.ascontiguousarray(step.join_temperature, dtype=np.float32).view(np.int32),
-        np.ascontiguousarray(step.join_top_p, dtype=np.float32).view(np.int32),
-        np.asarray(step.join_top_k, dtype=np.int32),
-    ]
+    """The join arrays as int32 words, in `_JOINED` order; none when nobody joins."""
+    if len(step.join_slot) == 0:
+        return []
+    return [np.ascontiguousarray(getattr(step, name), dtype=dtype).view(np.int32) for name, dtype in _JOINED]
 
 
-def _join_tensors(flat: torch.Tensor, j: int) -> JoinArrays:
-    seed, slot, temperature, top_p, top_k = torch.split(flat[: 6 * j], [2 * j, j, j, j, j])
-    return JoinArrays(
-        slot=slot,
-        temperature=temperature.view(torch.float32),
-        top_p=top_p.view(torch.float32),
-        top_k=top_k,
-        seed=seed.view(torch.int64),
+def _split(flat: torch.Tensor, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    if not arrays:
+        return {}
+    return dict(zip(arrays, torch.split(flat, [a.shape[0] for a in arrays.values()]), strict=True))
+
+
+def _join_tensors(flat: torch.Tensor, parts: list[np.ndarray]) -> SimpleNamespace:
+    words = torch.split(flat[: sum(p.shape[0] for p in parts)], [p.shape[0] for p in parts])
+    return SimpleNamespace(
+        **{
+            name.removeprefix("join_"): w
+            if _TORCH_VIEW[dtype.str] is None
+            else w.view(_TORCH_VIEW[dtype.str])
+            for (name, dtype), w in zip(_JOINED, words, strict=True)
+        }
     )

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from minisgl.attention.base import AttentionBackend
+from minisgl.proto.step import STEP_ARRAYS
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.padding import DecodePadding, bucket_for
 
@@ -28,25 +29,10 @@ log = logging.getLogger("minisgl.worker")
 
 def _empty_decode_step() -> SimpleNamespace:
     """A decode step of no request: padded to B rows it is B padding rows, harmless to run."""
-    none = np.zeros(0, dtype=np.int32)
-    zero = np.zeros(1, dtype=np.int32)
-    return SimpleNamespace(
-        kind=1,
-        req_slot=none,
-        seq_len=none,
-        qo_indptr=zero,
-        kv_indptr=zero,
-        kv_last_page_len=none,
-        input_ids=none,
-        positions=none,
-        out_loc=none,
-        kv_indices=none,
-        join_slot=none,
-        join_temperature=np.zeros(0, dtype=np.float32),
-        join_top_p=np.zeros(0, dtype=np.float32),
-        join_top_k=none,
-        join_seed=np.zeros(0, dtype=np.uint64),
-    )
+    arrays = {name: np.zeros(0, dtype=dtype) for name, dtype, _ in STEP_ARRAYS}
+    for indptr in ("qo_indptr", "kv_indptr", "join_bias_indptr"):
+        arrays[indptr] = np.zeros(1, dtype=np.int32)
+    return SimpleNamespace(kind=1, **arrays)
 
 
 class DecodeGraphs:

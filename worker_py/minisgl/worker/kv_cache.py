@@ -1,10 +1,13 @@
-"""The physical KV cache: per layer, K and V pages in FlashInfer's NHD layout."""
+"""The physical KV cache: per layer, K and V pages in FlashInfer's NHD layout; and the token id at each
+location."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+TOKEN_ID_BYTES = 4  # the int32 token id kept beside each location's K and V
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,8 @@ class KVCacheShape:
     @property
     def bytes_per_page(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        kv = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        return kv + self.page_size * TOKEN_ID_BYTES
 
     def pages_for_budget(self, budget_bytes: int) -> int:
         return max(0, budget_bytes // self.bytes_per_page)
@@ -30,6 +34,9 @@ class KVCache:
     One allocation holds everything; each layer's K and V are contiguous views of it. It starts zeroed because
     backends that pad (the torch reference) read slots that were never written and multiply them by a zero
     weight, and 0 * NaN garbage would poison the output.
+
+    `token_ids[loc]` is the id of the token whose K and V are at `loc` (every step writes it with them): a
+    request that reuses cached pages finds its prefix's ids there, which its penalties count.
     """
 
     def __init__(self, shape: KVCacheShape, num_pages: int, device: torch.device | str) -> None:
@@ -48,6 +55,7 @@ class KVCache:
             dtype=shape.dtype,
             device=device,
         )
+        self.token_ids = torch.zeros(num_pages * shape.page_size, dtype=torch.int32, device=device)
 
     def k(self, layer: int) -> torch.Tensor:
         return self._storage[0, layer]
@@ -69,4 +77,4 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self._storage.numel() * self._storage.element_size()
+        return self._storage.numel() * self._storage.element_size() + self.token_ids.numel() * TOKEN_ID_BYTES

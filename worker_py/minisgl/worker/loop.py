@@ -138,5 +138,5 @@ def _finish(runner, results, handle, timeout: float | None = None) -> bool:
         log.exception("step %d failed", handle.step_id)
         results.write(handle.step_id, None, RESULT_FAILED, timeout=timeout)
         return False
-    results.write(handle.step_id, tokens, RESULT_OK, timeout=timeout)
+    results.write(handle.step_id, tokens, RESULT_OK, timeout=timeout, logprobs=handle.result_logprobs())
     return True

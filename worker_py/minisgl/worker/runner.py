@@ -15,7 +15,8 @@ from minisgl.attention.base import AttentionConfig
 from minisgl.kernels.rounding import available as kernels_available
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
-from minisgl.sampling import Sampler
+from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs
+from minisgl.sampling import Joins, Sampler
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
@@ -30,12 +31,37 @@ INT32_LOCATIONS = 2**31  # out_loc is int32: page * page_size + offset must stay
 
 @dataclass
 class StepHandle:
-    """A launched step. `tokens` (host memory) holds its sampled ids once `ready` has completed."""
+    """A launched step. `tokens` (host memory) holds its sampled ids once `ready` has completed, and
+    `logprobs` (host memory too: the sampled token's [n], the top ids and logprobs [n, m]) theirs, when some
+    request of the step asked."""
 
     step_id: int
     tokens: torch.Tensor
     ready: torch.cuda.Event | None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     collected: bool = field(default=False)
+
+    def result_logprobs(self) -> Logprobs | None:
+        """The logprobs as the result slot takes them (numpy views, valid until IN_FLIGHT more launches)."""
+        if self.logprobs is None:
+            return None
+        return Logprobs(*(t.numpy() for t in self.logprobs))
+
+
+class _HostLogprobs:
+    """Pinned buffers a step's logprobs are copied into, one set per step in flight."""
+
+    def __init__(self, max_batch: int, pinned: bool) -> None:
+        self.logprob = torch.zeros(max_batch, dtype=torch.float32, pin_memory=pinned)
+        self.top_ids = torch.zeros(max_batch * MAX_TOP_LOGPROBS, dtype=torch.int32, pin_memory=pinned)
+        self.top_logprobs = torch.zeros(max_batch * MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=pinned)
+
+    def copy(self, chosen: torch.Tensor, ids: torch.Tensor, values: torch.Tensor):
+        n, m = ids.shape
+        out = (self.logprob[:n], self.top_ids[: n * m].view(n, m), self.top_logprobs[: n * m].view(n, m))
+        for dst, src in zip(out, (chosen, ids, values), strict=True):
+            dst.copy_(src, non_blocking=True)
+        return out
 
 
 class ModelRunner:
@@ -44,7 +70,9 @@ class ModelRunner:
     Per step the host work is a fixed number of numpy/torch calls whatever the batch size: one upload of the
     packed step arrays, one attention plan, one forward (a graph replay for decode steps when graphs are on),
     one sampling pass, one copy of the sampled ids to pinned host memory. `launch` queues all of it and
-    returns; `collect` waits for the ids. On the CPU `launch` computes everything before it returns.
+    returns; `collect` waits for the ids. On the CPU `launch` computes everything before it returns. A step
+    with a request that asked for penalties also counts its tokens, and one that asked for logprobs computes
+    and copies them; the others skip both (decided from host copies of each slot's options).
     """
 
     def __init__(
@@ -71,6 +99,8 @@ class ModelRunner:
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
         # the scheduler is told about, and sample into a slot past the last real one.
         use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs and self.model.capturable
+        # Before the KV budget is measured: the penalties' per-slot token counts are [slots, vocab] int32.
+        self.sampler = Sampler(cfg.max_batch + 1, self.device, vocab_size=mc.vocab_size)
         on_phase("allocating the KV cache")
         kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
@@ -82,7 +112,6 @@ class ModelRunner:
             self.kv_cache,
         )
         scratch_slot = cfg.max_batch
-        self.sampler = Sampler(cfg.max_batch + 1, self.device)
         # The token each slot sampled last: decode inputs name it as -(slot + 1), so the host never needs it.
         self.last_token = torch.zeros(cfg.max_batch + 1, dtype=torch.int32, device=self.device)
         max_kv_indices = self._usable_pages + cfg.max_batch
@@ -90,6 +119,7 @@ class ModelRunner:
         self._host_tokens = [
             torch.zeros(cfg.max_batch, dtype=torch.int32, pin_memory=on_cuda) for _ in range(IN_FLIGHT)
         ]
+        self._host_logprobs = [_HostLogprobs(cfg.max_batch, on_cuda) for _ in range(IN_FLIGHT)]
         self._handles: list[StepHandle | None] = [None] * IN_FLIGHT
         self._turn = 0
         self.graphs: DecodeGraphs | None = None
@@ -157,27 +187,33 @@ class ModelRunner:
         self._turn = (turn + 1) % IN_FLIGHT
         self._check_limits(step)
         padding = self.graphs.padding_for(step) if self.graphs is not None else None
-        batch = self.uploader.upload(step, padding)
+        batch = self.uploader.upload(step, padding, _cached_prefix_of_penalized_joins(step, self.page_size))
         self._apply_joins(step, batch)
         tokens = self._host_tokens[turn][:n]
         if n == 0:
             handle = StepHandle(step.step_id, tokens, None)
         else:
-            mode = self.sampler.mode_for(np.asarray(step.req_slot))
+            plan = self.sampler.plan_for(np.asarray(step.req_slot))
             if padding is not None:
                 logits = self.graphs.replay(batch, padding.rows)[:n]
             else:
                 self.attn.plan(batch)
                 logits = self._forward_logits(batch)
             req_slot = batch.req_slot[:n]
-            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], mode)
+            if plan.penalties:
+                self._count_tokens(batch, n, len(step.input_ids))
+            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan)
+            logprobs = None
+            if plan.logprobs:
+                found = self.sampler.logprobs(logits, sampled, plan.top_logprobs)
+                logprobs = self._host_logprobs[turn].copy(*found)
             self.last_token[req_slot] = sampled
             tokens.copy_(sampled, non_blocking=True)
             ready = None
             if self.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-            handle = StepHandle(step.step_id, tokens, ready)
+            handle = StepHandle(step.step_id, tokens, ready, logprobs)
         self.uploader.finish()
         self._handles[turn] = handle
         return handle
@@ -210,6 +246,7 @@ class ModelRunner:
         """The device part of a step after the plan: what a decode graph captures."""
         ids = batch.input_ids
         ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
+        self.kv_cache.token_ids[batch.out_loc] = ids
         hidden = self.model(ids, batch.positions, self.attn)
         if not batch.is_decode:
             hidden = hidden[batch.qo_indptr[1:] - 1]
@@ -217,14 +254,23 @@ class ModelRunner:
 
     def _apply_joins(self, step, batch: ForwardBatch) -> None:
         if len(step.join_slot):
-            self.sampler.set_params(
-                step.join_slot,
-                step.join_temperature,
-                step.join_top_p,
-                step.join_top_k,
-                step.join_seed,
-                on_device=batch.joins,
+            self.sampler.join(Joins.of_step(step), on_device=batch.joins)
+        prefix = batch.extra.get("prefix_loc")
+        if prefix is not None:
+            # Penalized requests that start from cached pages: their prefix's ids are where its KV is.
+            slots, positions = batch.extra["prefix_slot"], batch.extra["prefix_pos"]
+            self.sampler.count(slots, self.kv_cache.token_ids[prefix], positions)
+
+    def _count_tokens(self, batch: ForwardBatch, n: int, t: int) -> None:
+        """Counts the step's new tokens for their slots' penalties (after the forward, which wrote their ids
+        beside their KV: the `-(slot + 1)` inputs resolved to the sampled ids they stand for)."""
+        slots = batch.req_slot[:n]
+        if t != n:
+            slots = torch.repeat_interleave(
+                slots, batch.qo_indptr[1 : n + 1] - batch.qo_indptr[:n], output_size=t
             )
+        ids = self.kv_cache.token_ids[batch.out_loc[:t]]
+        self.sampler.count(slots, ids, batch.positions[:t], sampled=batch.input_ids[:t] < 0)
 
     def _check_limits(self, step) -> None:
         n, t = len(step.req_slot), len(step.input_ids)
@@ -266,12 +312,45 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
         per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size) * elem
-        sampling = cfg.max_batch * mc.vocab_size * 40  # logits, noise hashes (int64), sort values and indices
+        # Logits, noise hashes (int64), sort values and indices; bias, penalties and logprobs' float copies.
+        sampling = cfg.max_batch * mc.vocab_size * 48
         return cfg.max_step_tokens * per_token + sampling + (1 << 30)
 
     def _staging_capacity(self, max_kv_indices: int) -> int:
         # Tokens: ids, positions, out_loc. Requests: slot, seq_len, two indptrs, last-page length. KV
-        # indices: every page once per request plus a padding page per row. Joins: six words per request and
-        # one of alignment. The uploader grows past this if prefix sharing needs more.
+        # indices: every page once per request plus a padding page per row. Joins: 12 words per request (the
+        # seed takes two), an indptr and 300 bias pairs, and one word of alignment. The uploader grows past
+        # this if prefix sharing (or the cached prefixes of penalized requests) needs more.
         cfg = self.config
-        return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + 6 * cfg.max_batch + 1
+        joins = (12 + 1 + 2 * MAX_LOGIT_BIAS) * cfg.max_batch + 1 + 1
+        return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + joins
+
+
+def _cached_prefix_of_penalized_joins(step, page_size: int) -> dict[str, np.ndarray] | None:
+    """For each request joining at this step with a penalty and a cached prefix: the slot, position and KV
+    location of every prefix token (int32 arrays `prefix_slot`, `prefix_pos`, `prefix_loc`); None when there
+    is none. Host numpy over those requests only: nothing for steps without such a join."""
+    if len(step.join_slot) == 0:
+        return None
+    penalized = (
+        (step.join_presence_penalty != 0)
+        | (step.join_frequency_penalty != 0)
+        | (step.join_repetition_penalty != 1)
+    )
+    if not penalized.any():
+        return None
+    req_slot = np.asarray(step.req_slot)
+    rows = np.flatnonzero(np.isin(req_slot, step.join_slot[penalized]))
+    qo_indptr, kv_indptr = np.asarray(step.qo_indptr), np.asarray(step.kv_indptr)
+    starts = np.asarray(step.positions)[qo_indptr[rows]].astype(np.int64)
+    total = int(starts.sum())
+    if total == 0:
+        return None
+    row_of = np.repeat(rows, starts)
+    pos = np.arange(total) - np.repeat(np.cumsum(starts) - starts, starts)
+    page = np.asarray(step.kv_indices)[kv_indptr[row_of] + pos // page_size].astype(np.int64)
+    return {
+        "prefix_slot": req_slot[row_of],
+        "prefix_pos": pos,
+        "prefix_loc": page * page_size + pos % page_size,
+    }
