@@ -202,8 +202,8 @@ class SlotParams:
             # An id outside the vocabulary would index past the logits: it adds nothing instead.
             valid = (ids >= 0) & (ids < self.vocab_size)
             ids, values = torch.where(valid, ids, 0), torch.where(valid, values, 0.0)
-        # A join lists at most MAX_LOGIT_BIAS entries (the scheduler's bound); more would wrap into other
-        # rows.
+        # A join lists at most MAX_LOGIT_BIAS entries (the scheduler's bound); any past it would land in the
+        # next slot's row, so they overwrite the row's last entry instead.
         col = col.clamp(max=MAX_LOGIT_BIAS - 1)
         rows = idx[join_of]
         self.bias_ids[rows, col] = ids

@@ -26,11 +26,15 @@ class TokenCounts:
     def reset(self, slots: torch.Tensor) -> None:
         self.counts.index_fill_(0, slots.long(), 0)
 
-    def add(self, slots: torch.Tensor, ids: torch.Tensor, generated: torch.Tensor) -> None:
-        """Counts token `ids[i]` for `slots[i]`: once more as generated where `generated[i]`, else as seen in
-        the prompt. Any number of entries may name the same (slot, id)."""
+    def add(self, slots: torch.Tensor, ids: torch.Tensor, generated: torch.Tensor | None) -> None:
+        """Counts token `ids[i]` for `slots[i]`: once more as generated where `generated[i]` (everywhere when
+        `generated` is None), else as seen in the prompt. Any number of entries may name the same (slot,
+        id)."""
         flat = self.counts.view(-1)
         index = slots.long() * self.vocab_size + ids.long().clamp(0, self.vocab_size - 1)
+        if generated is None:
+            flat.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
+            return
         # Every entry of an index reads the same old value, so the largest of (old, old | PROMPT_SEEN) has the
         # flag set whenever any of them is a prompt token, whatever order the duplicates land in.
         old = flat[index]

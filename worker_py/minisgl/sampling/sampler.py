@@ -72,11 +72,14 @@ class Sampler:
         slots: torch.Tensor,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        sampled: torch.Tensor | None = None,
+        sampled: torch.Tensor | bool | None = None,
     ) -> None:
         """Counts tokens of a slot's sequence: `ids[i]` at `positions[i]` of slot `slots[i]`. A token is
-        generated when `sampled[i]` (the worker drew it) or it sits at or past its slot's prompt length; else
-        it is a prompt token."""
+        generated when `sampled[i]` (the worker drew it; `True`: all of them were) or it sits at or past its
+        slot's prompt length; else it is a prompt token."""
+        if sampled is True:
+            self.counts.add(slots, ids, None)
+            return
         generated = positions >= self.params.prompt_len[slots.long()]
         if sampled is not None:
             generated |= sampled

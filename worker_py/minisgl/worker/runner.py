@@ -201,7 +201,7 @@ class ModelRunner:
                 logits = self._forward_logits(batch)
             req_slot = batch.req_slot[:n]
             if plan.penalties:
-                self._count_tokens(batch, n, len(step.input_ids))
+                self._count_tokens(batch, n, np.asarray(step.input_ids))
             sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan)
             logprobs = None
             if plan.logprobs:
@@ -261,16 +261,19 @@ class ModelRunner:
             slots, positions = batch.extra["prefix_slot"], batch.extra["prefix_pos"]
             self.sampler.count(slots, self.kv_cache.token_ids[prefix], positions)
 
-    def _count_tokens(self, batch: ForwardBatch, n: int, t: int) -> None:
+    def _count_tokens(self, batch: ForwardBatch, n: int, input_ids: np.ndarray) -> None:
         """Counts the step's new tokens for their slots' penalties (after the forward, which wrote their ids
         beside their KV: the `-(slot + 1)` inputs resolved to the sampled ids they stand for)."""
+        t = len(input_ids)
         slots = batch.req_slot[:n]
         if t != n:
             slots = torch.repeat_interleave(
                 slots, batch.qo_indptr[1 : n + 1] - batch.qo_indptr[:n], output_size=t
             )
         ids = self.kv_cache.token_ids[batch.out_loc[:t]]
-        self.sampler.count(slots, ids, batch.positions[:t], sampled=batch.input_ids[:t] < 0)
+        # A decode step feeds back only sampled tokens: all generated, decided on the host.
+        sampled = True if (input_ids < 0).all() else batch.input_ids[:t] < 0
+        self.sampler.count(slots, ids, batch.positions[:t], sampled=sampled)
 
     def _check_limits(self, step) -> None:
         n, t = len(step.req_slot), len(step.input_ids)
