@@ -5,7 +5,9 @@ Builds the model itself (no weights travel), then drives `ModelRunner` directly 
 - correctness: greedy tokens and first-step logits against HF transformers (bf16, sdpa) on the same weights;
 - decode step time at several batch sizes, for each configuration (backend, graphs, fused kernels), one step
   at a time (launch, wait, next) and through the overlapped loop with every step already published;
-- GPU idle time between steps, from CUDA events around each step, and a profile of where the time goes.
+- GPU idle time between steps, from CUDA events around each step, and a profile of where the time goes;
+- with --sampling-options, decode step time with logit bias, penalties, min_p and logprobs on every request,
+  on one request of the batch, and on none.
 
     python scripts/bench_gpu.py --out bench.json [--quick]
 """
@@ -191,13 +193,60 @@ class StepEvents:
         }
 
 
-def prefill_and_steps(runner: ModelRunner, batch: int, prompt_len: int, steps: int, seed: int) -> list:
+def prefill_and_steps(
+    runner: ModelRunner, batch: int, prompt_len: int, steps: int, seed: int, join=Join
+) -> list:
+    """Prefills `batch` requests (joining as `join(slot)` says), then returns `steps` decode steps of them."""
     rng = np.random.default_rng(seed)
     b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=seed)
     slots = list(range(batch))
     reqs = [(s, rng.integers(0, vocab_size(runner.config.model), prompt_len).tolist()) for s in slots]
-    runner.run_step(b.extend(reqs, [Join(s) for s in slots]))
+    runner.run_step(b.extend(reqs, [join(s) for s in slots]))
     return [b.decode(slots) for _ in range(steps)]
+
+
+# Sampling options compared by --sampling-options: name -> the join of slot s.
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+OPTIONS = {
+    "none": lambda s: Join(s, seed=s, **SAMPLED),
+    "penalties": lambda s: Join(
+        s, seed=s, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, **SAMPLED
+    ),
+    "bias300": lambda s: Join(s, seed=s, bias=tuple((i * 7 + s, 0.5) for i in range(300)), **SAMPLED),
+    "min_p": lambda s: Join(s, seed=s, min_p=0.05, **SAMPLED),
+    "logprobs20": lambda s: Join(s, seed=s, logprobs=20, **SAMPLED),
+    "all": lambda s: Join(
+        s,
+        seed=s,
+        presence_penalty=0.5,
+        repetition_penalty=1.1,
+        min_p=0.05,
+        logprobs=5,
+        bias=((s, 1.0),),
+        **SAMPLED,
+    ),
+    "all_on_one": lambda s: OPTIONS["all"](s) if s == 0 else OPTIONS["none"](s),
+}
+
+
+def time_sampling_options(
+    model_dir: Path, config: str, batches: list[int], prompt_len: int, steps: int, warm: int
+) -> dict:
+    """Decode steps through the overlapped loop, for each set of sampling options: step time as the loop sees
+    it and the GPU's busy time per step."""
+    runner = new_runner(model_dir, config)
+    out = {}
+    for batch in batches:
+        for name, join in OPTIONS.items():
+            ring = ReadySteps(prefill_and_steps(runner, batch, prompt_len, steps, seed=batch, join=join))
+            events = StepEvents(runner)
+            run_steps(runner, ring, ring, overlap=True)
+            del runner.launch
+            row = {"overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:]))}
+            row |= events.summary(warm)
+            out[f"{name} b{batch}"] = row
+            log(f"  {config} {name} batch {batch}: {row}")
+    return out
 
 
 def time_decode(
@@ -513,6 +562,9 @@ def main() -> int:
     p.add_argument(
         "--prefill-host", default="", help="extend steps whose launch() to profile, e.g. 1x32,16x32"
     )
+    p.add_argument(
+        "--sampling-options", default="", help="batch sizes at which to time decode with sampling options"
+    )
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     configs = a.configs.split(",")
@@ -563,6 +615,17 @@ def main() -> int:
                 results["profile"][f"{config} b{b}"] = {"error": traceback.format_exc()}
                 log(results["profile"][f"{config} b{b}"]["error"])
             save()
+    for config in configs[-1:] if a.sampling_options else []:
+        batches_options = [int(x) for x in a.sampling_options.split(",")]
+        try:
+            results["sampling_options"] = time_sampling_options(
+                model_dir, config, batches_options, a.prompt_len, a.steps, a.warmup
+            )
+        except Exception:
+            results.setdefault("errors", {})["sampling_options"] = traceback.format_exc()
+            log(results["errors"]["sampling_options"])
+        free_memory()
+        save()
     for config in configs if a.prefill or a.long_decode or a.prefill_host else []:
         try:
             if a.prefill_host:
