@@ -15,8 +15,10 @@ from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 PROMPT_SEEN = 1 << 24
 COUNT_MASK = PROMPT_SEEN - 1
 
-# Host flags per slot: which optional pass a request needs, so that a step whose requests need none skips it.
-_BIAS, _PENALTIES, _MIN_P = 1, 2, 4
+# Host flags per slot, OR-ed over a step's slots to plan it (one gather and one reduction): whether the
+# request samples, samples through top-k/top-p, and which optional pass it needs (so that a step whose
+# requests need none skips it).
+_BIAS, _PENALTIES, _MIN_P, _SAMPLES, _FILTERS, _LOGPROBS = 1, 2, 4, 8, 16, 32
 
 
 class SampleMode(enum.IntEnum):
@@ -118,8 +120,8 @@ class SlotParams:
     """Every sampling parameter per slot: device tensors of length `max_slots` (the logit biases: rows of
     MAX_LOGIT_BIAS entries).
 
-    A host copy of what decides the work (temperature, whether filters, penalties, bias, min_p or logprobs are
-    on) lets the runner plan a step without reading the device.
+    Host flags of what decides the work (whether a request samples, filters, and which options it has on) let
+    the runner plan a step without reading the device.
     """
 
     def __init__(self, max_slots: int, device: torch.device | str, vocab_size: int | None = None) -> None:
@@ -139,8 +141,6 @@ class SlotParams:
         # Unused entries hold (id 0, bias 0.0): adding them changes nothing, so rows need no length.
         self.bias_ids = torch.zeros(max_slots, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
         self.bias_values = torch.zeros(max_slots, MAX_LOGIT_BIAS, **f32)
-        self._host_temperature = np.zeros(max_slots, dtype=np.float32)
-        self._host_filters = np.zeros(max_slots, dtype=bool)
         self._host_flags = np.zeros(max_slots, dtype=np.uint8)
         self._host_top_logprobs = np.full(max_slots, -1, dtype=np.int32)
 
@@ -160,13 +160,22 @@ class SlotParams:
         self.top_k.index_copy_(0, idx, dev.top_k.long())
         self.seed.index_copy_(0, idx, dev.seed)
         old_flags = self._host_flags[slots]
-        flags = np.where(joins.min_p > 0, _MIN_P, 0).astype(np.uint8)
+        samples = np.asarray(joins.temperature) > 0
+        filters = (np.asarray(joins.top_k) > 0) | (np.asarray(joins.top_p) < 1.0)
         penalties = (
             (joins.presence_penalty != 0) | (joins.frequency_penalty != 0) | (joins.repetition_penalty != 1)
         )
-        flags |= np.where(penalties, _PENALTIES, 0).astype(np.uint8)
-        num_bias = np.diff(joins.bias_indptr)
-        flags |= np.where(num_bias > 0, _BIAS, 0).astype(np.uint8)
+        flags = np.zeros(len(slots), dtype=np.uint8)
+        for bit, on in (
+            (_SAMPLES, samples),
+            (_FILTERS, samples & filters),
+            # min_p drops nothing from a greedy row's argmax.
+            (_MIN_P, samples & (np.asarray(joins.min_p) > 0)),
+            (_PENALTIES, penalties),
+            (_BIAS, np.diff(joins.bias_indptr) > 0),
+            (_LOGPROBS, np.asarray(joins.logprobs) >= 0),
+        ):
+            flags[on] |= bit
         # The optional tensors are written only when some join uses them (or a slot's previous request did):
         # steps of requests without options pay for none of it.
         if ((flags | old_flags) & _MIN_P).any():
@@ -178,8 +187,6 @@ class SlotParams:
             self.prompt_len.index_copy_(0, idx, dev.prompt_len)
         if ((flags | old_flags) & _BIAS).any():
             self._set_bias(idx, dev, int(joins.bias_indptr[-1]))
-        self._host_temperature[slots] = joins.temperature
-        self._host_filters[slots] = (np.asarray(joins.top_k) > 0) | (np.asarray(joins.top_p) < 1.0)
         self._host_flags[slots] = flags
         self._host_top_logprobs[slots] = np.minimum(joins.logprobs, MAX_TOP_LOGPROBS)
 
@@ -211,23 +218,19 @@ class SlotParams:
 
     def plan_for(self, slots: np.ndarray) -> SamplePlan:
         """The sampling work for a step of these slots, from the host copies alone."""
-        temperature = self._host_temperature[slots]
-        sampling = temperature > 0
-        if not sampling.any():
-            mode = SampleMode.GREEDY
-        elif (sampling & self._host_filters[slots]).any():
+        flags = int(np.bitwise_or.reduce(self._host_flags[slots])) if len(slots) else 0
+        if flags & _FILTERS:
             mode = SampleMode.FILTERED
-        else:
+        elif flags & _SAMPLES:
             mode = SampleMode.PLAIN
-        flags = np.bitwise_or.reduce(self._host_flags[slots]) if len(slots) else 0
-        top = int(self._host_top_logprobs[slots].max()) if len(slots) else -1
+        else:
+            mode = SampleMode.GREEDY
         return SamplePlan(
             mode=mode,
             bias=bool(flags & _BIAS),
             penalties=bool(flags & _PENALTIES),
-            # min_p drops nothing from a greedy row's argmax.
-            min_p=bool(flags & _MIN_P) and mode != SampleMode.GREEDY,
-            top_logprobs=top,
+            min_p=bool(flags & _MIN_P),
+            top_logprobs=int(self._host_top_logprobs[slots].max()) if flags & _LOGPROBS else -1,
         )
 
     def mode_for(self, slots: np.ndarray) -> SampleMode:
