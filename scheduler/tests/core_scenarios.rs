@@ -285,3 +285,32 @@ fn steps_complete_in_the_order_they_were_planned() {
     let second = plan(&mut core, 1);
     core.complete_step(second, &[5], &mut vec![]);
 }
+
+#[test]
+fn sampling_options_reach_the_join_arrays_and_default_to_off() {
+    let mut h = Harness::new(limits(4, 64, 32, 4, 128), hash_model);
+    let options = SamplingParams {
+        min_p: 0.1,
+        presence_penalty: 0.5,
+        frequency_penalty: -0.5,
+        repetition_penalty: 1.2,
+        logit_bias: vec![(7, -100.0), (8, 2.5)],
+        logprobs: Some(20),
+        ..seeded(3, 1)
+    };
+    h.submit(1, prompt(5, 1), options);
+    h.submit(2, prompt(5, 2), seeded(3, 2));
+    h.submit(3, prompt(5, 3), SamplingParams { logit_bias: vec![(9, 1.0)], logprobs: Some(0), ..seeded(3, 3) });
+    h.step().unwrap();
+    let s = StepRef::new(&h.worker.layout, h.worker.buf.bytes());
+    assert_eq!((s.header.num_joins, s.header.num_bias), (3, 3));
+    assert_eq!(s.join_min_p, &[0.1, 0.0, 0.0]);
+    assert_eq!(s.join_presence_penalty, &[0.5, 0.0, 0.0]);
+    assert_eq!(s.join_frequency_penalty, &[-0.5, 0.0, 0.0]);
+    assert_eq!(s.join_repetition_penalty, &[1.2, 1.0, 1.0]);
+    assert_eq!(s.join_logprobs, &[20, -1, 0]);
+    assert_eq!(s.join_bias_indptr, &[0, 2, 2, 3]);
+    assert_eq!((s.join_bias_ids, s.join_bias_values), (&[7, 8, 9][..], &[-100.0, 2.5, 1.0][..]));
+    h.run_to_idle(100);
+    assert_eq!(h.outputs.len(), 3);
+}

@@ -178,7 +178,10 @@ impl FakeWorker {
         assert_eq!((s.qo_indptr[0], s.kv_indptr[0]), (0, 0));
         assert_eq!((s.qo_indptr[n] as usize, s.kv_indptr[n] as usize), (t, k));
 
-        // Joins first: the step's sampling uses them.
+        // Joins first: the step's sampling uses them. Their logit biases are one CSR over every join.
+        let (j, b) = (h.num_joins as usize, h.num_bias as usize);
+        assert_eq!((s.join_bias_indptr[0], s.join_bias_indptr[j] as usize), (0, b));
+        assert!(s.join_bias_indptr.windows(2).all(|w| w[0] <= w[1] && w[1] - w[0] <= 300), "bias counts");
         let mut joined = HashSet::new();
         for (i, &slot) in s.join_slot.iter().enumerate() {
             assert!(s.req_slot.contains(&slot), "join for slot {slot}, which is not in the step");
