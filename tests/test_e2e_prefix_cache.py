@@ -41,7 +41,7 @@ def small_pool_engine(model_dir):
         http=f"127.0.0.1:{free_tcp_port()}",
         device="cpu",
         dtype="float32",
-        num_pages=120,
+        num_pages=100,
         page_size=PAGE_SIZE,
         max_batch=64,
         max_step_tokens=512,

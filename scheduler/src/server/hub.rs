@@ -1,6 +1,8 @@
 //! Every live request between the request socket and the engine.
 //!
-//! Inbound, it decodes, validates and tokenizes what clients send and hands the engine ready requests.
+//! Inbound, it decodes what clients send, makes the checks that need its state (the drain, duplicates, the load
+//! bound), and hands the engine requests whose prompts the serve loop has prepared meanwhile, on other threads
+//! (`prepare.rs`: validation, chat template, tokenizer).
 //! Outbound, it turns the engine's token events into the protocol's deltas and finals: streaming
 //! detokenization and stop strings live here, on the socket's side, so the engine thread never spends a step
 //! on text. Plain synchronous code with no I/O: the serve loop feeds it from both front doors (the ZeroMQ
@@ -14,12 +16,13 @@
 //! their first token, a new request is refused at once (`overloaded`) instead of queueing behind work that may
 //! take minutes.
 
+use super::prepare::Preparer;
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
 use crate::metrics::{Metrics, Outcome};
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
 use bytes::Bytes;
-use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Prompt, Rejection, ServerMsg};
+use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Rejection, ServerMsg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
@@ -54,9 +57,7 @@ pub struct PromptLimits {
 }
 
 pub struct Hub {
-    tokenizer: Arc<Tokenizer>,
-    chat: Option<ChatTemplate>,
-    limits: PromptLimits,
+    preparer: Preparer,
     info: InfoMsg,
     engine: Sender<Command>,
     /// Live client requests, keyed by their sample 0's id (sample `i` is that id plus `i`).
@@ -64,10 +65,14 @@ pub struct Hub {
     /// Live samples by core id: every id the engine may still send events for.
     samples: HashMap<ReqId, Sample>,
     by_rid: HashMap<(Peer, String), ReqId>,
+    /// Requests accepted and still being prepared, with their sample count and whether they were cancelled
+    /// meanwhile.
+    preparing: HashMap<(Peer, String), (u32, bool)>,
     next_id: ReqId,
     seeds: SeedSource,
     metrics: Arc<Metrics>,
-    /// Samples accepted that have neither a first token nor an end: what `max_waiting` bounds.
+    /// Samples accepted (being prepared, or admitted) that have neither a first token nor an end: what
+    /// `max_waiting` bounds.
     waiting: u32,
     max_waiting: u32,
     /// Set once a shutdown began: live requests finish, new ones are refused.
@@ -110,14 +115,13 @@ impl Hub {
         metrics: Arc<Metrics>,
     ) -> Self {
         Hub {
-            tokenizer,
-            chat,
-            limits,
+            preparer: Preparer::new(tokenizer, chat, limits),
             info,
             engine,
             requests: HashMap::new(),
             samples: HashMap::new(),
             by_rid: HashMap::new(),
+            preparing: HashMap::new(),
             next_id: 0,
             seeds: SeedSource::new(),
             metrics,
@@ -137,9 +141,15 @@ impl Hub {
         self.draining = true;
     }
 
-    /// Client requests admitted and not ended (a request of `n` samples counts once).
+    /// What prepares requests' prompts, for the serve loop to run off its thread.
+    pub fn preparer(&self) -> &Preparer {
+        &self.preparer
+    }
+
+    /// Client requests accepted and not ended, being prepared or admitted (a request of `n` samples counts
+    /// once).
     pub fn live_requests(&self) -> usize {
-        self.requests.len()
+        self.requests.len() + self.preparing.len()
     }
 
     /// Samples admitted that have had no token yet and have not ended.
@@ -159,8 +169,9 @@ impl Hub {
         ServerMsg::Info(InfoMsg { live_requests, ..self.info.clone() })
     }
 
-    /// Handles one message from `peer`; replies go to `out`.
-    pub fn on_message(&mut self, peer: &Peer, bytes: &[u8], out: &mut Vec<(Peer, ServerMsg)>) {
+    /// Handles one message from `peer`; replies go to `out`. A generate request that passes [`Hub::accept`] is
+    /// returned, for the caller to prepare and hand back through [`Hub::submit_prepared`].
+    pub fn on_message(&mut self, peer: &Peer, bytes: &[u8], out: &mut Vec<(Peer, ServerMsg)>) -> Option<Generate> {
         let reply = match api::decode_client(bytes) {
             Err(rejection) => Some(rejection.to_msg()),
             Ok(ClientMsg::Info) => Some(self.info()),
@@ -172,17 +183,27 @@ impl Hub {
                     Some(Rejection::new(Some(rid), ErrorCode::UnknownRequest, message).to_msg())
                 }
             }
-            Ok(ClientMsg::Generate(g)) => self.submit(peer, g).err().map(|r| r.to_msg()),
+            Ok(ClientMsg::Generate(g)) => match self.accept(peer, &g) {
+                Ok(()) => return Some(g),
+                Err(refused) => Some(refused.to_msg()),
+            },
         };
         if let Some(msg) = reply {
             out.push((peer.clone(), msg));
         }
+        None
     }
 
     /// Ends every live sample of `peer`'s request `rid` with `finish_reason: "abort"` (their finals go to
     /// `out`). False when no such request is live: it ended already, or never existed.
     pub fn cancel(&mut self, peer: &Peer, rid: &str, out: &mut Vec<(Peer, ServerMsg)>) -> bool {
-        let Some(&key) = self.by_rid.get(&(peer.clone(), rid.to_owned())) else { return false };
+        let key = (peer.clone(), rid.to_owned());
+        if let Some((_, cancelled)) = self.preparing.get_mut(&key) {
+            // It ends (with its abort finals) as soon as it is admitted.
+            *cancelled = true;
+            return true;
+        }
+        let Some(&key) = self.by_rid.get(&key) else { return false };
         let n = self.requests.get(&key).map_or(0, |r| r.n);
         for id in key..key + ReqId::from(n) {
             if self.samples.contains_key(&id) {
@@ -193,25 +214,65 @@ impl Hub {
         true
     }
 
-    /// Admits a decoded `generate` from `peer`, or says why not. Nothing is sent on a refusal: the caller
-    /// answers it in its own door's terms.
+    /// Prepares and admits a decoded `generate` from `peer` on the spot, or says why not. Nothing is sent on a
+    /// refusal: the caller answers it in its own door's terms.
     pub fn submit(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
-        let rid = g.rid.clone();
-        let verdict = self.admit(peer, g);
-        if let Err(refused) = &verdict {
-            let outcome = if refused.code == ErrorCode::Overloaded { Outcome::Overloaded } else { Outcome::Rejected };
-            self.metrics.request_ended(outcome);
-            tracing::info!(request_id = %rid, code = ?refused.code, "request refused: {}", refused.message);
+        self.accept(peer, &g)?;
+        let prompt = self.preparer.prepare(&g);
+        self.submit_prepared(peer, g, prompt, &mut Vec::new())
+    }
+
+    /// The checks a request passes before it is prepared, cheap and needing the hub's state: the drain, `n`,
+    /// a duplicate rid, the load bound. Once accepted it counts as live and waiting, until
+    /// [`Hub::submit_prepared`] admits or refuses it.
+    pub fn accept(&mut self, peer: &Peer, g: &Generate) -> Result<(), Rejection> {
+        let verdict = self.check(peer, g);
+        match &verdict {
+            Ok(n) => {
+                self.preparing.insert((peer.clone(), g.rid.clone()), (*n, false));
+                self.waiting += n;
+            }
+            Err(refused) => self.refused(refused),
+        }
+        verdict.map(|_| ())
+    }
+
+    /// Admits request `g`, accepted earlier, with its prepared prompt or the reason preparing it failed. A
+    /// request cancelled while it was prepared is admitted and ended at once: its finals (abort) go to `out`.
+    pub fn submit_prepared(
+        &mut self,
+        peer: &Peer,
+        g: Generate,
+        prompt: Result<Vec<u32>, Rejection>,
+        out: &mut Vec<(Peer, ServerMsg)>,
+    ) -> Result<(), Rejection> {
+        let key = (peer.clone(), g.rid.clone());
+        let (n, cancelled) = self.preparing.remove(&key).expect("submit_prepared after accept");
+        self.waiting -= n;
+        let verdict = prompt.and_then(|prompt| self.admit(peer, g, n, prompt));
+        match &verdict {
+            Ok(()) if cancelled => {
+                self.cancel(peer, &key.1, out);
+            }
+            Ok(()) => {}
+            Err(refused) => self.refused(refused),
         }
         verdict
     }
 
-    fn admit(&mut self, peer: &Peer, g: Generate) -> Result<(), Rejection> {
+    fn refused(&self, refused: &Rejection) {
+        let outcome = if refused.code == ErrorCode::Overloaded { Outcome::Overloaded } else { Outcome::Rejected };
+        self.metrics.request_ended(outcome);
+        let rid = refused.rid.as_deref().unwrap_or("");
+        tracing::info!(request_id = %rid, code = ?refused.code, "request refused: {}", refused.message);
+    }
+
+    /// `n` if `g` may be prepared.
+    fn check(&self, peer: &Peer, g: &Generate) -> Result<u32, Rejection> {
         let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
         if self.draining {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
-        api::validate(&g)?;
         let max_n = self.max_n();
         let n = match u32::try_from(g.n) {
             Ok(n) if n <= max_n => n,
@@ -221,7 +282,7 @@ impl Hub {
             }
         };
         let key = (peer.clone(), g.rid.clone());
-        if self.by_rid.contains_key(&key) {
+        if self.by_rid.contains_key(&key) || self.preparing.contains_key(&key) {
             return Err(reject(ErrorCode::DuplicateRequest, format!("request {:?} is still running", g.rid)));
         }
         // Before tokenizing: shedding load should cost as little as possible.
@@ -233,21 +294,13 @@ impl Hub {
             );
             return Err(reject(ErrorCode::Overloaded, message));
         }
-        let Some(prompt) = g.prompt() else {
-            return Err(reject(ErrorCode::InvalidParams, "give exactly one of text, messages, input_ids".into()));
-        };
-        let prompt = self.tokenize(prompt).map_err(|(code, m)| reject(code, m))?;
-        if prompt.is_empty() {
-            return Err(reject(ErrorCode::EmptyPrompt, "the prompt has no tokens".into()));
-        }
-        if prompt.len() > self.limits.max_prompt_len as usize {
-            let message = format!(
-                "the prompt has {} tokens; at most {} fit (context length {})",
-                prompt.len(),
-                self.limits.max_prompt_len,
-                self.limits.max_seq_len
-            );
-            return Err(reject(ErrorCode::PromptTooLong, message));
+        Ok(n)
+    }
+
+    fn admit(&mut self, peer: &Peer, g: Generate, n: u32, prompt: Vec<u32>) -> Result<(), Rejection> {
+        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
+        if self.draining {
+            return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
         let s = &g.sampling;
         let params = SamplingParams {
@@ -286,7 +339,7 @@ impl Hub {
                 index,
                 token_ids: Vec::new(),
                 text: String::new(),
-                detok: TextStream::new(self.tokenizer.clone(), s.stop.clone()),
+                detok: TextStream::new(self.preparer.tokenizer().clone(), s.stop.clone()),
                 cached_tokens: 0,
                 first_token: None,
                 last_token: None,
@@ -294,31 +347,13 @@ impl Hub {
             self.samples.insert(base + ReqId::from(index), sample);
         }
         self.waiting += n;
-        self.by_rid.insert(key, base);
+        self.by_rid.insert((peer.clone(), g.rid.clone()), base);
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::debug!(request_id = %g.rid, prompt_tokens, n, "request admitted");
         let request =
             Request { peer: peer.clone(), rid: g.rid, stream: g.stream, n, prompt_tokens, admitted: now, open: n };
         self.requests.insert(base, request);
         Ok(())
-    }
-
-    fn tokenize(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, (ErrorCode, String)> {
-        let invalid = |m: String| (ErrorCode::InvalidParams, m);
-        match prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text).map_err(|e| invalid(format!("tokenizing: {e}"))),
-            Prompt::Messages(messages) => {
-                let chat = self.chat.as_ref().ok_or_else(|| invalid("this model has no chat template".into()))?;
-                let text = chat.render(messages, true, None).map_err(|e| invalid(format!("chat template: {e}")))?;
-                self.tokenizer.encode(&text).map_err(|e| invalid(format!("tokenizing: {e}")))
-            }
-            Prompt::InputIds(ids) => match ids.iter().find(|&&t| t >= self.limits.vocab_size) {
-                Some(bad) => {
-                    Err(invalid(format!("token id {bad} is outside the vocabulary (0..{})", self.limits.vocab_size)))
-                }
-                None => Ok(ids.to_vec()),
-            },
-        }
     }
 
     /// Turns one step's events into replies.
@@ -431,6 +466,13 @@ impl Hub {
         }
         self.requests.clear();
         self.by_rid.clear();
+        // Requests still being prepared are answered now: the loop that would admit them is ending. (An HTTP
+        // handler learns it from its dropped verdict channel.)
+        for ((peer, rid), _) in self.preparing.drain() {
+            if let Peer::Zmq(_) = peer {
+                out.push((peer, Rejection::new(Some(rid), ErrorCode::ShuttingDown, why.to_string()).to_msg()));
+            }
+        }
         self.waiting = 0;
     }
 }
@@ -543,9 +585,15 @@ mod tests {
         Peer::Zmq(vec![Bytes::from_static(ALICE)])
     }
 
+    /// What the serve loop does with a message, the preparation done on the spot.
     fn send(hub: &mut Hub, msg: &ClientMsg) -> Vec<(Peer, ServerMsg)> {
         let mut out = Vec::new();
-        hub.on_message(&peer(), &api::encode(msg), &mut out);
+        if let Some(g) = hub.on_message(&peer(), &api::encode(msg), &mut out) {
+            let prompt = hub.preparer().prepare(&g);
+            if let Err(refused) = hub.submit_prepared(&peer(), g, prompt, &mut out) {
+                out.push((peer(), refused.to_msg()));
+            }
+        }
         out
     }
 
@@ -576,8 +624,8 @@ mod tests {
         let (mut hub, rx) = test_hub(32);
         assert!(send(&mut hub, &generate("a", "hé", true, Sampling::default())).is_empty());
         let req = submitted(&rx);
-        assert_eq!(req.prompt, hub.tokenizer.encode("hé").unwrap());
-        let ids = hub.tokenizer.encode("中!").unwrap(); // three tokens; the first two split one character
+        assert_eq!(req.prompt, hub.preparer.tokenizer().encode("hé").unwrap());
+        let ids = hub.preparer.tokenizer().encode("中!").unwrap(); // three tokens; the first two split one character
         let mut out = Vec::new();
         hub.on_events(vec![token(req.id, ids[0], None)], &mut out);
         hub.on_events(vec![token(req.id, ids[1], None), token(req.id, ids[2], Some(FinishReason::Length))], &mut out);
@@ -662,6 +710,51 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Command::Finish(finished)) if finished == id));
         // The rid is free again once its request ended.
         assert!(send(&mut hub, &generate("a", "x", true, Sampling::default())).is_empty());
+    }
+
+    #[test]
+    fn a_request_being_prepared_is_live_refuses_its_duplicate_and_can_be_aborted() {
+        let (mut hub, rx) = test_hub(32);
+        let mut out = Vec::new();
+        let msg = api::encode(&generate("a", "xy", true, Sampling::default()));
+        let pending = hub.on_message(&peer(), &msg, &mut out).expect("accepted, to be prepared");
+        assert_eq!((hub.live_requests(), hub.waiting(), out.len()), (1, 1, 0));
+        assert!(hub.on_message(&peer(), &msg, &mut out).is_none());
+        assert_eq!(error_code(&out), ErrorCode::DuplicateRequest);
+        out.clear();
+        assert!(hub.on_message(&peer(), &api::encode(&ClientMsg::Abort { rid: "a".into() }), &mut out).is_none());
+        assert!(out.is_empty(), "the abort is taken: its final comes once the request is admitted");
+        let prompt = hub.preparer().prepare(&pending);
+        hub.submit_prepared(&peer(), pending, prompt, &mut out).unwrap();
+        assert!(matches!(&out[..], [(_, ServerMsg::Final(f))] if f.finish_reason == Wire::Abort));
+        let id = submitted(&rx).id;
+        assert!(matches!(rx.try_recv(), Ok(Command::Finish(finished)) if finished == id));
+        assert_eq!((hub.live_requests(), hub.waiting()), (0, 0));
+    }
+
+    #[test]
+    fn a_request_whose_preparation_fails_is_refused_and_forgotten() {
+        let (mut hub, rx) = test_hub(4);
+        let mut out = Vec::new();
+        let msg = api::encode(&generate("a", "far too long", false, Sampling::default()));
+        let pending = hub.on_message(&peer(), &msg, &mut out).expect("accepted, to be prepared");
+        let prompt = hub.preparer().prepare(&pending);
+        let refused = hub.submit_prepared(&peer(), pending, prompt, &mut out).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PromptTooLong);
+        assert!(rx.try_recv().is_err(), "nothing reached the engine");
+        assert_eq!((hub.live_requests(), hub.waiting()), (0, 0));
+        assert!(send(&mut hub, &generate("a", "ok", false, Sampling::default())).is_empty(), "the rid is free");
+    }
+
+    #[test]
+    fn requests_being_prepared_get_an_error_when_the_engine_fails() {
+        let (mut hub, _rx) = test_hub(32);
+        let mut out = Vec::new();
+        let msg = api::encode(&generate("a", "x", true, Sampling::default()));
+        assert!(hub.on_message(&peer(), &msg, &mut out).is_some());
+        hub.fail_all("the engine stopped", &mut out);
+        assert_eq!(error_code(&out), ErrorCode::ShuttingDown);
+        assert_eq!((hub.live_requests(), hub.waiting()), (0, 0));
     }
 
     #[test]

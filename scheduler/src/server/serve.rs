@@ -2,6 +2,11 @@
 //! engine's outputs, and routes every reply through the door its peer came in by: one request table and one
 //! engine for every client.
 //!
+//! A new request is prepared (validated, rendered, tokenized: `prepare.rs`) on tokio's blocking threads, many
+//! at once, and comes back to the loop to be admitted; the loop itself never tokenizes. Requests from one client
+//! may therefore be admitted in another order than they were sent, which no client can observe but through
+//! timing.
+//!
 //! It also runs the server's end of life. The first shutdown signal starts a drain: new requests are refused
 //! (HTTP 503, ZeroMQ `shutting_down`), live ones run to their end for up to the drain timeout, and then any
 //! still live end with an error that says so. A second signal stops at once, failing what is live the same
@@ -9,16 +14,18 @@
 
 use super::http::Call;
 use super::hub::{Hub, Peer};
+use super::prepare::Preparer;
 use super::status::{Phase, Status};
 use super::zmq;
 use crate::engine::Output;
 use anyhow::Result;
 use bytes::Bytes;
-use proto::api::ServerMsg;
+use proto::api::{Generate, Rejection, ServerMsg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// Why the serve loop ended.
@@ -27,6 +34,30 @@ pub enum Ended {
     Shutdown,
     /// The engine stopped on its own; live requests were failed with this reason.
     EngineFailed(String),
+}
+
+/// A request the hub accepted, to be prepared.
+struct Job {
+    peer: Peer,
+    generate: Box<Generate>,
+    /// An HTTP request's verdict channel.
+    accepted: Option<oneshot::Sender<Result<(), Rejection>>>,
+}
+
+/// A job back from its preparation.
+struct Prepared {
+    job: Job,
+    prompt: Result<Vec<u32>, Rejection>,
+}
+
+/// Prepares `job` on a blocking thread and sends it back to the loop through `done`.
+fn spawn_prepare(preparer: &Preparer, done: &UnboundedSender<Prepared>, job: Job) {
+    let (preparer, done) = (preparer.clone(), done.clone());
+    tokio::task::spawn_blocking(move || {
+        let prompt = preparer.prepare(&job.generate);
+        // A failed send means the loop has ended; an HTTP handler then sees its verdict channel dropped.
+        let _ = done.send(Prepared { job, prompt });
+    });
 }
 
 /// A live HTTP request: its rid in the hub, and where its replies go.
@@ -62,6 +93,8 @@ pub async fn serve(
     let mut replies: Vec<(Peer, ServerMsg)> = Vec::new();
     let mut to_zmq: Vec<(Vec<Bytes>, ServerMsg)> = Vec::new();
     let mut draining = false;
+    let (prepared_tx, mut prepared_rx) = unbounded_channel::<Prepared>();
+    let mut jobs: Vec<Job> = Vec::new();
     // Armed by the first signal.
     let drain_end = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(drain_end);
@@ -70,13 +103,17 @@ pub async fn serve(
         tokio::select! {
             msg = zmq::recv(&mut recv) => {
                 if let Some((frames, payload)) = msg {
-                    hub.on_message(&Peer::Zmq(frames), &payload, &mut replies);
+                    let peer = Peer::Zmq(frames);
+                    if let Some(generate) = hub.on_message(&peer, &payload, &mut replies) {
+                        jobs.push(Job { peer, generate: Box::new(generate), accepted: None });
+                    }
                 }
             }
             call = http.recv(), if http_open => match call {
-                Some(call) => on_call(&mut hub, &mut http_peers, call, &mut replies),
+                Some(call) => on_call(&mut hub, &mut http_peers, call, &mut jobs, &mut replies),
                 None => http_open = false,
             },
+            Some(done) = prepared_rx.recv() => on_prepared(&mut hub, &mut http_peers, done, &mut replies),
             output = outputs.recv() => match output {
                 Some(Output::Events(events)) => hub.on_events(events, &mut replies),
                 Some(Output::Failed(why)) => {
@@ -111,6 +148,9 @@ pub async fn serve(
                 stop = Some(Ended::Shutdown);
             }
         }
+        for job in jobs.drain(..) {
+            spawn_prepare(hub.preparer(), &prepared_tx, job);
+        }
         route(&mut replies, &mut http_peers, &mut to_zmq);
         zmq::flush(&mut send, to_zmq.drain(..)).await;
         if draining && hub.live_requests() == 0 {
@@ -125,18 +165,28 @@ pub async fn serve(
     Ok(ended)
 }
 
-fn on_call(hub: &mut Hub, http_peers: &mut HashMap<u64, HttpPeer>, call: Call, out: &mut Vec<(Peer, ServerMsg)>) {
+fn on_call(
+    hub: &mut Hub,
+    http_peers: &mut HashMap<u64, HttpPeer>,
+    call: Call,
+    jobs: &mut Vec<Job>,
+    out: &mut Vec<(Peer, ServerMsg)>,
+) {
     match call {
         Call::Generate { id, generate, accepted, replies } => {
-            let rid = generate.rid.clone();
-            // Validated by the hub: a refused n never reaches the map.
-            let finals_left = u32::try_from(generate.n).unwrap_or(1);
-            let verdict = hub.submit(&Peer::Http(id), *generate);
-            if verdict.is_ok() {
-                http_peers.insert(id, HttpPeer { rid, replies, finals_left });
+            let peer = Peer::Http(id);
+            match hub.accept(&peer, &generate) {
+                Ok(()) => {
+                    // Known from now on, so that a `Gone` during the preparation finds it.
+                    let finals_left = u32::try_from(generate.n).unwrap_or(1);
+                    let rid = generate.rid.clone();
+                    http_peers.insert(id, HttpPeer { rid, replies, finals_left });
+                    jobs.push(Job { peer, generate, accepted: Some(accepted) });
+                }
+                Err(refused) => {
+                    let _ = accepted.send(Err(refused));
+                }
             }
-            // A handler that is gone already sends its `Gone` right behind this call.
-            let _ = accepted.send(verdict);
         }
         Call::Gone(id) => {
             if let Some(peer) = http_peers.remove(&id) {
@@ -146,6 +196,30 @@ fn on_call(hub: &mut Hub, http_peers: &mut HashMap<u64, HttpPeer>, call: Call, o
         Call::Health(reply) => {
             let _ = reply.send(hub.live_requests());
         }
+    }
+}
+
+/// Admits a prepared request, or answers its refusal through its door.
+fn on_prepared(
+    hub: &mut Hub,
+    http_peers: &mut HashMap<u64, HttpPeer>,
+    done: Prepared,
+    out: &mut Vec<(Peer, ServerMsg)>,
+) {
+    let Prepared { job: Job { peer, generate, accepted }, prompt } = done;
+    let verdict = hub.submit_prepared(&peer, *generate, prompt, out);
+    match (accepted, verdict) {
+        (Some(accepted), verdict) => {
+            if verdict.is_err()
+                && let Peer::Http(id) = peer
+            {
+                http_peers.remove(&id);
+            }
+            // A handler that is gone already sent its `Gone`, which cancelled the request.
+            let _ = accepted.send(verdict);
+        }
+        (None, Err(refused)) => out.push((peer, refused.to_msg())),
+        (None, Ok(())) => {}
     }
 }
 
@@ -206,9 +280,14 @@ mod tests {
             Loop { hub, engine, peers: HashMap::new(), to_zmq: Vec::new() }
         }
 
+        /// What the loop does with a call, the preparation done on the spot.
         fn call(&mut self, call: Call) {
-            let mut out = Vec::new();
-            on_call(&mut self.hub, &mut self.peers, call, &mut out);
+            let (mut out, mut jobs) = (Vec::new(), Vec::new());
+            on_call(&mut self.hub, &mut self.peers, call, &mut jobs, &mut out);
+            for job in jobs {
+                let prompt = self.hub.preparer().prepare(&job.generate);
+                on_prepared(&mut self.hub, &mut self.peers, Prepared { job, prompt }, &mut out);
+            }
             route(&mut out, &mut self.peers, &mut self.to_zmq);
         }
 
