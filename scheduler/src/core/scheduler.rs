@@ -163,6 +163,7 @@ impl Core {
         if let Some(&t) = req.prompt.iter().find(|&&t| t > i32::MAX as u32) {
             return Err(SubmitError::TokenOutOfRange(t));
         }
+        req.params.check_step_limits()?;
         debug_assert!(!self.contains(req.id), "request id {} submitted twice", req.id);
         let room = self.limits.max_seq_len - len as u32;
         let arrived = self.last_planned.map_or(0, |s| s + 1);

@@ -77,20 +77,10 @@ impl<'s, 'a> StepWriter<'s, 'a> {
         self.k += listed;
     }
 
-    /// (Re)sets the sampling parameters of `slot` in the worker. Without the request's prompt length the worker
-    /// counts, for the penalties, every id sent in a step as prompt: right unless the request was preempted (then
-    /// its generated tokens come back as prompt ids); [`Self::push_join_with_prompt_len`] is right either way.
-    pub fn push_join(&mut self, slot: u32, params: &SamplingParams) {
-        self.join(slot, params, i32::MAX);
-    }
-
-    /// [`Self::push_join`] for a request whose first `prompt_len` tokens are its prompt (the rest, after a
-    /// preemption, were generated).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "admission.rs calls push_join until it passes the prompt length (issue 10)")
-    )]
-    pub fn push_join_with_prompt_len(&mut self, slot: u32, params: &SamplingParams, prompt_len: u32) {
+    /// (Re)sets the sampling parameters of `slot` in the worker, for a request whose first `prompt_len` tokens
+    /// are its prompt (after a preemption, the rest of what it sends again was generated: the penalties count it
+    /// as such).
+    pub fn push_join(&mut self, slot: u32, params: &SamplingParams, prompt_len: u32) {
         self.join(slot, params, i32::try_from(prompt_len).unwrap_or(i32::MAX));
     }
 
@@ -165,7 +155,7 @@ mod tests {
             let mut step = StepMut::new(&layout, buf.bytes_mut());
             let mut w = StepWriter::new(&mut step, 4);
             w.push_request(2, &a, 2, NewTokens::Ids(&[10, 11, 12]));
-            w.push_join(2, &params);
+            w.push_join(2, &params, 5);
             w.push_request(0, &b, 8, NewTokens::LastSampled);
             assert_eq!(w.num_tokens(), 4);
             w.finish(42, StepKind::Extend);
@@ -189,7 +179,7 @@ mod tests {
             (&[0.0][..], &[0.0][..], &[0.0][..])
         );
         assert_eq!((r.join_repetition_penalty, r.join_logprobs), (&[1.0][..], &[-1][..]));
-        assert_eq!((r.join_prompt_len, r.join_bias_indptr, r.header.num_bias), (&[i32::MAX][..], &[0, 0][..], 0));
+        assert_eq!((r.join_prompt_len, r.join_bias_indptr, r.header.num_bias), (&[5][..], &[0, 0][..], 0));
     }
 
     /// A step slot with room for 3 requests, and a writer over it that has written nothing yet.
@@ -217,9 +207,9 @@ mod tests {
         let only_logprob = SamplingParams { logprobs: Some(0), ..Default::default() };
         let one_bias = SamplingParams { logit_bias: vec![(7, 0.75)], ..Default::default() };
         let buf = with_writer(4, |w| {
-            w.push_join_with_prompt_len(1, &penalties, 40);
-            w.push_join(0, &only_logprob);
-            w.push_join(2, &one_bias);
+            w.push_join(1, &penalties, 40);
+            w.push_join(0, &only_logprob, 5);
+            w.push_join(2, &one_bias, 6);
         });
         let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
         let r = StepRef::new(&layout, buf.bytes());
@@ -229,7 +219,7 @@ mod tests {
         assert_eq!(r.join_presence_penalty, &[0.5, 0.0, 0.0]);
         assert_eq!(r.join_frequency_penalty, &[-0.25, 0.0, 0.0]);
         assert_eq!(r.join_repetition_penalty, &[1.3, 1.0, 1.0]);
-        assert_eq!(r.join_prompt_len, &[40, i32::MAX, i32::MAX]);
+        assert_eq!(r.join_prompt_len, &[40, 5, 6]);
         assert_eq!(r.join_logprobs, &[20, 0, -1]);
         assert_eq!(r.join_bias_indptr, &[0, 2, 2, 3]);
         assert_eq!(r.join_bias_ids, &[151645, 11, 7]);
@@ -241,7 +231,7 @@ mod tests {
         let too_many = SamplingParams { logit_bias: (0..301).map(|i| (i, 1.0)).collect(), ..Default::default() };
         let buf = with_writer(4, |w| {
             for slot in 0..3 {
-                w.push_join(slot, &too_many);
+                w.push_join(slot, &too_many, 1);
             }
         });
         let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });

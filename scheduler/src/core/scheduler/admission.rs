@@ -114,7 +114,8 @@ impl Core {
         let count = req.prefill_left().min(budget);
         w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
         if !req.joined {
-            w.push_join(slot, &req.params);
+            // After a preemption the generated tokens come back as prompt ids; the penalties must know which.
+            w.push_join(slot, &req.params, req.len() - req.generated);
             req.joined = true;
         }
         req.kv_len += count;
