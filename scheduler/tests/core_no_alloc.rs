@@ -1,21 +1,30 @@
 //! Steady decode with a step in flight allocates nothing: planning, completing, and the deferred frees of requests
 //! that end. Per-step allocation is what makes a scheduler's cost grow with load, so it is counted, not assumed.
-//! One test in its own binary: the allocator counts every thread, and the test harness runs nothing beside it.
+//! One test in its own binary, counting only its own thread's allocations: the test harness's main thread may
+//! still be allocating (it just spawned the test) when counting starts.
 
 use proto::step::{SlotBuf, StepLayout, StepMut};
 use scheduler::core::{Core, Event, Limits, NewRequest, Planned, SamplingParams};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // Const-initialised and without a destructor: safe to read inside the allocator.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
-// SAFETY: forwards to the system allocator; counting touches only atomics.
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
+
+// SAFETY: forwards to the system allocator; counting touches only an atomic and a const-initialised thread local.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         unsafe { System.alloc(layout) }
@@ -24,7 +33,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -70,7 +79,7 @@ fn overlapped_decode_allocates_nothing_per_step() {
     let mut ended = 0;
     for step_id in 0..200u64 {
         // Warm-up: the first steps admit everything and fill the spare lists; count from step 10 on.
-        COUNTING.store(step_id >= 10, Ordering::Relaxed);
+        COUNTING.set(step_id >= 10);
         let buf = &mut bufs[step_id as usize % 2];
         let planned = core.plan_step(step_id, &mut StepMut::new(&layout, buf.bytes_mut()), &mut events);
         if let Some(done) = std::mem::replace(&mut in_flight, planned) {
@@ -83,7 +92,7 @@ fn overlapped_decode_allocates_nothing_per_step() {
             break;
         }
     }
-    COUNTING.store(false, Ordering::Relaxed);
+    COUNTING.set(false);
     assert_eq!(ended, REQS as usize, "every request ran to its max_tokens");
     assert!(core.is_idle());
     assert_eq!(ALLOCATIONS.load(Ordering::Relaxed), 0, "allocations during steady overlapped decode");
