@@ -5,6 +5,7 @@
 //! keeps the request id when one could be read, so that every refusal can be answered with an `error` message.
 //! [`validate`] then checks the parameter ranges.
 
+pub use crate::step::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,6 +25,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one message is decoded at a time and moved on; boxing costs an allocation"
+)]
 pub enum ClientMsg {
     Generate(Generate),
     Abort { rid: String },
@@ -95,6 +100,9 @@ impl Generate {
 
 /// Sampling parameters. Types are wide on purpose (`i64`, `f64`): an out-of-range value is an `invalid_params`
 /// refusal from [`validate`], not a decoding failure, and Python floats arrive as f64.
+///
+/// The options after `ignore_eos` are left off the wire while they are off, so that a request that uses none
+/// of them has the bytes it had before they existed (the golden files pin both).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
     pub max_tokens: i64,
@@ -105,6 +113,46 @@ pub struct Sampling {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// `0 ..= 1`; 0 is off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_p: f64,
+    /// OpenAI's, `-2 ..= 2`; 0 is off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub presence_penalty: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f64,
+    /// Hugging Face's, `> 0`; 1 is off.
+    #[serde(default = "one_f64", skip_serializing_if = "is_one_f64")]
+    pub repetition_penalty: f64,
+    /// `(token id, bias)` pairs, each id once, biases in `-100 ..= 100`, at most [`MAX_LOGIT_BIAS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f64)>,
+    /// `None`: no logprobs; `Some(k)`: each token's logprob and the `k` (`0 ..= 20`) most likely tokens'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<i64>,
+    /// Leave special tokens (`<|im_end|>`, ...) out of the text, as `decode` does by default.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub skip_special_tokens: bool,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn is_one_f64(x: &f64) -> bool {
+    *x == 1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 pub const DEFAULT_MAX_TOKENS: i64 = 128;
@@ -120,6 +168,13 @@ impl Default for Sampling {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            skip_special_tokens: true,
         }
     }
 }
@@ -146,11 +201,19 @@ pub struct Rejection {
     pub rid: Option<String>,
     pub code: ErrorCode,
     pub message: String,
+    /// The request field at fault (`top_p`, `logit_bias`, `messages[2].content`), when one is: the HTTP API
+    /// names it as OpenAI's `param`. Not on the ZeroMQ wire, whose messages start with the field's name.
+    pub param: Option<String>,
 }
 
 impl Rejection {
     pub fn new(rid: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Rejection { rid, code, message: message.into() }
+        Rejection { rid, code, message: message.into(), param: None }
+    }
+
+    /// An `invalid_params` refusal of field `param`.
+    pub fn invalid(rid: Option<String>, param: impl Into<String>, message: impl Into<String>) -> Self {
+        Rejection { param: Some(param.into()), ..Rejection::new(rid, ErrorCode::InvalidParams, message) }
     }
 
     /// The `error` message that answers this refusal.
@@ -190,6 +253,13 @@ struct WireSampling {
     stop: Option<Vec<String>>,
     stop_token_ids: Option<Vec<u32>>,
     ignore_eos: Option<bool>,
+    min_p: Option<f64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    repetition_penalty: Option<f64>,
+    logit_bias: Option<Vec<(u32, f64)>>,
+    logprobs: Option<i64>,
+    skip_special_tokens: Option<bool>,
 }
 
 impl From<WireSampling> for Sampling {
@@ -204,6 +274,13 @@ impl From<WireSampling> for Sampling {
             stop: w.stop.unwrap_or_default(),
             stop_token_ids: w.stop_token_ids.unwrap_or_default(),
             ignore_eos: w.ignore_eos.unwrap_or(d.ignore_eos),
+            min_p: w.min_p.unwrap_or(d.min_p),
+            presence_penalty: w.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: w.frequency_penalty.unwrap_or(d.frequency_penalty),
+            repetition_penalty: w.repetition_penalty.unwrap_or(d.repetition_penalty),
+            logit_bias: w.logit_bias.unwrap_or_default(),
+            logprobs: w.logprobs,
+            skip_special_tokens: w.skip_special_tokens.unwrap_or(d.skip_special_tokens),
         }
     }
 }
@@ -258,32 +335,63 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
 }
 
 /// Checks the ranges of a decoded `generate` (docs/protocol.md, `sampling`), and that exactly one prompt form is
-/// given. Token ids against the vocabulary and the prompt against the context are the scheduler's to check.
+/// given: the one place both doors' sampling parameters are checked. Token ids against the vocabulary and the
+/// prompt against the context are the scheduler's to check. Each refusal names its field.
 pub fn validate(g: &Generate) -> Result<(), Rejection> {
-    let bad = |m: String| Err(Rejection::new(Some(g.rid.clone()), ErrorCode::InvalidParams, m));
+    let bad = |param: &str, m: String| Err(Rejection::invalid(Some(g.rid.clone()), param, m));
     let forms = [g.text.is_some(), g.messages.is_some(), g.input_ids.is_some()].iter().filter(|x| **x).count();
     if forms != 1 {
-        return bad(format!("give exactly one of text, messages, input_ids ({forms} given)"));
+        let m = format!("give exactly one of text, messages, input_ids ({forms} given)");
+        return Err(Rejection::new(Some(g.rid.clone()), ErrorCode::InvalidParams, m));
     }
     if g.n < 1 {
-        return bad(format!("n must be >= 1, got {}", g.n));
+        return bad("n", format!("n must be >= 1, got {}", g.n));
     }
     let s = &g.sampling;
     if s.max_tokens <= 0 {
-        return bad(format!("max_tokens must be > 0, got {}", s.max_tokens));
+        return bad("max_tokens", format!("max_tokens must be > 0, got {}", s.max_tokens));
     }
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        return bad(format!("temperature must be finite and >= 0, got {}", s.temperature));
+        return bad("temperature", format!("temperature must be finite and >= 0, got {}", s.temperature));
     }
     // Written so that NaN fails too.
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return bad(format!("top_p must be in (0, 1], got {}", s.top_p));
+        return bad("top_p", format!("top_p must be in (0, 1], got {}", s.top_p));
     }
     if s.top_k < -1 {
-        return bad(format!("top_k must be -1, 0 or > 0, got {}", s.top_k));
+        return bad("top_k", format!("top_k must be -1, 0 or > 0, got {}", s.top_k));
     }
     if s.stop.iter().any(String::is_empty) {
-        return bad("stop strings must not be empty".into());
+        return bad("stop", "stop strings must not be empty".into());
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        return bad("min_p", format!("min_p must be in [0, 1], got {}", s.min_p));
+    }
+    for (name, p) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if !(-2.0..=2.0).contains(&p) {
+            return bad(name, format!("{name} must be in [-2, 2], got {p}"));
+        }
+    }
+    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+        return bad(
+            "repetition_penalty",
+            format!("repetition_penalty must be finite and > 0, got {}", s.repetition_penalty),
+        );
+    }
+    if s.logit_bias.len() > MAX_LOGIT_BIAS {
+        let m = format!("logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {}", s.logit_bias.len());
+        return bad("logit_bias", m);
+    }
+    for (i, &(id, bias)) in s.logit_bias.iter().enumerate() {
+        if !(-100.0..=100.0).contains(&bias) {
+            return bad("logit_bias", format!("logit_bias values must be in [-100, 100], got {bias} for token {id}"));
+        }
+        if s.logit_bias[..i].iter().any(|&(other, _)| other == id) {
+            return bad("logit_bias", format!("logit_bias names token {id} twice"));
+        }
+    }
+    if let Some(k) = s.logprobs.filter(|&k| !(0..=MAX_TOP_LOGPROBS as i64).contains(&k)) {
+        return bad("logprobs", format!("logprobs must be in [0, {MAX_TOP_LOGPROBS}] top tokens, got {k}"));
     }
     Ok(())
 }
@@ -299,7 +407,7 @@ pub enum ServerMsg {
     Info(InfoMsg),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     pub rid: String,
     /// Which of the request's `n` samples this is (0 when n is 1). A reply without it (an older scheduler) is
@@ -308,6 +416,18 @@ pub struct Delta {
     pub index: u32,
     pub token_ids: Vec<u32>,
     pub text: String,
+    /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+}
+
+/// A sampled token's logprob, and the most likely tokens at its position with theirs (most likely first, as
+/// many as the request asked for). Logprobs are the model's own: `log_softmax` of the raw logits, before bias,
+/// penalties and temperature.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -319,7 +439,7 @@ pub enum FinishReason {
     Error,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Final {
     pub rid: String,
     /// Which sample ended (see [`Delta::index`]); a request of `n` samples gets `n` finals.
@@ -336,6 +456,9 @@ pub struct Final {
     pub text: String,
     /// Why, when `finish_reason` is `error`; nil otherwise.
     pub message: Option<String>,
+    /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -165,6 +165,53 @@ fn out_of_range_parameters_are_invalid_params() {
 }
 
 #[test]
+fn sampling_options_are_read_and_each_refusal_names_its_field() {
+    let v = json!({"type": "generate", "rid": "o", "text": "x", "sampling": {
+        "min_p": 0.1, "presence_penalty": -2, "frequency_penalty": 2.0, "repetition_penalty": 1.3,
+        "logit_bias": [[5, 100], [7, -1.5]], "logprobs": 20, "skip_special_tokens": false}});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    let s = &g.sampling;
+    assert_eq!((s.min_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty), (0.1, -2.0, 2.0, 1.3));
+    assert_eq!(
+        (s.logit_bias.clone(), s.logprobs, s.skip_special_tokens),
+        (vec![(5, 100.0), (7, -1.5)], Some(20), false)
+    );
+    assert!(validate(&g).is_ok());
+    // Sent back, they come out as they went in; at their defaults they are not sent at all.
+    assert_eq!(decode_client(&encode(&ClientMsg::Generate(g.clone()))).unwrap(), ClientMsg::Generate(g));
+
+    let refused = |sampling: Value| {
+        let v = json!({"type": "generate", "rid": "o", "text": "x", "sampling": sampling});
+        let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+        let r = validate(&g).expect_err("refused");
+        assert_eq!(r.code, ErrorCode::InvalidParams);
+        (r.param.unwrap_or_default(), r.message)
+    };
+    let many: Vec<Value> = (0..301).map(|i| json!([i, 1.0])).collect();
+    for (sampling, param) in [
+        (json!({"min_p": 1.5}), "min_p"),
+        (json!({"min_p": -0.1}), "min_p"),
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
+        (json!({"logit_bias": [[1, 101]]}), "logit_bias"),
+        (json!({"logit_bias": [[1, 1], [1, 2]]}), "logit_bias"),
+        (json!({"logit_bias": many}), "logit_bias"),
+        (json!({"logprobs": 21}), "logprobs"),
+        (json!({"logprobs": -1}), "logprobs"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+    ] {
+        let (got, message) = refused(sampling.clone());
+        assert_eq!(got, param, "{sampling}");
+        assert!(message.starts_with(param), "{message}");
+    }
+    // A bias given as a map (OpenAI's shape) is not the wire's.
+    let v = json!({"type": "generate", "rid": "o", "text": "x", "sampling": {"logit_bias": {"5": 1}}});
+    assert_eq!(rejection(&v).code, ErrorCode::Malformed);
+}
+
+#[test]
 fn non_finite_floats_arriving_over_the_wire_are_invalid_not_defaults() {
     // A Python client can send float('nan') or float('inf'); they must reach validation as what they are.
     #[derive(serde::Serialize)]
@@ -207,7 +254,8 @@ fn client_messages_encode_as_the_protocol_writes_them() {
 
 #[test]
 fn server_messages_encode_as_the_protocol_writes_them() {
-    let delta = ServerMsg::Delta(Delta { rid: "r".into(), index: 2, token_ids: vec![9], text: "é".into() });
+    let delta =
+        ServerMsg::Delta(Delta { rid: "r".into(), index: 2, token_ids: vec![9], text: "é".into(), logprobs: None });
     assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "index": 2, "token_ids": [9], "text": "é"}));
     let fin = ServerMsg::Final(Final {
         rid: "r".into(),
@@ -219,6 +267,7 @@ fn server_messages_encode_as_the_protocol_writes_them() {
         token_ids: vec![9],
         text: "é".into(),
         message: None,
+        logprobs: None,
     });
     assert_eq!(
         wire(&fin),

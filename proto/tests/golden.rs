@@ -174,8 +174,27 @@ fn golden_generate() -> Generate {
         stop: vec!["\n\n".into(), "END".into()],
         stop_token_ids: vec![151645, 151643],
         ignore_eos: true,
+        ..Sampling::default()
     };
     g.stream = false;
+    g
+}
+
+/// Every sampling option past `ignore_eos`, each set to something other than its default.
+fn golden_options() -> Generate {
+    let mut g = Generate::new("req-6");
+    g.text = Some("def fib(n):".into());
+    g.sampling = Sampling {
+        seed: Some(7),
+        min_p: 0.05,
+        presence_penalty: 0.5,
+        frequency_penalty: -0.25,
+        repetition_penalty: 1.2,
+        logit_bias: vec![(9707, 5.0), (151645, -100.0)],
+        logprobs: Some(2),
+        skip_special_tokens: false,
+        ..Sampling::default()
+    };
     g
 }
 
@@ -197,6 +216,7 @@ fn client_messages() {
         ("client_generate_input_ids.msgpack", ClientMsg::Generate(ids)),
         ("client_generate_text.msgpack", ClientMsg::Generate(text)),
         ("client_generate_n.msgpack", ClientMsg::Generate(samples)),
+        ("client_generate_options.msgpack", ClientMsg::Generate(golden_options())),
         ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
         ("client_info.msgpack", ClientMsg::Info),
     ] {
@@ -206,12 +226,36 @@ fn client_messages() {
     }
 }
 
+/// Two tokens' logprobs with two top entries each; values exact in f32, so Python compares them as they are.
+fn golden_logprobs() -> Vec<TokenLogprobs> {
+    vec![
+        TokenLogprobs { logprob: -0.25, top: vec![(9707, -0.25), (13048, -1.5)] },
+        TokenLogprobs { logprob: -2.0, top: vec![(11, -0.5), (0, -2.0)] },
+    ]
+}
+
 #[test]
 fn server_messages() {
     let msgs = [
         (
             "server_delta.msgpack",
-            ServerMsg::Delta(Delta { rid: "req-1".into(), index: 1, token_ids: vec![9707, 0], text: "Hi!".into() }),
+            ServerMsg::Delta(Delta {
+                rid: "req-1".into(),
+                index: 1,
+                token_ids: vec![9707, 0],
+                text: "Hi!".into(),
+                logprobs: None,
+            }),
+        ),
+        (
+            "server_delta_logprobs.msgpack",
+            ServerMsg::Delta(Delta {
+                rid: "req-6".into(),
+                index: 0,
+                token_ids: vec![9707, 0],
+                text: "Hi!".into(),
+                logprobs: Some(golden_logprobs()),
+            }),
         ),
         (
             "server_final.msgpack",
@@ -225,6 +269,22 @@ fn server_messages() {
                 token_ids: vec![9707, 0, 151645],
                 text: "Hi!".into(),
                 message: None,
+                logprobs: None,
+            }),
+        ),
+        (
+            "server_final_logprobs.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-6".into(),
+                index: 0,
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 4,
+                completion_tokens: 2,
+                cached_tokens: 0,
+                token_ids: vec![9707, 0],
+                text: "Hi!".into(),
+                message: None,
+                logprobs: Some(golden_logprobs()),
             }),
         ),
         (
@@ -239,6 +299,7 @@ fn server_messages() {
                 token_ids: vec![],
                 text: String::new(),
                 message: Some("worker failed the step".into()),
+                logprobs: None,
             }),
         ),
         (

@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
                     let rid = generate.rid;
                     for index in 0..samples {
                         for _ in 0..n {
-                            let delta = Delta { rid: rid.clone(), index, token_ids: vec![42], text: " word".into() };
+                            let text = " word".into();
+                            let delta = Delta { rid: rid.clone(), index, token_ids: vec![42], text, logprobs: None };
                             let _ = replies.send(ServerMsg::Delta(delta));
                         }
                         let _ = replies.send(ServerMsg::Final(Final {
@@ -41,6 +42,7 @@ fn main() -> anyhow::Result<()> {
                             token_ids: vec![42; n as usize],
                             text: " word".repeat(n as usize),
                             message: None,
+                            logprobs: None,
                         }));
                     }
                 }

@@ -21,6 +21,7 @@ use crate::core::{Core, Event, FinishReason, NewRequest, Planned, PlannedReq, Re
 use crate::metrics::Metrics;
 use crate::step_stats::StepStats;
 use anyhow::{Context, Result, bail};
+use proto::api::TokenLogprobs;
 use proto::ring::{Backoff, Liveness, Ring};
 use proto::step::{ResultLayout, ResultRef, StepKind, StepLayout, StepMut};
 use std::collections::VecDeque;
@@ -40,8 +41,9 @@ pub enum Command {
 
 /// What the engine tells the server.
 pub enum Output {
-    /// The core's events of one step, in step order.
-    Events(Vec<Event>),
+    /// The core's events of one step, in step order, and the logprobs of its tokens: one entry per
+    /// [`Event::Token`] whose `logprobs` is set, in event order.
+    Events { events: Vec<Event>, logprobs: Vec<TokenLogprobs> },
     /// The engine stopped on its own: the worker died or failed. Live requests cannot finish.
     Failed(String),
 }
@@ -95,6 +97,7 @@ struct Pipeline {
     /// The id of the next step, equal to the step ring's sequence number of its slot.
     next_step: u64,
     events: Vec<Event>,
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl Engine {
@@ -115,6 +118,7 @@ impl Engine {
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             next_step: self.step_ring.write_seq(),
             events: Vec::new(),
+            logprobs: Vec::new(),
             stats: StepStats::default(),
         };
         if let Err(e) = self.run(&mut pipe) {
@@ -224,9 +228,10 @@ impl Engine {
             "step answered"
         );
         self.core.complete_step(planned, result.tokens, &mut pipe.events);
+        read_logprobs(&result, &pipe.events, &mut pipe.logprobs).with_context(|| format!("step {step_id}"))?;
         self.result_ring.release(0);
         self.report_load();
-        self.forward(&mut pipe.events)
+        self.forward_with_logprobs(&mut pipe.events, &mut pipe.logprobs)
     }
 
     fn report_load(&self) {
@@ -245,7 +250,15 @@ impl Engine {
     }
 
     fn forward(&self, events: &mut Vec<Event>) -> Result<()> {
-        if !events.is_empty() && self.outputs.send(Output::Events(std::mem::take(events))).is_err() {
+        self.forward_with_logprobs(events, &mut Vec::new())
+    }
+
+    fn forward_with_logprobs(&self, events: &mut Vec<Event>, logprobs: &mut Vec<TokenLogprobs>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let output = Output::Events { events: std::mem::take(events), logprobs: std::mem::take(logprobs) };
+        if self.outputs.send(output).is_err() {
             bail!("the server is gone");
         }
         Ok(())
@@ -338,6 +351,28 @@ impl Engine {
             }
         }
     }
+}
+
+/// Copies the logprobs of the tokens in `events` whose requests asked for them out of `result` (the step's, still
+/// in the ring) into `out`, in event order, each with as many top entries as its request asked for. Steps whose
+/// requests asked for none cost a scan of their events. A result without the logprobs a request asked for breaks
+/// the protocol (the worker computes them for every row of a step in which any request asked).
+pub fn read_logprobs(result: &ResultRef<'_>, events: &[Event], out: &mut Vec<TokenLogprobs>) -> Result<()> {
+    for event in events {
+        let Event::Token { id, logprobs: Some(at), .. } = *event else { continue };
+        let Some((logprob, ids, values)) = result.logprobs_of(at.row as usize) else {
+            bail!("the worker's result has no logprobs for request {id}, which asked for them");
+        };
+        let k = at.top as usize;
+        if ids.len() < k {
+            bail!("the worker's result has {} top logprobs; request {id} asked for {k}", ids.len());
+        }
+        // Ids are non-negative vocabulary ids; a negative one would be the worker's bug, read as an id no
+        // tokenizer has rather than trusted.
+        let top = ids[..k].iter().zip(&values[..k]).map(|(&t, &lp)| (u32::try_from(t).unwrap_or(u32::MAX), lp));
+        out.push(TokenLogprobs { logprob, top: top.collect() });
+    }
+    Ok(())
 }
 
 /// A step's request ids, space-separated, formatted only when a log line is written.

@@ -13,7 +13,7 @@ use scheduler::server::hub::DEFAULT_MAX_WAITING;
 use scheduler::server::serve::{self, Ended, Lifecycle};
 use scheduler::server::status::{Phase, Status};
 use scheduler::server::{Hub, PromptLimits, http};
-use scheduler::text::{ChatTemplate, Tokenizer};
+use scheduler::text::{ChatTemplate, TokenTable, Tokenizer};
 use scheduler::worker::{self, RingPlan};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -227,7 +227,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         max_prompt_len: limits.max_prompt_len(),
     };
     let hub_max_seq_len = hub_limits.max_seq_len;
-    let hub = Hub::new(tokenizer, chat, hub_limits, info, commands.clone(), metrics.clone())
+    let hub = Hub::new(tokenizer.clone(), chat, hub_limits, info, commands.clone(), metrics.clone())
         .with_max_waiting(args.max_waiting);
     let engine = Engine {
         core: Core::with_policy(limits, policy)?,
@@ -241,6 +241,8 @@ async fn run(args: Args) -> Result<ExitCode> {
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
     if let Some(api) = &api {
         api.set_max_seq_len(hub_max_seq_len);
+        let tokens = Arc::new(TokenTable::new(&tokenizer));
+        api.set_text(http::TextSide { preparer: hub.preparer().clone(), tokens });
     }
 
     // With the API off, the loop finds the call channel closed at once and stops watching it.

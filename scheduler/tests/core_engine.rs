@@ -41,6 +41,9 @@ struct Behaviour {
     grace: Duration,
     /// Answer this step with a failure, then stop, as the Python worker does.
     fail_at: Option<u64>,
+    /// Answer every step with logprobs, as the worker does when a request of the step asked: token t's logprob
+    /// is `-t`, and its top two are `t` and `t + 1`.
+    logprobs: bool,
 }
 
 fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
@@ -95,6 +98,15 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
         r.header.status = u32::from(failed);
         r.header.num_reqs = if failed { 0 } else { tokens.len() as u32 };
         r.tokens[..tokens.len()].copy_from_slice(&tokens);
+        if b.logprobs && !failed {
+            r.header.logprobs = 1;
+            r.header.num_top = 2;
+            for (i, &t) in tokens.iter().enumerate() {
+                r.logprob[i] = -(t as f32);
+                r.top_ids[2 * i..2 * i + 2].copy_from_slice(&[t, t + 1]);
+                r.top_logprobs[2 * i..2 * i + 2].copy_from_slice(&[-(t as f32), -(t as f32) - 1.0]);
+            }
+        }
         result_ring.publish();
         report.answered += 1;
         if failed {
@@ -197,7 +209,7 @@ fn serve_spaced(
     burst: BurstWindow,
     gap: impl Fn(usize) -> Duration,
 ) -> (HashMap<ReqId, (Vec<u32>, FinishReason)>, WorkerReport) {
-    let b = Behaviour { grace: Duration::from_millis(5), fail_at: None };
+    let b = Behaviour { grace: Duration::from_millis(5), fail_at: None, logprobs: false };
     let mut r = start_with(l, slots, overlap, b, burst);
     for (i, (id, prompt, params)) in requests().into_iter().enumerate() {
         r.commands.send(Command::Submit(NewRequest { id, prompt, params })).unwrap();
@@ -206,7 +218,7 @@ fn serve_spaced(
     let mut ended = HashMap::new();
     let mut tokens: HashMap<ReqId, Vec<u32>> = HashMap::new();
     while ended.len() < requests().len() {
-        let Output::Events(events) = next_output(&mut r.outputs) else { panic!("the engine failed") };
+        let Output::Events { events, .. } = next_output(&mut r.outputs) else { panic!("the engine failed") };
         for e in events {
             assert!(!ended.contains_key(&e.id()), "{e:?} after the request ended");
             if let Event::Token { id, token, .. } = e {
@@ -286,14 +298,14 @@ fn rings_of_one_slot_still_overlap_without_deadlock() {
 #[test]
 fn a_failed_step_ends_the_requests_of_both_steps_in_flight_once() {
     let l = limits(4, 32, 64, 4, 256);
-    let mut r = start(&l, 4, true, Behaviour { grace: Duration::from_millis(5), fail_at: Some(3) });
+    let mut r = start(&l, 4, true, Behaviour { grace: Duration::from_millis(5), fail_at: Some(3), logprobs: false });
     for (id, prompt, params) in requests() {
         r.commands.send(Command::Submit(NewRequest { id, prompt, params })).unwrap();
     }
     let mut ended = HashMap::new();
     let why = loop {
         match next_output(&mut r.outputs) {
-            Output::Events(events) => {
+            Output::Events { events, .. } => {
                 for e in events {
                     if let Some(reason) = e.finish() {
                         assert!(ended.insert(e.id(), reason).is_none(), "{e:?}: ended twice");
@@ -308,6 +320,49 @@ fn a_failed_step_ends_the_requests_of_both_steps_in_flight_once() {
     r.engine.join().unwrap();
     let report = r.worker.take().unwrap().join().unwrap();
     assert_eq!(report.answered, 4);
+}
+
+/// The logprobs of the requests that asked reach the server with their tokens, cut to the top entries each asked
+/// for; requests that did not ask get none, in the same steps.
+#[test]
+fn logprobs_come_with_the_tokens_of_the_requests_that_asked() {
+    let l = limits(4, 32, 64, 4, 256);
+    let mut r = start(&l, 4, true, Behaviour { grace: Duration::from_millis(5), fail_at: None, logprobs: true });
+    // Even ids ask: 2 for one top entry, 4 for none, 6 for both; odd ids do not ask.
+    let asked = |id: ReqId| match id {
+        2 => Some(1),
+        4 => Some(0),
+        6 => Some(2),
+        _ => None,
+    };
+    for (id, prompt, params) in requests() {
+        let params = SamplingParams { logprobs: asked(id), ..params };
+        r.commands.send(Command::Submit(NewRequest { id, prompt, params })).unwrap();
+    }
+    let (mut ended, mut with_logprobs) = (0, HashMap::<ReqId, usize>::new());
+    while ended < requests().len() {
+        let Output::Events { events, logprobs } = next_output(&mut r.outputs) else { panic!("the engine failed") };
+        let mut entries = logprobs.into_iter();
+        for e in events {
+            if let Event::Token { id, token, logprobs: at, .. } = e {
+                assert_eq!(at.map(|a| a.top), asked(id), "request {id}");
+                if at.is_some() {
+                    let lp = entries.next().expect("an entry for each token that asked");
+                    assert_eq!(lp.logprob, -(token as f32));
+                    let want = [(token, -(token as f32)), (token + 1, -(token as f32) - 1.0)];
+                    assert_eq!(lp.top, want[..asked(id).unwrap() as usize]);
+                    *with_logprobs.entry(id).or_default() += 1;
+                }
+            }
+            ended += usize::from(e.finish().is_some());
+        }
+        assert!(entries.next().is_none(), "one entry per token that asked, no more");
+    }
+    let mut ids: Vec<ReqId> = with_logprobs.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 4, 6]);
+    r.commands.send(Command::Shutdown).unwrap();
+    r.engine.join().unwrap();
 }
 
 /// The engine notices a dead worker while it has nothing to do. The "worker" is a child process whose pid is in

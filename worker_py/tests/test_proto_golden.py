@@ -229,6 +229,17 @@ SAMPLING_ALL = {
     "ignore_eos": True,
 }
 
+# Every sampling option, none at its default, in the order the scheduler writes them.
+OPTIONS = {
+    "min_p": 0.05,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.25,
+    "repetition_penalty": 1.2,
+    "logit_bias": [[9707, 5.0], [151645, -100.0]],
+    "logprobs": 2,
+    "skip_special_tokens": False,
+}
+
 CLIENT = {
     "client_generate.msgpack": {
         "type": "generate",
@@ -271,9 +282,22 @@ CLIENT = {
         "stream": True,
         "n": 3,
     },
+    "client_generate_options.msgpack": {
+        "type": "generate",
+        "rid": "req-6",
+        "text": "def fib(n):",
+        "sampling": {**messages.SAMPLING_DEFAULTS, "seed": 7, **OPTIONS},
+        "stream": True,
+    },
     "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
     "client_info.msgpack": {"type": "info"},
 }
+
+# One entry per token id: its logprob, and the most likely tokens as [id, logprob] pairs.
+LOGPROBS = [
+    {"logprob": -0.25, "top": [[9707, -0.25], [13048, -1.5]]},
+    {"logprob": -2.0, "top": [[11, -0.5], [0, -2.0]]},
+]
 
 SERVER = {
     "server_delta.msgpack": {
@@ -294,6 +318,27 @@ SERVER = {
         "token_ids": [9707, 0, 151645],
         "text": "Hi!",
         "message": None,
+    },
+    "server_delta_logprobs.msgpack": {
+        "type": "delta",
+        "rid": "req-6",
+        "index": 0,
+        "token_ids": [9707, 0],
+        "text": "Hi!",
+        "logprobs": LOGPROBS,
+    },
+    "server_final_logprobs.msgpack": {
+        "type": "final",
+        "rid": "req-6",
+        "index": 0,
+        "finish_reason": "length",
+        "prompt_tokens": 4,
+        "completion_tokens": 2,
+        "cached_tokens": 0,
+        "token_ids": [9707, 0],
+        "text": "Hi!",
+        "message": None,
+        "logprobs": LOGPROBS,
     },
     "server_final_error.msgpack": {
         "type": "final",
@@ -375,7 +420,10 @@ def test_message(name: str, expected: dict):
     # Same keys in the same order as the protocol tables (dict equality ignores order).
     assert list(got) == list(expected)
     if isinstance(got.get("sampling"), dict):
-        assert list(got["sampling"]) == list(messages.SAMPLING_DEFAULTS)
+        basic = list(got["sampling"])[: len(messages.SAMPLING_DEFAULTS)]
+        assert basic == list(messages.SAMPLING_DEFAULTS)
+        options = list(got["sampling"])[len(messages.SAMPLING_DEFAULTS) :]
+        assert options == [k for k in messages.SAMPLING_OPTIONS if k in options]
         assert isinstance(got["sampling"]["temperature"], float)
 
 
@@ -408,6 +456,11 @@ def test_python_builders_give_the_schedulers_bytes():
             text="def fib(n):",
             sampling={**messages.SAMPLING_DEFAULTS, "temperature": 0.8, "seed": 7},
             n=3,
+        ),
+        "client_generate_options.msgpack": messages.generate(
+            "req-6",
+            text="def fib(n):",
+            sampling=messages.sampling(seed=7, **{**OPTIONS, "logit_bias": [(9707, 5.0), (151645, -100.0)]}),
         ),
         "client_abort.msgpack": messages.abort("req-1"),
         "client_info.msgpack": messages.info(),

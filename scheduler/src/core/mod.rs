@@ -30,7 +30,7 @@ mod step_writer;
 mod stop;
 
 pub use limits::{InvalidLimits, Limits};
-pub use planned::{CacheStats, Event, Planned, PlannedReq};
+pub use planned::{CacheStats, Event, LogprobsAt, Planned, PlannedReq};
 pub use policy::{Order, Policy};
 pub use request::{FinishReason, NewRequest, ReqId, SamplingParams, SubmitError};
 pub use scheduler::Core;

@@ -47,11 +47,22 @@ impl Planned {
     }
 }
 
+/// Where a token's logprobs are in the result of the step that sampled it, for a request that asked for them:
+/// its row (the request's place in the step), and how many of the top entries it asked for. The engine reads
+/// them while the result is still in the ring; the core itself never touches logprobs, so requests that ask for
+/// none cost nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogprobsAt {
+    pub row: u32,
+    pub top: u32,
+}
+
 /// What a request did, for the engine to forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A token was generated; with `finish`, it is the request's last and the request is gone from the core.
-    Token { id: ReqId, token: u32, finish: Option<FinishReason> },
+    /// `logprobs` is set when the request asked for them.
+    Token { id: ReqId, token: u32, finish: Option<FinishReason>, logprobs: Option<LogprobsAt> },
     /// The request ended without a new token (the KV cache cannot hold it, or the worker failed it) and is gone.
     Finished { id: ReqId, reason: FinishReason },
     /// The request's first admission found its prompt's first `tokens` tokens in the prefix cache: they were not

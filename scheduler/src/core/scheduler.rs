@@ -68,7 +68,7 @@
 use super::index_pool::IndexPool;
 use super::limits::{InvalidLimits, Limits};
 use super::page_table::pages_for;
-use super::planned::{CacheStats, Event, Planned, PlannedReq};
+use super::planned::{CacheStats, Event, LogprobsAt, Planned, PlannedReq};
 use super::policy::{Order, Policy};
 use super::prefix_cache::{Inserted, PrefixCache, ROOT};
 use super::queue::WaitingQueue;
@@ -237,7 +237,7 @@ impl Core {
             planned.step_id
         );
         self.retire(planned.step_id);
-        for (p, &token) in planned.reqs.iter().zip(tokens) {
+        for (row, (p, &token)) in planned.reqs.iter().zip(tokens).enumerate() {
             if !p.samples {
                 continue;
             }
@@ -250,7 +250,8 @@ impl Core {
                     let l = &self.limits;
                     let finish =
                         stop_reason(token, req.generated, req.len(), &req.params, &l.eos_token_ids, l.max_seq_len);
-                    events.push(Event::Token { id: p.id, token, finish });
+                    let logprobs = req.params.logprobs.map(|top| LogprobsAt { row: row as u32, top });
+                    events.push(Event::Token { id: p.id, token, finish, logprobs });
                     finish
                 }
                 Err(_) => {

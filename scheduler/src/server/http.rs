@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API (docs/http.md). Handlers turn requests into hub calls sent to the serve loop
 //! (`serve.rs`), the one owner of the hub, and turn what comes back into responses or SSE streams; the JSON
-//! mapping is `openai.rs`.
+//! mapping is `openai/`. `/tokenize` and `/detokenize` need no hub: they run on blocking threads here.
 //!
 //! Each HTTP request is a hub peer of its own (`Peer::Http(n)`), so its id cannot collide with a ZeroMQ
 //! client's. A request whose handler is dropped (the client disconnected, mid-stream or while waiting) is
@@ -10,9 +10,11 @@
 //! waiting for and requests get a 503 at once (`status.rs`). With an API key, every `/v1` route requires it;
 //! `/health` and `/metrics` stay open for probes and scrapers.
 
-use super::openai::{self, ApiError, Chunks, Endpoint, Reply};
+use super::openai::{self, ApiError, Chunks, Endpoint, LogprobText, Reply};
+use super::prepare::Preparer;
 use super::status::{Phase, Status};
 use crate::metrics::{self, Metrics};
+use crate::text::TokenTable;
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
@@ -25,12 +27,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use futures_core::Stream;
-use proto::api::{Generate, Rejection, ServerMsg};
-use std::collections::VecDeque;
+use proto::api::{Generate, Prompt, Rejection, ServerMsg};
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll, ready};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -63,6 +65,17 @@ pub struct Api {
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     api_key: Option<String>,
+    /// The tokenizer's side, once the engine serves: `/tokenize`, echoed token prompts, logprob tokens.
+    text: OnceLock<TextSide>,
+}
+
+/// What the handlers need of the tokenizer.
+#[derive(Clone)]
+pub struct TextSide {
+    /// Renders and tokenizes prompts as the hub's requests are (`/tokenize`).
+    pub preparer: Preparer,
+    /// Every token's bytes: the `token` and `bytes` of logprobs.
+    pub tokens: Arc<TokenTable>,
 }
 
 impl Api {
@@ -78,7 +91,13 @@ impl Api {
             status: Arc::new(Status::new(Phase::Serving)),
             metrics: Arc::default(),
             api_key: None,
+            text: OnceLock::new(),
         }
+    }
+
+    /// Hands the handlers the tokenizer's side, when the engine is about to serve (the first one set stays).
+    pub fn set_text(&self, text: TextSide) {
+        let _ = self.text.set(text);
     }
 
     /// Follows `status` instead of always serving.
@@ -135,6 +154,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
         .merge(v1)
@@ -175,6 +196,87 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     generate(&api, Endpoint::Chat, &headers, body).await
+}
+
+/// The tokenizer's side, or the 503 that says why the engine is not serving yet.
+fn text_side(api: &Api) -> Result<TextSide, ApiError> {
+    if let Some(refusal) = not_serving(api.status.get()) {
+        return Err(refusal);
+    }
+    api.text.get().cloned().ok_or_else(|| ApiError::new(503, "engine_starting", "the tokenizer is not loaded yet"))
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
+        ApiError::new(status.as_u16(), code, rejection.body_text())
+    })
+}
+
+/// `{prompt | messages, add_special_tokens?, add_generation_prompt?}` -> `{tokens, count, max_model_len}`: the
+/// ids a completion request of the same prompt is given (vLLM's and SGLang's shape).
+async fn tokenize(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = async {
+        let side = text_side(&api)?;
+        let (request, what) = openai::parse_tokenize(&body_or_error(body)?)?;
+        let max_model_len = api.max_seq_len();
+        let work = move || -> Result<serde_json::Value, ApiError> {
+            let refused = |(param, message): (Option<String>, String)| ApiError {
+                param,
+                ..ApiError::new(400, "invalid_params", message)
+            };
+            let preparer = &side.preparer;
+            let tokens = match what {
+                openai::ToTokenize::Prompt(text) => {
+                    let add = request.add_special_tokens.unwrap_or(false);
+                    let encoded = preparer.tokenizer().encode_with(&text, add);
+                    encoded.map_err(|e| ApiError::invalid("prompt", format!("tokenizing: {e}")))?
+                }
+                openai::ToTokenize::Messages(messages) => {
+                    let text =
+                        preparer.render(&messages, request.add_generation_prompt.unwrap_or(true)).map_err(refused)?;
+                    preparer.tokenize(Prompt::Text(&text)).map_err(refused)?
+                }
+            };
+            let mut body = serde_json::json!({"tokens": tokens, "count": tokens.len(), "max_model_len": max_model_len});
+            if request.return_token_strs == Some(true) {
+                let strs: Vec<_> = tokens.iter().map(|&t| side.tokens.text(t).into_owned()).collect();
+                body["token_strs"] = strs.into();
+            }
+            Ok(body)
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| ApiError::new(500, "internal_error", "tokenizing failed"))?
+    };
+    match run.await {
+        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `{tokens}` -> `{prompt}`: the text of token ids, special tokens included (what `/tokenize` gives back).
+async fn detokenize(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = async {
+        let side = text_side(&api)?;
+        let request = openai::parse_detokenize(&body_or_error(body)?)?;
+        let vocab = side.preparer.limits().vocab_size;
+        if let Some(bad) = request.tokens.iter().position(|&t| t >= vocab) {
+            let message = format!("token id {} is outside the vocabulary (0..{vocab})", request.tokens[bad]);
+            return Err(ApiError::invalid(format!("tokens[{bad}]"), message));
+        }
+        let work = move || side.preparer.tokenizer().decode_with(&request.tokens, false);
+        match tokio::task::spawn_blocking(work).await {
+            Ok(Ok(prompt)) => Ok(serde_json::json!({"prompt": prompt})),
+            Ok(Err(e)) => Err(ApiError::invalid("tokens", format!("detokenizing: {e}"))),
+            Err(_) => Err(ApiError::new(500, "internal_error", "detokenizing failed")),
+        }
+    };
+    match run.await {
+        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Err(e) => error_response(&e),
+    }
 }
 
 async fn models(State(api): State<Arc<Api>>) -> Response {
@@ -263,13 +365,9 @@ async fn run_request(
     rid: &str,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
+    let body = match body_or_error(body) {
         Ok(body) => body,
-        Err(rejection) => {
-            let status = rejection.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
-            return error_response(&ApiError::new(status.as_u16(), code, rejection.body_text()));
-        }
+        Err(e) => return error_response(&e),
     };
     let parsed = match endpoint {
         Endpoint::Completions => openai::parse_completion(&body, rid),
@@ -279,44 +377,65 @@ async fn run_request(
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
-    // The hub checks n's range before admitting the request; here it is how many finals to wait for.
-    let n = usize::try_from(parsed.generate.n).unwrap_or(1);
-    let (replies, mut rx) = unbounded_channel();
-    let (accepted, verdict) = oneshot::channel();
-    if api.calls.send(Call::Generate { id, generate: Box::new(parsed.generate), accepted, replies }).is_err() {
-        return error_response(&engine_gone());
-    }
-    // From here on, dropping this future (the client went away) aborts the request.
-    let mut ticket = Ticket { id, calls: api.calls.clone(), open: true };
-    match verdict.await {
-        Ok(Ok(())) => {}
-        Ok(Err(rejection)) => {
-            ticket.close();
-            return error_response(&openai::rejection_error(&rejection));
+    let side = api.text.get();
+    let logprobs = match (parsed.logprobs, side) {
+        (false, _) => None,
+        (true, Some(side)) => Some(LogprobText { table: side.tokens.clone(), tokens_as_ids: parsed.tokens_as_ids }),
+        (true, None) => {
+            return error_response(&ApiError::new(503, "engine_starting", "the tokenizer is not loaded yet"));
         }
-        Err(_) => {
-            ticket.close();
+    };
+    let echo = if parsed.echo { echo_texts(&parsed.requests, side) } else { Vec::new() };
+    // The hub checks n's range before admitting a request; here it is how many finals to wait for.
+    let n = parsed.n.max(1);
+    let choices = n.saturating_mul(parsed.requests.len() as u32);
+    let (replies, mut rx) = unbounded_channel();
+    // Each prompt of a batch is a hub request of its own, a peer of its own; their replies share one channel and
+    // are told apart by rid, which gives the prompt's place: its choices start at `place * n`.
+    let mut places = HashMap::with_capacity(parsed.requests.len());
+    let mut verdicts = Vec::with_capacity(parsed.requests.len());
+    let mut ticket = Ticket { ids: Vec::with_capacity(parsed.requests.len()), calls: api.calls.clone(), open: true };
+    for (place, generate) in parsed.requests.into_iter().enumerate() {
+        let peer = if place == 0 { id } else { api.next_id.fetch_add(1, Ordering::Relaxed) };
+        places.insert(generate.rid.clone(), place as u32 * n);
+        let (accepted, verdict) = oneshot::channel();
+        let call = Call::Generate { id: peer, generate: Box::new(generate), accepted, replies: replies.clone() };
+        if api.calls.send(call).is_err() {
             return error_response(&engine_gone());
         }
+        // From here on, dropping this future (the client went away) aborts the request.
+        ticket.ids.push(peer);
+        verdicts.push(verdict);
     }
-    let reply = Reply { endpoint, id: rid.to_owned(), model: api.model.clone(), created: unix_seconds() };
+    drop(replies);
+    for verdict in verdicts {
+        // A refused prompt refuses the batch: the ticket, dropped open, aborts the prompts already admitted.
+        match verdict.await {
+            Ok(Ok(())) => {}
+            Ok(Err(rejection)) => return error_response(&openai::rejection_error(&rejection)),
+            Err(_) => return error_response(&engine_gone()),
+        }
+    }
+    let reply =
+        Reply { endpoint, id: rid.to_owned(), model: api.model.clone(), created: unix_seconds(), n, echo, logprobs };
     if parsed.stream {
-        let chunks = Chunks::new(reply, parsed.include_usage, n as u32);
+        let chunks = Chunks::new(reply, parsed.include_usage, choices);
         let queued = chunks.opening().into();
-        let stream = ChunkStream { replies: rx, ticket, chunks, queued, done: false };
+        let stream = ChunkStream { replies: rx, places, ticket, chunks, queued, done: false };
         return Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     }
-    let mut finals = Vec::with_capacity(n);
+    let mut finals = Vec::with_capacity(choices as usize);
     loop {
         match rx.recv().await {
-            Some(ServerMsg::Final(f)) => {
+            Some(ServerMsg::Final(mut f)) => {
+                f.index += places.get(&f.rid).copied().unwrap_or(0);
                 let failed = f.finish_reason == proto::api::FinishReason::Error;
                 finals.push(f);
-                if finals.len() < n && !failed {
+                if finals.len() < choices as usize && !failed {
                     continue;
                 }
                 // A failure answers at once; the samples still running are aborted when the ticket drops.
-                if finals.len() == n {
+                if finals.len() == choices as usize {
                     ticket.close();
                 }
                 return match reply.body(&finals) {
@@ -333,9 +452,35 @@ async fn run_request(
     }
 }
 
-/// A live HTTP request's claim on the hub: dropped while open, it tells the loop to abort the request.
+/// Each prompt's text, for `echo`: a text prompt as it was sent, token ids decoded as its completion's text is.
+fn echo_texts(requests: &[Generate], side: Option<&TextSide>) -> Vec<String> {
+    requests
+        .iter()
+        .map(|g| match (g.prompt(), side) {
+            (Some(Prompt::Text(text)), _) => text.to_owned(),
+            (Some(Prompt::InputIds(ids)), Some(side)) => {
+                let tokenizer = side.preparer.tokenizer();
+                tokenizer.decode_with(ids, g.sampling.skip_special_tokens).unwrap_or_default()
+            }
+            _ => String::new(),
+        })
+        .collect()
+}
+
+/// Gives a reply the index of its choice in the whole request: `place` (its prompt's first choice) plus its
+/// sample's index.
+fn relabel(msg: &mut ServerMsg, places: &HashMap<String, u32>) {
+    match msg {
+        ServerMsg::Delta(d) => d.index += places.get(&d.rid).copied().unwrap_or(0),
+        ServerMsg::Final(f) => f.index += places.get(&f.rid).copied().unwrap_or(0),
+        ServerMsg::Error(_) | ServerMsg::Info(_) => {}
+    }
+}
+
+/// A live HTTP request's claim on the hub: dropped while open, it tells the loop to abort the request (every
+/// prompt of it: one hub peer each).
 struct Ticket {
-    id: u64,
+    ids: Vec<u64>,
     calls: UnboundedSender<Call>,
     open: bool,
 }
@@ -350,8 +495,11 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.open {
-            // The loop may be gone too; then there is nothing left to abort.
-            let _ = self.calls.send(Call::Gone(self.id));
+            // The loop may be gone too; then there is nothing left to abort. A peer already ended (or refused)
+            // is unknown to the loop by then, and the call does nothing.
+            for &id in &self.ids {
+                let _ = self.calls.send(Call::Gone(id));
+            }
         }
     }
 }
@@ -360,6 +508,8 @@ impl Drop for Ticket {
 /// disconnected) aborts the request.
 struct ChunkStream {
     replies: UnboundedReceiver<ServerMsg>,
+    /// Each prompt's first choice, by its rid.
+    places: HashMap<String, u32>,
     ticket: Ticket,
     chunks: Chunks,
     queued: VecDeque<String>,
@@ -379,7 +529,10 @@ impl Stream for ChunkStream {
                 return Poll::Ready(None);
             }
             let (data, last) = match ready!(this.replies.poll_recv(cx)) {
-                Some(msg) => this.chunks.on_reply(&msg),
+                Some(mut msg) => {
+                    relabel(&mut msg, &this.places);
+                    this.chunks.on_reply(&msg)
+                }
                 None => (this.chunks.on_lost(), true),
             };
             this.queued.extend(data);
@@ -423,8 +576,19 @@ mod tests {
     async fn start(calls: UnboundedSender<Call>) -> SocketAddr {
         let listener = bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        spawn(listener, Arc::new(Api::new(calls, "m".into(), 64)));
+        let api = Api::new(calls, "m".into(), 64);
+        api.set_text(test_text_side());
+        spawn(listener, Arc::new(api));
         addr
+    }
+
+    /// The byte-level test tokenizer's side: ids are bytes.
+    fn test_text_side() -> TextSide {
+        let tokenizer = crate::text::test_tokenizer::byte_level_tokenizer();
+        let vocab_size = tokenizer.vocab_size() as u32;
+        let limits = super::super::PromptLimits { vocab_size, max_seq_len: 64, max_prompt_len: 63 };
+        let tokens = Arc::new(TokenTable::new(&tokenizer));
+        TextSide { preparer: Preparer::new(tokenizer, None, limits), tokens }
     }
 
     fn raw_request(method: &str, path: &str, body: &str) -> String {
@@ -473,6 +637,7 @@ mod tests {
             token_ids: vec![7],
             text: text.into(),
             message: None,
+            logprobs: None,
         })
     }
 
@@ -520,7 +685,13 @@ mod tests {
         let (tx, rx) = unbounded_channel();
         fake_loop(rx, |rid| {
             let delta = |text: &str| {
-                ServerMsg::Delta(Delta { rid: rid.into(), index: 0, token_ids: vec![7], text: text.into() })
+                ServerMsg::Delta(Delta {
+                    rid: rid.into(),
+                    index: 0,
+                    token_ids: vec![7],
+                    text: text.into(),
+                    logprobs: None,
+                })
             };
             vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
         });
@@ -625,7 +796,8 @@ mod tests {
         let mut out = Vec::new();
         for index in (0..n).rev() {
             let text = format!("s{index}");
-            out.push(ServerMsg::Delta(Delta { rid: g.rid.clone(), index, token_ids: vec![7], text: text.clone() }));
+            let delta = Delta { rid: g.rid.clone(), index, token_ids: vec![7], text: text.clone(), logprobs: None };
+            out.push(ServerMsg::Delta(delta));
             out.push(ServerMsg::Final(Final {
                 rid: g.rid.clone(),
                 index,
@@ -636,6 +808,7 @@ mod tests {
                 token_ids: vec![7],
                 text,
                 message: None,
+                logprobs: None,
             }));
         }
         out
@@ -663,5 +836,101 @@ mod tests {
         let usage = json(data[data.len() - 2]);
         assert_eq!(usage["usage"]["completion_tokens"], 2);
         assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_prompts_is_one_request_per_prompt_and_one_body_with_every_choice() {
+        let (tx, rx) = unbounded_channel();
+        fake_loop_of(rx, answer_samples);
+        let addr = start(tx).await;
+        let body = r#"{"prompt": ["a", "b", "c"], "n": 2, "echo": true}"#;
+        let (status, body) = send(addr, "POST", "/v1/completions", body).await;
+        let body = json(&body);
+        assert_eq!(status, 200, "{body}");
+        let choices: Vec<(u64, &str)> = body["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["index"].as_u64().unwrap(), c["text"].as_str().unwrap()))
+            .collect();
+        assert_eq!(choices, [(0, "as0"), (1, "as1"), (2, "bs0"), (3, "bs1"), (4, "cs0"), (5, "cs1")]);
+        assert_eq!(body["usage"]["prompt_tokens"], 6, "each prompt once: 2 tokens each");
+        assert_eq!(body["usage"]["completion_tokens"], 6);
+        assert_eq!(body["id"], "cmpl-0", "one response id");
+        // Streamed, every chunk carries its choice's index in the whole request.
+        let (status, body) =
+            send(addr, "POST", "/v1/completions", r#"{"prompt": [[104], [105]], "stream": true}"#).await;
+        assert_eq!(status, 200);
+        let data: Vec<serde_json::Value> =
+            body.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(json).collect();
+        let mut texts = [String::new(), String::new()];
+        for chunk in &data {
+            let choice = &chunk["choices"][0];
+            texts[choice["index"].as_u64().unwrap() as usize] += choice["text"].as_str().unwrap();
+        }
+        assert_eq!(texts, ["s0", "s0"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_prompt_of_a_batch_refuses_it_and_aborts_the_others() {
+        let (tx, mut rx) = unbounded_channel();
+        let addr = start(tx).await;
+        let request =
+            tokio::spawn(async move { send(addr, "POST", "/v1/completions", r#"{"prompt": ["a", "b"]}"#).await });
+        let mut ids = Vec::new();
+        for verdict in [Ok(()), Err(Rejection::new(None, ErrorCode::Overloaded, "full"))] {
+            match rx.recv().await {
+                Some(Call::Generate { id, accepted, .. }) => {
+                    ids.push(id);
+                    accepted.send(verdict).unwrap();
+                }
+                _ => panic!("expected a prompt"),
+            }
+        }
+        let (status, body) = request.await.unwrap();
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("overloaded")));
+        let mut gone = Vec::new();
+        while let Ok(Some(Call::Gone(id))) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            gone.push(id);
+            if gone.len() == ids.len() {
+                break;
+            }
+        }
+        assert_eq!(gone, ids, "the admitted prompt is aborted (the refused one is unknown to the loop)");
+    }
+
+    #[tokio::test]
+    async fn tokenize_and_detokenize_round_trip() {
+        let (tx, rx) = unbounded_channel();
+        fake_loop(rx, |_| Vec::new());
+        let addr = start(tx).await;
+        let (status, body) = send(addr, "POST", "/tokenize", r#"{"prompt": "hi", "return_token_strs": true}"#).await;
+        let body = json(&body);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            serde_json::json!({"tokens": [104, 105], "count": 2, "max_model_len": 64, "token_strs": ["h", "i"]})
+        );
+        let (status, body) = send(addr, "POST", "/detokenize", r#"{"tokens": [104, 105]}"#).await;
+        assert_eq!((status, json(&body)["prompt"].as_str()), (200, Some("hi")));
+        let (status, body) = send(addr, "POST", "/detokenize", r#"{"tokens": [104, 100000]}"#).await;
+        let error = &json(&body)["error"];
+        assert_eq!((status, error["param"].as_str()), (400, Some("tokens[1]")));
+        // Messages are checked as chat requests are; this model has no template to render them with.
+        let (status, body) = send(addr, "POST", "/tokenize", r#"{"messages": [{"role": "user"}]}"#).await;
+        assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some("messages[0].content")));
+        let (status, body) =
+            send(addr, "POST", "/tokenize", r#"{"messages": [{"role": "user", "content": "x"}]}"#).await;
+        assert_eq!((status, json(&body)["error"]["message"].as_str()), (400, Some("this model has no chat template")));
+    }
+
+    #[tokio::test]
+    async fn the_tokenizer_endpoints_wait_for_the_engine() {
+        let (tx, _rx) = unbounded_channel();
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        spawn(listener, Arc::new(Api::new(tx, "m".into(), 64)));
+        let (status, body) = send(addr, "POST", "/tokenize", r#"{"prompt": "hi"}"#).await;
+        assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("engine_starting")));
     }
 }

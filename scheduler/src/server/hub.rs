@@ -22,7 +22,7 @@ use crate::engine::Command;
 use crate::metrics::{Metrics, Outcome};
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
 use bytes::Bytes;
-use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Rejection, ServerMsg};
+use proto::api::{self, ClientMsg, Delta, ErrorCode, Final, Generate, InfoMsg, Rejection, ServerMsg, TokenLogprobs};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
@@ -100,6 +100,8 @@ struct Sample {
     detok: TextStream,
     /// Prompt tokens the core found in the prefix cache at its first admission.
     cached_tokens: u32,
+    /// One entry per id of `token_ids`, when the request asked for logprobs.
+    logprobs: Option<Vec<TokenLogprobs>>,
     /// When its first token came (the time to first token), and its latest (the gap to the next).
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -269,7 +271,7 @@ impl Hub {
 
     /// `n` if `g` may be prepared.
     fn check(&self, peer: &Peer, g: &Generate) -> Result<u32, Rejection> {
-        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
+        let reject = |code, message: String| Rejection::new(Some(g.rid.clone()), code, message);
         if self.draining {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
@@ -278,7 +280,7 @@ impl Hub {
             Ok(n) if n <= max_n => n,
             _ => {
                 let message = format!("n must be at most {max_n} (samples run in one batch), got {}", g.n);
-                return Err(reject(ErrorCode::InvalidParams, message));
+                return Err(Rejection::invalid(Some(g.rid.clone()), "n", message));
             }
         };
         let key = (peer.clone(), g.rid.clone());
@@ -298,23 +300,12 @@ impl Hub {
     }
 
     fn admit(&mut self, peer: &Peer, g: Generate, n: u32, prompt: Vec<u32>) -> Result<(), Rejection> {
-        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
+        let reject = |code, message: String| Rejection::new(Some(g.rid.clone()), code, message);
         if self.draining {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
         let s = &g.sampling;
-        let params = SamplingParams {
-            // Validated > 0; a larger count than u32 holds means "as many as the context allows", as does any
-            // count past the context, so saturating loses nothing.
-            max_tokens: u32::try_from(s.max_tokens).unwrap_or(u32::MAX),
-            temperature: s.temperature as f32,
-            top_p: s.top_p as f32,
-            top_k: s.top_k as i32,
-            seed: 0,
-            stop_token_ids: s.stop_token_ids.clone(),
-            ignore_eos: s.ignore_eos,
-            ..Default::default()
-        };
+        let params = sampling_params(s);
         let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;
         for index in 0..n {
@@ -339,8 +330,10 @@ impl Hub {
                 index,
                 token_ids: Vec::new(),
                 text: String::new(),
-                detok: TextStream::new(self.preparer.tokenizer().clone(), s.stop.clone()),
+                detok: TextStream::new(self.preparer.tokenizer().clone(), s.stop.clone())
+                    .skipping_special_tokens(s.skip_special_tokens),
                 cached_tokens: 0,
+                logprobs: s.logprobs.map(|_| Vec::new()),
                 first_token: None,
                 last_token: None,
             };
@@ -358,10 +351,17 @@ impl Hub {
 
     /// Turns one step's events into replies.
     pub fn on_events(&mut self, events: Vec<Event>, out: &mut Vec<(Peer, ServerMsg)>) {
+        self.on_step(events, Vec::new(), out);
+    }
+
+    /// Turns one step's events into replies; `logprobs` has one entry per token event whose `logprobs` is set,
+    /// in event order (what the engine read from the result ring).
+    pub fn on_step(&mut self, events: Vec<Event>, logprobs: Vec<TokenLogprobs>, out: &mut Vec<(Peer, ServerMsg)>) {
         let now = Instant::now();
+        let mut logprobs = logprobs.into_iter();
         for event in events {
-            let (id, token, finish) = match event {
-                Event::Token { id, token, finish } => (id, token, finish),
+            let (id, token, finish, asked) = match event {
+                Event::Token { id, token, finish, logprobs } => (id, token, finish, logprobs.is_some()),
                 Event::Finished { id, reason } => {
                     self.finalize(id, reason, None, String::new(), out);
                     continue;
@@ -373,9 +373,14 @@ impl Hub {
                     continue;
                 }
             };
+            // Taken whether or not the sample is still here, so the entries stay in step with their events.
+            let token_logprobs = if asked { logprobs.next() } else { None };
             let Some(sample) = self.samples.get_mut(&id) else { continue }; // ended here already (abort, stop string)
             let Some(request) = self.requests.get(&sample.request) else { continue };
             sample.token_ids.push(token);
+            if let (Some(all), Some(lp)) = (&mut sample.logprobs, &token_logprobs) {
+                all.push(lp.clone());
+            }
             self.metrics.generated_tokens.inc();
             match sample.last_token {
                 None => {
@@ -400,14 +405,15 @@ impl Hub {
                 }
             };
             sample.text.push_str(&piece);
+            let last = Some((token, token_logprobs));
             if stopped {
                 let _ = self.engine.send(Command::Finish(id));
-                self.finalize(id, FinishReason::Stop, Some(token), piece, out);
+                self.finalize(id, FinishReason::Stop, last, piece, out);
             } else if let Some(reason) = finish {
-                self.finalize(id, reason, Some(token), piece, out);
+                self.finalize(id, reason, last, piece, out);
             } else if request.stream {
-                let delta =
-                    Delta { rid: request.rid.clone(), index: sample.index, token_ids: vec![token], text: piece };
+                let (token_ids, logprobs) = (vec![token], last.and_then(|(_, lp)| lp).map(|lp| vec![lp]));
+                let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
                 out.push((request.peer.clone(), ServerMsg::Delta(delta)));
             }
         }
@@ -420,7 +426,7 @@ impl Hub {
         &mut self,
         id: ReqId,
         reason: FinishReason,
-        last_token: Option<u32>,
+        last_token: Option<(u32, Option<TokenLogprobs>)>,
         mut piece: String,
         out: &mut Vec<(Peer, ServerMsg)>,
     ) {
@@ -440,8 +446,11 @@ impl Hub {
             piece.push_str(&rest);
         }
         if request.stream && (last_token.is_some() || !piece.is_empty()) {
-            let token_ids = last_token.into_iter().collect();
-            let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece };
+            let (token_ids, logprobs) = match last_token {
+                Some((token, lp)) => (vec![token], lp.map(|lp| vec![lp])),
+                None => (Vec::new(), sample.logprobs.as_ref().map(|_| Vec::new())),
+            };
+            let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
             out.push((request.peer.clone(), ServerMsg::Delta(delta)));
         }
         ended(&self.metrics, request, &sample, reason);
@@ -518,7 +527,30 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
         token_ids: sample.token_ids,
         text: sample.text,
         message,
+        logprobs: sample.logprobs,
     })
+}
+
+/// The core's sampling parameters for a validated request (seed 0: each sample gets its own).
+pub fn sampling_params(s: &api::Sampling) -> SamplingParams {
+    SamplingParams {
+        // Validated > 0; a larger count than u32 holds means "as many as the context allows", as does any
+        // count past the context, so saturating loses nothing.
+        max_tokens: u32::try_from(s.max_tokens).unwrap_or(u32::MAX),
+        temperature: s.temperature as f32,
+        top_p: s.top_p as f32,
+        top_k: s.top_k as i32,
+        seed: 0,
+        stop_token_ids: s.stop_token_ids.clone(),
+        ignore_eos: s.ignore_eos,
+        min_p: s.min_p as f32,
+        presence_penalty: s.presence_penalty as f32,
+        frequency_penalty: s.frequency_penalty as f32,
+        repetition_penalty: s.repetition_penalty as f32,
+        logit_bias: s.logit_bias.iter().map(|&(id, bias)| (id, bias as f32)).collect(),
+        // Validated in 0..=20.
+        logprobs: s.logprobs.map(|k| k as u32),
+    }
 }
 
 /// The seed of sample `index` of a request seeded with `seed`: the seed itself for sample 0, so that `n: 1`
@@ -616,7 +648,7 @@ mod tests {
     }
 
     fn token(id: ReqId, token: u32, finish: Option<FinishReason>) -> Event {
-        Event::Token { id, token, finish }
+        Event::Token { id, token, finish, logprobs: None }
     }
 
     #[test]
@@ -645,6 +677,113 @@ mod tests {
             other => panic!("expected the final, got {other:?}"),
         }
         assert_eq!(hub.live_requests(), 0);
+    }
+
+    #[test]
+    fn sampling_options_reach_the_core_as_given() {
+        let (mut hub, rx) = test_hub(32);
+        let sampling = Sampling {
+            min_p: 0.25,
+            presence_penalty: 0.5,
+            frequency_penalty: -1.0,
+            repetition_penalty: 1.25,
+            logit_bias: vec![(b'a' as u32, 5.0), (b'b' as u32, -100.0)],
+            logprobs: Some(3),
+            ..Sampling::default()
+        };
+        send(&mut hub, &generate("a", "x", true, sampling));
+        let p = submitted(&rx).params;
+        assert_eq!((p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty), (0.25, 0.5, -1.0, 1.25));
+        assert_eq!((p.logit_bias, p.logprobs), (vec![(b'a' as u32, 5.0), (b'b' as u32, -100.0)], Some(3)));
+        send(&mut hub, &generate("b", "x", true, Sampling::default()));
+        let p = submitted(&rx).params;
+        assert_eq!(p, SamplingParams { seed: p.seed, max_tokens: 128, ..SamplingParams::default() }, "all off");
+    }
+
+    #[test]
+    fn a_logit_bias_outside_the_vocabulary_is_refused_naming_it() {
+        let (mut hub, rx) = test_hub(32);
+        let vocab = hub.preparer().limits().vocab_size;
+        let g = Generate {
+            text: Some("x".into()),
+            sampling: Sampling { logit_bias: vec![(1, 1.0), (vocab, 1.0)], ..Sampling::default() },
+            ..Generate::new("a")
+        };
+        let e = hub.submit(&Peer::Http(1), g).unwrap_err();
+        assert_eq!((e.code, e.param.as_deref()), (ErrorCode::InvalidParams, Some("logit_bias")));
+        assert!(e.message.contains("outside the vocabulary"), "{}", e.message);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn messages_are_checked_before_any_template_and_the_refusal_names_the_field() {
+        let (mut hub, _rx) = test_hub(32);
+        for (messages, param) in [
+            (serde_json::json!([{"role": "user"}]), "messages[0].content"),
+            (
+                serde_json::json!([{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]),
+                "messages[1].role",
+            ),
+        ] {
+            let g = Generate { messages: Some(messages.as_array().unwrap().clone()), ..Generate::new("m") };
+            let e = hub.submit(&peer(), g).unwrap_err();
+            assert_eq!((e.code, e.param.as_deref()), (ErrorCode::InvalidParams, Some(param)));
+        }
+    }
+
+    fn logprobs_of(token: u32) -> TokenLogprobs {
+        TokenLogprobs { logprob: -(token as f32), top: vec![(token, -(token as f32))] }
+    }
+
+    fn token_with_logprobs(id: ReqId, token: u32, finish: Option<FinishReason>) -> Event {
+        Event::Token { id, token, finish, logprobs: Some(crate::core::LogprobsAt { row: 0, top: 1 }) }
+    }
+
+    #[test]
+    fn logprobs_go_out_with_their_tokens_in_deltas_and_the_final() {
+        let (mut hub, rx) = test_hub(32);
+        let sampling = Sampling { logprobs: Some(1), ..Sampling::default() };
+        send(&mut hub, &generate("a", "x", true, sampling));
+        send(&mut hub, &generate("b", "x", true, Sampling::default()));
+        let (a, b) = (submitted(&rx).id, submitted(&rx).id);
+        let mut out = Vec::new();
+        // One step: a's token with its entry, b's without; then a's last token, which ends it.
+        let events = vec![token_with_logprobs(a, b'o' as u32, None), token(b, b'p' as u32, None)];
+        hub.on_step(events, vec![logprobs_of(b'o' as u32)], &mut out);
+        let events = vec![token_with_logprobs(a, b'k' as u32, Some(FinishReason::Length))];
+        hub.on_step(events, vec![logprobs_of(b'k' as u32)], &mut out);
+        let deltas: Vec<(&str, Option<Vec<TokenLogprobs>>)> = out
+            .iter()
+            .filter_map(
+                |(_, m)| if let ServerMsg::Delta(d) = m { Some((d.rid.as_str(), d.logprobs.clone())) } else { None },
+            )
+            .collect();
+        assert_eq!(
+            deltas,
+            [("a", Some(vec![logprobs_of(b'o' as u32)])), ("b", None), ("a", Some(vec![logprobs_of(b'k' as u32)])),]
+        );
+        let f = final_of(&out, 0);
+        assert_eq!((f.rid.as_str(), f.text.as_str()), ("a", "ok"));
+        assert_eq!(f.logprobs, Some(vec![logprobs_of(b'o' as u32), logprobs_of(b'k' as u32)]), "one per token id");
+    }
+
+    #[test]
+    fn special_tokens_stay_in_the_text_when_asked() {
+        let (mut hub, rx) = test_hub(32);
+        let special = hub.preparer().tokenizer().token_id(crate::text::test_tokenizer::SPECIAL).unwrap();
+        for (rid, skip, want) in [("a", true, "ok"), ("b", false, "o<|end|>k")] {
+            let sampling = Sampling { skip_special_tokens: skip, ..Sampling::default() };
+            send(&mut hub, &generate(rid, "x", false, sampling));
+            let id = submitted(&rx).id;
+            let mut out = Vec::new();
+            let events = vec![
+                token(id, b'o' as u32, None),
+                token(id, special, None),
+                token(id, b'k' as u32, Some(FinishReason::Length)),
+            ];
+            hub.on_events(events, &mut out);
+            assert_eq!(final_of(&out, 0).text, want);
+        }
     }
 
     #[test]

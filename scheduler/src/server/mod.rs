@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod hub;
+pub mod messages;
 pub mod openai;
 pub mod prepare;
 pub mod serve;

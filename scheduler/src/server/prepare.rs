@@ -7,8 +7,10 @@
 //! last one waiting a third of a second before the GPU saw it.
 
 use super::hub::PromptLimits;
+use super::messages;
 use crate::text::{ChatTemplate, Tokenizer};
 use proto::api::{self, ErrorCode, Generate, Prompt, Rejection};
+use serde_json::Value;
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -33,14 +35,23 @@ impl Preparer {
 
     /// The prompt's token ids, or why the request is refused.
     pub fn prepare(&self, g: &Generate) -> Result<Vec<u32>, Rejection> {
-        let reject = |code, message: String| Rejection { rid: Some(g.rid.clone()), code, message };
+        let rid = || Some(g.rid.clone());
         api::validate(g)?;
+        let vocab = self.limits.vocab_size;
+        if let Some(&(bad, _)) = g.sampling.logit_bias.iter().find(|&&(id, _)| id >= vocab) {
+            let message = format!("logit_bias names token {bad}, outside the vocabulary (0..{vocab})");
+            return Err(Rejection::invalid(rid(), "logit_bias", message));
+        }
         let Some(prompt) = g.prompt() else {
-            return Err(reject(ErrorCode::InvalidParams, "give exactly one of text, messages, input_ids".into()));
+            let message = "give exactly one of text, messages, input_ids";
+            return Err(Rejection::new(rid(), ErrorCode::InvalidParams, message));
         };
-        let prompt = self.tokenize(prompt).map_err(|m| reject(ErrorCode::InvalidParams, m))?;
+        let prompt = self.tokenize(prompt).map_err(|(param, message)| Rejection {
+            param,
+            ..Rejection::new(rid(), ErrorCode::InvalidParams, message)
+        })?;
         if prompt.is_empty() {
-            return Err(reject(ErrorCode::EmptyPrompt, "the prompt has no tokens".into()));
+            return Err(Rejection::new(rid(), ErrorCode::EmptyPrompt, "the prompt has no tokens"));
         }
         let l = &self.limits;
         if prompt.len() > l.max_prompt_len as usize {
@@ -50,23 +61,36 @@ impl Preparer {
                 l.max_prompt_len,
                 l.max_seq_len
             );
-            return Err(reject(ErrorCode::PromptTooLong, message));
+            return Err(Rejection::new(rid(), ErrorCode::PromptTooLong, message));
         }
         Ok(prompt)
     }
 
-    fn tokenize(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, String> {
+    /// The prompt's token ids, as a request would be given them; a refusal names the field at fault when
+    /// there is one.
+    pub fn tokenize(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, (Option<String>, String)> {
         match prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text).map_err(|e| format!("tokenizing: {e}")),
+            Prompt::Text(text) => self.tokenizer.encode(text).map_err(|e| (None, format!("tokenizing: {e}"))),
             Prompt::Messages(messages) => {
-                let chat = self.chat.as_ref().ok_or("this model has no chat template")?;
-                let text = chat.render(messages, true, None).map_err(|e| format!("chat template: {e}"))?;
-                self.tokenizer.encode(&text).map_err(|e| format!("tokenizing: {e}"))
+                let text = self.render(messages, true)?;
+                self.tokenizer.encode(&text).map_err(|e| (None, format!("tokenizing: {e}")))
             }
             Prompt::InputIds(ids) => match ids.iter().find(|&&t| t >= self.limits.vocab_size) {
-                Some(bad) => Err(format!("token id {bad} is outside the vocabulary (0..{})", self.limits.vocab_size)),
+                Some(bad) => {
+                    let message = format!("token id {bad} is outside the vocabulary (0..{})", self.limits.vocab_size);
+                    // Only the HTTP API reads the field, and there the ids are its `prompt`.
+                    Err((Some("prompt".into()), message))
+                }
                 None => Ok(ids.to_vec()),
             },
         }
+    }
+
+    /// The chat template's text for `messages`, checked and normalised first (`messages.rs`).
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, (Option<String>, String)> {
+        let messages = messages::normalize(messages).map_err(|e| (Some(e.param), e.message))?;
+        let chat = self.chat.as_ref().ok_or((None, "this model has no chat template".to_string()))?;
+        chat.render(&messages, add_generation_prompt, None)
+            .map_err(|e| (Some("messages".into()), format!("chat template: {e}")))
     }
 }

@@ -115,7 +115,7 @@ pub async fn serve(
             },
             Some(done) = prepared_rx.recv() => on_prepared(&mut hub, &mut http_peers, done, &mut replies),
             output = outputs.recv() => match output {
-                Some(Output::Events(events)) => hub.on_events(events, &mut replies),
+                Some(Output::Events { events, logprobs }) => hub.on_step(events, logprobs, &mut replies),
                 Some(Output::Failed(why)) => {
                     hub.fail_all(&format!("the engine stopped: {why}"), &mut replies);
                     stop = Some(Ended::EngineFailed(why));
@@ -335,8 +335,13 @@ mod tests {
         let (verdict, mut rx) = l.generate(3, "hi");
         assert!(verdict.is_ok());
         let id = l.submitted();
-        l.events(vec![Event::Token { id, token: b'o' as u32, finish: None }]);
-        l.events(vec![Event::Token { id, token: b'k' as u32, finish: Some(crate::core::FinishReason::Length) }]);
+        l.events(vec![Event::Token { id, token: b'o' as u32, finish: None, logprobs: None }]);
+        l.events(vec![Event::Token {
+            id,
+            token: b'k' as u32,
+            finish: Some(crate::core::FinishReason::Length),
+            logprobs: None,
+        }]);
         let mut got = Vec::new();
         while let Ok(msg) = rx.try_recv() {
             got.push(msg);
@@ -358,9 +363,9 @@ mod tests {
         assert!(verdict.is_ok());
         let (a, b) = (l.submitted(), l.submitted());
         let length = Some(crate::core::FinishReason::Length);
-        l.events(vec![Event::Token { id: b, token: b'k' as u32, finish: length }]);
+        l.events(vec![Event::Token { id: b, token: b'k' as u32, finish: length, logprobs: None }]);
         assert!(l.peers.contains_key(&4), "one sample is still running");
-        l.events(vec![Event::Token { id: a, token: b'o' as u32, finish: length }]);
+        l.events(vec![Event::Token { id: a, token: b'o' as u32, finish: length, logprobs: None }]);
         assert!(l.peers.is_empty());
         let finals: Vec<(u32, String)> = std::iter::from_fn(|| rx.try_recv().ok())
             .filter_map(|m| if let ServerMsg::Final(f) = m { Some((f.index, f.text)) } else { None })
@@ -401,7 +406,7 @@ mod tests {
         assert!(matches!(l.engine.try_recv(), Ok(Command::Finish(finished)) if finished == id));
         assert_eq!(l.hub.live_requests(), 0);
         assert!(l.peers.is_empty());
-        l.events(vec![Event::Token { id, token: b'x' as u32, finish: None }]);
+        l.events(vec![Event::Token { id, token: b'x' as u32, finish: None, logprobs: None }]);
         l.call(Call::Gone(5)); // a second goodbye, or one for a request that ended: nothing to do
         assert!(l.engine.try_recv().is_err());
         let (tx, mut live) = oneshot::channel();
@@ -435,6 +440,7 @@ mod tests {
             token_ids: vec![1],
             text: String::new(),
             message: None,
+            logprobs: None,
         }
     }
 }

@@ -18,11 +18,17 @@ pub struct IncrementalDecoder {
     context_len: usize,
     /// ...and this is their text when decoded alone.
     context_text: String,
+    skip_special_tokens: bool,
 }
 
 impl IncrementalDecoder {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Self { tokenizer, window: Vec::new(), context_len: 0, context_text: String::new() }
+        Self { tokenizer, window: Vec::new(), context_len: 0, context_text: String::new(), skip_special_tokens: true }
+    }
+
+    /// Keeps special tokens in the text (`<|im_end|>`) instead of leaving them out.
+    pub fn keeping_special_tokens(self, keep: bool) -> Self {
+        Self { skip_special_tokens: !keep, ..self }
     }
 
     /// Adds one id; returns the text that is now final (often empty).
@@ -41,7 +47,7 @@ impl IncrementalDecoder {
         if self.window.len() == self.context_len {
             return Ok(String::new());
         }
-        let text = self.tokenizer.decode(&self.window)?;
+        let text = self.tokenizer.decode_with(&self.window, self.skip_special_tokens)?;
         if text.len() <= self.context_text.len() || (!at_end && text.ends_with('\u{FFFD}')) {
             // Nothing new (a skipped special token) or an unfinished character: wait for more ids.
             return Ok(String::new());
@@ -56,7 +62,7 @@ impl IncrementalDecoder {
         let new_text = new_text.to_string();
         self.window.drain(..self.context_len);
         self.context_len = self.window.len();
-        self.context_text = self.tokenizer.decode(&self.window)?;
+        self.context_text = self.tokenizer.decode_with(&self.window, self.skip_special_tokens)?;
         Ok(new_text)
     }
 }

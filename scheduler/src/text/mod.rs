@@ -15,6 +15,7 @@ mod stream;
 mod strftime;
 #[cfg(test)]
 pub(crate) mod test_tokenizer;
+mod token_table;
 mod tokenizer;
 
 pub use chat::ChatTemplate;
@@ -22,4 +23,5 @@ pub use detok::IncrementalDecoder;
 pub use error::{Result, TextError};
 pub use stop::{StopMatcher, StreamStep};
 pub use stream::TextStream;
+pub use token_table::TokenTable;
 pub use tokenizer::Tokenizer;

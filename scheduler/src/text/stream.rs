@@ -28,6 +28,11 @@ impl TextStream {
         }
     }
 
+    /// Leaves special tokens out of the text (the default), or keeps them (`skip_special_tokens: false`).
+    pub fn skipping_special_tokens(self, skip: bool) -> Self {
+        Self { decoder: self.decoder.keeping_special_tokens(!skip), ..self }
+    }
+
     /// Adds one id. Once `stopped` has been reported the request is over, and later ids give nothing.
     pub fn push(&mut self, id: u32) -> Result<StreamStep> {
         if self.stops.stopped() || self.finished {
@@ -122,6 +127,12 @@ mod tests {
         assert_eq!(pieces.concat(), tokenizer.decode(&ids).unwrap());
         let added = tokenizer.token_id(ADDED).unwrap();
         assert_eq!(stream(&tokenizer, &[added, b'x' as u32], &[]).0.concat(), "<tool>x");
+        // Kept when asked: the text is decode's without skipping.
+        let mut keeping = TextStream::new(tokenizer.clone(), Vec::<String>::new()).skipping_special_tokens(false);
+        let mut text: String = ids.iter().map(|&id| keeping.push(id).unwrap().text).collect();
+        text.push_str(&keeping.finish().unwrap());
+        assert_eq!(text, tokenizer.decode_with(&ids, false).unwrap());
+        assert_eq!(text.matches(SPECIAL).count(), 2, "{text}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ __all__ = [
     "FINISH_REASONS",
     "ERROR_CODES",
     "SAMPLING_DEFAULTS",
+    "SAMPLING_OPTIONS",
+    "sampling",
     "generate",
     "abort",
     "info",
@@ -72,6 +74,32 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "ignore_eos": False,
 }
 
+# Sampling options past `ignore_eos`, with the values that turn them off: the scheduler leaves an option off
+# the wire while it is off, so a request that uses none of them packs as it did before they existed.
+# `logit_bias` is a list of [token id, bias] pairs; `logprobs` the number of top tokens (None: no logprobs).
+SAMPLING_OPTIONS: dict[str, Any] = {
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "logit_bias": [],
+    "logprobs": None,
+    "skip_special_tokens": True,
+}
+
+
+def sampling(**values: Any) -> dict[str, Any]:
+    """A whole `sampling` map as the scheduler writes it: every basic key (its default unless given), then
+    the options that are not off, in the protocol's order."""
+    unknown = set(values) - set(SAMPLING_DEFAULTS) - set(SAMPLING_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
+    out = {k: values.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
+    for k, off in SAMPLING_OPTIONS.items():
+        if k in values and values[k] != off:
+            out[k] = [list(pair) for pair in values[k]] if k == "logit_bias" else values[k]
+    return out
+
 
 def generate(
     rid: str,
@@ -91,7 +119,7 @@ def generate(
     ]
     if len(forms) != 1:
         raise ValueError("give exactly one of text, messages, input_ids")
-    unknown = set(sampling or {}) - set(SAMPLING_DEFAULTS)
+    unknown = set(sampling or {}) - set(SAMPLING_DEFAULTS) - set(SAMPLING_OPTIONS)
     if unknown:
         raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
     msg: dict[str, Any] = {"type": "generate", "rid": rid, forms[0][0]: forms[0][1]}

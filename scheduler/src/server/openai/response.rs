@@ -1,0 +1,702 @@
+//! Response bodies and stream chunks, from the hub's finals and deltas, with their logprobs in OpenAI's two
+//! shapes (chat's `logprobs.content`, completions' `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`).
+//!
+//! The handler gives every reply its choice index (`prompt_i * n + sample`) before it comes here.
+
+use super::{ApiError, Endpoint, finish_reason, rejection_error};
+use crate::text::TokenTable;
+use proto::api::{Final, FinishReason, Rejection, ServerMsg, TokenLogprobs};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+#[derive(Serialize)]
+struct Envelope<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache rather than a prefill.
+    pub cached_tokens: u32,
+}
+
+/// A choice's counts, as its final gives them.
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    index: u32,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    cached_tokens: u32,
+}
+
+impl From<&Final> for Counts {
+    fn from(f: &Final) -> Self {
+        Counts {
+            index: f.index,
+            prompt_tokens: f.prompt_tokens,
+            completion_tokens: f.completion_tokens,
+            cached_tokens: f.cached_tokens,
+        }
+    }
+}
+
+impl Usage {
+    /// A request's usage from its choices' counts, `n` choices per prompt: each prompt once (its samples share
+    /// it), the completions of all, and as cached, per prompt, the least any of its samples found in the cache.
+    /// That is the part of the prompt that was cached before the request came; the samples that reused what
+    /// another one just prefilled do not make the prompt count as cached.
+    fn of(choices: &[Counts], n: u32) -> Usage {
+        let mut prompts: Vec<(u32, u32, u32)> = Vec::new(); // (prompt index, prompt tokens, cached)
+        let mut completion_tokens = 0u32;
+        for c in choices {
+            completion_tokens = completion_tokens.saturating_add(c.completion_tokens);
+            let prompt = c.index / n.max(1);
+            match prompts.iter_mut().find(|(p, _, _)| *p == prompt) {
+                Some((_, _, cached)) => *cached = (*cached).min(c.cached_tokens),
+                None => prompts.push((prompt, c.prompt_tokens, c.cached_tokens)),
+            }
+        }
+        let prompt_tokens = prompts.iter().fold(0u32, |sum, p| sum.saturating_add(p.1));
+        let cached_tokens = prompts.iter().fold(0u32, |sum, p| sum.saturating_add(p.2));
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
+    }
+}
+
+/// A failed sample's error response (or, in a stream, its error event).
+fn failure(f: &Final) -> ApiError {
+    ApiError::unavailable(f.message.clone().unwrap_or_else(|| "the engine failed".into()))
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: Cow<'a, str>,
+    logprobs: Option<Value>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: Message<'a>,
+    logprobs: Option<Value>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: ChunkDelta<'a>,
+    logprobs: Option<Value>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ChunkDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+/// How a request's logprobs are written: each token's text and bytes from the tokenizer's table.
+#[derive(Clone)]
+pub struct LogprobText {
+    pub table: Arc<TokenTable>,
+    /// vLLM's `return_tokens_as_token_ids`: tokens written `token_id:<id>`, which no two tokens share.
+    pub tokens_as_ids: bool,
+}
+
+impl LogprobText {
+    fn token(&self, id: u32) -> Cow<'_, str> {
+        if self.tokens_as_ids { Cow::Owned(format!("token_id:{id}")) } else { self.table.text(id) }
+    }
+
+    fn entry(&self, id: u32, logprob: f32) -> Value {
+        json!({"token": self.token(id), "logprob": logprob, "bytes": self.table.bytes(id)})
+    }
+
+    /// Chat's `logprobs`: `{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`.
+    fn chat(&self, ids: &[u32], logprobs: &[TokenLogprobs]) -> Value {
+        let content: Vec<Value> = ids
+            .iter()
+            .zip(logprobs)
+            .map(|(&id, lp)| {
+                let mut entry = self.entry(id, lp.logprob);
+                entry["top_logprobs"] = lp.top.iter().map(|&(t, l)| self.entry(t, l)).collect();
+                entry
+            })
+            .collect();
+        json!({"content": content, "refusal": null})
+    }
+
+    /// Completions' `logprobs`, `offset` being the text offset of the first token (in characters); returns the
+    /// offset after the last.
+    fn completion(&self, ids: &[u32], logprobs: &[TokenLogprobs], mut offset: u32) -> (Value, u32) {
+        let mut tokens = Vec::with_capacity(ids.len());
+        let mut token_logprobs = Vec::with_capacity(ids.len());
+        let mut top_logprobs = Vec::with_capacity(ids.len());
+        let mut text_offset = Vec::with_capacity(ids.len());
+        for (&id, lp) in ids.iter().zip(logprobs) {
+            let token = self.token(id);
+            text_offset.push(offset);
+            // vLLM's offsets: each token's own text, one after another.
+            offset = offset.saturating_add(self.table.text(id).chars().count() as u32);
+            tokens.push(token.into_owned());
+            token_logprobs.push(lp.logprob);
+            let mut top = Map::new();
+            for &(t, l) in &lp.top {
+                // Two ids with one text (rare): the likelier one, listed first, keeps the key.
+                top.entry(self.token(t).into_owned()).or_insert(json!(l));
+            }
+            top_logprobs.push(Value::Object(top));
+        }
+        let value = json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                           "text_offset": text_offset});
+        (value, offset)
+    }
+}
+
+/// What every response body and chunk of one request shares.
+#[derive(Clone)]
+pub struct Reply {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    /// Samples per prompt: choice `i` is sample `i % n` of prompt `i / n`.
+    pub n: u32,
+    /// Completions' `echo`: per prompt, the text its choices start with. Empty without echo.
+    pub echo: Vec<String>,
+    /// Set when the request asked for logprobs.
+    pub logprobs: Option<LogprobText>,
+}
+
+impl Reply {
+    fn envelope<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<Usage>) -> Envelope<'_, C> {
+        Envelope { id: &self.id, object, created: self.created, model: &self.model, choices, usage }
+    }
+
+    fn echo_of(&self, index: u32) -> &str {
+        self.echo.get((index / self.n.max(1)) as usize).map_or("", String::as_str)
+    }
+
+    fn final_logprobs(&self, f: &Final) -> Option<Value> {
+        let (text, lps) = (self.logprobs.as_ref()?, f.logprobs.as_deref().unwrap_or_default());
+        Some(match self.endpoint {
+            Endpoint::Chat => text.chat(&f.token_ids, lps),
+            Endpoint::Completions => text.completion(&f.token_ids, lps, 0).0,
+        })
+    }
+
+    /// The non-streaming response body for a request's finals (one per choice, in any order), or the error
+    /// response that replaces it when a choice failed.
+    pub fn body(&self, finals: &[Final]) -> Result<String, ApiError> {
+        if let Some(failed) = finals.iter().find(|f| f.finish_reason == FinishReason::Error) {
+            return Err(failure(failed));
+        }
+        let mut finals: Vec<&Final> = finals.iter().collect();
+        finals.sort_by_key(|f| f.index);
+        let counts: Vec<Counts> = finals.iter().map(|f| Counts::from(*f)).collect();
+        let usage = Some(Usage::of(&counts, self.n));
+        let json = match self.endpoint {
+            Endpoint::Completions => {
+                let choices = finals
+                    .iter()
+                    .map(|f| TextChoice {
+                        index: f.index,
+                        text: match self.echo_of(f.index) {
+                            "" => Cow::Borrowed(f.text.as_str()),
+                            echo => Cow::Owned(format!("{echo}{}", f.text)),
+                        },
+                        logprobs: self.final_logprobs(f),
+                        finish_reason: Some(finish_reason(f.finish_reason)),
+                    })
+                    .collect();
+                serde_json::to_string(&self.envelope("text_completion", choices, usage))
+            }
+            Endpoint::Chat => {
+                let choices = finals
+                    .iter()
+                    .map(|f| ChatChoice {
+                        index: f.index,
+                        message: Message { role: "assistant", content: &f.text },
+                        logprobs: self.final_logprobs(f),
+                        finish_reason: Some(finish_reason(f.finish_reason)),
+                    })
+                    .collect();
+                serde_json::to_string(&self.envelope("chat.completion", choices, usage))
+            }
+        };
+        Ok(json.expect("response bodies always serialize"))
+    }
+
+    /// One stream chunk of choice `index`: a piece of text, the role (chat's first chunk), the finish reason
+    /// (the last), and the logprobs of the piece's tokens.
+    fn chunk(
+        &self,
+        index: u32,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&'static str>,
+        logprobs: Option<Value>,
+    ) -> String {
+        let json = match self.endpoint {
+            Endpoint::Completions => {
+                let text = Cow::Borrowed(text.unwrap_or(""));
+                let choice = TextChoice { index, text, logprobs, finish_reason: finish };
+                serde_json::to_string(&self.envelope("text_completion", vec![choice], None))
+            }
+            Endpoint::Chat => {
+                let delta = ChunkDelta { role: role.then_some("assistant"), content: text };
+                let choice = ChunkChoice { index, delta, logprobs, finish_reason: finish };
+                serde_json::to_string(&self.envelope("chat.completion.chunk", vec![choice], None))
+            }
+        };
+        json.expect("chunks always serialize")
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> String {
+        let object = match self.endpoint {
+            Endpoint::Completions => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        };
+        let envelope = self.envelope::<TextChoice<'_>>(object, Vec::new(), Some(usage));
+        serde_json::to_string(&envelope).expect("chunks always serialize")
+    }
+}
+
+/// The SSE `data:` payloads of one streamed request, in order.
+pub struct Chunks {
+    reply: Reply,
+    include_usage: bool,
+    /// Choices in the request (prompts times samples), and the counts of those that have ended.
+    choices: u32,
+    ended: Vec<Counts>,
+    /// Completions' `text_offset` so far, per choice.
+    offsets: Vec<u32>,
+}
+
+pub const DONE: &str = "[DONE]";
+
+impl Chunks {
+    pub fn new(reply: Reply, include_usage: bool, choices: u32) -> Self {
+        let choices = choices.max(1);
+        Chunks { reply, include_usage, choices, ended: Vec::new(), offsets: vec![0; choices as usize] }
+    }
+
+    /// What the stream starts with, before any token: chat announces the assistant's role for each choice, as
+    /// OpenAI does; completions with `echo` send each choice's prompt.
+    pub fn opening(&self) -> Vec<String> {
+        match self.reply.endpoint {
+            Endpoint::Completions if self.reply.echo.is_empty() => Vec::new(),
+            Endpoint::Completions => {
+                (0..self.choices).map(|i| self.reply.chunk(i, Some(self.reply.echo_of(i)), false, None, None)).collect()
+            }
+            Endpoint::Chat => (0..self.choices).map(|i| self.reply.chunk(i, Some(""), true, None, None)).collect(),
+        }
+    }
+
+    /// Every choice has had its final: nothing of the request is left running.
+    pub fn complete(&self) -> bool {
+        self.ended.len() as u32 == self.choices
+    }
+
+    /// The payloads one hub reply becomes, and whether the stream ends with them: after the last choice's
+    /// final, or at the first failure.
+    pub fn on_reply(&mut self, msg: &ServerMsg) -> (Vec<String>, bool) {
+        match msg {
+            ServerMsg::Delta(d) => {
+                let logprobs = match (&self.reply.logprobs, &d.logprobs) {
+                    (Some(text), Some(lps)) if !d.token_ids.is_empty() => Some(match self.reply.endpoint {
+                        Endpoint::Chat => text.chat(&d.token_ids, lps),
+                        Endpoint::Completions => {
+                            let offset = self.offsets.get_mut(d.index as usize);
+                            let start = offset.as_deref().copied().unwrap_or(0);
+                            let (value, end) = text.completion(&d.token_ids, lps, start);
+                            if let Some(offset) = offset {
+                                *offset = end;
+                            }
+                            value
+                        }
+                    }),
+                    _ => None,
+                };
+                // A token whose text is still held back (half a character, a possible stop string) says nothing
+                // yet, unless it carries logprobs, which are sent with the token that has them.
+                if d.text.is_empty() && logprobs.is_none() {
+                    return (Vec::new(), false);
+                }
+                (vec![self.reply.chunk(d.index, Some(&d.text), false, None, logprobs)], false)
+            }
+            ServerMsg::Final(f) if f.finish_reason == FinishReason::Error => {
+                self.ended.push(Counts::from(f));
+                (self.error(&failure(f)), true)
+            }
+            ServerMsg::Final(f) => {
+                self.ended.push(Counts::from(f));
+                let reason = Some(finish_reason(f.finish_reason));
+                let last = match self.reply.endpoint {
+                    Endpoint::Completions => self.reply.chunk(f.index, Some(""), false, reason, None),
+                    Endpoint::Chat => self.reply.chunk(f.index, None, false, reason, None),
+                };
+                let mut out = vec![last];
+                if !self.complete() {
+                    return (out, false);
+                }
+                if self.include_usage {
+                    out.push(self.reply.usage_chunk(Usage::of(&self.ended, self.reply.n)));
+                }
+                out.push(DONE.into());
+                (out, true)
+            }
+            ServerMsg::Error(e) => {
+                let rejection = Rejection::new(e.rid.clone(), e.code, e.message.clone());
+                (self.error(&rejection_error(&rejection)), true)
+            }
+            ServerMsg::Info(_) => (Vec::new(), false),
+        }
+    }
+
+    /// The scheduler stopped before the request ended.
+    pub fn on_lost(&self) -> Vec<String> {
+        self.error(&ApiError::unavailable("the scheduler stopped before the request finished"))
+    }
+
+    /// Headers are sent by now, so a failure mid-stream is an error event, then the end.
+    fn error(&self, e: &ApiError) -> Vec<String> {
+        vec![e.body().to_string(), DONE.into()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::test_tokenizer::byte_level_tokenizer;
+    use proto::api::Delta;
+
+    fn reply(endpoint: Endpoint) -> Reply {
+        Reply { endpoint, id: "x-1".into(), model: "m".into(), created: 42, n: 1, echo: Vec::new(), logprobs: None }
+    }
+
+    fn final_msg(reason: FinishReason, text: &str) -> Final {
+        Final {
+            rid: "x-1".into(),
+            index: 0,
+            cached_tokens: 0,
+            finish_reason: reason,
+            prompt_tokens: 5,
+            completion_tokens: 3,
+            token_ids: vec![1, 2, 3],
+            text: text.into(),
+            message: None,
+            logprobs: None,
+        }
+    }
+
+    fn parse(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_final_becomes_openais_response_body() {
+        let cached = Final { cached_tokens: 4, ..final_msg(FinishReason::Length, "abc") };
+        let body = parse(&reply(Endpoint::Completions).body(&[cached]).unwrap());
+        assert_eq!(
+            body,
+            json!({"id": "x-1", "object": "text_completion", "created": 42, "model": "m",
+                   "choices": [{"index": 0, "text": "abc", "logprobs": null, "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 4}}})
+        );
+        let body = parse(&reply(Endpoint::Chat).body(&[final_msg(FinishReason::Stop, "hi")]).unwrap());
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "hi"}));
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert_eq!(body["usage"]["prompt_tokens_details"], json!({"cached_tokens": 0}));
+        let failed = Final { message: Some("the worker died".into()), ..final_msg(FinishReason::Error, "") };
+        let e = reply(Endpoint::Chat).body(&[failed]).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (503, "the worker died"));
+    }
+
+    fn sample(index: u32, text: &str, completion_tokens: u32, cached_tokens: u32) -> Final {
+        Final { index, completion_tokens, cached_tokens, ..final_msg(FinishReason::Length, text) }
+    }
+
+    #[test]
+    fn n_finals_become_n_choices_in_index_order_and_usage_counts_the_prompt_once() {
+        // As they may arrive: out of order, the first sample prefilling, the others reusing its pages.
+        let finals = [sample(2, "c", 4, 16), sample(0, "a", 3, 0), sample(1, "b", 5, 16)];
+        let three = Reply { n: 3, ..reply(Endpoint::Chat) };
+        let body = parse(&three.body(&finals).unwrap());
+        let choices = body["choices"].as_array().unwrap();
+        let got: Vec<(u64, &str)> =
+            choices.iter().map(|c| (c["index"].as_u64().unwrap(), c["message"]["content"].as_str().unwrap())).collect();
+        assert_eq!(got, [(0, "a"), (1, "b"), (2, "c")]);
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+        let body = parse(&Reply { n: 3, ..reply(Endpoint::Completions) }.body(&finals).unwrap());
+        assert_eq!(body["choices"][2], json!({"index": 2, "text": "c", "logprobs": null, "finish_reason": "length"}));
+        // One failed sample fails the request.
+        let failed = Final { index: 1, message: Some("gone".into()), ..final_msg(FinishReason::Error, "") };
+        let e = three.body(&[finals[1].clone(), failed]).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (503, "gone"));
+    }
+
+    #[test]
+    fn a_batch_of_prompts_counts_each_prompt_once_and_echoes_each() {
+        // Two prompts of 5 and 7 tokens, two samples each: choices 0, 1 are of the first, 2, 3 of the second.
+        let of = |index, prompt_tokens, cached_tokens, text: &str| Final {
+            index,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens: 1,
+            ..final_msg(FinishReason::Length, text)
+        };
+        let finals = [of(3, 7, 16, "d"), of(0, 5, 0, "a"), of(2, 7, 0, "c"), of(1, 5, 16, "b")];
+        let r = Reply { n: 2, echo: vec!["P:".into(), "Q:".into()], ..reply(Endpoint::Completions) };
+        let body = parse(&r.body(&finals).unwrap());
+        let texts: Vec<&str> =
+            body["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["P:a", "P:b", "Q:c", "Q:d"]);
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+        // Streamed: each choice opens with its prompt.
+        let chunks = Chunks::new(r, false, 4);
+        let opening: Vec<Value> = chunks.opening().iter().map(|s| parse(s)).collect();
+        let echoed: Vec<(u64, &str)> = opening
+            .iter()
+            .map(|c| (c["choices"][0]["index"].as_u64().unwrap(), c["choices"][0]["text"].as_str().unwrap()))
+            .collect();
+        assert_eq!(echoed, [(0, "P:"), (1, "P:"), (2, "Q:"), (3, "Q:")]);
+    }
+
+    fn logprob_reply(endpoint: Endpoint, tokens_as_ids: bool) -> Reply {
+        let table = Arc::new(TokenTable::new(&byte_level_tokenizer()));
+        Reply { logprobs: Some(LogprobText { table, tokens_as_ids }), ..reply(endpoint) }
+    }
+
+    fn lps() -> Vec<TokenLogprobs> {
+        vec![
+            TokenLogprobs { logprob: -0.5, top: vec![(b'h' as u32, -0.5), (b'i' as u32, -1.5)] },
+            TokenLogprobs { logprob: -0.25, top: vec![(0xE4, -0.25), (b'i' as u32, -2.0)] },
+        ]
+    }
+
+    #[test]
+    fn chat_logprobs_have_openais_shape() {
+        let f =
+            Final { token_ids: vec![b'h' as u32, 0xE4], logprobs: Some(lps()), ..final_msg(FinishReason::Length, "h") };
+        let body = parse(&logprob_reply(Endpoint::Chat, false).body(std::slice::from_ref(&f)).unwrap());
+        assert_eq!(
+            body["choices"][0]["logprobs"],
+            json!({"content": [
+                {"token": "h", "logprob": -0.5, "bytes": [104], "top_logprobs": [
+                    {"token": "h", "logprob": -0.5, "bytes": [104]}, {"token": "i", "logprob": -1.5, "bytes": [105]}]},
+                {"token": "\u{FFFD}", "logprob": -0.25, "bytes": [228], "top_logprobs": [
+                    {"token": "\u{FFFD}", "logprob": -0.25, "bytes": [228]}, {"token": "i", "logprob": -2.0, "bytes": [105]}]},
+            ], "refusal": null})
+        );
+        let body = parse(&logprob_reply(Endpoint::Chat, true).body(&[f]).unwrap());
+        let first = &body["choices"][0]["logprobs"]["content"][0];
+        assert_eq!(
+            (first["token"].as_str(), first["top_logprobs"][1]["token"].as_str()),
+            (Some("token_id:104"), Some("token_id:105"))
+        );
+        assert_eq!(first["bytes"], json!([104]), "the bytes stay the token's");
+    }
+
+    #[test]
+    fn completion_logprobs_have_openais_shape_and_offsets_run_on_in_a_stream() {
+        let ids = vec![b'h' as u32, 0xE4];
+        let f = Final { token_ids: ids.clone(), logprobs: Some(lps()), ..final_msg(FinishReason::Length, "h") };
+        let body = parse(&logprob_reply(Endpoint::Completions, false).body(&[f]).unwrap());
+        assert_eq!(
+            body["choices"][0]["logprobs"],
+            json!({"tokens": ["h", "\u{FFFD}"], "token_logprobs": [-0.5, -0.25],
+                   "top_logprobs": [{"h": -0.5, "i": -1.5}, {"\u{FFFD}": -0.25, "i": -2.0}], "text_offset": [0, 1]})
+        );
+        let mut chunks = Chunks::new(logprob_reply(Endpoint::Completions, false), false, 1);
+        let lps = lps();
+        let delta = |i: usize, text: &str| {
+            ServerMsg::Delta(Delta {
+                rid: "x-1".into(),
+                index: 0,
+                token_ids: vec![ids[i]],
+                text: text.into(),
+                logprobs: Some(vec![lps[i].clone()]),
+            })
+        };
+        let (first, _) = chunks.on_reply(&delta(0, "h"));
+        let (second, _) = chunks.on_reply(&delta(1, ""));
+        assert_eq!(parse(&first[0])["choices"][0]["logprobs"]["text_offset"], json!([0]));
+        let second = parse(&second[0]);
+        assert_eq!(second["choices"][0]["text"], "", "held-back text, but its token's logprobs go out");
+        assert_eq!(second["choices"][0]["logprobs"]["text_offset"], json!([1]));
+        assert_eq!(second["choices"][0]["logprobs"]["token_logprobs"], json!([-0.25]));
+    }
+
+    fn delta_of(index: u32, text: &str) -> ServerMsg {
+        ServerMsg::Delta(Delta { rid: "x-1".into(), index, token_ids: vec![1], text: text.into(), logprobs: None })
+    }
+
+    /// Every payload of a stream of `msgs`, and whether the last message ended it.
+    fn stream(chunks: &mut Chunks, msgs: &[ServerMsg]) -> (Vec<String>, bool) {
+        let mut out = chunks.opening();
+        let mut ended = false;
+        for m in msgs {
+            let (data, last) = chunks.on_reply(m);
+            out.extend(data);
+            ended = last;
+        }
+        (out, ended)
+    }
+
+    #[test]
+    fn a_chat_stream_opens_with_the_role_and_ends_with_the_reason_usage_and_done() {
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), true, 1);
+        let msgs = [
+            delta_of(0, "He"),
+            delta_of(0, ""),
+            delta_of(0, "llo"),
+            ServerMsg::Final(final_msg(FinishReason::Stop, "Hello")),
+        ];
+        let (out, ended) = stream(&mut chunks, &msgs);
+        assert!(ended);
+        assert_eq!(out.len(), 6, "{out:?}");
+        assert_eq!(out.last().map(String::as_str), Some(DONE));
+        let json: Vec<Value> = out[..5].iter().map(|s| parse(s)).collect();
+        assert!(json.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == "x-1"));
+        assert_eq!(json[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        let text: String = json.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, "Hello");
+        assert_eq!(json[3]["choices"][0], json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}));
+        assert_eq!(json[4]["choices"], json!([]));
+        assert_eq!(
+            json[4]["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+        assert!(json[..4].iter().all(|c| c.get("usage").is_none()));
+    }
+
+    #[test]
+    fn a_chat_stream_carries_each_tokens_logprobs_in_its_chunk() {
+        let mut chunks = Chunks::new(logprob_reply(Endpoint::Chat, false), false, 1);
+        let lp = lps().remove(0);
+        let delta = ServerMsg::Delta(Delta {
+            rid: "x-1".into(),
+            index: 0,
+            token_ids: vec![b'h' as u32],
+            text: "h".into(),
+            logprobs: Some(vec![lp]),
+        });
+        let (out, _) = chunks.on_reply(&delta);
+        let chunk = parse(&out[0]);
+        assert_eq!(chunk["choices"][0]["delta"]["content"], "h");
+        assert_eq!(chunk["choices"][0]["logprobs"]["content"][0]["logprob"], -0.5);
+        assert_eq!(chunk["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"], "i");
+    }
+
+    #[test]
+    fn a_completion_stream_carries_text_chunks() {
+        let mut chunks = Chunks::new(reply(Endpoint::Completions), false, 1);
+        let msgs = [delta_of(0, "a"), ServerMsg::Final(final_msg(FinishReason::Length, "a"))];
+        let (out, _) = stream(&mut chunks, &msgs);
+        assert_eq!(out.len(), 3, "no opening, no usage: {out:?}");
+        assert_eq!(parse(&out[0])["choices"][0]["text"], "a");
+        assert_eq!(parse(&out[1])["choices"][0]["finish_reason"], "length");
+        assert_eq!(out[2], DONE);
+    }
+
+    #[test]
+    fn a_stream_that_fails_ends_with_an_error_event() {
+        let mut chunks = Chunks::new(Reply { n: 2, ..reply(Endpoint::Chat) }, true, 2);
+        let failed = Final { message: Some("the worker died".into()), ..final_msg(FinishReason::Error, "") };
+        let (out, ended) = chunks.on_reply(&ServerMsg::Final(failed));
+        assert!(ended && !chunks.complete(), "one sample's failure ends the stream; the other is still running");
+        assert_eq!(parse(&out[0])["error"]["message"], "the worker died");
+        assert_eq!(out[1], DONE);
+        let lost = chunks.on_lost();
+        assert_eq!((parse(&lost[0])["error"]["code"].as_str(), lost[1].as_str()), (Some("engine_unavailable"), DONE));
+    }
+
+    #[test]
+    fn a_stream_of_n_choices_tags_each_chunk_and_ends_after_the_last_final() {
+        let mut chunks = Chunks::new(Reply { n: 2, ..reply(Endpoint::Chat) }, true, 2);
+        let msgs = [
+            delta_of(1, "B"),
+            delta_of(0, "A"),
+            ServerMsg::Final(sample(1, "B", 1, 16)),
+            delta_of(0, "a"),
+            ServerMsg::Final(sample(0, "Aa", 2, 0)),
+        ];
+        let mut out = chunks.opening();
+        let mut ends = Vec::new();
+        for m in &msgs {
+            let (data, last) = chunks.on_reply(m);
+            out.extend(data);
+            ends.push(last);
+        }
+        assert_eq!(ends, [false, false, false, false, true], "the stream ends with the last sample's final");
+        assert!(chunks.complete());
+        assert_eq!(out.last().map(String::as_str), Some(DONE));
+        let json: Vec<Value> = out[..out.len() - 1].iter().map(|s| parse(s)).collect();
+        let roles: Vec<u64> = json[..2].iter().map(|c| c["choices"][0]["index"].as_u64().unwrap()).collect();
+        assert_eq!(roles, [0, 1], "each choice opens with the role");
+        let text_of = |i: u64| -> String {
+            json.iter()
+                .filter(|c| c["choices"].get(0).is_some_and(|ch| ch["index"] == i))
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect()
+        };
+        assert_eq!((text_of(0), text_of(1)), ("Aa".to_string(), "B".to_string()));
+        let reasons: Vec<(u64, &str)> = json
+            .iter()
+            .filter_map(|c| {
+                let ch = c["choices"].get(0)?;
+                Some((ch["index"].as_u64()?, ch["finish_reason"].as_str()?))
+            })
+            .collect();
+        assert_eq!(reasons, [(1, "length"), (0, "length")]);
+        let usage = &json.last().unwrap()["usage"];
+        assert_eq!(
+            *usage,
+            json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+    }
+}
