@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of minisgl-sched, against the session engine (docs/http.md).
 
-Plain http.client from the standard library: the `openai` package is not a dependency of this project."""
+Plain http.client from the standard library, to see the bytes on the wire; test_openai_api.py drives the same
+API through the official `openai` package."""
 
 from __future__ import annotations
 
@@ -171,7 +172,9 @@ def test_models_and_health(engine):
         ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "invalid_params"),
         ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_params"),
         ("/v1/chat/completions", {"messages": CHAT, "n": E2E_MAX_BATCH + 1}, 400, "invalid_params"),
-        ("/v1/completions", {"prompt": "x", "echo": True}, 400, "unsupported_parameter"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "unsupported_parameter"),
+        ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "unknown_parameter"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "invalid_params"),
         ("/v1/completions", {"prompt": [9707] * (E2E_MAX_SEQ_LEN + 1)}, 400, "context_length_exceeded"),
         ("/v1/completions", {"prompt": [1 << 30]}, 400, "invalid_params"),
         ("/v1/completions", {"prompt": ""}, 400, "empty_prompt"),
@@ -184,7 +187,9 @@ def test_models_and_health(engine):
         "bad-temperature",
         "n-0",
         "chat-n-over-the-batch",
-        "echo",
+        "echo-with-logprobs",
+        "unknown-field",
+        "no-content",
         "over-long-prompt",
         "token-outside-vocab",
         "empty-prompt",

@@ -8,17 +8,22 @@ with LLM() as llm:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from minisgl.client.client import Client
 from minisgl.launch import Engine, EngineConfig
+from minisgl.proto import messages
 
 Prompt = str | list[dict] | list[int]  # raw text, chat messages, or token ids
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """docs/protocol.md, `sampling`. The options after `ignore_eos` are off at their defaults: `logit_bias`
+    maps token ids to biases (-100..100), `logprobs` asks for each token's logprob and that many top ones
+    (0..20)."""
+
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -27,12 +32,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def to_wire(self) -> dict:
-        wire = asdict(self)
-        wire["stop"] = list(self.stop)
-        wire["stop_token_ids"] = list(self.stop_token_ids)
-        return wire
+        return messages.sampling(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=[(int(t), float(b)) for t, b in (self.logit_bias or {}).items()],
+            logprobs=self.logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +67,8 @@ class Output:
     finish_reason: str
     prompt_tokens: int
     message: str | None = field(default=None)
+    # With SamplingParams.logprobs: one {"logprob", "top": [[id, logprob], ...]} per id of token_ids.
+    logprobs: list[dict] | None = field(default=None)
 
 
 def prompt_fields(prompt: Prompt) -> dict:
@@ -96,6 +123,7 @@ class LLM:
                     finish_reason=final["finish_reason"],
                     prompt_tokens=final["prompt_tokens"],
                     message=final.get("message"),
+                    logprobs=final.get("logprobs"),
                 )
             )
         return outputs
