@@ -59,3 +59,26 @@ def test_constants_match_the_protocol():
     }
     assert messages.abort("r") == {"type": "abort", "rid": "r"}
     assert messages.info() == {"type": "info"} and messages.ready() == {"type": "ready"}
+
+
+def test_the_sampling_options_are_sent_only_when_on_in_the_protocols_order():
+    assert messages.sampling() == messages.SAMPLING_DEFAULTS
+    assert messages.sampling(logprobs=None, min_p=0.0, logit_bias=[], skip_special_tokens=True) == (
+        messages.SAMPLING_DEFAULTS
+    )
+    wire = messages.sampling(skip_special_tokens=False, logit_bias=[(5, 1.0)], logprobs=0, seed=1)
+    assert list(wire) == [*messages.SAMPLING_DEFAULTS, "logit_bias", "logprobs", "skip_special_tokens"]
+    assert (wire["seed"], wire["logit_bias"], wire["logprobs"]) == (1, [[5, 1.0]], 0)
+    assert messages.generate("a", text="x", sampling={"min_p": 0.1})["sampling"] == {"min_p": 0.1}
+    with pytest.raises(ValueError, match="top_logprobs"):
+        messages.sampling(top_logprobs=3)
+
+
+def test_the_offline_sampling_params_write_the_same_map():
+    from minisgl.client.llm import SamplingParams
+
+    assert SamplingParams().to_wire() == messages.SAMPLING_DEFAULTS
+    params = SamplingParams(temperature=0.0, logit_bias={7: -100}, logprobs=2, repetition_penalty=1.2)
+    assert params.to_wire() == messages.sampling(
+        temperature=0.0, logit_bias=[(7, -100.0)], logprobs=2, repetition_penalty=1.2
+    )
