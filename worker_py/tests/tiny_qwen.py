@@ -23,7 +23,9 @@ def cpu_config(model_dir, num_pages, page_size, max_batch, max_step_tokens, **kw
     )
 
 
-def make_tiny_qwen(path: Path, seed: int = 0, tie: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+def make_tiny_qwen(
+    path: Path, seed: int = 0, tie: bool = True, dtype: torch.dtype = torch.float32, kv_heads: int = 2
+) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -32,7 +34,7 @@ def make_tiny_qwen(path: Path, seed: int = 0, tie: bool = True, dtype: torch.dty
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,

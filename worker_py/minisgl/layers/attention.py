@@ -1,12 +1,14 @@
 """Self-attention over the paged KV cache: the merged q/k/v projection, an optional per-head q/k RMSNorm
 (Qwen3), rotary embedding with the write of this step's K/V, the attention backend, the output projection.
-Heads would split across tensor-parallel ranks with the projections (q/k/v column-, o row-parallel)."""
+With tensor parallelism each rank holds a slice of the heads (q/k/v column-, o row-parallel); KV heads fewer
+than the ranks are replicated, one per rank (`minisgl.tp`), and the rank's KV cache holds only its own."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from minisgl import tp
 from minisgl.attention.base import AttentionBackend
 from minisgl.kernels import rope
 from minisgl.layers.linear import Linear
@@ -33,7 +35,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads = options.split(num_heads, "attention heads")
-        self.num_kv_heads = options.split(num_kv_heads, "KV heads")
+        kv_part = tp.kv_part(num_kv_heads, options.tp_size, options.tp_rank)
+        if num_kv_heads < options.tp_size and options.tp_size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {options.tp_size} ranks")
+        self.num_kv_heads = tp.local_kv_heads(num_kv_heads, options.tp_size)
+        if num_kv_heads >= options.tp_size:
+            options.split(num_kv_heads, "KV heads")
         self.head_dim = head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.qkv_proj = Linear(
@@ -43,6 +50,7 @@ class Attention(nn.Module):
             bias=qkv_bias,
             tp_dim=0,
             shards=("q", "k", "v"),
+            parts=[(options.tp_rank, options.tp_size), kv_part, kv_part],
         )
         self.o_proj = Linear(num_heads * head_dim, hidden_size, options, tp_dim=1)
         self.q_norm = self.k_norm = None

@@ -1,5 +1,12 @@
-"""The token embedding and the LM head, tied (one weight, the embedding's) or not. Both would split the
-vocabulary across tensor-parallel ranks (`tp_dim` 0)."""
+"""The token embedding and the LM head, tied (one weight, the embedding's) or not.
+
+With tensor parallelism both split the vocabulary (`tp_dim` 0): rank r holds rows [r * s, (r + 1) * s) with
+s = ceil(vocab / ranks), the last slice padded with zero rows, so any vocabulary splits. The embedding looks
+up the ids in its slice, zeros the others and all-reduces (exactly one rank contributes each row, so the sum
+is exact); the LM head computes its slice's logits and all-gathers them, so that every rank holds the whole
+row and samples the same token from it without a broadcast (the sampler's noise depends only on the seed,
+the position and the vocabulary id).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +15,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.kernels import small_m
-from minisgl.layers.loading import add_param, copy_checked, rank_slice
+from minisgl.layers import comm
+from minisgl.layers.loading import add_param, copy_checked
 from minisgl.layers.options import LayerOptions
+
+
+class _VocabSlice:
+    def __init__(self, vocab_size: int, options: LayerOptions) -> None:
+        self.ranks = options.tp_size
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // options.tp_size)
+        self.start = min(vocab_size, options.tp_rank * self.rows)
+        self.stop = min(vocab_size, self.start + self.rows)
+
+    def load_rows(self, weight: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
+        if tensor.shape[0] != self.vocab_size:
+            raise ValueError(f"{what}: checkpoint has {tensor.shape[0]} rows, the model {self.vocab_size}")
+        real = self.stop - self.start
+        copy_checked(weight[:real], tensor[self.start : self.stop], what)
+        weight[real:].zero_()
 
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, options: LayerOptions) -> None:
         super().__init__()
-        if options.tp_size != 1:
-            raise NotImplementedError(
-                "a vocabulary split across ranks needs the all-reduce of tensor parallelism"
-            )
-        self.tp_dim, self._rank, self._ranks = 0, options.tp_rank, options.tp_size
-        add_param(self, "weight", (vocab_size, hidden_size), options.dtype, self._load)
+        self.slice = _VocabSlice(vocab_size, options)
+        self.tp_dim = 0
+        add_param(self, "weight", (self.slice.rows, hidden_size), options.dtype, self._load)
 
     def _load(self, tensor: torch.Tensor, _shard: object) -> None:
-        copy_checked(self.weight.data, rank_slice(tensor, 0, self._rank, self._ranks), "embedding")
+        self.slice.load_rows(self.weight.data, tensor, "embedding")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.slice.ranks == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.slice.start
+        mine = (local >= 0) & (local < self.slice.stop - self.slice.start)
+        out = F.embedding(torch.where(mine, local, 0), self.weight)
+        return comm.all_reduce(out.masked_fill_(~mine.unsqueeze(-1), 0))
 
 
 class LMHead(nn.Module):
@@ -36,19 +62,26 @@ class LMHead(nn.Module):
         self, vocab_size: int, hidden_size: int, options: LayerOptions, tied: VocabEmbedding | None = None
     ) -> None:
         super().__init__()
-        self.tp_dim, self._rank, self._ranks = 0, options.tp_rank, options.tp_size
+        self.slice = _VocabSlice(vocab_size, options)
+        self.tp_dim = 0
         self._tied = tied
         if tied is None:
-            add_param(self, "weight", (vocab_size, hidden_size), options.dtype, self._load)
+            add_param(self, "weight", (self.slice.rows, hidden_size), options.dtype, self._load)
         else:
             self.weight = None
         self.small_m = options.small_m
 
     def _load(self, tensor: torch.Tensor, _shard: object) -> None:
-        copy_checked(self.weight.data, rank_slice(tensor, 0, self._rank, self._ranks), "lm_head")
+        self.slice.load_rows(self.weight.data, tensor, "lm_head")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self._tied.weight if self._tied is not None else self.weight
         if self.small_m and small_m.suits(hidden, weight):
-            return small_m.linear(hidden, weight)
-        return F.linear(hidden, weight)
+            logits = small_m.linear(hidden, weight)
+        else:
+            logits = F.linear(hidden, weight)
+        ranks = self.slice.ranks
+        if ranks == 1:
+            return logits
+        # Contiguous again when the last slice was padded: the sampler's kernels take rows of `vocab` ids.
+        return comm.all_gather_columns(logits, ranks)[:, : self.slice.vocab_size].contiguous()

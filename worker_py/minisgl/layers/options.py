@@ -14,7 +14,8 @@ class LayerOptions:
     rows through `kernels.small_m` where it measured faster (half-precision dtypes only: its tl.dot would
     run float32 through TF32). A layer reads these once, when it is built.
 
-    `tp_rank` of `tp_size`: which shard of each weight this process holds (see `Linear.tp_dim`)."""
+    `tp_rank` of `tp_size`: which shard of each weight this process holds (see `Linear.tp_dim`). Split
+    layers talk to the other ranks through `minisgl.layers.comm`, which needs torch.distributed set up."""
 
     dtype: torch.dtype
     fused: bool = False

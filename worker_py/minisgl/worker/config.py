@@ -58,6 +58,12 @@ class WorkerConfig:
         True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, MoE, small-batch projections"
     )
     overlap: bool = opt(True, "the scheduler plans step N+1 while the worker runs step N")
+    tp: int = opt(
+        1,
+        "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "
+        "GPUs 0..N-1 of CUDA_VISIBLE_DEVICES)",
+        metavar="N",
+    )
 
     def resolved(self) -> WorkerConfig:
         """This config with `auto` and every machine-dependent default decided."""
@@ -83,10 +89,17 @@ class WorkerConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"unknown dtype {self.dtype!r}; known: auto, {', '.join(DTYPES)}")
-        for name in ("page_size", "max_batch", "max_step_tokens", "num_pages"):
+        for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.tp > 4:
+            raise ValueError(f"tp must be at most 4 (the step ring's readers), got {self.tp}")
+        if self.tp > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"--device {self.device} names one GPU and --tp {self.tp} needs {self.tp}: give --device "
+                "cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
         if self.max_batch and self.max_step_tokens and self.max_step_tokens < self.max_batch:
             raise ValueError("max_step_tokens must allow one token for each of max_batch requests")
 

@@ -1,4 +1,8 @@
-"""The worker process: load the model, shake hands with the scheduler, then run steps until told to stop."""
+"""The worker process: load the model, shake hands with the scheduler, then run steps until told to stop.
+
+With tensor parallelism every rank runs this loop on the same steps: each reads the step ring as reader
+`tp_rank`, runs the forward (the layers exchange what they must through torch.distributed) and samples the
+same tokens, and rank 0 alone writes the results."""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import logging
 import os
 
 import msgpack
+import torch
 import zmq
 
 from minisgl.proto import messages
 from minisgl.proto.channels import ResultWriter, StepReader
 from minisgl.proto.ring import PeerDead, Ring
 from minisgl.proto.step import RESULT_FAILED, RESULT_OK, STEP_SHUTDOWN
+from minisgl.worker import distributed
 from minisgl.worker.config import WorkerConfig
 from minisgl.worker.runner import ModelRunner
 
@@ -39,7 +45,9 @@ class Control:
         log.info("%s", phase)
         self._ask(messages.status(phase))
 
-    def handshake(self, runner: ModelRunner) -> tuple[Ring, Ring]:
+    def handshake(self, runner: ModelRunner) -> tuple[Ring, Ring | None]:
+        """Says hello (every rank: the scheduler waits for all of them and checks they agree), maps the step
+        ring as reader `tp_rank`, and on rank 0 the result ring as its writer; other ranks get None for it."""
         hello = messages.hello(
             pid=os.getpid(),
             model=runner.model_facts(),
@@ -48,24 +56,46 @@ class Control:
             max_batch=runner.max_batch,
             max_tokens=runner.max_step_tokens,
         )
+        # Left out at tp 1, so a single worker's hello is the same bytes as before tensor parallelism.
+        if runner.tp_size > 1:
+            hello.update(tp_rank=runner.tp_rank, tp_size=runner.tp_size)
         welcome = self._ask(hello)
-        step_ring, result_ring = Ring.open(welcome["step_ring"]), Ring.open(welcome["result_ring"])
-        step_ring.attach_reader(0, os.getpid())
-        result_ring.attach_writer(os.getpid())
+        step_ring = Ring.open(welcome["step_ring"])
+        step_ring.attach_reader(runner.tp_rank, os.getpid())
+        result_ring = None
+        if runner.tp_rank == 0:
+            result_ring = Ring.open(welcome["result_ring"])
+            result_ring.attach_writer(os.getpid())
         self._ask(messages.ready())
         self._sock.close()
         return step_ring, result_ring
 
 
-def serve(config: WorkerConfig, control_address: str) -> int:
+def serve(config: WorkerConfig, control_address: str, tp_rank: int = 0, dist_init: str | None = None) -> int:
+    """Runs rank `tp_rank` of `config.tp` (joined through `dist_init` when there are several)."""
+    if config.tp > 1:
+        if dist_init is None:
+            raise ValueError(f"--tp {config.tp} needs --dist-init, the ranks' rendezvous")
+        resolved = config.resolved()
+        device = distributed.rank_device(resolved.device, tp_rank, config.tp)
+        distributed.init(tp_rank, config.tp, dist_init, torch.device(device))
+    code = _serve(config, control_address, tp_rank)
+    if code == 0:
+        # Only after a clean stop: tearing down NCCL while a peer is gone can block.
+        distributed.close()
+    return code
+
+
+def _serve(config: WorkerConfig, control_address: str, tp_rank: int) -> int:
     control = Control(control_address)
-    runner = ModelRunner(config, on_phase=control.status)
+    runner = ModelRunner(config, on_phase=control.status, tp_rank=tp_rank)
     c = runner.config
     log.info(
-        "loaded %s on %s (%s, attention %s for extend and %s for decode steps, CUDA graphs %s, fused kernels "
-        "%s): %d KV pages of %d tokens (%.2f GiB)",
+        "loaded %s%s on %s (%s, attention %s for extend and %s for decode steps, CUDA graphs %s, fused "
+        "kernels %s): %d KV pages of %d tokens (%.2f GiB)",
         c.model,
-        c.device,
+        f" (rank {tp_rank} of {c.tp})" if c.tp > 1 else "",
+        runner.device,
         c.dtype,
         c.attention,
         c.decode_attention,
@@ -76,14 +106,23 @@ def serve(config: WorkerConfig, control_address: str) -> int:
         runner.kv_cache.nbytes / 2**30,
     )
     step_ring, result_ring = control.handshake(runner)
+    results = ResultWriter(result_ring) if result_ring is not None else NoResults()
     try:
-        return run_steps(runner, StepReader(step_ring), ResultWriter(result_ring), overlap=c.overlap)
+        return run_steps(runner, StepReader(step_ring, tp_rank), results, overlap=c.overlap)
     except PeerDead as e:
         log.error("%s: stopping", e)
         return 1
     finally:
         step_ring.close()
-        result_ring.close()
+        if result_ring is not None:
+            result_ring.close()
+
+
+class NoResults:
+    """What ranks other than 0 write results to: they sample the same tokens as rank 0, which writes them."""
+
+    def write(self, *_args, **_kwargs) -> bool:
+        return True
 
 
 def run_steps(runner, steps, results, overlap: bool = True) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minisgl import tp
 from minisgl.attention import BACKENDS, create_backend
 from minisgl.attention.base import AttentionConfig
 from minisgl.kernels.rounding import available as kernels_available
@@ -17,6 +18,7 @@ from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
 from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs
 from minisgl.sampling import Joins, Sampler
+from minisgl.worker import distributed
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
@@ -81,11 +83,14 @@ class ModelRunner:
         *,
         show_progress: bool = True,
         on_phase: Callable[[str], None] = lambda phase: None,
+        tp_rank: int = 0,
     ) -> None:
         """`config` is resolved here (`WorkerConfig.resolved`); `on_phase` hears each slow part of the start
-        as it begins (the worker tells the scheduler)."""
+        as it begins (the worker tells the scheduler). With `config.tp` above 1 this is rank `tp_rank`, and
+        torch.distributed must already join the ranks (`minisgl.worker.distributed.init`)."""
         cfg = self.config = config.resolved()
-        self.device = torch.device(cfg.device)
+        self.tp_rank, self.tp_size = tp_rank, cfg.tp
+        self.device = torch.device(distributed.rank_device(cfg.device, tp_rank, cfg.tp))
         self.dtype = parse_dtype(cfg.dtype)
         on_cuda = self.device.type == "cuda"
         self.model_config = mc = ModelConfig.from_dir(cfg.model)
@@ -93,7 +98,8 @@ class ModelRunner:
         self.fused_kernels = cfg.fused_kernels and kernels_available(self.device)
         # small_m's tl.dot would run float32 through TF32: it is for the half-precision dtypes only.
         self.small_m_kernels = self.fused_kernels and self.dtype in (torch.bfloat16, torch.float16)
-        options = LayerOptions(self.dtype, fused=self.fused_kernels, small_m=self.small_m_kernels)
+        fused, small = self.fused_kernels, self.small_m_kernels
+        options = LayerOptions(self.dtype, fused=fused, small_m=small, tp_rank=tp_rank, tp_size=cfg.tp)
         on_phase("loading weights")
         self.model = load_model(cfg.model, options, self.device, show_progress=show_progress)
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
@@ -102,13 +108,18 @@ class ModelRunner:
         # Before the KV budget is measured: the penalties' per-slot token counts are [slots, vocab] int32.
         self.sampler = Sampler(cfg.max_batch + 1, self.device, vocab_size=mc.vocab_size)
         on_phase("allocating the KV cache")
-        kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        # Each rank holds its heads' slice of every page: the scheduler's page numbers mean the same on all.
+        kv_heads = tp.local_kv_heads(mc.num_kv_heads, cfg.tp)
+        kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, kv_heads, mc.head_dim, self.dtype)
         self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
+        if cfg.tp > 1:
+            # Free memory differs a little between GPUs; every rank must offer the scheduler the same pages.
+            self._usable_pages = distributed.agree_min(self._usable_pages, self.device)
         self.kv_cache = KVCache(kv_shape, self._usable_pages + int(use_graphs), self.device)
         self.attn = create_backend(
             cfg.attention,
             cfg.decode_attention,
-            AttentionConfig(mc.num_heads, mc.num_kv_heads, mc.head_dim, cfg.page_size),
+            AttentionConfig(mc.num_heads // cfg.tp, kv_heads, mc.head_dim, cfg.page_size),
             self.kv_cache,
         )
         scratch_slot = cfg.max_batch
@@ -313,8 +324,8 @@ class ModelRunner:
         prefill's activations, a full batch's logits through the filtered sampler, FlashInfer's workspaces."""
         mc, cfg = self.model_config, self.config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-        per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size) * elem
+        qkv = (mc.num_heads // cfg.tp + 2 * tp.local_kv_heads(mc.num_kv_heads, cfg.tp)) * mc.head_dim
+        per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size // cfg.tp) * elem
         # Logits, noise hashes (int64), sort values and indices; bias, penalties and logprobs' float copies.
         sampling = cfg.max_batch * mc.vocab_size * 48
         return cfg.max_step_tokens * per_token + sampling + (1 << 30)
