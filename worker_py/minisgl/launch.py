@@ -1,6 +1,7 @@
-"""Starts the scheduler daemon and the worker, waits until they serve, and supervises them.
+"""Starts the scheduler daemon and the worker (one process per tensor-parallel rank with --tp N), waits until
+they serve, and supervises them.
 
-Either process dying stops the other, and the launcher exits non-zero. The first Ctrl-C or SIGTERM drains:
+Any process dying stops the others, and the launcher exits non-zero. The first Ctrl-C or SIGTERM drains:
 the scheduler stops taking requests and finishes the live ones (up to --shutdown-timeout seconds), then both
 processes exit. A second one stops them at once. Either way nothing is left behind: no shared-memory segment,
 no socket file.
@@ -164,13 +165,15 @@ class EngineDied(RuntimeError):
 
 
 class Engine:
-    """The two processes of a running engine. Use as a context manager, or call start() and stop().
+    """The processes of a running engine: the scheduler and the worker, or with `tp` above 1 one worker
+    process per rank (named `worker rank R`). Use as a context manager, or call start() and stop().
 
     `private_listen` replaces the config's `listen` with an ipc:// socket in the engine's own run directory,
     so that an engine nobody else needs to reach cannot collide with a server on the default address."""
 
     def __init__(self, config: EngineConfig, *, private_listen: bool = False):
         self.procs: dict[str, subprocess.Popen] = {}
+        self._deaths: list[str] = []
         self.run_dir = tempfile.mkdtemp(prefix="minisgl-")  # 0700: holds the control socket
         self.shm_prefix = f"minisgl-{os.getpid()}-{os.path.basename(self.run_dir)[8:]}"
         if private_listen:
@@ -192,7 +195,12 @@ class Engine:
         # The worker's flags are its config's fields, so every worker setting reaches it by the same name.
         worker = [sys.executable, "-m", "minisgl.worker", "--control", control, *to_argv(c, WorkerConfig)]
         worker += ["--log-level", c.log_level, "--log-format", c.log_format]
-        return {"scheduler": sched, "worker": worker}
+        if c.tp == 1:
+            return {"scheduler": sched, "worker": worker}
+        # The ranks meet in a file of the private run directory: one host, no port to pick or to collide on.
+        dist = ["--dist-init", f"file://{self.run_dir}/dist-store"]
+        ranks = {f"worker rank {r}": [*worker, "--tp-rank", str(r), *dist] for r in range(c.tp)}
+        return {"scheduler": sched, **ranks}
 
     def _environments(self) -> dict[str, dict[str, str]]:
         # The key goes through the environment: on the command line every user of `ps` would read it. Only
@@ -205,12 +213,17 @@ class Engine:
 
     def start(self) -> Engine:
         self._resolve_model()
+        if self.config.tp > 1:
+            from minisgl.tp import check_model
+
+            check_model(self.config.model, self.config.tp)  # at once, not after every rank loaded weights
         envs = self._environments()
         for name, cmd in self._commands().items():
             log.debug("starting %s: %s", name, " ".join(cmd))
             # A process group of its own, so a stop reaches whatever the child started too, and so a Ctrl-C in
             # the terminal reaches only the launcher, which decides what each process gets.
-            self.procs[name] = subprocess.Popen(cmd, start_new_session=True, env=envs[name])
+            env = envs["scheduler" if name == "scheduler" else "worker"]
+            self.procs[name] = subprocess.Popen(cmd, start_new_session=True, env=env)
         return self
 
     def _resolve_model(self) -> None:
@@ -227,11 +240,23 @@ class Engine:
         self.config = dataclasses.replace(c, model=str(directory), served_model_name=name)
 
     def dead(self) -> str | None:
-        """The name of a process that has exited, if any."""
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                return name
-        return None
+        """The name of the first process seen to have exited, if any. Of several seen at once, one killed by
+        a signal goes first, then a worker rank: the others follow such a death (the scheduler exits when a
+        rank is gone, a rank fails when its peer does), so it is what went wrong."""
+        if not self._deaths:
+            exited = [(name, p.returncode) for name, p in self.procs.items() if p.poll() is not None]
+            exited.sort(key=lambda e: (e[1] >= 0, e[0] == "scheduler"))
+            self._deaths = [name for name, _ in exited]
+        return self._deaths[0] if self._deaths else None
+
+    def death(self, name: str) -> str:
+        """What the exit of process `name` says, in words."""
+        code = self.procs[name].returncode
+        how = f"exited with code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}"
+        return f"the {name} (pid {self.procs[name].pid}) {how}"
 
     def wait_ready(self, cancelled: Callable[[], bool] = lambda: False) -> dict | None:
         """Blocks until the scheduler answers `info` (and returns it), or `cancelled()` (and returns None);
@@ -245,8 +270,7 @@ class Engine:
                 if cancelled():
                     return None
                 if (name := self.dead()) is not None:
-                    code = self.procs[name].returncode
-                    raise EngineDied(f"the {name} exited with code {code} before the engine was ready")
+                    raise EngineDied(f"{self.death(name)} before the engine was ready")
                 try:
                     return client.next_reply(None, timeout_s=0.5)
                 except TimeoutError:
@@ -255,22 +279,16 @@ class Engine:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stops the scheduler first: it tells the worker to exit through the ring (and a worker whose
-        scheduler is gone exits by itself), so both end cleanly. A scheduler still there after `grace_s` gets
-        a second SIGTERM, which ends a drain at once; then, like the worker, SIGKILL."""
-        for name in ("scheduler", "worker"):
-            proc = self.procs.get(name)
-            if proc is None:
-                continue
-            if name == "scheduler" and proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    proc.wait(grace_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    log.warning("the %s did not stop within %.0f s: sending %s", name, grace_s, sig.name)
-                    _signal_group(proc, sig)
-            proc.wait()
+        scheduler is gone exits by itself), so all end cleanly. A scheduler still there after `grace_s` gets
+        a second SIGTERM, which ends a drain at once; then, like the worker, SIGKILL. The worker's ranks
+        share their waits (a rank blocked in a collective with a dead one needs its signal), so stopping
+        takes no longer with more of them."""
+        scheduler = self.procs.get("scheduler")
+        if scheduler is not None:
+            if scheduler.poll() is None:
+                _signal_group(scheduler, signal.SIGTERM)
+            _wait_or_signal({"scheduler": scheduler}, grace_s)
+        _wait_or_signal({n: p for n, p in self.procs.items() if n != "scheduler"}, grace_s)
         self.cleanup()
 
     def cleanup(self) -> None:
@@ -292,6 +310,22 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _wait_or_signal(procs: dict[str, subprocess.Popen], grace_s: float) -> None:
+    """Waits up to `grace_s` for all of `procs` to exit, sends those left SIGTERM, waits as long again, then
+    sends SIGKILL and waits for them."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace_s
+        for proc in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        procs = {name: p for name, p in procs.items() if p.poll() is None}
+        for name, proc in procs.items():
+            log.warning("the %s did not stop within %.0f s: sending %s", name, grace_s, sig.name)
+            _signal_group(proc, sig)
+    for proc in procs.values():
+        proc.wait()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -365,6 +399,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") 
     config = parse_args(argv, prog)
     from minisgl.checkpoint.gguf import CheckpointError
     from minisgl.checkpoint.sources import ModelNotFound
+    from minisgl.tp import CannotSplit
 
     setup_logging(config.log_level, config.log_format)
     for warning in exposure_warnings(config):
@@ -387,12 +422,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m minisgl.launch") 
             log.info("serving %s on %s%s (%s)", model, config.listen, http, info)
         while not signals:
             if (name := engine.dead()) is not None:
-                code = engine.procs[name].returncode
-                log.error("the %s exited with code %s; stopping the engine", name, code)
+                log.error("%s; stopping the engine", engine.death(name))
                 return 1
             time.sleep(0.2)
         return _drain(engine, signals)
-    except (EngineDied, TimeoutError, FileNotFoundError, ModelNotFound, CheckpointError) as e:
+    except (EngineDied, TimeoutError, FileNotFoundError, ModelNotFound, CheckpointError, CannotSplit) as e:
         log.error("%s", e)
         return 1
     finally:

@@ -14,6 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+MAX_RANKS = 4  # the step ring's readers (docs/protocol.md): one per rank
+
+
+class CannotSplit(ValueError):
+    """The model does not split over the ranks asked for."""
+
 
 def kv_part(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """(index, count): rank `tp_rank` holds slice `index` of `count` equal slices of the K and V heads."""
@@ -53,13 +59,13 @@ def problems(config: dict[str, Any], tp_size: int) -> list[str]:
 
 
 def check_model(model_dir: str | Path, tp_size: int) -> None:
-    """Raises ValueError naming every reason the model in `model_dir` cannot run over `tp_size` ranks, and
+    """Raises CannotSplit naming every reason the model in `model_dir` cannot run over `tp_size` ranks, and
     the sizes that would work."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     found = problems(config, tp_size)
     if found:
-        fits = [n for n in range(1, 65) if not problems(config, n)]
-        raise ValueError(
+        fits = [n for n in range(1, MAX_RANKS + 1) if not problems(config, n)]
+        raise CannotSplit(
             f"--tp {tp_size}: {Path(model_dir).name} cannot be split over {tp_size} ranks: "
-            f"{'; '.join(found)} (sizes that work, up to 64: {', '.join(map(str, fits))})"
+            f"{'; '.join(found)} (sizes that work: {', '.join(map(str, fits))})"
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from minisgl.attention.registry import DECODE_CHOICES, PREFILL_CHOICES
 from minisgl.flags import opt
+from minisgl.tp import MAX_RANKS
 
 # Accepted names and torch's for each.
 DTYPES = {
@@ -93,8 +94,8 @@ class WorkerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.tp > 4:
-            raise ValueError(f"tp must be at most 4 (the step ring's readers), got {self.tp}")
+        if self.tp > MAX_RANKS:
+            raise ValueError(f"tp must be at most {MAX_RANKS} (the step ring's readers), got {self.tp}")
         if self.tp > 1 and self.device.startswith("cuda:"):
             raise ValueError(
                 f"--device {self.device} names one GPU and --tp {self.tp} needs {self.tp}: give --device "
