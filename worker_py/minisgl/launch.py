@@ -2,8 +2,8 @@
 they serve, and supervises them.
 
 Any process dying stops the others, and the launcher exits non-zero. The first Ctrl-C or SIGTERM drains:
-the scheduler stops taking requests and finishes the live ones (up to --shutdown-timeout seconds), then both
-processes exit. A second one stops them at once. Either way nothing is left behind: no shared-memory segment,
+the scheduler stops taking requests and finishes the live ones (up to --shutdown-timeout seconds), then every
+process exits. A second one stops them at once. Either way nothing is left behind: no shared-memory segment,
 no socket file.
 
     minisgl serve models/Qwen2.5-Coder-0.5B-Instruct

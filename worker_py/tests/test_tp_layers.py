@@ -11,6 +11,7 @@ from tp_ranks import run_ranks
 from minisgl import tp
 from minisgl.layers import GatedMLP, LayerOptions, Linear, LMHead, MoE, VocabEmbedding
 from minisgl.layers.loading import ALL
+from minisgl.worker.config import WorkerConfig
 
 
 def _load(module: torch.nn.Module, name: str, tensor: torch.Tensor, shard=ALL) -> None:
@@ -154,3 +155,13 @@ def test_kv_heads_are_split_or_replicated():
     odd = {"num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 48}
     assert tp.problems(odd, 3) == ["its 4 KV heads do not split evenly over 3 ranks"]
     assert "cannot be replicated" in tp.problems(odd | {"num_key_value_heads": 3}, 4)[0]
+
+
+def test_the_config_refuses_more_ranks_than_the_ring_reads_and_one_gpu_for_several():
+    assert WorkerConfig(tp=4).tp == 4
+    with pytest.raises(ValueError, match="at most 4"):
+        WorkerConfig(tp=5)
+    with pytest.raises(ValueError, match="--device cuda:1 names one GPU"):
+        WorkerConfig(tp=2, device="cuda:1")
+    with pytest.raises(ValueError, match="tp must be positive"):
+        WorkerConfig(tp=0)
