@@ -42,8 +42,18 @@ def generate(rid: str, **fields) -> dict:
         msgpack.packb({"rid": "x", "text": "no type"}),
         msgpack.packb({"type": "generate", "rid": "x", "text": 42}),  # wrong field type
         msgpack.packb({"type": "generate", "rid": 7, "text": "hi"}),
+        # 200,000 nested arrays: once a stack overflow that aborted the daemon (found by proto's fuzz_peers)
+        b"\x82\xa4type\xa8generate\xa4text" + b"\x91" * 200_000 + b"\xc0",
     ],
-    ids=["not-msgpack", "empty-frame", "not-a-map", "missing-type", "text-not-a-string", "rid-not-a-string"],
+    ids=[
+        "not-msgpack",
+        "empty-frame",
+        "not-a-map",
+        "missing-type",
+        "text-not-a-string",
+        "rid-not-a-string",
+        "deeply-nested",
+    ],
 )
 def test_malformed_messages(client, payload):
     assert error_reply(client, payload)["code"] == "malformed"

@@ -16,9 +16,17 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(msg).expect("protocol messages always encode")
 }
 
-/// Decodes a message whose shape the caller trusts (control replies, server messages in tests and clients).
+/// How deeply maps and arrays may nest in a message. The deepest legitimate ones (a JSON schema inside a tool
+/// inside a message list) stay well within it; rmp-serde's own limit (1024) lets a 2 kB frame of nested arrays
+/// overflow a thread's stack while decoding into a dynamic value, which aborts the whole daemon.
+pub const MAX_DEPTH: usize = 64;
+
+/// Decodes a message whose shape the caller trusts (control replies, server messages in tests and clients), with
+/// the depth bounded all the same: the worker is another process.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
-    rmp_serde::from_slice(bytes)
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }
 
 // --- request socket: client to scheduler ---------------------------------------------------------------------
@@ -297,7 +305,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
     let malformed = |rid: Option<String>, m: String| Rejection::new(rid, ErrorCode::Malformed, m);
     // A first pass through a dynamic value reads the rid and type even when the rest is wrong. It cannot be the
     // only pass: a dynamic value turns NaN and infinities into nil, which would then read as "use the default".
-    let value: Value = rmp_serde::from_slice(bytes).map_err(|e| malformed(None, format!("not a msgpack map: {e}")))?;
+    let value: Value = decode(bytes).map_err(|e| malformed(None, format!("not a msgpack map: {e}")))?;
     let Value::Object(map) = &value else {
         return Err(malformed(None, "the message is not a map".into()));
     };
@@ -314,7 +322,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
             if !matches!(map.get("sampling"), None | Some(Value::Null | Value::Object(_))) {
                 return Err(malformed(rid, "generate: `sampling` is not a map".into()));
             }
-            let w: WireGenerate = rmp_serde::from_slice(bytes).map_err(shape)?;
+            let w: WireGenerate = decode(bytes).map_err(shape)?;
             Ok(ClientMsg::Generate(Generate {
                 rid: w.rid,
                 text: w.text,
@@ -326,7 +334,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
             }))
         }
         "abort" => {
-            let w: WireAbort = rmp_serde::from_slice(bytes).map_err(shape)?;
+            let w: WireAbort = decode(bytes).map_err(shape)?;
             Ok(ClientMsg::Abort { rid: w.rid })
         }
         "info" => Ok(ClientMsg::Info),

@@ -12,6 +12,7 @@ pub use wait::{Backoff, DEFAULT_SPIN, Liveness, process_alive, unix_ms};
 use crate::step::Capacity;
 use header::*;
 use shared_memory::{Shmem, ShmemConf, ShmemError};
+use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -61,6 +62,9 @@ pub struct Ring {
     page_size: u32,
     /// True between a successful claim and its publish, so that a publish can never expose a slot still in use.
     claimed: bool,
+    /// Per reader: true between a `try_read` that returned a slot and its `release`. Kept here, not read from the
+    /// shared header, so that a peer that rewrites the sequence numbers cannot turn our own check into a panic.
+    held: Cell<[bool; MAX_READERS]>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -169,6 +173,7 @@ impl Ring {
             cap: h.cap,
             page_size: h.page_size,
             claimed: false,
+            held: Cell::new([false; MAX_READERS]),
         }
     }
 
@@ -361,36 +366,44 @@ impl Ring {
         let next = self.u64_at(off_read_seq(reader)).load(Ordering::Relaxed);
         // Acquire pairs with publish's release store: the slot's contents are complete once we see the sequence.
         let published = self.u64_at(OFF_WRITE_SEQ).load(Ordering::Acquire);
+        if published <= next {
+            return None;
+        }
+        let mut held = self.held.get();
+        held[reader] = true;
+        self.held.set(held);
         // SAFETY: the writer does not touch this slot until we release it.
-        (published > next).then(|| unsafe { std::slice::from_raw_parts(self.slot_ptr(next), self.slot_bytes) })
+        Some(unsafe { std::slice::from_raw_parts(self.slot_ptr(next), self.slot_bytes) })
     }
 
     /// Hands reader `reader`'s current slot back to the writer (a release store of read_seq + 1).
     ///
-    /// Panics if the reader holds no published slot: advancing past the writer would let it overwrite slots
-    /// nobody has read.
+    /// Panics if `try_read` gave this reader no slot since its last release: advancing past the writer would let
+    /// it overwrite slots nobody has read.
     pub fn release(&mut self, reader: usize) {
         self.check_reader(reader);
+        let mut held = self.held.get();
+        assert!(held[reader], "release without a slot read");
+        held[reader] = false;
+        self.held.set(held);
         let seq = self.u64_at(off_read_seq(reader));
-        let next = seq.load(Ordering::Relaxed);
-        assert!(next < self.u64_at(OFF_WRITE_SEQ).load(Ordering::Acquire), "release without a published slot");
-        seq.store(next + 1, Ordering::Release);
+        seq.store(seq.load(Ordering::Relaxed) + 1, Ordering::Release);
         self.reader_heartbeat(reader);
     }
 
     /// `try_read`, waiting as long as `live` allows. Fails when the writer dies (or its heartbeat goes stale, if
     /// `live` asks for that) or the deadline passes.
     pub fn wait_read(&self, reader: usize, live: &Liveness) -> Result<&[u8], RingError> {
-        self.check_reader(reader);
         let mut backoff = Backoff::new();
-        let next = self.u64_at(off_read_seq(reader)).load(Ordering::Relaxed);
-        while self.u64_at(OFF_WRITE_SEQ).load(Ordering::Acquire) <= next {
+        loop {
+            if let Some(slot) = self.try_read(reader) {
+                return Ok(slot);
+            }
             if backoff.snooze() {
                 self.reader_heartbeat(reader);
                 self.check_writer(live)?;
             }
         }
-        Ok(self.try_read(reader).expect("published slot vanished"))
     }
 
     /// Fails if the deadline of `live` has passed or the attached writer is dead.

@@ -152,35 +152,49 @@ const _: () = assert!(MAX_LOGIT_BIAS == 300 && MAX_TOP_LOGPROBS == 20, "Basis::c
 
 /// A slot header: the counts that cut each array to its used length.
 pub trait SlotHeader: Pod {
+    /// Computed in `usize`, so that counts a broken peer wrote cannot overflow before they are checked.
     fn used(&self, basis: Basis) -> usize;
+    /// What the header must satisfy beyond each array's used length fitting its capacity.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl SlotHeader for StepHeader {
     fn used(&self, basis: Basis) -> usize {
-        let count = match basis {
-            Basis::Reqs => self.num_reqs,
-            Basis::ReqsPlus1 => self.num_reqs + 1,
-            Basis::Tokens => self.num_tokens,
-            Basis::KvIndices => self.num_kv_indices,
-            Basis::Joins => self.num_joins,
-            Basis::JoinsPlus1 => self.num_joins + 1,
-            Basis::Bias => self.num_bias,
+        let n = |count: u32| count as usize;
+        match basis {
+            Basis::Reqs => n(self.num_reqs),
+            Basis::ReqsPlus1 => n(self.num_reqs) + 1,
+            Basis::Tokens => n(self.num_tokens),
+            Basis::KvIndices => n(self.num_kv_indices),
+            Basis::Joins => n(self.num_joins),
+            Basis::JoinsPlus1 => n(self.num_joins) + 1,
+            Basis::Bias => n(self.num_bias),
             Basis::Logprobs | Basis::TopLogprobs => unreachable!("a step slot has no {basis:?} array"),
-        };
-        count as usize
+        }
     }
 }
 
 impl SlotHeader for ResultHeader {
     fn used(&self, basis: Basis) -> usize {
-        let l = if self.logprobs != 0 { self.num_reqs } else { 0 };
-        let count = match basis {
-            Basis::Reqs => self.num_reqs,
+        let l = if self.logprobs != 0 { self.num_reqs as usize } else { 0 };
+        match basis {
+            Basis::Reqs => self.num_reqs as usize,
             Basis::Logprobs => l,
-            Basis::TopLogprobs => l * self.num_top,
+            Basis::TopLogprobs => l * self.num_top as usize,
             _ => unreachable!("a result slot has no {basis:?} array"),
-        };
-        count as usize
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.logprobs > 1 {
+            return Err(format!("logprobs flag {}, not 0 or 1", self.logprobs));
+        }
+        if self.num_top as usize > MAX_TOP_LOGPROBS {
+            return Err(format!("{} top logprobs a request; at most {MAX_TOP_LOGPROBS}", self.num_top));
+        }
+        Ok(())
     }
 }
 
@@ -311,6 +325,23 @@ macro_rules! slot_arrays {
                         &bytemuck::cast_slice::<u8, $ty>(&buf[layout.$name.clone()])[..header.used(Basis::$basis)];
                 )+
                 Self { header, $( $name, )+ }
+            }
+
+            /// `new`, for bytes another process wrote: a header whose counts do not fit the layout is an error, not a
+            /// panic.
+            pub fn try_new(layout: &$Layout, buf: &'a [u8]) -> Result<Self, String> {
+                if buf.len() < layout.slot_bytes {
+                    return Err(format!("slot of {} bytes, its layout needs {}", buf.len(), layout.slot_bytes));
+                }
+                let header: $Header = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
+                header.check()?;
+                $(
+                    let (used, cap) = (header.used(Basis::$basis), Basis::$basis.capacity(&layout.cap));
+                    if used > cap {
+                        return Err(format!("{} of {used} entries, room for {cap}", stringify!($name)));
+                    }
+                )+
+                Ok(Self::new(layout, buf))
             }
 
             /// Every array's used bytes, in protocol order.

@@ -201,7 +201,8 @@ impl Engine {
     /// Hands the result waiting in the result ring for `planned` to the core, and its events to the server.
     fn complete(&mut self, pipe: &mut Pipeline, (planned, published): (Planned, Instant)) -> Result<()> {
         let buf = self.result_ring.try_read(0).expect("turn saw it");
-        let result = ResultRef::new(&pipe.result_layout, buf);
+        let result = ResultRef::try_new(&pipe.result_layout, buf)
+            .map_err(|e| anyhow::anyhow!("the worker wrote a broken result for step {}: {e}", planned.step_id()))?;
         let (answered, status, n) = (result.header.step_id, result.header.status, result.tokens.len());
         let step_id = planned.step_id();
         if answered != step_id || (status == 0 && n != planned.num_reqs()) {
