@@ -189,6 +189,16 @@ async fn run(args: Args) -> Result<ExitCode> {
         _ = signals.recv() => return Ok(ExitCode::SUCCESS), // nothing to drain yet
     };
     let limits = limits.expect("the plan ran during the handshake");
+    let facts = http::EngineFacts {
+        model_dir: files.dir.display().to_string(),
+        model_type: files.model_type.clone(),
+        architectures: files.architectures.clone(),
+        tp_size: worker.pids.len() as u32,
+        max_batch: limits.max_batch,
+        max_step_tokens: limits.max_step_tokens,
+        page_size: limits.page_size,
+        num_pages: limits.num_pages,
+    };
     let policy = Policy {
         prefix_cache: !args.no_prefix_cache,
         order: match args.schedule_policy {
@@ -243,6 +253,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         api.set_max_seq_len(hub_max_seq_len);
         let tokens = Arc::new(TokenTable::new(&tokenizer));
         api.set_text(http::TextSide { preparer: hub.preparer().clone(), tokens });
+        api.set_facts(facts);
     }
 
     // With the API off, the loop finds the call channel closed at once and stops watching it.
