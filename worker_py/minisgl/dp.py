@@ -82,9 +82,7 @@ class DPConfig:
         "torch sees); engine i takes the i-th group of --tp",
         metavar="IDS",
     )
-    router_metrics: str = opt(
-        "127.0.0.1:29000", "the router's own Prometheus endpoint", metavar="HOST:PORT"
-    )
+    router_metrics: str = opt("127.0.0.1:29000", "the router's own Prometheus endpoint", metavar="HOST:PORT")
     health_check_interval: int = opt(
         2, "seconds between the router's health checks of each engine", metavar="SECS"
     )
@@ -127,7 +125,13 @@ def _url_host(host: str) -> str:
 
 def engine_urls(dp: DPConfig) -> list[str]:
     """Where the router reaches each engine. An engine bound to every interface is reached on loopback."""
-    host = "127.0.0.1" if dp.engine_host in ("0.0.0.0", "") else "::1" if dp.engine_host == "::" else dp.engine_host
+    host = (
+        "127.0.0.1"
+        if dp.engine_host in ("0.0.0.0", "")
+        else "::1"
+        if dp.engine_host == "::"
+        else dp.engine_host
+    )
     return [f"http://{_url_host(host)}:{dp.engine_port + i}" for i in range(dp.dp)]
 
 
@@ -237,7 +241,9 @@ class Router:
             if state and state.get("healthy_workers", 0) >= engines:
                 return True
             time.sleep(0.2)
-        raise TimeoutError(f"the router did not see {engines} healthy engines within {ROUTER_READY_TIMEOUT_S:g} s")
+        raise TimeoutError(
+            f"the router did not see {engines} healthy engines within {ROUTER_READY_TIMEOUT_S:g} s"
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.proc is None:
@@ -254,12 +260,16 @@ def resolve_model(config: EngineConfig) -> EngineConfig:
     if Path(config.model).expanduser().is_dir():
         return config
     directory = resolve(config.model)
-    name = config.served_model_name or (Path(config.model).stem if config.model.endswith(".gguf") else config.model)
+    name = config.served_model_name or (
+        Path(config.model).stem if config.model.endswith(".gguf") else config.model
+    )
     return dataclasses.replace(config, model=str(directory), served_model_name=name)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model_dir", nargs="?", metavar="MODEL", help="as for `minisgl serve` (or --model)")
     group = p.add_argument_group("data parallelism")
     add_flags(group, DPConfig)
@@ -290,7 +300,9 @@ class DataParallel:
         self.urls = engine_urls(dp)
         host = _url_host(dp.engine_host)
         self.engines = [
-            Engine(dataclasses.replace(config, http=f"{host}:{dp.engine_port + i}"), private_listen=True, env=env)
+            Engine(
+                dataclasses.replace(config, http=f"{host}:{dp.engine_port + i}"), private_listen=True, env=env
+            )
             for i, env in enumerate(engine_environments(dp, config))
         ]
         self.router = Router(dp, config)
@@ -339,7 +351,11 @@ class DataParallel:
         """After the first signal: every engine drains at once (the router, seeing them draining, has nowhere
         to send new requests); then the router stops."""
         timeout = self.config.shutdown_timeout
-        log.info("draining %d engine(s): up to %g s for live requests (Ctrl-C again to stop at once)", len(self.engines), timeout)
+        log.info(
+            "draining %d engine(s): up to %g s for live requests (Ctrl-C again to stop at once)",
+            len(self.engines),
+            timeout,
+        )
         live = [e for i, e in enumerate(self.engines) if i not in self.gone]
         for engine in live:
             _signal_group(engine.procs["scheduler"], signal.SIGTERM)
@@ -384,7 +400,12 @@ def main(argv: list[str] | None = None, prog: str = "minisgl serve-dp") -> int:
     if not config.api_key:
         for what, host in (("the router", router_host), ("the engines", dp.engine_host)):
             if not _is_loopback(host):
-                log.warning("%s on %s can be reached from the network without an API key: set $%s", what, host, API_KEY_ENV)
+                log.warning(
+                    "%s on %s can be reached from the network without an API key: set $%s",
+                    what,
+                    host,
+                    API_KEY_ENV,
+                )
     signals: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -413,7 +434,15 @@ def main(argv: list[str] | None = None, prog: str = "minisgl serve-dp") -> int:
                 return 1
             time.sleep(0.2)
         return group.drain(signals)
-    except (EngineDied, TimeoutError, FileNotFoundError, ModelNotFound, CheckpointError, CannotSplit, ValueError) as e:
+    except (
+        EngineDied,
+        TimeoutError,
+        FileNotFoundError,
+        ModelNotFound,
+        CheckpointError,
+        CannotSplit,
+        ValueError,
+    ) as e:
         log.error("%s", e)
         return 1
     finally:

@@ -1067,12 +1067,21 @@ mod tests {
             let (status, body) = get(path, true).await;
             let info = json(&body);
             assert_eq!(status, 200);
-            assert_eq!((info["model_path"].as_str(), info["served_model_name"].as_str()), (Some("/models/q"), Some("m")));
+            assert_eq!(
+                (info["model_path"].as_str(), info["served_model_name"].as_str()),
+                (Some("/models/q"), Some("m"))
+            );
             assert_eq!((info["tp_size"].as_u64(), info["dp_size"].as_u64()), (Some(2), Some(1)));
-            assert_eq!((info["max_running_requests"].as_u64(), info["max_total_num_tokens"].as_u64()), (Some(8), Some(160)));
+            assert_eq!(
+                (info["max_running_requests"].as_u64(), info["max_total_num_tokens"].as_u64()),
+                (Some(8), Some(160))
+            );
         }
         let info = json(&get("/model_info", true).await.1);
-        assert_eq!((info["model_type"].as_str(), info["architectures"][0].as_str()), (Some("qwen2"), Some("Qwen2ForCausalLM")));
+        assert_eq!(
+            (info["model_type"].as_str(), info["architectures"][0].as_str()),
+            (Some("qwen2"), Some("Qwen2ForCausalLM"))
+        );
         let load = json(&get("/get_load", false).await.1);
         assert_eq!(load, serde_json::json!([{"dp_rank": 0, "num_reqs": 5, "num_waiting_reqs": 3, "num_tokens": 64}]));
     }

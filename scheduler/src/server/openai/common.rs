@@ -232,7 +232,11 @@ impl Shared<'_> {
     /// Reads the shared fields; ranges are `proto::api::validate`'s (see [`check`]).
     pub fn read(&self, max_tokens: i64) -> Result<Common, ApiError> {
         refuse_unless(self.no_stop_trim != Some(true), "no_stop_trim", "a stop string is always cut from the text")?;
-        refuse_unless(self.return_hidden_states != Some(true), "return_hidden_states", "hidden states stay on the worker")?;
+        refuse_unless(
+            self.return_hidden_states != Some(true),
+            "return_hidden_states",
+            "hidden states stay on the worker",
+        )?;
         if self.min_tokens.is_some_and(|Int(m)| m != 0) {
             return Err(ApiError::unsupported(
                 "min_tokens",
