@@ -1,8 +1,9 @@
 """Data parallelism: `minisgl serve-dp` runs two engines of the real default model (CPU, fp32) behind
-sglang-router (round robin), with an API key. 64 concurrent requests through the router each give exactly the greedy tokens
-the same request gives alone, and both engines serve some; the router reaches the engines' /server_info with
-the key; an engine killed with SIGKILL is dropped by the router's health checks within seconds while every
-request keeps being answered; Ctrl-C stops everything and leaves no process and no shared-memory segment.
+sglang-router (round robin), with an API key. 64 concurrent requests through the router each give exactly
+the greedy tokens the same request gives alone, and both engines serve some; the router reaches the
+engines' /server_info with the key; an engine killed with SIGKILL is dropped by the router's health checks
+within seconds while every request keeps being answered; Ctrl-C stops everything and leaves no process and
+no shared-memory segment.
 
 The tests share one deployment and run in file order: the kill and the Ctrl-C come last.
 """

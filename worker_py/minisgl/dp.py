@@ -1,11 +1,11 @@
 """Data parallelism on one host: N engines, each a whole `minisgl serve` (a scheduler and its worker, or its
 --tp ranks) with its own HTTP port and run directory, behind sglang-router, which clients talk to.
 
-    minisgl serve-dp --dp 2                      # the router on http://127.0.0.1:8000/v1, engines on 8100, 8101
+    minisgl serve-dp --dp 2        # the router on http://127.0.0.1:8000/v1, engines on 8100 and 8101
     minisgl serve-dp --dp 4 --tp 2 --gpus 0,1,2,3,4,5,6,7
 
-On GPUs engine i gets GPUs i*tp .. i*tp+tp-1 of --gpus (default: CUDA_VISIBLE_DEVICES, else every GPU), through
-its own CUDA_VISIBLE_DEVICES. On the CPU the engines share the cores.
+On GPUs engine i gets GPUs i*tp .. i*tp+tp-1 of --gpus (default: CUDA_VISIBLE_DEVICES, else every GPU),
+through its own CUDA_VISIBLE_DEVICES. On the CPU the engines share the cores.
 
 An engine that dies is logged and left to the router, whose health checks stop sending to it (--health-check-
 interval, --health-failure-threshold); the others keep serving. The router dying stops everything (exit 1),
@@ -160,7 +160,7 @@ def gpu_groups(dp: DPConfig, config: EngineConfig) -> list[str] | None:
     need = dp.dp * config.tp
     if len(gpus) < need:
         raise ValueError(
-            f"{dp.dp} engines of {config.tp} GPU(s) need {need} GPUs, and {len(gpus)} are given ({','.join(gpus)})"
+            f"{dp.dp} engines of {config.tp} GPU(s) need {need} GPUs; {len(gpus)} are given: {','.join(gpus)}"
         )
     return [",".join(gpus[i * config.tp : (i + 1) * config.tp]) for i in range(dp.dp)]
 
@@ -332,8 +332,8 @@ class DataParallel:
             self.gone.add(i)
             left = len(self.engines) - len(self.gone)
             log.error(
-                "engine %d (%s): %s; the router stops sending to it after %d failed health checks; %d engine(s) "
-                "left",
+                "engine %d (%s): %s; the router stops sending to it after %d failed health checks; "
+                "%d engine(s) left",
                 i,
                 self.urls[i],
                 engine.death(name),
