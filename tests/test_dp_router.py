@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_tcp_port
+from conftest import REPO_ROOT, free_tcp_port
 
 KEY = "dp-test-key"
 HEALTH_INTERVAL_S = 1
@@ -65,6 +66,57 @@ def descendants(pid: int) -> list[int]:
     return kids + [d for k in kids for d in descendants(k)]
 
 
+# --- without engines ---------------------------------------------------------------------------------------
+def test_engines_get_their_gpus_and_the_router_its_flags_without_the_key():
+    from minisgl.dp import DPConfig, engine_urls, gpu_groups, router_command
+    from minisgl.launch import EngineConfig
+
+    two = DPConfig(dp=2, engine_port=9000, gpus="4,5,6,7")
+    assert gpu_groups(two, EngineConfig(device="cuda", tp=2)) == ["4,5", "6,7"]
+    assert gpu_groups(two, EngineConfig(device="cuda")) == ["4", "5"]
+    assert gpu_groups(two, EngineConfig(device="cpu")) is None
+    with pytest.raises(ValueError, match="2 engines of 4 GPU\\(s\\) need 8 GPUs; 4 are given"):
+        gpu_groups(two, EngineConfig(device="cuda", tp=4))
+    with pytest.raises(ValueError, match="--device cuda:1 names one GPU for 2 engines"):
+        gpu_groups(two, EngineConfig(device="cuda:1"))
+    assert engine_urls(two) == ["http://127.0.0.1:9000", "http://127.0.0.1:9001"]
+    assert engine_urls(DPConfig(dp=1, engine_host="0.0.0.0")) == ["http://127.0.0.1:8100"]
+    cmd = router_command(two, EngineConfig(api_key="s3cret", log_level="trace"))
+    assert "s3cret" not in " ".join(cmd)
+    args = cmd[cmd.index("--host") :]
+    assert args[:6] == ["--host", "127.0.0.1", "--port", "8000", "--worker-urls", "http://127.0.0.1:9000"]
+    assert args[args.index("--policy") : args.index("--policy") + 2] == ["--policy", "cache_aware"]
+    assert args[-2:] == ["--log-level", "debug"]
+    for bad in (dict(dp=0), dict(dp=1, policy="power_of_two"), dict(health_check_interval=0)):
+        with pytest.raises(ValueError):
+            DPConfig(**bad)
+
+
+def test_serve_dp_help_needs_neither_torch_nor_setup(tmp_path):
+    check = (
+        "import sys\n"
+        "from minisgl.cli import main\n"
+        "try:\n    main(['serve-dp', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = {'torch', 'zmq', 'numpy', 'sglang_router'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: minisgl serve-dp") and "--health-failure-threshold" in done.stdout
+    # scripts/serve-dp in a fresh clone whose setup would fail: help answers without it.
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO_ROOT / "scripts" / "serve-dp", tmp_path / "scripts" / "serve-dp")
+    (tmp_path / "scripts" / "setup").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "scripts" / "setup").chmod(0o755)
+    shutil.copytree(REPO_ROOT / "worker_py" / "minisgl", tmp_path / "worker_py" / "minisgl")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run(
+        [tmp_path / "scripts" / "serve-dp", "--help"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and "usage: minisgl serve-dp" in done.stdout, done.stderr
+
+
+# --- two engines behind the router --------------------------------------------------------------------------
 class Deployment:
     def __init__(self, model: Path, log: Path):
         self.router_port, engine_port = free_tcp_port(), two_free_ports()
