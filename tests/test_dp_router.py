@@ -87,7 +87,18 @@ def test_engines_get_their_gpus_and_the_router_its_flags_without_the_key():
     assert args[:6] == ["--host", "127.0.0.1", "--port", "8000", "--worker-urls", "http://127.0.0.1:9000"]
     assert args[args.index("--policy") : args.index("--policy") + 2] == ["--policy", "cache_aware"]
     assert args[-2:] == ["--log-level", "debug"]
-    for bad in (dict(dp=0), dict(dp=1, policy="power_of_two"), dict(health_check_interval=0)):
+    remote = DPConfig(dp=1, remote="http://10.0.0.2:8000/, http://10.0.0.3:8000")
+    assert remote.remote_urls() == ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    args = router_command(remote, EngineConfig())
+    assert args[args.index("--worker-urls") + 1 :][:3] == ["http://127.0.0.1:8100", *remote.remote_urls()]
+    assert DPConfig(dp=0, remote="http://b:1").remote_urls() == ["http://b:1"]
+    bad_ones = (
+        dict(dp=0),
+        dict(dp=1, policy="power_of_two"),
+        dict(health_check_interval=0),
+        dict(remote="b:80"),
+    )
+    for bad in bad_ones:
         with pytest.raises(ValueError):
             DPConfig(**bad)
 

@@ -91,6 +91,12 @@ class DPConfig:
         "failed health checks in a row after which the router stops sending to an engine",
         metavar="N",
     )
+    remote: str | None = opt(
+        None,
+        "engines on other hosts that the router sends to as well, comma-separated URLs (http://HOST:PORT of "
+        "a `minisgl serve --http 0.0.0.0:PORT` there); serve-dp neither starts nor watches them",
+        metavar="URLS",
+    )
     router_args: str = opt(
         "",
         "more sglang-router flags, as one string: --router-args '--retry-max-retries 3'",
@@ -98,15 +104,21 @@ class DPConfig:
     )
 
     def validate(self) -> None:
-        if self.dp < 1:
-            raise ValueError(f"--dp must be at least 1, got {self.dp}")
+        if self.dp < 0 or (self.dp == 0 and not self.remote_urls()):
+            raise ValueError(f"--dp must be at least 1 (or 0 with --remote engines), got {self.dp}")
+        for url in self.remote_urls():
+            if not url.startswith(("http://", "https://")) or url.count(":") < 2:
+                raise ValueError(f"--remote takes http://HOST:PORT URLs, got {url!r}")
         for name in ("health_check_interval", "health_failure_threshold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.engine_port <= 65535 - (self.dp - 1):
             raise ValueError(f"--engine-port {self.engine_port} leaves no room for {self.dp} ports")
-        if self.policy == "power_of_two" and self.dp < 2:
+        if self.policy == "power_of_two" and self.dp + len(self.remote_urls()) < 2:
             raise ValueError("--policy power_of_two needs at least two engines")
+
+    def remote_urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in (self.remote or "").split(",") if u.strip()]
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,7 +192,7 @@ def router_command(dp: DPConfig, config: EngineConfig) -> list[str]:
     host, port = _host_port(dp.router, "--router")
     metrics_host, metrics_port = _host_port(dp.router_metrics, "--router-metrics")
     level = {"trace": "debug", "warning": "warn"}.get(config.log_level, config.log_level)
-    args = ["--host", host, "--port", str(port), "--worker-urls", *engine_urls(dp)]
+    args = ["--host", host, "--port", str(port), "--worker-urls", *engine_urls(dp), *dp.remote_urls()]
     args += ["--policy", dp.policy, "--prometheus-host", metrics_host, "--prometheus-port", str(metrics_port)]
     args += ["--health-check-interval-secs", str(dp.health_check_interval)]
     args += ["--health-failure-threshold", str(dp.health_failure_threshold)]
@@ -229,20 +241,27 @@ class Router:
             pass
         return None
 
-    def wait_ready(self, engines: int, cancelled) -> bool:
-        """Until the router counts `engines` healthy engines (True), or `cancelled()` (False)."""
+    def wait_ready(self, engines: int, needed: int, cancelled) -> bool:
+        """Until the router counts `engines` healthy engines (True), or `cancelled()` (False). Past the
+        timeout, `needed` of them will do (remote engines may come later: the router keeps trying them)."""
         deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
+        healthy = 0
         while time.monotonic() < deadline:
             if cancelled():
                 return False
             if self.proc.poll() is not None:
                 raise EngineDied(f"the router exited with code {self.proc.returncode} before it was ready")
-            state = self.readiness()
-            if state and state.get("healthy_workers", 0) >= engines:
+            healthy = (self.readiness() or {}).get("healthy_workers", 0)
+            if healthy >= engines:
                 return True
             time.sleep(0.2)
+        if healthy >= needed:
+            log.warning(
+                "the router sees %d of %d engines healthy: it keeps trying the others", healthy, engines
+            )
+            return True
         raise TimeoutError(
-            f"the router did not see {engines} healthy engines within {ROUTER_READY_TIMEOUT_S:g} s"
+            f"the router did not see {needed} healthy engines within {ROUTER_READY_TIMEOUT_S:g} s"
         )
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -321,7 +340,8 @@ class DataParallel:
                 raise EngineDied(f"engine {i} ({self.urls[i]}): {e}") from None
             log.info("engine %d serves on %s", i, self.urls[i])
         self.router.start()
-        return self.router.wait_ready(len(self.engines), cancelled)
+        total = len(self.engines) + len(self.dp.remote_urls())
+        return self.router.wait_ready(total, max(1, len(self.engines)), cancelled)
 
     def check(self) -> str | None:
         """Logs each engine that died since the last call (and stops what is left of it); returns why
@@ -343,7 +363,7 @@ class DataParallel:
             engine.stop()
         if self.router.proc.poll() is not None:
             return f"the router (pid {self.router.proc.pid}) exited with code {self.router.proc.returncode}"
-        if len(self.gone) == len(self.engines):
+        if self.engines and len(self.gone) == len(self.engines) and not self.dp.remote_urls():
             return "every engine is gone"
         return None
 
@@ -414,8 +434,9 @@ def main(argv: list[str] | None = None, prog: str = "minisgl serve-dp") -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     group = None
     try:
-        config = resolve_model(config)
-        if config.tp > 1:
+        if dp.dp:
+            config = resolve_model(config)
+        if dp.dp and config.tp > 1:
             from minisgl.tp import check_model
 
             check_model(config.model, config.tp)
@@ -425,8 +446,8 @@ def main(argv: list[str] | None = None, prog: str = "minisgl serve-dp") -> int:
                 "serving %s on %s/v1 through %d engine(s): %s",
                 Path(config.model).name,
                 group.router.url,
-                dp.dp,
-                ", ".join(group.urls),
+                dp.dp + len(dp.remote_urls()),
+                ", ".join(group.urls + dp.remote_urls()),
             )
         while not signals:
             if (why := group.check()) is not None:
