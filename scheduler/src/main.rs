@@ -142,6 +142,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
     // The API answers from now on: /health says what the start waits for, requests get a 503 until it serves.
     let (calls, call_rx) = unbounded_channel();
+    let mut http_server = None;
     let api = http_listener.map(|listener| {
         let model = args.served_model_name.clone().unwrap_or_else(|| files.name.clone());
         let max_seq_len = args.max_seq_len.unwrap_or(files.max_position_embeddings);
@@ -150,7 +151,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             .with_metrics(metrics.clone())
             .with_api_key(args.api_key.clone());
         let api = Arc::new(api);
-        http::spawn(listener, api.clone());
+        http_server = Some(http::spawn(listener, api.clone()));
         api
     });
     let tokenizer = Arc::new(Tokenizer::from_model_dir(&files.dir).context("loading tokenizer.json")?);
@@ -262,6 +263,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     let _ = commands.send(Command::Shutdown);
     // The engine thread tells the worker to exit and unlinks the rings as it drops them.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    if let Some(server) = http_server {
+        server.finish(Duration::from_secs(5)).await;
+    }
     match ended {
         Ended::Shutdown => {
             tracing::info!("stopped");

@@ -152,8 +152,26 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP API on {addr} (--http)"))
 }
 
-/// Serves the API on `listener` until the runtime stops.
-pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()> {
+/// The API being served. Dropping it leaves the API serving until the runtime stops.
+pub struct Serving {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Stops taking connections and waits, up to `within`, until the responses under way are written. The
+    /// last request of a drain ends just before the process exits, and its response went down with the
+    /// runtime when the exit came first (seen with two engines sharing two busy cores).
+    pub async fn finish(self, within: std::time::Duration) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(within, self.task).await.is_err() {
+            tracing::warn!("HTTP responses still under way {within:?} after the end: dropping them");
+        }
+    }
+}
+
+/// Serves the API on `listener` until the runtime stops, or [`Serving::finish`].
+pub fn spawn(listener: TcpListener, api: Arc<Api>) -> Serving {
     match listener.local_addr() {
         Ok(addr) => tracing::info!("OpenAI-compatible HTTP API on http://{addr}/v1"),
         Err(e) => tracing::warn!("the HTTP API's address: {e}"),
@@ -166,11 +184,18 @@ pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()
         }
     });
     let app = router(api);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shutdown = async move {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await; // dropped, not finished: serve on
+        }
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!("the HTTP API stopped: {e}");
         }
-    })
+    });
+    Serving { stop, task }
 }
 
 pub fn router(api: Arc<Api>) -> Router {
