@@ -178,6 +178,8 @@ def gpu_groups(dp: DPConfig, config: EngineConfig) -> list[str] | None:
 
 
 def engine_environments(dp: DPConfig, config: EngineConfig) -> list[dict[str, str]]:
+    if not dp.dp:
+        return []
     groups = gpu_groups(dp, config)
     if groups is not None:
         return [{"CUDA_VISIBLE_DEVICES": g} for g in groups]
@@ -225,7 +227,6 @@ class Router:
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key
-        env.setdefault("NO_COLOR", "1")
         cmd = router_command(self.dp, self.config)
         log.debug("starting the router: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, start_new_session=True, env=env)
