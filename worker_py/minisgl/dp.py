@@ -352,7 +352,10 @@ class DataParallel:
                 continue
             self.gone.add(i)
             left = len(self.engines) - len(self.gone)
-            log.error(
+            # A scheduler that exits 0 was drained (a SIGTERM of its own): an operator's act, not a fault.
+            drained = name == "scheduler" and engine.procs[name].returncode == 0
+            log.log(
+                logging.WARNING if drained else logging.ERROR,
                 "engine %d (%s): %s; the router stops sending to it after %d failed health checks; "
                 "%d engine(s) left",
                 i,
