@@ -142,6 +142,7 @@ async fn run(args: Args) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
     // The API answers from now on: /health says what the start waits for, requests get a 503 until it serves.
     let (calls, call_rx) = unbounded_channel();
+    let mut http_server = None;
     let api = http_listener.map(|listener| {
         let model = args.served_model_name.clone().unwrap_or_else(|| files.name.clone());
         let max_seq_len = args.max_seq_len.unwrap_or(files.max_position_embeddings);
@@ -150,7 +151,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             .with_metrics(metrics.clone())
             .with_api_key(args.api_key.clone());
         let api = Arc::new(api);
-        http::spawn(listener, api.clone());
+        http_server = Some(http::spawn(listener, api.clone()));
         api
     });
     let tokenizer = Arc::new(Tokenizer::from_model_dir(&files.dir).context("loading tokenizer.json")?);
@@ -189,6 +190,16 @@ async fn run(args: Args) -> Result<ExitCode> {
         _ = signals.recv() => return Ok(ExitCode::SUCCESS), // nothing to drain yet
     };
     let limits = limits.expect("the plan ran during the handshake");
+    let facts = http::EngineFacts {
+        model_dir: files.dir.display().to_string(),
+        model_type: files.model_type.clone(),
+        architectures: files.architectures.clone(),
+        tp_size: worker.pids.len() as u32,
+        max_batch: limits.max_batch,
+        max_step_tokens: limits.max_step_tokens,
+        page_size: limits.page_size,
+        num_pages: limits.num_pages,
+    };
     let policy = Policy {
         prefix_cache: !args.no_prefix_cache,
         order: match args.schedule_policy {
@@ -243,6 +254,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         api.set_max_seq_len(hub_max_seq_len);
         let tokens = Arc::new(TokenTable::new(&tokenizer));
         api.set_text(http::TextSide { preparer: hub.preparer().clone(), tokens });
+        api.set_facts(facts);
     }
 
     // With the API off, the loop finds the call channel closed at once and stops watching it.
@@ -251,6 +263,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     let _ = commands.send(Command::Shutdown);
     // The engine thread tells the worker to exit and unlinks the rings as it drops them.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    if let Some(server) = http_server {
+        server.finish(Duration::from_secs(5)).await;
+    }
     match ended {
         Ended::Shutdown => {
             tracing::info!("stopped");

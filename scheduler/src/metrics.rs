@@ -182,6 +182,11 @@ impl Metrics {
         self.cache_evictable_pages.set(i64::from(stats.evictable_pages));
     }
 
+    /// KV pages that requests hold: the used ones less those that only the prefix cache keeps.
+    pub fn held_pages(&self) -> i64 {
+        (self.kv_pages_used.get() - self.cache_evictable_pages.get()).max(0)
+    }
+
     /// The exposition in Prometheus' text format (OpenMetrics 1.0).
     pub fn render(&self) -> String {
         let mut out = String::new();

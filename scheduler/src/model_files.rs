@@ -13,6 +13,9 @@ pub struct ModelFiles {
     pub max_position_embeddings: u32,
     /// From generation_config.json, where HF's `generate` takes them; config.json as a fallback.
     pub eos_token_ids: Vec<u32>,
+    /// config.json's, for a router's `/model_info`.
+    pub model_type: Option<String>,
+    pub architectures: Vec<String>,
 }
 
 impl ModelFiles {
@@ -38,6 +41,12 @@ impl ModelFiles {
             vocab_size: number("vocab_size")?,
             max_position_embeddings: number("max_position_embeddings")?,
             eos_token_ids: eos,
+            model_type: config.get("model_type").and_then(Value::as_str).map(str::to_owned),
+            architectures: config
+                .get("architectures")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default(),
             dir,
         })
     }

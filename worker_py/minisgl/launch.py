@@ -169,10 +169,15 @@ class Engine:
     process per rank (named `worker rank R`). Use as a context manager, or call start() and stop().
 
     `private_listen` replaces the config's `listen` with an ipc:// socket in the engine's own run directory,
-    so that an engine nobody else needs to reach cannot collide with a server on the default address."""
+    so that an engine nobody else needs to reach cannot collide with a server on the default address. `env`
+    adds to (or replaces in) the environment every process of the engine gets: `minisgl serve-dp` gives each
+    engine its GPUs through CUDA_VISIBLE_DEVICES."""
 
-    def __init__(self, config: EngineConfig, *, private_listen: bool = False):
+    def __init__(
+        self, config: EngineConfig, *, private_listen: bool = False, env: dict[str, str] | None = None
+    ):
         self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(env or {})
         self._deaths: list[str] = []
         self.run_dir = tempfile.mkdtemp(prefix="minisgl-")  # 0700: holds the control socket
         self.shm_prefix = f"minisgl-{os.getpid()}-{os.path.basename(self.run_dir)[8:]}"
@@ -205,7 +210,7 @@ class Engine:
     def _environments(self) -> dict[str, dict[str, str]]:
         # The key goes through the environment: on the command line every user of `ps` would read it. Only
         # the scheduler checks it, so the worker does not get it at all.
-        worker = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        worker = {k: v for k, v in {**os.environ, **self.env}.items() if k != API_KEY_ENV}
         sched = dict(worker)
         if self.config.api_key:
             sched[API_KEY_ENV] = self.config.api_key

@@ -67,6 +67,24 @@ pub struct Api {
     api_key: Option<String>,
     /// The tokenizer's side, once the engine serves: `/tokenize`, echoed token prompts, logprob tokens.
     text: OnceLock<TextSide>,
+    /// What the engine runs, once the worker said hello: `/server_info` and `/model_info`.
+    facts: OnceLock<EngineFacts>,
+}
+
+/// What a router asks an engine about itself (sglang-router reads `/server_info` and `/model_info` when it
+/// registers a worker, SGLang's names and shapes; docs/http.md).
+#[derive(Clone, Debug, Default)]
+pub struct EngineFacts {
+    /// The checkpoint directory on the engine's host.
+    pub model_dir: String,
+    /// config.json's `model_type` and `architectures`.
+    pub model_type: Option<String>,
+    pub architectures: Vec<String>,
+    pub tp_size: u32,
+    pub max_batch: u32,
+    pub max_step_tokens: u32,
+    pub page_size: u32,
+    pub num_pages: u32,
 }
 
 /// What the handlers need of the tokenizer.
@@ -92,12 +110,18 @@ impl Api {
             metrics: Arc::default(),
             api_key: None,
             text: OnceLock::new(),
+            facts: OnceLock::new(),
         }
     }
 
     /// Hands the handlers the tokenizer's side, when the engine is about to serve (the first one set stays).
     pub fn set_text(&self, text: TextSide) {
         let _ = self.text.set(text);
+    }
+
+    /// Hands `/server_info` and `/model_info` what the engine runs (the first one set stays).
+    pub fn set_facts(&self, facts: EngineFacts) {
+        let _ = self.facts.set(facts);
     }
 
     /// Follows `status` instead of always serving.
@@ -128,8 +152,26 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP API on {addr} (--http)"))
 }
 
-/// Serves the API on `listener` until the runtime stops.
-pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()> {
+/// The API being served. Dropping it leaves the API serving until the runtime stops.
+pub struct Serving {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Stops taking connections and waits, up to `within`, until the responses under way are written. The
+    /// last request of a drain ends just before the process exits, and its response went down with the
+    /// runtime when the exit came first (seen with two engines sharing two busy cores).
+    pub async fn finish(self, within: std::time::Duration) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(within, self.task).await.is_err() {
+            tracing::warn!("HTTP responses still under way {within:?} after the end: dropping them");
+        }
+    }
+}
+
+/// Serves the API on `listener` until the runtime stops, or [`Serving::finish`].
+pub fn spawn(listener: TcpListener, api: Arc<Api>) -> Serving {
     match listener.local_addr() {
         Ok(addr) => tracing::info!("OpenAI-compatible HTTP API on http://{addr}/v1"),
         Err(e) => tracing::warn!("the HTTP API's address: {e}"),
@@ -142,11 +184,18 @@ pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()
         }
     });
     let app = router(api);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shutdown = async move {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await; // dropped, not finished: serve on
+        }
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!("the HTTP API stopped: {e}");
         }
-    })
+    });
+    Serving { stop, task }
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -156,11 +205,17 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        // SGLang's names for them, with and without its older `get_`: sglang-router asks for both.
+        .route("/server_info", get(server_info))
+        .route("/get_server_info", get(server_info))
+        .route("/model_info", get(model_info))
+        .route("/get_model_info", get(model_info))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/get_load", get(load))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
@@ -281,6 +336,67 @@ async fn detokenize(State(api): State<Arc<Api>>, body: Result<Bytes, BytesReject
 
 async fn models(State(api): State<Arc<Api>>) -> Response {
     json_response(StatusCode::OK, openai::models_body(&api.model, api.started, api.max_seq_len()).to_string())
+}
+
+fn facts(api: &Api) -> Result<&EngineFacts, ApiError> {
+    api.facts.get().ok_or_else(|| ApiError::new(503, "engine_starting", "the worker has not said hello yet"))
+}
+
+/// SGLang's `/server_info`, the fields a router reads: one replica (`dp_size` 1) of `tp_size` ranks, and its
+/// limits.
+async fn server_info(State(api): State<Arc<Api>>) -> Response {
+    let body = facts(&api).map(|f| {
+        serde_json::json!({
+            "model_path": f.model_dir,
+            "tokenizer_path": f.model_dir,
+            "served_model_name": api.model,
+            "tp_size": f.tp_size,
+            "dp_size": 1,
+            "context_length": api.max_seq_len(),
+            "max_running_requests": f.max_batch,
+            "max_prefill_tokens": f.max_step_tokens,
+            "max_total_num_tokens": u64::from(f.num_pages) * u64::from(f.page_size),
+            "page_size": f.page_size,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    });
+    match body {
+        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// SGLang's `/model_info`.
+async fn model_info(State(api): State<Arc<Api>>) -> Response {
+    let body = facts(&api).map(|f| {
+        serde_json::json!({
+            "model_path": f.model_dir,
+            "tokenizer_path": f.model_dir,
+            "served_model_name": api.model,
+            "is_generation": true,
+            "model_type": f.model_type,
+            "architectures": f.architectures,
+        })
+    });
+    match body {
+        Ok(body) => json_response(StatusCode::OK, body.to_string()),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// SGLang's `/get_load`: one entry per data-parallel rank (we are one), requests and the KV tokens they hold.
+/// Open like `/metrics`, whose gauges it reads: it tells how busy the engine is, nothing of what it serves.
+async fn load(State(api): State<Arc<Api>>) -> Response {
+    let m = &api.metrics;
+    let (waiting, running) = (m.waiting.get(), m.running.get());
+    let page_size = api.facts.get().map_or(0, |f| i64::from(f.page_size));
+    let body = serde_json::json!([{
+        "dp_rank": 0,
+        "num_reqs": waiting + running,
+        "num_waiting_reqs": waiting,
+        "num_tokens": m.held_pages() * page_size,
+    }]);
+    json_response(StatusCode::OK, body.to_string())
 }
 
 /// 200 while serving; 503 while starting (with what it waits for), draining or stopped.
@@ -932,5 +1048,66 @@ mod tests {
         spawn(listener, Arc::new(Api::new(tx, "m".into(), 64)));
         let (status, body) = send(addr, "POST", "/tokenize", r#"{"prompt": "hi"}"#).await;
         assert_eq!((status, json(&body)["error"]["code"].as_str()), (503, Some("engine_starting")));
+    }
+
+    #[tokio::test]
+    async fn a_routers_endpoints_say_what_the_engine_runs_behind_the_key_and_its_load_openly() {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let api = Arc::new(Api::new(unbounded_channel().0, "m".into(), 64).with_api_key(Some("k".into())));
+        spawn(listener, api.clone());
+        let get = |path: &'static str, key: bool| async move {
+            let auth = if key { "Authorization: Bearer k\r\n" } else { "" };
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n");
+            tokio::task::spawn_blocking(move || {
+                let mut conn = TcpStream::connect(addr).unwrap();
+                conn.write_all(request.as_bytes()).unwrap();
+                let mut response = String::new();
+                conn.read_to_string(&mut response).unwrap();
+                let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+                (response[9..12].parse::<u16>().unwrap(), body)
+            })
+            .await
+            .unwrap()
+        };
+        for path in ["/server_info", "/get_server_info", "/model_info", "/get_model_info"] {
+            assert_eq!(get(path, false).await.0, 401, "{path}");
+            assert_eq!(get(path, true).await.0, 503, "{path} before the worker's hello");
+        }
+        let (status, body) = get("/get_load", false).await;
+        assert_eq!((status, json(&body)[0]["num_reqs"].as_i64()), (200, Some(0)));
+
+        api.set_facts(EngineFacts {
+            model_dir: "/models/q".into(),
+            model_type: Some("qwen2".into()),
+            architectures: vec!["Qwen2ForCausalLM".into()],
+            tp_size: 2,
+            max_batch: 8,
+            max_step_tokens: 256,
+            page_size: 16,
+            num_pages: 10,
+        });
+        api.metrics.set_load(3, 2, 6, 10);
+        for path in ["/server_info", "/get_server_info"] {
+            let (status, body) = get(path, true).await;
+            let info = json(&body);
+            assert_eq!(status, 200);
+            assert_eq!(
+                (info["model_path"].as_str(), info["served_model_name"].as_str()),
+                (Some("/models/q"), Some("m"))
+            );
+            assert_eq!((info["tp_size"].as_u64(), info["dp_size"].as_u64()), (Some(2), Some(1)));
+            assert_eq!(
+                (info["max_running_requests"].as_u64(), info["max_total_num_tokens"].as_u64()),
+                (Some(8), Some(160))
+            );
+        }
+        let info = json(&get("/model_info", true).await.1);
+        assert_eq!(
+            (info["model_type"].as_str(), info["architectures"][0].as_str()),
+            (Some("qwen2"), Some("Qwen2ForCausalLM"))
+        );
+        let load = json(&get("/get_load", false).await.1);
+        assert_eq!(load, serde_json::json!([{"dp_rank": 0, "num_reqs": 5, "num_waiting_reqs": 3, "num_tokens": 64}]));
     }
 }

@@ -18,6 +18,12 @@ def _serve(argv: list[str]) -> int:
     return launch.main(argv, prog="minisgl serve")
 
 
+def _serve_dp(argv: list[str]) -> int:
+    from minisgl import dp
+
+    return dp.main(argv, prog="minisgl serve-dp")
+
+
 def _chat(argv: list[str]) -> int:
     from minisgl.cli import chat
 
@@ -46,6 +52,7 @@ def _bench(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "start the engine for a model and serve it (ZeroMQ and the OpenAI HTTP API)"),
+    "serve-dp": (_serve_dp, "serve N engines of a model behind sglang-router (data parallelism)"),
     "chat": (_chat, "chat in the terminal with a running server, over its OpenAI HTTP API"),
     "ask": (_ask, "send one prompt to a running server over ZeroMQ and stream the answer"),
     "bench": (
@@ -56,7 +63,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def help_text() -> str:
-    rows = "\n".join(f"  {name:<7} {summary}" for name, (_, summary) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<8} {summary}" for name, (_, summary) in COMMANDS.items())
     return (
         f"{USAGE}\n\nminisgl serves a language model: a Rust scheduler daemon and a Python model worker.\n\n"
         f"commands:\n{rows}\n\n`minisgl COMMAND --help` describes each command's arguments.\n"

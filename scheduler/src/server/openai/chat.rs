@@ -41,6 +41,14 @@ completion_request! {
         pub safety_identifier: Option<String>,
         #[allow(dead_code, reason = "accepted, and has no effect")]
         pub prompt_cache_key: Option<String>,
+        /// SGLang's, sent by sglang-router on every request with its default: refused unless false.
+        pub continue_final_message: Option<bool>,
+        /// SGLang's, sent by sglang-router (both true): accepted and ignored, as SGLang ignores them without a
+        /// reasoning parser (we have none), so any reasoning stays in `content`.
+        #[allow(dead_code, reason = "accepted, and has no effect")]
+        pub separate_reasoning: Option<bool>,
+        #[allow(dead_code, reason = "accepted, and has no effect")]
+        pub stream_reasoning: Option<bool>,
     }
 }
 
@@ -98,6 +106,8 @@ fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
     refuse_unless(r.reasoning_effort.is_none(), "reasoning_effort", "the served model has no reasoning effort")?;
     refuse_unless(r.verbosity.is_none(), "verbosity", "the served model has no verbosity setting")?;
     refuse_unless(r.web_search_options.is_none(), "web_search_options", "the server does not search the web")?;
+    let why = "the last message always ends and the assistant's turn starts after it";
+    refuse_unless(r.continue_final_message != Some(true), "continue_final_message", why)?;
     Ok(())
 }
 
@@ -234,5 +244,23 @@ mod tests {
         assert_eq!(e.message, "temperature: invalid type: string \"hot\", expected a number");
         let e = chat(user(json!({"presence_penalty": 3}))).unwrap_err();
         assert_eq!(e.message, "presence_penalty must be in [-2, 2], got 3");
+    }
+
+    #[test]
+    fn sglang_routers_fields_are_taken_at_their_defaults_and_refused_otherwise() {
+        // The body sglang-router 0.3.2 forwards for {"model", "messages", "max_tokens": 3}.
+        let routed = json!({"messages": [{"role": "user", "content": "hi"}], "model": "m", "logprobs": false,
+            "max_completion_tokens": 3, "stream": false, "no_stop_trim": false, "ignore_eos": false,
+            "continue_final_message": false, "skip_special_tokens": true, "separate_reasoning": true,
+            "stream_reasoning": true, "return_hidden_states": false});
+        assert_eq!(chat(routed.clone()).unwrap().requests[0].sampling.max_tokens, 3);
+        for field in ["no_stop_trim", "continue_final_message", "return_hidden_states"] {
+            let mut body = routed.clone();
+            body[field] = json!(true);
+            assert_eq!(refusal(body), (400, "unsupported_parameter", field.to_string()));
+        }
+        let mut body = routed;
+        (body["separate_reasoning"], body["stream_reasoning"]) = (json!(false), json!(false));
+        assert!(chat(body).is_ok());
     }
 }

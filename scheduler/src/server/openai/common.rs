@@ -154,6 +154,9 @@ macro_rules! completion_request {
             pub stream: Option<bool>,
             pub stream_options: Option<$crate::server::openai::common::StreamOptions>,
             pub return_tokens_as_token_ids: Option<bool>,
+            /// SGLang's, which sglang-router sends on every request with its default (false): refused otherwise.
+            pub no_stop_trim: Option<bool>,
+            pub return_hidden_states: Option<bool>,
             /// Accepted and ignored: an end-user id for abuse monitoring, which we do not do.
             #[allow(dead_code, reason = "accepted, and has no effect")]
             pub user: Option<String>,
@@ -181,6 +184,8 @@ macro_rules! completion_request {
                     stream: self.stream,
                     stream_options: self.stream_options.as_ref(),
                     return_tokens_as_token_ids: self.return_tokens_as_token_ids,
+                    no_stop_trim: self.no_stop_trim,
+                    return_hidden_states: self.return_hidden_states,
                 }
             }
         }
@@ -209,6 +214,8 @@ pub struct Shared<'a> {
     pub stream: Option<bool>,
     pub stream_options: Option<&'a StreamOptions>,
     pub return_tokens_as_token_ids: Option<bool>,
+    pub no_stop_trim: Option<bool>,
+    pub return_hidden_states: Option<bool>,
 }
 
 /// What the shared fields come to: the sampling (its `max_tokens` and `logprobs` set by the endpoint) and
@@ -224,6 +231,12 @@ pub struct Common {
 impl Shared<'_> {
     /// Reads the shared fields; ranges are `proto::api::validate`'s (see [`check`]).
     pub fn read(&self, max_tokens: i64) -> Result<Common, ApiError> {
+        refuse_unless(self.no_stop_trim != Some(true), "no_stop_trim", "a stop string is always cut from the text")?;
+        refuse_unless(
+            self.return_hidden_states != Some(true),
+            "return_hidden_states",
+            "hidden states stay on the worker",
+        )?;
         if self.min_tokens.is_some_and(|Int(m)| m != 0) {
             return Err(ApiError::unsupported(
                 "min_tokens",

@@ -210,4 +210,16 @@ mod tests {
         assert!(completion(json!({"prompt": "x", "best_of": 2, "n": 2})).is_ok(), "best_of = n returns every sample");
         assert!(completion(json!({"prompt": "x", "echo": true})).unwrap().echo);
     }
+
+    #[test]
+    fn sglang_routers_fields_are_taken_at_their_defaults_and_refused_otherwise() {
+        let routed = json!({"model": "m", "prompt": "hi", "max_tokens": 3, "stream": false, "echo": false,
+            "no_stop_trim": false, "ignore_eos": false, "skip_special_tokens": true, "return_hidden_states": false});
+        assert!(completion(routed.clone()).is_ok());
+        for field in ["no_stop_trim", "return_hidden_states"] {
+            let mut body = routed.clone();
+            body[field] = json!(true);
+            assert_eq!(refusal(body), (400, "unsupported_parameter", field.to_string()));
+        }
+    }
 }
