@@ -638,6 +638,7 @@ mod tests {
             text: text.into(),
             message: None,
             logprobs: None,
+            tool_calls: None,
         })
     }
 
@@ -691,6 +692,7 @@ mod tests {
                     token_ids: vec![7],
                     text: text.into(),
                     logprobs: None,
+                    tool_calls: None,
                 })
             };
             vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
@@ -796,7 +798,14 @@ mod tests {
         let mut out = Vec::new();
         for index in (0..n).rev() {
             let text = format!("s{index}");
-            let delta = Delta { rid: g.rid.clone(), index, token_ids: vec![7], text: text.clone(), logprobs: None };
+            let delta = Delta {
+                rid: g.rid.clone(),
+                index,
+                token_ids: vec![7],
+                text: text.clone(),
+                logprobs: None,
+                tool_calls: None,
+            };
             out.push(ServerMsg::Delta(delta));
             out.push(ServerMsg::Final(Final {
                 rid: g.rid.clone(),
@@ -809,6 +818,7 @@ mod tests {
                 text,
                 message: None,
                 logprobs: None,
+                tool_calls: None,
             }));
         }
         out

@@ -16,7 +16,9 @@
 //! their first token, a new request is refused at once (`overloaded`) instead of queueing behind work that may
 //! take minutes.
 
+use super::openai::tools;
 use super::prepare::Preparer;
+use super::tool_stream::ToolStream;
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
 use crate::metrics::{Metrics, Outcome};
@@ -105,6 +107,8 @@ struct Sample {
     /// When its first token came (the time to first token), and its latest (the gap to the next).
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    /// The output read for tool calls, when the request offered tools to call; `text` is then the content.
+    tools: Option<ToolStream>,
 }
 
 impl Hub {
@@ -210,7 +214,7 @@ impl Hub {
         for id in key..key + ReqId::from(n) {
             if self.samples.contains_key(&id) {
                 let _ = self.engine.send(Command::Finish(id));
-                self.finalize(id, FinishReason::Abort, None, String::new(), out);
+                self.finalize(id, FinishReason::Abort, None, (String::new(), Vec::new()), out);
             }
         }
         true
@@ -308,6 +312,8 @@ impl Hub {
         let params = sampling_params(s);
         let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;
+        // Checked in `prepare` already.
+        let tool_plan = tools::plan_of(&g).ok().flatten();
         for index in 0..n {
             let seed = match s.seed {
                 Some(seed) => sample_seed(seed, index),
@@ -336,6 +342,9 @@ impl Hub {
                 logprobs: s.logprobs.map(|_| Vec::new()),
                 first_token: None,
                 last_token: None,
+                tools: tool_plan
+                    .as_ref()
+                    .and_then(|plan| ToolStream::new(plan, self.preparer.tool_format(), self.seeds.next())),
             };
             self.samples.insert(base + ReqId::from(index), sample);
         }
@@ -363,7 +372,7 @@ impl Hub {
             let (id, token, finish, asked) = match event {
                 Event::Token { id, token, finish, logprobs } => (id, token, finish, logprobs.is_some()),
                 Event::Finished { id, reason } => {
-                    self.finalize(id, reason, None, String::new(), out);
+                    self.finalize(id, reason, None, (String::new(), Vec::new()), out);
                     continue;
                 }
                 Event::Cached { id, tokens } => {
@@ -404,30 +413,42 @@ impl Hub {
                     }
                 }
             };
+            let (piece, calls) = match &mut sample.tools {
+                Some(tools) => tools.push(&piece),
+                None => (piece, Vec::new()),
+            };
             sample.text.push_str(&piece);
             let last = Some((token, token_logprobs));
             if stopped {
                 let _ = self.engine.send(Command::Finish(id));
-                self.finalize(id, FinishReason::Stop, last, piece, out);
+                self.finalize(id, FinishReason::Stop, last, (piece, calls), out);
             } else if let Some(reason) = finish {
-                self.finalize(id, reason, last, piece, out);
+                self.finalize(id, reason, last, (piece, calls), out);
             } else if request.stream {
                 let (token_ids, logprobs) = (vec![token], last.and_then(|(_, lp)| lp).map(|lp| vec![lp]));
-                let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
+                let tool_calls = (!calls.is_empty()).then_some(calls);
+                let delta = Delta {
+                    rid: request.rid.clone(),
+                    index: sample.index,
+                    token_ids,
+                    text: piece,
+                    logprobs,
+                    tool_calls,
+                };
                 out.push((request.peer.clone(), ServerMsg::Delta(delta)));
             }
         }
     }
 
     /// Ends sample `id` here. A streaming client gets a last delta first: the last token (if this step
-    /// produced one), its text, and whatever the detokenizer still held back that no stop string claimed. The
-    /// request is forgotten with its last sample.
+    /// produced one), its text and tool calls, and whatever the detokenizer (and the tool-call parser) still
+    /// held back that no stop string claimed. The request is forgotten with its last sample.
     fn finalize(
         &mut self,
         id: ReqId,
         reason: FinishReason,
         last_token: Option<(u32, Option<TokenLogprobs>)>,
-        mut piece: String,
+        (mut piece, mut calls): (String, Vec<api::ToolCall>),
         out: &mut Vec<(Peer, ServerMsg)>,
     ) {
         let Some(mut sample) = self.samples.remove(&id) else { return };
@@ -442,15 +463,33 @@ impl Hub {
                 tracing::warn!("flushing the text of request {id}: {e}");
                 String::new()
             });
+            let rest = match &mut sample.tools {
+                Some(tools) => {
+                    let (mut text, new) = tools.push(&rest);
+                    calls.extend(new);
+                    let (held, new) = tools.finish();
+                    text.push_str(&held);
+                    calls.extend(new);
+                    text
+                }
+                None => rest,
+            };
             sample.text.push_str(&rest);
             piece.push_str(&rest);
+        } else if let Some(tools) = &mut sample.tools {
+            let (held, new) = tools.finish();
+            sample.text.push_str(&held);
+            piece.push_str(&held);
+            calls.extend(new);
         }
-        if request.stream && (last_token.is_some() || !piece.is_empty()) {
+        if request.stream && (last_token.is_some() || !piece.is_empty() || !calls.is_empty()) {
             let (token_ids, logprobs) = match last_token {
                 Some((token, lp)) => (vec![token], lp.map(|lp| vec![lp])),
                 None => (Vec::new(), sample.logprobs.as_ref().map(|_| Vec::new())),
             };
-            let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
+            let tool_calls = (!calls.is_empty()).then_some(calls);
+            let delta =
+                Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs, tool_calls };
             out.push((request.peer.clone(), ServerMsg::Delta(delta)));
         }
         ended(&self.metrics, request, &sample, reason);
@@ -528,6 +567,7 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
         text: sample.text,
         message,
         logprobs: sample.logprobs,
+        tool_calls: sample.tools.map(ToolStream::into_calls).filter(|calls| !calls.is_empty()),
     })
 }
 
