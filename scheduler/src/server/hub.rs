@@ -691,6 +691,103 @@ mod tests {
         Event::Token { id, token, finish, logprobs: None }
     }
 
+    /// A hub whose chat template shows the tools and teaches Qwen's `<tool_call>` format.
+    fn tool_hub() -> (Hub, Receiver<Command>) {
+        let (hub, rx) = test_hub(1000);
+        let template = "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> answer with \
+            <tool_call>{% endif %}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]";
+        let chat = ChatTemplate::from_source(template).unwrap();
+        let preparer = Preparer::new(hub.preparer.tokenizer().clone(), Some(chat), hub.preparer.limits().clone());
+        (Hub { preparer, ..hub }, rx)
+    }
+
+    fn tool_request(rid: &str, choice: &str) -> ClientMsg {
+        ClientMsg::Generate(Generate {
+            messages: Some(vec![serde_json::json!({"role": "user", "content": "weather?"})]),
+            tools: Some(vec![serde_json::json!({"type": "function", "function": {"name": "get_weather"}})]),
+            tool_choice: Some(choice.into()),
+            ..Generate::new(rid)
+        })
+    }
+
+    #[test]
+    fn tool_calls_are_parsed_from_the_output_streamed_and_in_the_final() {
+        let (mut hub, rx) = tool_hub();
+        assert!(send(&mut hub, &tool_request("t", "auto")).is_empty());
+        let req = submitted(&rx);
+        let prompt = hub.preparer.tokenizer().decode(&req.prompt).unwrap();
+        assert_eq!(
+            prompt,
+            "<tools>{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"}}</tools> answer with \
+             <tool_call>[user]weather?[assistant]",
+            "the tools reach the template"
+        );
+        let output =
+            "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        let ids = hub.preparer.tokenizer().encode(output).unwrap();
+        let mut out = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let last = (i + 1 == ids.len()).then_some(FinishReason::Stop);
+            // The stop token's text is not output: stop on an extra EOS after the last byte.
+            hub.on_events(vec![token(req.id, id, None)], &mut out);
+            if last.is_some() {
+                hub.on_events(vec![token(req.id, 0, last)], &mut out);
+            }
+        }
+        let mut text = String::new();
+        let mut streamed = Vec::new();
+        let mut fin = None;
+        for (_, m) in &out {
+            match m {
+                ServerMsg::Delta(d) => {
+                    text.push_str(&d.text);
+                    streamed.extend(d.tool_calls.clone().unwrap_or_default());
+                }
+                ServerMsg::Final(f) => fin = Some(f.clone()),
+                other => panic!("{other:?}"),
+            }
+        }
+        let fin = fin.expect("a final");
+        assert_eq!((text.as_str(), fin.text.as_str()), ("Sure.", "Sure."), "no markup in the content");
+        let calls = fin.tool_calls.expect("the final carries the calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].index, calls[0].name.as_str(), calls[0].arguments.as_str()),
+            (0, "get_weather", r#"{"city":"Oslo"}"#)
+        );
+        assert_eq!(streamed, calls, "the deltas carry the same calls, ids included");
+        assert_eq!(fin.token_ids.len(), ids.len() + 1);
+    }
+
+    #[test]
+    fn with_tool_choice_none_the_tools_are_rendered_and_the_output_left_as_it_is() {
+        let (mut hub, rx) = tool_hub();
+        assert!(send(&mut hub, &tool_request("t", "none")).is_empty());
+        let req = submitted(&rx);
+        let prompt = hub.preparer.tokenizer().decode(&req.prompt).unwrap();
+        assert!(prompt.starts_with("<tools>"), "{prompt}");
+        let output = "<tool_call>{\"name\": \"get_weather\"}</tool_call>";
+        let ids = hub.preparer.tokenizer().encode(output).unwrap();
+        let mut out = Vec::new();
+        let events: Vec<Event> = ids.iter().map(|&id| token(req.id, id, None)).collect();
+        hub.on_events(events, &mut out);
+        hub.on_events(vec![token(req.id, 0, Some(FinishReason::Stop))], &mut out);
+        let Some((_, ServerMsg::Final(f))) = out.last() else { panic!("{out:?}") };
+        assert_eq!((f.text.as_str(), f.tool_calls.as_ref()), (output, None));
+    }
+
+    #[test]
+    fn a_bad_tool_is_refused_naming_it_on_the_zmq_door() {
+        let (mut hub, _rx) = tool_hub();
+        let ClientMsg::Generate(mut g) = tool_request("t", "auto") else { unreachable!() };
+        g.tools = Some(vec![serde_json::json!({"type": "function", "function": {"name": "a b"}})]);
+        let out = send(&mut hub, &ClientMsg::Generate(g));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(e.message.starts_with("tools[0].function.name"), "{}", e.message);
+        assert_eq!(hub.live_requests(), 0);
+    }
+
     #[test]
     fn a_request_is_tokenized_submitted_streamed_and_finished() {
         let (mut hub, rx) = test_hub(32);

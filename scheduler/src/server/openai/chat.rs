@@ -214,6 +214,9 @@ mod tests {
                 "tools[0].function.x",
             ),
             (user(json!({"tool_choice": "required"})), "invalid_params", "tool_choice"),
+            (user(json!({"tools": {"a": 1}})), "invalid_params", "tools"),
+            (user(json!({"tool_choice": 3})), "invalid_params", "tool_choice"),
+            (user(json!({"parallel_tool_calls": "yes"})), "invalid_params", "parallel_tool_calls"),
             (
                 user(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
                 "unsupported_parameter",

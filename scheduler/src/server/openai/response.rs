@@ -693,6 +693,63 @@ mod tests {
         assert_eq!(chunk["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"], "i");
     }
 
+    fn weather_call(index: u32) -> ToolCall {
+        ToolCall {
+            index,
+            id: format!("call_{index}"),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Oslo"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn tool_calls_become_the_messages_calls_and_finish_the_choice_with_tool_calls() {
+        let only_calls =
+            Final { tool_calls: Some(vec![weather_call(0), weather_call(1)]), ..final_msg(FinishReason::Stop, "") };
+        let body = parse(&reply(Endpoint::Chat).body(&[only_calls]).unwrap());
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null, "no text: null content");
+        assert_eq!(
+            choice["message"]["tool_calls"][1],
+            json!({"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}})
+        );
+        let with_text = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Stop, "Checking.") };
+        let body = parse(&reply(Endpoint::Chat).body(&[with_text]).unwrap());
+        assert_eq!(body["choices"][0]["message"]["content"], "Checking.");
+        let cut = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Length, "") };
+        let body = parse(&reply(Endpoint::Chat).body(&[cut]).unwrap());
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "cut short: the calls may be incomplete");
+        let plain = parse(&reply(Endpoint::Chat).body(&[final_msg(FinishReason::Stop, "")]).unwrap());
+        assert_eq!(plain["choices"][0]["message"], json!({"role": "assistant", "content": ""}), "no calls, no key");
+    }
+
+    #[test]
+    fn a_streamed_call_is_its_name_then_its_arguments() {
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), false, 1);
+        let delta = ServerMsg::Delta(Delta {
+            rid: "x-1".into(),
+            index: 0,
+            token_ids: vec![1],
+            text: "Checking.".into(),
+            logprobs: None,
+            tool_calls: Some(vec![weather_call(0)]),
+        });
+        let fin = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Stop, "Checking.") };
+        let (out, _) = stream(&mut chunks, &[delta, ServerMsg::Final(fin)]);
+        let json: Vec<Value> = out[..out.len() - 1].iter().map(|s| parse(s)).collect();
+        let deltas: Vec<&Value> = json.iter().map(|c| &c["choices"][0]["delta"]).collect();
+        assert_eq!(deltas[1], &json!({"content": "Checking."}));
+        assert_eq!(
+            deltas[2],
+            &json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(deltas[3], &json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":\"Oslo\"}"}}]}));
+        assert_eq!(json[4]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out.last().map(String::as_str), Some(DONE));
+    }
+
     #[test]
     fn a_completion_stream_carries_text_chunks() {
         let mut chunks = Chunks::new(reply(Endpoint::Completions), false, 1);
