@@ -166,6 +166,23 @@ def test_tool_choice_none_renders_the_tools_and_parses_nothing(oai, first_turn):
     assert written == {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
 
 
+def test_the_zmq_door_renders_the_tools_and_returns_the_same_calls(client, first_turn):
+    replies = list(
+        client.stream(messages=ASK, tools=[WEATHER], sampling={"temperature": 0.0, "max_tokens": 40})
+    )
+    final = replies[-1]
+    assert final["type"] == "final" and final["finish_reason"] == "stop"
+    assert final["prompt_tokens"] == first_turn.usage.prompt_tokens
+    want = first_turn.choices[0].message.tool_calls
+    assert [(c["index"], c["name"], c["arguments"]) for c in final["tool_calls"]] == [
+        (i, c.function.name, c.function.arguments) for i, c in enumerate(want)
+    ]
+    assert final["text"] == "", "the text is the content outside the calls"
+    streamed = [c for m in replies[:-1] for c in m.get("tool_calls", [])]
+    assert streamed == final["tool_calls"], "the deltas carry the calls, ids included"
+    assert "".join(m["text"] for m in replies[:-1]) == ""
+
+
 BAD_TOOL_REQUESTS = [
     ({"tools": {"get_weather": WEATHER}}, "invalid_params", "tools"),
     (
