@@ -7,6 +7,7 @@ renders them, `tool_choice: "none"`, and every malformed tool field refused with
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import openai
@@ -51,11 +52,26 @@ def first_turn(oai):
     return oai.chat.completions.create(messages=ASK, tools=[WEATHER], **GREEDY)
 
 
-def hf_prompt_len(tok, messages, tools) -> int:
+def hf_ids(tok, messages, tools) -> list[int]:
     ids = tok.apply_chat_template(
         messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
     )
-    return len(ids["input_ids"])
+    return list(ids["input_ids"])
+
+
+def our_ids(engine, messages, tools) -> list[int]:
+    """The prompt a chat request of these messages and tools is given, from `/tokenize`."""
+    host, port = engine.config.http.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        body = json.dumps({"messages": messages, "tools": tools})
+        conn.request("POST", "/tokenize", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        reply = json.loads(resp.read())
+        assert resp.status == 200, reply
+        return reply["tokens"]
+    finally:
+        conn.close()
 
 
 def check_schema(value, schema: dict, path: str = "arguments") -> None:
@@ -79,7 +95,7 @@ def check_schema(value, schema: dict, path: str = "arguments") -> None:
         )
 
 
-def test_the_model_calls_the_tool_and_its_arguments_validate(first_turn, tok):
+def test_the_model_calls_the_tool_and_its_arguments_validate(engine, first_turn, tok):
     choice = first_turn.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None, "no text outside the call, and no markup"
@@ -90,7 +106,9 @@ def test_the_model_calls_the_tool_and_its_arguments_validate(first_turn, tok):
     check_schema(arguments, WEATHER["function"]["parameters"])
     assert arguments["city"] == "Paris"
     # The prompt is the template's with the tools: exactly HF's rendering.
-    assert first_turn.usage.prompt_tokens == hf_prompt_len(tok, ASK, [WEATHER])
+    ids = our_ids(engine, ASK, [WEATHER])
+    assert ids == hf_ids(tok, ASK, [WEATHER])
+    assert first_turn.usage.prompt_tokens == len(ids)
 
 
 def test_streamed_deltas_assemble_to_the_same_calls(oai, first_turn):
@@ -117,7 +135,7 @@ def test_streamed_deltas_assemble_to_the_same_calls(oai, first_turn):
     assert all(c["id"].startswith("call_") for c in calls.values())
 
 
-def test_a_tool_result_goes_back_into_a_second_turn(oai, first_turn, tok):
+def test_a_tool_result_goes_back_into_a_second_turn(engine, oai, first_turn, tok):
     call = first_turn.choices[0].message.tool_calls[0]
     result = '{"temperature": 18, "condition": "sunny"}'
     messages = [
@@ -150,7 +168,9 @@ def test_a_tool_result_goes_back_into_a_second_turn(oai, first_turn, tok):
         },
         {"role": "tool", "content": result},
     ]
-    assert r.usage.prompt_tokens == hf_prompt_len(tok, as_hf, [WEATHER])
+    ids = our_ids(engine, messages, [WEATHER])
+    assert ids == hf_ids(tok, as_hf, [WEATHER])
+    assert r.usage.prompt_tokens == len(ids)
 
 
 def test_tool_choice_none_renders_the_tools_and_parses_nothing(oai, first_turn):

@@ -233,9 +233,11 @@ async fn tokenize(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejectio
                     let encoded = preparer.tokenizer().encode_with(&text, add);
                     encoded.map_err(|e| ApiError::invalid("prompt", format!("tokenizing: {e}")))?
                 }
-                openai::ToTokenize::Messages(messages) => {
-                    let text =
-                        preparer.render(&messages, request.add_generation_prompt.unwrap_or(true)).map_err(refused)?;
+                openai::ToTokenize::Messages(messages, tools) => {
+                    let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
+                    let text = preparer
+                        .render_with_tools(&messages, add_generation_prompt, tools.as_ref())
+                        .map_err(refused)?;
                     preparer.tokenize(Prompt::Text(&text)).map_err(refused)?
                 }
             };
