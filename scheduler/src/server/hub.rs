@@ -777,6 +777,18 @@ mod tests {
     }
 
     #[test]
+    fn tools_are_refused_for_a_template_that_would_not_render_them() {
+        let (hub, _) = test_hub(1000);
+        let chat = ChatTemplate::from_source("{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let preparer = Preparer::new(hub.preparer.tokenizer().clone(), Some(chat), hub.preparer.limits().clone());
+        let mut hub = Hub { preparer, ..hub };
+        let out = send(&mut hub, &tool_request("t", "auto"));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(e.message.contains("does not render tools"), "{}", e.message);
+    }
+
+    #[test]
     fn a_bad_tool_is_refused_naming_it_on_the_zmq_door() {
         let (mut hub, _rx) = tool_hub();
         let ClientMsg::Generate(mut g) = tool_request("t", "auto") else { unreachable!() };

@@ -114,6 +114,11 @@ impl Preparer {
     ) -> Result<String, (Option<String>, String)> {
         let messages = messages::normalize(messages).map_err(|e| (Some(e.param), e.message))?;
         let chat = self.chat.as_ref().ok_or((None, "this model has no chat template".to_string()))?;
+        if tools.is_some() && !chat.renders_tools() {
+            // Rendered without them, the request would run as if it had none.
+            let message = "tools are not supported by this model: its chat template does not render tools";
+            return Err((Some("tools".into()), message.into()));
+        }
         chat.render(&messages, add_generation_prompt, tools)
             .map_err(|e| (Some("messages".into()), format!("chat template: {e}")))
     }

@@ -25,6 +25,8 @@ pub struct ChatTemplate {
     special_tokens: BTreeMap<String, String>,
     /// How the templates teach the model to write tool calls.
     tool_format: ToolFormat,
+    /// Whether any template reads `tools`: one that does not would leave a request's tools out silently.
+    renders_tools: bool,
 }
 
 impl ChatTemplate {
@@ -61,12 +63,13 @@ impl ChatTemplate {
         let has_tool_use = templates.contains_key(TOOL_USE);
         let taught = templates.get(TOOL_USE).or(templates.get(DEFAULT)).map_or("", String::as_str);
         let tool_format = ToolFormat::detect(taught);
+        let renders_tools = templates.values().any(|source| source.contains("tools"));
         for (name, source) in templates {
             if name == DEFAULT || name == TOOL_USE {
                 env.add_template_owned(name, source).map_err(TextError::Template)?;
             }
         }
-        Ok(Self { env, has_tool_use, special_tokens, tool_format })
+        Ok(Self { env, has_tool_use, special_tokens, tool_format, renders_tools })
     }
 
     /// A single template, no special tokens.
@@ -85,6 +88,11 @@ impl ChatTemplate {
     /// The tool-call format the template shows the model (its `tool_use` template's, when it has one).
     pub fn tool_format(&self) -> ToolFormat {
         self.tool_format
+    }
+
+    /// Whether the template renders tools at all (SmolLM2's, for one, does not).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
     }
 
     /// Renders a conversation. `messages` are JSON objects (`role`, `content`, `tool_calls`, ...); `tools` is the
