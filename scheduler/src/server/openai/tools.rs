@@ -10,6 +10,8 @@
 
 use super::ApiError;
 use super::common::parse_body;
+use crate::text::ToolFormat;
+use crate::text::tool_grammar::{ForcedFunction, forced_call_grammar};
 use proto::api::Generate;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -79,6 +81,26 @@ pub struct ToolPlan {
     pub parse: bool,
     /// `parallel_tool_calls` (default true): false keeps the first call only.
     pub parallel: bool,
+}
+
+impl ToolPlan {
+    /// The grammar that forces a call in `format` (`text::tool_grammar`): of any of the tools
+    /// (`tool_choice: "required"`), or of the one named. For the structured-output path to compile, once forced
+    /// choices are wired to it.
+    pub fn forced_grammar(&self, format: ToolFormat, named: Option<&str>) -> String {
+        let functions: Vec<ForcedFunction<'_>> = self
+            .template_tools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|tool| {
+                let name = tool["function"]["name"].as_str()?;
+                let parameters = tool["function"].get("parameters");
+                named.is_none_or(|n| n == name).then_some(ForcedFunction { name, parameters })
+            })
+            .collect();
+        forced_call_grammar(format, &functions, self.parallel && named.is_none())
+    }
 }
 
 /// Checks a request's tool fields; `None` when it offers no tools (then there is nothing to render or parse).
@@ -346,6 +368,19 @@ mod tests {
         let too_many: Vec<Value> =
             (0..=MAX_TOOLS).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect();
         assert_eq!(refusal(json!({"tools": too_many})).1, "tools");
+    }
+
+    #[test]
+    fn the_forced_grammar_names_every_tool_or_the_one_chosen() {
+        let fields = json!({"tools": [weather(), {"type": "function", "function": {"name": "now"}}]});
+        let plan = plan_of(&generate(fields)).unwrap().unwrap();
+        let any = plan.forced_grammar(ToolFormat::Hermes, None);
+        assert!(any.starts_with("start: call (sep call)*\n"), "{any}");
+        assert!(any.contains("fn_0 | fn_1") && any.contains(r#"{"const":"get_weather"}"#), "{any}");
+        assert!(any.contains(r#""city":{"type":"string"}"#), "the schema of the parameters: {any}");
+        let one = plan.forced_grammar(ToolFormat::Llama3Json, Some("now"));
+        assert!(one.starts_with("start: call\n") && one.contains("call: fn_0\n"), "{one}");
+        assert!(one.contains(r#"{"const":"now"}"#) && !one.contains("get_weather"), "{one}");
     }
 
     #[test]
