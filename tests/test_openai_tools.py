@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -50,6 +51,47 @@ def tok(model_dir):
 @pytest.fixture(scope="module")
 def first_turn(oai):
     return oai.chat.completions.create(messages=ASK, tools=[WEATHER], **GREEDY)
+
+
+RESULT = '{"temperature": 18, "condition": "sunny"}'
+
+
+def second_turn(call) -> list[dict]:
+    """ASK, the model's call as an OpenAI client sends it back (arguments a JSON string), and its result."""
+    return [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": RESULT},
+    ]
+
+
+@pytest.fixture(scope="module")
+def followups(engine, oai, first_turn):
+    """The requests that follow the first turn, run at once (one batch, their prompts cached): streamed,
+    `tool_choice: "none"`, the second turn, and the same request through the ZeroMQ door."""
+    from minisgl.client import Client
+
+    call = first_turn.choices[0].message.tool_calls[0]
+
+    def zmq():
+        with Client(engine.config.listen, timeout_s=300) as c:
+            return list(
+                c.stream(messages=ASK, tools=[WEATHER], sampling={"temperature": 0.0, "max_tokens": 40})
+            )
+
+    jobs = {
+        "stream": lambda: list(
+            oai.chat.completions.create(messages=ASK, tools=[WEATHER], stream=True, **GREEDY)
+        ),
+        "none": lambda: oai.chat.completions.create(
+            messages=ASK, tools=[WEATHER], tool_choice="none", **GREEDY
+        ),
+        "second": lambda: oai.chat.completions.create(messages=second_turn(call), tools=[WEATHER], **GREEDY),
+        "zmq": zmq,
+    }
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def hf_ids(tok, messages, tools) -> list[int]:
@@ -111,10 +153,9 @@ def test_the_model_calls_the_tool_and_its_arguments_validate(engine, first_turn,
     assert first_turn.usage.prompt_tokens == len(ids)
 
 
-def test_streamed_deltas_assemble_to_the_same_calls(oai, first_turn):
-    stream = oai.chat.completions.create(messages=ASK, tools=[WEATHER], stream=True, **GREEDY)
+def test_streamed_deltas_assemble_to_the_same_calls(followups, first_turn):
     content, calls, reasons = [], {}, []
-    for chunk in stream:
+    for chunk in followups["stream"]:
         choice = chunk.choices[0]
         content.append(choice.delta.content or "")
         for d in choice.delta.tool_calls or []:
@@ -135,15 +176,9 @@ def test_streamed_deltas_assemble_to_the_same_calls(oai, first_turn):
     assert all(c["id"].startswith("call_") for c in calls.values())
 
 
-def test_a_tool_result_goes_back_into_a_second_turn(engine, oai, first_turn, tok):
+def test_a_tool_result_goes_back_into_a_second_turn(engine, followups, first_turn, tok):
     call = first_turn.choices[0].message.tool_calls[0]
-    result = '{"temperature": 18, "condition": "sunny"}'
-    messages = [
-        *ASK,
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": result},
-    ]
-    r = oai.chat.completions.create(messages=messages, tools=[WEATHER], **GREEDY)
+    r = followups["second"]
     # This small model tends to call again rather than answer; whatever it does must come back well formed.
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "tool_calls")
@@ -166,15 +201,15 @@ def test_a_tool_result_goes_back_into_a_second_turn(engine, oai, first_turn, tok
                 }
             ],
         },
-        {"role": "tool", "content": result},
+        {"role": "tool", "content": RESULT},
     ]
-    ids = our_ids(engine, messages, [WEATHER])
+    ids = our_ids(engine, second_turn(call), [WEATHER])
     assert ids == hf_ids(tok, as_hf, [WEATHER])
     assert r.usage.prompt_tokens == len(ids)
 
 
-def test_tool_choice_none_renders_the_tools_and_parses_nothing(oai, first_turn):
-    r = oai.chat.completions.create(messages=ASK, tools=[WEATHER], tool_choice="none", **GREEDY)
+def test_tool_choice_none_renders_the_tools_and_parses_nothing(followups, first_turn):
+    r = followups["none"]
     choice = r.choices[0]
     assert r.usage.prompt_tokens == first_turn.usage.prompt_tokens, "the same prompt, tools included"
     assert choice.finish_reason == "stop" and choice.message.tool_calls is None
@@ -186,10 +221,8 @@ def test_tool_choice_none_renders_the_tools_and_parses_nothing(oai, first_turn):
     assert written == {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
 
 
-def test_the_zmq_door_renders_the_tools_and_returns_the_same_calls(client, first_turn):
-    replies = list(
-        client.stream(messages=ASK, tools=[WEATHER], sampling={"temperature": 0.0, "max_tokens": 40})
-    )
+def test_the_zmq_door_renders_the_tools_and_returns_the_same_calls(followups, first_turn):
+    replies = followups["zmq"]
     final = replies[-1]
     assert final["type"] == "final" and final["finish_reason"] == "stop"
     assert final["prompt_tokens"] == first_turn.usage.prompt_tokens
