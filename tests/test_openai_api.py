@@ -391,9 +391,9 @@ VOCAB = 151936  # the model's, past the tokenizer's 151665
         ("chat", dict(extra_body={"min_tokens": 2}), "unsupported_parameter", "min_tokens"),
         (
             "chat",
-            dict(tools=[{"type": "function", "function": {"name": "f"}}]),
+            dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
             "unsupported_parameter",
-            "tools",
+            "tool_choice",
         ),
         ("chat", dict(response_format={"type": "json_object"}), "unsupported_parameter", "response_format"),
         ("completions", dict(echo=True, logprobs=1), "unsupported_parameter", "echo"),

@@ -6,6 +6,7 @@
 //! [`validate`] then checks the parameter ranges.
 
 pub use crate::step::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
+pub use crate::tool_call::ToolCall;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -63,6 +64,14 @@ pub struct Generate {
     /// request's bytes stay what they were before `n` existed.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub n: i64,
+    /// OpenAI's tool fields (docs/protocol.md, "Tool calls"): the tools rendered into the chat template and
+    /// whether the output is parsed for calls. Left off the wire when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 fn one() -> i64 {
@@ -92,6 +101,9 @@ impl Generate {
             sampling: Sampling::default(),
             stream: true,
             n: 1,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
         }
     }
 
@@ -249,6 +261,9 @@ struct WireGenerate {
     sampling: Option<WireSampling>,
     stream: Option<bool>,
     n: Option<i64>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -331,6 +346,9 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
                 sampling: w.sampling.map(Sampling::from).unwrap_or_default(),
                 stream: w.stream.unwrap_or(true),
                 n: w.n.unwrap_or(1),
+                tools: w.tools,
+                tool_choice: w.tool_choice,
+                parallel_tool_calls: w.parallel_tool_calls,
             }))
         }
         "abort" => {
@@ -427,6 +445,9 @@ pub struct Delta {
     /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// The tool calls that ended with this delta's text (whole calls: a call is known once it closes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// A sampled token's logprob, and the most likely tokens at its position with theirs (most likely first, as
@@ -467,6 +488,10 @@ pub struct Final {
     /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// The sample's tool calls, when its request offered tools and the model called some; `text` is then the
+    /// content outside the calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,3 +3,4 @@
 pub mod api;
 pub mod ring;
 pub mod step;
+pub mod tool_call;

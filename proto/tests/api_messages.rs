@@ -254,8 +254,14 @@ fn client_messages_encode_as_the_protocol_writes_them() {
 
 #[test]
 fn server_messages_encode_as_the_protocol_writes_them() {
-    let delta =
-        ServerMsg::Delta(Delta { rid: "r".into(), index: 2, token_ids: vec![9], text: "é".into(), logprobs: None });
+    let delta = ServerMsg::Delta(Delta {
+        rid: "r".into(),
+        index: 2,
+        token_ids: vec![9],
+        text: "é".into(),
+        logprobs: None,
+        tool_calls: None,
+    });
     assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "index": 2, "token_ids": [9], "text": "é"}));
     let fin = ServerMsg::Final(Final {
         rid: "r".into(),
@@ -268,6 +274,7 @@ fn server_messages_encode_as_the_protocol_writes_them() {
         text: "é".into(),
         message: None,
         logprobs: None,
+        tool_calls: None,
     });
     assert_eq!(
         wire(&fin),
@@ -342,4 +349,45 @@ fn n_is_read_checked_and_left_off_the_wire_when_it_is_one() {
     }
     let v = json!({"type": "generate", "rid": "s", "text": "x", "n": "two"});
     assert_eq!(rejection(&v).code, ErrorCode::Malformed);
+}
+
+#[test]
+fn tool_fields_are_read_and_left_off_the_wire_when_absent() {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let v = json!({"type": "generate", "rid": "t", "messages": [{"role": "user", "content": "x"}], "tools": tools,
+                   "tool_choice": "auto", "parallel_tool_calls": false});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!(g.tools.as_deref(), tools.as_array().map(Vec::as_slice));
+    assert_eq!((g.tool_choice.clone(), g.parallel_tool_calls), (Some(json!("auto")), Some(false)));
+    assert_eq!(wire(&ClientMsg::Generate(g.clone()))["tools"], tools);
+    let plain = Generate { tools: None, tool_choice: None, parallel_tool_calls: None, ..g };
+    let w = wire(&ClientMsg::Generate(plain));
+    assert!(["tools", "tool_choice", "parallel_tool_calls"].iter().all(|k| w.get(k).is_none()), "{w}");
+    let v = json!({"type": "generate", "rid": "t", "text": "x", "tools": null, "tool_choice": null});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert_eq!((g.tools, g.tool_choice), (None, None), "nil means absent");
+    let v = json!({"type": "generate", "rid": "t", "text": "x", "tools": "get_weather"});
+    assert_eq!(rejection(&v).code, ErrorCode::Malformed);
+}
+
+#[test]
+fn tool_calls_ride_on_deltas_and_finals_and_are_left_off_without_them() {
+    let call = ToolCall { index: 0, id: "call_x".into(), name: "f".into(), arguments: "{\"a\":1}".into() };
+    let delta = ServerMsg::Delta(Delta {
+        rid: "r".into(),
+        index: 0,
+        token_ids: vec![9],
+        text: String::new(),
+        logprobs: None,
+        tool_calls: Some(vec![call.clone()]),
+    });
+    assert_eq!(
+        wire(&delta)["tool_calls"],
+        json!([{"index": 0, "id": "call_x", "name": "f", "arguments": "{\"a\":1}"}])
+    );
+    assert_eq!(decode::<ServerMsg>(&encode(&delta)).unwrap(), delta);
+    let old = json!({"type": "final", "rid": "r", "finish_reason": "stop", "prompt_tokens": 3,
+                     "completion_tokens": 1, "token_ids": [9], "text": "x", "message": null});
+    let ServerMsg::Final(f) = decode::<ServerMsg>(&pack(&old)).unwrap() else { panic!() };
+    assert_eq!(f.tool_calls, None);
 }

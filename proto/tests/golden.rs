@@ -198,6 +198,34 @@ fn golden_options() -> Generate {
     g
 }
 
+/// A chat request offering two tools (one without parameters), parsed for calls, one call at most.
+fn golden_tools() -> Generate {
+    let mut g = Generate::new("req-7");
+    g.messages = Some(vec![json!({"role": "user", "content": "Weather in Oslo?"})]);
+    g.tools = Some(vec![
+        json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}),
+        json!({"type": "function", "function": {"name": "now"}}),
+    ]);
+    g.tool_choice = Some(json!("auto"));
+    g.parallel_tool_calls = Some(false);
+    g.sampling.temperature = 0.0;
+    g
+}
+
+/// Two calls, as the scheduler parses them from Qwen's `<tool_call>` blocks.
+fn golden_tool_calls() -> Vec<ToolCall> {
+    vec![
+        ToolCall {
+            index: 0,
+            id: "call_AbC123xyz789AbC123xyz789".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Oslo"}"#.into(),
+        },
+        ToolCall { index: 1, id: "call_Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2".into(), name: "now".into(), arguments: "{}".into() },
+    ]
+}
+
 #[test]
 fn client_messages() {
     let generate = ClientMsg::Generate(golden_generate());
@@ -217,6 +245,7 @@ fn client_messages() {
         ("client_generate_text.msgpack", ClientMsg::Generate(text)),
         ("client_generate_n.msgpack", ClientMsg::Generate(samples)),
         ("client_generate_options.msgpack", ClientMsg::Generate(golden_options())),
+        ("client_generate_tools.msgpack", ClientMsg::Generate(golden_tools())),
         ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
         ("client_info.msgpack", ClientMsg::Info),
     ] {
@@ -245,6 +274,7 @@ fn server_messages() {
                 token_ids: vec![9707, 0],
                 text: "Hi!".into(),
                 logprobs: None,
+                tool_calls: None,
             }),
         ),
         (
@@ -255,6 +285,7 @@ fn server_messages() {
                 token_ids: vec![9707, 0],
                 text: "Hi!".into(),
                 logprobs: Some(golden_logprobs()),
+                tool_calls: None,
             }),
         ),
         (
@@ -270,6 +301,7 @@ fn server_messages() {
                 text: "Hi!".into(),
                 message: None,
                 logprobs: None,
+                tool_calls: None,
             }),
         ),
         (
@@ -285,6 +317,34 @@ fn server_messages() {
                 text: "Hi!".into(),
                 message: None,
                 logprobs: Some(golden_logprobs()),
+                tool_calls: None,
+            }),
+        ),
+        (
+            "server_delta_tool_calls.msgpack",
+            ServerMsg::Delta(Delta {
+                rid: "req-7".into(),
+                index: 0,
+                token_ids: vec![151658],
+                text: String::new(),
+                logprobs: None,
+                tool_calls: Some(golden_tool_calls()[..1].to_vec()),
+            }),
+        ),
+        (
+            "server_final_tool_calls.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-7".into(),
+                index: 0,
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: 180,
+                completion_tokens: 40,
+                cached_tokens: 0,
+                token_ids: vec![151657, 198, 151658, 151645],
+                text: "Let me check.".into(),
+                message: None,
+                logprobs: None,
+                tool_calls: Some(golden_tool_calls()),
             }),
         ),
         (
@@ -300,6 +360,7 @@ fn server_messages() {
                 text: String::new(),
                 message: Some("worker failed the step".into()),
                 logprobs: None,
+                tool_calls: None,
             }),
         ),
         (

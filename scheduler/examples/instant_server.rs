@@ -29,7 +29,14 @@ fn main() -> anyhow::Result<()> {
                     for index in 0..samples {
                         for _ in 0..n {
                             let text = " word".into();
-                            let delta = Delta { rid: rid.clone(), index, token_ids: vec![42], text, logprobs: None };
+                            let delta = Delta {
+                                rid: rid.clone(),
+                                index,
+                                token_ids: vec![42],
+                                text,
+                                logprobs: None,
+                                tool_calls: None,
+                            };
                             let _ = replies.send(ServerMsg::Delta(delta));
                         }
                         let _ = replies.send(ServerMsg::Final(Final {
@@ -43,6 +50,7 @@ fn main() -> anyhow::Result<()> {
                             text: " word".repeat(n as usize),
                             message: None,
                             logprobs: None,
+                            tool_calls: None,
                         }));
                     }
                 }

@@ -58,3 +58,23 @@ fn a_directory_without_a_template_says_so() {
     assert_eq!(chat.render(&[json!({"role": "user", "content": "x"})], false, None).unwrap(), "x</s>");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn its_tool_calls_are_read_in_the_format_it_teaches() {
+    use scheduler::text::{ToolCallParser, ToolFormat};
+    let Some(dir) = support::model_dir() else { return };
+    let chat = ChatTemplate::from_model_dir(&dir).unwrap();
+    assert_eq!(chat.tool_format(), ToolFormat::Hermes);
+    // What the template shows the model as a call, and what it renders for an assistant's call, read back.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let messages = [
+        json!({"role": "user", "content": "x"}),
+        json!({"role": "assistant", "content": "",
+               "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"b": 1.5, "a": "中"}}}]}),
+    ];
+    let text = chat.render(&messages, false, Some(&tools)).unwrap();
+    let turn = text.rsplit("<|im_start|>assistant").next().unwrap().trim_end_matches("<|im_end|>\n");
+    let (content, calls) = ToolCallParser::new(chat.tool_format(), vec!["f".into()], true).parse(turn);
+    assert_eq!(content, "");
+    assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("f", r#"{"b":1.5,"a":"中"}"#));
+}

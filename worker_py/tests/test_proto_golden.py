@@ -289,9 +289,44 @@ CLIENT = {
         "sampling": {**messages.SAMPLING_DEFAULTS, "seed": 7, **OPTIONS},
         "stream": True,
     },
+    "client_generate_tools.msgpack": {
+        "type": "generate",
+        "rid": "req-7",
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "sampling": {**messages.SAMPLING_DEFAULTS, "temperature": 0.0},
+        "stream": True,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Current weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+            },
+            {"type": "function", "function": {"name": "now"}},
+        ],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+    },
     "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
     "client_info.msgpack": {"type": "info"},
 }
+
+# Two calls as the scheduler parses them: index, id, name, arguments (JSON text).
+TOOL_CALLS = [
+    {
+        "index": 0,
+        "id": "call_AbC123xyz789AbC123xyz789",
+        "name": "get_weather",
+        "arguments": '{"city":"Oslo"}',
+    },
+    {"index": 1, "id": "call_Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2", "name": "now", "arguments": "{}"},
+]
 
 # One entry per token id: its logprob, and the most likely tokens as [id, logprob] pairs.
 LOGPROBS = [
@@ -339,6 +374,27 @@ SERVER = {
         "text": "Hi!",
         "message": None,
         "logprobs": LOGPROBS,
+    },
+    "server_delta_tool_calls.msgpack": {
+        "type": "delta",
+        "rid": "req-7",
+        "index": 0,
+        "token_ids": [151658],
+        "text": "",
+        "tool_calls": TOOL_CALLS[:1],
+    },
+    "server_final_tool_calls.msgpack": {
+        "type": "final",
+        "rid": "req-7",
+        "index": 0,
+        "finish_reason": "stop",
+        "prompt_tokens": 180,
+        "completion_tokens": 40,
+        "cached_tokens": 0,
+        "token_ids": [151657, 198, 151658, 151645],
+        "text": "Let me check.",
+        "message": None,
+        "tool_calls": TOOL_CALLS,
     },
     "server_final_error.msgpack": {
         "type": "final",
@@ -461,6 +517,14 @@ def test_python_builders_give_the_schedulers_bytes():
             "req-6",
             text="def fib(n):",
             sampling=messages.sampling(seed=7, **{**OPTIONS, "logit_bias": [(9707, 5.0), (151645, -100.0)]}),
+        ),
+        "client_generate_tools.msgpack": messages.generate(
+            "req-7",
+            messages=CLIENT["client_generate_tools.msgpack"]["messages"],
+            sampling={**messages.SAMPLING_DEFAULTS, "temperature": 0.0},
+            tools=CLIENT["client_generate_tools.msgpack"]["tools"],
+            tool_choice="auto",
+            parallel_tool_calls=False,
         ),
         "client_abort.msgpack": messages.abort("req-1"),
         "client_info.msgpack": messages.info(),

@@ -288,9 +288,11 @@ async fn tokenize(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejectio
                     let encoded = preparer.tokenizer().encode_with(&text, add);
                     encoded.map_err(|e| ApiError::invalid("prompt", format!("tokenizing: {e}")))?
                 }
-                openai::ToTokenize::Messages(messages) => {
-                    let text =
-                        preparer.render(&messages, request.add_generation_prompt.unwrap_or(true)).map_err(refused)?;
+                openai::ToTokenize::Messages(messages, tools) => {
+                    let add_generation_prompt = request.add_generation_prompt.unwrap_or(true);
+                    let text = preparer
+                        .render_with_tools(&messages, add_generation_prompt, tools.as_ref())
+                        .map_err(refused)?;
                     preparer.tokenize(Prompt::Text(&text)).map_err(refused)?
                 }
             };
@@ -754,6 +756,7 @@ mod tests {
             text: text.into(),
             message: None,
             logprobs: None,
+            tool_calls: None,
         })
     }
 
@@ -807,6 +810,7 @@ mod tests {
                     token_ids: vec![7],
                     text: text.into(),
                     logprobs: None,
+                    tool_calls: None,
                 })
             };
             vec![delta("he"), delta("llo"), final_msg(rid, "hello")]
@@ -912,7 +916,14 @@ mod tests {
         let mut out = Vec::new();
         for index in (0..n).rev() {
             let text = format!("s{index}");
-            let delta = Delta { rid: g.rid.clone(), index, token_ids: vec![7], text: text.clone(), logprobs: None };
+            let delta = Delta {
+                rid: g.rid.clone(),
+                index,
+                token_ids: vec![7],
+                text: text.clone(),
+                logprobs: None,
+                tool_calls: None,
+            };
             out.push(ServerMsg::Delta(delta));
             out.push(ServerMsg::Final(Final {
                 rid: g.rid.clone(),
@@ -925,6 +936,7 @@ mod tests {
                 text,
                 message: None,
                 logprobs: None,
+                tool_calls: None,
             }));
         }
         out

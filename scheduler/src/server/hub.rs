@@ -16,7 +16,9 @@
 //! their first token, a new request is refused at once (`overloaded`) instead of queueing behind work that may
 //! take minutes.
 
+use super::openai::tools;
 use super::prepare::Preparer;
+use super::tool_stream::ToolStream;
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
 use crate::metrics::{Metrics, Outcome};
@@ -105,6 +107,8 @@ struct Sample {
     /// When its first token came (the time to first token), and its latest (the gap to the next).
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    /// The output read for tool calls, when the request offered tools to call; `text` is then the content.
+    tools: Option<ToolStream>,
 }
 
 impl Hub {
@@ -210,7 +214,7 @@ impl Hub {
         for id in key..key + ReqId::from(n) {
             if self.samples.contains_key(&id) {
                 let _ = self.engine.send(Command::Finish(id));
-                self.finalize(id, FinishReason::Abort, None, String::new(), out);
+                self.finalize(id, FinishReason::Abort, None, (String::new(), Vec::new()), out);
             }
         }
         true
@@ -308,6 +312,8 @@ impl Hub {
         let params = sampling_params(s);
         let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;
+        // Checked in `prepare` already.
+        let tool_plan = tools::plan_of(&g).ok().flatten();
         for index in 0..n {
             let seed = match s.seed {
                 Some(seed) => sample_seed(seed, index),
@@ -336,6 +342,9 @@ impl Hub {
                 logprobs: s.logprobs.map(|_| Vec::new()),
                 first_token: None,
                 last_token: None,
+                tools: tool_plan
+                    .as_ref()
+                    .and_then(|plan| ToolStream::new(plan, self.preparer.tool_format(), self.seeds.next())),
             };
             self.samples.insert(base + ReqId::from(index), sample);
         }
@@ -363,7 +372,7 @@ impl Hub {
             let (id, token, finish, asked) = match event {
                 Event::Token { id, token, finish, logprobs } => (id, token, finish, logprobs.is_some()),
                 Event::Finished { id, reason } => {
-                    self.finalize(id, reason, None, String::new(), out);
+                    self.finalize(id, reason, None, (String::new(), Vec::new()), out);
                     continue;
                 }
                 Event::Cached { id, tokens } => {
@@ -404,30 +413,42 @@ impl Hub {
                     }
                 }
             };
+            let (piece, calls) = match &mut sample.tools {
+                Some(tools) => tools.push(&piece),
+                None => (piece, Vec::new()),
+            };
             sample.text.push_str(&piece);
             let last = Some((token, token_logprobs));
             if stopped {
                 let _ = self.engine.send(Command::Finish(id));
-                self.finalize(id, FinishReason::Stop, last, piece, out);
+                self.finalize(id, FinishReason::Stop, last, (piece, calls), out);
             } else if let Some(reason) = finish {
-                self.finalize(id, reason, last, piece, out);
+                self.finalize(id, reason, last, (piece, calls), out);
             } else if request.stream {
                 let (token_ids, logprobs) = (vec![token], last.and_then(|(_, lp)| lp).map(|lp| vec![lp]));
-                let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
+                let tool_calls = (!calls.is_empty()).then_some(calls);
+                let delta = Delta {
+                    rid: request.rid.clone(),
+                    index: sample.index,
+                    token_ids,
+                    text: piece,
+                    logprobs,
+                    tool_calls,
+                };
                 out.push((request.peer.clone(), ServerMsg::Delta(delta)));
             }
         }
     }
 
     /// Ends sample `id` here. A streaming client gets a last delta first: the last token (if this step
-    /// produced one), its text, and whatever the detokenizer still held back that no stop string claimed. The
-    /// request is forgotten with its last sample.
+    /// produced one), its text and tool calls, and whatever the detokenizer (and the tool-call parser) still
+    /// held back that no stop string claimed. The request is forgotten with its last sample.
     fn finalize(
         &mut self,
         id: ReqId,
         reason: FinishReason,
         last_token: Option<(u32, Option<TokenLogprobs>)>,
-        mut piece: String,
+        (mut piece, mut calls): (String, Vec<api::ToolCall>),
         out: &mut Vec<(Peer, ServerMsg)>,
     ) {
         let Some(mut sample) = self.samples.remove(&id) else { return };
@@ -442,15 +463,33 @@ impl Hub {
                 tracing::warn!("flushing the text of request {id}: {e}");
                 String::new()
             });
+            let rest = match &mut sample.tools {
+                Some(tools) => {
+                    let (mut text, new) = tools.push(&rest);
+                    calls.extend(new);
+                    let (held, new) = tools.finish();
+                    text.push_str(&held);
+                    calls.extend(new);
+                    text
+                }
+                None => rest,
+            };
             sample.text.push_str(&rest);
             piece.push_str(&rest);
+        } else if let Some(tools) = &mut sample.tools {
+            let (held, new) = tools.finish();
+            sample.text.push_str(&held);
+            piece.push_str(&held);
+            calls.extend(new);
         }
-        if request.stream && (last_token.is_some() || !piece.is_empty()) {
+        if request.stream && (last_token.is_some() || !piece.is_empty() || !calls.is_empty()) {
             let (token_ids, logprobs) = match last_token {
                 Some((token, lp)) => (vec![token], lp.map(|lp| vec![lp])),
                 None => (Vec::new(), sample.logprobs.as_ref().map(|_| Vec::new())),
             };
-            let delta = Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs };
+            let tool_calls = (!calls.is_empty()).then_some(calls);
+            let delta =
+                Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs, tool_calls };
             out.push((request.peer.clone(), ServerMsg::Delta(delta)));
         }
         ended(&self.metrics, request, &sample, reason);
@@ -528,6 +567,7 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
         text: sample.text,
         message,
         logprobs: sample.logprobs,
+        tool_calls: sample.tools.map(ToolStream::into_calls).filter(|calls| !calls.is_empty()),
     })
 }
 
@@ -649,6 +689,115 @@ mod tests {
 
     fn token(id: ReqId, token: u32, finish: Option<FinishReason>) -> Event {
         Event::Token { id, token, finish, logprobs: None }
+    }
+
+    /// A hub whose chat template shows the tools and teaches Qwen's `<tool_call>` format.
+    fn tool_hub() -> (Hub, Receiver<Command>) {
+        let (hub, rx) = test_hub(1000);
+        let template = "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> answer with \
+            <tool_call>{% endif %}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]";
+        let chat = ChatTemplate::from_source(template).unwrap();
+        let preparer = Preparer::new(hub.preparer.tokenizer().clone(), Some(chat), hub.preparer.limits().clone());
+        (Hub { preparer, ..hub }, rx)
+    }
+
+    fn tool_request(rid: &str, choice: &str) -> ClientMsg {
+        ClientMsg::Generate(Generate {
+            messages: Some(vec![serde_json::json!({"role": "user", "content": "weather?"})]),
+            tools: Some(vec![serde_json::json!({"type": "function", "function": {"name": "get_weather"}})]),
+            tool_choice: Some(choice.into()),
+            ..Generate::new(rid)
+        })
+    }
+
+    #[test]
+    fn tool_calls_are_parsed_from_the_output_streamed_and_in_the_final() {
+        let (mut hub, rx) = tool_hub();
+        assert!(send(&mut hub, &tool_request("t", "auto")).is_empty());
+        let req = submitted(&rx);
+        let prompt = hub.preparer.tokenizer().decode(&req.prompt).unwrap();
+        assert_eq!(
+            prompt,
+            "<tools>{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"}}</tools> answer with \
+             <tool_call>[user]weather?[assistant]",
+            "the tools reach the template"
+        );
+        let output =
+            "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        let ids = hub.preparer.tokenizer().encode(output).unwrap();
+        let mut out = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let last = (i + 1 == ids.len()).then_some(FinishReason::Stop);
+            // The stop token's text is not output: stop on an extra EOS after the last byte.
+            hub.on_events(vec![token(req.id, id, None)], &mut out);
+            if last.is_some() {
+                hub.on_events(vec![token(req.id, 0, last)], &mut out);
+            }
+        }
+        let mut text = String::new();
+        let mut streamed = Vec::new();
+        let mut fin = None;
+        for (_, m) in &out {
+            match m {
+                ServerMsg::Delta(d) => {
+                    text.push_str(&d.text);
+                    streamed.extend(d.tool_calls.clone().unwrap_or_default());
+                }
+                ServerMsg::Final(f) => fin = Some(f.clone()),
+                other => panic!("{other:?}"),
+            }
+        }
+        let fin = fin.expect("a final");
+        assert_eq!((text.as_str(), fin.text.as_str()), ("Sure.", "Sure."), "no markup in the content");
+        let calls = fin.tool_calls.expect("the final carries the calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].index, calls[0].name.as_str(), calls[0].arguments.as_str()),
+            (0, "get_weather", r#"{"city":"Oslo"}"#)
+        );
+        assert_eq!(streamed, calls, "the deltas carry the same calls, ids included");
+        assert_eq!(fin.token_ids.len(), ids.len() + 1);
+    }
+
+    #[test]
+    fn with_tool_choice_none_the_tools_are_rendered_and_the_output_left_as_it_is() {
+        let (mut hub, rx) = tool_hub();
+        assert!(send(&mut hub, &tool_request("t", "none")).is_empty());
+        let req = submitted(&rx);
+        let prompt = hub.preparer.tokenizer().decode(&req.prompt).unwrap();
+        assert!(prompt.starts_with("<tools>"), "{prompt}");
+        let output = "<tool_call>{\"name\": \"get_weather\"}</tool_call>";
+        let ids = hub.preparer.tokenizer().encode(output).unwrap();
+        let mut out = Vec::new();
+        let events: Vec<Event> = ids.iter().map(|&id| token(req.id, id, None)).collect();
+        hub.on_events(events, &mut out);
+        hub.on_events(vec![token(req.id, 0, Some(FinishReason::Stop))], &mut out);
+        let Some((_, ServerMsg::Final(f))) = out.last() else { panic!("{out:?}") };
+        assert_eq!((f.text.as_str(), f.tool_calls.as_ref()), (output, None));
+    }
+
+    #[test]
+    fn tools_are_refused_for_a_template_that_would_not_render_them() {
+        let (hub, _) = test_hub(1000);
+        let chat = ChatTemplate::from_source("{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let preparer = Preparer::new(hub.preparer.tokenizer().clone(), Some(chat), hub.preparer.limits().clone());
+        let mut hub = Hub { preparer, ..hub };
+        let out = send(&mut hub, &tool_request("t", "auto"));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(e.message.contains("does not render tools"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_bad_tool_is_refused_naming_it_on_the_zmq_door() {
+        let (mut hub, _rx) = tool_hub();
+        let ClientMsg::Generate(mut g) = tool_request("t", "auto") else { unreachable!() };
+        g.tools = Some(vec![serde_json::json!({"type": "function", "function": {"name": "a b"}})]);
+        let out = send(&mut hub, &ClientMsg::Generate(g));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(e.message.starts_with("tools[0].function.name"), "{}", e.message);
+        assert_eq!(hub.live_requests(), 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod openai;
 pub mod prepare;
 pub mod serve;
 pub mod status;
+pub mod tool_stream;
 pub mod zmq;
 
 pub use hub::{Hub, Peer, PromptLimits};

@@ -8,7 +8,8 @@
 
 use super::hub::PromptLimits;
 use super::messages;
-use crate::text::{ChatTemplate, Tokenizer};
+use super::openai::tools;
+use crate::text::{ChatTemplate, Tokenizer, ToolFormat};
 use proto::api::{self, ErrorCode, Generate, Prompt, Rejection};
 use serde_json::Value;
 use std::sync::Arc;
@@ -33,6 +34,11 @@ impl Preparer {
         &self.limits
     }
 
+    /// How the model writes tool calls, as its chat template teaches it.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.chat.as_ref().map_or(ToolFormat::Hermes, |c| c.tool_format())
+    }
+
     /// The prompt's token ids, or why the request is refused.
     pub fn prepare(&self, g: &Generate) -> Result<Vec<u32>, Rejection> {
         let rid = || Some(g.rid.clone());
@@ -46,7 +52,15 @@ impl Preparer {
             let message = "give exactly one of text, messages, input_ids";
             return Err(Rejection::new(rid(), ErrorCode::InvalidParams, message));
         };
-        let prompt = self.tokenize(prompt).map_err(|(param, message)| Rejection {
+        let plan = tools::plan_of(g)
+            .map_err(|e| Rejection { param: e.param, ..Rejection::new(rid(), ErrorCode::InvalidParams, e.message) })?;
+        let prompt = match (prompt, &plan) {
+            (Prompt::Messages(messages), Some(plan)) => self
+                .render_with_tools(messages, true, Some(&plan.template_tools))
+                .and_then(|text| self.tokenizer.encode(&text).map_err(|e| (None, format!("tokenizing: {e}")))),
+            _ => self.tokenize(prompt),
+        };
+        let prompt = prompt.map_err(|(param, message)| Rejection {
             param,
             ..Rejection::new(rid(), ErrorCode::InvalidParams, message)
         })?;
@@ -88,9 +102,24 @@ impl Preparer {
 
     /// The chat template's text for `messages`, checked and normalised first (`messages.rs`).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, (Option<String>, String)> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// [`render`](Self::render) with the request's tools (checked: `openai::tools`) in the template's context.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+    ) -> Result<String, (Option<String>, String)> {
         let messages = messages::normalize(messages).map_err(|e| (Some(e.param), e.message))?;
         let chat = self.chat.as_ref().ok_or((None, "this model has no chat template".to_string()))?;
-        chat.render(&messages, add_generation_prompt, None)
+        if tools.is_some() && !chat.renders_tools() {
+            // Rendered without them, the request would run as if it had none.
+            let message = "tools are not supported by this model: its chat template does not render tools";
+            return Err((Some("tools".into()), message.into()));
+        }
+        chat.render(&messages, add_generation_prompt, tools)
             .map_err(|e| (Some("messages".into()), format!("chat template: {e}")))
     }
 }

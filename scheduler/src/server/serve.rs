@@ -441,6 +441,7 @@ mod tests {
             text: String::new(),
             message: None,
             logprobs: None,
+            tool_calls: None,
         }
     }
 }

@@ -7,6 +7,7 @@ use serde_json::{Map, Value as Json};
 
 use super::chat_env::{RaisedByTemplate, chat_environment};
 use super::error::{Result, TextError};
+use super::tool_calls::ToolFormat;
 
 const DEFAULT: &str = "default";
 const TOOL_USE: &str = "tool_use";
@@ -22,6 +23,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     has_tool_use: bool,
     special_tokens: BTreeMap<String, String>,
+    /// How the templates teach the model to write tool calls.
+    tool_format: ToolFormat,
+    /// Whether any template reads `tools`: one that does not would leave a request's tools out silently.
+    renders_tools: bool,
 }
 
 impl ChatTemplate {
@@ -56,12 +61,15 @@ impl ChatTemplate {
         }
         let mut env = chat_environment();
         let has_tool_use = templates.contains_key(TOOL_USE);
+        let taught = templates.get(TOOL_USE).or(templates.get(DEFAULT)).map_or("", String::as_str);
+        let tool_format = ToolFormat::detect(taught);
+        let renders_tools = templates.values().any(|source| source.contains("tools"));
         for (name, source) in templates {
             if name == DEFAULT || name == TOOL_USE {
                 env.add_template_owned(name, source).map_err(TextError::Template)?;
             }
         }
-        Ok(Self { env, has_tool_use, special_tokens })
+        Ok(Self { env, has_tool_use, special_tokens, tool_format, renders_tools })
     }
 
     /// A single template, no special tokens.
@@ -75,6 +83,16 @@ impl ChatTemplate {
 
     pub fn eos_token(&self) -> Option<&str> {
         self.special_tokens.get("eos_token").map(String::as_str)
+    }
+
+    /// The tool-call format the template shows the model (its `tool_use` template's, when it has one).
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
+    }
+
+    /// Whether the template renders tools at all (SmolLM2's, for one, does not).
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
     }
 
     /// Renders a conversation. `messages` are JSON objects (`role`, `content`, `tool_calls`, ...); `tools` is the

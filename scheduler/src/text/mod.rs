@@ -17,6 +17,8 @@ mod strftime;
 pub(crate) mod test_tokenizer;
 mod token_table;
 mod tokenizer;
+pub mod tool_calls;
+pub mod tool_grammar;
 
 pub use chat::ChatTemplate;
 pub use detok::IncrementalDecoder;
@@ -25,3 +27,4 @@ pub use stop::{StopMatcher, StreamStep};
 pub use stream::TextStream;
 pub use token_table::TokenTable;
 pub use tokenizer::Tokenizer;
+pub use tool_calls::{ParsedCall, Piece, ToolCallParser, ToolFormat};

@@ -66,8 +66,13 @@ class Client:
         stream: bool = True,
         rid: str | None = None,
         n: int = 1,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> str:
-        """Sends a generate request of `n` samples and returns its rid; `replies(rid)` reads its replies."""
+        """Sends a generate request of `n` samples and returns its rid; `replies(rid)` reads its replies.
+        `tools` (OpenAI's function tools, with `tool_choice` and `parallel_tool_calls`) go to the chat
+        template, and the replies carry the calls parsed from the output (docs/protocol.md, "Tool calls")."""
         rid = rid if rid is not None else f"{self._prefix}-{next(self._ids)}"
         msg: dict[str, Any] = {"type": "generate", "rid": rid, "stream": stream, "sampling": sampling or {}}
         if n != 1:
@@ -79,6 +84,13 @@ class Client:
             msg["messages"] = messages
         if input_ids is not None:
             msg["input_ids"] = list(input_ids)
+        for key, value in (
+            ("tools", tools),
+            ("tool_choice", tool_choice),
+            ("parallel_tool_calls", parallel_tool_calls),
+        ):
+            if value is not None:
+                msg[key] = value
         self.send(msg)
         return rid
 

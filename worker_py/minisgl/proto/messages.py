@@ -110,10 +110,14 @@ def generate(
     sampling: dict[str, Any] | None = None,
     stream: bool = True,
     n: int = 1,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> dict[str, Any]:
     """A `generate` message. Exactly one of text, messages, input_ids; `sampling` keys as in the protocol
     (left-out keys take the scheduler's defaults). `n` samples of the prompt; left off when 1, as the
-    scheduler writes it."""
+    scheduler writes it. `tools`, `tool_choice`, `parallel_tool_calls` in OpenAI's shapes (chat prompts
+    only), left off when not given."""
     forms = [
         (k, v) for k, v in (("text", text), ("messages", messages), ("input_ids", input_ids)) if v is not None
     ]
@@ -128,6 +132,13 @@ def generate(
     msg["stream"] = stream
     if n != 1:
         msg["n"] = n
+    for key, value in (
+        ("tools", tools),
+        ("tool_choice", tool_choice),
+        ("parallel_tool_calls", parallel_tool_calls),
+    ):
+        if value is not None:
+            msg[key] = value
     return msg
 
 

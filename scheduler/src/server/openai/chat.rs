@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions`: the request, as OpenAI defines it plus vLLM's sampling extensions.
 
 use super::common::{self, Int, completion_request, parse_body, refuse_unless};
-use super::{ApiError, Parsed};
+use super::{ApiError, Parsed, tools};
 use crate::server::messages;
 use proto::api::{Generate, MAX_TOP_LOGPROBS};
 use serde_json::{Map, Value};
@@ -15,10 +15,8 @@ completion_request! {
         pub max_completion_tokens: Option<Int>,
         pub logprobs: Option<bool>,
         pub top_logprobs: Option<Int>,
-        pub tools: Option<Vec<Value>>,
-        pub tool_choice: Option<Value>,
-        /// Accepted and ignored: without tools there are no calls to run in parallel.
-        #[allow(dead_code, reason = "accepted, and has no effect")]
+        pub tools: Option<Vec<tools::Tool>>,
+        pub tool_choice: Option<tools::ToolChoice>,
         pub parallel_tool_calls: Option<bool>,
         pub functions: Option<Vec<Value>>,
         pub function_call: Option<Value>,
@@ -58,6 +56,7 @@ pub fn parse_chat(body: &[u8], rid: &str, max_seq_len: u32) -> Result<Parsed, Ap
     let r: ChatRequest = parse_body(body)?;
     refuse_unsupported(&r)?;
     let messages = messages::normalize(&r.messages).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    tools::plan(r.tools.as_deref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
     let max_tokens = r.max_completion_tokens.or(r.shared().max_tokens).map_or(i64::from(max_seq_len), |Int(m)| m);
     let mut common = r.shared().read(max_tokens)?;
     let asked = r.logprobs.unwrap_or(false);
@@ -76,6 +75,7 @@ pub fn parse_chat(body: &[u8], rid: &str, max_seq_len: u32) -> Result<Parsed, Ap
     generate.sampling = common.sampling;
     generate.n = common.n;
     generate.stream = common.stream;
+    tools::apply(&mut generate, r.tools.as_deref(), r.tool_choice.as_ref(), r.parallel_tool_calls);
     let requests = vec![generate];
     common::check(&requests)?;
     Ok(Parsed {
@@ -90,13 +90,10 @@ pub fn parse_chat(body: &[u8], rid: &str, max_seq_len: u32) -> Result<Parsed, Ap
 }
 
 fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
-    const TOOLS: &str = "tool calling is not supported yet";
-    refuse_unless(r.tools.as_ref().is_none_or(Vec::is_empty), "tools", TOOLS)?;
-    // Without tools, "none" and "auto" both mean no tool call.
-    let no_call = |v: &Option<Value>| v.as_ref().is_none_or(|c| c == "none" || c == "auto");
-    refuse_unless(no_call(&r.tool_choice), "tool_choice", TOOLS)?;
-    refuse_unless(r.functions.as_ref().is_none_or(Vec::is_empty), "functions", TOOLS)?;
-    refuse_unless(no_call(&r.function_call), "function_call", TOOLS)?;
+    const FUNCTIONS: &str = "deprecated by OpenAI; use tools and tool_choice";
+    refuse_unless(r.functions.as_ref().is_none_or(Vec::is_empty), "functions", FUNCTIONS)?;
+    let no_call = r.function_call.as_ref().is_none_or(|c| c == "none" || c == "auto");
+    refuse_unless(no_call, "function_call", FUNCTIONS)?;
     let text_format = r.response_format.as_ref().is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text"));
     refuse_unless(text_format, "response_format", "structured output is not supported yet; only {\"type\": \"text\"}")?;
     let text_only = r.modalities.as_ref().is_none_or(|m| m.iter().all(|x| x == "text"));
@@ -163,6 +160,18 @@ mod tests {
     }
 
     #[test]
+    fn tools_reach_the_generate_checked() {
+        let tool =
+            json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "z": 1, "a": 2}}});
+        let p = chat(user(json!({"tools": [tool], "tool_choice": "none", "parallel_tool_calls": false}))).unwrap();
+        let g = &p.requests[0];
+        assert_eq!(g.tools, Some(vec![tool]), "as given, key order kept");
+        assert_eq!((g.tool_choice.clone(), g.parallel_tool_calls), (Some(json!("none")), Some(false)));
+        let p = chat(user(json!({"tools": [], "tool_choice": "auto"}))).unwrap();
+        assert_eq!(p.requests[0].tools, None, "no tools: nothing to render");
+    }
+
+    #[test]
     fn defaults_follow_openai() {
         let p = chat(user(json!({}))).unwrap();
         let s = &p.requests[0].sampling;
@@ -205,11 +214,30 @@ mod tests {
             (user(json!({"stream_options": {"include_usage": true}})), "invalid_params", "stream_options"),
             (user(json!({"min_tokens": 3})), "unsupported_parameter", "min_tokens"),
             (
-                user(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-                "unsupported_parameter",
-                "tools",
+                user(json!({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function"}]})),
+                "invalid_params",
+                "tools[1].function",
             ),
-            (user(json!({"tool_choice": "required"})), "unsupported_parameter", "tool_choice"),
+            (
+                user(json!({"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]})),
+                "unknown_parameter",
+                "tools[0].function.x",
+            ),
+            (user(json!({"tool_choice": "required"})), "invalid_params", "tool_choice"),
+            (user(json!({"tools": {"a": 1}})), "invalid_params", "tools"),
+            (user(json!({"tool_choice": 3})), "invalid_params", "tool_choice"),
+            (user(json!({"parallel_tool_calls": "yes"})), "invalid_params", "parallel_tool_calls"),
+            (
+                user(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
+                "unsupported_parameter",
+                "tool_choice",
+            ),
+            (
+                user(json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                            "tool_choice": {"type": "function", "function": {"name": "g"}}})),
+                "invalid_params",
+                "tool_choice.function.name",
+            ),
             (user(json!({"functions": [{"name": "f"}]})), "unsupported_parameter", "functions"),
             (user(json!({"response_format": {"type": "json_object"}})), "unsupported_parameter", "response_format"),
             (user(json!({"modalities": ["text", "audio"]})), "unsupported_parameter", "modalities"),
@@ -236,8 +264,8 @@ mod tests {
     fn refusals_say_why() {
         let e = chat(user(json!({"min_tokens": 3}))).unwrap_err();
         assert!(e.message.starts_with("min_tokens is not supported"), "{}", e.message);
-        let e = chat(user(json!({"tools": [{"type": "function"}]}))).unwrap_err();
-        assert_eq!(e.message, "tools is not supported: tool calling is not supported yet");
+        let e = chat(user(json!({"functions": [{"name": "f"}]}))).unwrap_err();
+        assert_eq!(e.message, "functions is not supported: deprecated by OpenAI; use tools and tool_choice");
         let e = chat(json!({"messages": [{"role": "user"}]})).unwrap_err();
         assert_eq!(e.message, "messages[0].content is required (messages[0] is a user message)");
         let e = chat(user(json!({"temperature": "hot"}))).unwrap_err();

@@ -13,6 +13,7 @@ mod common;
 mod completions;
 mod response;
 mod tokenize;
+pub mod tools;
 
 pub use chat::parse_chat;
 pub use completions::parse_completion;

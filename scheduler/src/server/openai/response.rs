@@ -5,7 +5,7 @@
 
 use super::{ApiError, Endpoint, finish_reason, rejection_error};
 use crate::text::TokenTable;
-use proto::api::{Final, FinishReason, Rejection, ServerMsg, TokenLogprobs};
+use proto::api::{Final, FinishReason, Rejection, ServerMsg, TokenLogprobs, ToolCall};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
@@ -107,7 +107,10 @@ struct ChatChoice<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    /// Null when the model only called tools, as OpenAI has it.
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Serialize)]
@@ -124,6 +127,26 @@ struct ChunkDelta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Value>,
+}
+
+/// A call as a chat message lists it.
+fn tool_call_json(c: &ToolCall) -> Value {
+    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+}
+
+/// A choice's calls: none is no `tool_calls` key.
+fn calls_of(f: &Final) -> Option<&[ToolCall]> {
+    f.tool_calls.as_deref().filter(|c| !c.is_empty())
+}
+
+/// OpenAI's `finish_reason` for a chat choice: `"tool_calls"` when the model stopped after calling tools.
+fn chat_finish_reason(f: &Final) -> &'static str {
+    match f.finish_reason {
+        FinishReason::Stop if calls_of(f).is_some() => "tool_calls",
+        reason => finish_reason(reason),
+    }
 }
 
 /// How a request's logprobs are written: each token's text and bytes from the tokenizer's table.
@@ -245,11 +268,16 @@ impl Reply {
             Endpoint::Chat => {
                 let choices = finals
                     .iter()
-                    .map(|f| ChatChoice {
-                        index: f.index,
-                        message: Message { role: "assistant", content: &f.text },
-                        logprobs: self.final_logprobs(f),
-                        finish_reason: Some(finish_reason(f.finish_reason)),
+                    .map(|f| {
+                        let calls = calls_of(f);
+                        let content = (calls.is_none() || !f.text.is_empty()).then_some(f.text.as_str());
+                        let tool_calls = calls.map(|c| c.iter().map(tool_call_json).collect());
+                        ChatChoice {
+                            index: f.index,
+                            message: Message { role: "assistant", content, tool_calls },
+                            logprobs: self.final_logprobs(f),
+                            finish_reason: Some(chat_finish_reason(f)),
+                        }
                     })
                     .collect();
                 serde_json::to_string(&self.envelope("chat.completion", choices, usage))
@@ -275,12 +303,28 @@ impl Reply {
                 serde_json::to_string(&self.envelope("text_completion", vec![choice], None))
             }
             Endpoint::Chat => {
-                let delta = ChunkDelta { role: role.then_some("assistant"), content: text };
+                let delta = ChunkDelta { role: role.then_some("assistant"), content: text, tool_calls: None };
                 let choice = ChunkChoice { index, delta, logprobs, finish_reason: finish };
                 serde_json::to_string(&self.envelope("chat.completion.chunk", vec![choice], None))
             }
         };
         json.expect("chunks always serialize")
+    }
+
+    /// The two chunks of a call in a chat stream, as OpenAI sends them: its id, type and name (with empty
+    /// arguments) first, then its arguments.
+    fn tool_call_chunks(&self, index: u32, c: &ToolCall) -> [String; 2] {
+        let chunk = |calls: Value| {
+            let delta = ChunkDelta { role: None, content: None, tool_calls: Some(json!([calls])) };
+            let choice = ChunkChoice { index, delta, logprobs: None, finish_reason: None };
+            serde_json::to_string(&self.envelope("chat.completion.chunk", vec![choice], None))
+                .expect("chunks always serialize")
+        };
+        [
+            chunk(json!({"index": c.index, "id": c.id, "type": "function",
+                         "function": {"name": c.name, "arguments": ""}})),
+            chunk(json!({"index": c.index, "function": {"arguments": c.arguments}})),
+        ]
     }
 
     fn usage_chunk(&self, usage: Usage) -> String {
@@ -349,12 +393,19 @@ impl Chunks {
                     }),
                     _ => None,
                 };
-                // A token whose text is still held back (half a character, a possible stop string) says nothing
-                // yet, unless it carries logprobs, which are sent with the token that has them.
-                if d.text.is_empty() && logprobs.is_none() {
-                    return (Vec::new(), false);
+                // A token whose text is still held back (half a character, a possible stop string, a call
+                // not closed yet) says nothing yet, unless it carries logprobs, which are sent with the token
+                // that has them.
+                let mut out = Vec::new();
+                if !d.text.is_empty() || logprobs.is_some() {
+                    out.push(self.reply.chunk(d.index, Some(&d.text), false, None, logprobs));
                 }
-                (vec![self.reply.chunk(d.index, Some(&d.text), false, None, logprobs)], false)
+                if self.reply.endpoint == Endpoint::Chat {
+                    for call in d.tool_calls.iter().flatten() {
+                        out.extend(self.reply.tool_call_chunks(d.index, call));
+                    }
+                }
+                (out, false)
             }
             ServerMsg::Final(f) if f.finish_reason == FinishReason::Error => {
                 self.ended.push(Counts::from(f));
@@ -362,10 +413,11 @@ impl Chunks {
             }
             ServerMsg::Final(f) => {
                 self.ended.push(Counts::from(f));
-                let reason = Some(finish_reason(f.finish_reason));
                 let last = match self.reply.endpoint {
-                    Endpoint::Completions => self.reply.chunk(f.index, Some(""), false, reason, None),
-                    Endpoint::Chat => self.reply.chunk(f.index, None, false, reason, None),
+                    Endpoint::Completions => {
+                        self.reply.chunk(f.index, Some(""), false, Some(finish_reason(f.finish_reason)), None)
+                    }
+                    Endpoint::Chat => self.reply.chunk(f.index, None, false, Some(chat_finish_reason(f)), None),
                 };
                 let mut out = vec![last];
                 if !self.complete() {
@@ -418,6 +470,7 @@ mod tests {
             text: text.into(),
             message: None,
             logprobs: None,
+            tool_calls: None,
         }
     }
 
@@ -558,6 +611,7 @@ mod tests {
                 token_ids: vec![ids[i]],
                 text: text.into(),
                 logprobs: Some(vec![lps[i].clone()]),
+                tool_calls: None,
             })
         };
         let (first, _) = chunks.on_reply(&delta(0, "h"));
@@ -570,7 +624,14 @@ mod tests {
     }
 
     fn delta_of(index: u32, text: &str) -> ServerMsg {
-        ServerMsg::Delta(Delta { rid: "x-1".into(), index, token_ids: vec![1], text: text.into(), logprobs: None })
+        ServerMsg::Delta(Delta {
+            rid: "x-1".into(),
+            index,
+            token_ids: vec![1],
+            text: text.into(),
+            logprobs: None,
+            tool_calls: None,
+        })
     }
 
     /// Every payload of a stream of `msgs`, and whether the last message ended it.
@@ -623,12 +684,70 @@ mod tests {
             token_ids: vec![b'h' as u32],
             text: "h".into(),
             logprobs: Some(vec![lp]),
+            tool_calls: None,
         });
         let (out, _) = chunks.on_reply(&delta);
         let chunk = parse(&out[0]);
         assert_eq!(chunk["choices"][0]["delta"]["content"], "h");
         assert_eq!(chunk["choices"][0]["logprobs"]["content"][0]["logprob"], -0.5);
         assert_eq!(chunk["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"], "i");
+    }
+
+    fn weather_call(index: u32) -> ToolCall {
+        ToolCall {
+            index,
+            id: format!("call_{index}"),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Oslo"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn tool_calls_become_the_messages_calls_and_finish_the_choice_with_tool_calls() {
+        let only_calls =
+            Final { tool_calls: Some(vec![weather_call(0), weather_call(1)]), ..final_msg(FinishReason::Stop, "") };
+        let body = parse(&reply(Endpoint::Chat).body(&[only_calls]).unwrap());
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null, "no text: null content");
+        assert_eq!(
+            choice["message"]["tool_calls"][1],
+            json!({"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}})
+        );
+        let with_text = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Stop, "Checking.") };
+        let body = parse(&reply(Endpoint::Chat).body(&[with_text]).unwrap());
+        assert_eq!(body["choices"][0]["message"]["content"], "Checking.");
+        let cut = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Length, "") };
+        let body = parse(&reply(Endpoint::Chat).body(&[cut]).unwrap());
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "cut short: the calls may be incomplete");
+        let plain = parse(&reply(Endpoint::Chat).body(&[final_msg(FinishReason::Stop, "")]).unwrap());
+        assert_eq!(plain["choices"][0]["message"], json!({"role": "assistant", "content": ""}), "no calls, no key");
+    }
+
+    #[test]
+    fn a_streamed_call_is_its_name_then_its_arguments() {
+        let mut chunks = Chunks::new(reply(Endpoint::Chat), false, 1);
+        let delta = ServerMsg::Delta(Delta {
+            rid: "x-1".into(),
+            index: 0,
+            token_ids: vec![1],
+            text: "Checking.".into(),
+            logprobs: None,
+            tool_calls: Some(vec![weather_call(0)]),
+        });
+        let fin = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Stop, "Checking.") };
+        let (out, _) = stream(&mut chunks, &[delta, ServerMsg::Final(fin)]);
+        let json: Vec<Value> = out[..out.len() - 1].iter().map(|s| parse(s)).collect();
+        let deltas: Vec<&Value> = json.iter().map(|c| &c["choices"][0]["delta"]).collect();
+        assert_eq!(deltas[1], &json!({"content": "Checking."}));
+        assert_eq!(
+            deltas[2],
+            &json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(deltas[3], &json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":\"Oslo\"}"}}]}));
+        assert_eq!(json[4]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out.last().map(String::as_str), Some(DONE));
     }
 
     #[test]

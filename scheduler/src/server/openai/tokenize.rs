@@ -3,6 +3,7 @@
 
 use super::ApiError;
 use super::common::parse_body;
+use super::tools::{self, Tool};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -20,12 +21,14 @@ pub struct TokenizeRequest {
     pub add_generation_prompt: Option<bool>,
     /// vLLM's: also return each token's text.
     pub return_token_strs: Option<bool>,
+    /// Messages only: the tools a chat request would offer, rendered into the template as it renders them.
+    pub tools: Option<Vec<Tool>>,
 }
 
-/// What to tokenize.
+/// What to tokenize: a prompt, or messages with the tools for the template (checked as chat's are).
 pub enum ToTokenize {
     Prompt(String),
-    Messages(Vec<Value>),
+    Messages(Vec<Value>, Option<Value>),
 }
 
 pub fn parse_tokenize(body: &[u8]) -> Result<(TokenizeRequest, ToTokenize), ApiError> {
@@ -37,13 +40,17 @@ pub fn parse_tokenize(body: &[u8]) -> Result<(TokenizeRequest, ToTokenize), ApiE
                 let message = "add_special_tokens is for prompts: the chat template writes the special tokens";
                 return Err(ApiError::invalid("add_special_tokens", message));
             }
-            ToTokenize::Messages(messages)
+            let plan = tools::plan(r.tools.as_deref(), None, None)?;
+            ToTokenize::Messages(messages, plan.map(|p| p.template_tools))
         }
         (Some(_), Some(_)) => return Err(ApiError::invalid("messages", "give prompt or messages, not both")),
         (None, None) => return Err(ApiError::invalid("prompt", "prompt (or messages) is required")),
     };
     if matches!(what, ToTokenize::Prompt(_)) && r.add_generation_prompt.is_some() {
         return Err(ApiError::invalid("add_generation_prompt", "add_generation_prompt is for messages"));
+    }
+    if matches!(what, ToTokenize::Prompt(_)) && r.tools.is_some() {
+        return Err(ApiError::invalid("tools", "tools are for messages: the chat template renders them"));
     }
     Ok((r, what))
 }
@@ -69,7 +76,10 @@ mod tests {
         assert!(matches!(what, ToTokenize::Prompt(p) if p == "hi"));
         assert_eq!(r.add_special_tokens, Some(true));
         let (_, what) = parse_tokenize(br#"{"messages": [{"role": "user", "content": "x"}]}"#).unwrap();
-        assert!(matches!(what, ToTokenize::Messages(m) if m.len() == 1));
+        assert!(matches!(what, ToTokenize::Messages(m, None) if m.len() == 1));
+        let body = br#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#;
+        let (_, what) = parse_tokenize(body).unwrap();
+        assert!(matches!(what, ToTokenize::Messages(_, Some(t)) if t[0]["function"]["name"] == "f"));
         for (body, code, param) in [
             (&br#"{}"#[..], "invalid_params", "prompt"),
             (br#"{"prompt": "a", "messages": []}"#, "invalid_params", "messages"),
@@ -77,6 +87,12 @@ mod tests {
             (br#"{"prompt": "a", "add_generation_prompt": true}"#, "invalid_params", "add_generation_prompt"),
             (br#"{"messages": [], "add_special_tokens": true}"#, "invalid_params", "add_special_tokens"),
             (br#"{"prompt": "a", "extra": 1}"#, "unknown_parameter", "extra"),
+            (br#"{"prompt": "a", "tools": []}"#, "invalid_params", "tools"),
+            (
+                br#"{"messages": [], "tools": [{"type": "function", "function": {"name": "a b"}}]}"#,
+                "invalid_params",
+                "tools[0].function.name",
+            ),
         ] {
             let e = parse_tokenize(body).err().expect("refused");
             assert_eq!((e.code, e.param.as_deref()), (code, Some(param)), "{}", String::from_utf8_lossy(body));
