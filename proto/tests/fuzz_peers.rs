@@ -55,7 +55,7 @@ fn mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
                     bytes.remove(i);
                 }
                 4 => bytes.truncate(i),
-                _ => bytes.extend_from_slice(&bytes[i..].to_vec()),
+                _ => bytes.extend_from_within(i..),
             }
         }
         bytes
