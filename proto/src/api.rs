@@ -33,6 +33,8 @@ pub enum ClientMsg {
     Generate(Generate),
     Abort { rid: String },
     Info,
+    /// "I am still here": a client with `keepalive` requests sends one every 0.5 s (docs/protocol.md).
+    Keepalive,
 }
 
 /// A `generate` message with every default filled in. Exactly one of `text`, `messages`, `input_ids` should be
@@ -55,6 +57,14 @@ pub struct Generate {
     /// request's bytes stay what they were before `n` existed.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub n: i64,
+    /// The client sends `keepalive` messages and reads `heartbeat`s: silent for 2 s, its requests are aborted.
+    /// Left off the wire when false, so that older requests' bytes stay as they were.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keepalive: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn one() -> i64 {
@@ -84,6 +94,7 @@ impl Generate {
             sampling: Sampling::default(),
             stream: true,
             n: 1,
+            keepalive: false,
         }
     }
 
@@ -193,6 +204,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The waiting queue is full (`--max-waiting`): the request was refused at once; retrying later may work.
     Overloaded,
+    /// This client already has `--max-client-requests` live requests.
+    TooManyRequests,
 }
 
 /// Why a client message was refused, with what the `error` reply needs.
@@ -241,6 +254,7 @@ struct WireGenerate {
     sampling: Option<WireSampling>,
     stream: Option<bool>,
     n: Option<i64>,
+    keepalive: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -323,6 +337,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
                 sampling: w.sampling.map(Sampling::from).unwrap_or_default(),
                 stream: w.stream.unwrap_or(true),
                 n: w.n.unwrap_or(1),
+                keepalive: w.keepalive.unwrap_or(false),
             }))
         }
         "abort" => {
@@ -330,9 +345,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
             Ok(ClientMsg::Abort { rid: w.rid })
         }
         "info" => Ok(ClientMsg::Info),
+        "keepalive" => Ok(ClientMsg::Keepalive),
         other => Err(Rejection::new(rid, ErrorCode::UnknownType, format!("unknown message type {other:?}"))),
     }
 }
+
+/// The most stop strings a request may give: each is searched for after every token.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in characters: the detokenizer holds back up to this much text.
+pub const MAX_STOP_CHARS: usize = 256;
 
 /// Checks the ranges of a decoded `generate` (docs/protocol.md, `sampling`), and that exactly one prompt form is
 /// given: the one place both doors' sampling parameters are checked. Token ids against the vocabulary and the
@@ -361,8 +382,14 @@ pub fn validate(g: &Generate) -> Result<(), Rejection> {
     if s.top_k < -1 {
         return bad("top_k", format!("top_k must be -1, 0 or > 0, got {}", s.top_k));
     }
+    if s.stop.len() > MAX_STOP_STRINGS {
+        return bad("stop", format!("stop may have at most {MAX_STOP_STRINGS} strings, got {}", s.stop.len()));
+    }
     if s.stop.iter().any(String::is_empty) {
         return bad("stop", "stop strings must not be empty".into());
+    }
+    if let Some(long) = s.stop.iter().map(|t| t.chars().count()).find(|&n| n > MAX_STOP_CHARS) {
+        return bad("stop", format!("stop strings may have at most {MAX_STOP_CHARS} characters, got one of {long}"));
     }
     if !(0.0..=1.0).contains(&s.min_p) {
         return bad("min_p", format!("min_p must be in [0, 1], got {}", s.min_p));
@@ -407,6 +434,15 @@ pub enum ServerMsg {
     Info(InfoMsg),
 }
 
+/// Scheduler to client, about no request: `heartbeat`, every 0.5 s to a client with live `keepalive` requests,
+/// so that it learns within 2 s that the scheduler is gone. A separate type from [`ServerMsg`], which carries
+/// the replies of requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notice {
+    Heartbeat,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     pub rid: String,
@@ -437,6 +473,8 @@ pub enum FinishReason {
     Length,
     Abort,
     Error,
+    /// The KV cache could not hold the request even with every other request preempted.
+    Memory,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -67,7 +67,12 @@ pub struct Api {
     api_key: Option<String>,
     /// The tokenizer's side, once the engine serves: `/tokenize`, echoed token prompts, logprob tokens.
     text: OnceLock<TextSide>,
+    /// Connections held open at most (`--max-connections`, `connections.rs`).
+    max_connections: u32,
 }
+
+/// The largest request body taken (axum's default, made explicit so that the 413 can say it).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// What the handlers need of the tokenizer.
 #[derive(Clone)]
@@ -92,6 +97,7 @@ impl Api {
             metrics: Arc::default(),
             api_key: None,
             text: OnceLock::new(),
+            max_connections: super::connections::DEFAULT_MAX_CONNECTIONS,
         }
     }
 
@@ -107,6 +113,10 @@ impl Api {
 
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         Api { metrics, ..self }
+    }
+
+    pub fn with_max_connections(self, max_connections: u32) -> Self {
+        Api { max_connections, ..self }
     }
 
     /// Requires `Authorization: Bearer <key>` on every `/v1` route.
@@ -141,6 +151,7 @@ pub fn spawn(listener: TcpListener, api: Arc<Api>) -> tokio::task::JoinHandle<()
             tracing::debug!("TCP_NODELAY: {e}");
         }
     });
+    let listener = super::connections::Limited::new(listener, api.max_connections);
     let app = router(api);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -163,6 +174,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
 
@@ -209,8 +221,11 @@ fn text_side(api: &Api) -> Result<TextSide, ApiError> {
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
-        ApiError::new(status.as_u16(), code, rejection.body_text())
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            let message = format!("the request body is larger than {} MiB, the most this server takes", MAX_BODY_BYTES >> 20);
+            return ApiError::new(413, "request_too_large", message);
+        }
+        ApiError::new(status.as_u16(), "invalid_body", rejection.body_text())
     })
 }
 

@@ -36,6 +36,11 @@ pub const DEFAULT_MAX_WAITING: u32 = 4096;
 /// share their prompt's pages).
 pub const MAX_N: u32 = 128;
 
+/// `--max-client-requests`' default: one ZeroMQ client may have this many requests live at once. A client that
+/// means to load the server hard still can; one that leaks requests (never reads, never aborts) is stopped
+/// before it holds the whole waiting queue.
+pub const DEFAULT_MAX_CLIENT_REQUESTS: u32 = 1024;
+
 /// Where a client's replies go. Request ids are unique per peer, not globally, so the two front doors cannot
 /// collide: an HTTP request is a peer of its own, and no ZeroMQ client's rid can name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +82,9 @@ pub struct Hub {
     max_waiting: u32,
     /// Set once a shutdown began: live requests finish, new ones are refused.
     draining: bool,
+    /// Live requests (being prepared or admitted) of each ZeroMQ client.
+    per_client: HashMap<Peer, u32>,
+    max_client_requests: u32,
 }
 
 /// What the samples of one client request share.
@@ -130,12 +138,51 @@ impl Hub {
             waiting: 0,
             max_waiting: DEFAULT_MAX_WAITING,
             draining: false,
+            per_client: HashMap::new(),
+            max_client_requests: DEFAULT_MAX_CLIENT_REQUESTS,
         }
     }
 
     /// Bounds the samples that may wait for their first token (`--max-waiting`, at least 1).
     pub fn with_max_waiting(self, max_waiting: u32) -> Self {
         Hub { max_waiting: max_waiting.max(1), ..self }
+    }
+
+    /// Bounds the live requests of one ZeroMQ client (`--max-client-requests`, at least 1).
+    pub fn with_max_client_requests(self, max_client_requests: u32) -> Self {
+        Hub { max_client_requests: max_client_requests.max(1), ..self }
+    }
+
+    /// Live requests of `peer` (being prepared or admitted).
+    pub fn client_requests(&self, peer: &Peer) -> u32 {
+        self.per_client.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Aborts every live request of the ZeroMQ client whose identity frame is `identity` (it disconnected, or
+    /// went silent): their finals go to `out`, for a client that may still read them. Returns how many.
+    pub fn cancel_client(&mut self, identity: &[u8], out: &mut Vec<(Peer, ServerMsg)>) -> usize {
+        let of_client = |peer: &Peer| matches!(peer, Peer::Zmq(frames) if frames.first().is_some_and(|f| f[..] == *identity));
+        let rids: Vec<(Peer, String)> =
+            self.by_rid.keys().chain(self.preparing.keys()).filter(|(p, _)| of_client(p)).cloned().collect();
+        for (peer, rid) in &rids {
+            self.cancel(peer, rid, out);
+        }
+        rids.len()
+    }
+
+    fn client_started(&mut self, peer: &Peer) {
+        if let Peer::Zmq(_) = peer {
+            *self.per_client.entry(peer.clone()).or_default() += 1;
+        }
+    }
+
+    fn client_ended(&mut self, peer: &Peer) {
+        if let Some(live) = self.per_client.get_mut(peer) {
+            *live -= 1;
+            if *live == 0 {
+                self.per_client.remove(peer);
+            }
+        }
     }
 
     /// Refuses new requests from now on (`shutting_down`); live ones run to their end.
@@ -177,6 +224,8 @@ impl Hub {
         let reply = match api::decode_client(bytes) {
             Err(rejection) => Some(rejection.to_msg()),
             Ok(ClientMsg::Info) => Some(self.info()),
+            // Liveness is the serve loop's (`liveness.rs`): it has seen the message already.
+            Ok(ClientMsg::Keepalive) => None,
             Ok(ClientMsg::Abort { rid }) => {
                 if self.cancel(peer, &rid, out) {
                     None
@@ -233,6 +282,7 @@ impl Hub {
             Ok(n) => {
                 self.preparing.insert((peer.clone(), g.rid.clone()), (*n, false));
                 self.waiting += n;
+                self.client_started(peer);
             }
             Err(refused) => self.refused(refused),
         }
@@ -257,7 +307,10 @@ impl Hub {
                 self.cancel(peer, &key.1, out);
             }
             Ok(()) => {}
-            Err(refused) => self.refused(refused),
+            Err(refused) => {
+                self.client_ended(peer);
+                self.refused(refused);
+            }
         }
         verdict
     }
@@ -286,6 +339,15 @@ impl Hub {
         let key = (peer.clone(), g.rid.clone());
         if self.by_rid.contains_key(&key) || self.preparing.contains_key(&key) {
             return Err(reject(ErrorCode::DuplicateRequest, format!("request {:?} is still running", g.rid)));
+        }
+        let live = self.client_requests(peer);
+        if live >= self.max_client_requests {
+            let message = format!(
+                "request {:?} refused: this client already has {live} live requests, at most {} may be \
+                 (--max-client-requests); wait for one to end",
+                g.rid, self.max_client_requests
+            );
+            return Err(reject(ErrorCode::TooManyRequests, message));
         }
         // Before tokenizing: shedding load should cost as little as possible.
         if self.waiting + n > self.max_waiting {
@@ -458,6 +520,7 @@ impl Hub {
         if request.open == 0
             && let Some(request) = self.requests.remove(&key)
         {
+            self.client_ended(&request.peer);
             self.by_rid.remove(&(request.peer, request.rid));
         }
     }
@@ -475,6 +538,7 @@ impl Hub {
         }
         self.requests.clear();
         self.by_rid.clear();
+        self.per_client.clear();
         // Requests still being prepared are answered now: the loop that would admit them is ending. (An HTTP
         // handler learns it from its dropped verdict channel.)
         for ((peer, rid), _) in self.preparing.drain() {
@@ -493,6 +557,7 @@ fn ended(metrics: &Metrics, request: &Request, sample: &Sample, reason: FinishRe
         FinishReason::Length => Outcome::Length,
         FinishReason::Abort => Outcome::Abort,
         FinishReason::Error => Outcome::Error,
+        FinishReason::Memory => Outcome::Memory,
     };
     let total = request.admitted.elapsed();
     metrics.request_ended(outcome);
@@ -520,6 +585,7 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
             FinishReason::Length => api::FinishReason::Length,
             FinishReason::Abort => api::FinishReason::Abort,
             FinishReason::Error => api::FinishReason::Error,
+            FinishReason::Memory => api::FinishReason::Memory,
         },
         prompt_tokens: request.prompt_tokens,
         completion_tokens: sample.token_ids.len() as u32,

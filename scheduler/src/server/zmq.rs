@@ -3,16 +3,51 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use proto::api::ServerMsg;
-use zeromq::{RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use futures_core::Stream;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use zeromq::{
+    RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage,
+};
 
-/// Binds `listen` and returns the socket's two halves.
-pub async fn bind(listen: &str) -> Result<(RouterSendHalf, RouterRecvHalf)> {
+/// The longest one reply may wait for room in its client's send queue. The zeromq crate queues up to 100,000
+/// messages per peer and then makes the sender wait: a client that stopped reading would stall the serve loop,
+/// and with it every other client. Past this, the client is counted as gone (`flush`).
+pub const SEND_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The socket's halves, and the identities of the peers that disconnected (from the socket's monitor).
+pub struct Bound {
+    pub send: RouterSendHalf,
+    pub recv: RouterRecvHalf,
+    pub disconnected: UnboundedReceiver<Bytes>,
+}
+
+/// Binds `listen` and returns the socket's two halves and its monitor.
+pub async fn bind(listen: &str) -> Result<Bound> {
     remove_socket_file(listen);
     let mut socket = RouterSocket::new();
+    let disconnected = forward_disconnects(socket.monitor());
     socket.bind(listen).await.with_context(|| format!("binding the request socket {listen}"))?;
     tracing::info!("accepting requests on {listen}");
-    Ok(socket.split())
+    let (send, recv) = socket.split();
+    Ok(Bound { send, recv, disconnected })
+}
+
+/// The identity of each peer whose connection closed, from the socket's monitor. The crate's monitor channel
+/// holds 1,024 events and drops the rest when nobody reads it: a task of its own keeps it read.
+fn forward_disconnects(mut events: impl Stream<Item = SocketEvent> + Unpin + Send + 'static) -> UnboundedReceiver<Bytes> {
+    let (tx, rx) = unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await {
+            if let SocketEvent::Disconnected(peer) = event
+                && tx.send(Bytes::copy_from_slice(&peer)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// The zeromq crate leaves an ipc:// socket file behind, and a stale one makes the next bind fail with
@@ -41,18 +76,32 @@ pub async fn recv(recv: &mut RouterRecvHalf) -> Option<(Vec<Bytes>, Bytes)> {
     Some((frames, payload))
 }
 
-/// Sends each reply behind its peer's routing frames.
-pub async fn flush(send: &mut RouterSendHalf, replies: impl IntoIterator<Item = (Vec<Bytes>, ServerMsg)>) {
-    for (peer, msg) in replies {
+/// Sends each payload behind its peer's routing frames, skipping peers in `gone`. A peer whose send fails (it
+/// disconnected) or waits past [`SEND_TIMEOUT`] (it stopped reading) is added to `gone`, for the caller to abort
+/// its requests; the rest of its replies are dropped.
+pub async fn flush(
+    send: &mut RouterSendHalf,
+    replies: impl IntoIterator<Item = (Vec<Bytes>, Bytes)>,
+    gone: &mut Vec<Bytes>,
+) {
+    for (peer, payload) in replies {
         let mut frames = peer.into_iter();
         let Some(identity) = frames.next() else { continue };
-        let mut message = ZmqMessage::from(identity);
-        for frame in frames.chain(std::iter::once(Bytes::from(proto::api::encode(&msg)))) {
+        if gone.contains(&identity) {
+            continue;
+        }
+        let mut message = ZmqMessage::from(identity.clone());
+        for frame in frames.chain(std::iter::once(payload)) {
             message.push_back(frame);
         }
-        // A client that went away is not an error of ours: its replies are dropped.
-        if let Err(e) = send.send(message).await {
-            tracing::debug!("dropping a reply: {e}");
+        let failed = match tokio::time::timeout(SEND_TIMEOUT, send.send(message)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("its send queue stayed full for {SEND_TIMEOUT:?}: it does not read")),
+        };
+        if let Some(why) = failed {
+            tracing::info!("dropping a ZeroMQ client's replies: {why}");
+            gone.push(identity);
         }
     }
 }
