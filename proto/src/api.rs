@@ -31,7 +31,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
 )]
 pub enum ClientMsg {
     Generate(Generate),
-    Abort { rid: String },
+    Abort {
+        rid: String,
+    },
     Info,
     /// "I am still here": a client with `keepalive` requests sends one every 0.5 s (docs/protocol.md).
     Keepalive,

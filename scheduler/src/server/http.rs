@@ -222,7 +222,8 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError>
     body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            let message = format!("the request body is larger than {} MiB, the most this server takes", MAX_BODY_BYTES >> 20);
+            let message =
+                format!("the request body is larger than {} MiB, the most this server takes", MAX_BODY_BYTES >> 20);
             return ApiError::new(413, "request_too_large", message);
         }
         ApiError::new(status.as_u16(), "invalid_body", rejection.body_text())

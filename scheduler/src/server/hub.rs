@@ -161,7 +161,8 @@ impl Hub {
     /// Aborts every live request of the ZeroMQ client whose identity frame is `identity` (it disconnected, or
     /// went silent): their finals go to `out`, for a client that may still read them. Returns how many.
     pub fn cancel_client(&mut self, identity: &[u8], out: &mut Vec<(Peer, ServerMsg)>) -> usize {
-        let of_client = |peer: &Peer| matches!(peer, Peer::Zmq(frames) if frames.first().is_some_and(|f| f[..] == *identity));
+        let of_client =
+            |peer: &Peer| matches!(peer, Peer::Zmq(frames) if frames.first().is_some_and(|f| f[..] == *identity));
         let rids: Vec<(Peer, String)> =
             self.by_rid.keys().chain(self.preparing.keys()).filter(|(p, _)| of_client(p)).cloned().collect();
         for (peer, rid) in &rids {
@@ -1308,5 +1309,80 @@ mod tests {
             .collect();
         assert_eq!(indices, [0, 1]);
         assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
+    }
+
+    #[test]
+    fn a_request_stopped_by_memory_says_so_on_the_wire_and_in_the_metrics() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        hub.on_events(
+            vec![token(id, b'o' as u32, None), Event::Finished { id, reason: FinishReason::Memory }],
+            &mut out,
+        );
+        let f = final_of(&out, 0);
+        assert_eq!((f.finish_reason, f.text.as_str(), f.completion_tokens), (Wire::Memory, "o", 1));
+        assert!(hub.metrics.render().contains("minisgl_requests_total{outcome=\"memory\"} 1"));
+    }
+
+    #[test]
+    fn past_max_client_requests_a_client_is_refused_with_the_rid_and_others_are_not() {
+        let (hub, rx) = test_hub(32);
+        let mut hub = hub.with_max_client_requests(2);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("b") }));
+        let out = send(&mut hub, &generate("c", "x", true, Sampling::default()));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((e.code, e.rid.as_deref()), (ErrorCode::TooManyRequests, Some("c")));
+        assert!(e.message.contains("\"c\"") && e.message.contains("--max-client-requests"), "{}", e.message);
+        assert!(e.message.contains("already has 2 live requests, at most 2"), "{}", e.message);
+        // Another client (an HTTP request too) is not held to this one's count.
+        let other = Peer::Zmq(vec![Bytes::from_static(b"bob")]);
+        let mut out = Vec::new();
+        let g = Generate { text: Some("x".into()), ..Generate::new("c") };
+        assert!(hub.on_message(&other, &api::encode(&ClientMsg::Generate(g)), &mut out).is_some());
+        assert!(out.is_empty());
+        // An ended request frees its place.
+        let a = submitted(&rx).id;
+        hub.on_events(vec![token(a, b'k' as u32, Some(FinishReason::Length))], &mut Vec::new());
+        assert_eq!(hub.client_requests(&peer()), 1);
+        assert!(send(&mut hub, &generate("c", "x", true, Sampling::default())).is_empty());
+        assert_eq!(hub.client_requests(&peer()), 2);
+    }
+
+    #[test]
+    fn cancel_client_aborts_every_request_of_that_identity_and_no_other() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("b") }));
+        // The same identity behind a REQ-style envelope is the same client.
+        let enveloped = Peer::Zmq(vec![Bytes::from_static(ALICE), Bytes::new()]);
+        let g = Generate { text: Some("x".into()), ..Generate::new("e") };
+        let prepared = hub.on_message(&enveloped, &api::encode(&ClientMsg::Generate(g)), &mut Vec::new()).unwrap();
+        let bob = Peer::Zmq(vec![Bytes::from_static(b"bob")]);
+        hub.submit(&bob, generate_of("a")).unwrap();
+        let ids: Vec<ReqId> = (0..4).map(|_| submitted(&rx).id).collect();
+        let mut out = Vec::new();
+        assert_eq!(hub.cancel_client(ALICE, &mut out), 3, "a, b, and e (still being prepared)");
+        let aborted: Vec<(String, u32)> = out
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMsg::Final(f) if f.finish_reason == Wire::Abort => Some((f.rid.clone(), f.index)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(aborted.len(), 3, "{aborted:?}");
+        let finished: Vec<ReqId> =
+            rx.try_iter().filter_map(|c| if let Command::Finish(id) = c { Some(id) } else { None }).collect();
+        assert_eq!(finished.len(), 3);
+        assert!(!finished.contains(&ids[3]), "bob's request runs on");
+        // The one being prepared ends with its abort final as soon as it is admitted.
+        let mut out = Vec::new();
+        let prompt = hub.preparer().prepare(&prepared);
+        hub.submit_prepared(&enveloped, prepared, prompt, &mut out).unwrap();
+        assert!(matches!(&out[..], [(p, ServerMsg::Final(f))] if *p == enveloped && f.finish_reason == Wire::Abort));
+        assert_eq!((hub.live_requests(), hub.client_requests(&peer()), hub.client_requests(&enveloped)), (1, 0, 0));
+        assert_eq!(hub.cancel_client(b"nobody", &mut out), 0);
     }
 }

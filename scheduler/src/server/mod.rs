@@ -5,8 +5,8 @@
 
 pub mod connections;
 pub mod http;
-pub mod liveness;
 pub mod hub;
+pub mod liveness;
 pub mod messages;
 pub mod openai;
 pub mod prepare;

@@ -7,9 +7,7 @@ use futures_core::Stream;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use zeromq::{
-    RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage,
-};
+use zeromq::{RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 /// The longest one reply may wait for room in its client's send queue. The zeromq crate queues up to 100,000
 /// messages per peer and then makes the sender wait: a client that stopped reading would stall the serve loop,
@@ -36,7 +34,9 @@ pub async fn bind(listen: &str) -> Result<Bound> {
 
 /// The identity of each peer whose connection closed, from the socket's monitor. The crate's monitor channel
 /// holds 1,024 events and drops the rest when nobody reads it: a task of its own keeps it read.
-fn forward_disconnects(mut events: impl Stream<Item = SocketEvent> + Unpin + Send + 'static) -> UnboundedReceiver<Bytes> {
+fn forward_disconnects(
+    mut events: impl Stream<Item = SocketEvent> + Unpin + Send + 'static,
+) -> UnboundedReceiver<Bytes> {
     let (tx, rx) = unbounded_channel();
     tokio::spawn(async move {
         while let Some(event) = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await {
