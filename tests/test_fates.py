@@ -1,7 +1,7 @@
 """Every request learns its fate (issue 11; docs/protocol.md "Liveness", docs/operations.md "Limits"): a
 signal to the engine ends every open stream on both doors, a killed scheduler is noticed by a waiting ZeroMQ
-client within about 2 s, a client that goes away has its requests aborted, a request the KV cache cannot hold ends
-with `memory`, and each limit refuses with a message that names it.
+client within about 2 s, a client that goes away has its requests aborted, a request the KV cache cannot hold
+ends with `memory`, and each limit refuses with a message that names it.
 
 The engines run a tiny random Qwen2 (conftest's `tiny_model`) on the CPU; the scheduler is started directly
 (test_operations.Scheduler) where a test needs its flags or its pid, and through the launcher for the signals.
