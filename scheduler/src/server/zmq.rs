@@ -105,3 +105,68 @@ pub async fn flush(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use zeromq::DealerSocket;
+
+    fn endpoint(name: &str) -> String {
+        format!("ipc://{}/minisgl-zmq-test-{}-{name}.sock", std::env::temp_dir().display(), std::process::id())
+    }
+
+    /// A DEALER that says hello (so the ROUTER knows it) and the routing frames the ROUTER gives it.
+    async fn client(bound: &mut Bound, listen: &str) -> (DealerSocket, Vec<Bytes>) {
+        let mut dealer = DealerSocket::new();
+        dealer.connect(listen).await.unwrap();
+        dealer.send(ZmqMessage::from("hello")).await.unwrap();
+        let (frames, payload) = recv(&mut bound.recv).await.unwrap();
+        assert_eq!(&payload[..], b"hello");
+        (dealer, frames)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_is_counted_gone_instead_of_stalling_the_sender() {
+        let listen = endpoint("stall");
+        let mut bound = bind(&listen).await.unwrap();
+        let (_dealer, frames) = client(&mut bound, &listen).await;
+        let payload = Bytes::from(vec![7u8; 200]);
+        let (mut gone, mut sent, started) = (Vec::new(), 0usize, Instant::now());
+        // The crate queues 100,000 messages per peer; the kernel's buffers take some more.
+        while gone.is_empty() && sent < 2_000_000 {
+            let batch = std::iter::repeat_n((frames.clone(), payload.clone()), 10_000);
+            flush(&mut bound.send, batch, &mut gone).await;
+            sent += 10_000;
+        }
+        assert_eq!(gone, [frames[0].clone()], "after {sent} messages");
+        assert!(sent > 100_000, "gone after only {sent} messages: the queue was not full");
+        // Its other replies are dropped without another wait.
+        let waited = Instant::now();
+        flush(&mut bound.send, std::iter::repeat_n((frames.clone(), payload), 1000), &mut gone).await;
+        assert!(waited.elapsed() < SEND_TIMEOUT, "{:?}", waited.elapsed());
+        assert!(started.elapsed().as_secs() < 60);
+        remove_socket_file(&listen);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_client_is_reported_by_identity_and_a_send_to_it_fails() {
+        let listen = endpoint("close");
+        let mut bound = bind(&listen).await.unwrap();
+        let (dealer, frames) = client(&mut bound, &listen).await;
+        let (other, _) = client(&mut bound, &listen).await;
+        drop(dealer);
+        // The ROUTER notices the close only while something polls its receiving half, as the serve loop does.
+        let identity = tokio::select! {
+            id = bound.disconnected.recv() => id.unwrap(),
+            _ = recv(&mut bound.recv) => panic!("nothing was sent"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => panic!("no disconnect event"),
+        };
+        assert_eq!(identity, frames[0]);
+        let mut gone = Vec::new();
+        flush(&mut bound.send, [(frames.clone(), Bytes::from_static(b"late"))], &mut gone).await;
+        assert_eq!(gone, [frames[0].clone()]);
+        drop(other);
+        remove_socket_file(&listen);
+    }
+}
