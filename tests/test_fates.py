@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import msgpack
@@ -314,3 +315,74 @@ def test_the_older_limits_say_theirs(cramped):
     assert "at most" in body["error"]["message"], body
     status, _, body = cramped.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0})
     assert (status, body["error"]["param"]) == (400, "max_tokens"), body
+
+
+# --- the Python client's side of keepalive, against a stand-in scheduler -----------------------------------
+
+
+@pytest.fixture
+def router():
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+def received(sock) -> list[dict]:
+    out = []
+    while sock.poll(0):
+        out.append(msgpack.unpackb(sock.recv_multipart()[-1]))
+    return out
+
+
+def final_of(rid: str) -> bytes:
+    return msgpack.packb({"type": "final", "rid": rid, "index": 0, "finish_reason": "length", "text": ""})
+
+
+def test_the_client_keeps_alive_while_its_caller_is_busy_and_heartbeats_keep_it_waiting(router):
+    sock, address = router
+    with Client(address, timeout_s=30) as client:
+        rid = client.submit(text="hi")
+        identity, payload = sock.recv_multipart()
+        assert msgpack.unpackb(payload)["keepalive"] is True
+        time.sleep(1.6)  # the caller is busy elsewhere: the client's thread speaks for it
+        kinds = [m["type"] for m in received(sock)]
+        assert kinds.count("keepalive") >= 2, kinds
+
+        def beat_then_end():
+            for _ in range(7):
+                sock.send_multipart([identity, msgpack.packb({"type": "heartbeat"})])
+                time.sleep(0.5)
+            sock.send_multipart([identity, final_of(rid)])
+
+        beater = threading.Thread(target=beat_then_end)
+        started = time.monotonic()
+        beater.start()
+        replies = list(client.replies(rid))
+        beater.join()
+        assert [r["type"] for r in replies] == ["final"], "heartbeats are not replies"
+        assert time.monotonic() - started > 3, "3.5 s of heartbeats, no SchedulerGone"
+        kinds = [m["type"] for m in received(sock)]
+        assert kinds.count("keepalive") >= 5, "the waiting thread sent them itself"
+        # Nothing live: no keepalives, and silence is not an error.
+        time.sleep(1.2)
+        assert received(sock) == []
+
+
+def test_the_client_raises_scheduler_gone_after_2_s_of_silence_and_only_with_keepalive(router):
+    sock, address = router
+    with Client(address, timeout_s=30) as client:
+        rid = client.submit(text="hi")
+        sock.recv_multipart()
+        started = time.monotonic()
+        with pytest.raises(SchedulerGone) as gone:
+            client.next_reply(rid)
+        silent = time.monotonic() - started
+        assert 1.9 < silent < 2.6, silent
+        assert gone.value.rids == [rid] and "no heartbeat or reply" in gone.value.message
+    with Client(address, timeout_s=2.5, keepalive=False) as client:
+        rid = client.submit(text="hi")
+        assert "keepalive" not in msgpack.unpackb(sock.recv_multipart()[-1])
+        with pytest.raises(TimeoutError):
+            client.next_reply(rid)
