@@ -27,7 +27,7 @@ use crate::engine::Output;
 use anyhow::Result;
 use bytes::Bytes;
 use proto::api::{Generate, Notice, Rejection, ServerMsg};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -103,8 +103,9 @@ pub async fn serve(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let heartbeat = Bytes::from(proto::api::encode(&Notice::Heartbeat));
     let mut beats: Vec<(Vec<Bytes>, Bytes)> = Vec::new();
-    // Identities of ZeroMQ clients found gone while sending: their requests are aborted.
-    let mut gone: Vec<Bytes> = Vec::new();
+    // Identities of ZeroMQ clients found gone while sending (disconnected, or not reading): their requests are
+    // aborted and nothing more is sent to them until they speak again.
+    let mut gone: HashSet<Bytes> = HashSet::new();
     let mut disconnects_open = true;
     let mut http_open = true;
     let mut http_peers: HashMap<u64, HttpPeer> = HashMap::new();
@@ -123,6 +124,9 @@ pub async fn serve(
                 if let Some((frames, payload)) = msg {
                     let now = std::time::Instant::now();
                     liveness.heard(&frames, now);
+                    if !gone.is_empty() {
+                        gone.remove(&frames[0]);
+                    }
                     let peer = Peer::Zmq(frames);
                     if let Some(generate) = hub.on_message(&peer, &payload, &mut replies) {
                         if let (true, Peer::Zmq(frames)) = (generate.keepalive, &peer) {
@@ -134,6 +138,7 @@ pub async fn serve(
             }
             identity = disconnected.recv(), if disconnects_open => match identity {
                 Some(identity) => {
+                    gone.remove(&identity);
                     liveness.forget_where(|frames| frames.first() == Some(&identity));
                     let aborted = hub.cancel_client(&identity, &mut replies);
                     if aborted > 0 {
@@ -204,11 +209,11 @@ pub async fn serve(
         }
         route(&mut replies, &mut http_peers, &mut to_zmq);
         let encoded = to_zmq.drain(..).map(|(frames, msg)| (frames, Bytes::from(proto::api::encode(&msg))));
-        zmq::flush(&mut send, encoded.chain(beats.drain(..)), &mut gone).await;
-        for identity in gone.drain(..) {
+        for identity in zmq::flush(&mut send, encoded.chain(beats.drain(..)), &mut gone).await {
             liveness.forget_where(|frames| frames.first() == Some(&identity));
-            // Their abort finals go out with the next flush, and are dropped there if it is still gone.
-            hub.cancel_client(&identity, &mut replies);
+            // Their abort finals are dropped by the next flush.
+            let aborted = hub.cancel_client(&identity, &mut replies);
+            tracing::info!("a ZeroMQ client cannot be written to: its {aborted} live requests are aborted");
         }
         if draining && hub.live_requests() == 0 {
             stop.get_or_insert(Ended::Shutdown);

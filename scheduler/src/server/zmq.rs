@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures_core::Stream;
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -77,13 +78,15 @@ pub async fn recv(recv: &mut RouterRecvHalf) -> Option<(Vec<Bytes>, Bytes)> {
 }
 
 /// Sends each payload behind its peer's routing frames, skipping peers in `gone`. A peer whose send fails (it
-/// disconnected) or waits past [`SEND_TIMEOUT`] (it stopped reading) is added to `gone`, for the caller to abort
-/// its requests; the rest of its replies are dropped.
+/// disconnected) or waits past [`SEND_TIMEOUT`] (it stopped reading) is added to `gone` and returned, for the
+/// caller to abort its requests; the rest of its replies are dropped, here and in later flushes, until the caller
+/// takes it out of `gone`.
 pub async fn flush(
     send: &mut RouterSendHalf,
     replies: impl IntoIterator<Item = (Vec<Bytes>, Bytes)>,
-    gone: &mut Vec<Bytes>,
-) {
+    gone: &mut HashSet<Bytes>,
+) -> Vec<Bytes> {
+    let mut newly = Vec::new();
     for (peer, payload) in replies {
         let mut frames = peer.into_iter();
         let Some(identity) = frames.next() else { continue };
@@ -101,9 +104,11 @@ pub async fn flush(
         };
         if let Some(why) = failed {
             tracing::info!("dropping a ZeroMQ client's replies: {why}");
-            gone.push(identity);
+            gone.insert(identity.clone());
+            newly.push(identity);
         }
     }
+    newly
 }
 
 #[cfg(test)]
@@ -132,19 +137,19 @@ mod tests {
         let mut bound = bind(&listen).await.unwrap();
         let (_dealer, frames) = client(&mut bound, &listen).await;
         let payload = Bytes::from(vec![7u8; 200]);
-        let (mut gone, mut sent, started) = (Vec::new(), 0usize, Instant::now());
+        let (mut gone, mut newly, mut sent, started) = (HashSet::new(), Vec::new(), 0usize, Instant::now());
         // The crate queues 100,000 messages per peer; the kernel's buffers take some more.
-        while gone.is_empty() && sent < 2_000_000 {
+        while newly.is_empty() && sent < 2_000_000 {
             let batch = std::iter::repeat_n((frames.clone(), payload.clone()), 10_000);
-            flush(&mut bound.send, batch, &mut gone).await;
+            newly = flush(&mut bound.send, batch, &mut gone).await;
             sent += 10_000;
         }
-        assert_eq!(gone, [frames[0].clone()], "after {sent} messages");
+        assert_eq!(newly, [frames[0].clone()], "after {sent} messages");
         assert!(sent > 100_000, "gone after only {sent} messages: the queue was not full");
-        // Its other replies are dropped without another wait.
+        // Its later replies are dropped without another wait.
         let waited = Instant::now();
-        flush(&mut bound.send, std::iter::repeat_n((frames.clone(), payload), 1000), &mut gone).await;
-        assert!(waited.elapsed() < SEND_TIMEOUT, "{:?}", waited.elapsed());
+        let again = flush(&mut bound.send, std::iter::repeat_n((frames.clone(), payload), 1000), &mut gone).await;
+        assert!(again.is_empty() && waited.elapsed() < SEND_TIMEOUT, "{:?}", waited.elapsed());
         assert!(started.elapsed().as_secs() < 60);
         remove_socket_file(&listen);
     }
@@ -163,9 +168,9 @@ mod tests {
             () = tokio::time::sleep(Duration::from_secs(5)) => panic!("no disconnect event"),
         };
         assert_eq!(identity, frames[0]);
-        let mut gone = Vec::new();
-        flush(&mut bound.send, [(frames.clone(), Bytes::from_static(b"late"))], &mut gone).await;
-        assert_eq!(gone, [frames[0].clone()]);
+        let mut gone = HashSet::new();
+        let newly = flush(&mut bound.send, [(frames.clone(), Bytes::from_static(b"late"))], &mut gone).await;
+        assert_eq!(newly, [frames[0].clone()]);
         drop(other);
         remove_socket_file(&listen);
     }
