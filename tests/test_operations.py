@@ -34,7 +34,14 @@ KEY = "sk-test-0123456789"
 class Scheduler:
     """A minisgl-sched process with a log the test can read, and (optionally) a real worker."""
 
-    def __init__(self, model: Path, *flags: str, env: dict | None = None, worker: bool = True):
+    def __init__(
+        self,
+        model: Path,
+        *flags: str,
+        env: dict | None = None,
+        worker: bool = True,
+        worker_flags: tuple[str, ...] = (),
+    ):
         self.dir = tempfile.mkdtemp(prefix="minisgl-ops-")
         self.control = f"ipc://{self.dir}/control.sock"
         self.listen = f"ipc://{self.dir}/requests.sock"
@@ -50,6 +57,7 @@ class Scheduler:
         if worker:
             wcmd = [sys.executable, "-m", "minisgl.worker", "--model", str(model), "--control", self.control]
             wcmd += ["--device", "cpu", "--num-pages", "128", "--max-batch", "4", "--log-level", "warn"]
+            wcmd += worker_flags
             self.worker = subprocess.Popen(wcmd)
 
     def http(self) -> http.client.HTTPConnection:

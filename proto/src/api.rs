@@ -40,8 +40,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
 )]
 pub enum ClientMsg {
     Generate(Generate),
-    Abort { rid: String },
+    Abort {
+        rid: String,
+    },
     Info,
+    /// "I am still here": a client with `keepalive` requests sends one every 0.5 s (docs/protocol.md).
+    Keepalive,
 }
 
 /// A `generate` message with every default filled in. Exactly one of `text`, `messages`, `input_ids` should be
@@ -72,6 +76,14 @@ pub struct Generate {
     pub tool_choice: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
+    /// The client sends `keepalive` messages and reads `heartbeat`s: silent for 2 s, its requests are aborted.
+    /// Left off the wire when false, so that older requests' bytes stay as they were.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keepalive: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn one() -> i64 {
@@ -104,6 +116,7 @@ impl Generate {
             tools: None,
             tool_choice: None,
             parallel_tool_calls: None,
+            keepalive: false,
         }
     }
 
@@ -213,6 +226,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The waiting queue is full (`--max-waiting`): the request was refused at once; retrying later may work.
     Overloaded,
+    /// This client already has `--max-client-requests` live requests.
+    TooManyRequests,
 }
 
 /// Why a client message was refused, with what the `error` reply needs.
@@ -264,6 +279,7 @@ struct WireGenerate {
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
+    keepalive: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +365,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
                 tools: w.tools,
                 tool_choice: w.tool_choice,
                 parallel_tool_calls: w.parallel_tool_calls,
+                keepalive: w.keepalive.unwrap_or(false),
             }))
         }
         "abort" => {
@@ -356,9 +373,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, Rejection> {
             Ok(ClientMsg::Abort { rid: w.rid })
         }
         "info" => Ok(ClientMsg::Info),
+        "keepalive" => Ok(ClientMsg::Keepalive),
         other => Err(Rejection::new(rid, ErrorCode::UnknownType, format!("unknown message type {other:?}"))),
     }
 }
+
+/// The most stop strings a request may give: each is searched for after every token.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in characters: the detokenizer holds back up to this much text.
+pub const MAX_STOP_CHARS: usize = 256;
 
 /// Checks the ranges of a decoded `generate` (docs/protocol.md, `sampling`), and that exactly one prompt form is
 /// given: the one place both doors' sampling parameters are checked. Token ids against the vocabulary and the
@@ -387,8 +410,14 @@ pub fn validate(g: &Generate) -> Result<(), Rejection> {
     if s.top_k < -1 {
         return bad("top_k", format!("top_k must be -1, 0 or > 0, got {}", s.top_k));
     }
+    if s.stop.len() > MAX_STOP_STRINGS {
+        return bad("stop", format!("stop may have at most {MAX_STOP_STRINGS} strings, got {}", s.stop.len()));
+    }
     if s.stop.iter().any(String::is_empty) {
         return bad("stop", "stop strings must not be empty".into());
+    }
+    if let Some(long) = s.stop.iter().map(|t| t.chars().count()).find(|&n| n > MAX_STOP_CHARS) {
+        return bad("stop", format!("stop strings may have at most {MAX_STOP_CHARS} characters, got one of {long}"));
     }
     if !(0.0..=1.0).contains(&s.min_p) {
         return bad("min_p", format!("min_p must be in [0, 1], got {}", s.min_p));
@@ -433,6 +462,15 @@ pub enum ServerMsg {
     Info(InfoMsg),
 }
 
+/// Scheduler to client, about no request: `heartbeat`, every 0.5 s to a client with live `keepalive` requests,
+/// so that it learns within 2 s that the scheduler is gone. A separate type from [`ServerMsg`], which carries
+/// the replies of requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notice {
+    Heartbeat,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     pub rid: String,
@@ -466,6 +504,8 @@ pub enum FinishReason {
     Length,
     Abort,
     Error,
+    /// The KV cache could not hold the request even with every other request preempted.
+    Memory,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

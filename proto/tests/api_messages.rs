@@ -391,3 +391,33 @@ fn tool_calls_ride_on_deltas_and_finals_and_are_left_off_without_them() {
     let ServerMsg::Final(f) = decode::<ServerMsg>(&pack(&old)).unwrap() else { panic!() };
     assert_eq!(f.tool_calls, None);
 }
+
+#[test]
+fn stop_strings_are_bounded_in_count_and_length_and_the_refusal_says_the_bound() {
+    let refusal = |stop: Vec<String>| {
+        let v = json!({"type": "generate", "rid": "s", "text": "x", "sampling": {"stop": stop}});
+        let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+        validate(&g).err().map(|r| (r.code, r.param.unwrap_or_default(), r.message))
+    };
+    let at_most = vec!["é".repeat(MAX_STOP_CHARS); MAX_STOP_STRINGS];
+    assert_eq!(refusal(at_most), None, "16 strings of 256 characters (not bytes) are fine");
+    let (code, param, message) = refusal(vec!["x".into(); MAX_STOP_STRINGS + 1]).unwrap();
+    assert_eq!((code, param.as_str()), (ErrorCode::InvalidParams, "stop"));
+    assert!(message.contains("at most 16 strings, got 17"), "{message}");
+    let (_, param, message) = refusal(vec!["ok".into(), "y".repeat(MAX_STOP_CHARS + 1)]).unwrap();
+    assert_eq!(param, "stop");
+    assert!(message.contains("at most 256 characters, got one of 257"), "{message}");
+}
+
+#[test]
+fn keepalive_is_read_from_generate_and_as_a_message_of_its_own() {
+    let v = json!({"type": "generate", "rid": "k", "text": "x", "keepalive": true});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert!(g.keepalive);
+    let v = json!({"type": "generate", "rid": "k", "text": "x", "keepalive": null});
+    let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
+    assert!(!g.keepalive, "nil is the default, off");
+    assert_eq!(decode_client(&pack(&json!({"type": "keepalive"}))).unwrap(), ClientMsg::Keepalive);
+    let r = decode_client(&pack(&json!({"type": "generate", "rid": "k", "text": "x", "keepalive": 1}))).unwrap_err();
+    assert_eq!((r.code, r.rid.as_deref()), (ErrorCode::Malformed, Some("k")));
+}

@@ -239,6 +239,9 @@ fn client_messages() {
     samples.sampling.temperature = 0.8;
     samples.sampling.seed = Some(7);
     samples.n = 3;
+    let mut keepalive = Generate::new("req-7");
+    keepalive.text = Some("def fib(n):".into());
+    keepalive.keepalive = true;
     for (file, msg) in [
         ("client_generate.msgpack", generate),
         ("client_generate_input_ids.msgpack", ClientMsg::Generate(ids)),
@@ -248,6 +251,8 @@ fn client_messages() {
         ("client_generate_tools.msgpack", ClientMsg::Generate(golden_tools())),
         ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
         ("client_info.msgpack", ClientMsg::Info),
+        ("client_generate_keepalive.msgpack", ClientMsg::Generate(keepalive)),
+        ("client_keepalive.msgpack", ClientMsg::Keepalive),
     ] {
         let bytes = encode(&msg);
         assert_eq!(decode_client(&bytes).unwrap(), msg, "{file}");
@@ -364,6 +369,22 @@ fn server_messages() {
             }),
         ),
         (
+            "server_final_memory.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-8".into(),
+                index: 0,
+                finish_reason: FinishReason::Memory,
+                prompt_tokens: 40,
+                completion_tokens: 139,
+                cached_tokens: 0,
+                token_ids: vec![],
+                text: String::new(),
+                message: None,
+                logprobs: None,
+                tool_calls: None,
+            }),
+        ),
+        (
             "server_error.msgpack",
             ServerMsg::Error(ErrorMsg {
                 rid: Some("req-1".into()),
@@ -394,6 +415,9 @@ fn server_messages() {
         assert_eq!(decode::<ServerMsg>(&bytes).unwrap(), msg, "{file}");
         check_golden(file, &bytes);
     }
+    let heartbeat = encode(&Notice::Heartbeat);
+    assert_eq!(decode::<Notice>(&heartbeat).unwrap(), Notice::Heartbeat);
+    check_golden("server_heartbeat.msgpack", &heartbeat);
 }
 
 #[test]

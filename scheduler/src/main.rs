@@ -9,7 +9,8 @@ use scheduler::core::{Core, Limits, Order, Policy};
 use scheduler::engine::{BurstWindow, Command, Engine};
 use scheduler::metrics::Metrics;
 use scheduler::model_files::ModelFiles;
-use scheduler::server::hub::DEFAULT_MAX_WAITING;
+use scheduler::server::connections::DEFAULT_MAX_CONNECTIONS;
+use scheduler::server::hub::{DEFAULT_MAX_CLIENT_REQUESTS, DEFAULT_MAX_WAITING};
 use scheduler::server::serve::{self, Ended, Lifecycle};
 use scheduler::server::status::{Phase, Status};
 use scheduler::server::{Hub, PromptLimits, http};
@@ -76,6 +77,14 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_WAITING, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_waiting: u32,
+    /// Most live requests of one ZeroMQ client; past it a `generate` is refused (error `too_many_requests`).
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENT_REQUESTS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_client_requests: u32,
+    /// Most HTTP connections open at once; past it a new connection gets a 503 (`too_many_connections`).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Slots per ring.
     #[arg(long, default_value_t = 4)]
     ring_slots: u32,
@@ -149,7 +158,8 @@ async fn run(args: Args) -> Result<ExitCode> {
         let api = http::Api::new(calls, model, max_seq_len)
             .with_status(status.clone())
             .with_metrics(metrics.clone())
-            .with_api_key(args.api_key.clone());
+            .with_api_key(args.api_key.clone())
+            .with_max_connections(args.max_connections);
         let api = Arc::new(api);
         http_server = Some(http::spawn(listener, api.clone()));
         api
@@ -239,7 +249,8 @@ async fn run(args: Args) -> Result<ExitCode> {
     };
     let hub_max_seq_len = hub_limits.max_seq_len;
     let hub = Hub::new(tokenizer.clone(), chat, hub_limits, info, commands.clone(), metrics.clone())
-        .with_max_waiting(args.max_waiting);
+        .with_max_waiting(args.max_waiting)
+        .with_max_client_requests(args.max_client_requests);
     let engine = Engine {
         core: Core::with_policy(limits, policy)?,
         step_ring: worker.step_ring,

@@ -27,11 +27,20 @@ pub enum Outcome {
     Rejected,
     /// Refused because the waiting queue was full (`--max-waiting`): load shed, not a client's mistake.
     Overloaded,
+    /// Ended because the KV cache could not hold it (finish reason `memory`).
+    Memory,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] =
-        [Outcome::Stop, Outcome::Length, Outcome::Abort, Outcome::Error, Outcome::Rejected, Outcome::Overloaded];
+    const ALL: [Outcome; 7] = [
+        Outcome::Stop,
+        Outcome::Length,
+        Outcome::Abort,
+        Outcome::Error,
+        Outcome::Rejected,
+        Outcome::Overloaded,
+        Outcome::Memory,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -41,6 +50,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Rejected => "rejected",
             Outcome::Overloaded => "overloaded",
+            Outcome::Memory => "memory",
         }
     }
 }

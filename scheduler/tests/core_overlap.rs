@@ -187,12 +187,12 @@ fn a_request_needing_the_whole_cache_ends_where_it_would_without_overlap() {
     let mut h = Harness::with_depth(limits(2, 16, 2, 4, 128), position_model, 2);
     h.submit(1, prompt(3, 1), params(100));
     h.run_to_idle(100);
-    assert_eq!((&h.outputs[&1], h.finished[&1]), (&vec![3, 4, 5, 6, 7, 8], FinishReason::Length));
+    assert_eq!((&h.outputs[&1], h.finished[&1]), (&vec![3, 4, 5, 6, 7, 8], FinishReason::Memory));
 }
 
 #[test]
 fn a_head_that_does_not_fit_is_refused_only_with_nothing_in_flight() {
-    // Request 1 holds 2 of 3 pages; 2 needs all 3 for its prompt. It must wait for 1, not end with Length.
+    // Request 1 holds 2 of 3 pages; 2 needs all 3 for its prompt. It must wait for 1, not end with Memory.
     let mut h = Harness::with_depth(limits(2, 16, 3, 4, 128), position_model, 2);
     h.submit(1, prompt(3, 1), params(2));
     h.submit(2, prompt(12, 2), params(1));

@@ -136,14 +136,14 @@ fn admission_reserves_the_pages_running_requests_decode_into() {
 }
 
 #[test]
-fn a_request_that_needs_the_whole_cache_ends_with_length() {
+fn a_request_that_needs_the_whole_cache_ends_with_memory() {
     // Two pages of 4: 8 cached tokens at most. The prompt is 3; tokens sampled at positions 3..=8 fit, the
     // decode that would cache position 8 does not.
     let mut h = Harness::new(limits(2, 16, 2, 4, 128), position_model);
     h.submit(1, prompt(3, 1), params(100));
     h.run_to_idle(100);
     assert_eq!(h.outputs[&1], vec![3, 4, 5, 6, 7, 8]);
-    assert_eq!(h.finished[&1], FinishReason::Length);
+    assert_eq!(h.finished[&1], FinishReason::Memory);
 }
 
 #[test]

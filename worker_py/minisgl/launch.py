@@ -67,6 +67,16 @@ class SchedulingConfig:
         "(HTTP 503 with Retry-After, ZeroMQ error overloaded)",
         metavar="N",
     )
+    max_client_requests: int = opt(
+        1024,
+        "live requests of one ZeroMQ client; past it its new ones are refused (error too_many_requests)",
+        metavar="N",
+    )
+    max_connections: int = opt(
+        4096,
+        "HTTP connections open at once; past it a new one gets a 503 (too_many_connections)",
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,9 @@ class EngineConfig(SchedulingConfig, WorkerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
+        for name in ("max_waiting", "max_client_requests", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lpm_max_wait_steps < 0:
             raise ValueError(f"lpm_max_wait_steps must be 0 or more, got {self.lpm_max_wait_steps}")
 

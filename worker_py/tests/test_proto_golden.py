@@ -315,6 +315,15 @@ CLIENT = {
     },
     "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
     "client_info.msgpack": {"type": "info"},
+    "client_generate_keepalive.msgpack": {
+        "type": "generate",
+        "rid": "req-7",
+        "text": "def fib(n):",
+        "sampling": messages.SAMPLING_DEFAULTS,
+        "stream": True,
+        "keepalive": True,
+    },
+    "client_keepalive.msgpack": {"type": "keepalive"},
 }
 
 # Two calls as the scheduler parses them: index, id, name, arguments (JSON text).
@@ -408,6 +417,19 @@ SERVER = {
         "text": "",
         "message": "worker failed the step",
     },
+    "server_final_memory.msgpack": {
+        "type": "final",
+        "rid": "req-8",
+        "index": 0,
+        "finish_reason": "memory",
+        "prompt_tokens": 40,
+        "completion_tokens": 139,
+        "cached_tokens": 0,
+        "token_ids": [],
+        "text": "",
+        "message": None,
+    },
+    "server_heartbeat.msgpack": {"type": "heartbeat"},
     "server_error.msgpack": {
         "type": "error",
         "rid": "req-1",
@@ -528,6 +550,10 @@ def test_python_builders_give_the_schedulers_bytes():
         ),
         "client_abort.msgpack": messages.abort("req-1"),
         "client_info.msgpack": messages.info(),
+        "client_generate_keepalive.msgpack": messages.generate(
+            "req-7", text="def fib(n):", sampling=messages.SAMPLING_DEFAULTS, keepalive=True
+        ),
+        "client_keepalive.msgpack": messages.keepalive(),
         "control_hello.msgpack": messages.hello(
             pid=31337,
             model=messages.model_facts(**MODEL),

@@ -45,7 +45,7 @@ def test_constants_match_the_protocol():
     assert (messages.RING_STEP, messages.RING_RESULT) == (1, 2)
     assert (messages.STEP_EXTEND, messages.STEP_DECODE, messages.STEP_SHUTDOWN) == (0, 1, 2)
     assert (messages.RESULT_OK, messages.RESULT_FAILED) == (0, 1)
-    assert messages.FINISH_REASONS == ("stop", "length", "abort", "error")
+    assert messages.FINISH_REASONS == ("stop", "length", "abort", "error", "memory")
     assert set(messages.ERROR_CODES) == {
         "malformed",
         "unknown_type",
@@ -56,9 +56,11 @@ def test_constants_match_the_protocol():
         "duplicate_request",
         "shutting_down",
         "overloaded",
+        "too_many_requests",
     }
     assert messages.abort("r") == {"type": "abort", "rid": "r"}
     assert messages.info() == {"type": "info"} and messages.ready() == {"type": "ready"}
+    assert messages.keepalive() == {"type": "keepalive"}
 
 
 def test_the_sampling_options_are_sent_only_when_on_in_the_protocols_order():

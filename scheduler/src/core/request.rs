@@ -93,13 +93,15 @@ pub struct NewRequest {
 pub enum FinishReason {
     /// An EOS id (unless `ignore_eos`) or one of `stop_token_ids` was sampled.
     Stop,
-    /// `max_tokens` were generated, the context length was reached, or the KV cache cannot hold the request even
-    /// with every other request preempted.
+    /// `max_tokens` were generated, or the context length was reached.
     Length,
     /// The engine ended it (client abort); the core never produces this itself.
     Abort,
     /// The worker failed the step, or returned something that is not a token.
     Error,
+    /// The KV cache cannot hold the request even with every other request preempted (or, waiting, with every
+    /// page free).
+    Memory,
 }
 
 /// A live request, waiting or running.

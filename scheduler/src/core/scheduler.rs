@@ -35,7 +35,7 @@
 //!   and it goes back to the front of the waiting queue with everything it has so far as its prompt, keeping its
 //!   generated count and its params. Its re-admission finds most of it cached, unless memory pressure evicted it.
 //!   Preempting several puts them back in admission order. A request that needs a page while holding every page
-//!   finishes with `Length`: it could not proceed even alone.
+//!   finishes with `Memory`: it could not proceed even alone.
 //! - **Decode inputs by reference.** A decode token is written as `-(slot + 1)`: the worker substitutes the last
 //!   token it sampled for that slot. Planning therefore never needs the previous step's tokens, which is what lets
 //!   step N+1 be planned while step N runs. Sampled tokens are still appended on completion, for stop checks and
@@ -219,7 +219,7 @@ impl Core {
             }
             // Nothing runs, so every slot and page is free, and still the head does not fit: it never will.
             let head = self.waiting.pop_front()?;
-            events.push(Event::Finished { id: head.id, reason: FinishReason::Length });
+            events.push(Event::Finished { id: head.id, reason: FinishReason::Memory });
         }
     }
 

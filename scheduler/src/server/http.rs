@@ -67,6 +67,8 @@ pub struct Api {
     api_key: Option<String>,
     /// The tokenizer's side, once the engine serves: `/tokenize`, echoed token prompts, logprob tokens.
     text: OnceLock<TextSide>,
+    /// Connections held open at most (`--max-connections`, `connections.rs`).
+    max_connections: u32,
     /// What the engine runs, once the worker said hello: `/server_info` and `/model_info`.
     facts: OnceLock<EngineFacts>,
 }
@@ -86,6 +88,9 @@ pub struct EngineFacts {
     pub page_size: u32,
     pub num_pages: u32,
 }
+
+/// The largest request body taken (axum's default, made explicit so that the 413 can say it).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// What the handlers need of the tokenizer.
 #[derive(Clone)]
@@ -110,6 +115,7 @@ impl Api {
             metrics: Arc::default(),
             api_key: None,
             text: OnceLock::new(),
+            max_connections: super::connections::DEFAULT_MAX_CONNECTIONS,
             facts: OnceLock::new(),
         }
     }
@@ -131,6 +137,10 @@ impl Api {
 
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         Api { metrics, ..self }
+    }
+
+    pub fn with_max_connections(self, max_connections: u32) -> Self {
+        Api { max_connections, ..self }
     }
 
     /// Requires `Authorization: Bearer <key>` on every `/v1` route.
@@ -183,6 +193,7 @@ pub fn spawn(listener: TcpListener, api: Arc<Api>) -> Serving {
             tracing::debug!("TCP_NODELAY: {e}");
         }
     });
+    let listener = super::connections::Limited::new(listener, api.max_connections);
     let app = router(api);
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
@@ -218,6 +229,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/get_load", get(load))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
 
@@ -264,8 +276,12 @@ fn text_side(api: &Api) -> Result<TextSide, ApiError> {
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
-        ApiError::new(status.as_u16(), code, rejection.body_text())
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            let message =
+                format!("the request body is larger than {} MiB, the most this server takes", MAX_BODY_BYTES >> 20);
+            return ApiError::new(413, "request_too_large", message);
+        }
+        ApiError::new(status.as_u16(), "invalid_body", rejection.body_text())
     })
 }
 

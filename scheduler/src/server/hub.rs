@@ -38,6 +38,11 @@ pub const DEFAULT_MAX_WAITING: u32 = 4096;
 /// share their prompt's pages).
 pub const MAX_N: u32 = 128;
 
+/// `--max-client-requests`' default: one ZeroMQ client may have this many requests live at once. A client that
+/// means to load the server hard still can; one that leaks requests (never reads, never aborts) is stopped
+/// before it holds the whole waiting queue.
+pub const DEFAULT_MAX_CLIENT_REQUESTS: u32 = 1024;
+
 /// Where a client's replies go. Request ids are unique per peer, not globally, so the two front doors cannot
 /// collide: an HTTP request is a peer of its own, and no ZeroMQ client's rid can name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -79,6 +84,9 @@ pub struct Hub {
     max_waiting: u32,
     /// Set once a shutdown began: live requests finish, new ones are refused.
     draining: bool,
+    /// Live requests (being prepared or admitted) of each ZeroMQ client.
+    per_client: HashMap<Peer, u32>,
+    max_client_requests: u32,
 }
 
 /// What the samples of one client request share.
@@ -134,12 +142,52 @@ impl Hub {
             waiting: 0,
             max_waiting: DEFAULT_MAX_WAITING,
             draining: false,
+            per_client: HashMap::new(),
+            max_client_requests: DEFAULT_MAX_CLIENT_REQUESTS,
         }
     }
 
     /// Bounds the samples that may wait for their first token (`--max-waiting`, at least 1).
     pub fn with_max_waiting(self, max_waiting: u32) -> Self {
         Hub { max_waiting: max_waiting.max(1), ..self }
+    }
+
+    /// Bounds the live requests of one ZeroMQ client (`--max-client-requests`, at least 1).
+    pub fn with_max_client_requests(self, max_client_requests: u32) -> Self {
+        Hub { max_client_requests: max_client_requests.max(1), ..self }
+    }
+
+    /// Live requests of `peer` (being prepared or admitted).
+    pub fn client_requests(&self, peer: &Peer) -> u32 {
+        self.per_client.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Aborts every live request of the ZeroMQ client whose identity frame is `identity` (it disconnected, or
+    /// went silent): their finals go to `out`, for a client that may still read them. Returns how many.
+    pub fn cancel_client(&mut self, identity: &[u8], out: &mut Vec<(Peer, ServerMsg)>) -> usize {
+        let of_client =
+            |peer: &Peer| matches!(peer, Peer::Zmq(frames) if frames.first().is_some_and(|f| f[..] == *identity));
+        let rids: Vec<(Peer, String)> =
+            self.by_rid.keys().chain(self.preparing.keys()).filter(|(p, _)| of_client(p)).cloned().collect();
+        for (peer, rid) in &rids {
+            self.cancel(peer, rid, out);
+        }
+        rids.len()
+    }
+
+    fn client_started(&mut self, peer: &Peer) {
+        if let Peer::Zmq(_) = peer {
+            *self.per_client.entry(peer.clone()).or_default() += 1;
+        }
+    }
+
+    fn client_ended(&mut self, peer: &Peer) {
+        if let Some(live) = self.per_client.get_mut(peer) {
+            *live -= 1;
+            if *live == 0 {
+                self.per_client.remove(peer);
+            }
+        }
     }
 
     /// Refuses new requests from now on (`shutting_down`); live ones run to their end.
@@ -181,6 +229,8 @@ impl Hub {
         let reply = match api::decode_client(bytes) {
             Err(rejection) => Some(rejection.to_msg()),
             Ok(ClientMsg::Info) => Some(self.info()),
+            // Liveness is the serve loop's (`liveness.rs`): it has seen the message already.
+            Ok(ClientMsg::Keepalive) => None,
             Ok(ClientMsg::Abort { rid }) => {
                 if self.cancel(peer, &rid, out) {
                     None
@@ -237,6 +287,7 @@ impl Hub {
             Ok(n) => {
                 self.preparing.insert((peer.clone(), g.rid.clone()), (*n, false));
                 self.waiting += n;
+                self.client_started(peer);
             }
             Err(refused) => self.refused(refused),
         }
@@ -261,7 +312,10 @@ impl Hub {
                 self.cancel(peer, &key.1, out);
             }
             Ok(()) => {}
-            Err(refused) => self.refused(refused),
+            Err(refused) => {
+                self.client_ended(peer);
+                self.refused(refused);
+            }
         }
         verdict
     }
@@ -290,6 +344,15 @@ impl Hub {
         let key = (peer.clone(), g.rid.clone());
         if self.by_rid.contains_key(&key) || self.preparing.contains_key(&key) {
             return Err(reject(ErrorCode::DuplicateRequest, format!("request {:?} is still running", g.rid)));
+        }
+        let live = self.client_requests(peer);
+        if live >= self.max_client_requests {
+            let message = format!(
+                "request {:?} refused: this client already has {live} live requests, at most {} may be \
+                 (--max-client-requests); wait for one to end",
+                g.rid, self.max_client_requests
+            );
+            return Err(reject(ErrorCode::TooManyRequests, message));
         }
         // Before tokenizing: shedding load should cost as little as possible.
         if self.waiting + n > self.max_waiting {
@@ -497,6 +560,7 @@ impl Hub {
         if request.open == 0
             && let Some(request) = self.requests.remove(&key)
         {
+            self.client_ended(&request.peer);
             self.by_rid.remove(&(request.peer, request.rid));
         }
     }
@@ -514,6 +578,7 @@ impl Hub {
         }
         self.requests.clear();
         self.by_rid.clear();
+        self.per_client.clear();
         // Requests still being prepared are answered now: the loop that would admit them is ending. (An HTTP
         // handler learns it from its dropped verdict channel.)
         for ((peer, rid), _) in self.preparing.drain() {
@@ -532,6 +597,7 @@ fn ended(metrics: &Metrics, request: &Request, sample: &Sample, reason: FinishRe
         FinishReason::Length => Outcome::Length,
         FinishReason::Abort => Outcome::Abort,
         FinishReason::Error => Outcome::Error,
+        FinishReason::Memory => Outcome::Memory,
     };
     let total = request.admitted.elapsed();
     metrics.request_ended(outcome);
@@ -559,6 +625,7 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
             FinishReason::Length => api::FinishReason::Length,
             FinishReason::Abort => api::FinishReason::Abort,
             FinishReason::Error => api::FinishReason::Error,
+            FinishReason::Memory => api::FinishReason::Memory,
         },
         prompt_tokens: request.prompt_tokens,
         completion_tokens: sample.token_ids.len() as u32,
@@ -1391,5 +1458,80 @@ mod tests {
             .collect();
         assert_eq!(indices, [0, 1]);
         assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
+    }
+
+    #[test]
+    fn a_request_stopped_by_memory_says_so_on_the_wire_and_in_the_metrics() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        let id = submitted(&rx).id;
+        let mut out = Vec::new();
+        hub.on_events(
+            vec![token(id, b'o' as u32, None), Event::Finished { id, reason: FinishReason::Memory }],
+            &mut out,
+        );
+        let f = final_of(&out, 0);
+        assert_eq!((f.finish_reason, f.text.as_str(), f.completion_tokens), (Wire::Memory, "o", 1));
+        assert!(hub.metrics.render().contains("minisgl_requests_total{outcome=\"memory\"} 1"));
+    }
+
+    #[test]
+    fn past_max_client_requests_a_client_is_refused_with_the_rid_and_others_are_not() {
+        let (hub, rx) = test_hub(32);
+        let mut hub = hub.with_max_client_requests(2);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("b") }));
+        let out = send(&mut hub, &generate("c", "x", true, Sampling::default()));
+        let [(_, ServerMsg::Error(e))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((e.code, e.rid.as_deref()), (ErrorCode::TooManyRequests, Some("c")));
+        assert!(e.message.contains("\"c\"") && e.message.contains("--max-client-requests"), "{}", e.message);
+        assert!(e.message.contains("already has 2 live requests, at most 2"), "{}", e.message);
+        // Another client (an HTTP request too) is not held to this one's count.
+        let other = Peer::Zmq(vec![Bytes::from_static(b"bob")]);
+        let mut out = Vec::new();
+        let g = Generate { text: Some("x".into()), ..Generate::new("c") };
+        assert!(hub.on_message(&other, &api::encode(&ClientMsg::Generate(g)), &mut out).is_some());
+        assert!(out.is_empty());
+        // An ended request frees its place.
+        let a = submitted(&rx).id;
+        hub.on_events(vec![token(a, b'k' as u32, Some(FinishReason::Length))], &mut Vec::new());
+        assert_eq!(hub.client_requests(&peer()), 1);
+        assert!(send(&mut hub, &generate("c", "x", true, Sampling::default())).is_empty());
+        assert_eq!(hub.client_requests(&peer()), 2);
+    }
+
+    #[test]
+    fn cancel_client_aborts_every_request_of_that_identity_and_no_other() {
+        let (mut hub, rx) = test_hub(32);
+        send(&mut hub, &generate("a", "x", true, Sampling::default()));
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, ..generate_of("b") }));
+        // The same identity behind a REQ-style envelope is the same client.
+        let enveloped = Peer::Zmq(vec![Bytes::from_static(ALICE), Bytes::new()]);
+        let g = Generate { text: Some("x".into()), ..Generate::new("e") };
+        let prepared = hub.on_message(&enveloped, &api::encode(&ClientMsg::Generate(g)), &mut Vec::new()).unwrap();
+        let bob = Peer::Zmq(vec![Bytes::from_static(b"bob")]);
+        hub.submit(&bob, generate_of("a")).unwrap();
+        let ids: Vec<ReqId> = (0..4).map(|_| submitted(&rx).id).collect();
+        let mut out = Vec::new();
+        assert_eq!(hub.cancel_client(ALICE, &mut out), 3, "a, b, and e (still being prepared)");
+        let aborted: Vec<(String, u32)> = out
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMsg::Final(f) if f.finish_reason == Wire::Abort => Some((f.rid.clone(), f.index)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(aborted.len(), 3, "{aborted:?}");
+        let finished: Vec<ReqId> =
+            rx.try_iter().filter_map(|c| if let Command::Finish(id) = c { Some(id) } else { None }).collect();
+        assert_eq!(finished.len(), 3);
+        assert!(!finished.contains(&ids[3]), "bob's request runs on");
+        // The one being prepared ends with its abort final as soon as it is admitted.
+        let mut out = Vec::new();
+        let prompt = hub.preparer().prepare(&prepared);
+        hub.submit_prepared(&enveloped, prepared, prompt, &mut out).unwrap();
+        assert!(matches!(&out[..], [(p, ServerMsg::Final(f))] if *p == enveloped && f.finish_reason == Wire::Abort));
+        assert_eq!((hub.live_requests(), hub.client_requests(&peer()), hub.client_requests(&enveloped)), (1, 0, 0));
+        assert_eq!(hub.cancel_client(b"nobody", &mut out), 0);
     }
 }

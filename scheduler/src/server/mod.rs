@@ -3,8 +3,10 @@
 //! doors that feed it (the ZeroMQ request socket and the OpenAI-compatible HTTP API), and the serve loop that
 //! owns the hub and joins them.
 
+pub mod connections;
 pub mod http;
 pub mod hub;
+pub mod liveness;
 pub mod messages;
 pub mod openai;
 pub mod prepare;

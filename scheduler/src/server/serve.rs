@@ -10,23 +10,33 @@
 //! It also runs the server's end of life. The first shutdown signal starts a drain: new requests are refused
 //! (HTTP 503, ZeroMQ `shutting_down`), live ones run to their end for up to the drain timeout, and then any
 //! still live end with an error that says so. A second signal stops at once, failing what is live the same
-//! way: no client is left without an answer.
+//! way: no client is left without an answer. Before the loop returns it gives the socket's writers a moment to
+//! send those last replies (`LINGER`).
+//!
+//! ZeroMQ clients that asked for keepalive get a heartbeat every 0.5 s and lose their requests after 2 s of
+//! silence (`liveness.rs`); a client whose connection closes, or that stops reading its replies, loses them at
+//! once (`zmq.rs`). Either way its requests stop costing the engine anything.
 
 use super::http::Call;
 use super::hub::{Hub, Peer};
+use super::liveness::{self, Liveness};
 use super::prepare::Preparer;
 use super::status::{Phase, Status};
 use super::zmq;
 use crate::engine::Output;
 use anyhow::Result;
 use bytes::Bytes;
-use proto::api::{Generate, Rejection, ServerMsg};
-use std::collections::HashMap;
+use proto::api::{Generate, Notice, Rejection, ServerMsg};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// How long the loop waits, once it is done, for the socket's writer tasks to send the last replies: without it
+/// a process that exits right away can take the final messages of live requests with it.
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Why the serve loop ended.
 pub enum Ended {
@@ -86,8 +96,17 @@ pub async fn serve(
     mut http: UnboundedReceiver<Call>,
     mut life: Lifecycle,
 ) -> Result<Ended> {
-    let (mut send, mut recv) = zmq::bind(listen).await?;
+    let zmq::Bound { mut send, mut recv, mut disconnected } = zmq::bind(listen).await?;
     life.status.set(Phase::Serving);
+    let mut liveness: Liveness<Vec<Bytes>> = Liveness::new(liveness::INTERVAL, liveness::TIMEOUT);
+    let mut ticks = tokio::time::interval(liveness::TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let heartbeat = Bytes::from(proto::api::encode(&Notice::Heartbeat));
+    let mut beats: Vec<(Vec<Bytes>, Bytes)> = Vec::new();
+    // Identities of ZeroMQ clients found gone while sending (disconnected, or not reading): their requests are
+    // aborted and nothing more is sent to them until they speak again.
+    let mut gone: HashSet<Bytes> = HashSet::new();
+    let mut disconnects_open = true;
     let mut http_open = true;
     let mut http_peers: HashMap<u64, HttpPeer> = HashMap::new();
     let mut replies: Vec<(Peer, ServerMsg)> = Vec::new();
@@ -103,9 +122,46 @@ pub async fn serve(
         tokio::select! {
             msg = zmq::recv(&mut recv) => {
                 if let Some((frames, payload)) = msg {
+                    let now = std::time::Instant::now();
+                    liveness.heard(&frames, now);
+                    if !gone.is_empty() {
+                        gone.remove(&frames[0]);
+                    }
                     let peer = Peer::Zmq(frames);
                     if let Some(generate) = hub.on_message(&peer, &payload, &mut replies) {
+                        if let (true, Peer::Zmq(frames)) = (generate.keepalive, &peer) {
+                            liveness.watch(frames.clone(), now);
+                        }
                         jobs.push(Job { peer, generate: Box::new(generate), accepted: None });
+                    }
+                }
+            }
+            identity = disconnected.recv(), if disconnects_open => match identity {
+                Some(identity) => {
+                    gone.remove(&identity);
+                    liveness.forget_where(|frames| frames.first() == Some(&identity));
+                    let aborted = hub.cancel_client(&identity, &mut replies);
+                    if aborted > 0 {
+                        tracing::info!("a ZeroMQ client disconnected: its {aborted} live requests are aborted");
+                    }
+                }
+                None => disconnects_open = false,
+            },
+            _ = ticks.tick() => {
+                let due = liveness.tick(std::time::Instant::now());
+                for frames in due.gone {
+                    let aborted = hub.cancel_client(&frames[0], &mut replies);
+                    tracing::info!(
+                        "a ZeroMQ client sent nothing for {:?}: its {aborted} live requests are aborted",
+                        liveness::TIMEOUT
+                    );
+                }
+                for frames in due.beat {
+                    // Watched while it has live requests: a client that is done need not keep talking.
+                    if hub.client_requests(&Peer::Zmq(frames.clone())) == 0 {
+                        liveness.forget(&frames);
+                    } else {
+                        beats.push((frames, heartbeat.clone()));
                     }
                 }
             }
@@ -152,7 +208,13 @@ pub async fn serve(
             spawn_prepare(hub.preparer(), &prepared_tx, job);
         }
         route(&mut replies, &mut http_peers, &mut to_zmq);
-        zmq::flush(&mut send, to_zmq.drain(..)).await;
+        let encoded = to_zmq.drain(..).map(|(frames, msg)| (frames, Bytes::from(proto::api::encode(&msg))));
+        for identity in zmq::flush(&mut send, encoded.chain(beats.drain(..)), &mut gone).await {
+            liveness.forget_where(|frames| frames.first() == Some(&identity));
+            // Their abort finals are dropped by the next flush.
+            let aborted = hub.cancel_client(&identity, &mut replies);
+            tracing::info!("a ZeroMQ client cannot be written to: its {aborted} live requests are aborted");
+        }
         if draining && hub.live_requests() == 0 {
             stop.get_or_insert(Ended::Shutdown);
         }
@@ -161,6 +223,7 @@ pub async fn serve(
         }
     };
     life.status.set(Phase::Stopped);
+    tokio::time::sleep(LINGER).await;
     zmq::remove_socket_file(listen);
     Ok(ended)
 }

@@ -22,6 +22,7 @@ __all__ = [
     "FINISH_LENGTH",
     "FINISH_ABORT",
     "FINISH_ERROR",
+    "FINISH_MEMORY",
     "FINISH_REASONS",
     "ERROR_CODES",
     "SAMPLING_DEFAULTS",
@@ -30,6 +31,7 @@ __all__ = [
     "generate",
     "abort",
     "info",
+    "keepalive",
     "hello",
     "model_facts",
     "ready",
@@ -39,7 +41,8 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR)
+FINISH_MEMORY = "memory"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR, FINISH_MEMORY)
 
 MALFORMED = "malformed"
 UNKNOWN_TYPE = "unknown_type"
@@ -50,6 +53,7 @@ UNKNOWN_REQUEST = "unknown_request"
 DUPLICATE_REQUEST = "duplicate_request"
 SHUTTING_DOWN = "shutting_down"
 OVERLOADED = "overloaded"
+TOO_MANY_REQUESTS = "too_many_requests"
 ERROR_CODES = (
     MALFORMED,
     UNKNOWN_TYPE,
@@ -60,6 +64,7 @@ ERROR_CODES = (
     DUPLICATE_REQUEST,
     SHUTTING_DOWN,
     OVERLOADED,
+    TOO_MANY_REQUESTS,
 )
 
 # What the scheduler assumes for a key the client leaves out, in the order it writes them.
@@ -113,6 +118,7 @@ def generate(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
     parallel_tool_calls: bool | None = None,
+    keepalive: bool = False,
 ) -> dict[str, Any]:
     """A `generate` message. Exactly one of text, messages, input_ids; `sampling` keys as in the protocol
     (left-out keys take the scheduler's defaults). `n` samples of the prompt; left off when 1, as the
@@ -139,6 +145,8 @@ def generate(
     ):
         if value is not None:
             msg[key] = value
+    if keepalive:
+        msg["keepalive"] = True
     return msg
 
 
@@ -148,6 +156,11 @@ def abort(rid: str) -> dict[str, Any]:
 
 def info() -> dict[str, Any]:
     return {"type": "info"}
+
+
+def keepalive() -> dict[str, Any]:
+    """What a client with `keepalive` requests sends every 0.5 s (docs/protocol.md)."""
+    return {"type": "keepalive"}
 
 
 def model_facts(

@@ -38,7 +38,7 @@ impl Core {
             let victim = self.running.newest().expect("pages are needed, so something runs");
             if self.running.len() == 1 {
                 let id = self.release(victim).id;
-                events.push(Event::Finished { id, reason: FinishReason::Length });
+                events.push(Event::Finished { id, reason: FinishReason::Memory });
                 return Room::Emptied;
             }
             self.preempt(victim);

@@ -134,6 +134,7 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
         ErrorCode::DuplicateRequest => (500, "duplicate_request"),
         ErrorCode::ShuttingDown => (503, "engine_unavailable"),
         ErrorCode::Overloaded => (503, "overloaded"),
+        ErrorCode::TooManyRequests => (429, "too_many_requests"),
     };
     ApiError { param: r.param.clone(), ..ApiError::new(status, code, r.message.clone()) }
 }
@@ -143,7 +144,8 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
 pub fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop | FinishReason::Abort => "stop",
-        FinishReason::Length => "length",
+        // OpenAI has no word for memory: the completion was cut short, which is what "length" tells a client.
+        FinishReason::Length | FinishReason::Memory => "length",
         FinishReason::Error => "error",
     }
 }
