@@ -8,6 +8,7 @@
 
 use super::hub::PromptLimits;
 use super::messages;
+use crate::grammar::{Compiled, ConstraintSpec, Constraints};
 use crate::text::{ChatTemplate, Tokenizer};
 use proto::api::{self, ErrorCode, Generate, Prompt, Rejection};
 use serde_json::Value;
@@ -18,11 +19,33 @@ pub struct Preparer {
     tokenizer: Arc<Tokenizer>,
     chat: Option<Arc<ChatTemplate>>,
     limits: PromptLimits,
+    /// Structured output's compiler; `None` refuses constrained requests.
+    constraints: Option<Arc<Constraints>>,
+}
+
+/// A request's prompt, and its compiled constraint when it has one.
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    pub constraint: Option<Arc<Compiled>>,
 }
 
 impl Preparer {
     pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<ChatTemplate>, limits: PromptLimits) -> Self {
-        Preparer { tokenizer, chat: chat.map(Arc::new), limits }
+        Preparer { tokenizer, chat: chat.map(Arc::new), limits, constraints: None }
+    }
+
+    pub fn with_constraints(self, constraints: Option<Arc<Constraints>>) -> Self {
+        Preparer { constraints, ..self }
+    }
+
+    /// Compiles a constraint against the served vocabulary: the entry point for whatever constrains output
+    /// (`response_format`, `regex`, `grammar`, a forced tool call's Lark grammar). The error names the field.
+    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Compiled, (String, String)> {
+        let param = spec.param().to_string();
+        let Some(c) = &self.constraints else {
+            return Err((param, "structured output is not available for this model".into()));
+        };
+        c.compile(spec).map_err(|e| (param.clone(), format!("{param}: {e}")))
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -33,8 +56,8 @@ impl Preparer {
         &self.limits
     }
 
-    /// The prompt's token ids, or why the request is refused.
-    pub fn prepare(&self, g: &Generate) -> Result<Vec<u32>, Rejection> {
+    /// The prompt's token ids and the compiled constraint, or why the request is refused.
+    pub fn prepare(&self, g: &Generate) -> Result<PreparedPrompt, Rejection> {
         let rid = || Some(g.rid.clone());
         api::validate(g)?;
         let vocab = self.limits.vocab_size;
@@ -63,7 +86,21 @@ impl Preparer {
             );
             return Err(Rejection::new(rid(), ErrorCode::PromptTooLong, message));
         }
-        Ok(prompt)
+        // Last: compiling a schema is the costliest check.
+        let s = &g.sampling;
+        let spec = match (&s.json_schema, &s.regex, &s.grammar) {
+            (Some(schema), _, _) => Some(ConstraintSpec::JsonSchema(schema.clone())),
+            (_, Some(rx), _) => Some(ConstraintSpec::Regex(rx.clone())),
+            (_, _, Some(lark)) => Some(ConstraintSpec::Lark(lark.clone())),
+            _ => None,
+        };
+        let constraint = match spec {
+            Some(spec) => Some(Arc::new(
+                self.compile(&spec).map_err(|(param, message)| Rejection::invalid(rid(), param, message))?,
+            )),
+            None => None,
+        };
+        Ok(PreparedPrompt { ids: prompt, constraint })
     }
 
     /// The prompt's token ids, as a request would be given them; a refusal names the field at fault when

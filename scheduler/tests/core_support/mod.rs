@@ -57,7 +57,7 @@ pub fn params(max_tokens: u32) -> SamplingParams {
 }
 
 pub fn limits(max_batch: u32, max_step_tokens: u32, num_pages: u32, page_size: u32, max_seq_len: u32) -> Limits {
-    Limits { max_batch, max_step_tokens, num_pages, page_size, max_seq_len, eos_token_ids: vec![] }
+    Limits { max_batch, max_step_tokens, num_pages, page_size, max_seq_len, eos_token_ids: vec![], vocab_size: 0 }
 }
 
 /// What a request generates when it runs alone with unlimited memory, and why it stops.
