@@ -278,7 +278,7 @@ mod tests {
     use crate::text::test_tokenizer::byte_level_tokenizer;
 
     fn constraints() -> (Constraints, Arc<Tokenizer>) {
-        let tokenizer = Arc::new(byte_level_tokenizer());
+        let tokenizer = byte_level_tokenizer();
         let table = TokenTable::new(&tokenizer);
         let vocab = tokenizer.vocab_size() as u32 + 5;
         let eos = tokenizer.token_id(crate::text::test_tokenizer::SPECIAL).unwrap();

@@ -267,6 +267,8 @@ impl Core {
             }
             let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
             req.pending -= 1;
+            // The next mask follows from this token: whatever was said ready before it is stale.
+            req.mask_ready = false;
             let finish = match u32::try_from(token) {
                 Ok(token) => {
                     req.tokens.push(token);
