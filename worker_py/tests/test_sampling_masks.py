@@ -18,8 +18,8 @@ WORDS = -(-VOCAB // 32)
 
 
 def bits_of(allowed: list[set[int]], words: int = WORDS, junk_tail: bool = True) -> np.ndarray:
-    """uint32 [g * W] masks allowing exactly these ids; with `junk_tail`, bits past VOCAB are set too (they must
-    be ignored)."""
+    """uint32 [g * W] masks allowing exactly these ids; with `junk_tail`, bits past VOCAB are set too
+    (they must be ignored)."""
     out = np.zeros((len(allowed), words), dtype=np.uint32)
     for row, ids in enumerate(allowed):
         for i in ids:
@@ -152,7 +152,9 @@ def test_gpu_sampler_draws_only_allowed_tokens():
     sampler.join(Joins.make(slots, [1.0] * 5, [1.0] * 5, [-1] * 5, list(range(5))))
     tm = masks.make(np.array(mask_row, np.int32), bits_of(allowed), WORDS, "cuda")
     positions = torch.arange(5, dtype=torch.int32, device="cuda")
-    ids = sampler.sample(logits.cuda(), torch.from_numpy(slots.astype(np.int32)).cuda(), positions, SampleMode.PLAIN, tm)
+    ids = sampler.sample(
+        logits.cuda(), torch.from_numpy(slots.astype(np.int32)).cuda(), positions, SampleMode.PLAIN, tm
+    )
     for r, m in enumerate(mask_row):
         if m >= 0:
             assert int(ids[r]) in allowed[m]

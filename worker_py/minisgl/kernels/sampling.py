@@ -75,7 +75,9 @@ def apply_token_masks(
     n, vocab = logits.shape
     if m:
         grid = (m, triton.cdiv(vocab, MASK_BLOCK))
-        _mask_kernel[grid](logits, logits.stride(0), rows, which, bits, bits.stride(0), vocab, BLOCK=MASK_BLOCK)
+        _mask_kernel[grid](
+            logits, logits.stride(0), rows, which, bits, bits.stride(0), vocab, BLOCK=MASK_BLOCK
+        )
     return logits
 
 

@@ -97,8 +97,8 @@ _RESULT_HEADER = struct.Struct("<QIIII")
 
 @dataclass(frozen=True)
 class Capacity:
-    """How many requests (R), tokens (T) and KV page indices (K) one slot can describe, and the 32-bit words of
-    one token mask (W = ceil(vocab / 32); 0 leaves no room for masks)."""
+    """How many requests (R), tokens (T) and KV page indices (K) one slot can describe, and the 32-bit
+    words of one token mask (W = ceil(vocab / 32); 0 leaves no room for masks)."""
 
     max_reqs: int
     max_tokens: int
@@ -112,7 +112,7 @@ class ArraySpec:
     offset: int
     length: int  # entries at full capacity
     dtype: np.dtype
-    used_by: str  # the basis: which header count cuts it ("n", "n+1", "t", "k", "j", "j+1", "b", "g*W", "l", "l*m")
+    used_by: str  # the basis: which header count cuts it (a key of BASES: "n", "t", "g*W", "l*m", ...)
 
     @property
     def nbytes(self) -> int:

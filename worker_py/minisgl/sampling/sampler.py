@@ -17,12 +17,13 @@ from minisgl.sampling.penalties import TokenCounts, apply_penalties
 class Sampler:
     """Draws one token per row of logits, using the parameters stored for each row's request slot.
 
-    Each row's logits get its logit biases and token mask, then its repetition, frequency and presence penalties (the order
-    of docs/protocol.md, "Sampling"); a greedy row takes their argmax. A sampling row takes argmax(logits / T
-    + Gumbel noise) over the tokens that survive top-k, then top-p, then min_p (HF's warpers' order and
-    semantics); that is a draw from the filtered softmax(logits / T). The noise is a hash of (seed, position,
-    vocab id), so the draw does not depend on the batch around the row. Every optional pass runs only when
-    some row of the batch needs it (`plan_for` says, from host copies); for the other rows it is the identity.
+    Each row's logits get its logit biases and token mask, then its repetition, frequency and presence
+    penalties (the order of docs/protocol.md, "Sampling"); a greedy row takes their argmax. A sampling row
+    takes argmax(logits / T + Gumbel noise) over the tokens that survive top-k, then top-p, then min_p (HF's
+    warpers' order and semantics); that is a draw from the filtered softmax(logits / T). The noise is a hash
+    of (seed, position, vocab id), so the draw does not depend on the batch around the row. Every optional
+    pass runs only when some row of the batch needs it (`plan_for` says, from host copies; the step says
+    whether it has token masks); for the other rows it is the identity.
 
     `vocab_size` is needed for penalties (their per-slot token counts are [max_slots, vocab_size]).
     """
