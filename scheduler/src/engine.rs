@@ -16,8 +16,9 @@
 //! [`MaskPool`] thread computes from the token before: the core plans its sample only once its mask is here, and
 //! never while a sample of it is in flight, so with overlap it samples at most every other step. Before planning
 //! a step while another runs, the engine waits for the masks it asked for (the step ahead is still running, so
-//! the worker loses nothing), which lets a constrained request go into the very next step planned. Steps without
-//! constrained requests pay nothing: no mask in the step, no wait.
+//! the worker loses nothing), which lets a constrained request go into the very next step planned; with nothing
+//! in flight it waits a little ([`IDLE_MASK_WAIT`]) so that a batch of constrained requests stays one step.
+//! Steps without constrained requests pay nothing: no mask in the step, no wait.
 //!
 //! **Waiting.** Two rings are involved, in opposite directions, so a blocking wait on one could wait for ever on
 //! a peer that is itself blocked on the other (a small ring full of results we are not reading while we wait for
@@ -85,6 +86,10 @@ impl Default for BurstWindow {
         BurstWindow { gap: Duration::from_micros(200), max: Duration::from_millis(2) }
     }
 }
+
+/// How long an engine with nothing in flight waits for the masks it asked for before planning without the late
+/// ones (a mask over a 150k vocabulary takes well under a millisecond optimised).
+const IDLE_MASK_WAIT: Duration = Duration::from_millis(10);
 
 /// How long stopping waits for the steps in flight to be answered and for a slot to tell the worker to exit. The
 /// launcher gives the scheduler 5 s before it signals it.
@@ -165,6 +170,8 @@ struct Pipeline {
     stalled: bool,
     /// Shutdown was asked for while commands were applied inside a turn.
     stopping: bool,
+    /// Since when the engine, with nothing in flight, holds the next plan back for masks.
+    idle_mask_wait: Option<Instant>,
 }
 
 impl Engine {
@@ -190,6 +197,7 @@ impl Engine {
             grammars: Grammars::default(),
             stalled: false,
             stopping: false,
+            idle_mask_wait: None,
         };
         if let Err(e) = self.run(&mut pipe) {
             tracing::error!("engine stopped: {e:#}");
@@ -473,11 +481,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether to hold the next plan back for the masks asked for: only while a step runs (the turn completes it
-    /// when its result comes, and plans without waiting once nothing is in flight), so the worker never waits for
-    /// a grammar. Applies the commands that came meanwhile (masks among them).
+    /// Whether to hold the next plan back for the masks asked for. While a step runs, until they are all here
+    /// (the turn completes the step when its result comes): the worker has work meanwhile. With nothing in flight,
+    /// for at most [`IDLE_MASK_WAIT`]: the worker idles, but planning the requests whose masks came first would
+    /// split a batch of constrained requests over several steps. Applies the commands that came meanwhile (masks
+    /// among them).
     fn wait_for_masks(&mut self, pipe: &mut Pipeline) -> Result<bool> {
-        if pipe.grammars.outstanding.is_empty() || pipe.in_flight.is_empty() {
+        if pipe.grammars.outstanding.is_empty() {
+            pipe.idle_mask_wait = None;
             return Ok(false);
         }
         loop {
@@ -495,7 +506,19 @@ impl Engine {
                 }
             }
         }
-        Ok(!pipe.grammars.outstanding.is_empty())
+        if pipe.grammars.outstanding.is_empty() {
+            pipe.idle_mask_wait = None;
+            return Ok(false);
+        }
+        if !pipe.in_flight.is_empty() {
+            return Ok(true);
+        }
+        let since = *pipe.idle_mask_wait.get_or_insert_with(Instant::now);
+        if since.elapsed() < IDLE_MASK_WAIT {
+            return Ok(true);
+        }
+        pipe.idle_mask_wait = None;
+        Ok(false)
     }
 
     /// Best effort, bounded by [`SHUTDOWN_WAIT`]: reads (and drops) the results of the steps in flight, so that the
