@@ -237,7 +237,7 @@ fn mask_thread(jobs: Receiver<Job>, engine: Sender<Command>, mask_words: usize) 
                 continue;
             }
             Job::Start { id, matcher } => {
-                let event = next_mask(&mut live.entry(id).insert_entry(matcher).into_mut(), id, mask_words);
+                let event = next_mask(live.entry(id).insert_entry(matcher).into_mut(), id, mask_words);
                 (id, event)
             }
             Job::Commit { id, token } => {
