@@ -401,7 +401,7 @@ def error_of(call) -> tuple[int, str | None, str]:
 def test_bad_constraints_are_refused_naming_the_param(oai):
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
     status, param, message = error_of(lambda: chat(oai, "x", response_format=bad_schema))
-    assert (status, param) == (400, "response_format") and message.startswith("response_format:"), message
+    assert (status, param) == (400, "response_format") and message.startswith("json_schema:"), message
     status, param, _ = error_of(
         lambda: chat(oai, "x", response_format={"type": "json_object"}, extra_body={"regex": "a"})
     )

@@ -34,10 +34,18 @@ pub enum ConstraintSpec {
 }
 
 impl ConstraintSpec {
-    /// The request field that carries this kind of constraint, for errors.
+    /// The HTTP API's field that carries this kind of constraint: an error's `param`.
     pub fn param(&self) -> &'static str {
         match self {
             ConstraintSpec::JsonSchema(_) => "response_format",
+            _ => self.key(),
+        }
+    }
+
+    /// The sampling key that carries it on the wire (docs/protocol.md): what an error's message starts with.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConstraintSpec::JsonSchema(_) => "json_schema",
             ConstraintSpec::Regex(_) => "regex",
             ConstraintSpec::Lark(_) => "grammar",
         }

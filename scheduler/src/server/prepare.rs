@@ -45,7 +45,7 @@ impl Preparer {
         let Some(c) = &self.constraints else {
             return Err((param, "structured output is not available for this model".into()));
         };
-        c.compile(spec).map_err(|e| (param.clone(), format!("{param}: {e}")))
+        c.compile(spec).map_err(|e| (param, format!("{}: {e}", spec.key())))
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -129,5 +129,64 @@ impl Preparer {
         let chat = self.chat.as_ref().ok_or((None, "this model has no chat template".to_string()))?;
         chat.render(&messages, add_generation_prompt, None)
             .map_err(|e| (Some("messages".into()), format!("chat template: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::TokenTable;
+    use crate::text::test_tokenizer::{SPECIAL, byte_level_tokenizer};
+    use proto::api::Sampling;
+
+    fn preparer(structured: bool) -> Preparer {
+        let tokenizer = byte_level_tokenizer();
+        let vocab = tokenizer.vocab_size() as u32;
+        let limits = PromptLimits { vocab_size: vocab, max_seq_len: 64, max_prompt_len: 63 };
+        let constraints = structured.then(|| {
+            let eos = tokenizer.token_id(SPECIAL).unwrap();
+            Arc::new(Constraints::new(tokenizer.clone(), &TokenTable::new(&tokenizer), &[eos], vocab).unwrap())
+        });
+        Preparer::new(tokenizer, None, limits).with_constraints(constraints)
+    }
+
+    fn request(sampling: Sampling) -> Generate {
+        let mut g = Generate::new("r");
+        g.text = Some("hi".into());
+        g.sampling = sampling;
+        g
+    }
+
+    #[test]
+    fn a_constraint_is_compiled_with_the_prompt_and_a_bad_one_is_refused_naming_its_field() {
+        let p = preparer(true);
+        assert!(p.prepare(&request(Sampling::default())).unwrap().constraint.is_none());
+        let ok = Sampling { regex: Some("[0-9]+".into()), ..Sampling::default() };
+        assert!(p.prepare(&request(ok)).unwrap().constraint.is_some());
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert!(p.prepare(&request(Sampling { json_schema: Some(schema), ..Sampling::default() })).is_ok());
+        for (sampling, param, key) in [
+            (Sampling { regex: Some("a(".into()), ..Sampling::default() }, "regex", "regex:"),
+            (Sampling { grammar: Some("start: nowhere".into()), ..Sampling::default() }, "grammar", "grammar:"),
+            (
+                Sampling { json_schema: Some(serde_json::json!({"type": "nope"})), ..Sampling::default() },
+                "response_format",
+                "json_schema:",
+            ),
+        ] {
+            let e = p.prepare(&request(sampling)).err().expect("refused");
+            assert_eq!((e.code, e.param.as_deref()), (ErrorCode::InvalidParams, Some(param)));
+            assert!(e.message.starts_with(key), "{}", e.message);
+        }
+        let two = Sampling { regex: Some("a".into()), grammar: Some("start: \"a\"".into()), ..Sampling::default() };
+        assert_eq!(p.prepare(&request(two)).err().unwrap().param.as_deref(), Some("grammar"));
+    }
+
+    #[test]
+    fn without_a_compiler_constraints_are_refused() {
+        let e = preparer(false).prepare(&request(Sampling { regex: Some("a".into()), ..Sampling::default() }));
+        let e = e.err().expect("refused");
+        assert_eq!(e.param.as_deref(), Some("regex"));
+        assert!(e.message.contains("not available"), "{}", e.message);
     }
 }
