@@ -158,3 +158,41 @@ def test_gpu_sampler_draws_only_allowed_tokens():
     for r, m in enumerate(mask_row):
         if m >= 0:
             assert int(ids[r]) in allowed[m]
+
+
+def test_the_runner_samples_masked_rows_inside_their_masks_and_the_others_as_without(tmp_path):
+    """Through the whole runner on the CPU (a tiny random Qwen2): the step's masks reach the sampler in the
+    step's one upload; greedy rows without a mask give what a runner given no masks gives, and the masked row
+    (greedy and sampled) stays inside its mask, which is far from what it would pick unmasked."""
+    from fake_steps import Join, StepBuilder
+    from tiny_qwen import cpu_config, make_tiny_qwen
+
+    from minisgl.worker.runner import ModelRunner
+
+    model_dir = make_tiny_qwen(tmp_path / "tiny", seed=4)
+    runners = [ModelRunner(cpu_config(model_dir, 64, 4, 8, 64), show_progress=False) for _ in range(2)]
+    vocab = runners[0].model_config.vocab_size
+    words = -(-vocab // 32)
+    allowed = [{3, 77, vocab - 1}, {200, 201}]
+    bits = np.zeros((2, words), np.uint32)
+    for row, ids in enumerate(allowed):
+        for i in ids:
+            bits[row, i // 32] |= np.uint32(1 << (i % 32))
+    slots = [0, 1, 2, 3]
+    joins = [Join(0), Join(1), Join(2, temperature=1.0, seed=9), Join(3)]
+    reqs = [(s, [10 + s, 20 + s, 30 + s, 40 + s, 50 + s]) for s in slots]
+    masked, plain = [], []
+    for i, runner in enumerate(runners):
+        b = StepBuilder(runner.num_pages, 4, seed=0)
+        steps = [b.extend(reqs, joins)] + [b.decode(slots) for _ in range(4)]
+        out = []
+        for step in steps:
+            if i == 0:  # slot 1 under mask 0 (greedy), slot 2 under mask 1 (sampled)
+                step.mask_row = np.array([-1, 0, 1, -1], np.int32)
+                step.mask_bits = bits.reshape(-1)
+            out.append(runner.run_step(step).tolist())
+        (masked if i == 0 else plain).append(out)
+    masked, plain = np.array(masked[0]), np.array(plain[0])
+    assert masked[:, 0].tolist() == plain[:, 0].tolist() and masked[:, 3].tolist() == plain[:, 3].tolist()
+    assert set(masked[:, 1].tolist()) <= allowed[0] and set(masked[:, 2].tolist()) <= allowed[1]
+    assert not set(plain[:, 1].tolist()) <= allowed[0], "the mask changed what the row picks"
