@@ -7,7 +7,10 @@ Builds the model itself (no weights travel), then drives `ModelRunner` directly 
   at a time (launch, wait, next) and through the overlapped loop with every step already published;
 - GPU idle time between steps, from CUDA events around each step, and a profile of where the time goes;
 - with --sampling-options, decode step time with logit bias, penalties, min_p and logprobs on every request,
-  on one request of the batch, and on none.
+  on one request of the batch, and on none;
+- with --masks BATCH:C1,C2,..., decode step time at that batch with C constrained requests (a token mask each,
+  as structured output sends them), in one run: the worker's cost of the grammar path (the scheduler's mask
+  threads run beside the steps, and are not timed here).
 
     python scripts/bench_gpu.py --out bench.json [--quick]
 """
@@ -246,6 +249,63 @@ def time_sampling_options(
             row |= events.summary(warm)
             out[f"{name} b{batch}"] = row
             log(f"  {config} {name} batch {batch}: {row}")
+    return out
+
+
+def parse_masks(spec: str) -> tuple[int, list[int]]:
+    """`BATCH:C1,C2,...` -> (batch, [counts]); each count at most the batch."""
+    batch, _, counts = spec.partition(":")
+    b, cs = int(batch), [int(c) for c in counts.split(",") if c]
+    if not cs or any(not 0 <= c <= b for c in cs):
+        raise ValueError(f"--masks wants BATCH:C1,C2,... with 0 <= C <= BATCH, got {spec!r}")
+    return b, cs
+
+
+def random_masks(count: int, vocab: int, seed: int, allowed: float = 0.1) -> np.ndarray:
+    """`count` masks (uint32, count * W words) each allowing about `allowed` of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = -(-vocab // 32)
+    bits = rng.random((count, words * 32)) < allowed
+    return (
+        np.packbits(bits.reshape(count, words, 32)[:, :, ::-1], axis=-1, bitorder="big")
+        .view(">u4")
+        .astype(np.uint32)
+        .reshape(-1)
+    )
+
+
+def with_masks(step, constrained: int, bits: np.ndarray):
+    """The step with a token mask for its first `constrained` requests (`mask_row`, `mask_bits`)."""
+    n = len(step.req_slot)
+    row = np.full(n, -1, np.int32)
+    row[:constrained] = np.arange(constrained, dtype=np.int32)
+    step.mask_row = row
+    words = len(bits) // max(1, constrained) if constrained else 0
+    step.mask_bits = bits[: constrained * words] if constrained else np.zeros(0, np.uint32)
+    return step
+
+
+def time_masks(
+    model_dir: Path, config: str, batch: int, counts: list[int], prompt_len: int, steps: int, warm: int
+) -> dict:
+    """Decode steps through the overlapped loop with 0, C1, C2... masked requests of `batch`."""
+    runner = new_runner(model_dir, config)
+    vocab = vocab_size(model_dir)
+    out = {}
+    for count in counts:
+        bits = random_masks(count, vocab, seed=count)
+        decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch, join=OPTIONS["none"])
+        ring = ReadySteps([with_masks(step, count, bits) for step in decode])
+        events = StepEvents(runner)
+        run_steps(runner, ring, ring, overlap=True)
+        del runner.launch
+        row = {"overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:]))}
+        row |= events.summary(warm)
+        out[f"b{batch} masked{count}"] = row
+        log(f"  {config} batch {batch}, {count} masked: {row}")
+    base = out[f"b{batch} masked{counts[0]}"]["gpu_step_ms"]
+    for row in out.values():
+        row["gpu_vs_first"] = row["gpu_step_ms"] / base
     return out
 
 
@@ -565,7 +625,11 @@ def main() -> int:
     p.add_argument(
         "--sampling-options", default="", help="batch sizes at which to time decode with sampling options"
     )
+    p.add_argument(
+        "--masks", default="", help="BATCH:C1,C2,...: decode with C token-masked requests, e.g. 64:0,8,64"
+    )
     a = p.parse_args()
+    masks_spec = parse_masks(a.masks) if a.masks else None
     batches = [int(x) for x in a.batches.split(",")]
     configs = a.configs.split(",")
     out_path = Path(a.out)
@@ -624,6 +688,14 @@ def main() -> int:
         except Exception:
             results.setdefault("errors", {})["sampling_options"] = traceback.format_exc()
             log(results["errors"]["sampling_options"])
+        free_memory()
+        save()
+    for config in configs[-1:] if masks_spec else []:
+        try:
+            results["masks"] = time_masks(model_dir, config, *masks_spec, a.prompt_len, a.steps, a.warmup)
+        except Exception:
+            results.setdefault("errors", {})["masks"] = traceback.format_exc()
+            log(results["errors"]["masks"])
         free_memory()
         save()
     for config in configs if a.prefill or a.long_decode or a.prefill_host else []:

@@ -9,7 +9,7 @@ use proto::step::{Capacity, ResultLayout, ResultRef, StepHeader, StepKind, StepL
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-const CAP: Capacity = Capacity { max_reqs: 256, max_tokens: 8192, max_kv_indices: 65536 };
+const CAP: Capacity = Capacity { max_reqs: 256, max_tokens: 8192, max_kv_indices: 65536, mask_words: 0 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-const CAP: Capacity = Capacity { max_reqs: 8, max_tokens: 32, max_kv_indices: 24 };
+const CAP: Capacity = Capacity { max_reqs: 8, max_tokens: 32, max_kv_indices: 24, mask_words: 0 };
 /// The result ring holds R + 3 tokens: one checksum per request, then the three global ones.
 const EXTRA: u32 = 3;
 const SLOTS: u32 = 4;

@@ -166,6 +166,22 @@ pub struct Sampling {
     /// Leave special tokens (`<|im_end|>`, ...) out of the text, as `decode` does by default.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub skip_special_tokens: bool,
+    /// EOS and `stop_token_ids` cannot be sampled before this many tokens were generated (`0 ..= max_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub min_tokens: i64,
+    /// Structured output, at most one of the three: the text is JSON valid against this schema (a map)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<Value>,
+    /// ... or matches this regex as a whole ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// ... or is derived by this Lark grammar (llguidance's dialect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<String>,
+}
+
+fn is_zero_i64(x: &i64) -> bool {
+    *x == 0
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -208,6 +224,10 @@ impl Default for Sampling {
             logit_bias: Vec::new(),
             logprobs: None,
             skip_special_tokens: true,
+            min_tokens: 0,
+            json_schema: None,
+            regex: None,
+            grammar: None,
         }
     }
 }
@@ -299,6 +319,10 @@ struct WireSampling {
     logit_bias: Option<Vec<(u32, f64)>>,
     logprobs: Option<i64>,
     skip_special_tokens: Option<bool>,
+    min_tokens: Option<i64>,
+    json_schema: Option<Value>,
+    regex: Option<String>,
+    grammar: Option<String>,
 }
 
 impl From<WireSampling> for Sampling {
@@ -320,6 +344,10 @@ impl From<WireSampling> for Sampling {
             logit_bias: w.logit_bias.unwrap_or_default(),
             logprobs: w.logprobs,
             skip_special_tokens: w.skip_special_tokens.unwrap_or(d.skip_special_tokens),
+            min_tokens: w.min_tokens.unwrap_or(d.min_tokens),
+            json_schema: w.json_schema.filter(|v| !v.is_null()),
+            regex: w.regex,
+            grammar: w.grammar,
         }
     }
 }
@@ -447,6 +475,15 @@ pub fn validate(g: &Generate) -> Result<(), Rejection> {
     }
     if let Some(k) = s.logprobs.filter(|&k| !(0..=MAX_TOP_LOGPROBS as i64).contains(&k)) {
         return bad("logprobs", format!("logprobs must be in [0, {MAX_TOP_LOGPROBS}] top tokens, got {k}"));
+    }
+    if !(0..=s.max_tokens).contains(&s.min_tokens) {
+        return bad("min_tokens", format!("min_tokens must be in [0, max_tokens], got {}", s.min_tokens));
+    }
+    let constraints =
+        [("json_schema", s.json_schema.is_some()), ("regex", s.regex.is_some()), ("grammar", s.grammar.is_some())];
+    let given: Vec<&str> = constraints.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
+    if given.len() > 1 {
+        return bad(given[1], format!("give at most one of json_schema, regex, grammar ({} given)", given.join(", ")));
     }
     Ok(())
 }

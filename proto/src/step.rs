@@ -23,12 +23,14 @@ pub const MAX_LOGIT_BIAS: usize = 300;
 /// Top logprobs one request may ask for per sampled token, as OpenAI's API allows.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// How many requests, tokens and KV page indices one slot can describe.
+/// How many requests, tokens and KV page indices one slot can describe, and the words of one token mask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub max_reqs: u32,
     pub max_tokens: u32,
     pub max_kv_indices: u32,
+    /// W: 32-bit words of one token mask, `ceil(vocab / 32)` for the model's logits; 0 leaves no room for masks.
+    pub mask_words: u32,
 }
 
 #[repr(u32)]
@@ -64,7 +66,9 @@ pub struct StepHeader {
     pub num_joins: u32,
     /// Logit-bias entries of all the joins together.
     pub num_bias: u32,
-    pub _reserved: [u32; 8],
+    /// Token masks in `mask_bits` (at most one per request), each `mask_words` long.
+    pub num_masks: u32,
+    pub _reserved: [u32; 7],
 }
 
 #[repr(C)]
@@ -105,6 +109,8 @@ pub enum Basis {
     Logprobs,
     /// R * MAX_TOP_LOGPROBS entries; `n * m` used when logprobs are there, with `m` the header's `num_top`.
     TopLogprobs,
+    /// R * W entries, `g * W` used: the step's token masks, W words each.
+    Masks,
 }
 
 impl Basis {
@@ -120,6 +126,7 @@ impl Basis {
             Self::Bias => "b",
             Self::Logprobs => "l",
             Self::TopLogprobs => "l*m",
+            Self::Masks => "g*W",
         }
     }
 
@@ -132,6 +139,7 @@ impl Basis {
             Self::KvIndices => "K",
             Self::Bias => "R*300",
             Self::TopLogprobs => "R*20",
+            Self::Masks => "R*W",
         }
     }
 
@@ -144,6 +152,7 @@ impl Basis {
             Self::KvIndices => k,
             Self::Bias => r * MAX_LOGIT_BIAS,
             Self::TopLogprobs => r * MAX_TOP_LOGPROBS,
+            Self::Masks => r * cap.mask_words as usize,
         }
     }
 }
@@ -171,6 +180,8 @@ impl SlotHeader for StepHeader {
             Basis::Joins => n(self.num_joins),
             Basis::JoinsPlus1 => n(self.num_joins) + 1,
             Basis::Bias => n(self.num_bias),
+            // Read only through the layout, which knows W: see `StepRef::new`.
+            Basis::Masks => n(self.num_masks),
             Basis::Logprobs | Basis::TopLogprobs => unreachable!("a step slot has no {basis:?} array"),
         }
     }
@@ -208,6 +219,9 @@ impl Elem for i32 {
 }
 impl Elem for f32 {
     const NAME: &'static str = "f32";
+}
+impl Elem for u32 {
+    const NAME: &'static str = "u32";
 }
 impl Elem for u64 {
     const NAME: &'static str = "u64";
@@ -281,6 +295,11 @@ macro_rules! slot_arrays {
                 Self { cap, $( $name, )+ slot_bytes: c.end() }
             }
 
+            /// Elements per counted entry: W for the masks (the header counts masks), 1 for everything else.
+            fn per_entry(&self, basis: Basis) -> usize {
+                if basis == Basis::Masks { self.cap.mask_words as usize } else { 1 }
+            }
+
             /// Each array's description and byte range, in protocol order.
             pub fn ranges(&self) -> impl Iterator<Item = (&'static ArraySpec, &Range<usize>)> {
                 Self::ARRAYS.iter().zip([$( &self.$name, )+])
@@ -321,8 +340,8 @@ macro_rules! slot_arrays {
             pub fn new(layout: &$Layout, buf: &'a [u8]) -> Self {
                 let header: $Header = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
                 $(
-                    let $name =
-                        &bytemuck::cast_slice::<u8, $ty>(&buf[layout.$name.clone()])[..header.used(Basis::$basis)];
+                    let used = header.used(Basis::$basis) * layout.per_entry(Basis::$basis);
+                    let $name = &bytemuck::cast_slice::<u8, $ty>(&buf[layout.$name.clone()])[..used];
                 )+
                 Self { header, $( $name, )+ }
             }
@@ -336,7 +355,8 @@ macro_rules! slot_arrays {
                 let header: $Header = *bytemuck::from_bytes(&buf[..SLOT_HEADER_BYTES]);
                 header.check()?;
                 $(
-                    let (used, cap) = (header.used(Basis::$basis), Basis::$basis.capacity(&layout.cap));
+                    let used = header.used(Basis::$basis).saturating_mul(layout.per_entry(Basis::$basis));
+                    let cap = Basis::$basis.capacity(&layout.cap);
                     if used > cap {
                         return Err(format!("{} of {used} entries, room for {cap}", stringify!($name)));
                     }
@@ -383,6 +403,10 @@ slot_arrays! {
         join_bias_indptr: i32 = JoinsPlus1,
         join_bias_ids: i32 = Bias,
         join_bias_values: f32 = Bias,
+        /// Per request: its row in `mask_bits`, or -1 for no mask.
+        mask_row: i32 = Reqs,
+        /// `num_masks` rows of W words; bit `i % 32` of word `i / 32` set means token `i` may be sampled.
+        mask_bits: u32 = Masks,
     }
 }
 
@@ -411,7 +435,7 @@ slot_arrays! {
 impl ResultLayout {
     /// Only R matters to a result slot.
     pub fn new(max_reqs: u32) -> Self {
-        Self::with_capacity(Capacity { max_reqs, max_tokens: 0, max_kv_indices: 0 })
+        Self::with_capacity(Capacity { max_reqs, max_tokens: 0, max_kv_indices: 0, mask_words: 0 })
     }
 }
 
@@ -451,7 +475,7 @@ impl SlotBuf {
 mod tests {
     use super::*;
 
-    const CAP: Capacity = Capacity { max_reqs: 3, max_tokens: 5, max_kv_indices: 7 };
+    const CAP: Capacity = Capacity { max_reqs: 3, max_tokens: 5, max_kv_indices: 7, mask_words: 2 };
 
     fn check_ranges<'a>(ranges: impl Iterator<Item = (&'static ArraySpec, &'a Range<usize>)>, cap: &Capacity) {
         let mut prev_end = SLOT_HEADER_BYTES;
@@ -471,7 +495,8 @@ mod tests {
         assert_eq!(l.qo_indptr.len(), 4 * 4);
         assert_eq!(l.join_seed.len(), 3 * 8);
         assert_eq!(l.join_bias_ids.len(), 3 * 300 * 4);
-        assert_eq!(l.slot_bytes, l.join_bias_values.end.next_multiple_of(ALIGN));
+        assert_eq!(l.mask_bits.len(), 3 * 2 * 4);
+        assert_eq!(l.slot_bytes, l.mask_bits.end.next_multiple_of(ALIGN));
         let r = ResultLayout::new(3);
         check_ranges(r.ranges(), &r.cap);
         assert_eq!(r.top_ids.len(), 3 * 20 * 4);
@@ -502,9 +527,12 @@ mod tests {
                 num_kv_indices: 3,
                 num_joins: 1,
                 num_bias: 2,
+                num_masks: 1,
                 ..Default::default()
             };
             s.req_slot[..2].copy_from_slice(&[4, 1]);
+            s.mask_row[..2].copy_from_slice(&[-1, 0]);
+            s.mask_bits[..2].copy_from_slice(&[0x8000_0001, 7]);
             s.kv_indices[..3].copy_from_slice(&[7, 8, 9]);
             s.join_seed[0] = u64::MAX;
             s.join_temperature[0] = 0.5;
@@ -523,7 +551,8 @@ mod tests {
         assert_eq!((r.join_bias_ids, r.join_bias_values), (&[11, 12][..], &[-100.0, 2.5][..]));
         let used: Vec<_> = r.bytes().map(|(a, b)| (a.name, b.len())).collect();
         assert_eq!(&used[..3], &[("req_slot", 8), ("seq_len", 8), ("qo_indptr", 12)]);
-        assert_eq!(used.last(), Some(&("join_bias_values", 8)));
+        assert_eq!((r.mask_row, r.mask_bits), (&[-1, 0][..], &[0x8000_0001, 7][..]));
+        assert_eq!(used.last(), Some(&("mask_bits", 8)));
     }
 
     #[test]

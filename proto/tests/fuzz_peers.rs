@@ -15,7 +15,7 @@ use proto::step::{Capacity, ResultLayout, ResultRef, SlotBuf, StepLayout, StepRe
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
+const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6, mask_words: 3 };
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")

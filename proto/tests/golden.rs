@@ -14,7 +14,7 @@ use serde_json::json;
 use std::ops::Range;
 use std::path::PathBuf;
 
-const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
+const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6, mask_words: 3 };
 
 fn check_golden(file: &str, bytes: &[u8]) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(file);
@@ -38,13 +38,14 @@ fn ring_header() {
     h.readers[1] = ReaderState { read_seq: 6, pid: 4344, heartbeat_ms: 1_764_000_000_789 };
     let bytes = h.encode();
     assert_eq!(RingHeader::decode(&bytes).unwrap(), h);
-    assert_eq!(h.slot_bytes, 11008);
+    assert_eq!(h.slot_bytes, RingKind::Step.min_slot_bytes(CAP) as u32);
     check_golden("ring_header.bin", &bytes);
 }
 
 /// Three requests with page size 16: a prefill of 5 new tokens after 16 cached ones (slot 2), a decode (slot 0),
 /// and 2 new tokens after 38 cached ones (slot 3); slots 2 and 3 join, slot 2 with penalties, min_p, 5 top
-/// logprobs and two logit biases, slot 3 with one bias and the sampled token's logprob only.
+/// logprobs and two logit biases, slot 3 with one bias and the sampled token's logprob only. Slot 3 samples under
+/// a token mask (W = 3 words: tokens 0, 33 and 95 allowed); the others under none.
 fn golden_step() -> SlotBuf {
     let layout = StepLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
@@ -57,8 +58,11 @@ fn golden_step() -> SlotBuf {
         num_kv_indices: 6,
         num_joins: 2,
         num_bias: 3,
+        num_masks: 1,
         ..Default::default()
     };
+    s.mask_row[..3].copy_from_slice(&[-1, -1, 0]);
+    s.mask_bits[..3].copy_from_slice(&[1, 1 << 1, 1 << 31]);
     s.req_slot[..3].copy_from_slice(&[2, 0, 3]);
     s.seq_len[..3].copy_from_slice(&[21, 6, 40]);
     s.qo_indptr[..4].copy_from_slice(&[0, 5, 6, 8]);
@@ -93,7 +97,8 @@ fn step_slot() {
     assert_eq!(r.join_seed, &[9_223_372_036_854_788_153, 42]);
     assert_eq!(r.input_ids[5], -1);
     assert_eq!(r.join_bias_ids, &[151645, 11, 198]);
-    assert_eq!(buf.bytes().len(), 11008);
+    assert_eq!((r.mask_row, r.mask_bits), (&[-1, -1, 0][..], &[1, 2, 1 << 31][..]));
+    assert_eq!(buf.bytes().len(), layout.slot_bytes);
     check_golden("step_slot.bin", buf.bytes());
 }
 
@@ -147,8 +152,12 @@ fn layout_json<'a>(ranges: impl Iterator<Item = (&'static ArraySpec, &'a Range<u
 #[test]
 fn slot_layout() {
     let (step, result) = (StepLayout::new(CAP), ResultLayout::new(CAP.max_reqs));
-    let capacity =
-        json!({"max_reqs": CAP.max_reqs, "max_tokens": CAP.max_tokens, "max_kv_indices": CAP.max_kv_indices});
+    let capacity = json!({
+        "max_reqs": CAP.max_reqs,
+        "max_tokens": CAP.max_tokens,
+        "max_kv_indices": CAP.max_kv_indices,
+        "mask_words": CAP.mask_words,
+    });
     let text = format!(
         "{{\n  \"capacity\": {capacity},\n  \"step\": {},\n  \"result\": {}\n}}\n",
         layout_json(step.ranges(), step.slot_bytes),
@@ -226,6 +235,25 @@ fn golden_tool_calls() -> Vec<ToolCall> {
     ]
 }
 
+/// Structured output: a JSON schema (a map on the wire) with `min_tokens`, and a Lark grammar.
+fn golden_constrained() -> (Generate, Generate) {
+    let mut schema = Generate::new("req-7");
+    schema.text = Some("A user as JSON:".into());
+    schema.sampling = Sampling {
+        min_tokens: 3,
+        json_schema: Some(json!({
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+            "required": ["name"],
+        })),
+        ..Sampling::default()
+    };
+    let mut grammar = Generate::new("req-8");
+    grammar.text = Some("Yes or no?".into());
+    grammar.sampling = Sampling { grammar: Some("start: \"yes\" | \"no\"".into()), ..Sampling::default() };
+    (schema, grammar)
+}
+
 #[test]
 fn client_messages() {
     let generate = ClientMsg::Generate(golden_generate());
@@ -249,6 +277,8 @@ fn client_messages() {
         ("client_generate_n.msgpack", ClientMsg::Generate(samples)),
         ("client_generate_options.msgpack", ClientMsg::Generate(golden_options())),
         ("client_generate_tools.msgpack", ClientMsg::Generate(golden_tools())),
+        ("client_generate_json_schema.msgpack", ClientMsg::Generate(golden_constrained().0)),
+        ("client_generate_grammar.msgpack", ClientMsg::Generate(golden_constrained().1)),
         ("client_abort.msgpack", ClientMsg::Abort { rid: "req-1".into() }),
         ("client_info.msgpack", ClientMsg::Info),
         ("client_generate_keepalive.msgpack", ClientMsg::Generate(keepalive)),

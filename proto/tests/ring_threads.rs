@@ -6,7 +6,7 @@ use proto::step::Capacity;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
+const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6, mask_words: 0 };
 
 /// Unique per test and per process, since the test runner may run tests and binaries in parallel.
 fn ring_name(test: &str) -> String {

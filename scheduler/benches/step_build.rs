@@ -49,6 +49,7 @@ impl Bench {
             page_size: PAGE,
             max_seq_len: 32768,
             eos_token_ids: vec![2],
+            vocab_size: 0,
         };
         let layout = StepLayout::new(limits.capacity());
         let mut core = Core::new(limits).unwrap();

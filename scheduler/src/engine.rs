@@ -12,19 +12,28 @@
 //! defers every free until the steps using it complete), so the worker finds N+1 ready the moment N is done.
 //! Turning overlap off keeps one step in flight, for measurement.
 //!
+//! **Token masks.** A constrained request (structured output, `crate::grammar`) samples under a mask that a
+//! [`MaskPool`] thread computes from the token before: the core plans its sample only once its mask is here, and
+//! never while a sample of it is in flight, so with overlap it samples at most every other step. Before planning
+//! a step while another runs, the engine waits for the masks it asked for (the step ahead is still running, so
+//! the worker loses nothing), which lets a constrained request go into the very next step planned; with nothing
+//! in flight it waits a little ([`IDLE_MASK_WAIT`]) so that a batch of constrained requests stays one step.
+//! Steps without constrained requests pay nothing: no mask in the step, no wait.
+//!
 //! **Waiting.** Two rings are involved, in opposite directions, so a blocking wait on one could wait for ever on
 //! a peer that is itself blocked on the other (a small ring full of results we are not reading while we wait for
 //! a step slot). Every wait is therefore a poll (`try_claim`, `try_read`) under a [`Backoff`], checking on each
 //! snooze that the worker is alive through both rings.
 
 use crate::core::{Core, Event, FinishReason, NewRequest, Planned, PlannedReq, ReqId};
+use crate::grammar::{MaskEvent, MaskPool};
 use crate::metrics::Metrics;
 use crate::step_stats::StepStats;
 use anyhow::{Context, Result, bail};
 use proto::api::TokenLogprobs;
 use proto::ring::{Backoff, Liveness, Ring};
 use proto::step::{ResultLayout, ResultRef, StepKind, StepLayout, StepMut};
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -33,6 +42,13 @@ use tokio::sync::mpsc::UnboundedSender;
 /// What the server asks of the engine.
 pub enum Command {
     Submit(NewRequest),
+    /// A request whose samples follow a grammar (its params say `constrained`), with its matcher.
+    SubmitConstrained {
+        req: NewRequest,
+        matcher: Box<llguidance::Matcher>,
+    },
+    /// A mask thread's answer.
+    Mask(MaskEvent),
     /// End a request early (abort, stop string). The server has already answered the client.
     Finish(ReqId),
     /// Stop the worker and the thread.
@@ -71,6 +87,10 @@ impl Default for BurstWindow {
     }
 }
 
+/// How long an engine with nothing in flight waits for the masks it asked for before planning without the late
+/// ones (a mask over a 150k vocabulary takes well under a millisecond optimised).
+const IDLE_MASK_WAIT: Duration = Duration::from_millis(10);
+
 /// How long stopping waits for the steps in flight to be answered and for a slot to tell the worker to exit. The
 /// launcher gives the scheduler 5 s before it signals it.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
@@ -83,6 +103,53 @@ pub struct Engine {
     pub outputs: UnboundedSender<Output>,
     pub burst: BurstWindow,
     pub metrics: Arc<Metrics>,
+    /// The mask threads of structured output; `None` refuses constrained requests.
+    pub masks: Option<MaskPool>,
+}
+
+/// The engine's side of the constrained requests.
+#[derive(Default)]
+struct Grammars {
+    /// Live constrained requests, with the mask of their next sample once it is here.
+    live: HashMap<ReqId, Option<Box<[u32]>>>,
+    /// Masks asked of the mask threads and not yet back.
+    outstanding: HashSet<ReqId>,
+}
+
+impl Grammars {
+    fn forget(&mut self, id: ReqId, pool: Option<&MaskPool>) {
+        if self.live.remove(&id).is_some() {
+            self.outstanding.remove(&id);
+            if let Some(pool) = pool {
+                pool.drop_sample(id);
+            }
+        }
+    }
+
+    /// After a step's events: a constrained request that goes on has its token committed and its next mask
+    /// computed; one that ended is forgotten.
+    fn after_events(&mut self, events: &[Event], pool: Option<&MaskPool>) {
+        if self.live.is_empty() {
+            return;
+        }
+        for event in events {
+            let id = event.id();
+            if !self.live.contains_key(&id) {
+                continue;
+            }
+            match *event {
+                Event::Token { token, finish: None, .. } => {
+                    self.live.insert(id, None);
+                    self.outstanding.insert(id);
+                    if let Some(pool) = pool {
+                        pool.commit(id, token);
+                    }
+                }
+                Event::Token { .. } | Event::Finished { .. } => self.forget(id, pool),
+                Event::Cached { .. } => {}
+            }
+        }
+    }
 }
 
 /// The engine's state while it runs, beside what it was built with.
@@ -98,6 +165,13 @@ struct Pipeline {
     next_step: u64,
     events: Vec<Event>,
     logprobs: Vec<TokenLogprobs>,
+    grammars: Grammars,
+    /// The core has work but planned nothing with nothing in flight: it waits for masks.
+    stalled: bool,
+    /// Shutdown was asked for while commands were applied inside a turn.
+    stopping: bool,
+    /// Since when the engine, with nothing in flight, holds the next plan back for masks.
+    idle_mask_wait: Option<Instant>,
 }
 
 impl Engine {
@@ -120,6 +194,10 @@ impl Engine {
             events: Vec::new(),
             logprobs: Vec::new(),
             stats: StepStats::default(),
+            grammars: Grammars::default(),
+            stalled: false,
+            stopping: false,
+            idle_mask_wait: None,
         };
         if let Err(e) = self.run(&mut pipe) {
             tracing::error!("engine stopped: {e:#}");
@@ -136,11 +214,14 @@ impl Engine {
         // not a dead one, so only its pid counts, not its heartbeat.
         let liveness = Liveness::pid_only();
         loop {
-            if !self.take_commands(&liveness)? {
+            if !self.take_commands(pipe, &liveness)? {
                 return Ok(());
             }
             self.report_load();
             self.turn(pipe, &liveness)?;
+            if pipe.stopping {
+                return Ok(());
+            }
         }
     }
 
@@ -154,17 +235,27 @@ impl Engine {
         let mut backoff = Backoff::new();
         loop {
             if may_plan && pipe.in_flight.len() < pipe.depth && self.step_ring.try_claim().is_some() {
-                may_plan = self.publish_next(pipe)?;
-                backoff.reset();
-                continue;
+                if !self.wait_for_masks(pipe)? {
+                    may_plan = self.publish_next(pipe)?;
+                    backoff.reset();
+                    continue;
+                }
+                if pipe.stopping {
+                    return Ok(());
+                }
             }
             if self.result_ring.try_read(0).is_some() {
                 let planned = pipe.in_flight.pop_front().context("the worker answered a step never published")?;
                 return self.complete(pipe, planned);
             }
             if pipe.in_flight.is_empty() && !may_plan {
-                // The core plans nothing with nothing in flight only when it is idle; take_commands then blocks.
-                debug_assert!(self.core.is_idle(), "nothing in flight and nothing to plan, yet the core has work");
+                // The core plans nothing with nothing in flight only when it is idle or waits for masks;
+                // take_commands then blocks until a command (a mask) comes.
+                pipe.stalled = !self.core.is_idle();
+                debug_assert!(
+                    !pipe.stalled || !pipe.grammars.outstanding.is_empty(),
+                    "nothing in flight and nothing to plan, yet the core has work"
+                );
                 return Ok(());
             }
             if backoff.snooze() {
@@ -179,8 +270,16 @@ impl Engine {
     fn publish_next(&mut self, pipe: &mut Pipeline) -> Result<bool> {
         let slot = self.step_ring.try_claim().expect("the caller claimed a slot; a claim holds until publish");
         let mut step = StepMut::new(&pipe.step_layout, slot);
-        let planned = self.core.plan_step(pipe.next_step, &mut step, &mut pipe.events);
+        let live = &pipe.grammars.live;
+        let mut masks = |id: ReqId, row: &mut [u32]| {
+            if let Some(Some(words)) = live.get(&id) {
+                let n = words.len().min(row.len());
+                row[..n].copy_from_slice(&words[..n]);
+            }
+        };
+        let planned = self.core.plan_step_with_masks(pipe.next_step, &mut step, &mut pipe.events, &mut masks);
         // Planning may end requests (one that can never get its pages) even when it plans nothing.
+        pipe.grammars.after_events(&pipe.events, self.masks.as_ref());
         self.forward(&mut pipe.events)?;
         let Some(planned) = planned else { return Ok(false) };
         // The step trace (`--log-level info,scheduler::engine=trace`): which requests each step carries, with how
@@ -215,6 +314,7 @@ impl Engine {
             while let Some((behind, _)) = pipe.in_flight.pop_front() {
                 self.core.fail_step(behind, &mut pipe.events);
             }
+            pipe.grammars.after_events(&pipe.events, self.masks.as_ref());
             self.forward(&mut pipe.events)?;
             bail!("the worker failed step {step_id}");
         }
@@ -229,6 +329,7 @@ impl Engine {
             "step answered"
         );
         self.core.complete_step(planned, result.tokens, &mut pipe.events);
+        pipe.grammars.after_events(&pipe.events, self.masks.as_ref());
         read_logprobs(&result, &pipe.events, &mut pipe.logprobs).with_context(|| format!("step {step_id}"))?;
         self.result_ring.release(0);
         self.report_load();
@@ -266,16 +367,20 @@ impl Engine {
     }
 
     /// Applies waiting commands; blocks while there is nothing to run. False once shutdown was asked for.
-    fn take_commands(&mut self, liveness: &Liveness) -> Result<bool> {
+    fn take_commands(&mut self, pipe: &mut Pipeline, liveness: &Liveness) -> Result<bool> {
         // Set once an idle engine got its first command: (wait for the next one until, stop gathering at).
         let mut burst: Option<(Instant, Instant)> = None;
         loop {
-            // Idle means nothing in flight either, so blocking here never leaves a result unread.
-            let command = if self.core.is_idle() {
+            // Idle (or stalled on masks) means nothing in flight either, so blocking here never leaves a result
+            // unread.
+            let command = if self.core.is_idle() || pipe.stalled {
                 match self.commands.recv_timeout(IDLE_TICK) {
                     Ok(c) => {
-                        let now = Instant::now();
-                        burst = Some((now + self.burst.gap, now + self.burst.max));
+                        if !pipe.stalled {
+                            let now = Instant::now();
+                            burst = Some((now + self.burst.gap, now + self.burst.max));
+                        }
+                        pipe.stalled = false;
                         c
                     }
                     Err(RecvTimeoutError::Timeout) => {
@@ -302,22 +407,119 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => return Ok(false),
                 }
             };
-            match command {
-                Command::Submit(req) => {
-                    let id = req.id;
-                    if let Err(e) = self.core.submit(req) {
-                        // The hub checks prompts against the same limits, so this is a bug, not bad input.
-                        tracing::error!("request {id} refused by the core: {e}");
-                        let event = Event::Finished { id, reason: FinishReason::Error };
-                        self.forward(&mut vec![event])?;
-                    }
-                }
-                Command::Finish(id) => {
-                    self.core.finish(id);
-                }
-                Command::Shutdown => return Ok(false),
+            if !self.apply(pipe, command)? {
+                return Ok(false);
             }
         }
+    }
+
+    /// Applies one command; false for shutdown.
+    fn apply(&mut self, pipe: &mut Pipeline, command: Command) -> Result<bool> {
+        match command {
+            Command::Submit(req) => {
+                self.submit(req)?;
+            }
+            Command::SubmitConstrained { req, matcher } => {
+                let id = req.id;
+                if self.masks.is_some() {
+                    if self.submit(req)? {
+                        pipe.grammars.live.insert(id, None);
+                        pipe.grammars.outstanding.insert(id);
+                        self.masks.as_ref().expect("checked").start(id, *matcher);
+                    }
+                } else {
+                    tracing::error!("request {id} is constrained, and this engine has no mask threads");
+                    self.forward(&mut vec![Event::Finished { id, reason: FinishReason::Error }])?;
+                }
+            }
+            Command::Mask(event) => self.on_mask(pipe, event)?,
+            Command::Finish(id) => {
+                self.core.finish(id);
+                pipe.grammars.forget(id, self.masks.as_ref());
+            }
+            Command::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn submit(&mut self, req: NewRequest) -> Result<bool> {
+        let id = req.id;
+        if let Err(e) = self.core.submit(req) {
+            // The hub checks prompts against the same limits, so this is a bug, not bad input.
+            tracing::error!("request {id} refused by the core: {e}");
+            let event = Event::Finished { id, reason: FinishReason::Error };
+            self.forward(&mut vec![event])?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn on_mask(&mut self, pipe: &mut Pipeline, event: MaskEvent) -> Result<()> {
+        let g = &mut pipe.grammars;
+        let (id, reason) = match event {
+            MaskEvent::Ready { id, words } => {
+                // A request that ended meanwhile has no entry any more: its mask is dropped.
+                if let Some(slot) = g.live.get_mut(&id) {
+                    *slot = Some(words);
+                    g.outstanding.remove(&id);
+                    self.core.mask_ready(id);
+                }
+                return Ok(());
+            }
+            MaskEvent::Stopped { id } => (id, FinishReason::Stop),
+            MaskEvent::Failed { id, why } => {
+                tracing::warn!("request {id}: the grammar failed: {why}");
+                (id, FinishReason::Error)
+            }
+        };
+        if g.live.remove(&id).is_some() {
+            g.outstanding.remove(&id);
+            // Nothing of it is in flight: it is planned only with its mask, which never came.
+            if self.core.finish(id) {
+                self.forward(&mut vec![Event::Finished { id, reason }])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether to hold the next plan back for the masks asked for. While a step runs, until they are all here
+    /// (the turn completes the step when its result comes): the worker has work meanwhile. With nothing in flight,
+    /// for at most [`IDLE_MASK_WAIT`]: the worker idles, but planning the requests whose masks came first would
+    /// split a batch of constrained requests over several steps. Applies the commands that came meanwhile (masks
+    /// among them).
+    fn wait_for_masks(&mut self, pipe: &mut Pipeline) -> Result<bool> {
+        if pipe.grammars.outstanding.is_empty() {
+            pipe.idle_mask_wait = None;
+            return Ok(false);
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => {
+                    if !self.apply(pipe, command)? {
+                        pipe.stopping = true;
+                        return Ok(true);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    pipe.stopping = true;
+                    return Ok(true);
+                }
+            }
+        }
+        if pipe.grammars.outstanding.is_empty() {
+            pipe.idle_mask_wait = None;
+            return Ok(false);
+        }
+        if !pipe.in_flight.is_empty() {
+            return Ok(true);
+        }
+        let since = *pipe.idle_mask_wait.get_or_insert_with(Instant::now);
+        if since.elapsed() < IDLE_MASK_WAIT {
+            return Ok(true);
+        }
+        pipe.idle_mask_wait = None;
+        Ok(false)
     }
 
     /// Best effort, bounded by [`SHUTDOWN_WAIT`]: reads (and drops) the results of the steps in flight, so that the

@@ -7,6 +7,7 @@
 
 pub mod core;
 pub mod engine;
+pub mod grammar;
 pub mod metrics;
 pub mod model_files;
 pub mod server;

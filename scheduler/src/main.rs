@@ -7,6 +7,7 @@ use clap::{Parser, ValueEnum};
 use proto::api::InfoMsg;
 use scheduler::core::{Core, Limits, Order, Policy};
 use scheduler::engine::{BurstWindow, Command, Engine};
+use scheduler::grammar::{Constraints, MASK_THREADS, MaskPool};
 use scheduler::metrics::Metrics;
 use scheduler::model_files::ModelFiles;
 use scheduler::server::connections::DEFAULT_MAX_CONNECTIONS;
@@ -188,6 +189,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                     .unwrap_or(files.max_position_embeddings)
                     .min(hello.model.max_position_embeddings),
                 eos_token_ids: files.eos_token_ids.clone(),
+                vocab_size: hello.model.vocab_size,
             };
             l.validate()?;
             let plan = RingPlan { capacity: l.capacity(), slot_count: args.ring_slots };
@@ -248,9 +250,26 @@ async fn run(args: Args) -> Result<ExitCode> {
         max_prompt_len: limits.max_prompt_len(),
     };
     let hub_max_seq_len = hub_limits.max_seq_len;
+    let tokens = Arc::new(TokenTable::new(&tokenizer));
+    let constraints = {
+        let (tokenizer, tokens, eos, vocab) =
+            (tokenizer.clone(), tokens.clone(), limits.eos_token_ids.clone(), limits.vocab_size);
+        tokio::task::spawn_blocking(move || Constraints::new(tokenizer, &tokens, &eos, vocab)).await?
+    };
+    let (constraints, masks) = match constraints {
+        Ok(c) => {
+            let pool = MaskPool::spawn(MASK_THREADS, c.mask_words(), commands.clone())?;
+            (Some(Arc::new(c)), Some(pool))
+        }
+        Err(e) => {
+            tracing::warn!("structured output is off: {e:#}");
+            (None, None)
+        }
+    };
     let hub = Hub::new(tokenizer.clone(), chat, hub_limits, info, commands.clone(), metrics.clone())
         .with_max_waiting(args.max_waiting)
-        .with_max_client_requests(args.max_client_requests);
+        .with_max_client_requests(args.max_client_requests)
+        .with_constraints(constraints);
     let engine = Engine {
         core: Core::with_policy(limits, policy)?,
         step_ring: worker.step_ring,
@@ -259,11 +278,11 @@ async fn run(args: Args) -> Result<ExitCode> {
         outputs: output_tx,
         burst: BurstWindow::default(),
         metrics,
+        masks,
     };
     let engine_thread = engine.spawn_with(!args.no_overlap)?;
     if let Some(api) = &api {
         api.set_max_seq_len(hub_max_seq_len);
-        let tokens = Arc::new(TokenTable::new(&tokenizer));
         api.set_text(http::TextSide { preparer: hub.preparer().clone(), tokens });
         api.set_facts(facts);
     }

@@ -334,7 +334,10 @@ mod tests {
     }
 
     fn plan(_: &Hello) -> Result<RingPlan> {
-        Ok(RingPlan { capacity: Capacity { max_reqs: 2, max_tokens: 8, max_kv_indices: 16 }, slot_count: 4 })
+        Ok(RingPlan {
+            capacity: Capacity { max_reqs: 2, max_tokens: 8, max_kv_indices: 16, mask_words: 0 },
+            slot_count: 4,
+        })
     }
 
     async fn run(test: &str, payloads: Vec<Vec<u8>>) -> (Result<Worker>, Vec<Vec<SchedulerMsg>>, Vec<String>) {

@@ -160,6 +160,7 @@ fn start_with(l: &Limits, slots: u32, overlap: bool, b: Behaviour, burst: BurstW
         outputs: output_tx,
         burst,
         metrics: Default::default(),
+        masks: None,
     };
     let engine = engine.spawn_with(overlap).unwrap();
     Running { commands, outputs, engine, worker: Some(worker) }
@@ -385,6 +386,7 @@ fn a_dead_worker_is_noticed_while_idle() {
         outputs: output_tx,
         burst: BurstWindow::default(),
         metrics: Default::default(),
+        masks: None,
     };
     let engine = engine.spawn_with(true).unwrap();
     std::thread::sleep(Duration::from_millis(150));

@@ -54,6 +54,7 @@ fn overlapped_decode_allocates_nothing_per_step() {
         page_size: 16,
         max_seq_len: 4096,
         eos_token_ids: vec![2],
+        vocab_size: 0,
     };
     let layout = StepLayout::new(limits.capacity());
     let mut core = Core::new(limits).unwrap();

@@ -64,6 +64,7 @@ fn limits() -> impl Strategy<Value = Limits> {
             page_size,
             max_seq_len,
             eos_token_ids: eos.into_iter().collect(),
+            vocab_size: 128,
         },
     )
 }

@@ -26,7 +26,7 @@ from minisgl.proto.step import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTDATA = ROOT / "proto" / "testdata"
-CAP = Capacity(max_reqs=4, max_tokens=8, max_kv_indices=6)
+CAP = Capacity(max_reqs=4, max_tokens=8, max_kv_indices=6, mask_words=3)
 
 
 def golden(name: str) -> bytes:
@@ -64,8 +64,10 @@ def test_layout_offsets_match_the_protocol_by_hand():
         "join_bias_indptr": (1344, 20),
         "join_bias_ids": (1408, 4 * 4 * 300),
         "join_bias_values": (6208, 4 * 4 * 300),
+        "mask_row": (11008, 16),
+        "mask_bits": (11072, 4 * 3 * 4),
     }
-    assert layout.slot_bytes == 11008
+    assert layout.slot_bytes == 11136
     result = ResultLayout(4)
     offsets = {a.name: (a.offset, a.nbytes) for a in result.arrays}
     assert offsets == {
@@ -81,7 +83,7 @@ def layout_rows(layout) -> list[dict]:
     return [
         {
             "name": a.name,
-            "type": {"<i4": "i32", "<f4": "f32", "<u8": "u64"}[a.dtype.str],
+            "type": {"<i4": "i32", "<u4": "u32", "<f4": "f32", "<u8": "u64"}[a.dtype.str],
             "capacity": a.capacity,
             "used": a.used_by,
             "offset": a.offset,
@@ -129,11 +131,11 @@ def test_ring_header():
     u64 = np.frombuffer(b, dtype="<u8")
     assert b[:8] == b"MSGLRING" and int(u64[0]) == MAGIC == 0x474E49524C47534D
     assert [int(u32[i]) for i in range(2, 16)] == [
-        2,  # version
+        3,  # version
         1,  # kind: step ring
         512,  # header bytes
         4,  # slot count
-        11008,  # slot bytes
+        11136,  # slot bytes
         2,  # readers
         4242,  # writer pid
         0,  # reserved
@@ -146,6 +148,7 @@ def test_ring_header():
     ]
     assert int(u64[5]) == 1_764_000_000_123
     assert int(u64[8]) == 7  # write sequence
+    assert int(u32[18]) == 3  # W: mask words, at 72
     readers = [
         (int(u64[(128 + 64 * i) // 8]), int(u32[(136 + 64 * i) // 4]), int(u64[(144 + 64 * i) // 8]))
         for i in range(4)
@@ -154,16 +157,16 @@ def test_ring_header():
     # Nothing else is set: the write sequence's cache line past its word, the readers' lines past theirs, and
     # the reserved tail are all zero.
     words = set(range(0, 64, 1))
-    used = {0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 18, 24, 25, 26}
+    used = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 24, 25, 26}
     assert all(int(u64[w]) == 0 for w in words - used)
 
 
 def test_step_slot():
     b = golden("step_slot.bin")
-    assert len(b) == 11008
+    assert len(b) == 11136
     step = StepView(StepLayout(CAP), b)
     header = (step.step_id, step.kind, step.num_reqs, step.num_tokens, step.num_kv_indices, step.num_joins)
-    assert header + (step.num_bias,) == (7, messages.STEP_EXTEND, 3, 8, 6, 2, 3)
+    assert header + (step.num_bias, step.num_masks) == (7, messages.STEP_EXTEND, 3, 8, 6, 2, 3, 1)
     assert step.req_slot.tolist() == [2, 0, 3]
     assert step.seq_len.tolist() == [21, 6, 40]
     assert step.qo_indptr.tolist() == [0, 5, 6, 8]
@@ -189,9 +192,13 @@ def test_step_slot():
     assert step.join_bias_indptr.tolist() == [0, 2, 3]
     assert step.join_bias_ids.tolist() == [151645, 11, 198]
     assert step.join_bias_values.tolist() == [-100.0, 2.5, 0.75]
+    assert step.mask_row.tolist() == [-1, -1, 0]
+    assert step.mask_bits.dtype == np.uint32
+    assert step.mask_bits.tolist() == [1, 2, 2**31]  # tokens 0, 33 and 95
     # The unused tails are zero: the scheduler writes only what the counts cover.
     raw = np.frombuffer(b, dtype=np.uint8)
-    assert not raw[64 + 32 : 128].any() and not raw[6208 + 12 :].any()
+    assert not raw[64 + 36 : 128].any() and not raw[6208 + 12 : 11008].any()
+    assert not raw[11008 + 12 : 11072].any() and not raw[11072 + 12 :].any()
 
 
 def test_result_slot():
@@ -238,6 +245,13 @@ OPTIONS = {
     "logit_bias": [[9707, 5.0], [151645, -100.0]],
     "logprobs": 2,
     "skip_special_tokens": False,
+}
+
+# The JSON schema of client_generate_json_schema.msgpack, keys in the order the scheduler wrote them.
+USER_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name"],
 }
 
 CLIENT = {
@@ -312,6 +326,20 @@ CLIENT = {
         ],
         "tool_choice": "auto",
         "parallel_tool_calls": False,
+    },
+    "client_generate_json_schema.msgpack": {
+        "type": "generate",
+        "rid": "req-7",
+        "text": "A user as JSON:",
+        "sampling": {**messages.SAMPLING_DEFAULTS, "min_tokens": 3, "json_schema": USER_SCHEMA},
+        "stream": True,
+    },
+    "client_generate_grammar.msgpack": {
+        "type": "generate",
+        "rid": "req-8",
+        "text": "Yes or no?",
+        "sampling": {**messages.SAMPLING_DEFAULTS, "grammar": 'start: "yes" | "no"'},
+        "stream": True,
     },
     "client_abort.msgpack": {"type": "abort", "rid": "req-1"},
     "client_info.msgpack": {"type": "info"},
@@ -547,6 +575,12 @@ def test_python_builders_give_the_schedulers_bytes():
             tools=CLIENT["client_generate_tools.msgpack"]["tools"],
             tool_choice="auto",
             parallel_tool_calls=False,
+        ),
+        "client_generate_json_schema.msgpack": messages.generate(
+            "req-7", text="A user as JSON:", sampling=messages.sampling(min_tokens=3, json_schema=USER_SCHEMA)
+        ),
+        "client_generate_grammar.msgpack": messages.generate(
+            "req-8", text="Yes or no?", sampling=messages.sampling(grammar='start: "yes" | "no"')
         ),
         "client_abort.msgpack": messages.abort("req-1"),
         "client_info.msgpack": messages.info(),

@@ -63,7 +63,7 @@ def dead_pid() -> int:
 def test_open_reads_the_header_and_close_keeps_the_segment(segment):
     name = segment(kind=1, slot_count=3, num_readers=2)
     ring = Ring.open(name)
-    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 11008, 2)
+    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 11072, 2)
     assert (ring.capacity, ring.page_size) == (CAP, 16)
     assert (ring.write_seq, ring.read_seq(0), ring.read_seq(1), ring.writer_pid) == (0, 0, 0, 0)
     ring.attach_reader(1, 777)
@@ -93,9 +93,9 @@ def test_foreign_or_missing_segments_are_refused(segment):
     name = segment()
     path = Path("/dev/shm") / name
     raw = bytearray(path.read_bytes())
-    raw[8] = 3
+    raw[8] = 2
     path.write_bytes(bytes(raw))
-    with pytest.raises(RingError, match="version 3"):
+    with pytest.raises(RingError, match="version 2"):
         Ring(name)
     raw[0] = 0
     path.write_bytes(bytes(raw))

@@ -35,18 +35,18 @@ def test_arrays_are_aligned_in_order_and_tight(cap):
     assert lengths["input_ids"] == cap.max_tokens and lengths["kv_indices"] == cap.max_kv_indices
 
 
-def fill(slot: StepSlot, n: int, t: int, k: int, j: int, b: int = 0) -> None:
-    slot.write_header(2**40 + 3, STEP_EXTEND, n, t, k, j, b)
+def fill(slot: StepSlot, n: int, t: int, k: int, j: int, b: int = 0, g: int = 0) -> None:
+    slot.write_header(2**40 + 3, STEP_EXTEND, n, t, k, j, b, g)
     for a in slot.layout.arrays:
         arr = getattr(slot, a.name)
         arr[:] = np.arange(1, len(arr) + 1, dtype=arr.dtype)
 
 
 def test_views_are_cut_to_the_header_counts_and_share_memory():
-    layout = StepLayout(Capacity(4, 8, 6))
+    layout = StepLayout(Capacity(4, 8, 6, mask_words=3))
     buf = np.zeros(layout.slot_bytes, np.uint8)
     slot = StepSlot(layout, buf)
-    fill(slot, n=2, t=5, k=0, j=4, b=301)
+    fill(slot, n=2, t=5, k=0, j=4, b=301, g=2)
     v = StepView(layout, buf)
     assert (v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins, v.num_bias) == (
         2**40 + 3,
@@ -57,7 +57,8 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
         4,
         301,
     )
-    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4, "j+1": 5, "b": 301}
+    assert v.num_masks == 2
+    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4, "j+1": 5, "b": 301, "g*W": 6}
     for a in layout.arrays:
         arr = getattr(v, a.name)
         assert len(arr) == expected[a.used_by], a.name
@@ -71,7 +72,7 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
 
 def test_a_buffer_too_small_is_refused():
     layout = StepLayout(Capacity(4, 8, 6))
-    with pytest.raises(ValueError, match="layout needs 11008"):
+    with pytest.raises(ValueError, match="layout needs 11072"):
         StepView(layout, bytearray(900))
     with pytest.raises(ValueError):
         ResultSlot(ResultLayout(4), bytearray(64))

@@ -6,8 +6,8 @@ use crate::step::{Capacity, ResultLayout, StepLayout};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MSGLRING");
 /// 2: the slot headers count logit-bias entries and logprobs, and the join arrays carry penalties, min_p, logprobs
-/// and logit bias.
-pub const VERSION: u32 = 2;
+/// and logit bias. 3: token masks (the header's `mask_words`, the step's `mask_row` and `mask_bits`).
+pub const VERSION: u32 = 3;
 pub const HEADER_BYTES: usize = 512;
 pub const MAX_READERS: usize = 4;
 
@@ -25,6 +25,8 @@ pub(crate) const OFF_MAX_TOKENS: usize = 52;
 pub(crate) const OFF_MAX_KV_INDICES: usize = 56;
 pub(crate) const OFF_PAGE_SIZE: usize = 60;
 pub(crate) const OFF_WRITE_SEQ: usize = 64;
+/// Fixed at creation like the capacities; the first 64 bytes had no room left.
+pub(crate) const OFF_MASK_WORDS: usize = 72;
 
 /// Each reader's words share one cache line, away from the writer's, so the two sides do not false-share.
 pub(crate) const fn off_read_seq(reader: usize) -> usize {
@@ -169,6 +171,7 @@ impl RingHeader {
         put_u32(&mut b, OFF_MAX_KV_INDICES, self.cap.max_kv_indices);
         put_u32(&mut b, OFF_PAGE_SIZE, self.page_size);
         put_u64(&mut b, OFF_WRITE_SEQ, self.write_seq);
+        put_u32(&mut b, OFF_MASK_WORDS, self.cap.mask_words);
         for (i, r) in self.readers.iter().enumerate() {
             put_u64(&mut b, off_read_seq(i), r.read_seq);
             put_u32(&mut b, off_reader_pid(i), r.pid);
@@ -212,6 +215,7 @@ impl RingHeader {
                 max_reqs: get_u32(b, OFF_MAX_REQS),
                 max_tokens: get_u32(b, OFF_MAX_TOKENS),
                 max_kv_indices: get_u32(b, OFF_MAX_KV_INDICES),
+                mask_words: get_u32(b, OFF_MASK_WORDS),
             },
             page_size: get_u32(b, OFF_PAGE_SIZE),
             write_seq: get_u64(b, OFF_WRITE_SEQ),
@@ -226,7 +230,7 @@ impl RingHeader {
 mod tests {
     use super::*;
 
-    const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6 };
+    const CAP: Capacity = Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 6, mask_words: 3 };
 
     #[test]
     fn magic_is_the_ascii_tag() {
@@ -246,8 +250,8 @@ mod tests {
     fn decode_rejects_foreign_bytes() {
         let h = RingHeader::new(RingKind::Result, 2, 128, CAP, 16, 1);
         let mut b = h.encode();
-        b[OFF_VERSION] = 3;
-        assert!(matches!(RingHeader::decode(&b), Err(RingError::BadVersion(3))));
+        b[OFF_VERSION] = 2;
+        assert!(matches!(RingHeader::decode(&b), Err(RingError::BadVersion(2))));
         b[0] ^= 1;
         assert!(matches!(RingHeader::decode(&b), Err(RingError::BadMagic(_))));
         assert!(matches!(RingHeader::decode(&[0; 100]), Err(RingError::BadHeader(_))));

@@ -14,6 +14,9 @@ pub struct Limits {
     /// The model's context length: prompt plus generated tokens never exceed it.
     pub max_seq_len: u32,
     pub eos_token_ids: Vec<u32>,
+    /// The model's vocabulary, as wide as its logits: a token mask has a bit per id. 0 leaves no room for masks
+    /// in the step (no structured output, no `min_tokens`).
+    pub vocab_size: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,7 +68,13 @@ impl Limits {
     pub fn capacity(&self) -> Capacity {
         let per_request = super::page_table::pages_for(self.max_seq_len, self.page_size).min(self.num_pages);
         let max_kv_indices = self.max_batch.saturating_mul(per_request).min(i32::MAX as u32);
-        Capacity { max_reqs: self.max_batch, max_tokens: self.max_step_tokens, max_kv_indices }
+        let mask_words = self.mask_words();
+        Capacity { max_reqs: self.max_batch, max_tokens: self.max_step_tokens, max_kv_indices, mask_words }
+    }
+
+    /// W: the 32-bit words of one token mask.
+    pub fn mask_words(&self) -> u32 {
+        self.vocab_size.div_ceil(32)
     }
 
     /// The longest prompt that can ever run: one that leaves room for a generated token in the context, and whose
@@ -87,6 +96,7 @@ mod tests {
             page_size: 4,
             max_seq_len: 128,
             eos_token_ids: vec![],
+            vocab_size: 100,
         }
     }
 
@@ -94,7 +104,7 @@ mod tests {
     fn accepts_sane_limits() {
         assert_eq!(ok().validate(), Ok(()));
         // Each of 4 requests may list all 10 pages (128 tokens would take 32).
-        assert_eq!(ok().capacity(), Capacity { max_reqs: 4, max_tokens: 64, max_kv_indices: 40 });
+        assert_eq!(ok().capacity(), Capacity { max_reqs: 4, max_tokens: 64, max_kv_indices: 40, mask_words: 4 });
         assert_eq!(ok().max_prompt_len(), 40, "the cache, not the context, is the bound here");
         assert_eq!(Limits { num_pages: 100, ..ok() }.max_prompt_len(), 127);
     }

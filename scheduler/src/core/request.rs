@@ -39,6 +39,11 @@ pub struct SamplingParams {
     /// `None`: no logprobs. `Some(k)`: with each sampled token, its logprob and those of the `k` (at most
     /// [`MAX_TOP_LOGPROBS`]) most likely tokens.
     pub logprobs: Option<u32>,
+    /// EOS (unless `ignore_eos`) and `stop_token_ids` are masked out of the first `min_tokens` samples.
+    pub min_tokens: u32,
+    /// Each sample needs a token mask from outside the core (a grammar): the request is planned to sample only
+    /// once [`super::Core::mask_ready`] said its mask is ready, and never while a sample of it is in flight.
+    pub constrained: bool,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +63,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             logprobs: None,
+            min_tokens: 0,
+            constrained: false,
         }
     }
 }
@@ -139,6 +146,9 @@ pub(crate) struct Request {
     pub admissions: u32,
     /// Pages of the prompt found in the prefix cache, as of the last ordering of the queue by match.
     pub match_pages: u32,
+    /// For a constrained request: the mask of its next sample is ready (set by the engine, cleared when a step
+    /// samples under it).
+    pub mask_ready: bool,
 }
 
 impl Request {
@@ -166,6 +176,7 @@ impl Request {
             arrived,
             admissions: 0,
             match_pages: 0,
+            mask_ready: false,
         }
     }
 
@@ -197,6 +208,17 @@ impl Request {
         // Once the prompt is planned, the sequence will hold kv_len + 1 tokens after the last planned sample.
         !self.is_prefilling()
             && (self.generated + self.pending >= self.params.max_tokens || self.kv_len + 1 >= max_seq_len)
+    }
+
+    /// Whether a sample of this request may be planned now as far as its mask goes: unconstrained, or its mask
+    /// is ready and none of its samples is in flight (the next mask depends on the token in flight).
+    pub fn mask_allows_sample(&self) -> bool {
+        !self.params.constrained || (self.mask_ready && self.pending == 0)
+    }
+
+    /// A decode of this request can be planned now.
+    pub fn can_decode(&self, max_seq_len: u32) -> bool {
+        !self.is_prefilling() && !self.fully_planned(max_seq_len) && self.mask_allows_sample()
     }
 
     /// Back to a waiting request whose prompt is everything known so far; keeps `generated` and the params. Only

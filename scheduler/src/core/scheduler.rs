@@ -196,6 +196,19 @@ impl Core {
     ///
     /// Panics if `step_id` does not increase, or if `step` is smaller than [`Limits::capacity`].
     pub fn plan_step(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Option<Planned> {
+        self.plan_step_with_masks(step_id, step, events, &mut |_, row| row.fill(u32::MAX))
+    }
+
+    /// [`Core::plan_step`] for constrained requests: `masks(id, row)` writes the token mask of request `id`'s
+    /// sample into `row` (W words, every bit clear), for each constrained request the step samples. The core adds
+    /// its own masking (`min_tokens`) on top. `plan_step` allows every token.
+    pub fn plan_step_with_masks(
+        &mut self,
+        step_id: u64,
+        step: &mut StepMut<'_>,
+        events: &mut Vec<Event>,
+        masks: &mut dyn FnMut(ReqId, &mut [u32]),
+    ) -> Option<Planned> {
         if let Some(last) = self.last_planned {
             assert!(step_id > last, "step {step_id} planned after step {last}: step ids must increase");
         }
@@ -211,9 +224,10 @@ impl Core {
                 }
             }
             if decodes || self.prefilling.is_some() || self.head_admissible(step_id) {
-                return Some(self.plan(step_id, step, events));
+                return Some(self.plan(step_id, step, events, masks));
             }
-            if !self.in_flight.is_empty() {
+            if !self.in_flight.is_empty() || self.waiting.front().is_some_and(|h| !h.mask_allows_sample()) {
+                // A head waiting for its mask is not one that does not fit.
                 // Whatever is in flight will end requests or free pages; the head may fit then.
                 return None;
             }
@@ -221,6 +235,16 @@ impl Core {
             let head = self.waiting.pop_front()?;
             events.push(Event::Finished { id: head.id, reason: FinishReason::Memory });
         }
+    }
+
+    /// The mask of constrained request `id`'s next sample is ready: it may be planned again. False if the request
+    /// is unknown (it ended).
+    pub fn mask_ready(&mut self, id: ReqId) -> bool {
+        let req = match self.running.find(id) {
+            Some(slot) => self.running.get_mut(slot),
+            None => self.waiting.iter_mut().find(|r| r.id == id),
+        };
+        req.map(|r| r.mask_ready = true).is_some()
     }
 
     /// Takes the worker's sampled tokens for `planned` (in its request order) and applies the stop conditions.
@@ -243,6 +267,8 @@ impl Core {
             }
             let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
             req.pending -= 1;
+            // The next mask follows from this token: whatever was said ready before it is stale.
+            req.mask_ready = false;
             let finish = match u32::try_from(token) {
                 Ok(token) => {
                     req.tokens.push(token);
@@ -376,11 +402,18 @@ impl Core {
     }
 
     /// Writes a step: the running requests' decodes, then prefill in what is left of the token budget.
-    fn plan(&mut self, step_id: u64, step: &mut StepMut<'_>, events: &mut Vec<Event>) -> Planned {
+    fn plan(
+        &mut self,
+        step_id: u64,
+        step: &mut StepMut<'_>,
+        events: &mut Vec<Event>,
+        masks: &mut dyn FnMut(ReqId, &mut [u32]),
+    ) -> Planned {
         let mut reqs = self.take_spare();
-        let mut w = StepWriter::new(step, self.limits.page_size);
-        let decodes = self.write_decodes(step_id, &mut w, &mut reqs);
-        let prefill = self.write_prefills(step_id, &mut w, self.limits.max_step_tokens - decodes, &mut reqs, events);
+        let mut w = StepWriter::new(step, self.limits.page_size, self.limits.mask_words());
+        let decodes = self.write_decodes(step_id, &mut w, &mut reqs, masks);
+        let budget = self.limits.max_step_tokens - decodes;
+        let prefill = self.write_prefills(step_id, &mut w, budget, &mut reqs, events, masks);
         let num_tokens = w.num_tokens() as u32;
         debug_assert!(num_tokens > 0, "a step was planned with nothing in it");
         let kind = if prefill == 0 { StepKind::Decode } else { StepKind::Extend };
@@ -399,6 +432,41 @@ impl Core {
         // One per step in flight and one being planned suffice; more only accumulate if plans are dropped uncompleted.
         if self.spare.len() < 4 {
             self.spare.push(reqs);
+        }
+    }
+}
+
+/// Gives the sample being planned for `req` (the last request pushed to `w`) its token mask, if it needs one: the
+/// grammar's for a constrained request, and with EOS and the stop ids cleared while `min_tokens` are not reached.
+/// Call before counting the sample in `pending`.
+fn write_mask(w: &mut StepWriter<'_, '_>, req: &mut Request, eos: &[u32], masks: &mut dyn FnMut(ReqId, &mut [u32])) {
+    let p = &req.params;
+    let short = req.generated + req.pending < p.min_tokens;
+    if !p.constrained && !short {
+        return;
+    }
+    let Some(row) = w.push_mask() else { return };
+    if p.constrained {
+        debug_assert!(req.mask_ready, "request {} planned without its mask", req.id);
+        row.fill(0);
+        masks(req.id, row);
+        req.mask_ready = false;
+    } else {
+        row.fill(u32::MAX);
+    }
+    if short {
+        let eos = if p.ignore_eos { &[][..] } else { eos };
+        let mut cleared = false;
+        for &id in eos.iter().chain(&p.stop_token_ids) {
+            if let Some(word) = row.get_mut(id as usize / 32) {
+                cleared |= *word & (1 << (id % 32)) != 0;
+                *word &= !(1 << (id % 32));
+            }
+        }
+        // A grammar that allows nothing but ending wins over min_tokens: a row with no token left would sample
+        // garbage. (`masks` writes the same row when asked twice.)
+        if cleared && p.constrained && row.iter().all(|&w| w == 0) {
+            masks(req.id, row);
         }
     }
 }

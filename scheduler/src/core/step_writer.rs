@@ -24,14 +24,29 @@ pub(crate) struct StepWriter<'s, 'a> {
     j: usize,
     /// Logit-bias entries written so far, over all joins.
     b: usize,
+    /// W, and the token masks written so far.
+    mask_words: usize,
+    g: usize,
 }
 
 impl<'s, 'a> StepWriter<'s, 'a> {
-    pub fn new(step: &'s mut StepMut<'a>, page_size: u32) -> Self {
+    pub fn new(step: &'s mut StepMut<'a>, page_size: u32, mask_words: u32) -> Self {
         step.qo_indptr[0] = 0;
         step.kv_indptr[0] = 0;
         step.join_bias_indptr[0] = 0;
-        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0, b: 0 }
+        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0, b: 0, mask_words: mask_words as usize, g: 0 }
+    }
+
+    /// A token mask for the last request pushed, every word to be written by the caller; `None` when the ring has
+    /// no room for masks (W = 0).
+    pub fn push_mask(&mut self) -> Option<&mut [u32]> {
+        let (w, g) = (self.mask_words, self.g);
+        if w == 0 || self.n == 0 {
+            return None;
+        }
+        self.step.mask_row[self.n - 1] = g as i32;
+        self.g += 1;
+        Some(&mut self.step.mask_bits[g * w..(g + 1) * w])
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -53,6 +68,7 @@ impl<'s, 'a> StepWriter<'s, 'a> {
         let (n, t, k) = (self.n, self.t, self.k);
 
         s.req_slot[n] = slot as i32;
+        s.mask_row[n] = -1;
         s.seq_len[n] = seq_len as i32;
         s.kv_last_page_len[n] = last_page_len(seq_len, ps) as i32;
         s.qo_indptr[n + 1] = (t + count as usize) as i32;
@@ -121,6 +137,7 @@ impl<'s, 'a> StepWriter<'s, 'a> {
             num_kv_indices: self.k as u32,
             num_joins: self.j as u32,
             num_bias: self.b as u32,
+            num_masks: self.g as u32,
             ..Default::default()
         };
     }
@@ -135,7 +152,7 @@ mod tests {
 
     #[test]
     fn writes_an_extend_and_a_decode_entry() {
-        let layout = StepLayout::new(Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 8 });
+        let layout = StepLayout::new(Capacity { max_reqs: 4, max_tokens: 8, max_kv_indices: 8, mask_words: 0 });
         let mut buf = SlotBuf::zeroed(layout.slot_bytes);
         let mut pool = IndexPool::new(8);
         let mut cache = PrefixCache::new(8, 4, false);
@@ -153,7 +170,7 @@ mod tests {
         };
         {
             let mut step = StepMut::new(&layout, buf.bytes_mut());
-            let mut w = StepWriter::new(&mut step, 4);
+            let mut w = StepWriter::new(&mut step, 4, 0);
             w.push_request(2, &a, 2, NewTokens::Ids(&[10, 11, 12]));
             w.push_join(2, &params, 5);
             w.push_request(0, &b, 8, NewTokens::LastSampled);
@@ -184,10 +201,10 @@ mod tests {
 
     /// A step slot with room for 3 requests, and a writer over it that has written nothing yet.
     fn with_writer(page_size: u32, f: impl FnOnce(&mut StepWriter<'_, '_>)) -> SlotBuf {
-        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8, mask_words: 0 });
         let mut buf = SlotBuf::zeroed(layout.slot_bytes);
         let mut step = StepMut::new(&layout, buf.bytes_mut());
-        let mut w = StepWriter::new(&mut step, page_size);
+        let mut w = StepWriter::new(&mut step, page_size, 0);
         f(&mut w);
         w.finish(1, StepKind::Extend);
         buf
@@ -211,7 +228,7 @@ mod tests {
             w.push_join(0, &only_logprob, 5);
             w.push_join(2, &one_bias, 6);
         });
-        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8, mask_words: 0 });
         let r = StepRef::new(&layout, buf.bytes());
         assert_eq!((r.header.num_joins, r.header.num_bias), (3, 3));
         assert_eq!(r.join_slot, &[1, 0, 2]);
@@ -234,7 +251,7 @@ mod tests {
                 w.push_join(slot, &too_many, 1);
             }
         });
-        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8 });
+        let layout = StepLayout::new(Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8, mask_words: 0 });
         let r = StepRef::new(&layout, buf.bytes());
         assert_eq!(r.join_bias_indptr, &[0, 300, 600, 900]);
         assert_eq!((r.join_bias_ids[299], r.join_bias_ids[300]), (299, 0));
@@ -242,14 +259,14 @@ mod tests {
 
     #[test]
     fn a_table_grown_ahead_lists_only_the_pages_in_use() {
-        let layout = StepLayout::new(Capacity { max_reqs: 1, max_tokens: 4, max_kv_indices: 4 });
+        let layout = StepLayout::new(Capacity { max_reqs: 1, max_tokens: 4, max_kv_indices: 4, mask_words: 0 });
         let mut buf = SlotBuf::zeroed(layout.slot_bytes);
         let mut pool = IndexPool::new(4);
         let mut t = PageTable::default();
         assert!(t.grow_to(16, 4, &mut pool, &mut PrefixCache::new(4, 4, false)));
         {
             let mut step = StepMut::new(&layout, buf.bytes_mut());
-            let mut w = StepWriter::new(&mut step, 4);
+            let mut w = StepWriter::new(&mut step, 4, 0);
             w.push_request(0, &t, 0, NewTokens::Ids(&[1, 2, 3, 4]));
             w.finish(0, StepKind::Extend);
         }

@@ -17,7 +17,7 @@
 //! take minutes.
 
 use super::openai::tools;
-use super::prepare::Preparer;
+use super::prepare::{PreparedPrompt, Preparer};
 use super::tool_stream::ToolStream;
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
 use crate::engine::Command;
@@ -200,6 +200,11 @@ impl Hub {
         &self.preparer
     }
 
+    /// Structured output's compiler (none: constrained requests are refused).
+    pub fn with_constraints(self, constraints: Option<Arc<crate::grammar::Constraints>>) -> Self {
+        Hub { preparer: self.preparer.with_constraints(constraints), ..self }
+    }
+
     /// Client requests accepted and not ended, being prepared or admitted (a request of `n` samples counts
     /// once).
     pub fn live_requests(&self) -> usize {
@@ -300,7 +305,7 @@ impl Hub {
         &mut self,
         peer: &Peer,
         g: Generate,
-        prompt: Result<Vec<u32>, Rejection>,
+        prompt: Result<PreparedPrompt, Rejection>,
         out: &mut Vec<(Peer, ServerMsg)>,
     ) -> Result<(), Rejection> {
         let key = (peer.clone(), g.rid.clone());
@@ -366,7 +371,8 @@ impl Hub {
         Ok(n)
     }
 
-    fn admit(&mut self, peer: &Peer, g: Generate, n: u32, prompt: Vec<u32>) -> Result<(), Rejection> {
+    fn admit(&mut self, peer: &Peer, g: Generate, n: u32, prepared: PreparedPrompt) -> Result<(), Rejection> {
+        let PreparedPrompt { ids: prompt, constraint } = prepared;
         let reject = |code, message: String| Rejection::new(Some(g.rid.clone()), code, message);
         if self.draining {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
@@ -382,12 +388,17 @@ impl Hub {
                 Some(seed) => sample_seed(seed, index),
                 None => self.seeds.next(),
             };
+            let constrained = constraint.is_some();
             let req = NewRequest {
                 id: base + ReqId::from(index),
                 prompt: prompt.clone(),
-                params: SamplingParams { seed, ..params.clone() },
+                params: SamplingParams { seed, constrained, ..params.clone() },
             };
-            if self.engine.send(Command::Submit(req)).is_err() {
+            let command = match &constraint {
+                Some(c) => Command::SubmitConstrained { req, matcher: Box::new(c.matcher()) },
+                None => Command::Submit(req),
+            };
+            if self.engine.send(command).is_err() {
                 return Err(reject(ErrorCode::ShuttingDown, "the engine has stopped".into()));
             }
         }
@@ -657,6 +668,9 @@ pub fn sampling_params(s: &api::Sampling) -> SamplingParams {
         logit_bias: s.logit_bias.iter().map(|&(id, bias)| (id, bias as f32)).collect(),
         // Validated in 0..=20.
         logprobs: s.logprobs.map(|k| k as u32),
+        // Validated in 0..=max_tokens.
+        min_tokens: u32::try_from(s.min_tokens).unwrap_or(0),
+        constrained: false,
     }
 }
 

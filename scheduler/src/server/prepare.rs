@@ -9,6 +9,7 @@
 use super::hub::PromptLimits;
 use super::messages;
 use super::openai::tools;
+use crate::grammar::{Compiled, ConstraintSpec, Constraints};
 use crate::text::{ChatTemplate, Tokenizer, ToolFormat};
 use proto::api::{self, ErrorCode, Generate, Prompt, Rejection};
 use serde_json::Value;
@@ -19,11 +20,33 @@ pub struct Preparer {
     tokenizer: Arc<Tokenizer>,
     chat: Option<Arc<ChatTemplate>>,
     limits: PromptLimits,
+    /// Structured output's compiler; `None` refuses constrained requests.
+    constraints: Option<Arc<Constraints>>,
+}
+
+/// A request's prompt, and its compiled constraint when it has one.
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    pub constraint: Option<Arc<Compiled>>,
 }
 
 impl Preparer {
     pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<ChatTemplate>, limits: PromptLimits) -> Self {
-        Preparer { tokenizer, chat: chat.map(Arc::new), limits }
+        Preparer { tokenizer, chat: chat.map(Arc::new), limits, constraints: None }
+    }
+
+    pub fn with_constraints(self, constraints: Option<Arc<Constraints>>) -> Self {
+        Preparer { constraints, ..self }
+    }
+
+    /// Compiles a constraint against the served vocabulary: the entry point for whatever constrains output
+    /// (`response_format`, `regex`, `grammar`, a forced tool call's Lark grammar). The error names the field.
+    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Compiled, (String, String)> {
+        let param = spec.param().to_string();
+        let Some(c) = &self.constraints else {
+            return Err((param, "structured output is not available for this model".into()));
+        };
+        c.compile(spec).map_err(|e| (param, format!("{}: {e}", spec.key())))
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -39,8 +62,8 @@ impl Preparer {
         self.chat.as_ref().map_or(ToolFormat::Hermes, |c| c.tool_format())
     }
 
-    /// The prompt's token ids, or why the request is refused.
-    pub fn prepare(&self, g: &Generate) -> Result<Vec<u32>, Rejection> {
+    /// The prompt's token ids and the compiled constraint, or why the request is refused.
+    pub fn prepare(&self, g: &Generate) -> Result<PreparedPrompt, Rejection> {
         let rid = || Some(g.rid.clone());
         api::validate(g)?;
         let vocab = self.limits.vocab_size;
@@ -77,7 +100,21 @@ impl Preparer {
             );
             return Err(Rejection::new(rid(), ErrorCode::PromptTooLong, message));
         }
-        Ok(prompt)
+        // Last: compiling a schema is the costliest check.
+        let s = &g.sampling;
+        let spec = match (&s.json_schema, &s.regex, &s.grammar) {
+            (Some(schema), _, _) => Some(ConstraintSpec::JsonSchema(schema.clone())),
+            (_, Some(rx), _) => Some(ConstraintSpec::Regex(rx.clone())),
+            (_, _, Some(lark)) => Some(ConstraintSpec::Lark(lark.clone())),
+            _ => None,
+        };
+        let constraint = match spec {
+            Some(spec) => Some(Arc::new(
+                self.compile(&spec).map_err(|(param, message)| Rejection::invalid(rid(), param, message))?,
+            )),
+            None => None,
+        };
+        Ok(PreparedPrompt { ids: prompt, constraint })
     }
 
     /// The prompt's token ids, as a request would be given them; a refusal names the field at fault when
@@ -121,5 +158,64 @@ impl Preparer {
         }
         chat.render(&messages, add_generation_prompt, tools)
             .map_err(|e| (Some("messages".into()), format!("chat template: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::TokenTable;
+    use crate::text::test_tokenizer::{SPECIAL, byte_level_tokenizer};
+    use proto::api::Sampling;
+
+    fn preparer(structured: bool) -> Preparer {
+        let tokenizer = byte_level_tokenizer();
+        let vocab = tokenizer.vocab_size() as u32;
+        let limits = PromptLimits { vocab_size: vocab, max_seq_len: 64, max_prompt_len: 63 };
+        let constraints = structured.then(|| {
+            let eos = tokenizer.token_id(SPECIAL).unwrap();
+            Arc::new(Constraints::new(tokenizer.clone(), &TokenTable::new(&tokenizer), &[eos], vocab).unwrap())
+        });
+        Preparer::new(tokenizer, None, limits).with_constraints(constraints)
+    }
+
+    fn request(sampling: Sampling) -> Generate {
+        let mut g = Generate::new("r");
+        g.text = Some("hi".into());
+        g.sampling = sampling;
+        g
+    }
+
+    #[test]
+    fn a_constraint_is_compiled_with_the_prompt_and_a_bad_one_is_refused_naming_its_field() {
+        let p = preparer(true);
+        assert!(p.prepare(&request(Sampling::default())).unwrap().constraint.is_none());
+        let ok = Sampling { regex: Some("[0-9]+".into()), ..Sampling::default() };
+        assert!(p.prepare(&request(ok)).unwrap().constraint.is_some());
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert!(p.prepare(&request(Sampling { json_schema: Some(schema), ..Sampling::default() })).is_ok());
+        for (sampling, param, key) in [
+            (Sampling { regex: Some("a(".into()), ..Sampling::default() }, "regex", "regex:"),
+            (Sampling { grammar: Some("start: nowhere".into()), ..Sampling::default() }, "grammar", "grammar:"),
+            (
+                Sampling { json_schema: Some(serde_json::json!({"type": "nope"})), ..Sampling::default() },
+                "response_format",
+                "json_schema:",
+            ),
+        ] {
+            let e = p.prepare(&request(sampling)).err().expect("refused");
+            assert_eq!((e.code, e.param.as_deref()), (ErrorCode::InvalidParams, Some(param)));
+            assert!(e.message.starts_with(key), "{}", e.message);
+        }
+        let two = Sampling { regex: Some("a".into()), grammar: Some("start: \"a\"".into()), ..Sampling::default() };
+        assert_eq!(p.prepare(&request(two)).err().unwrap().param.as_deref(), Some("grammar"));
+    }
+
+    #[test]
+    fn without_a_compiler_constraints_are_refused() {
+        let e = preparer(false).prepare(&request(Sampling { regex: Some("a".into()), ..Sampling::default() }));
+        let e = e.err().expect("refused");
+        assert_eq!(e.param.as_deref(), Some("regex"));
+        assert!(e.message.contains("not available"), "{}", e.message);
     }
 }

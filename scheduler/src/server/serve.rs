@@ -57,7 +57,7 @@ struct Job {
 /// A job back from its preparation.
 struct Prepared {
     job: Job,
-    prompt: Result<Vec<u32>, Rejection>,
+    prompt: Result<super::prepare::PreparedPrompt, Rejection>,
 }
 
 /// Prepares `job` on a blocking thread and sends it back to the loop through `done`.

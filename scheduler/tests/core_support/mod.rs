@@ -57,7 +57,7 @@ pub fn params(max_tokens: u32) -> SamplingParams {
 }
 
 pub fn limits(max_batch: u32, max_step_tokens: u32, num_pages: u32, page_size: u32, max_seq_len: u32) -> Limits {
-    Limits { max_batch, max_step_tokens, num_pages, page_size, max_seq_len, eos_token_ids: vec![] }
+    Limits { max_batch, max_step_tokens, num_pages, page_size, max_seq_len, eos_token_ids: vec![], vocab_size: 0 }
 }
 
 /// What a request generates when it runs alone with unlimited memory, and why it stops.
@@ -346,9 +346,14 @@ impl Harness {
 
     /// Plans one step and publishes it to the worker, whatever is in flight; `None` when nothing was planned.
     pub fn plan(&mut self) -> Option<StepInfo> {
+        self.plan_with_masks(&mut |_, row| row.fill(u32::MAX))
+    }
+
+    /// [`Harness::plan`] with the masks of constrained requests written by `masks` (`Core::plan_step_with_masks`).
+    pub fn plan_with_masks(&mut self, masks: &mut dyn FnMut(ReqId, &mut [u32])) -> Option<StepInfo> {
         let planned = {
             let mut slot = StepMut::new(&self.worker.layout, self.worker.buf.bytes_mut());
-            self.core.plan_step(self.next_step, &mut slot, &mut self.events)
+            self.core.plan_step_with_masks(self.next_step, &mut slot, &mut self.events, masks)
         };
         self.record_events();
         self.core.check_invariants().unwrap();

@@ -1,5 +1,5 @@
-"""Sampling kernels (CUDA only): the Gumbel-max draw with `noise.gumbel`'s noise computed in registers, and
-the penalties of `sampling.penalties.apply_penalties` in one pass.
+"""Sampling kernels (CUDA only): the Gumbel-max draw with `noise.gumbel`'s noise computed in registers, the
+penalties of `sampling.penalties.apply_penalties` in one pass, and the token masks of `sampling.masks`.
 
 Eager torch builds the noise as [n, V] int64 tensors through a dozen element-wise launches: at 138 rows of
 151,936 logits that is gigabytes of memory traffic and milliseconds per step, more than the forward itself.
@@ -64,7 +64,40 @@ def apply_penalties(
     return logits
 
 
+def apply_token_masks(
+    logits: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, bits: torch.Tensor
+) -> torch.Tensor:
+    """`masks.apply_token_masks` in place on contiguous logits [n, V] of any float dtype: row `rows[i]` keeps
+    only the tokens whose bit is set in mask `which[i]` of `bits` (int32 [g, W]). One program per masked row
+    and block of the vocabulary reads a block's words once; rows without a mask are not touched. Returns
+    `logits`."""
+    m = rows.shape[0]
+    n, vocab = logits.shape
+    if m:
+        grid = (m, triton.cdiv(vocab, MASK_BLOCK))
+        _mask_kernel[grid](
+            logits, logits.stride(0), rows, which, bits, bits.stride(0), vocab, BLOCK=MASK_BLOCK
+        )
+    return logits
+
+
+MASK_BLOCK = 1024
+
+
 if triton is not None:
+
+    @triton.jit
+    def _mask_kernel(x_ptr, stride, rows_ptr, which_ptr, bits_ptr, bits_stride, vocab, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        row = tl.load(rows_ptr + i).to(tl.int64)
+        mask_row = tl.load(which_ptr + i).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < vocab
+        words = tl.load(bits_ptr + mask_row * bits_stride + cols // 32, mask=inside, other=0)
+        allowed = ((words >> (cols % 32)) & 1) != 0
+        # Only the disallowed entries are written: an allowed logit is left exactly as it was.
+        minus_inf = tl.full([BLOCK], float("-inf"), tl.float32)
+        tl.store(x_ptr + row * stride + cols, minus_inf, mask=inside & ~allowed)
 
     @triton.jit
     def _penalty_kernel(

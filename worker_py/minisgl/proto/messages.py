@@ -90,6 +90,11 @@ SAMPLING_OPTIONS: dict[str, Any] = {
     "logit_bias": [],
     "logprobs": None,
     "skip_special_tokens": True,
+    "min_tokens": 0,
+    # Structured output, at most one: a JSON schema (a map), a regex, a Lark grammar (llguidance's dialect).
+    "json_schema": None,
+    "regex": None,
+    "grammar": None,
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from minisgl.proto.step import Capacity
 
 MAGIC = int.from_bytes(b"MSGLRING", "little")
-VERSION = 2  # proto/src/ring/header.rs says what changed
+VERSION = 3  # proto/src/ring/header.rs says what changed
 HEADER_BYTES = 512
 MAX_READERS = 4
 
@@ -53,6 +53,7 @@ def _w64_reader_heartbeat(i: int) -> int:
 _SHAPE = struct.Struct("<QIIIIII")
 # R, T, K, page size (offsets 48..64)
 _CAPACITY = struct.Struct("<IIII")
+_MASK_WORDS = struct.Struct("<I")  # at 72, beside the write sequence: the first 64 bytes were full
 
 DEFAULT_SPIN_S = 50e-6
 _FIRST_SLEEP_S = 20e-6
@@ -157,7 +158,8 @@ class Ring:
         self.slot_count = slot_count
         self.slot_bytes = slot_bytes
         self.num_readers = num_readers
-        self.capacity = Capacity(r, t, k)
+        (mask_words,) = _MASK_WORDS.unpack_from(self._mm, 72)
+        self.capacity = Capacity(r, t, k, mask_words)
         self.page_size = page
 
     @classmethod

@@ -32,6 +32,7 @@ RESULT_OK = 0
 RESULT_FAILED = 1
 
 I32 = np.dtype("<i4")
+U32 = np.dtype("<u4")
 F32 = np.dtype("<f4")
 U64 = np.dtype("<u8")
 
@@ -60,6 +61,8 @@ STEP_ARRAYS: tuple[tuple[str, np.dtype, str], ...] = (
     ("join_bias_indptr", I32, "j+1"),
     ("join_bias_ids", I32, "b"),
     ("join_bias_values", F32, "b"),
+    ("mask_row", I32, "n"),  # per request: its row of mask_bits, or -1
+    ("mask_bits", U32, "g*W"),  # g token masks of W words; bit i % 32 of word i // 32 set: token i allowed
 )
 
 # The result slot's arrays. `l` is n when the header's `logprobs` is 1, else 0; `m` is its `num_top`.
@@ -81,23 +84,26 @@ BASES = {
     "b": ("R*300", lambda c: c.max_reqs * MAX_LOGIT_BIAS),
     "l": ("R", lambda c: c.max_reqs),
     "l*m": ("R*20", lambda c: c.max_reqs * MAX_TOP_LOGPROBS),
+    "g*W": ("R*W", lambda c: c.max_reqs * c.mask_words),
 }
 # The step header's counts, in the order `_STEP_USED` lists them for the bases that cut step arrays.
-_STEP_BASES = ("n", "n+1", "t", "k", "j", "j+1", "b")
+_STEP_BASES = ("n", "n+1", "t", "k", "j", "j+1", "b", "g*W")
 
-# step_id u64, kind u32, n u32, t u32, k u32, j u32, b u32
-_STEP_HEADER = struct.Struct("<QIIIIII")
+# step_id u64, kind u32, n u32, t u32, k u32, j u32, b u32, g u32
+_STEP_HEADER = struct.Struct("<QIIIIIII")
 # step_id u64, n u32, status u32, logprobs u32, num_top u32
 _RESULT_HEADER = struct.Struct("<QIIII")
 
 
 @dataclass(frozen=True)
 class Capacity:
-    """How many requests (R), tokens (T) and KV page indices (K) one slot can describe."""
+    """How many requests (R), tokens (T) and KV page indices (K) one slot can describe, and the 32-bit
+    words of one token mask (W = ceil(vocab / 32); 0 leaves no room for masks)."""
 
     max_reqs: int
     max_tokens: int
     max_kv_indices: int
+    mask_words: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class ArraySpec:
     offset: int
     length: int  # entries at full capacity
     dtype: np.dtype
-    used_by: str  # the basis: which header count cuts it ("n", "n+1", "t", "k", "j", "j+1", "b", "l", "l*m")
+    used_by: str  # the basis: which header count cuts it (a key of BASES: "n", "t", "g*W", "l*m", ...)
 
     @property
     def nbytes(self) -> int:
@@ -142,7 +148,7 @@ class ResultLayout:
 
     def __init__(self, max_reqs: int):
         self.max_reqs = max_reqs
-        self.cap = Capacity(max_reqs, 0, 0)
+        self.cap = Capacity(max_reqs, 0, 0, 0)
         self.arrays, self.slot_bytes = _place(RESULT_ARRAYS, self.cap)
         self.by_name = {a.name: a for a in self.arrays}
         self.tokens = self.by_name["tokens"]
@@ -178,6 +184,7 @@ class StepView:
         "num_kv_indices",
         "num_joins",
         "num_bias",
+        "num_masks",
         *(name for name, _, _ in STEP_ARRAYS),
     )
 
@@ -187,7 +194,7 @@ class StepView:
     def __repr__(self) -> str:
         return (
             f"StepView(step_id={self.step_id}, kind={self.kind}, n={self.num_reqs}, t={self.num_tokens}, "
-            f"k={self.num_kv_indices}, j={self.num_joins}, b={self.num_bias})"
+            f"k={self.num_kv_indices}, j={self.num_joins}, b={self.num_bias}, g={self.num_masks})"
         )
 
 
@@ -211,7 +218,7 @@ class StepSlot:
         return self.fill(StepView.__new__(StepView))
 
     def fill(self, v: StepView) -> StepView:
-        step_id, kind, n, t, k, j, b = _STEP_HEADER.unpack_from(self._mem, 0)
+        step_id, kind, n, t, k, j, b, g = _STEP_HEADER.unpack_from(self._mem, 0)
         v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins, v.num_bias = (
             step_id,
             kind,
@@ -221,7 +228,8 @@ class StepSlot:
             j,
             b,
         )
-        used = (n, n + 1, t, k, j, j + 1, b)
+        v.num_masks = g
+        used = (n, n + 1, t, k, j, j + 1, b, g * self.layout.cap.mask_words)
         for name, full, basis in self._cuts:
             setattr(v, name, full[: used[basis]])
         return v
@@ -235,9 +243,12 @@ class StepSlot:
         num_kv: int,
         num_joins: int,
         num_bias: int = 0,
+        num_masks: int = 0,
     ):
         """Sets the fixed header (tests and tools that play the scheduler; the worker never writes steps)."""
-        _STEP_HEADER.pack_into(self._mem, 0, step_id, kind, num_reqs, num_tokens, num_kv, num_joins, num_bias)
+        _STEP_HEADER.pack_into(
+            self._mem, 0, step_id, kind, num_reqs, num_tokens, num_kv, num_joins, num_bias, num_masks
+        )
 
 
 @dataclass(frozen=True)

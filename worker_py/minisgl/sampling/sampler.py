@@ -8,6 +8,7 @@ import torch
 
 from minisgl.kernels import sampling as fused
 from minisgl.kernels.rounding import available
+from minisgl.sampling.masks import TokenMasks, apply_token_masks
 from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
 from minisgl.sampling.params import Joins, SampleMode, SamplePlan, SlotParams
 from minisgl.sampling.penalties import TokenCounts, apply_penalties
@@ -16,12 +17,13 @@ from minisgl.sampling.penalties import TokenCounts, apply_penalties
 class Sampler:
     """Draws one token per row of logits, using the parameters stored for each row's request slot.
 
-    Each row's logits get its logit biases, then its repetition, frequency and presence penalties (the order
-    of docs/protocol.md, "Sampling"); a greedy row takes their argmax. A sampling row takes argmax(logits / T
-    + Gumbel noise) over the tokens that survive top-k, then top-p, then min_p (HF's warpers' order and
-    semantics); that is a draw from the filtered softmax(logits / T). The noise is a hash of (seed, position,
-    vocab id), so the draw does not depend on the batch around the row. Every optional pass runs only when
-    some row of the batch needs it (`plan_for` says, from host copies); for the other rows it is the identity.
+    Each row's logits get its logit biases and token mask, then its repetition, frequency and presence
+    penalties (the order of docs/protocol.md, "Sampling"); a greedy row takes their argmax. A sampling row
+    takes argmax(logits / T + Gumbel noise) over the tokens that survive top-k, then top-p, then min_p (HF's
+    warpers' order and semantics); that is a draw from the filtered softmax(logits / T). The noise is a hash
+    of (seed, position, vocab id), so the draw does not depend on the batch around the row. Every optional
+    pass runs only when some row of the batch needs it (`plan_for` says, from host copies; the step says
+    whether it has token masks); for the other rows it is the identity.
 
     `vocab_size` is needed for penalties (their per-slot token counts are [max_slots, vocab_size]).
     """
@@ -91,8 +93,10 @@ class Sampler:
         slots: torch.Tensor,
         positions: torch.Tensor,
         plan: SamplePlan | SampleMode = SampleMode.FILTERED,
+        masks: TokenMasks | None = None,
     ) -> torch.Tensor:
         """logits [n, V]; slots [n]; positions [n]: where each sampled token will sit. Returns int32 [n].
+        `masks`: the step's token masks (none: every token may be sampled).
 
         `plan` (or just its mode) may only skip work that `plan_for` says these slots do not need; the default
         mode, FILTERED, is right for any temperatures and filters, and leaves out bias, penalties and min_p.
@@ -101,7 +105,7 @@ class Sampler:
         if isinstance(plan, SampleMode):
             plan = SamplePlan(mode=plan)
         slots = slots.long()
-        logits = self.adjust(logits, slots, plan)
+        logits = self.adjust(logits, slots, plan, masks)
         # argmax needs no float copy: widening is exact and keeps the order (and the first of equal maxima).
         greedy_ids = logits.argmax(dim=-1)
         if plan.mode == SampleMode.GREEDY:
@@ -123,15 +127,19 @@ class Sampler:
             sampled = (scaled + noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy_ids, sampled).int()
 
-    def adjust(self, logits: torch.Tensor, slots: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-        """The logits after each row's logit biases and penalties (a float32 copy), or `logits` itself when
-        the plan has neither: what a greedy row takes the argmax of."""
-        if not (plan.bias or plan.penalties):
+    def adjust(
+        self, logits: torch.Tensor, slots: torch.Tensor, plan: SamplePlan, masks: TokenMasks | None = None
+    ) -> torch.Tensor:
+        """The logits after each row's logit biases, token mask and penalties (a float32 copy), or `logits`
+        itself when there is none of them: what a greedy row takes the argmax of."""
+        if not (plan.bias or plan.penalties or masks is not None):
             return logits
         slots = slots.long()
         logits = logits.to(torch.float32, copy=True)
         if plan.bias:
             logits.scatter_add_(1, self.params.bias_ids[slots], self.params.bias_values[slots])
+        if masks is not None:
+            apply_token_masks(logits, masks)
         if plan.penalties:
             logits = self._penalize(logits, slots)
         return logits

@@ -17,7 +17,7 @@ from minisgl.kernels.rounding import available as kernels_available
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
 from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs
-from minisgl.sampling import Joins, Sampler
+from minisgl.sampling import Joins, Sampler, masks
 from minisgl.worker import distributed
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
@@ -107,6 +107,8 @@ class ModelRunner:
         use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs and self.model.capturable
         # Before the KV budget is measured: the penalties' per-slot token counts are [slots, vocab] int32.
         self.sampler = Sampler(cfg.max_batch + 1, self.device, vocab_size=mc.vocab_size)
+        # W: the words of a token mask over the logits (the scheduler's ring has the same, from our hello).
+        self.mask_words = -(-mc.vocab_size // 32)
         on_phase("allocating the KV cache")
         # Each rank holds its heads' slice of every page: the scheduler's page numbers mean the same on all.
         kv_heads = tp.local_kv_heads(mc.num_kv_heads, cfg.tp)
@@ -198,7 +200,11 @@ class ModelRunner:
         self._turn = (turn + 1) % IN_FLIGHT
         self._check_limits(step)
         padding = self.graphs.padding_for(step) if self.graphs is not None else None
-        batch = self.uploader.upload(step, padding, _cached_prefix_of_penalized_joins(step, self.page_size))
+        extra = _cached_prefix_of_penalized_joins(step, self.page_size)
+        mask_parts = masks.host_parts(step)
+        if mask_parts is not None:
+            extra = {**(extra or {}), **mask_parts}
+        batch = self.uploader.upload(step, padding, extra)
         self._apply_joins(step, batch)
         tokens = self._host_tokens[turn][:n]
         if n == 0:
@@ -213,7 +219,8 @@ class ModelRunner:
             req_slot = batch.req_slot[:n]
             if plan.penalties:
                 self._count_tokens(batch, n, np.asarray(step.input_ids))
-            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan)
+            step_masks = masks.from_uploaded(batch.extra, self.mask_words) if mask_parts is not None else None
+            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan, step_masks)
             logprobs = None
             if plan.logprobs:
                 found = self.sampler.logprobs(logits, sampled, plan.top_logprobs)
@@ -337,7 +344,9 @@ class ModelRunner:
         # this if prefix sharing (or the cached prefixes of penalized requests) needs more.
         cfg = self.config
         joins = (12 + 1 + 2 * MAX_LOGIT_BIAS) * cfg.max_batch + 1 + 1
-        return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + joins
+        # Token masks: a mask per request at most, and each masked row's row and mask numbers.
+        token_masks = cfg.max_batch * (self.mask_words + 2)
+        return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + joins + token_masks
 
 
 def _cached_prefix_of_penalized_joins(step, page_size: int) -> dict[str, np.ndarray] | None:

@@ -31,7 +31,9 @@ impl Core {
     /// prefix fit beside the next decode of every running request.
     pub(super) fn head_admissible(&self, step_id: u64) -> bool {
         let Some(head) = self.waiting.front() else { return false };
-        self.running.has_free_slot() && self.fits(head, step_id, self.decode_reserve()).is_some()
+        head.mask_allows_sample()
+            && self.running.has_free_slot()
+            && self.fits(head, step_id, self.decode_reserve()).is_some()
     }
 
     /// Writes the prefill part of a step with `budget` tokens left after its decodes; returns the tokens written.
@@ -42,10 +44,11 @@ impl Core {
         mut budget: u32,
         reqs: &mut Vec<PlannedReq>,
         events: &mut Vec<Event>,
+        masks: &mut dyn FnMut(ReqId, &mut [u32]),
     ) -> u32 {
         let start = budget;
         if let Some(slot) = self.prefilling.take() {
-            budget -= self.write_chunk(w, step_id, slot, budget, reqs);
+            budget -= self.write_chunk(w, step_id, slot, budget, reqs, masks);
             if self.running.get(slot).is_some_and(|r| r.is_prefilling()) {
                 self.prefilling = Some(slot);
                 return start - budget;
@@ -57,6 +60,10 @@ impl Core {
         let mut reserve = self.decode_reserve();
         while budget > 0 && self.running.has_free_slot() {
             let Some(head) = self.waiting.front() else { break };
+            if !head.mask_allows_sample() {
+                // Its first sample needs its mask; it comes within a step or two.
+                break;
+            }
             let Some(m) = self.fits(head, step_id, reserve) else { break };
             if m.blocked {
                 // The step being planned writes the next page of this prompt: one step later it is cached.
@@ -66,7 +73,7 @@ impl Core {
             self.admit(&mut req, m, events);
             reserve += req.pages.missing_for(req.kv_len_after_next_decode(), self.limits.page_size);
             let slot = self.running.admit(req);
-            budget -= self.write_chunk(w, step_id, slot, budget, reqs);
+            budget -= self.write_chunk(w, step_id, slot, budget, reqs, masks);
             if self.running.get(slot).is_some_and(|r| r.is_prefilling()) {
                 self.prefilling = Some(slot);
                 break;
@@ -108,6 +115,7 @@ impl Core {
         slot: u32,
         budget: u32,
         reqs: &mut Vec<PlannedReq>,
+        masks: &mut dyn FnMut(ReqId, &mut [u32]),
     ) -> u32 {
         let req = self.running.get_mut(slot).expect("a prefilling request is running");
         let start = req.kv_len;
@@ -121,6 +129,9 @@ impl Core {
         req.kv_len += count;
         req.last_step = Some(step_id);
         let samples = !req.is_prefilling();
+        if samples {
+            write_mask(w, req, &self.limits.eos_token_ids, masks);
+        }
         req.pending += u32::from(samples);
         reqs.push(PlannedReq { id: req.id, slot, samples });
         // This step writes the pages; a later one may read them. The own copy of a page some other request cached

@@ -16,7 +16,7 @@ impl Core {
 
     /// A running request has a decode left to plan.
     pub(super) fn has_decodable(&self) -> bool {
-        self.running.iter().any(|(_, r)| !r.is_prefilling() && !r.fully_planned(self.limits.max_seq_len))
+        self.running.iter().any(|(_, r)| r.can_decode(self.limits.max_seq_len))
     }
 
     /// Preempts until the next decode step's new pages are free, if nothing is in flight (see the module docs).
@@ -26,7 +26,7 @@ impl Core {
             let needed: u32 = self
                 .running
                 .iter()
-                .filter(|(_, r)| !r.is_prefilling() && !r.fully_planned(max_seq_len))
+                .filter(|(_, r)| r.can_decode(max_seq_len))
                 .map(|(_, r)| r.pages.missing_for(r.kv_len + 1, ps))
                 .sum();
             if needed <= self.available_pages() {
@@ -51,19 +51,22 @@ impl Core {
         step_id: u64,
         w: &mut StepWriter<'_, '_>,
         reqs: &mut Vec<PlannedReq>,
+        masks: &mut dyn FnMut(ReqId, &mut [u32]),
     ) -> u32 {
         let (ps, max_seq_len) = (self.limits.page_size, self.limits.max_seq_len);
+        let eos = &self.limits.eos_token_ids;
         let (order, by_slot) = self.running.parts_mut();
         let mut count = 0;
         for &slot in order {
             let req = by_slot[slot as usize].as_mut().expect("ordered slots are occupied");
-            if req.is_prefilling() || req.fully_planned(max_seq_len) {
+            if !req.can_decode(max_seq_len) {
                 continue;
             }
             debug_assert!(req.joined);
             let grown = req.pages.grow_to(req.kv_len + 1, ps, &mut self.pages, &mut self.cache);
             assert!(grown, "make_room_for_decode freed enough");
             w.push_request(slot, &req.pages, req.kv_len, NewTokens::LastSampled);
+            write_mask(w, req, eos, masks);
             req.kv_len += 1;
             req.pending += 1;
             req.last_step = Some(step_id);

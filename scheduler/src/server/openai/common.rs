@@ -150,6 +150,10 @@ macro_rules! completion_request {
             pub ignore_eos: Option<bool>,
             pub min_tokens: Option<$crate::server::openai::common::Int>,
             pub skip_special_tokens: Option<bool>,
+            /// Structured output: OpenAI's `response_format`, and the extensions `regex` and `grammar` (Lark).
+            pub response_format: Option<serde_json::Value>,
+            pub regex: Option<String>,
+            pub grammar: Option<String>,
             pub n: Option<$crate::server::openai::common::Int>,
             pub stream: Option<bool>,
             pub stream_options: Option<$crate::server::openai::common::StreamOptions>,
@@ -180,6 +184,9 @@ macro_rules! completion_request {
                     ignore_eos: self.ignore_eos,
                     min_tokens: self.min_tokens,
                     skip_special_tokens: self.skip_special_tokens,
+                    response_format: self.response_format.as_ref(),
+                    regex: self.regex.as_deref(),
+                    grammar: self.grammar.as_deref(),
                     n: self.n,
                     stream: self.stream,
                     stream_options: self.stream_options.as_ref(),
@@ -210,6 +217,9 @@ pub struct Shared<'a> {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<Int>,
     pub skip_special_tokens: Option<bool>,
+    pub response_format: Option<&'a Value>,
+    pub regex: Option<&'a str>,
+    pub grammar: Option<&'a str>,
     pub n: Option<Int>,
     pub stream: Option<bool>,
     pub stream_options: Option<&'a StreamOptions>,
@@ -237,13 +247,7 @@ impl Shared<'_> {
             "return_hidden_states",
             "hidden states stay on the worker",
         )?;
-        if self.min_tokens.is_some_and(|Int(m)| m != 0) {
-            return Err(ApiError::unsupported(
-                "min_tokens",
-                "min_tokens is not supported: the scheduler cannot hold back EOS and stop tokens for a number of \
-                 steps yet",
-            ));
-        }
+        let json_schema = response_format(self.response_format)?;
         let options = self.stream_options;
         if options.is_some_and(|o| o.continuous_usage_stats == Some(true)) {
             let message = "stream_options.continuous_usage_stats is not supported: usage comes in the last chunk";
@@ -277,7 +281,22 @@ impl Shared<'_> {
             logit_bias: logit_bias(self.logit_bias)?,
             logprobs: None,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(d.skip_special_tokens),
+            min_tokens: self.min_tokens.map_or(0, |Int(m)| m),
+            json_schema,
+            regex: self.regex.map(str::to_owned),
+            grammar: self.grammar.map(str::to_owned),
         };
+        let s = &sampling;
+        let given = [
+            ("response_format", s.json_schema.is_some()),
+            ("regex", s.regex.is_some()),
+            ("grammar", s.grammar.is_some()),
+        ];
+        // The second constraint given is the one at fault.
+        if let Some((param, _)) = given.iter().filter(|(_, on)| *on).nth(1) {
+            let message = "give at most one of response_format (json_object, json_schema), regex, grammar";
+            return Err(ApiError::invalid(*param, message));
+        }
         Ok(Common {
             sampling,
             // Its upper bound depends on the batch size: the hub checks it.
@@ -286,6 +305,43 @@ impl Shared<'_> {
             include_usage,
             tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
         })
+    }
+}
+
+/// OpenAI's `response_format` as the JSON schema the text must follow: none for `text`, any object for
+/// `json_object`, the given schema for `json_schema` (whose `strict` changes nothing: the output always follows it).
+fn response_format(format: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else { return Ok(None) };
+    let Some(kind) = format.get("type").and_then(Value::as_str) else {
+        return Err(ApiError::invalid(
+            "response_format.type",
+            "response_format needs a type: text, json_object or json_schema",
+        ));
+    };
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(serde_json::json!({"type": "object"}))),
+        "json_schema" => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                let message = "response_format of type json_schema needs a json_schema object";
+                return Err(ApiError::invalid("response_format.json_schema", message));
+            };
+            if spec.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+                return Err(ApiError::invalid("response_format.json_schema.strict", "strict must be a boolean"));
+            }
+            match spec.get("schema") {
+                Some(schema) if schema.is_object() || schema.is_boolean() => Ok(Some(schema.clone())),
+                // OpenAI's default: any JSON object.
+                None | Some(Value::Null) => Ok(Some(serde_json::json!({"type": "object"}))),
+                Some(_) => {
+                    Err(ApiError::invalid("response_format.json_schema.schema", "the JSON schema must be an object"))
+                }
+            }
+        }
+        other => Err(ApiError::invalid(
+            "response_format.type",
+            format!("response_format.type must be text, json_object or json_schema, got {other:?}"),
+        )),
     }
 }
 
@@ -316,6 +372,7 @@ pub fn refuse_unless(off: bool, param: &str, why: &str) -> Result<(), ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -368,6 +425,28 @@ mod tests {
         for body in ["{\"count\": ", "", "[1, 2]", "\"x\""] {
             let e = probe(body).unwrap_err();
             assert_eq!((e.status, e.code), (400, "invalid_json"), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn response_formats_become_json_schemas() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let read = |f: Value| response_format(Some(&f));
+        assert_eq!(read(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(read(json!({"type": "json_object"})).unwrap(), Some(json!({"type": "object"})));
+        let f = json!({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": true}});
+        assert_eq!(read(f).unwrap(), Some(schema));
+        for (bad, param) in [
+            (json!({"type": "yaml"}), "response_format.type"),
+            (json!({}), "response_format.type"),
+            (json!({"type": "json_schema"}), "response_format.json_schema"),
+            (json!({"type": "json_schema", "json_schema": {"schema": 3}}), "response_format.json_schema.schema"),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}),
+                "response_format.json_schema.strict",
+            ),
+        ] {
+            assert_eq!(read(bad.clone()).unwrap_err().param.as_deref(), Some(param), "{bad}");
         }
     }
 
