@@ -261,10 +261,9 @@ BAD_TOOL_REQUESTS = [
         "invalid_params",
         "tool_choice.function.name",
     ),
-    ({"tools": [WEATHER], "tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
     (
-        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-        "unsupported_parameter",
+        {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+        "invalid_params",
         "tool_choice",
     ),
     ({"tool_choice": "required"}, "invalid_params", "tool_choice"),
@@ -308,3 +307,78 @@ def test_each_malformed_tool_field_is_a_400_naming_it(oai, fields, code, param):
 def test_the_engine_still_serves_after_the_refusals(oai):
     r = oai.chat.completions.create(model="m", messages=ASK, max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason == "length"
+
+
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}},
+            "required": ["zone"],
+        },
+    },
+}
+# Prompts that ask for no tool: only the forced choice makes the model call one.
+OFF_TOPIC = ["Tell me a joke about cats.", "Write a haiku about rain.", "What is 17 times 3?"]
+
+
+def test_a_forced_choice_always_gives_a_valid_call(oai):
+    """`required` (any tool; one call, as `parallel_tool_calls: false` asks) and a named function, sampled at
+    temperature 0.8 with several seeds on prompts that ask for no tool: every choice ends in one call whose
+    arguments validate. (With parallel calls allowed the model decides how many it writes, and may write calls
+    until `max_tokens`: each of them is still valid, but the choice ends with "length".)"""
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    jobs = [
+        (choice, prompt, seed)
+        for choice in ("required", named)
+        for prompt in OFF_TOPIC
+        for seed in (1, 2)
+    ]
+
+    def ask(job):
+        choice, prompt, seed = job
+        return oai.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": prompt}],
+            tools=list(tools.values()),
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            temperature=0.8,
+            seed=seed,
+            max_tokens=120,
+        )
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(ask, jobs))
+    for (choice, prompt, seed), r in zip(jobs, replies):
+        c = r.choices[0]
+        where = f"{choice} / {prompt!r} / seed {seed}: {c.message}"
+        assert c.finish_reason == "tool_calls", where
+        [call] = c.message.tool_calls
+        assert c.message.content is None, where
+        if choice != "required":
+            assert call.function.name == "get_time", where
+        check_schema(json.loads(call.function.arguments), tools[call.function.name]["function"]["parameters"])
+
+
+def test_a_named_choice_streams_its_call(oai):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        oai.chat.completions.create(
+            messages=[{"role": "user", "content": OFF_TOPIC[0]}],
+            tools=[WEATHER, TIME],
+            tool_choice=named,
+            stream=True,
+            **{**GREEDY, "max_tokens": 80},
+        )
+    )
+    deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "get_weather"
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    check_schema(json.loads(arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks).strip()

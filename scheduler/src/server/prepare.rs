@@ -102,10 +102,17 @@ impl Preparer {
         }
         // Last: compiling a schema is the costliest check.
         let s = &g.sampling;
-        let spec = match (&s.json_schema, &s.regex, &s.grammar) {
-            (Some(schema), _, _) => Some(ConstraintSpec::JsonSchema(schema.clone())),
-            (_, Some(rx), _) => Some(ConstraintSpec::Regex(rx.clone())),
-            (_, _, Some(lark)) => Some(ConstraintSpec::Lark(lark.clone())),
+        let forced_call = plan.as_ref().and_then(|plan| plan.forced_call(self.tool_format()));
+        let spec = match (&s.json_schema, &s.regex, &s.grammar, forced_call) {
+            (None, None, None, Some(lark)) => Some(ConstraintSpec::Lark(lark)),
+            (_, _, _, Some(_)) => {
+                let message = "a forced tool call (tool_choice \"required\" or a named function) is already a \
+                               constraint: it cannot be combined with response_format, regex or grammar";
+                return Err(Rejection::invalid(rid(), "tool_choice", message));
+            }
+            (Some(schema), _, _, None) => Some(ConstraintSpec::JsonSchema(schema.clone())),
+            (_, Some(rx), _, None) => Some(ConstraintSpec::Regex(rx.clone())),
+            (_, _, Some(lark), None) => Some(ConstraintSpec::Lark(lark.clone())),
             _ => None,
         };
         let constraint = match spec {

@@ -85,10 +85,11 @@ impl ToolStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::openai::tools::Forced;
     use serde_json::json;
 
     fn plan(parse: bool) -> ToolPlan {
-        ToolPlan { template_tools: json!([]), names: vec!["f".into()], parse, parallel: true }
+        ToolPlan { template_tools: json!([]), names: vec!["f".into()], parse, parallel: true, forced: Forced::No }
     }
 
     #[test]

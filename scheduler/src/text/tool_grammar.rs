@@ -35,10 +35,18 @@ pub fn forced_call_grammar(format: ToolFormat, functions: &[ForcedFunction<'_>],
     }
     for (i, f) in functions.iter().enumerate() {
         let any_object = json!({"type": "object"});
+        // A function takes the arguments it names: unless its schema says otherwise, no others (JSON Schema's
+        // default would let the model invent keyword arguments that the caller's function then rejects).
+        let mut parameters = f.parameters.unwrap_or(&any_object).clone();
+        if let Some(object) = parameters.as_object_mut()
+            && object.contains_key("properties")
+        {
+            object.entry("additionalProperties").or_insert(json!(false));
+        }
         let schema = json!({
             "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
             "type": "object",
-            "properties": {"name": {"const": f.name}, arguments: f.parameters.unwrap_or(&any_object)},
+            "properties": {"name": {"const": f.name}, arguments: parameters},
             "required": ["name", arguments],
             "additionalProperties": false,
         });
@@ -59,6 +67,13 @@ mod tests {
     fn weather() -> Value {
         json!({"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
                "required": ["city"]})
+    }
+
+    /// `schema` as the grammar holds it: no keys but its properties.
+    fn closed(schema: &Value) -> Value {
+        let mut s = schema.clone();
+        s["additionalProperties"] = json!(false);
+        s
     }
 
     /// The `%json` schemas of a grammar, by rule name.
@@ -87,7 +102,7 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].0, "fn_0");
         assert_eq!(s[0].1["properties"]["name"], json!({"const": "get_weather"}));
-        assert_eq!(s[0].1["properties"]["arguments"], w);
+        assert_eq!(s[0].1["properties"]["arguments"], closed(&w));
         assert_eq!(s[0].1["required"], json!(["name", "arguments"]));
         assert_eq!(s[0].1["additionalProperties"], false);
         let keys: Vec<&String> = s[0].1["properties"].as_object().unwrap().keys().collect();
@@ -105,7 +120,7 @@ mod tests {
         assert_eq!(lines[2], "call: fn_0");
         let s = schemas(&lark);
         assert_eq!(s[0].1["required"], json!(["name", "parameters"]));
-        assert_eq!(s[0].1["properties"]["parameters"], w);
+        assert_eq!(s[0].1["properties"]["parameters"], closed(&w));
     }
 
     #[test]
@@ -133,7 +148,11 @@ mod tests {
         let lark =
             forced_call_grammar(ToolFormat::Hermes, &[ForcedFunction { name: "f-1_x", parameters: Some(&odd) }], false);
         let s = schemas(&lark);
-        assert_eq!(s[0].1["properties"]["arguments"], odd);
+        assert_eq!(s[0].1["properties"]["arguments"], closed(&odd));
+        let open = json!({"type": "object", "properties": {}, "additionalProperties": true});
+        let lark =
+            forced_call_grammar(ToolFormat::Hermes, &[ForcedFunction { name: "g", parameters: Some(&open) }], false);
+        assert_eq!(schemas(&lark)[0].1["properties"]["arguments"], open, "a schema that says so keeps its extra keys");
         assert_eq!(lark.lines().filter(|l| l.contains("%json")).count(), 1, "each schema stays on its line");
     }
 }

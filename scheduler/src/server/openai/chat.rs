@@ -227,11 +227,6 @@ mod tests {
             (user(json!({"tool_choice": 3})), "invalid_params", "tool_choice"),
             (user(json!({"parallel_tool_calls": "yes"})), "invalid_params", "parallel_tool_calls"),
             (
-                user(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
-                "unsupported_parameter",
-                "tool_choice",
-            ),
-            (
                 user(json!({"tools": [{"type": "function", "function": {"name": "f"}}],
                             "tool_choice": {"type": "function", "function": {"name": "g"}}})),
                 "invalid_params",

@@ -5,8 +5,8 @@
 //! What is decided here (docs/http.md, "Tool calls"): the tools are rendered into the chat template whenever
 //! given, `tool_choice: "none"` included (as vLLM does by default: the prompt stays the one the model was
 //! trained on, and only the parsing is off); `"auto"` parses the output for calls; `"required"` and a named
-//! function are checked and then refused, since forcing a call needs the constrained decoding path
-//! (`text::tool_grammar` has the grammar for it).
+//! function force a call: `prepare.rs` compiles [`ToolPlan::forced_grammar`] (`text::tool_grammar`) as the
+//! request's constraint, so every token is one a call in the model's format allows, and the output always parses.
 
 use super::ApiError;
 use super::common::parse_body;
@@ -81,13 +81,33 @@ pub struct ToolPlan {
     pub parse: bool,
     /// `parallel_tool_calls` (default true): false keeps the first call only.
     pub parallel: bool,
+    /// Whether `tool_choice` forces a call, and of which function.
+    pub forced: Forced,
+}
+
+/// What `tool_choice` forces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forced {
+    /// `"auto"` or `"none"`: the model decides.
+    No,
+    /// `"required"`: a call (or, with `parallel_tool_calls`, several) of any of the tools.
+    AnyTool,
+    /// A named function: one call of it.
+    Function(String),
 }
 
 impl ToolPlan {
     /// The grammar that forces a call in `format` (`text::tool_grammar`): of any of the tools
-    /// (`tool_choice: "required"`), or of the one named. For the structured-output path to compile, once forced
-    /// choices are wired to it.
-    pub fn forced_grammar(&self, format: ToolFormat, named: Option<&str>) -> String {
+    /// (`tool_choice: "required"`), or of the one named; `None` when nothing is forced.
+    pub fn forced_call(&self, format: ToolFormat) -> Option<String> {
+        match &self.forced {
+            Forced::No => None,
+            Forced::AnyTool => Some(self.forced_grammar(format, None)),
+            Forced::Function(name) => Some(self.forced_grammar(format, Some(name))),
+        }
+    }
+
+    fn forced_grammar(&self, format: ToolFormat, named: Option<&str>) -> String {
         let functions: Vec<ForcedFunction<'_>> = self
             .template_tools
             .as_array()
@@ -140,10 +160,10 @@ pub fn plan(
         names.push(name.clone());
     }
     let forced = match choice {
-        None => false,
+        None => Forced::No,
         Some(ToolChoice::Mode(mode)) => match mode.as_str() {
-            "none" | "auto" => false,
-            "required" => true,
+            "none" | "auto" => Forced::No,
+            "required" => Forced::AnyTool,
             other => {
                 let message =
                     format!("tool_choice must be \"none\", \"auto\", \"required\" or a named function, got {other:?}");
@@ -160,25 +180,18 @@ pub fn plan(
                     format!("tool_choice.function.name {:?} is not among the request's tools", named.function.name);
                 return Err(ApiError::invalid("tool_choice.function.name", message));
             }
-            true
+            Forced::Function(named.function.name.clone())
         }
     };
-    if forced && names.is_empty() {
+    if forced != Forced::No && names.is_empty() {
         return Err(ApiError::invalid("tool_choice", "tool_choice forces a call but the request has no tools"));
-    }
-    if forced {
-        return Err(ApiError::unsupported(
-            "tool_choice",
-            "tool_choice is not supported for \"required\" or a named function yet: forcing a call needs \
-             constrained decoding, which is not wired to tool calls; use \"auto\"",
-        ));
     }
     if names.is_empty() {
         return Ok(None);
     }
     let parse = !matches!(choice, Some(ToolChoice::Mode(m)) if m == "none");
     let template_tools = serde_json::to_value(tools).expect("tools always serialize");
-    Ok(Some(ToolPlan { template_tools, names, parse, parallel: parallel.unwrap_or(true) }))
+    Ok(Some(ToolPlan { template_tools, names, parse, parallel: parallel.unwrap_or(true), forced }))
 }
 
 /// OpenAI's rule for function names (letters, digits, `_` and `-`, at most 64), with `.` allowed too, as
@@ -348,18 +361,6 @@ mod tests {
                 "\"function\"",
             ),
             (json!({"tool_choice": "required"}), "invalid_params", "tool_choice", "no tools"),
-            (
-                json!({"tools": [weather()], "tool_choice": "required"}),
-                "unsupported_parameter",
-                "tool_choice",
-                "constrained decoding",
-            ),
-            (
-                json!({"tools": [weather()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
-                "unsupported_parameter",
-                "tool_choice",
-                "constrained decoding",
-            ),
         ] {
             let (got_code, got_param, message) = refusal(fields.clone());
             assert_eq!((got_code, got_param.as_str()), (code, param), "{fields}: {message}");
@@ -372,13 +373,19 @@ mod tests {
 
     #[test]
     fn the_forced_grammar_names_every_tool_or_the_one_chosen() {
-        let fields = json!({"tools": [weather(), {"type": "function", "function": {"name": "now"}}]});
-        let plan = plan_of(&generate(fields)).unwrap().unwrap();
-        let any = plan.forced_grammar(ToolFormat::Hermes, None);
+        let tools = json!([weather(), {"type": "function", "function": {"name": "now"}}]);
+        let auto = plan_of(&generate(json!({"tools": tools}))).unwrap().unwrap();
+        assert_eq!((auto.forced.clone(), auto.forced_call(ToolFormat::Hermes)), (Forced::No, None));
+        let plan = plan_of(&generate(json!({"tools": tools, "tool_choice": "required"}))).unwrap().unwrap();
+        assert_eq!(plan.forced, Forced::AnyTool);
+        let any = plan.forced_call(ToolFormat::Hermes).unwrap();
         assert!(any.starts_with("start: call (sep call)*\n"), "{any}");
         assert!(any.contains("fn_0 | fn_1") && any.contains(r#"{"const":"get_weather"}"#), "{any}");
         assert!(any.contains(r#""city":{"type":"string"}"#), "the schema of the parameters: {any}");
-        let one = plan.forced_grammar(ToolFormat::Llama3Json, Some("now"));
+        let named = json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "now"}}});
+        let plan = plan_of(&generate(named)).unwrap().unwrap();
+        assert_eq!(plan.forced, Forced::Function("now".into()));
+        let one = plan.forced_call(ToolFormat::Llama3Json).unwrap();
         assert!(one.starts_with("start: call\n") && one.contains("call: fn_0\n"), "{one}");
         assert!(one.contains(r#"{"const":"now"}"#) && !one.contains("get_weather"), "{one}");
     }
