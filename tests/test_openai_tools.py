@@ -333,10 +333,7 @@ def test_a_forced_choice_always_gives_a_valid_call(oai):
     tools = {"get_weather": WEATHER, "get_time": TIME}
     named = {"type": "function", "function": {"name": "get_time"}}
     jobs = [
-        (choice, prompt, seed)
-        for choice in ("required", named)
-        for prompt in OFF_TOPIC
-        for seed in (1, 2)
+        (choice, prompt, seed) for choice in ("required", named) for prompt in OFF_TOPIC for seed in (1, 2)
     ]
 
     def ask(job):
@@ -354,7 +351,7 @@ def test_a_forced_choice_always_gives_a_valid_call(oai):
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(ask, jobs))
-    for (choice, prompt, seed), r in zip(jobs, replies):
+    for (choice, prompt, seed), r in zip(jobs, replies, strict=True):
         c = r.choices[0]
         where = f"{choice} / {prompt!r} / seed {seed}: {c.message}"
         assert c.finish_reason == "tool_calls", where
