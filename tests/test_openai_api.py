@@ -391,8 +391,12 @@ VOCAB = 151936  # the model's, past the tokenizer's 151665
         ("chat", dict(extra_body={"min_tokens": 3}), "invalid_params", "min_tokens"),
         (
             "chat",
-            dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
-            "unsupported_parameter",
+            dict(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice="required",
+                extra_body={"regex": "a"},
+            ),
+            "invalid_params",
             "tool_choice",
         ),
         ("chat", dict(response_format={"type": "yaml"}), "invalid_params", "response_format.type"),
