@@ -6,11 +6,15 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The worker's test helpers (the HF reference, checkpoints of each family, the fake scheduler) serve here too.
+sys.path.insert(0, str(REPO_ROOT / "worker_py" / "tests"))
 
 # Every engine a test starts without naming an HTTP address (the LLM class, `python -m minisgl.launch`) gets
 # an ephemeral port from the OS instead of 8000, so tests never collide on it, with each other or with

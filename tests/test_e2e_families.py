@@ -14,13 +14,11 @@ chunks, next to the others' decode steps.
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_py" / "tests"))
-from hf_families import QWEN_EOS, hf_greedy, load_hf, make_checkpoint, tokenizer_size  # noqa: E402
+from hf_families import QWEN_EOS, make_checkpoint, tokenizer_size
+from hf_reference import hf_greedy, load_hf
 
 FAMILIES = ["qwen2", "llama3", "mistral", "qwen3", "qwen3_moe"]
 NEW_TOKENS = 24

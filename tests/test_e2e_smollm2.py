@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from conftest import free_tcp_port
+from hf_reference import hf_greedy, load_hf_with_tokenizer, prompt_ids
 from test_model_sources import fake_hub_cache
 
 from minisgl.client import LLM, SamplingParams
@@ -36,33 +36,9 @@ ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "num_pages": 512, "max_batch
 
 @pytest.fixture(scope="module")
 def hf_outputs(smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    outputs = []
-    for prompt in PROMPTS:
-        if isinstance(prompt, str):
-            ids = tok(prompt, return_tensors="pt").input_ids
-        else:
-            ids = tok.apply_chat_template(
-                prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            ids = ids["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                repetition_penalty=1.0,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-        outputs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
-    return outputs
+    tok, model = load_hf_with_tokenizer(smollm2_dir)
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    return [(i, hf_greedy(model, i, NEW_TOKENS, stop_at_eos=True)) for i in ids]
 
 
 @pytest.fixture(scope="module")

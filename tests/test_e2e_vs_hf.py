@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from hf_reference import hf_greedy, load_hf_with_tokenizer, prompt_ids
 
 PROMPTS = [
     [{"role": "user", "content": "Write a Python function that returns the sum of a list."}],
@@ -23,33 +23,9 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def hf_outputs(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outputs = []
-    for prompt in PROMPTS:
-        if isinstance(prompt, str):
-            ids = tok(prompt, return_tensors="pt").input_ids
-        else:
-            ids = tok.apply_chat_template(
-                prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            ids = ids["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                repetition_penalty=1.0,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-        outputs.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
-    return outputs
+    tok, model = load_hf_with_tokenizer(model_dir)
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    return [(i, hf_greedy(model, i, NEW_TOKENS, stop_at_eos=True)) for i in ids]
 
 
 def test_greedy_tokens_equal_hf_transformers(client, hf_outputs):

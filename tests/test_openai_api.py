@@ -12,6 +12,7 @@ import json
 import openai
 import pytest
 import torch
+from hf_reference import hf_greedy, hf_logprobs, load_hf_with_tokenizer
 
 CHAT = [{"role": "user", "content": "List three fruits, then list them again."}]
 CODE = "def add(a, b):\n    return"
@@ -28,12 +29,7 @@ def oai(engine):
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tok, model
+    return load_hf_with_tokenizer(model_dir)
 
 
 def chat_ids(tok) -> list[int]:
@@ -45,13 +41,6 @@ def chat_ids(tok) -> list[int]:
 def ids_of(tokens) -> list[int]:
     """Token ids from logprob tokens written `token_id:<id>` (return_tokens_as_token_ids)."""
     return [int(t.removeprefix("token_id:")) for t in tokens]
-
-
-def hf_logprobs(model, prompt: list[int], ids: list[int]) -> torch.Tensor:
-    """log_softmax of HF's logits at each generated position: row i is what ids[i] was drawn from."""
-    with torch.inference_mode():
-        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def assert_logprobs_match(ref: torch.Tensor, ids: list[int], sampled: list[float], tops: list[list]) -> None:
@@ -170,49 +159,6 @@ def test_the_zmq_door_carries_the_same_logprobs(oai, client):
 # --- penalties, logit bias, min_p --------------------------------------------------------------------------
 
 
-class OpenAIPenalties:
-    """OpenAI's presence and frequency penalties over the generated tokens (HF has no processor for them)."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_len :]
-        counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype)
-        )
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-def hf_greedy(model, prompt: list[int], new: int, *, bias=None, repetition=1.0, presence=0.0, frequency=0.0):
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        SequenceBiasLogitsProcessor,
-    )
-
-    processors = []
-    if bias:
-        processors.append(SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}))
-    if repetition != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition))
-    processors.append(OpenAIPenalties(len(prompt), presence, frequency))
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(processors),
-            repetition_penalty=1.0,  # the checkpoint's generation config has its own; ours is in `processors`
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def generated_ids(response) -> list[int]:
     return ids_of(response.choices[0].logprobs.tokens)
 
@@ -225,7 +171,7 @@ def test_penalties_and_logit_bias_change_greedy_tokens_as_hf_processors_do(oai, 
     prompt = tok(text).input_ids
     base = dict(model="m", prompt=text, max_tokens=new, temperature=0, logprobs=0, extra_body=AS_IDS)
     plain = generated_ids(oai.completions.create(**base))
-    assert plain == hf_greedy(model, prompt, new)
+    assert plain == hf_greedy(model, prompt, new, stop_at_eos=True)
     # The bias pushes a token the greedy output does not start with.
     favoured = tok(" x").input_ids[0]
     cases = [
@@ -247,7 +193,14 @@ def test_penalties_and_logit_bias_change_greedy_tokens_as_hf_processors_do(oai, 
         )
         got = generated_ids(response)
         want = hf_greedy(
-            model, prompt, new, bias=bias, repetition=repetition, presence=presence, frequency=frequency
+            model,
+            prompt,
+            new,
+            stop_at_eos=True,
+            bias=bias,
+            repetition=repetition,
+            presence=presence,
+            frequency=frequency,
         )
         assert got == want, case
         assert got != plain, f"{case} changed nothing"
@@ -266,7 +219,9 @@ def test_chat_penalties_match_hf_too(oai, hf):
         extra_body={**AS_IDS, "repetition_penalty": 1.2},
     )
     got = ids_of(e.token for e in r.choices[0].logprobs.content)
-    assert got == hf_greedy(model, chat_ids(tok), 16, repetition=1.2, presence=0.8, frequency=0.4)
+    assert got == hf_greedy(
+        model, chat_ids(tok), 16, stop_at_eos=True, repetition=1.2, presence=0.8, frequency=0.4
+    )
 
 
 def test_min_p_of_one_keeps_only_the_most_likely_token(oai):

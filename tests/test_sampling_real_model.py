@@ -4,14 +4,10 @@ and the logprobs the result ring carries equal log_softmax of HF's logits within
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "worker_py" / "tests"))  # the fake scheduler of the worker's own tests
-from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
+from fake_steps import Join, ReadySteps, StepBuilder
+from hf_reference import hf_greedy_join, hf_logprobs, load_hf_with_tokenizer
 
 NEW_TOKENS = 12
 PAGE = 16
@@ -19,53 +15,7 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tok, model
-
-
-class OpenAIPenalties:
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_len :]
-        counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype)
-        )
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-def hf_generate(model, prompt: list[int], join: Join) -> list[int]:
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        SequenceBiasLogitsProcessor,
-    )
-
-    processors = []
-    if join.bias:
-        processors.append(SequenceBiasLogitsProcessor({(t,): b for t, b in join.bias}))
-    if join.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(join.repetition_penalty))
-    processors.append(OpenAIPenalties(len(prompt), join.presence_penalty, join.frequency_penalty))
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(processors),
-            repetition_penalty=1.0,  # the checkpoint's generation config has its own; ours is in `processors`
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return out[0, len(prompt) :].tolist()
+    return load_hf_with_tokenizer(model_dir)
 
 
 def test_penalized_greedy_tokens_and_logprobs_match_hf(model_dir, hf):
@@ -111,11 +61,8 @@ def test_penalized_greedy_tokens_and_logprobs_match_hf(model_dir, hf):
     tokens = {s: [out[i] for _, out in ready.results] for i, s in enumerate(prompts)}
 
     for i, s in enumerate(prompts):
-        assert tokens[s] == hf_generate(model, prompts[s], joins[s]), s
-        sequence = torch.tensor([prompts[s] + tokens[s]])
-        with torch.inference_mode():
-            logits = model(sequence).logits[0, len(prompts[s]) - 1 : -1]
-        ref = torch.log_softmax(logits.float(), dim=-1)
+        assert tokens[s] == hf_greedy_join(model, prompts[s], joins[s], NEW_TOKENS), s
+        ref = hf_logprobs(model, prompts[s], tokens[s])
         for step, lp in enumerate(ready.logprobs):
             assert lp.top_ids.shape == (2, 20)  # the most either request asked for
             assert abs(lp.logprob[i] - ref[step, tokens[s][step]].item()) < 1e-4
@@ -124,4 +71,4 @@ def test_penalized_greedy_tokens_and_logprobs_match_hf(model_dir, hf):
             got_ids = torch.from_numpy(lp.top_ids[i]).long()
             assert torch.allclose(ref[step, got_ids], values, atol=1e-4, rtol=0)
     # The options changed request 0's tokens: the bias and penalties took effect.
-    assert tokens[0] != hf_generate(model, prompts[0], Join(0))
+    assert tokens[0] != hf_greedy_join(model, prompts[0], Join(0), NEW_TOKENS)

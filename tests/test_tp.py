@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_tcp_port
+from hf_families import make_checkpoint, tokenizer_size
 from test_launch import assert_all_gone, children_of, launch, our_segments, wait_ready
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_py" / "tests"))
-from hf_families import make_checkpoint, tokenizer_size  # noqa: E402
 
 NEW_TOKENS = 8
 

@@ -37,7 +37,7 @@ and cos/sin of position * inv_freq, rotate_half layout (first half of the head p
   end) where HF's one forward would use theta'(prompt length) for the whole prompt, so a prompt longer than M
   must be prefilled in one chunk to match HF (HF run with the same chunks matches the chunked engine); (2)
   HF's batched generate uses the longest sequence of the padded batch for every row; (3) transformers keeps
-  the enlarged inv_freq across calls until a call shorter than M resets it (hf_families.reset_rope_state).
+  the enlarged inv_freq across calls until a call shorter than M resets it (hf_reference.reset_rope_state).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from pathlib import Path
 import pytest
 import torch
 from fake_steps import StepBuilder
-from hf_families import FAMILIES, hf_greedy, hf_last_logits, load_hf, make_checkpoint, make_variant
+from hf_families import FAMILIES, make_checkpoint, make_variant
+from hf_reference import hf_greedy, hf_last_logits, load_hf
 from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.worker.runner import ModelRunner

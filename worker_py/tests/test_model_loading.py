@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from fake_steps import StepBuilder
+from hf_reference import hf_last_logits, load_hf
 from safetensors.torch import load_file, save_file
-from tiny_qwen import cpu_config, hf_last_logits, load_hf, make_tiny_qwen
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_steps import StepBuilder
-from tiny_qwen import cpu_config, hf_greedy, hf_last_logits, load_hf, make_tiny_qwen
+from hf_reference import hf_greedy, hf_last_logits, load_hf
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.worker.runner import ModelRunner
 

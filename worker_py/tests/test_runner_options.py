@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from fake_steps import Join, ReadySteps, StepBuilder
-from tiny_qwen import cpu_config, load_hf, make_tiny_qwen
+from hf_reference import hf_greedy_join, load_hf
+from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.sampling.params import COUNT_MASK
 from minisgl.sampling.penalties import TokenCounts
@@ -34,48 +35,6 @@ def hf_model(model_dir):
 
 def make_runner(model_dir, **kw) -> ModelRunner:
     return ModelRunner(cpu_config(model_dir, PAGES, PAGE, 8, 64, **kw), show_progress=False)
-
-
-class OpenAIPenalties:
-    """OpenAI's presence and frequency penalties over the tokens generated after `prompt_len`, as an HF
-    logits processor."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_len :]
-        counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype)
-        )
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-def hf_greedy_with(model, prompt: list[int], join: Join, new_tokens: int = NEW) -> list[int]:
-    """HF's generate, greedy, with HF's own bias and repetition processors (in HF's order: bias first) and
-    OpenAI's penalties after them: the order docs/protocol.md gives."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        SequenceBiasLogitsProcessor,
-    )
-
-    processors = []
-    if join.bias:
-        processors.append(SequenceBiasLogitsProcessor({(t,): b for t, b in join.bias}))
-    if join.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(join.repetition_penalty))
-    processors.append(OpenAIPenalties(len(prompt), join.presence_penalty, join.frequency_penalty))
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(processors),
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def generate(runner, builder, reqs: dict[int, tuple[list[int], Join]], new_tokens: int = NEW, chunk=None):
@@ -117,7 +76,7 @@ def test_greedy_penalties_and_bias_match_hf_generate(model_dir, hf_model):
     runner = make_runner(model_dir)
     got = generate(runner, StepBuilder(PAGES, PAGE), {s: (PROMPTS[s], JOINS[s]) for s in PROMPTS})
     for s in PROMPTS:
-        assert got[s] == hf_greedy_with(hf_model, PROMPTS[s], JOINS[s]), s
+        assert got[s] == hf_greedy_join(hf_model, PROMPTS[s], JOINS[s], NEW), s
     # The options change the tokens (else the comparison would prove little).
     plain = generate(
         make_runner(model_dir), StepBuilder(PAGES, PAGE), {s: (PROMPTS[s], Join(s)) for s in PROMPTS}

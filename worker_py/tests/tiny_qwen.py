@@ -46,27 +46,3 @@ def make_tiny_qwen(
     model = Qwen2ForCausalLM(config).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     return path
-
-
-def load_hf(path: Path):
-    from transformers import Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            repetition_penalty=1.0,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def hf_last_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0, -1]
