@@ -53,6 +53,8 @@ CONFIGS = {
     "flashinfer+graphs+fused": {"attention": "flashinfer", "decode_attention": "flashinfer"},
     # Our Triton decode attention, graphs, fused kernels and small-batch projections.
     "default": {},
+    # The same, with the sampling run eagerly after each replayed graph (the default before 2026-12-06).
+    "eager_sampling": {"graph_sampling": False},
 }
 
 
@@ -211,6 +213,8 @@ def prefill_and_steps(
 # Sampling options compared by --sampling-options: name -> the join of slot s.
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}
 OPTIONS = {
+    "greedy": lambda s: Join(s),
+    "temperature": lambda s: Join(s, seed=s, temperature=SAMPLED["temperature"]),
     "none": lambda s: Join(s, seed=s, **SAMPLED),
     "penalties": lambda s: Join(
         s, seed=s, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, **SAMPLED
@@ -232,6 +236,18 @@ OPTIONS = {
 }
 
 
+def overlapped(runner: ModelRunner, decode: list, warm: int) -> tuple[dict, list]:
+    """The steps through the overlapped loop (step N+1 launched before N is awaited, as the worker serves),
+    all ready: the loop's step time (median after `warm` steps) with StepEvents' summary (the GPU's busy time
+    per step, idle share, host time in launch()), and each step's (id, tokens)."""
+    ring = ReadySteps(decode)
+    events = StepEvents(runner)
+    run_steps(runner, ring, ring, overlap=True)
+    del runner.launch  # back to the class's method
+    row = {"overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:]))} | events.summary(warm)
+    return row, ring.results
+
+
 def time_sampling_options(
     model_dir: Path, config: str, batches: list[int], prompt_len: int, steps: int, warm: int
 ) -> dict:
@@ -241,13 +257,8 @@ def time_sampling_options(
     out = {}
     for batch in batches:
         for name, join in OPTIONS.items():
-            ring = ReadySteps(prefill_and_steps(runner, batch, prompt_len, steps, seed=batch, join=join))
-            events = StepEvents(runner)
-            run_steps(runner, ring, ring, overlap=True)
-            del runner.launch
-            row = {"overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:]))}
-            row |= events.summary(warm)
-            out[f"{name} b{batch}"] = row
+            decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch, join=join)
+            row = out[f"{name} b{batch}"] = overlapped(runner, decode, warm)[0]
             log(f"  {config} {name} batch {batch}: {row}")
     return out
 
@@ -295,13 +306,8 @@ def time_masks(
     for count in counts:
         bits = random_masks(count, vocab, seed=count)
         decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch, join=OPTIONS["none"])
-        ring = ReadySteps([with_masks(step, count, bits) for step in decode])
-        events = StepEvents(runner)
-        run_steps(runner, ring, ring, overlap=True)
-        del runner.launch
-        row = {"overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:]))}
-        row |= events.summary(warm)
-        out[f"b{batch} masked{count}"] = row
+        decode = [with_masks(step, count, bits) for step in decode]
+        row = out[f"b{batch} masked{count}"] = overlapped(runner, decode, warm)[0]
         log(f"  {config} batch {batch}, {count} masked: {row}")
     base = out[f"b{batch} masked{counts[0]}"]["gpu_step_ms"]
     for row in out.values():
@@ -324,17 +330,11 @@ def time_decode(
             seq_tokens.append(runner.run_step(step).numpy())
             times.append(time.perf_counter() - t0)
         row["sync_ms"] = 1e3 * statistics.median(times[warm:])
-        # The overlapped loop, step N+1 launched before N is awaited, as the worker serves.
         decode = prefill_and_steps(runner, batch, prompt_len, steps, seed=batch)
-        ring = ReadySteps(decode)
-        events = StepEvents(runner)
-        run_steps(runner, ring, ring, overlap=True)
-        del runner.launch  # back to the class's method
-        gaps = np.diff(ring.times)[warm:]
-        row["overlap_ms"] = 1e3 * float(np.median(gaps))
-        row |= {k: v for k, v in events.summary(warm).items()}
+        summary, results = overlapped(runner, decode, warm)
+        row |= summary
         row["overlap_tokens_equal"] = all(
-            np.array_equal(a, b) for (_, a), b in zip(ring.results, seq_tokens, strict=True)
+            np.array_equal(a, b) for (_, a), b in zip(results, seq_tokens, strict=True)
         )
         out[batch] = row
         log(f"  {config} batch {batch}: {row}")
@@ -399,13 +399,33 @@ def time_prefill(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
     return out
 
 
-def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 10) -> dict:
-    """Host time of `launch` for small extend steps (the GPU work is a fraction of it), and a Python profile
-    of a few launches: where an eager prefill's host time goes."""
+def launch_host(runner: ModelRunner, timed: list, profiled: list, top: int) -> tuple[list[float], str]:
+    """Host seconds in `launch` of each of the `timed` steps (run one at a time, the device idle at each
+    launch), and cProfile's `top` functions by own time over the `profiled` steps' launches and collects."""
     import cProfile
     import io
     import pstats
 
+    host = []
+    for step in timed:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        handle = runner.launch(step)
+        host.append(time.perf_counter() - t0)
+        runner.collect(handle)
+    prof = cProfile.Profile()
+    prof.enable()
+    for step in profiled:
+        runner.collect(runner.launch(step))
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return host, text.getvalue()
+
+
+def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 10) -> dict:
+    """Host time of `launch` for small extend steps (the GPU work is a fraction of it), and a Python profile
+    of a few launches: where an eager prefill's host time goes."""
     runner = new_runner(model_dir, config)
     rng = np.random.default_rng(0)
     out = {}
@@ -419,26 +439,28 @@ def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
             for s in slots:
                 b.release(s)
         runner.collect(runner.launch(steps[0]))
-        host = []
-        for step in steps[1:]:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            handle = runner.launch(step)
-            host.append(time.perf_counter() - t0)
-            runner.collect(handle)
-        prof = cProfile.Profile()
-        prof.enable()
-        for step in steps[1:4]:
-            runner.collect(runner.launch(step))
-        prof.disable()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
-        out[f"{reqs}x{length}"] = {
-            "host_launch_ms": 1e3 * statistics.median(host),
-            "profile": text.getvalue(),
-        }
+        host, text = launch_host(runner, steps[1:], steps[1:4], top=18)
+        out[f"{reqs}x{length}"] = {"host_launch_ms": 1e3 * statistics.median(host), "profile": text}
         log(f"  {config} prefill host {reqs}x{length}: {1e3 * statistics.median(host):.2f} ms")
-        log(text.getvalue())
+        log(text)
+    runner = None
+    free_memory()
+    return out
+
+
+def decode_host(model_dir: Path, config: str, batches: list[int], steps: int = 64) -> dict:
+    """Host time of `launch` for decode steps, greedy and sampled (temperature + top_p), and a Python profile
+    of their launches: where a small decode step's host path goes (issue 12 asks <= 0.15 ms at batch 1)."""
+    runner = new_runner(model_dir, config)
+    out = {}
+    for batch in batches:
+        for name in ("greedy", "none"):
+            decode = prefill_and_steps(runner, batch, 16, steps, seed=batch, join=OPTIONS[name])
+            host, text = launch_host(runner, decode[: steps // 2], decode[steps // 2 :], top=25)
+            key = f"{name} b{batch}"
+            out[key] = {"host_launch_ms": 1e3 * statistics.median(host[4:]), "profile": text}
+            log(f"  {config} decode host {key}: {out[key]['host_launch_ms']:.3f} ms")
+            log(text)
     runner = None
     free_memory()
     return out
@@ -466,14 +488,9 @@ def time_long_decode(
     b = StepBuilder(runner.num_pages, PAGE_SIZE, seed=1)
     lengths = rng.integers(lo, hi + 1, batch).tolist()
     slots = fill(runner, b, lengths, rng)
-    ring = ReadySteps([b.decode(slots) for _ in range(steps)])
-    events = StepEvents(runner)
-    run_steps(runner, ring, ring, overlap=True)
-    del runner.launch
     row = {
         "mean_context": float(np.mean(lengths)),
-        "overlap_ms": 1e3 * float(np.median(np.diff(ring.times)[warm:])),
-        **events.summary(warm),
+        **overlapped(runner, [b.decode(slots) for _ in range(steps)], warm)[0],
         **kernel_table(lambda: runner.run_step(b.decode(slots)), 4),
     }
     log(f"  {config} long decode b{batch} [{lo}, {hi}]: {row}")
@@ -623,6 +640,9 @@ def main() -> int:
         "--prefill-host", default="", help="extend steps whose launch() to profile, e.g. 1x32,16x32"
     )
     p.add_argument(
+        "--decode-host", default="", help="batch sizes whose decode launch() to profile, e.g. 1,16"
+    )
+    p.add_argument(
         "--sampling-options", default="", help="batch sizes at which to time decode with sampling options"
     )
     p.add_argument(
@@ -696,6 +716,15 @@ def main() -> int:
         except Exception:
             results.setdefault("errors", {})["masks"] = traceback.format_exc()
             log(results["errors"]["masks"])
+        free_memory()
+        save()
+    for config in configs if a.decode_host else []:
+        try:
+            batches_host = [int(x) for x in a.decode_host.split(",")]
+            results.setdefault("decode_host", {})[config] = decode_host(model_dir, config, batches_host)
+        except Exception:
+            results.setdefault("errors", {})["decode_host"] = traceback.format_exc()
+            log(results["errors"]["decode_host"])
         free_memory()
         save()
     for config in configs if a.prefill or a.long_decode or a.prefill_host else []:

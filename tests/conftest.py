@@ -48,25 +48,33 @@ E2E_MAX_SEQ_LEN = 4096
 E2E_MAX_BATCH = 48
 
 
+def cpu_engine_config(model_dir: Path, **overrides):
+    """An engine of `model_dir` on the CPU in float32, on free loopback ports: the end-to-end tests' engine,
+    with `overrides` (EngineConfig's fields)."""
+    from minisgl.launch import EngineConfig
+
+    fields = {
+        "model": str(model_dir),
+        "listen": f"tcp://127.0.0.1:{free_tcp_port()}",
+        "http": f"127.0.0.1:{free_tcp_port()}",
+        "device": "cpu",
+        "dtype": "float32",
+        "num_pages": 2048,
+        "page_size": 16,
+        "max_batch": E2E_MAX_BATCH,
+        "max_step_tokens": 2048,
+        "max_seq_len": E2E_MAX_SEQ_LEN,
+        "log_level": os.environ.get("MINISGL_LOG", "info"),
+        "ready_timeout_s": 300,
+    }
+    return EngineConfig(**(fields | overrides))
+
+
 @pytest.fixture(scope="session")
 def engine(model_dir: Path):
-    from minisgl.launch import Engine, EngineConfig
+    from minisgl.launch import Engine
 
-    config = EngineConfig(
-        model=str(model_dir),
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        http=f"127.0.0.1:{free_tcp_port()}",
-        device="cpu",
-        dtype="float32",
-        num_pages=2048,
-        page_size=16,
-        max_batch=E2E_MAX_BATCH,
-        max_step_tokens=2048,
-        max_seq_len=E2E_MAX_SEQ_LEN,
-        log_level=os.environ.get("MINISGL_LOG", "info"),
-        ready_timeout_s=300,
-    )
-    with Engine(config) as running:
+    with Engine(cpu_engine_config(model_dir)) as running:
         yield running
 
 

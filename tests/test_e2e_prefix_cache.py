@@ -4,10 +4,9 @@ mixed steps change when work is done, never what a request generates."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from conftest import free_tcp_port
+from conftest import cpu_engine_config
 
 PAGE_SIZE = 16
 TOPICS = ["a binary search", "the TCP handshake", "photosynthesis", "prime numbers", "black holes"]
@@ -33,21 +32,10 @@ def distinct_requests(n: int) -> list[tuple[dict, dict]]:
 @pytest.fixture(scope="module")
 def small_pool_engine(model_dir):
     """The default model with a KV pool far smaller than its load."""
-    from minisgl.launch import Engine, EngineConfig
+    from minisgl.launch import Engine
 
-    config = EngineConfig(
-        model=str(model_dir),
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        http=f"127.0.0.1:{free_tcp_port()}",
-        device="cpu",
-        dtype="float32",
-        num_pages=100,
-        page_size=PAGE_SIZE,
-        max_batch=64,
-        max_step_tokens=512,
-        max_seq_len=1024,
-        log_level=os.environ.get("MINISGL_LOG", "info"),
-        ready_timeout_s=300,
+    config = cpu_engine_config(
+        model_dir, num_pages=100, page_size=PAGE_SIZE, max_batch=64, max_step_tokens=512, max_seq_len=1024
     )
     with Engine(config) as running:
         yield running

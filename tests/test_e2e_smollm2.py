@@ -4,10 +4,8 @@ and a hub-cache id for it serve the same tokens as the directory."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from conftest import free_tcp_port
+from conftest import cpu_engine_config
 from hf_reference import hf_greedy, load_hf_with_tokenizer, prompt_ids
 from test_model_sources import fake_hub_cache
 
@@ -44,19 +42,9 @@ def hf_outputs(smollm2_dir):
 @pytest.fixture(scope="module")
 def smollm2_client(smollm2_dir):
     from minisgl.client import Client
-    from minisgl.launch import Engine, EngineConfig
+    from minisgl.launch import Engine
 
-    config = EngineConfig(
-        model=str(smollm2_dir),
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        http=f"127.0.0.1:{free_tcp_port()}",
-        page_size=16,
-        max_step_tokens=2048,
-        max_seq_len=2048,
-        log_level=os.environ.get("MINISGL_LOG", "info"),
-        ready_timeout_s=300,
-        **ENGINE_ARGS,
-    )
+    config = cpu_engine_config(smollm2_dir, max_seq_len=2048, **ENGINE_ARGS)
     with Engine(config) as running, Client(running.config.listen, timeout_s=300) as client:
         yield client
 

@@ -356,7 +356,7 @@ VOCAB = 151936  # the model's, past the tokenizer's 151665
         ),
         ("chat", dict(response_format={"type": "yaml"}), "invalid_params", "response_format.type"),
         ("chat", dict(extra_body={"regex": "a("}), "invalid_params", "regex"),
-        ("completions", dict(echo=True, logprobs=1), "unsupported_parameter", "echo"),
+        ("completions", dict(max_tokens=0), "invalid_params", "max_tokens"),
         ("completions", dict(logprobs=21), "invalid_params", "logprobs"),
         ("completions", dict(best_of=3), "unsupported_parameter", "best_of"),
         ("completions", dict(suffix="x"), "unsupported_parameter", "suffix"),

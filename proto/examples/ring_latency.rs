@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(r#"{{"step_ring": "{step_name}", "result_ring": "{result_name}"}}"#);
     std::io::stdout().flush()?;
 
-    let (step_layout, result_layout) = (StepLayout::new(CAP), ResultLayout::new(CAP.max_reqs));
+    let (step_layout, result_layout) = (StepLayout::new(CAP), ResultLayout::new(CAP));
     let live = Liveness::timeout(Duration::from_secs(60));
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..warmup + iterations {

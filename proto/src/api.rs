@@ -163,6 +163,10 @@ pub struct Sampling {
     /// `None`: no logprobs; `Some(k)`: each token's logprob and the `k` (`0 ..= 20`) most likely tokens'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<i64>,
+    /// vLLM's: `None`, or `Some(k)`: the logprob of every prompt token but the first (which has nothing before
+    /// it) and the `k` (`0 ..= 20`) most likely tokens at each of those positions, computed by the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<i64>,
     /// Leave special tokens (`<|im_end|>`, ...) out of the text, as `decode` does by default.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub skip_special_tokens: bool,
@@ -223,6 +227,7 @@ impl Default for Sampling {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             min_tokens: 0,
             json_schema: None,
@@ -318,6 +323,7 @@ struct WireSampling {
     repetition_penalty: Option<f64>,
     logit_bias: Option<Vec<(u32, f64)>>,
     logprobs: Option<i64>,
+    prompt_logprobs: Option<i64>,
     skip_special_tokens: Option<bool>,
     min_tokens: Option<i64>,
     json_schema: Option<Value>,
@@ -343,6 +349,7 @@ impl From<WireSampling> for Sampling {
             repetition_penalty: w.repetition_penalty.unwrap_or(d.repetition_penalty),
             logit_bias: w.logit_bias.unwrap_or_default(),
             logprobs: w.logprobs,
+            prompt_logprobs: w.prompt_logprobs,
             skip_special_tokens: w.skip_special_tokens.unwrap_or(d.skip_special_tokens),
             min_tokens: w.min_tokens.unwrap_or(d.min_tokens),
             json_schema: w.json_schema.filter(|v| !v.is_null()),
@@ -476,6 +483,10 @@ pub fn validate(g: &Generate) -> Result<(), Rejection> {
     if let Some(k) = s.logprobs.filter(|&k| !(0..=MAX_TOP_LOGPROBS as i64).contains(&k)) {
         return bad("logprobs", format!("logprobs must be in [0, {MAX_TOP_LOGPROBS}] top tokens, got {k}"));
     }
+    if let Some(k) = s.prompt_logprobs.filter(|&k| !(0..=MAX_TOP_LOGPROBS as i64).contains(&k)) {
+        let message = format!("prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}] top tokens, got {k}");
+        return bad("prompt_logprobs", message);
+    }
     if !(0..=s.max_tokens).contains(&s.min_tokens) {
         return bad("min_tokens", format!("min_tokens must be in [0, max_tokens], got {}", s.min_tokens));
     }
@@ -520,6 +531,13 @@ pub struct Delta {
     /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// When the request asked for `prompt_logprobs`, the sample's first delta carries them: one entry per prompt
+    /// token, nil for the first. Left off the wire otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// The prompt's ids, beside `prompt_logprobs` (and only with them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
     /// The tool calls that ended with this delta's text (whole calls: a call is known once it closes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
@@ -534,14 +552,20 @@ pub struct TokenLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
+/// Why a request ended (the scheduler's core decides it, and it goes out as it is).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
+    /// An EOS id (unless `ignore_eos`), one of `stop_token_ids` or a stop string.
     Stop,
+    /// `max_tokens` were generated, or the context length was reached.
     Length,
+    /// The engine ended it: the client aborted it or went away. The core never decides this itself.
     Abort,
+    /// The worker failed the step, or returned something that is not a token.
     Error,
-    /// The KV cache could not hold the request even with every other request preempted.
+    /// The KV cache cannot hold the request even with every other request preempted (or, waiting, with every
+    /// page free).
     Memory,
 }
 
@@ -565,6 +589,12 @@ pub struct Final {
     /// One entry per id of `token_ids`, when the request asked for logprobs; left off the wire otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// One entry per prompt token, nil for the first, when the request asked for `prompt_logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// The prompt's ids, beside `prompt_logprobs` (and only with them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
     /// The sample's tool calls, when its request offered tools and the model called some; `text` is then the
     /// content outside the calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -68,7 +68,12 @@ pub struct StepHeader {
     pub num_bias: u32,
     /// Token masks in `mask_bits` (at most one per request), each `mask_words` long.
     pub num_masks: u32,
-    pub _reserved: [u32; 7],
+    /// 1 when some request of the step asks for its prompt's logprobs: `logprob_target` then has `num_tokens`
+    /// entries, else none.
+    pub prompt_logprobs: u32,
+    /// The most top logprobs any request asks for at its prompt positions (0 ..= 20).
+    pub prompt_top: u32,
+    pub _reserved: [u32; 5],
 }
 
 #[repr(C)]
@@ -81,7 +86,11 @@ pub struct ResultHeader {
     pub logprobs: u32,
     /// Top logprobs per request in `top_ids` and `top_logprobs` (0 ..= 20), rows packed one after another.
     pub num_top: u32,
-    pub _reserved: [u32; 10],
+    /// Prompt-logprob entries `p`: one per position of the step whose `logprob_target` is a token, in step order.
+    pub num_prompt: u32,
+    /// Top entries per prompt-logprob entry (0 ..= 20), rows packed one after another.
+    pub prompt_top: u32,
+    pub _reserved: [u32; 8],
 }
 
 const _: () = assert!(std::mem::size_of::<StepHeader>() == SLOT_HEADER_BYTES);
@@ -111,6 +120,12 @@ pub enum Basis {
     TopLogprobs,
     /// R * W entries, `g * W` used: the step's token masks, W words each.
     Masks,
+    /// T entries; `t` used when the step header's `prompt_logprobs` is 1, else none.
+    Targets,
+    /// T entries, `p` used: one per prompt-logprob entry of a result.
+    PromptLogprobs,
+    /// T * MAX_TOP_LOGPROBS entries, `p * q` used, with `q` the result header's `prompt_top`.
+    PromptTop,
 }
 
 impl Basis {
@@ -127,6 +142,9 @@ impl Basis {
             Self::Logprobs => "l",
             Self::TopLogprobs => "l*m",
             Self::Masks => "g*W",
+            Self::Targets => "u",
+            Self::PromptLogprobs => "p",
+            Self::PromptTop => "p*q",
         }
     }
 
@@ -140,6 +158,8 @@ impl Basis {
             Self::Bias => "R*300",
             Self::TopLogprobs => "R*20",
             Self::Masks => "R*W",
+            Self::Targets | Self::PromptLogprobs => "T",
+            Self::PromptTop => "T*20",
         }
     }
 
@@ -153,6 +173,8 @@ impl Basis {
             Self::Bias => r * MAX_LOGIT_BIAS,
             Self::TopLogprobs => r * MAX_TOP_LOGPROBS,
             Self::Masks => r * cap.mask_words as usize,
+            Self::Targets | Self::PromptLogprobs => t,
+            Self::PromptTop => t * MAX_TOP_LOGPROBS,
         }
     }
 }
@@ -182,8 +204,27 @@ impl SlotHeader for StepHeader {
             Basis::Bias => n(self.num_bias),
             // Read only through the layout, which knows W: see `StepRef::new`.
             Basis::Masks => n(self.num_masks),
-            Basis::Logprobs | Basis::TopLogprobs => unreachable!("a step slot has no {basis:?} array"),
+            Basis::Targets => {
+                if self.prompt_logprobs != 0 {
+                    n(self.num_tokens)
+                } else {
+                    0
+                }
+            }
+            Basis::Logprobs | Basis::TopLogprobs | Basis::PromptLogprobs | Basis::PromptTop => {
+                unreachable!("a step slot has no {basis:?} array")
+            }
         }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.prompt_logprobs > 1 {
+            return Err(format!("prompt_logprobs flag {}, not 0 or 1", self.prompt_logprobs));
+        }
+        if self.prompt_top as usize > MAX_TOP_LOGPROBS {
+            return Err(format!("{} top prompt logprobs a position; at most {MAX_TOP_LOGPROBS}", self.prompt_top));
+        }
+        Ok(())
     }
 }
 
@@ -194,6 +235,8 @@ impl SlotHeader for ResultHeader {
             Basis::Reqs => self.num_reqs as usize,
             Basis::Logprobs => l,
             Basis::TopLogprobs => l * self.num_top as usize,
+            Basis::PromptLogprobs => self.num_prompt as usize,
+            Basis::PromptTop => self.num_prompt as usize * self.prompt_top as usize,
             _ => unreachable!("a result slot has no {basis:?} array"),
         }
     }
@@ -204,6 +247,9 @@ impl SlotHeader for ResultHeader {
         }
         if self.num_top as usize > MAX_TOP_LOGPROBS {
             return Err(format!("{} top logprobs a request; at most {MAX_TOP_LOGPROBS}", self.num_top));
+        }
+        if self.prompt_top as usize > MAX_TOP_LOGPROBS {
+            return Err(format!("{} top prompt logprobs an entry; at most {MAX_TOP_LOGPROBS}", self.prompt_top));
         }
         Ok(())
     }
@@ -407,6 +453,8 @@ slot_arrays! {
         mask_row: i32 = Reqs,
         /// `num_masks` rows of W words; bit `i % 32` of word `i / 32` set means token `i` may be sampled.
         mask_bits: u32 = Masks,
+        /// Per new token: the token whose logprob the worker returns for this position's logits, or -1 for none.
+        logprob_target: i32 = Targets,
     }
 }
 
@@ -429,13 +477,18 @@ slot_arrays! {
         logprob: f32 = Logprobs,
         top_ids: i32 = TopLogprobs,
         top_logprobs: f32 = TopLogprobs,
+        /// Per position of the step with a `logprob_target`, in step order: that target's logprob.
+        prompt_logprob: f32 = PromptLogprobs,
+        /// Entry e's `prompt_top` most likely tokens are entries `e*q .. (e+1)*q`.
+        prompt_top_ids: i32 = PromptTop,
+        prompt_top_logprobs: f32 = PromptTop,
     }
 }
 
 impl ResultLayout {
-    /// Only R matters to a result slot.
-    pub fn new(max_reqs: u32) -> Self {
-        Self::with_capacity(Capacity { max_reqs, max_tokens: 0, max_kv_indices: 0, mask_words: 0 })
+    /// R and T matter to a result slot (K and W do not).
+    pub fn new(cap: Capacity) -> Self {
+        Self::with_capacity(Capacity { max_kv_indices: 0, mask_words: 0, ..cap })
     }
 }
 
@@ -446,6 +499,14 @@ impl ResultRef<'_> {
         let &lp = self.logprob.get(r)?;
         let m = self.header.num_top as usize;
         Some((lp, &self.top_ids[r * m..(r + 1) * m], &self.top_logprobs[r * m..(r + 1) * m]))
+    }
+
+    /// Prompt-logprob entry `e`: its target's logprob, then the ids and logprobs of the `prompt_top` most likely
+    /// tokens at its position.
+    pub fn prompt_logprobs_of(&self, e: usize) -> Option<(f32, &[i32], &[f32])> {
+        let &lp = self.prompt_logprob.get(e)?;
+        let q = self.header.prompt_top as usize;
+        Some((lp, &self.prompt_top_ids[e * q..(e + 1) * q], &self.prompt_top_logprobs[e * q..(e + 1) * q]))
     }
 }
 
@@ -496,11 +557,13 @@ mod tests {
         assert_eq!(l.join_seed.len(), 3 * 8);
         assert_eq!(l.join_bias_ids.len(), 3 * 300 * 4);
         assert_eq!(l.mask_bits.len(), 3 * 2 * 4);
-        assert_eq!(l.slot_bytes, l.mask_bits.end.next_multiple_of(ALIGN));
-        let r = ResultLayout::new(3);
+        assert_eq!(l.logprob_target.len(), 5 * 4);
+        assert_eq!(l.slot_bytes, l.logprob_target.end.next_multiple_of(ALIGN));
+        let r = ResultLayout::new(Capacity { max_reqs: 3, ..CAP });
         check_ranges(r.ranges(), &r.cap);
         assert_eq!(r.top_ids.len(), 3 * 20 * 4);
-        assert_eq!(r.slot_bytes, r.top_logprobs.end.next_multiple_of(ALIGN));
+        assert_eq!(r.prompt_top_ids.len(), 5 * 20 * 4);
+        assert_eq!(r.slot_bytes, r.prompt_top_logprobs.end.next_multiple_of(ALIGN));
     }
 
     #[test]
@@ -552,7 +615,8 @@ mod tests {
         let used: Vec<_> = r.bytes().map(|(a, b)| (a.name, b.len())).collect();
         assert_eq!(&used[..3], &[("req_slot", 8), ("seq_len", 8), ("qo_indptr", 12)]);
         assert_eq!((r.mask_row, r.mask_bits), (&[-1, 0][..], &[0x8000_0001, 7][..]));
-        assert_eq!(used.last(), Some(&("mask_bits", 8)));
+        // A step that asks for no prompt logprobs has no targets.
+        assert_eq!(&used[used.len() - 2..], &[("mask_bits", 8), ("logprob_target", 0)]);
     }
 
     #[test]
@@ -573,7 +637,7 @@ mod tests {
 
     #[test]
     fn results_read_back() {
-        let l = ResultLayout::new(4);
+        let l = ResultLayout::new(Capacity { max_reqs: 4, ..CAP });
         let mut buf = SlotBuf::zeroed(l.slot_bytes);
         {
             let r = ResultMut::new(&l, buf.bytes_mut());
@@ -588,7 +652,7 @@ mod tests {
 
     #[test]
     fn logprobs_read_back_per_request() {
-        let l = ResultLayout::new(4);
+        let l = ResultLayout::new(Capacity { max_reqs: 4, ..CAP });
         let mut buf = SlotBuf::zeroed(l.slot_bytes);
         {
             let r = ResultMut::new(&l, buf.bytes_mut());
@@ -602,5 +666,45 @@ mod tests {
         assert_eq!(r.logprobs_of(0), Some((-0.5, &[7, 3][..], &[-0.5, -2.0][..])));
         assert_eq!(r.logprobs_of(1), Some((-1.25, &[9, 7][..], &[-1.25, -1.5][..])));
         assert_eq!(r.logprobs_of(2), None);
+    }
+
+    #[test]
+    fn targets_are_read_only_when_the_step_asks_for_prompt_logprobs() {
+        let l = StepLayout::new(CAP);
+        let mut buf = SlotBuf::zeroed(l.slot_bytes);
+        let write = |buf: &mut SlotBuf, flag: u32, top: u32| {
+            let s = StepMut::new(&l, buf.bytes_mut());
+            *s.header =
+                StepHeader { num_reqs: 1, num_tokens: 3, prompt_logprobs: flag, prompt_top: top, ..Default::default() };
+            s.logprob_target[..3].copy_from_slice(&[5, -1, 9]);
+        };
+        write(&mut buf, 0, 0);
+        assert!(StepRef::try_new(&l, buf.bytes()).unwrap().logprob_target.is_empty());
+        write(&mut buf, 1, 20);
+        assert_eq!(StepRef::try_new(&l, buf.bytes()).unwrap().logprob_target, &[5, -1, 9]);
+        write(&mut buf, 1, 21);
+        assert!(StepRef::try_new(&l, buf.bytes()).unwrap_err().contains("21 top prompt logprobs"));
+        write(&mut buf, 2, 0);
+        assert!(StepRef::try_new(&l, buf.bytes()).unwrap_err().contains("prompt_logprobs flag 2"));
+    }
+
+    #[test]
+    fn prompt_logprobs_read_back_per_entry() {
+        let l = ResultLayout::new(CAP);
+        let mut buf = SlotBuf::zeroed(l.slot_bytes);
+        {
+            let r = ResultMut::new(&l, buf.bytes_mut());
+            *r.header = ResultHeader { num_reqs: 1, num_prompt: 2, prompt_top: 2, ..Default::default() };
+            r.prompt_logprob[..2].copy_from_slice(&[-0.5, -3.0]);
+            r.prompt_top_ids[..4].copy_from_slice(&[4, 8, 1, 2]);
+            r.prompt_top_logprobs[..4].copy_from_slice(&[-0.5, -1.0, -0.25, -0.75]);
+        }
+        let r = ResultRef::try_new(&l, buf.bytes()).unwrap();
+        assert_eq!(r.prompt_logprobs_of(1), Some((-3.0, &[1, 2][..], &[-0.25, -0.75][..])));
+        assert_eq!(r.prompt_logprobs_of(2), None);
+        assert!(r.logprobs_of(0).is_none(), "sampled-token logprobs are separate");
+        // More entries than the step had tokens cannot be right.
+        ResultMut::new(&l, buf.bytes_mut()).header.num_prompt = CAP.max_tokens + 1;
+        assert!(ResultRef::try_new(&l, buf.bytes()).unwrap_err().contains("prompt_logprob of 6 entries"));
     }
 }

@@ -168,7 +168,8 @@ fn out_of_range_parameters_are_invalid_params() {
 fn sampling_options_are_read_and_each_refusal_names_its_field() {
     let v = json!({"type": "generate", "rid": "o", "text": "x", "sampling": {
         "min_p": 0.1, "presence_penalty": -2, "frequency_penalty": 2.0, "repetition_penalty": 1.3,
-        "logit_bias": [[5, 100], [7, -1.5]], "logprobs": 20, "skip_special_tokens": false}});
+        "logit_bias": [[5, 100], [7, -1.5]], "logprobs": 20, "prompt_logprobs": 0,
+        "skip_special_tokens": false}});
     let ClientMsg::Generate(g) = decode_client(&pack(&v)).unwrap() else { panic!() };
     let s = &g.sampling;
     assert_eq!((s.min_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty), (0.1, -2.0, 2.0, 1.3));
@@ -176,6 +177,7 @@ fn sampling_options_are_read_and_each_refusal_names_its_field() {
         (s.logit_bias.clone(), s.logprobs, s.skip_special_tokens),
         (vec![(5, 100.0), (7, -1.5)], Some(20), false)
     );
+    assert_eq!(s.prompt_logprobs, Some(0));
     assert!(validate(&g).is_ok());
     // Sent back, they come out as they went in; at their defaults they are not sent at all.
     assert_eq!(decode_client(&encode(&ClientMsg::Generate(g.clone()))).unwrap(), ClientMsg::Generate(g));
@@ -199,6 +201,8 @@ fn sampling_options_are_read_and_each_refusal_names_its_field() {
         (json!({"logit_bias": many}), "logit_bias"),
         (json!({"logprobs": 21}), "logprobs"),
         (json!({"logprobs": -1}), "logprobs"),
+        (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt_logprobs": -1}), "prompt_logprobs"),
         (json!({"top_p": 0}), "top_p"),
         (json!({"max_tokens": 0}), "max_tokens"),
     ] {
@@ -260,6 +264,8 @@ fn server_messages_encode_as_the_protocol_writes_them() {
         token_ids: vec![9],
         text: "é".into(),
         logprobs: None,
+        prompt_logprobs: None,
+        prompt_token_ids: None,
         tool_calls: None,
     });
     assert_eq!(wire(&delta), json!({"type": "delta", "rid": "r", "index": 2, "token_ids": [9], "text": "é"}));
@@ -274,6 +280,8 @@ fn server_messages_encode_as_the_protocol_writes_them() {
         text: "é".into(),
         message: None,
         logprobs: None,
+        prompt_logprobs: None,
+        prompt_token_ids: None,
         tool_calls: None,
     });
     assert_eq!(
@@ -379,6 +387,8 @@ fn tool_calls_ride_on_deltas_and_finals_and_are_left_off_without_them() {
         token_ids: vec![9],
         text: String::new(),
         logprobs: None,
+        prompt_logprobs: None,
+        prompt_token_ids: None,
         tool_calls: Some(vec![call.clone()]),
     });
     assert_eq!(

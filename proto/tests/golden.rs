@@ -45,7 +45,9 @@ fn ring_header() {
 /// Three requests with page size 16: a prefill of 5 new tokens after 16 cached ones (slot 2), a decode (slot 0),
 /// and 2 new tokens after 38 cached ones (slot 3); slots 2 and 3 join, slot 2 with penalties, min_p, 5 top
 /// logprobs and two logit biases, slot 3 with one bias and the sampled token's logprob only. Slot 3 samples under
-/// a token mask (W = 3 words: tokens 0, 33 and 95 allowed); the others under none.
+/// a token mask (W = 3 words: tokens 0, 33 and 95 allowed); the others under none. Slot 2 asks for its prompt's
+/// logprobs with 3 top entries: its chunk's first 4 positions name their successors (its first 16 tokens came in
+/// an earlier chunk), the last one's successor is the token it samples.
 fn golden_step() -> SlotBuf {
     let layout = StepLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
@@ -59,8 +61,11 @@ fn golden_step() -> SlotBuf {
         num_joins: 2,
         num_bias: 3,
         num_masks: 1,
+        prompt_logprobs: 1,
+        prompt_top: 3,
         ..Default::default()
     };
+    s.logprob_target.copy_from_slice(&[872, 198, 9707, 11, -1, -1, -1, -1]);
     s.mask_row[..3].copy_from_slice(&[-1, -1, 0]);
     s.mask_bits[..3].copy_from_slice(&[1, 1 << 1, 1 << 31]);
     s.req_slot[..3].copy_from_slice(&[2, 0, 3]);
@@ -98,27 +103,29 @@ fn step_slot() {
     assert_eq!(r.input_ids[5], -1);
     assert_eq!(r.join_bias_ids, &[151645, 11, 198]);
     assert_eq!((r.mask_row, r.mask_bits), (&[-1, -1, 0][..], &[1, 2, 1 << 31][..]));
+    assert_eq!(r.logprob_target, &[872, 198, 9707, 11, -1, -1, -1, -1]);
     assert_eq!(buf.bytes().len(), layout.slot_bytes);
     check_golden("step_slot.bin", buf.bytes());
 }
 
 #[test]
 fn result_slot() {
-    let layout = ResultLayout::new(CAP.max_reqs);
+    let layout = ResultLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
     let r = ResultMut::new(&layout, buf.bytes_mut());
     r.header.step_id = 7;
     r.header.num_reqs = 3;
     r.header.status = 0;
     r.tokens[..3].copy_from_slice(&[151645, 13, 2]);
-    assert_eq!(buf.bytes().len(), 832);
+    assert_eq!(buf.bytes().len(), 2176);
     check_golden("result_slot.bin", buf.bytes());
 }
 
-/// The step above answered with logprobs: 2 top logprobs per request (the most any request of it asked for).
+/// The step above answered with logprobs: 2 top logprobs per request (the most any request of it asked for), and
+/// the 4 prompt-logprob entries of slot 2 with 3 top entries each.
 #[test]
 fn result_slot_logprobs() {
-    let layout = ResultLayout::new(CAP.max_reqs);
+    let layout = ResultLayout::new(CAP);
     let mut buf = SlotBuf::zeroed(layout.slot_bytes);
     let r = ResultMut::new(&layout, buf.bytes_mut());
     *r.header = ResultHeader { step_id: 7, num_reqs: 3, status: 0, logprobs: 1, num_top: 2, ..Default::default() };
@@ -126,8 +133,14 @@ fn result_slot_logprobs() {
     r.logprob[..3].copy_from_slice(&[-0.125, -2.5, -0.75]);
     r.top_ids[..6].copy_from_slice(&[151645, 198, 11, 13, 2, 0]);
     r.top_logprobs[..6].copy_from_slice(&[-0.125, -3.0, -1.5, -2.5, -0.75, -0.875]);
+    (r.header.num_prompt, r.header.prompt_top) = (4, 3);
+    r.prompt_logprob[..4].copy_from_slice(&[-5.5, -0.25, -12.0, -1.75]);
+    r.prompt_top_ids[..12].copy_from_slice(&[9, 872, 2, 198, 5, 6, 7, 8, 9707, 11, 0, 1]);
+    r.prompt_top_logprobs[..12]
+        .copy_from_slice(&[-1.5, -5.5, -6.0, -0.25, -3.5, -4.0, -0.5, -1.25, -12.0, -1.75, -2.25, -3.0]);
     let read = ResultRef::new(&layout, buf.bytes());
     assert_eq!(read.logprobs_of(1), Some((-2.5, &[11, 13][..], &[-1.5, -2.5][..])));
+    assert_eq!(read.prompt_logprobs_of(2), Some((-12.0, &[7, 8, 9707][..], &[-0.5, -1.25, -12.0][..])));
     check_golden("result_slot_logprobs.bin", buf.bytes());
 }
 
@@ -151,7 +164,7 @@ fn layout_json<'a>(ranges: impl Iterator<Item = (&'static ArraySpec, &'a Range<u
 
 #[test]
 fn slot_layout() {
-    let (step, result) = (StepLayout::new(CAP), ResultLayout::new(CAP.max_reqs));
+    let (step, result) = (StepLayout::new(CAP), ResultLayout::new(CAP));
     let capacity = json!({
         "max_reqs": CAP.max_reqs,
         "max_tokens": CAP.max_tokens,
@@ -201,6 +214,7 @@ fn golden_options() -> Generate {
         repetition_penalty: 1.2,
         logit_bias: vec![(9707, 5.0), (151645, -100.0)],
         logprobs: Some(2),
+        prompt_logprobs: Some(3),
         skip_special_tokens: false,
         ..Sampling::default()
     };
@@ -309,6 +323,8 @@ fn server_messages() {
                 token_ids: vec![9707, 0],
                 text: "Hi!".into(),
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }),
         ),
@@ -320,6 +336,8 @@ fn server_messages() {
                 token_ids: vec![9707, 0],
                 text: "Hi!".into(),
                 logprobs: Some(golden_logprobs()),
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }),
         ),
@@ -336,6 +354,8 @@ fn server_messages() {
                 text: "Hi!".into(),
                 message: None,
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }),
         ),
@@ -352,6 +372,30 @@ fn server_messages() {
                 text: "Hi!".into(),
                 message: None,
                 logprobs: Some(golden_logprobs()),
+                prompt_logprobs: None,
+                prompt_token_ids: None,
+                tool_calls: None,
+            }),
+        ),
+        (
+            "server_final_prompt_logprobs.msgpack",
+            ServerMsg::Final(Final {
+                rid: "req-9".into(),
+                index: 0,
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                cached_tokens: 0,
+                token_ids: vec![9707, 0],
+                text: "Hi!".into(),
+                message: None,
+                logprobs: None,
+                prompt_logprobs: Some(vec![
+                    None,
+                    Some(TokenLogprobs { logprob: -3.5, top: vec![(872, -0.75)] }),
+                    Some(TokenLogprobs { logprob: -0.125, top: vec![(198, -0.125)] }),
+                ]),
+                prompt_token_ids: Some(vec![151644, 872, 198]),
                 tool_calls: None,
             }),
         ),
@@ -363,6 +407,8 @@ fn server_messages() {
                 token_ids: vec![151658],
                 text: String::new(),
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: Some(golden_tool_calls()[..1].to_vec()),
             }),
         ),
@@ -379,6 +425,8 @@ fn server_messages() {
                 text: "Let me check.".into(),
                 message: None,
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: Some(golden_tool_calls()),
             }),
         ),
@@ -395,6 +443,8 @@ fn server_messages() {
                 text: String::new(),
                 message: Some("worker failed the step".into()),
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }),
         ),
@@ -411,6 +461,8 @@ fn server_messages() {
                 text: String::new(),
                 message: None,
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }),
         ),

@@ -35,6 +35,8 @@ fn main() -> anyhow::Result<()> {
                                 token_ids: vec![42],
                                 text,
                                 logprobs: None,
+                                prompt_logprobs: None,
+                                prompt_token_ids: None,
                                 tool_calls: None,
                             };
                             let _ = replies.send(ServerMsg::Delta(delta));
@@ -50,6 +52,8 @@ fn main() -> anyhow::Result<()> {
                             text: " word".repeat(n as usize),
                             message: None,
                             logprobs: None,
+                            prompt_logprobs: None,
+                            prompt_token_ids: None,
                             tool_calls: None,
                         }));
                     }

@@ -57,11 +57,19 @@ pub enum Command {
 
 /// What the engine tells the server.
 pub enum Output {
-    /// The core's events of one step, in step order, and the logprobs of its tokens: one entry per
-    /// [`Event::Token`] whose `logprobs` is set, in event order.
-    Events { events: Vec<Event>, logprobs: Vec<TokenLogprobs> },
+    /// The core's events of one step, in step order, and the logprobs they refer to.
+    Events { events: Vec<Event>, logprobs: StepLogprobs },
     /// The engine stopped on its own: the worker died or failed. Live requests cannot finish.
     Failed(String),
+}
+
+/// The logprobs one step's events refer to, copied out of its result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepLogprobs {
+    /// One entry per [`Event::Token`] whose `logprobs` is set, in event order.
+    pub tokens: Vec<TokenLogprobs>,
+    /// `count` entries per [`Event::PromptLogprobs`], in event order.
+    pub prompt: Vec<TokenLogprobs>,
 }
 
 /// Steps published and not yet answered, with overlap on: one running on the worker, one ready behind it. More
@@ -146,7 +154,7 @@ impl Grammars {
                     }
                 }
                 Event::Token { .. } | Event::Finished { .. } => self.forget(id, pool),
-                Event::Cached { .. } => {}
+                Event::Cached { .. } | Event::PromptLogprobs { .. } => {}
             }
         }
     }
@@ -164,7 +172,7 @@ struct Pipeline {
     /// The id of the next step, equal to the step ring's sequence number of its slot.
     next_step: u64,
     events: Vec<Event>,
-    logprobs: Vec<TokenLogprobs>,
+    logprobs: StepLogprobs,
     grammars: Grammars,
     /// The core has work but planned nothing with nothing in flight: it waits for masks.
     stalled: bool,
@@ -187,12 +195,12 @@ impl Engine {
         self.result_ring.attach_reader(0, pid);
         let mut pipe = Pipeline {
             step_layout: StepLayout::new(self.step_ring.capacity()),
-            result_layout: ResultLayout::new(self.result_ring.capacity().max_reqs),
+            result_layout: ResultLayout::new(self.result_ring.capacity()),
             depth: if overlap { MAX_IN_FLIGHT } else { 1 },
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             next_step: self.step_ring.write_seq(),
             events: Vec::new(),
-            logprobs: Vec::new(),
+            logprobs: StepLogprobs::default(),
             stats: StepStats::default(),
             grammars: Grammars::default(),
             stalled: false,
@@ -352,10 +360,10 @@ impl Engine {
     }
 
     fn forward(&self, events: &mut Vec<Event>) -> Result<()> {
-        self.forward_with_logprobs(events, &mut Vec::new())
+        self.forward_with_logprobs(events, &mut StepLogprobs::default())
     }
 
-    fn forward_with_logprobs(&self, events: &mut Vec<Event>, logprobs: &mut Vec<TokenLogprobs>) -> Result<()> {
+    fn forward_with_logprobs(&self, events: &mut Vec<Event>, logprobs: &mut StepLogprobs) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -556,26 +564,45 @@ impl Engine {
     }
 }
 
-/// Copies the logprobs of the tokens in `events` whose requests asked for them out of `result` (the step's, still
-/// in the ring) into `out`, in event order, each with as many top entries as its request asked for. Steps whose
-/// requests asked for none cost a scan of their events. A result without the logprobs a request asked for breaks
-/// the protocol (the worker computes them for every row of a step in which any request asked).
-pub fn read_logprobs(result: &ResultRef<'_>, events: &[Event], out: &mut Vec<TokenLogprobs>) -> Result<()> {
+/// Copies the logprobs that `events` refer to out of `result` (the step's, still in the ring) into `out`, in
+/// event order, each with as many top entries as its request asked for: those of the tokens whose requests asked
+/// for them, and the prompt logprobs of [`Event::PromptLogprobs`]. Steps whose requests asked for none cost a scan
+/// of their events. A result without the logprobs a request asked for breaks the protocol (the worker computes
+/// them for every row of a step in which any request asked, and for every position the step gave a target).
+pub fn read_logprobs(result: &ResultRef<'_>, events: &[Event], out: &mut StepLogprobs) -> Result<()> {
     for event in events {
-        let Event::Token { id, logprobs: Some(at), .. } = *event else { continue };
-        let Some((logprob, ids, values)) = result.logprobs_of(at.row as usize) else {
-            bail!("the worker's result has no logprobs for request {id}, which asked for them");
-        };
-        let k = at.top as usize;
-        if ids.len() < k {
-            bail!("the worker's result has {} top logprobs; request {id} asked for {k}", ids.len());
+        match *event {
+            Event::Token { id, logprobs: Some(at), .. } => {
+                let Some(entry) = result.logprobs_of(at.row as usize) else {
+                    bail!("the worker's result has no logprobs for request {id}, which asked for them");
+                };
+                out.tokens.push(entry_of(entry, at.top, id)?);
+            }
+            Event::PromptLogprobs { id, first, count, top } => {
+                for e in first..first + count {
+                    let Some(entry) = result.prompt_logprobs_of(e as usize) else {
+                        let p = result.prompt_logprob.len();
+                        bail!("the worker's result has {p} prompt logprobs; request {id} needs entry {e}");
+                    };
+                    out.prompt.push(entry_of(entry, top, id)?);
+                }
+            }
+            _ => {}
         }
-        // Ids are non-negative vocabulary ids; a negative one would be the worker's bug, read as an id no
-        // tokenizer has rather than trusted.
-        let top = ids[..k].iter().zip(&values[..k]).map(|(&t, &lp)| (u32::try_from(t).unwrap_or(u32::MAX), lp));
-        out.push(TokenLogprobs { logprob, top: top.collect() });
     }
     Ok(())
+}
+
+/// One logprob entry of a result, cut to the `k` top entries request `id` asked for.
+fn entry_of((logprob, ids, values): (f32, &[i32], &[f32]), k: u32, id: ReqId) -> Result<TokenLogprobs> {
+    let k = k as usize;
+    if ids.len() < k {
+        bail!("the worker's result has {} top logprobs; request {id} asked for {k}", ids.len());
+    }
+    // Ids are non-negative vocabulary ids; a negative one would be the worker's bug, read as an id no
+    // tokenizer has rather than trusted.
+    let top = ids[..k].iter().zip(&values[..k]).map(|(&t, &lp)| (u32::try_from(t).unwrap_or(u32::MAX), lp));
+    Ok(TokenLogprobs { logprob, top: top.collect() })
 }
 
 /// A step's request ids, space-separated, formatted only when a log line is written.

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_latency: Histogram,
+    resident_memory: Gauge,
 }
 
 // Bucket bounds in seconds, spanning what a 0.5B model on an H200 and a CPU in CI both produce.
@@ -159,6 +160,11 @@ impl Default for Metrics {
                 "From a request's admission to its end",
                 &REQUEST_BUCKETS,
             ),
+            resident_memory: gauge(
+                &mut registry,
+                "process_resident_memory_bytes",
+                "The scheduler's resident memory (VmRSS), read when scraped",
+            ),
             registry,
         }
     }
@@ -192,17 +198,35 @@ impl Metrics {
         self.cache_evictable_pages.set(i64::from(stats.evictable_pages));
     }
 
-    /// KV pages that requests hold: the used ones less those that only the prefix cache keeps.
+    /// KV pages that requests hold. The free ones include the prefix cache's evictable pages (the core hands
+    /// them out when the pool runs dry), so the used ones are exactly those held: by a request alone, or by
+    /// the cache and a request that shares them.
     pub fn held_pages(&self) -> i64 {
-        (self.kv_pages_used.get() - self.cache_evictable_pages.get()).max(0)
+        self.kv_pages_used.get()
     }
 
     /// The exposition in Prometheus' text format (OpenMetrics 1.0).
     pub fn render(&self) -> String {
+        // Read at the scrape, not kept up to date: nothing else needs it, and a soak test samples it here.
+        if let Some(bytes) = resident_memory_bytes() {
+            self.resident_memory.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// This process's resident memory, from `/proc/self/status`; None where there is no procfs (not Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    vm_rss_bytes(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmRSS:` line of a `/proc/<pid>/status` text, in bytes (the kernel writes it in kB).
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The content type of [`Metrics::render`]'s text.
@@ -247,5 +271,24 @@ mod tests {
         assert_eq!(value(&text, "minisgl_prefix_cache_evictable_pages "), 3.0);
         assert_eq!(value(&text, "minisgl_requests_total{outcome=\"overloaded\"}"), 1.0);
         assert!(text.ends_with("# EOF\n"));
+        // 90 free pages of 100, 3 of them the cache's evictable ones: requests hold the other 10, not 7.
+        assert_eq!(m.held_pages(), 10);
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_procfs_and_grows_with_what_the_process_touches() {
+        let status = "Name:\tminisgl-sched\nVmPeak:\t  9000 kB\nVmRSS:\t    1234 kB\nThreads:\t8\n";
+        assert_eq!(vm_rss_bytes(status), Some(1234 * 1024));
+        assert_eq!(vm_rss_bytes("Name:\tx\n"), None, "a kernel thread has no VmRSS line");
+        assert_eq!(vm_rss_bytes("VmRSS:\t12 MB\n"), None, "an unknown unit is not guessed");
+
+        let m = Metrics::default();
+        let before = value(&m.render(), "minisgl_process_resident_memory_bytes ");
+        assert!(before > 1e6, "a running test binary holds more than a MB: {before}");
+        // 64 MiB written page by page become resident; the gauge is re-read at the next scrape.
+        let touched = vec![1u8; 64 << 20];
+        let after = value(&m.render(), "minisgl_process_resident_memory_bytes ");
+        assert!(after - before > 48.0 * 1024.0 * 1024.0, "{before} -> {after}");
+        assert_eq!(touched.iter().map(|&b| u64::from(b)).sum::<u64>(), 64 << 20);
     }
 }

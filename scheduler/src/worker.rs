@@ -223,7 +223,7 @@ async fn refuse(socket: &mut RouterSocket, peers: &[Peer], e: anyhow::Error) -> 
 
 fn create_rings(prefix: &str, plan: RingPlan, page_size: u32, readers: u32) -> Result<(Ring, Ring)> {
     let step_bytes = StepLayout::new(plan.capacity).slot_bytes;
-    let result_bytes = ResultLayout::new(plan.capacity.max_reqs).slot_bytes;
+    let result_bytes = ResultLayout::new(plan.capacity).slot_bytes;
     let step = Ring::create(
         &format!("{prefix}-step"),
         RingKind::Step,

@@ -6,6 +6,7 @@
 mod core_support;
 
 use core_support::{FakeWorker, hash_model, limits, reference_output};
+use proto::api::TokenLogprobs;
 use proto::ring::{Ring, RingKind};
 use proto::step::{ResultLayout, ResultMut, StepKind, StepRef};
 use scheduler::core::{Core, Event, FinishReason, Limits, NewRequest, ReqId, SamplingParams};
@@ -52,8 +53,9 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
     let pid = std::process::id();
     step_ring.attach_reader(0, pid);
     result_ring.attach_writer(pid);
-    let result_layout = ResultLayout::new(result_ring.capacity().max_reqs);
+    let result_layout = ResultLayout::new(result_ring.capacity());
     let mut fake = FakeWorker::new(l, hash_model);
+    // Step ids in hand, with the top entries each asks for at prompt positions.
     let mut ids = VecDeque::new();
     let mut report = WorkerReport { max_in_flight: 0, answered: 0, got_shutdown: false, first_step_reqs: None };
     let started = Instant::now();
@@ -74,7 +76,7 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
             fake.buf.bytes_mut().copy_from_slice(&buf[..len]);
             step_ring.release(0);
             fake.publish();
-            ids.push_back(header.step_id);
+            ids.push_back((header.step_id, header.prompt_top));
             holding_since.get_or_insert_with(Instant::now);
             report.max_in_flight = report.max_in_flight.max(fake.in_flight());
         }
@@ -84,7 +86,7 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
             continue;
         }
         holding_since = (fake.in_flight() > 1).then(Instant::now);
-        let step_id = ids.pop_front().unwrap();
+        let (step_id, prompt_top) = ids.pop_front().unwrap();
         let failed = b.fail_at == Some(step_id);
         let tokens = fake.run_next();
         let buf = loop {
@@ -105,6 +107,19 @@ fn fake_worker(prefix: &str, l: &Limits, b: Behaviour) -> WorkerReport {
                 r.logprob[i] = -(t as f32);
                 r.top_ids[2 * i..2 * i + 2].copy_from_slice(&[t, t + 1]);
                 r.top_logprobs[2 * i..2 * i + 2].copy_from_slice(&[-(t as f32), -(t as f32) - 1.0]);
+            }
+        }
+        // Prompt logprobs, for the positions the step gave a target: the target t at position p has logprob -t,
+        // and its top two are t and p.
+        if !failed && !fake.prompt_answers.is_empty() {
+            let q = prompt_top as usize;
+            r.header.num_prompt = fake.prompt_answers.len() as u32;
+            r.header.prompt_top = prompt_top;
+            for (e, &(pos, target)) in fake.prompt_answers.iter().enumerate() {
+                let (t, p) = (target as i32, pos as i32);
+                r.prompt_logprob[e] = -(t as f32);
+                r.prompt_top_ids[q * e..q * (e + 1)].copy_from_slice(&[t, p][..q]);
+                r.prompt_top_logprobs[q * e..q * (e + 1)].copy_from_slice(&[-(t as f32), -(p as f32)][..q]);
             }
         }
         result_ring.publish();
@@ -343,7 +358,7 @@ fn logprobs_come_with_the_tokens_of_the_requests_that_asked() {
     let (mut ended, mut with_logprobs) = (0, HashMap::<ReqId, usize>::new());
     while ended < requests().len() {
         let Output::Events { events, logprobs } = next_output(&mut r.outputs) else { panic!("the engine failed") };
-        let mut entries = logprobs.into_iter();
+        let mut entries = logprobs.tokens.into_iter();
         for e in events {
             if let Event::Token { id, token, logprobs: at, .. } = e {
                 assert_eq!(at.map(|a| a.top), asked(id), "request {id}");
@@ -362,6 +377,56 @@ fn logprobs_come_with_the_tokens_of_the_requests_that_asked() {
     let mut ids: Vec<ReqId> = with_logprobs.keys().copied().collect();
     ids.sort_unstable();
     assert_eq!(ids, [2, 4, 6]);
+    r.commands.send(Command::Shutdown).unwrap();
+    r.engine.join().unwrap();
+}
+
+/// The prompt logprobs of the requests that asked reach the server in prompt order, each position once over the
+/// prompt's chunks, cut to the top entries each asked for; requests that did not ask get none.
+#[test]
+fn prompt_logprobs_reach_the_server_in_prompt_order_over_the_chunks() {
+    // Steps of 16 tokens: the longer prompts (up to 33 tokens) are prefilled in chunks.
+    let l = limits(4, 16, 64, 4, 256);
+    let mut r = start(&l, 4, true, Behaviour { grace: Duration::from_millis(5), fail_at: None, logprobs: false });
+    let asked = |id: ReqId| match id {
+        2 => Some(1),
+        5 => Some(0),
+        6 => Some(2),
+        _ => None,
+    };
+    let prompts: HashMap<ReqId, Vec<u32>> = requests().into_iter().map(|(id, prompt, _)| (id, prompt)).collect();
+    for (id, prompt, params) in requests() {
+        let params = SamplingParams { prompt_logprobs: asked(id), ..params };
+        r.commands.send(Command::Submit(NewRequest { id, prompt, params })).unwrap();
+    }
+    let (mut ended, mut got) = (0, HashMap::<ReqId, Vec<TokenLogprobs>>::new());
+    while ended < requests().len() {
+        let Output::Events { events, logprobs } = next_output(&mut r.outputs) else { panic!("the engine failed") };
+        let mut entries = logprobs.prompt.into_iter();
+        for e in events {
+            if let Event::PromptLogprobs { id, count, top, .. } = e {
+                assert_eq!(Some(top), asked(id), "request {id}");
+                got.entry(id).or_default().extend(entries.by_ref().take(count as usize));
+            }
+            ended += usize::from(e.finish().is_some());
+        }
+        assert!(entries.next().is_none(), "one entry per position asked, no more");
+    }
+    let mut ids: Vec<ReqId> = got.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 5, 6]);
+    for (id, entries) in got {
+        let prompt = &prompts[&id];
+        let k = asked(id).unwrap() as usize;
+        let want: Vec<TokenLogprobs> = (1..prompt.len())
+            .map(|p| {
+                let t = prompt[p];
+                let top = [(t, -(t as f32)), (p as u32 - 1, -(p as f32 - 1.0))];
+                TokenLogprobs { logprob: -(t as f32), top: top[..k].to_vec() }
+            })
+            .collect();
+        assert_eq!(entries, want, "request {id}");
+    }
     r.commands.send(Command::Shutdown).unwrap();
     r.engine.join().unwrap();
 }

@@ -158,3 +158,51 @@ fn with_the_cache_off_nothing_is_shared_or_reported() {
         assert_eq!(h.finished[&id], FinishReason::Length);
     }
 }
+
+/// (position, target) for every prompt position whose successor is a prompt token: what a request asking for
+/// its prompt's logprobs must be answered with, each once.
+fn every_successor(prompt: &[u32]) -> Vec<(u32, u32)> {
+    (1..prompt.len()).map(|p| (p as u32 - 1, prompt[p])).collect()
+}
+
+#[test]
+fn prompt_logprobs_compute_the_whole_prompt_over_its_chunks_and_leave_it_cached_for_others() {
+    let mut h = Harness::with_depth(limits(4, 16, 64, 4, 128), hash_model, 2);
+    let prompt = words(30, 3);
+    h.submit(1, prompt.clone(), seeded(4, 1));
+    h.run_to_idle(100);
+    let asking = SamplingParams { prompt_logprobs: Some(5), ..seeded(4, 2) };
+    h.submit(2, prompt.clone(), asking.clone());
+    h.run_to_idle(100);
+    assert!(!h.cached.contains_key(&2), "it needs every position's logits: nothing from the cache");
+    let prefill: u32 =
+        h.planned.iter().filter(|s| s.ids() == [2] && s.kind == StepKind::Extend).map(|s| s.num_tokens).sum();
+    assert_eq!(prefill, 30, "the whole prompt, in chunks of the step's budget");
+    assert_eq!(h.prompt_logprobs[&2], every_successor(&prompt));
+    assert_alone(&h, 2, &prompt, &asking);
+    // The next plain request takes the prompt from the cache again.
+    h.submit(3, prompt.clone(), seeded(4, 3));
+    h.run_to_idle(100);
+    assert_eq!(h.cached[&3], 28);
+    assert!(!h.prompt_logprobs.contains_key(&1) && !h.prompt_logprobs.contains_key(&3));
+}
+
+#[test]
+fn preempted_requests_are_never_asked_for_a_prompt_position_twice() {
+    // As above: 12 pages of 4 tokens for 4 requests growing to 10 + 20 tokens, prefilled in chunks of 8.
+    let l = Limits { eos_token_ids: vec![], ..limits(4, 8, 12, 4, 128) };
+    let mut h = Harness::with_depth(l, hash_model, 2);
+    let p = SamplingParams { ignore_eos: true, prompt_logprobs: Some(0), ..seeded(20, 0) };
+    for id in 1..=4 {
+        h.submit(id, words(10, id as u32), SamplingParams { seed: id, ..p.clone() });
+    }
+    h.run_to_idle(1000);
+    assert!(h.core.preemptions() > 0);
+    for id in 1..=4 {
+        let prompt = words(10, id as u32);
+        assert_eq!(h.prompt_logprobs[&id], every_successor(&prompt), "request {id}");
+        assert_alone(&h, id, &prompt, &SamplingParams { seed: id, ..p.clone() });
+    }
+    // Re-admitted after their prompts were answered, they take what they wrote from the cache.
+    assert!(h.core.cache_stats().cached_tokens > 0);
+}

@@ -20,6 +20,8 @@ enum Op {
         stop: Option<u32>,
         /// Prompts of one family share their first tokens.
         family: Option<u32>,
+        /// Asks for the prompt's logprobs.
+        prompt_logprobs: bool,
     },
     /// What the engine does: fill the pipeline, complete the oldest step.
     Step,
@@ -32,8 +34,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => (1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120), prop::option::of(0u32..3))
-            .prop_map(|(len, max_tokens, ignore_eos, stop, family)| Op::Submit { len, max_tokens, ignore_eos, stop, family }),
+        2 => (1u32..40, 1u32..24, any::<bool>(), prop::option::of(100u32..120), prop::option::of(0u32..3), prop::bool::weighted(0.3))
+            .prop_map(|(len, max_tokens, ignore_eos, stop, family, prompt_logprobs)| Op::Submit { len, max_tokens, ignore_eos, stop, family, prompt_logprobs }),
         4 => Just(Op::Step),
         1 => Just(Op::Plan),
         1 => Just(Op::Complete),
@@ -101,9 +103,12 @@ proptest! {
         let mut submitted: Vec<(ReqId, Vec<u32>, SamplingParams)> = vec![];
         for op in ops {
             match op {
-                Op::Submit { len, max_tokens, ignore_eos, stop, family } => {
+                Op::Submit { len, max_tokens, ignore_eos, stop, family, prompt_logprobs } => {
                     let id = submitted.len() as ReqId + 1;
-                    let params = params_of(id, max_tokens, ignore_eos, stop);
+                    let params = SamplingParams {
+                        prompt_logprobs: prompt_logprobs.then_some(id as u32 % 21),
+                        ..params_of(id, max_tokens, ignore_eos, stop)
+                    };
                     let prompt = prompt_of(id, len, family);
                     if len > l.max_prompt_len() {
                         let refused = h.core.submit(NewRequest { id, prompt, params });
@@ -148,6 +153,19 @@ proptest! {
                 FinishReason::Memory => prop_assert_eq!(prompt.len() + got.len(), cache_tokens + 1),
                 _ => prop_assert_eq!((got.len(), reason), (want.len(), want_reason)),
             }
+            // Prompt logprobs: every prompt position but the last, each asked for once and in order, whatever the
+            // chunking, the cache and the preemptions; none for a request that did not ask.
+            let answered = h.prompt_logprobs.get(id).cloned().unwrap_or_default();
+            if params.prompt_logprobs.is_none() {
+                prop_assert!(answered.is_empty(), "request {} asked for no prompt logprobs", id);
+                continue;
+            }
+            let all: Vec<(u32, u32)> = (1..prompt.len()).map(|p| (p as u32 - 1, prompt[p])).collect();
+            prop_assert!(all.starts_with(&answered), "request {}: {:?} is not a prefix of {:?}", id, answered, all);
+            if !got.is_empty() {
+                prop_assert_eq!(&answered, &all, "request {} sampled before all its prompt logprobs", id);
+            }
+            prop_assert!(!h.cached.contains_key(id), "request {} took a cached prefix it needed the logits of", id);
         }
     }
 

@@ -34,9 +34,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             continue
         flag, meta, default = f.name.replace("_", "-"), f.metadata, _default(f)
         if isinstance(default, bool):
-            parser.add_argument(
-                f"--no-{flag}", dest=f.name, action="store_false", help=f"off: {meta['help']}"
+            # A switch that is on by default is turned off with --no-..., one that is off is turned on.
+            name, action, how = (
+                (f"--no-{flag}", "store_false", "off") if default else (f"--{flag}", "store_true", "on")
             )
+            parser.add_argument(name, dest=f.name, action=action, help=f"{how}: {meta['help']}")
             continue
         kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
         shown = ("set" if default else "not set") if meta.get("secret") else default
@@ -63,8 +65,8 @@ def to_argv(config: Any, cls: type | None = None) -> list[str]:
     for f in dataclasses.fields(cls or type(config)):
         value, flag = getattr(config, f.name), f.name.replace("_", "-")
         if isinstance(_default(f), bool):
-            if not value:
-                argv.append(f"--no-{flag}")
+            if value != _default(f):
+                argv.append(f"--no-{flag}" if _default(f) else f"--{flag}")
         elif value is not None:
             argv += [f"--{flag}", str(value)]
     return argv

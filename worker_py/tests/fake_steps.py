@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN, Logprobs
+from minisgl.proto.step import RESULT_OK, STEP_SHUTDOWN, Logprobs, PromptLogprobs
 
 EXTEND, DECODE = 0, 1
 
@@ -44,6 +44,10 @@ class FakeStep:
     join_bias_indptr: np.ndarray
     join_bias_ids: np.ndarray
     join_bias_values: np.ndarray
+    # Prompt logprobs: the flag, the top count, and a target per new token when the flag is set.
+    prompt_logprobs: int = 0
+    prompt_top: int = 0
+    logprob_target: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def num_reqs(self) -> int:
@@ -87,9 +91,21 @@ class StepBuilder:
         self.free = list(range(self.num_pages))
         random.Random(self.seed).shuffle(self.free)
 
-    def extend(self, reqs: list[tuple[int, list[int]]], joins: list[Join] = ()) -> FakeStep:
-        """reqs: (slot, new token ids) per request; ids may be negative (-(slot+1))."""
-        return self._step(EXTEND, reqs, joins)
+    def extend(
+        self,
+        reqs: list[tuple[int, list[int]]],
+        joins: list[Join] = (),
+        targets: list[int] | None = None,
+        prompt_top: int = 0,
+    ) -> FakeStep:
+        """reqs: (slot, new token ids) per request; ids may be negative (-(slot+1)). `targets`: one per new
+        token (-1 for none), asking for prompt logprobs with `prompt_top` top entries."""
+        step = self._step(EXTEND, reqs, joins)
+        if targets is not None:
+            assert len(targets) == step.num_tokens
+            step.prompt_logprobs, step.prompt_top = 1, prompt_top
+            step.logprob_target = np.asarray(targets, dtype=np.int32)
+        return step
 
     def decode(
         self, slots: list[int], token_ids: list[int] | None = None, joins: list[Join] = ()
@@ -166,6 +182,7 @@ class ReadySteps:
         self.steps, self.i = [*steps, shutdown], 0
         self.results: list[tuple[int, list[int]]] = []
         self.logprobs: list = []  # what each result carried beside its tokens (None, or a Logprobs)
+        self.prompt: list = []  # and the prompt logprobs (None, or a PromptLogprobs)
         self.times: list[float] = []
 
     def try_next(self):
@@ -177,12 +194,15 @@ class ReadySteps:
     def release(self) -> None:
         self.i += 1
 
-    def write(self, step_id, tokens, status=RESULT_OK, timeout=None, logprobs=None) -> bool:
+    def write(self, step_id, tokens, status=RESULT_OK, timeout=None, logprobs=None, prompt=None) -> bool:
         assert status == RESULT_OK
         self.times.append(time.perf_counter())
         self.results.append((step_id, np.asarray(tokens).tolist()))
         # Copies: the runner's buffers are reused IN_FLIGHT steps later.
         self.logprobs.append(
             None if logprobs is None else Logprobs(*(np.array(a) for a in vars(logprobs).values()))
+        )
+        self.prompt.append(
+            None if prompt is None else PromptLogprobs(*(np.array(a) for a in vars(prompt).values()))
         )
         return True

@@ -127,6 +127,15 @@ def hf_logprobs(model, prompt: list[int], ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def hf_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of HF's logits over a whole prompt in one forward: row p is what ids[p + 1] was drawn
+    from."""
+    reset_rope_state(model)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=model.device)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def hf_greedy_join(
     model, prompt: list[int], join, new_tokens: int, *, stop_at_eos: bool = False
 ) -> list[int]:

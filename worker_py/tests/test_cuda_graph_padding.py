@@ -7,21 +7,10 @@ import pytest
 import torch
 from fake_steps import Join, StepBuilder
 
+from minisgl.worker.batch import _PACKED as NAMES
 from minisgl.worker.batch import BatchUploader
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.padding import DecodePadding, bucket_for, graph_batch_sizes, padded_arrays
-
-NAMES = (
-    "input_ids",
-    "positions",
-    "out_loc",
-    "req_slot",
-    "seq_len",
-    "qo_indptr",
-    "kv_indptr",
-    "kv_last_page_len",
-    "kv_indices",
-)
 
 
 def test_graph_batch_sizes():
@@ -133,6 +122,9 @@ def test_uploaded_padded_batch_puts_graph_inputs_at_fixed_offsets():
     base = batch.input_ids.data_ptr()
     assert batch.positions.data_ptr() == base + 8 * 4
     assert batch.out_loc.data_ptr() == base + 16 * 4
+    # What a sampling graph reads: fixed too, before the first array whose size is not the row count.
+    assert batch.req_slot.data_ptr() == base + 24 * 4
+    assert batch.seq_len.data_ptr() == base + 32 * 4
     np.testing.assert_array_equal(batch.out_loc[:3].numpy(), step.out_loc)
     np.testing.assert_array_equal(batch.host_kv_indptr.numpy()[:4], step.kv_indptr)
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
-from minisgl.sampling.params import PROMPT_SEEN  # noqa: E402
+from minisgl.sampling.params import PROMPT_SEEN, SampleMode  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
@@ -136,6 +136,41 @@ def test_graph_logits_equal_eager_logits(model_dir):
     assert rel_err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "joins, mode",
+    [
+        ([Join(0), Join(1), Join(2)], SampleMode.GREEDY),
+        ([Join(0), Join(1, temperature=0.7, seed=3), Join(2, temperature=1.3, seed=4)], SampleMode.PLAIN),
+        (
+            [Join(0, temperature=0.8, top_p=0.9, seed=5), Join(1, top_k=7, temperature=1.0), Join(2)],
+            SampleMode.FILTERED,
+        ),
+    ],
+)
+def test_sampling_replayed_in_the_graph_equals_sampling_after_it(model_dir, joins, mode):
+    """The sampling graph of each mode gives the tokens that sampling the same logits eagerly gives (three
+    requests padded to four rows), and sets the slots' last tokens that the next step reads."""
+    r = runner(model_dir, cuda_graphs=True, graph_sampling=True)
+    assert r.graphs.samples and not runner(model_dir, cuda_graphs=True, graph_sampling=False).graphs.samples
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=9)
+    slots = [j.slot for j in joins]
+    rng = np.random.default_rng(9)
+    r.run_step(b.extend([(s, rng.integers(0, 2048, 25 + s).tolist()) for s in slots], joins))
+    for _ in range(6):
+        step = b.decode(slots)
+        with torch.inference_mode():
+            padding = r.graphs.padding_for(step)
+            plan = r.sampler.plan_for(np.asarray(step.req_slot))
+            assert padding is not None and padding.rows == 4 and plan.mode == mode and plan.graphable
+            batch = r.uploader.upload(step, padding)
+            logits = r.graphs.replay(batch, padding.rows)[:3]
+            want = r.sampler.sample(logits, batch.req_slot[:3], batch.seq_len[:3], plan)
+            got = r.graphs.replay_sampled(batch, padding.rows, plan.mode)[:3]
+            assert torch.equal(got, want)
+            assert torch.equal(r.last_token[batch.req_slot[:3].long()], want)
+            r.uploader.finish()
+
+
 def sampled_steps(seed: int):
     b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=seed)
     rng = np.random.default_rng(seed)
@@ -229,3 +264,45 @@ def test_kv_cache_sized_from_free_memory(model_dir):
     assert r.num_pages > 0 and (r.num_pages + 1) * PAGE_SIZE < 2**31
     assert r.kv_cache.num_pages == r.num_pages + 1  # the graphs' scratch page
     assert r.kv_cache.nbytes < 0.05 * (free + r.kv_cache.nbytes)
+
+
+def test_prompt_logprobs_through_flashinfer_and_graphs_equal_hf(model_dir):
+    """The prompt-logprobs path on the GPU (bf16, FlashInfer, graphs captured for the decodes between): a
+    prompt over two chunks, the second in a step beside a decoding request, gives HF's log_softmax over the
+    whole prompt (float32) within bf16 rounding, and a decode step in between asks for none."""
+    from hf_reference import hf_prompt_logprobs, load_hf
+
+    rng = np.random.default_rng(7)
+    prompt, other = rng.integers(0, 2048, 300).tolist(), rng.integers(0, 2048, 9).tolist()
+    targets = [prompt[p + 1] if p + 1 < len(prompt) else -1 for p in range(len(prompt))]
+    top, cut = 5, 170
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE)
+    steps = [
+        b.extend(
+            [(1, other), (0, prompt[:cut])],
+            joins=[Join(0), Join(1)],
+            targets=[-1] * len(other) + targets[:cut],
+            prompt_top=top,
+        ),
+        b.decode([1]),
+        # Slot 1 decodes its last sample (-(slot + 1)) beside the prompt's second chunk.
+        b.extend([(1, [-2]), (0, prompt[cut:])], targets=[-1] + targets[cut:], prompt_top=top),
+    ]
+    ready = ReadySteps(steps)
+    assert run_steps(runner(model_dir, cuda_graphs=True), ready, ready) == 0
+    assert ready.prompt[1] is None
+    got = [p for p in ready.prompt if p is not None]
+    logprob = torch.from_numpy(np.concatenate([p.logprob for p in got]))
+    top_ids = torch.from_numpy(np.concatenate([p.top_ids for p in got]))
+    n = len(prompt) - 1
+    assert logprob.shape == (n,) and top_ids.shape == (n, top)
+    # HF in float32 on the CPU (the checkpoint's bf16 weights, widened exactly): `.to(torch.bfloat16)` would
+    # also round HF's rotary inv_freq buffer, which is wrong by radians at position 300.
+    ref = hf_prompt_logprobs(load_hf(model_dir), prompt)
+    want = ref[torch.arange(n), torch.tensor(prompt[1:])]
+    err = (logprob - want).abs()
+    assert err.mean() < 0.02 and err.max() < 0.15, (err.mean(), err.max())
+    # The most likely token is HF's wherever HF's margin to the runner-up is beyond bf16 rounding.
+    values, ids = ref[:n].topk(2, dim=-1)
+    clear = (values[:, 0] - values[:, 1]) > 0.1
+    assert (top_ids[:, 0] == ids[:, 0])[clear].all()

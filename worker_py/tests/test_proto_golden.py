@@ -66,17 +66,21 @@ def test_layout_offsets_match_the_protocol_by_hand():
         "join_bias_values": (6208, 4 * 4 * 300),
         "mask_row": (11008, 16),
         "mask_bits": (11072, 4 * 3 * 4),
+        "logprob_target": (11136, 8 * 4),
     }
-    assert layout.slot_bytes == 11136
-    result = ResultLayout(4)
+    assert layout.slot_bytes == 11200
+    result = ResultLayout(CAP)
     offsets = {a.name: (a.offset, a.nbytes) for a in result.arrays}
     assert offsets == {
         "tokens": (64, 16),
         "logprob": (128, 16),
         "top_ids": (192, 320),
         "top_logprobs": (512, 320),
+        "prompt_logprob": (832, 8 * 4),
+        "prompt_top_ids": (896, 8 * 20 * 4),
+        "prompt_top_logprobs": (1536, 8 * 20 * 4),
     }
-    assert result.slot_bytes == 832
+    assert result.slot_bytes == 2176
 
 
 def layout_rows(layout) -> list[dict]:
@@ -98,7 +102,7 @@ def test_both_sides_lay_out_the_same_arrays():
     doc = json.loads(golden("slot_layout.json"))
     cap = Capacity(**doc["capacity"])
     assert cap == CAP
-    step, result = StepLayout(cap), ResultLayout(cap.max_reqs)
+    step, result = StepLayout(cap), ResultLayout(cap)
     assert layout_rows(step) == doc["step"]["arrays"]
     assert step.slot_bytes == doc["step"]["slot_bytes"]
     assert layout_rows(result) == doc["result"]["arrays"]
@@ -119,7 +123,7 @@ def doc_table(section: str) -> list[tuple[str, str, str]]:
 )
 def test_the_protocol_tables_list_the_same_arrays(section, table):
     """docs/protocol.md is the specification: its tables name every array, in order, with type and length."""
-    layout = StepLayout(CAP) if table is STEP_ARRAYS else ResultLayout(CAP.max_reqs)
+    layout = StepLayout(CAP) if table is STEP_ARRAYS else ResultLayout(CAP)
     ours = [(r["name"], f"{r['type']}[{r['capacity']}]", r["used"]) for r in layout_rows(layout)]
     assert doc_table(section) == ours
 
@@ -131,11 +135,11 @@ def test_ring_header():
     u64 = np.frombuffer(b, dtype="<u8")
     assert b[:8] == b"MSGLRING" and int(u64[0]) == MAGIC == 0x474E49524C47534D
     assert [int(u32[i]) for i in range(2, 16)] == [
-        3,  # version
+        4,  # version
         1,  # kind: step ring
         512,  # header bytes
         4,  # slot count
-        11136,  # slot bytes
+        11200,  # slot bytes
         2,  # readers
         4242,  # writer pid
         0,  # reserved
@@ -163,10 +167,12 @@ def test_ring_header():
 
 def test_step_slot():
     b = golden("step_slot.bin")
-    assert len(b) == 11136
+    assert len(b) == 11200
     step = StepView(StepLayout(CAP), b)
     header = (step.step_id, step.kind, step.num_reqs, step.num_tokens, step.num_kv_indices, step.num_joins)
     assert header + (step.num_bias, step.num_masks) == (7, messages.STEP_EXTEND, 3, 8, 6, 2, 3, 1)
+    assert (step.prompt_logprobs, step.prompt_top) == (1, 3)  # at 36 and 40
+    assert step.logprob_target.tolist() == [872, 198, 9707, 11, -1, -1, -1, -1]
     assert step.req_slot.tolist() == [2, 0, 3]
     assert step.seq_len.tolist() == [21, 6, 40]
     assert step.qo_indptr.tolist() == [0, 5, 6, 8]
@@ -197,31 +203,35 @@ def test_step_slot():
     assert step.mask_bits.tolist() == [1, 2, 2**31]  # tokens 0, 33 and 95
     # The unused tails are zero: the scheduler writes only what the counts cover.
     raw = np.frombuffer(b, dtype=np.uint8)
-    assert not raw[64 + 36 : 128].any() and not raw[6208 + 12 : 11008].any()
-    assert not raw[11008 + 12 : 11072].any() and not raw[11072 + 12 :].any()
+    assert not raw[64 + 44 : 128].any() and not raw[6208 + 12 : 11008].any()
+    assert not raw[11008 + 12 : 11072].any() and not raw[11072 + 12 : 11136].any()
 
 
 def test_result_slot():
     b = golden("result_slot.bin")
-    assert len(b) == 832
-    step_id, status, tokens = read_result(ResultLayout(4), b)
+    assert len(b) == 2176
+    step_id, status, tokens = read_result(ResultLayout(CAP), b)
     assert (step_id, status, tokens.tolist()) == (7, messages.RESULT_OK, [151645, 13, 2])
-    assert ResultSlot(ResultLayout(4), bytearray(b)).read_logprobs() is None
+    assert ResultSlot(ResultLayout(CAP), bytearray(b)).read_logprobs() is None
 
 
 def test_result_slot_logprobs():
     b = golden("result_slot_logprobs.bin")
-    slot = ResultSlot(ResultLayout(4), bytearray(b))
+    slot = ResultSlot(ResultLayout(CAP), bytearray(b))
     step_id, status, tokens = slot.read()
     assert (step_id, status, tokens.tolist()) == (7, messages.RESULT_OK, [151645, 13, 2])
     lp = slot.read_logprobs()
     assert lp.logprob.tolist() == [-0.125, -2.5, -0.75]
     assert lp.top_ids.tolist() == [[151645, 198], [11, 13], [2, 0]]
     assert lp.top_logprobs.tolist() == [[-0.125, -3.0], [-1.5, -2.5], [-0.75, -0.875]]
+    prompt = slot.read_prompt_logprobs()
+    assert prompt.logprob.tolist() == [-5.5, -0.25, -12.0, -1.75]
+    assert prompt.top_ids.tolist() == [[9, 872, 2], [198, 5, 6], [7, 8, 9707], [11, 0, 1]]
+    assert prompt.top_logprobs.tolist()[2] == [-0.5, -1.25, -12.0]
     # The Python writer gives the same bytes.
     ours = bytearray(len(b))
-    slot = ResultSlot(ResultLayout(4), ours)
-    slot.write(7, np.array([151645, 13, 2], np.int32), logprobs=lp)
+    slot = ResultSlot(ResultLayout(CAP), ours)
+    slot.write(7, np.array([151645, 13, 2], np.int32), logprobs=lp, prompt=prompt)
     assert bytes(ours) == b
 
 
@@ -244,6 +254,7 @@ OPTIONS = {
     "repetition_penalty": 1.2,
     "logit_bias": [[9707, 5.0], [151645, -100.0]],
     "logprobs": 2,
+    "prompt_logprobs": 3,
     "skip_special_tokens": False,
 }
 
@@ -411,6 +422,24 @@ SERVER = {
         "text": "Hi!",
         "message": None,
         "logprobs": LOGPROBS,
+    },
+    "server_final_prompt_logprobs.msgpack": {
+        "type": "final",
+        "rid": "req-9",
+        "index": 0,
+        "finish_reason": "length",
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "cached_tokens": 0,
+        "token_ids": [9707, 0],
+        "text": "Hi!",
+        "message": None,
+        "prompt_logprobs": [
+            None,
+            {"logprob": -3.5, "top": [[872, -0.75]]},
+            {"logprob": -0.125, "top": [[198, -0.125]]},
+        ],
+        "prompt_token_ids": [151644, 872, 198],
     },
     "server_delta_tool_calls.msgpack": {
         "type": "delta",

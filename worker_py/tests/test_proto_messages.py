@@ -80,7 +80,10 @@ def test_the_offline_sampling_params_write_the_same_map():
     from minisgl.client.llm import SamplingParams
 
     assert SamplingParams().to_wire() == messages.SAMPLING_DEFAULTS
-    params = SamplingParams(temperature=0.0, logit_bias={7: -100}, logprobs=2, repetition_penalty=1.2)
-    assert params.to_wire() == messages.sampling(
-        temperature=0.0, logit_bias=[(7, -100.0)], logprobs=2, repetition_penalty=1.2
+    params = SamplingParams(
+        temperature=0.0, logit_bias={7: -100}, logprobs=2, prompt_logprobs=0, repetition_penalty=1.2
     )
+    assert params.to_wire() == messages.sampling(
+        temperature=0.0, logit_bias=[(7, -100.0)], logprobs=2, prompt_logprobs=0, repetition_penalty=1.2
+    )
+    assert params.to_wire()["prompt_logprobs"] == 0, "0 top tokens is not off"

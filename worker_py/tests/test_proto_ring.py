@@ -45,7 +45,7 @@ def segment(request):
 
     def make(kind: int = 2, slot_count: int = 4, num_readers: int = 1, tag: str = "") -> str:
         name = f"minisgl-pytest-{os.getpid()}-{request.node.name}{tag}"
-        slot_bytes = StepLayout(CAP).slot_bytes if kind == 1 else ResultLayout(CAP.max_reqs).slot_bytes
+        slot_bytes = StepLayout(CAP).slot_bytes if kind == 1 else ResultLayout(CAP).slot_bytes
         made.append(make_segment(name, kind, slot_count, slot_bytes, num_readers))
         return name
 
@@ -63,7 +63,7 @@ def dead_pid() -> int:
 def test_open_reads_the_header_and_close_keeps_the_segment(segment):
     name = segment(kind=1, slot_count=3, num_readers=2)
     ring = Ring.open(name)
-    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 11072, 2)
+    assert (ring.kind, ring.slot_count, ring.slot_bytes, ring.num_readers) == (1, 3, 11136, 2)
     assert (ring.capacity, ring.page_size) == (CAP, 16)
     assert (ring.write_seq, ring.read_seq(0), ring.read_seq(1), ring.writer_pid) == (0, 0, 0, 0)
     ring.attach_reader(1, 777)
@@ -111,7 +111,7 @@ def test_foreign_or_missing_segments_are_refused(segment):
 def test_a_slot_goes_round_writer_to_reader(segment):
     name = segment(slot_count=2, num_readers=2)
     writer, readers = Ring(name), Ring(name)
-    layout = ResultLayout(CAP.max_reqs)
+    layout = ResultLayout(CAP)
     for step in range(2):
         ResultSlot(layout, writer.try_claim()).write(step, np.array([step, -step], np.int32))
         writer.publish()
@@ -203,7 +203,7 @@ def test_channels_check_the_ring_kind(segment):
     results = ResultWriter(result_ring)
     assert results.write(3, np.array([5, 6], np.int32))
     assert results.write(4, None, status=1)
-    layout = ResultLayout(CAP.max_reqs)
+    layout = ResultLayout(CAP)
     assert ResultSlot(layout, result_ring.slot(0)).read()[:2] == (3, 0)
     step_id, status, tokens = ResultSlot(layout, result_ring.slot(1)).read()
     assert (step_id, status, len(tokens)) == (4, 1, 0)

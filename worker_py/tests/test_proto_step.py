@@ -11,6 +11,7 @@ from minisgl.proto.step import (
     STEP_EXTEND,
     Capacity,
     Logprobs,
+    PromptLogprobs,
     ResultLayout,
     ResultSlot,
     StepLayout,
@@ -58,7 +59,7 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
         301,
     )
     assert v.num_masks == 2
-    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4, "j+1": 5, "b": 301, "g*W": 6}
+    expected = {"n": 2, "n+1": 3, "t": 5, "k": 0, "j": 4, "j+1": 5, "b": 301, "g*W": 6, "u": 0}
     for a in layout.arrays:
         arr = getattr(v, a.name)
         assert len(arr) == expected[a.used_by], a.name
@@ -72,14 +73,14 @@ def test_views_are_cut_to_the_header_counts_and_share_memory():
 
 def test_a_buffer_too_small_is_refused():
     layout = StepLayout(Capacity(4, 8, 6))
-    with pytest.raises(ValueError, match="layout needs 11072"):
+    with pytest.raises(ValueError, match="layout needs 11136"):
         StepView(layout, bytearray(900))
     with pytest.raises(ValueError):
-        ResultSlot(ResultLayout(4), bytearray(64))
+        ResultSlot(ResultLayout(Capacity(4, 8, 6)), bytearray(64))
 
 
 def test_results_round_trip():
-    layout = ResultLayout(4)
+    layout = ResultLayout(Capacity(4, 8, 6))
     buf = bytearray(layout.slot_bytes)
     write_result(layout, buf, 9, np.array([151645, 0, 7], np.int32))
     step_id, status, tokens = read_result(layout, buf)
@@ -91,7 +92,7 @@ def test_results_round_trip():
 
 
 def test_logprobs_round_trip_packed_by_row():
-    layout = ResultLayout(4)
+    layout = ResultLayout(Capacity(4, 8, 6))
     slot = ResultSlot(layout, bytearray(layout.slot_bytes))
     lp = Logprobs(
         np.array([-0.5, -1.5, -0.25], np.float32),
@@ -115,6 +116,40 @@ def test_logprobs_round_trip_packed_by_row():
     assert slot.read_logprobs() is None
     with pytest.raises(ValueError, match="expected 2 rows"):
         slot.write(6, np.array([1, 2], np.int32), logprobs=lp)
+
+
+def test_targets_are_cut_to_t_only_when_the_step_asks_for_prompt_logprobs():
+    layout = StepLayout(Capacity(4, 8, 6))
+    slot = StepSlot(layout, np.zeros(layout.slot_bytes, np.uint8))
+    slot.logprob_target[:5] = [3, -1, 4, 1, -1]
+    slot.write_header(1, STEP_EXTEND, 2, 5, 0, 0)
+    assert len(slot.view().logprob_target) == 0
+    slot.write_header(1, STEP_EXTEND, 2, 5, 0, 0, prompt_logprobs=1, prompt_top=7)
+    v = slot.view()
+    assert v.logprob_target.tolist() == [3, -1, 4, 1, -1] and (v.prompt_logprobs, v.prompt_top) == (1, 7)
+
+
+def test_prompt_logprobs_round_trip_packed_by_entry():
+    layout = ResultLayout(Capacity(4, 8, 6))
+    slot = ResultSlot(layout, bytearray(layout.slot_bytes))
+    prompt = PromptLogprobs(
+        np.array([-0.5, -7.0], np.float32),
+        np.array([[7, 1, 2], [2, 9, 3]], np.int32),
+        np.array([[-0.5, -2.0, -3.0], [-1.0, -1.5, -2.5]], np.float32),
+    )
+    slot.write(3, np.array([7], np.int32), prompt=prompt)
+    assert slot.read_logprobs() is None, "the sampled tokens' logprobs were not asked for"
+    got = slot.read_prompt_logprobs()
+    assert got.logprob.tolist() == [-0.5, -7.0]
+    assert got.top_ids.tolist() == [[7, 1, 2], [2, 9, 3]]
+    assert slot.prompt_top_ids[:6].tolist() == [7, 1, 2, 2, 9, 3]
+    slot.write(4, np.array([7], np.int32))
+    assert slot.read_prompt_logprobs() is None
+    too_many = PromptLogprobs(
+        np.zeros(9, np.float32), np.zeros((9, 0), np.int32), np.zeros((9, 0), np.float32)
+    )
+    with pytest.raises(ValueError, match="9 prompt logprobs"):
+        slot.write(5, np.array([7], np.int32), prompt=too_many)
 
 
 def test_a_view_per_step_costs_microseconds():

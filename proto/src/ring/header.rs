@@ -6,8 +6,9 @@ use crate::step::{Capacity, ResultLayout, StepLayout};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MSGLRING");
 /// 2: the slot headers count logit-bias entries and logprobs, and the join arrays carry penalties, min_p, logprobs
-/// and logit bias. 3: token masks (the header's `mask_words`, the step's `mask_row` and `mask_bits`).
-pub const VERSION: u32 = 3;
+/// and logit bias. 3: token masks (the header's `mask_words`, the step's `mask_row` and `mask_bits`). 4: prompt
+/// logprobs (the step's `logprob_target`, the result's `prompt_*` arrays, which make its size depend on T).
+pub const VERSION: u32 = 4;
 pub const HEADER_BYTES: usize = 512;
 pub const MAX_READERS: usize = 4;
 
@@ -62,7 +63,7 @@ impl RingKind {
     pub fn min_slot_bytes(self, cap: Capacity) -> usize {
         match self {
             Self::Step => StepLayout::new(cap).slot_bytes,
-            Self::Result => ResultLayout::new(cap.max_reqs).slot_bytes,
+            Self::Result => ResultLayout::new(cap).slot_bytes,
         }
     }
 }

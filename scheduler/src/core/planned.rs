@@ -11,6 +11,9 @@ pub struct PlannedReq {
     /// Its last new token is the last of its sequence, so the token sampled for it is real. False for the non-final
     /// chunks of a chunked prefill, whose samples are discarded.
     pub samples: bool,
+    /// Prompt-logprob entries this request has in the step's result (its positions with a `logprob_target`),
+    /// after those of the requests before it.
+    pub prompt_entries: u32,
 }
 
 /// A step written into a slot and not yet completed. It carries everything `complete_step` needs, so completing a
@@ -68,12 +71,20 @@ pub enum Event {
     /// The request's first admission found its prompt's first `tokens` tokens in the prefix cache: they were not
     /// prefilled again. Sent once per request, before its first token, and only when `tokens > 0`.
     Cached { id: ReqId, tokens: u32 },
+    /// The logprobs of the request's next `count` prompt tokens (in prompt order, the second token first) are the
+    /// step result's prompt-logprob entries `first .. first + count`, with `top` of the top entries each asked
+    /// for. Comes before the request's token of the same step; every prompt token after the first is covered
+    /// once, whatever the chunking or preemptions.
+    PromptLogprobs { id: ReqId, first: u32, count: u32, top: u32 },
 }
 
 impl Event {
     pub fn id(&self) -> ReqId {
         match *self {
-            Event::Token { id, .. } | Event::Finished { id, .. } | Event::Cached { id, .. } => id,
+            Event::Token { id, .. }
+            | Event::Finished { id, .. }
+            | Event::Cached { id, .. }
+            | Event::PromptLogprobs { id, .. } => id,
         }
     }
 
@@ -82,7 +93,7 @@ impl Event {
         match *self {
             Event::Token { finish, .. } => finish,
             Event::Finished { reason, .. } => Some(reason),
-            Event::Cached { .. } => None,
+            Event::Cached { .. } | Event::PromptLogprobs { .. } => None,
         }
     }
 }

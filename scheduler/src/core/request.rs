@@ -2,6 +2,7 @@
 
 use super::page_table::{PageTable, pages_for};
 use super::prefix_cache::ROOT;
+use proto::api;
 use proto::step::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 
 /// Assigned by the engine; unique among live requests.
@@ -39,6 +40,11 @@ pub struct SamplingParams {
     /// `None`: no logprobs. `Some(k)`: with each sampled token, its logprob and those of the `k` (at most
     /// [`MAX_TOP_LOGPROBS`]) most likely tokens.
     pub logprobs: Option<u32>,
+    /// `None`: no prompt logprobs. `Some(k)`: the logprob of each prompt token after the first, given the tokens
+    /// before it, and the `k` (at most [`MAX_TOP_LOGPROBS`]) most likely tokens at each of those positions. Only
+    /// positions whose logits are computed have them, so such a request takes no cached prefix beyond what it
+    /// has already been answered for (see `Request::cacheable_pages`).
+    pub prompt_logprobs: Option<u32>,
     /// EOS (unless `ignore_eos`) and `stop_token_ids` are masked out of the first `min_tokens` samples.
     pub min_tokens: u32,
     /// Each sample needs a token mask from outside the core (a grammar): the request is planned to sample only
@@ -47,23 +53,35 @@ pub struct SamplingParams {
 }
 
 impl Default for SamplingParams {
-    /// The wire's defaults (docs/protocol.md, `sampling`), with the seed 0 and every option off.
+    /// The wire's defaults ([`api::Sampling::default`], docs/protocol.md `sampling`), with the seed 0.
     fn default() -> Self {
+        SamplingParams::from(&api::Sampling::default())
+    }
+}
+
+impl From<&api::Sampling> for SamplingParams {
+    /// The core's parameters for a validated request (seed 0: the engine gives each sample its own).
+    fn from(s: &api::Sampling) -> Self {
         SamplingParams {
-            max_tokens: 128,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: -1,
+            // Validated > 0; a larger count than u32 holds means "as many as the context allows", as does any
+            // count past the context, so saturating loses nothing.
+            max_tokens: u32::try_from(s.max_tokens).unwrap_or(u32::MAX),
+            temperature: s.temperature as f32,
+            top_p: s.top_p as f32,
+            top_k: s.top_k as i32,
             seed: 0,
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-            min_p: 0.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repetition_penalty: 1.0,
-            logit_bias: Vec::new(),
-            logprobs: None,
-            min_tokens: 0,
+            stop_token_ids: s.stop_token_ids.clone(),
+            ignore_eos: s.ignore_eos,
+            min_p: s.min_p as f32,
+            presence_penalty: s.presence_penalty as f32,
+            frequency_penalty: s.frequency_penalty as f32,
+            repetition_penalty: s.repetition_penalty as f32,
+            logit_bias: s.logit_bias.iter().map(|&(id, bias)| (id, bias as f32)).collect(),
+            // Validated in 0..=20.
+            logprobs: s.logprobs.map(|k| k as u32),
+            prompt_logprobs: s.prompt_logprobs.map(|k| k as u32),
+            // Validated in 0..=max_tokens.
+            min_tokens: u32::try_from(s.min_tokens).unwrap_or(0),
             constrained: false,
         }
     }
@@ -84,6 +102,9 @@ impl SamplingParams {
         if let Some(k) = self.logprobs.filter(|&k| k as usize > MAX_TOP_LOGPROBS) {
             return Err(SubmitError::TooManyTopLogprobs(k));
         }
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k as usize > MAX_TOP_LOGPROBS) {
+            return Err(SubmitError::TooManyTopLogprobs(k));
+        }
         Ok(())
     }
 }
@@ -95,21 +116,8 @@ pub struct NewRequest {
     pub params: SamplingParams,
 }
 
-/// Why a request ended. The engine maps it onto the wire's `finish_reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FinishReason {
-    /// An EOS id (unless `ignore_eos`) or one of `stop_token_ids` was sampled.
-    Stop,
-    /// `max_tokens` were generated, or the context length was reached.
-    Length,
-    /// The engine ended it (client abort); the core never produces this itself.
-    Abort,
-    /// The worker failed the step, or returned something that is not a token.
-    Error,
-    /// The KV cache cannot hold the request even with every other request preempted (or, waiting, with every
-    /// page free).
-    Memory,
-}
+/// Why a request ended: the wire's `finish_reason` itself.
+pub use proto::api::FinishReason;
 
 /// A live request, waiting or running.
 ///
@@ -149,6 +157,9 @@ pub(crate) struct Request {
     /// For a constrained request: the mask of its next sample is ready (set by the engine, cleared when a step
     /// samples under it).
     pub mask_ready: bool,
+    /// With `prompt_logprobs`: the first prompt position whose successor's logprob no step has asked for yet.
+    /// Survives preemption, so that a recomputed prompt is not answered for twice.
+    pub prompt_asked: u32,
 }
 
 impl Request {
@@ -177,11 +188,36 @@ impl Request {
             admissions: 0,
             match_pages: 0,
             mask_ready: false,
+            prompt_asked: 0,
         }
     }
 
     pub fn len(&self) -> u32 {
         self.tokens.len() as u32
+    }
+
+    /// The prompt's length: what the client sent, without the tokens generated since (which come back as prompt
+    /// ids after a preemption).
+    pub fn prompt_len(&self) -> u32 {
+        self.len() - self.generated
+    }
+
+    /// Prompt positions whose successors' logprobs are still to be asked for: positions `prompt_asked ..
+    /// prompt_len - 1` (the last prompt token's successor is the first sample, whose logprob travels as every
+    /// sample's does). Empty without `prompt_logprobs`.
+    pub fn prompt_logprobs_left(&self) -> std::ops::Range<u32> {
+        match self.params.prompt_logprobs {
+            Some(_) => self.prompt_asked..self.prompt_len().saturating_sub(1).max(self.prompt_asked),
+            None => 0..0,
+        }
+    }
+
+    /// Pages of the sequence that may come from the prefix cache: at least its last token is computed (its logits
+    /// give the first sample), and with prompt logprobs still to ask, no position whose logits are needed.
+    pub fn cacheable_pages(&self, page_size: u32) -> u32 {
+        let whole = (self.len() - 1) / page_size;
+        let left = self.prompt_logprobs_left();
+        if left.is_empty() { whole } else { whole.min(left.start / page_size) }
     }
 
     /// Still has prompt tokens whose K and V are not cached.
@@ -300,5 +336,26 @@ mod tests {
         let top = |k| SamplingParams { logprobs: Some(k), ..Default::default() };
         assert!(top(0).check_step_limits().is_ok() && top(20).check_step_limits().is_ok());
         assert_eq!(top(21).check_step_limits(), Err(SubmitError::TooManyTopLogprobs(21)));
+        let prompt = |k| SamplingParams { prompt_logprobs: Some(k), ..Default::default() };
+        assert!(prompt(20).check_step_limits().is_ok());
+        assert_eq!(prompt(21).check_step_limits(), Err(SubmitError::TooManyTopLogprobs(21)));
+    }
+
+    #[test]
+    fn prompt_logprobs_keep_the_positions_still_to_ask_out_of_the_cache() {
+        let params = SamplingParams { prompt_logprobs: Some(2), ..Default::default() };
+        let mut r = Request::new(NewRequest { id: 1, prompt: (0..40).collect(), params }, 8, 16, 0, 0);
+        assert_eq!((r.prompt_logprobs_left(), r.cacheable_pages(16)), (0..39, 0));
+        r.prompt_asked = 35;
+        assert_eq!((r.prompt_logprobs_left(), r.cacheable_pages(16)), (35..39, 2));
+        r.prompt_asked = 39;
+        assert!(r.prompt_logprobs_left().is_empty());
+        // Generated tokens, back as prompt ids after a preemption, are not the prompt.
+        r.tokens.extend([7, 7]);
+        r.generated = 2;
+        assert_eq!((r.prompt_len(), r.prompt_logprobs_left(), r.cacheable_pages(16)), (40, 39..39, 2));
+        let plain =
+            Request::new(NewRequest { id: 2, prompt: (0..40).collect(), params: Default::default() }, 8, 16, 0, 0);
+        assert_eq!((plain.prompt_logprobs_left(), plain.cacheable_pages(16)), (0..0, 2));
     }
 }

@@ -20,6 +20,11 @@
 //!   request wrote when it ends (finish, abort or preemption). A request that would match a page written by the
 //!   step being planned waits for the next step instead of computing it twice: that is what makes a burst of
 //!   requests with one system prompt, or the `n` samples of one prompt, prefill it once.
+//! - **Prompt logprobs.** A request that asks for them needs the logits of every prompt position, which only a
+//!   computed position has: it takes from the cache no page holding a position whose successor's logprob is still
+//!   to ask for (none at first; after a preemption, those it was answered for). Each chunk it prefills names, per
+//!   position, the prompt token that follows (`logprob_target`), and the completed step reports which result
+//!   entries are its ([`Event::PromptLogprobs`]); its pages are cached as anyone's.
 //! - **Chunked prefill.** A prompt longer than the budget left in the step is cut; the rest continues first in the
 //!   next step, before anything new is admitted, so at most one request is part-way through its prefill and a long
 //!   prompt is never starved by later short ones. The worker samples after a non-final chunk anyway; that token is
@@ -261,11 +266,17 @@ impl Core {
             planned.step_id
         );
         self.retire(planned.step_id);
+        let mut entries = 0;
         for (row, (p, &token)) in planned.reqs.iter().zip(tokens).enumerate() {
+            let first = entries;
+            entries += p.prompt_entries;
+            let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
+            if let (Some(top), 1..) = (req.params.prompt_logprobs, p.prompt_entries) {
+                events.push(Event::PromptLogprobs { id: p.id, first, count: p.prompt_entries, top });
+            }
             if !p.samples {
                 continue;
             }
-            let Some(req) = self.running.get_mut(p.slot).filter(|r| r.id == p.id) else { continue };
             req.pending -= 1;
             // The next mask follows from this token: whatever was said ready before it is stale.
             req.mask_ready = false;

@@ -27,6 +27,13 @@ pub(crate) struct StepWriter<'s, 'a> {
     /// W, and the token masks written so far.
     mask_words: usize,
     g: usize,
+    /// Whether some request asks for prompt logprobs: from then on every token has a `logprob_target` entry (the
+    /// tokens before it got theirs then), so steps that ask for none never touch the array.
+    targets: bool,
+    /// The most top entries a request asks for at its prompt positions.
+    prompt_top: u32,
+    /// Where the last request's tokens start in `input_ids`.
+    last_start: usize,
 }
 
 impl<'s, 'a> StepWriter<'s, 'a> {
@@ -34,7 +41,35 @@ impl<'s, 'a> StepWriter<'s, 'a> {
         step.qo_indptr[0] = 0;
         step.kv_indptr[0] = 0;
         step.join_bias_indptr[0] = 0;
-        StepWriter { step, page_size, n: 0, t: 0, k: 0, j: 0, b: 0, mask_words: mask_words as usize, g: 0 }
+        StepWriter {
+            step,
+            page_size,
+            n: 0,
+            t: 0,
+            k: 0,
+            j: 0,
+            b: 0,
+            mask_words: mask_words as usize,
+            g: 0,
+            targets: false,
+            prompt_top: 0,
+            last_start: 0,
+        }
+    }
+
+    /// Asks for the logprobs of `targets` at the last request's new tokens from its `offset`-th on: the logits at
+    /// each of those positions give back the logprob of its target and the `top` most likely tokens.
+    pub fn push_targets(&mut self, offset: u32, targets: &[u32], top: u32) {
+        let at = self.last_start + offset as usize;
+        assert!(at + targets.len() <= self.t, "targets past the last request's tokens");
+        if !self.targets {
+            self.step.logprob_target[..self.t].fill(-1);
+            self.targets = true;
+        }
+        for (dst, &id) in self.step.logprob_target[at..at + targets.len()].iter_mut().zip(targets) {
+            *dst = id as i32;
+        }
+        self.prompt_top = self.prompt_top.max(top);
     }
 
     /// A token mask for the last request pushed, every word to be written by the caller; `None` when the ring has
@@ -88,6 +123,10 @@ impl<'s, 'a> StepWriter<'s, 'a> {
             s.positions[t + i] = pos as i32;
             s.out_loc[t + i] = pages.loc(pos, ps) as i32;
         }
+        if self.targets {
+            s.logprob_target[t..t + count as usize].fill(-1);
+        }
+        self.last_start = t;
         self.n += 1;
         self.t += count as usize;
         self.k += listed;
@@ -138,6 +177,8 @@ impl<'s, 'a> StepWriter<'s, 'a> {
             num_joins: self.j as u32,
             num_bias: self.b as u32,
             num_masks: self.g as u32,
+            prompt_logprobs: u32::from(self.targets),
+            prompt_top: self.prompt_top,
             ..Default::default()
         };
     }
@@ -255,6 +296,39 @@ mod tests {
         let r = StepRef::new(&layout, buf.bytes());
         assert_eq!(r.join_bias_indptr, &[0, 300, 600, 900]);
         assert_eq!((r.join_bias_ids[299], r.join_bias_ids[300]), (299, 0));
+    }
+
+    #[test]
+    fn targets_cover_every_token_once_a_request_asks_and_none_before() {
+        let cap = Capacity { max_reqs: 3, max_tokens: 8, max_kv_indices: 8, mask_words: 0 };
+        let layout = StepLayout::new(cap);
+        let mut pool = IndexPool::new(8);
+        let mut t = PageTable::default();
+        assert!(t.grow_to(8, 4, &mut pool, &mut PrefixCache::new(8, 4, false)));
+        let write = |ask: bool| {
+            let mut buf = SlotBuf::zeroed(layout.slot_bytes);
+            // Garbage where nothing should be read: the writer must overwrite what it uses.
+            StepMut::new(&layout, buf.bytes_mut()).logprob_target.fill(77);
+            {
+                let mut step = StepMut::new(&layout, buf.bytes_mut());
+                let mut w = StepWriter::new(&mut step, 4, 0);
+                w.push_request(0, &t, 0, NewTokens::Ids(&[1, 2]));
+                w.push_request(1, &t, 0, NewTokens::Ids(&[3, 4, 5]));
+                if ask {
+                    w.push_targets(1, &[40, 50], 4);
+                }
+                w.push_request(2, &t, 5, NewTokens::LastSampled);
+                w.finish(3, StepKind::Extend);
+            }
+            buf
+        };
+        let buf = write(false);
+        let r = StepRef::try_new(&layout, buf.bytes()).unwrap();
+        assert_eq!((r.header.prompt_logprobs, r.header.prompt_top, r.logprob_target.len()), (0, 0, 0));
+        let buf = write(true);
+        let r = StepRef::try_new(&layout, buf.bytes()).unwrap();
+        assert_eq!((r.header.prompt_logprobs, r.header.prompt_top), (1, 4));
+        assert_eq!(r.logprob_target, &[-1, -1, -1, 40, 50, -1]);
     }
 
     #[test]

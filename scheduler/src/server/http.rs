@@ -555,13 +555,18 @@ async fn run_request(
     if parsed.stream {
         let chunks = Chunks::new(reply, parsed.include_usage, choices);
         let queued = chunks.opening().into();
-        let stream = ChunkStream { replies: rx, places, ticket, chunks, queued, done: false };
+        let prompt_only = parsed.prompt_only;
+        let stream = ChunkStream { replies: rx, places, ticket, chunks, queued, done: false, prompt_only };
         return Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
     }
     let mut finals = Vec::with_capacity(choices as usize);
     loop {
         match rx.recv().await {
-            Some(ServerMsg::Final(mut f)) => {
+            Some(mut msg @ ServerMsg::Final(_)) => {
+                if parsed.prompt_only {
+                    openai::leave_out_completion(&mut msg);
+                }
+                let ServerMsg::Final(mut f) = msg else { unreachable!("matched a final") };
                 f.index += places.get(&f.rid).copied().unwrap_or(0);
                 let failed = f.finish_reason == proto::api::FinishReason::Error;
                 finals.push(f);
@@ -648,6 +653,8 @@ struct ChunkStream {
     chunks: Chunks,
     queued: VecDeque<String>,
     done: bool,
+    /// Completions' `echo` with `max_tokens: 0`: what the engine generated is left out of every reply.
+    prompt_only: bool,
 }
 
 impl Stream for ChunkStream {
@@ -665,6 +672,9 @@ impl Stream for ChunkStream {
             let (data, last) = match ready!(this.replies.poll_recv(cx)) {
                 Some(mut msg) => {
                     relabel(&mut msg, &this.places);
+                    if this.prompt_only {
+                        openai::leave_out_completion(&mut msg);
+                    }
                     this.chunks.on_reply(&msg)
                 }
                 None => (this.chunks.on_lost(), true),
@@ -772,6 +782,8 @@ mod tests {
             text: text.into(),
             message: None,
             logprobs: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: None,
         })
     }
@@ -826,6 +838,8 @@ mod tests {
                     token_ids: vec![7],
                     text: text.into(),
                     logprobs: None,
+                    prompt_logprobs: None,
+                    prompt_token_ids: None,
                     tool_calls: None,
                 })
             };
@@ -938,6 +952,8 @@ mod tests {
                 token_ids: vec![7],
                 text: text.clone(),
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             };
             out.push(ServerMsg::Delta(delta));
@@ -952,6 +968,8 @@ mod tests {
                 text,
                 message: None,
                 logprobs: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             }));
         }

@@ -20,7 +20,7 @@ use super::openai::tools;
 use super::prepare::{PreparedPrompt, Preparer};
 use super::tool_stream::ToolStream;
 use crate::core::{Event, FinishReason, NewRequest, ReqId, SamplingParams};
-use crate::engine::Command;
+use crate::engine::{Command, StepLogprobs};
 use crate::metrics::{Metrics, Outcome};
 use crate::text::{ChatTemplate, TextStream, Tokenizer};
 use bytes::Bytes;
@@ -99,6 +99,26 @@ struct Request {
     admitted: Instant,
     /// Samples not ended yet; the request is forgotten when the last one ends.
     open: u32,
+    /// Set when the request asked for its prompt's logprobs.
+    prompt: Option<PromptLogprobs>,
+}
+
+/// A request's prompt logprobs. Sample 0 alone asks the engine for them; the other samples are held back until it
+/// has them all (its first token), so that they are computed once, every sample's messages carry the same ones,
+/// and the others then find the whole prompt in the prefix cache.
+struct PromptLogprobs {
+    ids: Vec<u32>,
+    /// One entry per prompt token so far: `None` for the first, which nothing comes before.
+    entries: Vec<Option<TokenLogprobs>>,
+    /// The submits of samples 1 .. n-1, sent once sample 0 has its first token or has ended.
+    held: Vec<Command>,
+}
+
+impl PromptLogprobs {
+    /// What a message carrying them gets: `prompt_logprobs` and `prompt_token_ids`.
+    fn message(&self) -> (Option<Vec<Option<TokenLogprobs>>>, Option<Vec<u32>>) {
+        (Some(self.entries.clone()), Some(self.ids.clone()))
+    }
 }
 
 struct Sample {
@@ -117,6 +137,8 @@ struct Sample {
     last_token: Option<Instant>,
     /// The output read for tool calls, when the request offered tools to call; `text` is then the content.
     tools: Option<ToolStream>,
+    /// A delta of it carried the request's prompt logprobs (its first does, when the request asked).
+    prompt_sent: bool,
 }
 
 impl Hub {
@@ -265,6 +287,10 @@ impl Hub {
             return true;
         }
         let Some(&key) = self.by_rid.get(&key) else { return false };
+        // Samples held back behind sample 0 never reached the engine; they end here with the others.
+        if let Some(prompt) = self.requests.get_mut(&key).and_then(|r| r.prompt.as_mut()) {
+            prompt.held.clear();
+        }
         let n = self.requests.get(&key).map_or(0, |r| r.n);
         for id in key..key + ReqId::from(n) {
             if self.samples.contains_key(&id) {
@@ -378,27 +404,36 @@ impl Hub {
             return Err(reject(ErrorCode::ShuttingDown, "the server is shutting down".into()));
         }
         let s = &g.sampling;
-        let params = sampling_params(s);
+        let params = SamplingParams::from(s);
         let base = self.next_id;
         let prompt_tokens = prompt.len() as u32;
         // Checked in `prepare` already.
         let tool_plan = tools::plan_of(&g).ok().flatten();
+        let mut prompt_lp = params.prompt_logprobs.map(|_| PromptLogprobs {
+            ids: prompt.clone(),
+            entries: vec![None],
+            held: Vec::new(),
+        });
         for index in 0..n {
             let seed = match s.seed {
                 Some(seed) => sample_seed(seed, index),
                 None => self.seeds.next(),
             };
             let constrained = constraint.is_some();
+            // Computed once, by sample 0.
+            let prompt_logprobs = params.prompt_logprobs.filter(|_| index == 0);
             let req = NewRequest {
                 id: base + ReqId::from(index),
                 prompt: prompt.clone(),
-                params: SamplingParams { seed, constrained, ..params.clone() },
+                params: SamplingParams { seed, constrained, prompt_logprobs, ..params.clone() },
             };
             let command = match &constraint {
                 Some(c) => Command::SubmitConstrained { req, matcher: Box::new(c.matcher()) },
                 None => Command::Submit(req),
             };
-            if self.engine.send(command).is_err() {
+            if let Some(lp) = prompt_lp.as_mut().filter(|_| index > 0) {
+                lp.held.push(command);
+            } else if self.engine.send(command).is_err() {
                 return Err(reject(ErrorCode::ShuttingDown, "the engine has stopped".into()));
             }
         }
@@ -419,6 +454,7 @@ impl Hub {
                 tools: tool_plan
                     .as_ref()
                     .and_then(|plan| ToolStream::new(plan, self.preparer.tool_format(), self.seeds.next())),
+                prompt_sent: false,
             };
             self.samples.insert(base + ReqId::from(index), sample);
         }
@@ -426,24 +462,45 @@ impl Hub {
         self.by_rid.insert((peer.clone(), g.rid.clone()), base);
         self.metrics.prompt_tokens.inc_by(u64::from(prompt_tokens));
         tracing::debug!(request_id = %g.rid, prompt_tokens, n, "request admitted");
-        let request =
-            Request { peer: peer.clone(), rid: g.rid, stream: g.stream, n, prompt_tokens, admitted: now, open: n };
+        let request = Request {
+            peer: peer.clone(),
+            rid: g.rid,
+            stream: g.stream,
+            n,
+            prompt_tokens,
+            admitted: now,
+            open: n,
+            prompt: prompt_lp,
+        };
         self.requests.insert(base, request);
         Ok(())
     }
 
     /// Turns one step's events into replies.
     pub fn on_events(&mut self, events: Vec<Event>, out: &mut Vec<(Peer, ServerMsg)>) {
-        self.on_step(events, Vec::new(), out);
+        self.on_step(events, StepLogprobs::default(), out);
     }
 
-    /// Turns one step's events into replies; `logprobs` has one entry per token event whose `logprobs` is set,
-    /// in event order (what the engine read from the result ring).
-    pub fn on_step(&mut self, events: Vec<Event>, logprobs: Vec<TokenLogprobs>, out: &mut Vec<(Peer, ServerMsg)>) {
+    /// Turns one step's events into replies, with the logprobs they refer to (what the engine read from the result
+    /// ring).
+    pub fn on_step(&mut self, events: Vec<Event>, logprobs: StepLogprobs, out: &mut Vec<(Peer, ServerMsg)>) {
         let now = Instant::now();
-        let mut logprobs = logprobs.into_iter();
+        let StepLogprobs { tokens: logprobs, prompt } = logprobs;
+        let (mut logprobs, mut prompt) = (logprobs.into_iter(), prompt.into_iter());
         for event in events {
             let (id, token, finish, asked) = match event {
+                Event::PromptLogprobs { id, count, .. } => {
+                    // Taken whether or not the request is still here, so the entries stay in step with their
+                    // events.
+                    let entries = prompt.by_ref().take(count as usize).map(Some);
+                    let request = self.samples.get(&id).and_then(|s| self.requests.get_mut(&s.request));
+                    if let Some(lp) = request.and_then(|r| r.prompt.as_mut()) {
+                        lp.entries.extend(entries);
+                    } else {
+                        entries.for_each(drop);
+                    }
+                    continue;
+                }
                 Event::Token { id, token, finish, logprobs } => (id, token, finish, logprobs.is_some()),
                 Event::Finished { id, reason } => {
                     self.finalize(id, reason, None, (String::new(), Vec::new()), out);
@@ -459,6 +516,10 @@ impl Hub {
             // Taken whether or not the sample is still here, so the entries stay in step with their events.
             let token_logprobs = if asked { logprobs.next() } else { None };
             let Some(sample) = self.samples.get_mut(&id) else { continue }; // ended here already (abort, stop string)
+            if sample.index == 0 && sample.last_token.is_none() {
+                // Sample 0's first token: the prompt logprobs are complete, the held samples may go.
+                release_held(&self.engine, self.requests.get_mut(&sample.request));
+            }
             let Some(request) = self.requests.get(&sample.request) else { continue };
             sample.token_ids.push(token);
             if let (Some(all), Some(lp)) = (&mut sample.logprobs, &token_logprobs) {
@@ -499,17 +560,8 @@ impl Hub {
             } else if let Some(reason) = finish {
                 self.finalize(id, reason, last, (piece, calls), out);
             } else if request.stream {
-                let (token_ids, logprobs) = (vec![token], last.and_then(|(_, lp)| lp).map(|lp| vec![lp]));
-                let tool_calls = (!calls.is_empty()).then_some(calls);
-                let delta = Delta {
-                    rid: request.rid.clone(),
-                    index: sample.index,
-                    token_ids,
-                    text: piece,
-                    logprobs,
-                    tool_calls,
-                };
-                out.push((request.peer.clone(), ServerMsg::Delta(delta)));
+                let logprobs = last.and_then(|(_, lp)| lp).map(|lp| vec![lp]);
+                out.push(delta(request, sample, vec![token], logprobs, piece, calls));
             }
         }
     }
@@ -530,6 +582,10 @@ impl Hub {
             self.waiting -= 1;
         }
         let key = sample.request;
+        if sample.index == 0 {
+            // Sample 0 ended before its first token (the KV cache could not hold it): the others run without it.
+            release_held(&self.engine, self.requests.get_mut(&key));
+        }
         let Some(request) = self.requests.get_mut(&key) else { return };
         request.open -= 1;
         if !sample.detok.stopped() {
@@ -561,10 +617,7 @@ impl Hub {
                 Some((token, lp)) => (vec![token], lp.map(|lp| vec![lp])),
                 None => (Vec::new(), sample.logprobs.as_ref().map(|_| Vec::new())),
             };
-            let tool_calls = (!calls.is_empty()).then_some(calls);
-            let delta =
-                Delta { rid: request.rid.clone(), index: sample.index, token_ids, text: piece, logprobs, tool_calls };
-            out.push((request.peer.clone(), ServerMsg::Delta(delta)));
+            out.push(delta(request, &mut sample, token_ids, logprobs, piece, calls));
         }
         ended(&self.metrics, request, &sample, reason);
         out.push((request.peer.clone(), final_msg(request, sample, reason, None)));
@@ -627,17 +680,60 @@ fn ended(metrics: &Metrics, request: &Request, sample: &Sample, reason: FinishRe
     );
 }
 
+/// Sends the samples held back behind sample 0 of `request` (see [`PromptLogprobs`]), if any.
+fn release_held(engine: &Sender<Command>, request: Option<&mut Request>) {
+    if let Some(prompt) = request.and_then(|r| r.prompt.as_mut()) {
+        for command in prompt.held.drain(..) {
+            // A stopped engine fails every request on its own; nothing more to do here.
+            let _ = engine.send(command);
+        }
+    }
+}
+
+/// The prompt logprobs a delta of `sample` carries: the request's, on the sample's first delta only.
+/// A streaming delta of `sample`: its new tokens with their logprobs, text and tool calls, and with the first
+/// one the prompt's logprobs and ids.
+fn delta(
+    request: &Request,
+    sample: &mut Sample,
+    token_ids: Vec<u32>,
+    logprobs: Option<Vec<TokenLogprobs>>,
+    text: String,
+    calls: Vec<api::ToolCall>,
+) -> (Peer, ServerMsg) {
+    let (prompt_logprobs, prompt_token_ids) = first_delta_prompt(request, sample);
+    let delta = Delta {
+        rid: request.rid.clone(),
+        index: sample.index,
+        token_ids,
+        text,
+        logprobs,
+        prompt_logprobs,
+        prompt_token_ids,
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    };
+    (request.peer.clone(), ServerMsg::Delta(delta))
+}
+
+fn first_delta_prompt(
+    request: &Request,
+    sample: &mut Sample,
+) -> (Option<Vec<Option<TokenLogprobs>>>, Option<Vec<u32>>) {
+    match &request.prompt {
+        Some(prompt) if !sample.prompt_sent => {
+            sample.prompt_sent = true;
+            prompt.message()
+        }
+        _ => (None, None),
+    }
+}
+
 fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: Option<String>) -> ServerMsg {
+    let (prompt_logprobs, prompt_token_ids) = request.prompt.as_ref().map_or((None, None), PromptLogprobs::message);
     ServerMsg::Final(Final {
         rid: request.rid.clone(),
         index: sample.index,
-        finish_reason: match reason {
-            FinishReason::Stop => api::FinishReason::Stop,
-            FinishReason::Length => api::FinishReason::Length,
-            FinishReason::Abort => api::FinishReason::Abort,
-            FinishReason::Error => api::FinishReason::Error,
-            FinishReason::Memory => api::FinishReason::Memory,
-        },
+        finish_reason: reason,
         prompt_tokens: request.prompt_tokens,
         completion_tokens: sample.token_ids.len() as u32,
         cached_tokens: sample.cached_tokens,
@@ -645,33 +741,10 @@ fn final_msg(request: &Request, sample: Sample, reason: FinishReason, message: O
         text: sample.text,
         message,
         logprobs: sample.logprobs,
+        prompt_logprobs,
+        prompt_token_ids,
         tool_calls: sample.tools.map(ToolStream::into_calls).filter(|calls| !calls.is_empty()),
     })
-}
-
-/// The core's sampling parameters for a validated request (seed 0: each sample gets its own).
-pub fn sampling_params(s: &api::Sampling) -> SamplingParams {
-    SamplingParams {
-        // Validated > 0; a larger count than u32 holds means "as many as the context allows", as does any
-        // count past the context, so saturating loses nothing.
-        max_tokens: u32::try_from(s.max_tokens).unwrap_or(u32::MAX),
-        temperature: s.temperature as f32,
-        top_p: s.top_p as f32,
-        top_k: s.top_k as i32,
-        seed: 0,
-        stop_token_ids: s.stop_token_ids.clone(),
-        ignore_eos: s.ignore_eos,
-        min_p: s.min_p as f32,
-        presence_penalty: s.presence_penalty as f32,
-        frequency_penalty: s.frequency_penalty as f32,
-        repetition_penalty: s.repetition_penalty as f32,
-        logit_bias: s.logit_bias.iter().map(|&(id, bias)| (id, bias as f32)).collect(),
-        // Validated in 0..=20.
-        logprobs: s.logprobs.map(|k| k as u32),
-        // Validated in 0..=max_tokens.
-        min_tokens: u32::try_from(s.min_tokens).unwrap_or(0),
-        constrained: false,
-    }
 }
 
 /// The seed of sample `index` of a request seeded with `seed`: the seed itself for sample 0, so that `n: 1`
@@ -979,9 +1052,9 @@ mod tests {
         let mut out = Vec::new();
         // One step: a's token with its entry, b's without; then a's last token, which ends it.
         let events = vec![token_with_logprobs(a, b'o' as u32, None), token(b, b'p' as u32, None)];
-        hub.on_step(events, vec![logprobs_of(b'o' as u32)], &mut out);
+        hub.on_step(events, StepLogprobs { tokens: vec![logprobs_of(b'o' as u32)], prompt: vec![] }, &mut out);
         let events = vec![token_with_logprobs(a, b'k' as u32, Some(FinishReason::Length))];
-        hub.on_step(events, vec![logprobs_of(b'k' as u32)], &mut out);
+        hub.on_step(events, StepLogprobs { tokens: vec![logprobs_of(b'k' as u32)], prompt: vec![] }, &mut out);
         let deltas: Vec<(&str, Option<Vec<TokenLogprobs>>)> = out
             .iter()
             .filter_map(
@@ -1422,6 +1495,78 @@ mod tests {
         }
         assert!(rx.try_recv().is_err());
         assert!(send_generate_n(&mut hub, 4).is_empty());
+    }
+
+    fn prompt_lp(logprob: f32) -> TokenLogprobs {
+        TokenLogprobs { logprob, top: vec![(7, -0.5)] }
+    }
+
+    /// Sample 0 of a request with prompt logprobs asks for them; the other samples wait until it has them all
+    /// (its first token), then every sample's first delta and final carry the same entries.
+    #[test]
+    fn prompt_logprobs_are_computed_by_sample_0_and_carried_by_every_sample() {
+        let (mut hub, rx) = test_hub(32);
+        let sampling = Sampling { prompt_logprobs: Some(1), ..Sampling::default() };
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 2, sampling, text: Some("abc".into()), ..generate_of("p") }));
+        let first = submitted(&rx);
+        assert_eq!(first.params.prompt_logprobs, Some(1));
+        assert!(rx.try_recv().is_err(), "sample 1 is held back");
+        let mut out = Vec::new();
+        // Two chunks: the first prompt logprob, then the second with sample 0's first token.
+        let id = first.id;
+        let step = |entries: Vec<TokenLogprobs>| StepLogprobs { tokens: vec![], prompt: entries };
+        hub.on_step(
+            vec![Event::PromptLogprobs { id, first: 0, count: 1, top: 1 }],
+            step(vec![prompt_lp(-1.0)]),
+            &mut out,
+        );
+        assert!(out.is_empty() && rx.try_recv().is_err(), "nothing to say before the first token");
+        let events = vec![Event::PromptLogprobs { id, first: 3, count: 1, top: 1 }, token(id, b'o' as u32, None)];
+        hub.on_step(events, step(vec![prompt_lp(-2.0)]), &mut out);
+        let second = submitted(&rx);
+        assert_eq!((second.id, second.params.prompt_logprobs), (id + 1, None), "released, computing none");
+        let want = Some(vec![None, Some(prompt_lp(-1.0)), Some(prompt_lp(-2.0))]);
+        let prompt_of = |m: &ServerMsg| match m {
+            ServerMsg::Delta(d) => (d.index, d.prompt_logprobs.clone(), d.prompt_token_ids.clone()),
+            ServerMsg::Final(f) => (f.index, f.prompt_logprobs.clone(), f.prompt_token_ids.clone()),
+            other => panic!("{other:?}"),
+        };
+        let ids = Some(b"abc".iter().map(|&b| b as u32).collect::<Vec<_>>());
+        assert_eq!(prompt_of(&out[0].1), (0, want.clone(), ids.clone()), "sample 0's first delta");
+        out.clear();
+        hub.on_events(
+            vec![token(id + 1, b'k' as u32, None), token(id, b'k' as u32, Some(FinishReason::Length))],
+            &mut out,
+        );
+        let carried: Vec<_> = out.iter().map(|(_, m)| prompt_of(m)).collect();
+        assert_eq!(
+            carried,
+            [(1, want.clone(), ids.clone()), (0, None, None), (0, want.clone(), ids.clone())],
+            "sample 1's first delta, sample 0's later delta, sample 0's final"
+        );
+        out.clear();
+        hub.on_events(vec![token(id + 1, b'!' as u32, Some(FinishReason::Length))], &mut out);
+        let last = final_of(&out, 1);
+        assert_eq!((last.prompt_logprobs.clone(), last.prompt_token_ids.clone()), (want, ids));
+    }
+
+    #[test]
+    fn an_abort_ends_the_samples_held_back_without_starting_them() {
+        let (mut hub, rx) = test_hub(32);
+        let sampling = Sampling { prompt_logprobs: Some(0), ..Sampling::default() };
+        send(&mut hub, &ClientMsg::Generate(Generate { n: 3, sampling, ..generate_of("h") }));
+        let id = submitted(&rx).id;
+        let out = send(&mut hub, &ClientMsg::Abort { rid: "h".into() });
+        let aborted: Vec<u32> =
+            out.iter().filter_map(|(_, m)| if let ServerMsg::Final(f) = m { Some(f.index) } else { None }).collect();
+        assert_eq!(aborted, [0, 1, 2]);
+        let submits = rx.try_iter().filter(|c| matches!(c, Command::Submit(_))).count();
+        assert_eq!(submits, 0, "the held samples never reach the engine");
+        assert_eq!((hub.waiting(), hub.live_requests()), (0, 0));
+        // Sample 0's late events change nothing.
+        let mut late = Vec::new();
+        hub.on_events(vec![token(id, b'x' as u32, None)], &mut late);
+        assert!(late.is_empty() && rx.try_recv().is_err());
     }
 
     fn send_generate_n(hub: &mut Hub, n: i64) -> Vec<(Peer, ServerMsg)> {

@@ -504,6 +504,8 @@ mod tests {
             text: String::new(),
             message: None,
             logprobs: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: None,
         }
     }

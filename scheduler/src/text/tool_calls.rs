@@ -169,15 +169,7 @@ impl ToolCallParser {
     pub fn parse(mut self, text: &str) -> (String, Vec<ParsedCall>) {
         let mut pieces = self.push(text);
         pieces.extend(self.finish());
-        let mut content = String::new();
-        let mut calls = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Text(t) => content.push_str(&t),
-                Piece::Call(c) => calls.push(c),
-            }
-        }
-        (content, calls)
+        split_pieces(pieces)
     }
 
     fn emit_text(out: &mut Vec<Piece>, text: &str) {
@@ -366,6 +358,19 @@ impl ToolCallParser {
     }
 }
 
+/// Pieces in output order, as (the text outside calls, the calls).
+fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ParsedCall>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => content.push_str(&t),
+            Piece::Call(c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
 fn trailing_whitespace(text: &str) -> usize {
     text.len() - text.trim_end().len()
 }
@@ -546,15 +551,7 @@ mod tests {
                 pieces.extend(p.push(&chunk));
             }
             pieces.extend(p.finish());
-            let mut content = String::new();
-            let mut calls = Vec::new();
-            for piece in pieces {
-                match piece {
-                    Piece::Text(t) => content.push_str(&t),
-                    Piece::Call(c) => calls.push(c),
-                }
-            }
-            prop_assert_eq!((content, calls), whole);
+            prop_assert_eq!(split_pieces(pieces), whole);
         }
 
         #[test]

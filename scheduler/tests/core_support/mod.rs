@@ -89,6 +89,9 @@ pub struct FakeWorker {
     model: Model,
     /// Published steps not yet run, oldest first.
     queue: VecDeque<Published>,
+    /// The prompt logprobs the last step run asked for, in step order: (position, target) for each position with
+    /// a `logprob_target`; the real worker would return that target's logprob there.
+    pub prompt_answers: Vec<(u32, u32)>,
 }
 
 /// A copy of a published step, and what it uses.
@@ -113,6 +116,7 @@ impl FakeWorker {
             seed: vec![None; l.max_batch as usize],
             model,
             queue: VecDeque::new(),
+            prompt_answers: Vec::new(),
         }
     }
 
@@ -206,6 +210,28 @@ impl FakeWorker {
         for (p, writer) in &written {
             assert_eq!(listed[p], [*writer], "page {p}, written for slot {writer}, is listed for other requests too");
         }
+        self.prompt_answers.clear();
+        if h.prompt_logprobs != 0 {
+            assert_eq!(s.logprob_target.len(), t, "a target per new token");
+            assert!(h.prompt_top <= 20);
+            assert_ne!(kind, StepKind::Decode, "decode steps never ask for prompt logprobs");
+        }
+        for r in 0..n {
+            let (q0, q1) = (s.qo_indptr[r] as usize, s.qo_indptr[r + 1] as usize);
+            for i in q0..q1 {
+                let Some(&target) = s.logprob_target.get(i).filter(|&&t| t >= 0) else { continue };
+                // The successor of a position inside the chunk is the chunk's next id.
+                if i + 1 < q1 {
+                    assert_eq!(
+                        target,
+                        s.input_ids[i + 1],
+                        "the target at position {} is not its successor",
+                        s.positions[i]
+                    );
+                }
+                self.prompt_answers.push((s.positions[i] as u32, target as u32));
+            }
+        }
         let mut out = Vec::with_capacity(n);
         for r in 0..n {
             let slot = s.req_slot[r];
@@ -296,6 +322,9 @@ pub struct Harness {
     pub cached: HashMap<ReqId, u32>,
     /// Every step planned so far, in order.
     pub planned: Vec<StepInfo>,
+    /// The prompt logprobs each request was answered with (`Event::PromptLogprobs`), as the fake worker's
+    /// (position, target) pairs, in arrival order.
+    pub prompt_logprobs: HashMap<ReqId, Vec<(u32, u32)>>,
     events: Vec<Event>,
 }
 
@@ -322,6 +351,7 @@ impl Harness {
             finished: HashMap::new(),
             cached: HashMap::new(),
             planned: vec![],
+            prompt_logprobs: HashMap::new(),
             events: vec![],
         }
     }
@@ -374,6 +404,13 @@ impl Harness {
         let info = StepInfo::of(&planned);
         let tokens = self.worker.run_next();
         self.core.complete_step(planned, &tokens, &mut self.events);
+        for e in &self.events {
+            if let Event::PromptLogprobs { id, first, count, .. } = *e {
+                let answers = &self.worker.prompt_answers;
+                let entries = answers.get(first as usize..(first + count) as usize).expect("entries of the result");
+                self.prompt_logprobs.entry(id).or_default().extend_from_slice(entries);
+            }
+        }
         self.record_events();
         self.core.check_invariants().unwrap();
         assert_eq!(self.core.in_flight(), self.in_flight.len());
@@ -410,6 +447,9 @@ impl Harness {
                     assert!(tokens > 0 && self.cached.insert(id, tokens).is_none(), "{e:?} twice or empty");
                 }
                 Event::Finished { .. } => {}
+                Event::PromptLogprobs { .. } => {
+                    assert!(self.outputs[&id].is_empty(), "{e:?} after the request's first token");
+                }
             }
             if let Some(reason) = e.finish() {
                 self.finished.insert(id, reason);

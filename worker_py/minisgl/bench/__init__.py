@@ -1,6 +1,6 @@
 """`minisgl bench`: measure a server online (`serve`), the engine offline (`offline`) or behind a running
-server (`engine`), decodes while a long prompt is prefilled (`stall`), and draw the results (`plot`). Also
-`python -m minisgl.bench`.
+server (`engine`), decodes while a long prompt is prefilled (`stall`), draw the results (`plot`), and soak a
+server with many clients that check every token (`soak`). Also `python -m minisgl.bench`.
 
 Subcommand modules import what they need (aiohttp, matplotlib, torch) when they run, so that `--help` and the
 other subcommands stay light.
@@ -28,12 +28,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parser(prog: str = "minisgl bench") -> argparse.ArgumentParser:
-    from minisgl.bench import engine, offline, plot, serve, stall
+    from minisgl.bench import engine, offline, plot, serve, soak, stall
 
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,engine,stall,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,offline,engine,stall,plot,soak}")
     for name, module, summary in (
         ("serve", serve, "load an OpenAI-compatible server with streamed requests; latency and throughput"),
         ("offline", offline, "start an engine here and time batches of requests through it (throughput)"),
@@ -44,6 +44,7 @@ def parser(prog: str = "minisgl bench") -> argparse.ArgumentParser:
         ),
         ("stall", stall, "running decodes' inter-token gaps while a long prompt is prefilled"),
         ("plot", plot, "draw the JSON of `serve` runs: latency percentiles and throughput against load"),
+        ("soak", soak, "many streaming clients on both doors, every token checked against a replay alone"),
     ):
         sp = sub.add_parser(
             name,

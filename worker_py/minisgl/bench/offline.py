@@ -1,10 +1,14 @@
 """`minisgl bench offline`: offline throughput through the whole engine (scheduler daemon + worker), started
 here through the `LLM` class, with every request of a workload sent at once.
 
-Workloads (issue 3):
+Workloads (issues 3 and 12):
   seed      the seed's offline workload: 16 requests of 32 prompt tokens and 63 output tokens, greedy
   nanovllm  nano-vllm's offline benchmark: 256 requests with input and output lengths uniform in
             [100, 1024] (seed 0), temperature 0.6, ignore_eos
+  single    one request of 32 prompt tokens and 63 output tokens, greedy: ms per token, prefill included
+  decodeB   B requests (B = 1, 16, 256) of 32 prompt tokens and 257 output tokens, greedy: the decode step
+            time through the whole engine, (time of the run - time of a 1-token run) / 256; the 1-token runs
+            (the median of three) use other prompts, so the prefix cache does not shorten them
 
 Prompts are random token ids (as nano-vllm's are), sent as `input_ids`, so the numbers do not depend on the
 weights: with `--random-weights` the model is Qwen2.5-0.5B's shapes with random bf16 weights (built on the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +39,8 @@ examples:
       --out e2e.json                               # on a GPU
 """
 
-WORKLOADS = ("seed", "nanovllm")
+DECODE_BATCHES = (1, 16, 256)
+WORKLOADS = ("seed", "nanovllm", "single", *(f"decode{b}" for b in DECODE_BATCHES))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=None, help="draw output tokens/s per workload into this PNG")
     p.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU), cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="warn", help="the engine's (info: the scheduler's step summary)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="which to run, in this order")
+    p.add_argument(
+        "--workloads", default="seed,nanovllm", help=f"which to run, in this order, of {', '.join(WORKLOADS)}"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--label", default=None, help="a name for this engine in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -78,11 +86,22 @@ def workloads(vocab: int = 10000) -> dict[str, list[tuple[list[int], object]]]:
         prompt = rng.integers(0, vocab, int(rng.integers(100, 1025))).tolist()
         out = int(rng.integers(100, 1025))
         nano.append((prompt, SamplingParams(temperature=0.6, max_tokens=out, ignore_eos=True)))
-    seed = [
-        (rng.integers(0, vocab, 32).tolist(), SamplingParams(temperature=0.0, max_tokens=63, ignore_eos=True))
-        for _ in range(16)
+
+    def greedy(n: int, tokens: int) -> list:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        return [(rng.integers(0, vocab, 32).tolist(), params) for _ in range(n)]
+
+    loads = {"seed": greedy(16, 63), "nanovllm": nano, "single": greedy(1, 63)}
+    return loads | {f"decode{b}": greedy(b, 257) for b in DECODE_BATCHES}
+
+
+def first_token_runs(requests: list, vocab: int = 10000) -> list[list]:
+    """Three runs of a decode workload's shape that stop at the first token, with prompts of their own."""
+    rng = np.random.default_rng(1)
+    return [
+        [(rng.integers(0, vocab, len(p)).tolist(), replace(sp, max_tokens=1)) for p, sp in requests]
+        for _ in range(3)
     ]
-    return {"seed": seed, "nanovllm": nano}
 
 
 def generate(llm, requests: list, bar) -> list[dict]:
@@ -128,18 +147,28 @@ def run_engine(model: Path, name: str, engine_args: dict, loads: dict, quiet: bo
             ]
             if short:  # ignore_eos: anything else is a bug, and the throughput would not compare
                 raise RuntimeError(f"{name} {load}: {len(short)} requests ended before max_tokens")
-            runs.append(
-                {
-                    "engine": name,
-                    "workload": load,
-                    "requests": len(finals),
-                    "output_tokens": tokens,
-                    "seconds": seconds,
-                    "output_tok_per_s": tokens / seconds,
-                    "requests_per_s": len(finals) / seconds,
-                    "startup_s": startup,
-                }
-            )
+            run = {
+                "engine": name,
+                "workload": load,
+                "requests": len(finals),
+                "output_tokens": tokens,
+                "seconds": seconds,
+                "output_tok_per_s": tokens / seconds,
+                "requests_per_s": len(finals) / seconds,
+                "startup_s": startup,
+            }
+            max_tokens = requests[0][1].max_tokens
+            if load == "single":
+                run["ms_per_token"] = 1e3 * seconds / max_tokens
+            if load.startswith("decode"):
+                firsts = []
+                for short_run in first_token_runs(requests):
+                    t0 = time.perf_counter()
+                    generate(llm, short_run, tqdm(disable=True))
+                    firsts.append(time.perf_counter() - t0)
+                run["first_token_s"] = statistics.median(firsts)
+                run["step_ms"] = 1e3 * (seconds - run["first_token_s"]) / (max_tokens - 1)
+            runs.append(run)
     return runs
 
 
@@ -211,11 +240,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     print(f"# {report['date']}  {described}")
     print(
         f"{'engine':<12} {'workload':<10} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}"
+        "  ms/token or ms/step"
     )
     for r in report["runs"]:
+        per = r.get("ms_per_token", r.get("step_ms"))
         print(
             f"{r['engine']:<12} {r['workload']:<10} {r['requests']:>8} {r['output_tokens']:>10} "
-            f"{r['seconds']:>8.3f} {r['output_tok_per_s']:>10.0f}"
+            f"{r['seconds']:>8.3f} {r['output_tok_per_s']:>10.0f}{'' if per is None else f'  {per:.3f}'}"
         )
     if a.plot:
         from minisgl.bench.plot import plot_offline

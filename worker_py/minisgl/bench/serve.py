@@ -70,7 +70,8 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_server_arguments(p: argparse.ArgumentParser, timeout_s: float) -> None:
+    """The flags that say which server the benchmark talks to, and how (every `bench` client's)."""
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's address")
     g.add_argument(
@@ -85,7 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("MINISGL_API_KEY"),
         help="sent as `Authorization: Bearer KEY` (default: $MINISGL_API_KEY)",
     )
-    g.add_argument("--timeout", type=float, default=3600.0, help="seconds one request may take in all")
+    g.add_argument("--timeout", type=float, default=timeout_s, help="seconds one request may take in all")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p, timeout_s=3600.0)
 
     g = p.add_argument_group("workload")
     g.add_argument(

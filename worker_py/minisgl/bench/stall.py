@@ -42,18 +42,9 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server")
-    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's address")
-    g.add_argument(
-        "--endpoint", choices=("chat", "completions"), default="chat", help="the endpoint, streamed"
-    )
-    g.add_argument("--model", default=None, help="the model field (default: the first id of GET /v1/models)")
-    g.add_argument(
-        "--api-key",
-        default=os.environ.get("MINISGL_API_KEY"),
-        help="sent as `Authorization: Bearer KEY` (default: $MINISGL_API_KEY)",
-    )
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take in all")
+    from minisgl.bench.serve import add_server_arguments
+
+    add_server_arguments(p, timeout_s=600.0)
 
     g = p.add_argument_group("load")
     g.add_argument("--streams", type=int, default=32, help="decoding streams, started together")

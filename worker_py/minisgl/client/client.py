@@ -25,6 +25,9 @@ from typing import Any
 import msgpack
 import zmq
 
+from minisgl.proto.messages import abort as abort_message
+from minisgl.proto.messages import generate as generate_message
+
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5557"
 # The scheduler's pace (scheduler/src/server/liveness.rs): a heartbeat or keepalive every half second, and
 # two seconds of silence mean the other side is gone.
@@ -124,30 +127,28 @@ class Client:
         keepalive: bool | None = None,
     ) -> str:
         """Sends a generate request of `n` samples and returns its rid; `replies(rid)` reads its replies.
+        Exactly one of text, messages, input_ids; sampling keys as in docs/protocol.md (others are a
+        ValueError here, before anything is sent).
         `tools` (OpenAI's function tools, with `tool_choice` and `parallel_tool_calls`) go to the chat
         template, and the replies carry the calls parsed from the output (docs/protocol.md, "Tool calls").
         `keepalive` defaults to the client's."""
         rid = rid if rid is not None else f"{self._prefix}-{next(self._ids)}"
         keepalive = self.keepalive if keepalive is None else keepalive
-        msg: dict[str, Any] = {"type": "generate", "rid": rid, "stream": stream, "sampling": sampling or {}}
+        msg = generate_message(
+            rid,
+            text=text,
+            messages=messages,
+            input_ids=None if input_ids is None else list(input_ids),
+            sampling=sampling,
+            stream=stream,
+            n=n,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            keepalive=keepalive,
+        )
         if n != 1:
-            msg["n"] = n
             self._samples[rid] = n
-        if keepalive:
-            msg["keepalive"] = True
-        if text is not None:
-            msg["text"] = text
-        if messages is not None:
-            msg["messages"] = messages
-        if input_ids is not None:
-            msg["input_ids"] = list(input_ids)
-        for key, value in (
-            ("tools", tools),
-            ("tool_choice", tool_choice),
-            ("parallel_tool_calls", parallel_tool_calls),
-        ):
-            if value is not None:
-                msg[key] = value
         with self._lock:
             if rid not in self._open:
                 self._track(rid, _Open(n, keepalive))
@@ -157,7 +158,7 @@ class Client:
         return rid
 
     def abort(self, rid: str) -> None:
-        self.send({"type": "abort", "rid": rid})
+        self.send(abort_message(rid))
 
     def send(self, msg: dict) -> None:
         self.send_raw(msgpack.packb(msg, use_bin_type=True))

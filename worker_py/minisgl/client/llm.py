@@ -22,7 +22,7 @@ Prompt = str | list[dict] | list[int]  # raw text, chat messages, or token ids
 class SamplingParams:
     """docs/protocol.md, `sampling`. The options after `ignore_eos` are off at their defaults: `logit_bias`
     maps token ids to biases (-100..100), `logprobs` asks for each token's logprob and that many top ones
-    (0..20)."""
+    (0..20), `prompt_logprobs` the same for each prompt token (vLLM's)."""
 
     max_tokens: int = 128
     temperature: float = 1.0
@@ -38,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def to_wire(self) -> dict:
@@ -56,6 +57,7 @@ class SamplingParams:
             repetition_penalty=self.repetition_penalty,
             logit_bias=[(int(t), float(b)) for t, b in (self.logit_bias or {}).items()],
             logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
 
@@ -69,6 +71,8 @@ class Output:
     message: str | None = field(default=None)
     # With SamplingParams.logprobs: one {"logprob", "top": [[id, logprob], ...]} per id of token_ids.
     logprobs: list[dict] | None = field(default=None)
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as `logprobs`.
+    prompt_logprobs: list[dict | None] | None = field(default=None)
 
 
 def prompt_fields(prompt: Prompt) -> dict:
@@ -124,6 +128,7 @@ class LLM:
                     prompt_tokens=final["prompt_tokens"],
                     message=final.get("message"),
                     logprobs=final.get("logprobs"),
+                    prompt_logprobs=final.get("prompt_logprobs"),
                 )
             )
         return outputs

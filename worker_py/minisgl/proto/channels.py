@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 
 from minisgl.proto.ring import RING_RESULT, RING_STEP, Ring, RingError
-from minisgl.proto.step import RESULT_OK, Logprobs, ResultLayout, ResultSlot, StepLayout, StepSlot, StepView
+from minisgl.proto.step import (
+    RESULT_OK,
+    Logprobs,
+    PromptLogprobs,
+    ResultLayout,
+    ResultSlot,
+    StepLayout,
+    StepSlot,
+    StepView,
+)
 
 
 class StepReader:
@@ -46,7 +55,7 @@ class ResultWriter:
         if ring.kind != RING_RESULT:
             raise RingError(f"ring {ring.name} is of kind {ring.kind}, not a result ring")
         self.ring = ring
-        self.layout = ResultLayout(ring.capacity.max_reqs)
+        self.layout = ResultLayout(ring.capacity)
         if self.layout.slot_bytes > ring.slot_bytes:
             raise RingError(f"result slots of {ring.slot_bytes} bytes cannot hold {self.layout.slot_bytes}")
         self._slots = [ResultSlot(self.layout, ring.slot(i)) for i in range(ring.slot_count)]
@@ -58,12 +67,15 @@ class ResultWriter:
         status: int = RESULT_OK,
         timeout: float | None = None,
         logprobs: Logprobs | None = None,
+        prompt: PromptLogprobs | None = None,
     ) -> bool:
         """Waits for a free slot, writes the result of step `step_id` (`tokens` None for a failed step; its
-        `logprobs` when the step computed them) and publishes it. Returns False if no slot came free within
-        `timeout` seconds; raises PeerDead if the scheduler is gone."""
+        `logprobs` and `prompt` logprobs when the step computed them) and publishes it. Returns False if no
+        slot came free within `timeout` seconds; raises PeerDead if the scheduler is gone."""
         if self.ring.wait_claim(timeout) is None:
             return False
-        self._slots[self.ring.write_seq % self.ring.slot_count].write(step_id, tokens, status, logprobs)
+        self._slots[self.ring.write_seq % self.ring.slot_count].write(
+            step_id, tokens, status, logprobs, prompt
+        )
         self.ring.publish()
         return True

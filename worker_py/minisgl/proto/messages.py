@@ -89,6 +89,7 @@ SAMPLING_OPTIONS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "logit_bias": [],
     "logprobs": None,
+    "prompt_logprobs": None,  # vLLM's: the prompt tokens' logprobs with this many top tokens
     "skip_special_tokens": True,
     "min_tokens": 0,
     # Structured output, at most one: a JSON schema (a map), a regex, a Lark grammar (llguidance's dialect).

@@ -24,7 +24,7 @@ import numpy as np
 from minisgl.proto.step import Capacity
 
 MAGIC = int.from_bytes(b"MSGLRING", "little")
-VERSION = 3  # proto/src/ring/header.rs says what changed
+VERSION = 4  # proto/src/ring/header.rs says what changed
 HEADER_BYTES = 512
 MAX_READERS = 4
 

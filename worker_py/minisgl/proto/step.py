@@ -63,14 +63,19 @@ STEP_ARRAYS: tuple[tuple[str, np.dtype, str], ...] = (
     ("join_bias_values", F32, "b"),
     ("mask_row", I32, "n"),  # per request: its row of mask_bits, or -1
     ("mask_bits", U32, "g*W"),  # g token masks of W words; bit i % 32 of word i // 32 set: token i allowed
+    ("logprob_target", I32, "u"),  # per new token: the token whose logprob its logits give back, or -1
 )
 
-# The result slot's arrays. `l` is n when the header's `logprobs` is 1, else 0; `m` is its `num_top`.
+# The result slot's arrays. `l` is n when the header's `logprobs` is 1, else 0; `m` is its `num_top`; `p` its
+# prompt-logprob entries (one per step position with a target), `q` their top count.
 RESULT_ARRAYS: tuple[tuple[str, np.dtype, str], ...] = (
     ("tokens", I32, "n"),
     ("logprob", F32, "l"),
     ("top_ids", I32, "l*m"),
     ("top_logprobs", F32, "l*m"),
+    ("prompt_logprob", F32, "p"),
+    ("prompt_top_ids", I32, "p*q"),
+    ("prompt_top_logprobs", F32, "p*q"),
 )
 
 # basis -> the capacity it is laid out with (its name in the protocol, and its value).
@@ -85,14 +90,17 @@ BASES = {
     "l": ("R", lambda c: c.max_reqs),
     "l*m": ("R*20", lambda c: c.max_reqs * MAX_TOP_LOGPROBS),
     "g*W": ("R*W", lambda c: c.max_reqs * c.mask_words),
+    "u": ("T", lambda c: c.max_tokens),  # t when the step asks for prompt logprobs, else 0
+    "p": ("T", lambda c: c.max_tokens),
+    "p*q": ("T*20", lambda c: c.max_tokens * MAX_TOP_LOGPROBS),
 }
 # The step header's counts, in the order `_STEP_USED` lists them for the bases that cut step arrays.
-_STEP_BASES = ("n", "n+1", "t", "k", "j", "j+1", "b", "g*W")
+_STEP_BASES = ("n", "n+1", "t", "k", "j", "j+1", "b", "g*W", "u")
 
-# step_id u64, kind u32, n u32, t u32, k u32, j u32, b u32, g u32
-_STEP_HEADER = struct.Struct("<QIIIIIII")
-# step_id u64, n u32, status u32, logprobs u32, num_top u32
-_RESULT_HEADER = struct.Struct("<QIIII")
+# step_id u64, kind u32, n u32, t u32, k u32, j u32, b u32, g u32, prompt_logprobs u32, prompt_top u32
+_STEP_HEADER = struct.Struct("<QIIIIIIIII")
+# step_id u64, n u32, status u32, logprobs u32, num_top u32, num_prompt u32, prompt_top u32
+_RESULT_HEADER = struct.Struct("<QIIIIII")
 
 
 @dataclass(frozen=True)
@@ -144,11 +152,12 @@ class StepLayout:
 
 
 class ResultLayout:
-    """Byte offsets of a result slot's arrays; only R matters to it."""
+    """Byte offsets of a result slot's arrays; R and T matter to it (K and W do not)."""
 
-    def __init__(self, max_reqs: int):
-        self.max_reqs = max_reqs
-        self.cap = Capacity(max_reqs, 0, 0, 0)
+    def __init__(self, cap: Capacity):
+        self.max_reqs = cap.max_reqs
+        self.max_tokens = cap.max_tokens
+        self.cap = Capacity(cap.max_reqs, cap.max_tokens, 0, 0)
         self.arrays, self.slot_bytes = _place(RESULT_ARRAYS, self.cap)
         self.by_name = {a.name: a for a in self.arrays}
         self.tokens = self.by_name["tokens"]
@@ -185,6 +194,8 @@ class StepView:
         "num_joins",
         "num_bias",
         "num_masks",
+        "prompt_logprobs",
+        "prompt_top",
         *(name for name, _, _ in STEP_ARRAYS),
     )
 
@@ -218,7 +229,7 @@ class StepSlot:
         return self.fill(StepView.__new__(StepView))
 
     def fill(self, v: StepView) -> StepView:
-        step_id, kind, n, t, k, j, b, g = _STEP_HEADER.unpack_from(self._mem, 0)
+        step_id, kind, n, t, k, j, b, g, plp, ptop = _STEP_HEADER.unpack_from(self._mem, 0)
         v.step_id, v.kind, v.num_reqs, v.num_tokens, v.num_kv_indices, v.num_joins, v.num_bias = (
             step_id,
             kind,
@@ -229,7 +240,8 @@ class StepSlot:
             b,
         )
         v.num_masks = g
-        used = (n, n + 1, t, k, j, j + 1, b, g * self.layout.cap.mask_words)
+        v.prompt_logprobs, v.prompt_top = plp, ptop
+        used = (n, n + 1, t, k, j, j + 1, b, g * self.layout.cap.mask_words, t if plp else 0)
         for name, full, basis in self._cuts:
             setattr(v, name, full[: used[basis]])
         return v
@@ -244,10 +256,23 @@ class StepSlot:
         num_joins: int,
         num_bias: int = 0,
         num_masks: int = 0,
+        prompt_logprobs: int = 0,
+        prompt_top: int = 0,
     ):
         """Sets the fixed header (tests and tools that play the scheduler; the worker never writes steps)."""
         _STEP_HEADER.pack_into(
-            self._mem, 0, step_id, kind, num_reqs, num_tokens, num_kv, num_joins, num_bias, num_masks
+            self._mem,
+            0,
+            step_id,
+            kind,
+            num_reqs,
+            num_tokens,
+            num_kv,
+            num_joins,
+            num_bias,
+            num_masks,
+            prompt_logprobs,
+            prompt_top,
         )
 
 
@@ -261,6 +286,16 @@ class Logprobs:
     top_logprobs: np.ndarray  # float32 [n, m]
 
 
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """What a step that asked for prompt logprobs returns: for each of its p positions with a target (in
+    step order), the target's logprob and the q most likely tokens' ids and logprobs there (q may be 0)."""
+
+    logprob: np.ndarray  # float32 [p]
+    top_ids: np.ndarray  # int32 [p, q]
+    top_logprobs: np.ndarray  # float32 [p, q]
+
+
 class ResultSlot:
     """Views over one result slot buffer, built once; `write()` is the per-step part."""
 
@@ -272,6 +307,9 @@ class ResultSlot:
         self.logprob = full["logprob"]
         self.top_ids = full["top_ids"]
         self.top_logprobs = full["top_logprobs"]
+        self.prompt_logprob = full["prompt_logprob"]
+        self.prompt_top_ids = full["prompt_top_ids"]
+        self.prompt_top_logprobs = full["prompt_top_logprobs"]
 
     def write(
         self,
@@ -279,9 +317,11 @@ class ResultSlot:
         tokens: np.ndarray | None,
         status: int = RESULT_OK,
         logprobs: Logprobs | None = None,
+        prompt: PromptLogprobs | None = None,
     ) -> None:
         """Writes the sampled token of each request, in the step's request order, and their logprobs when
-        given. `tokens` may be None for a failed step (then n is 0)."""
+        given, and the prompt logprobs the step asked for. `tokens` may be None for a failed step (then n is
+        0)."""
         n = 0 if tokens is None else len(tokens)
         if n > self.layout.max_reqs:
             raise ValueError(f"{n} tokens, the result slot holds {self.layout.max_reqs}")
@@ -296,20 +336,39 @@ class ResultSlot:
             self.top_ids[: n * m] = logprobs.top_ids.reshape(-1)
             self.top_logprobs[: n * m] = logprobs.top_logprobs.reshape(-1)
             has_logprobs = 1
-        _RESULT_HEADER.pack_into(self._mem, 0, step_id, n, status, has_logprobs, m)
+        p, q = 0, 0
+        if prompt is not None and n:
+            p, q = prompt.top_ids.shape
+            if q > MAX_TOP_LOGPROBS or p > self.layout.max_tokens or prompt.logprob.shape[0] != p:
+                raise ValueError(f"{prompt.logprob.shape[0]} prompt logprobs, {p} rows of {q} top")
+            self.prompt_logprob[:p] = prompt.logprob
+            self.prompt_top_ids[: p * q] = prompt.top_ids.reshape(-1)
+            self.prompt_top_logprobs[: p * q] = prompt.top_logprobs.reshape(-1)
+        _RESULT_HEADER.pack_into(self._mem, 0, step_id, n, status, has_logprobs, m, p, q)
 
     def read(self) -> tuple[int, int, np.ndarray]:
         """(step_id, status, tokens[:n]); tokens is a view into the slot."""
-        step_id, n, status, _, _ = _RESULT_HEADER.unpack_from(self._mem, 0)
+        step_id, n, status, *_ = _RESULT_HEADER.unpack_from(self._mem, 0)
         return step_id, status, self.tokens[:n]
 
     def read_logprobs(self) -> Logprobs | None:
         """The logprobs the slot carries (views into it), or None."""
-        _, n, _, has_logprobs, m = _RESULT_HEADER.unpack_from(self._mem, 0)
+        _, n, _, has_logprobs, m, _, _ = _RESULT_HEADER.unpack_from(self._mem, 0)
         if not has_logprobs:
             return None
         return Logprobs(
             self.logprob[:n], self.top_ids[: n * m].reshape(n, m), self.top_logprobs[: n * m].reshape(n, m)
+        )
+
+    def read_prompt_logprobs(self) -> PromptLogprobs | None:
+        """The prompt logprobs the slot carries (views into it), or None when it carries none."""
+        *_, p, q = _RESULT_HEADER.unpack_from(self._mem, 0)
+        if not p:
+            return None
+        return PromptLogprobs(
+            self.prompt_logprob[:p],
+            self.prompt_top_ids[: p * q].reshape(p, q),
+            self.prompt_top_logprobs[: p * q].reshape(p, q),
         )
 
 
@@ -320,9 +379,10 @@ def write_result(
     tokens: np.ndarray,
     status: int = RESULT_OK,
     logprobs: Logprobs | None = None,
+    prompt: PromptLogprobs | None = None,
 ) -> None:
     """One-off form of `ResultSlot.write` (for a ring, keep a `ResultSlot` per slot)."""
-    ResultSlot(layout, buf).write(step_id, tokens, status, logprobs)
+    ResultSlot(layout, buf).write(step_id, tokens, status, logprobs, prompt)
 
 
 def read_result(layout: ResultLayout, buf) -> tuple[int, int, np.ndarray]:

@@ -43,6 +43,11 @@ class SamplePlan:
     def logprobs(self) -> bool:
         return self.top_logprobs >= 0
 
+    @property
+    def graphable(self) -> bool:
+        """Whether a decode graph's sampling (one per mode, none of the optional passes) does all of it."""
+        return not (self.bias or self.penalties or self.min_p or self.logprobs)
+
 
 # The parameters a join carries beyond the first five, and their value when a caller leaves them out (off).
 _OPTIONS = {

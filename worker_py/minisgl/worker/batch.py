@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from minisgl.proto.step import STEP_ARRAYS
-from minisgl.worker.padding import DecodePadding, padded_arrays
+from minisgl.worker.padding import DecodePadding, pack, padded_sizes
 
 # The int32 arrays of a step, in the order they are packed into one host buffer for one host-to-device copy.
 # The first three are what a captured decode graph reads, so they come first: for a batch padded to B rows
@@ -108,8 +108,7 @@ class BatchUploader:
         self, step, padding: DecodePadding | None = None, extra: dict[str, np.ndarray] | None = None
     ) -> ForwardBatch:
         """`extra`: more int32 arrays to take along in the same copy (`ForwardBatch.extra`, by name)."""
-        arrays = padded_arrays(step, _PACKED, padding)
-        sizes = [a.shape[0] for a in arrays]
+        sizes = padded_sizes(step, _PACKED, padding)
         joins = _join_parts(step)
         extra = {name: np.asarray(a, dtype=np.int32) for name, a in (extra or {}).items()}
         tail = [*joins, *extra.values()]
@@ -126,7 +125,7 @@ class BatchUploader:
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()
         staging, staging_np = self._staging[turn], self._staging_np[turn]
-        np.concatenate(arrays, out=staging_np[:base], casting="same_kind")
+        pack(step, _PACKED, padding, staging_np[:base])
         offset = base + align
         for part in tail:
             staging_np[offset : offset + part.shape[0]] = part
@@ -145,8 +144,10 @@ class BatchUploader:
 
         parts = dict(zip(_PACKED, torch.split(flat[:base], sizes), strict=True))
         host = dict(zip(_PACKED, torch.split(staging[:base], sizes), strict=True))
-        qo_indptr, seq_len = arrays[_PACKED.index("qo_indptr")], arrays[_PACKED.index("seq_len")]
         n, t = sizes[_PACKED.index("req_slot")], sizes[_PACKED.index("input_ids")]
+        qo = sum(sizes[: _PACKED.index("qo_indptr")])
+        seq = sum(sizes[: _PACKED.index("seq_len")])
+        qo_indptr, seq_len = staging_np[qo : qo + n + 1], staging_np[seq : seq + n]
         return ForwardBatch(
             kind=int(step.kind),
             num_reqs=n,

@@ -59,6 +59,11 @@ class WorkerConfig:
         True, "Triton kernels: norms, RoPE with the KV write, SiLU-and-mul, MoE, small-batch projections"
     )
     overlap: bool = opt(True, "the scheduler plans step N+1 while the worker runs step N")
+    graph_sampling: bool = opt(
+        True,
+        "decode graphs capture the sampling too (greedy, temperature, top-k/top-p; not the optional passes): "
+        "a sampled step's host time at batch 1 goes from 1.3 ms to 0.3 ms (docs/benchmarks.md)",
+    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

@@ -1,11 +1,18 @@
-"""Decode forwards captured as CUDA graphs, one per batch size, replayed for batches padded up to that size.
+"""Decode forwards captured as CUDA graphs, one per batch size, replayed for batches padded up to that size;
+and the sampling after them, one graph per batch size and sampling mode.
 
-A captured graph reads its inputs from fixed addresses: the first `3 * B` entries of the uploader's device
+A captured forward reads its inputs from fixed addresses: the first `3 * B` entries of the uploader's device
 buffer (input ids, positions, KV locations, in that order; see batch.py), the runner's last-token table, the
 KV cache, and the index buffers of the attention backend's wrapper for size B, which `plan_graph` refills
 before every replay. Its output, the logits of all B rows, lives in the graphs' shared memory pool and is
 overwritten by the next replay of that size, so it is consumed (sampled) before the next step is launched on
 the same stream.
+
+A sampling graph reads those logits, the request slots and sequence lengths (the next `2 * B` entries of the
+device buffer: fixed too, since every array of a padded step before the indptrs has B entries) and the
+sampler's per-slot parameters, and writes the sampled ids (all B rows, in the pool) and each slot's last
+token. Sampling eagerly after the forward costs the host ~1 ms a step once it samples (temperature, top-k,
+top-p: a few dozen small launches), more than the forward's GPU time at small batches; replayed, one launch.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +29,7 @@ from tqdm import tqdm
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.proto.step import STEP_ARRAYS
+from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.padding import DecodePadding, bucket_for
 
@@ -37,7 +46,8 @@ def _empty_decode_step() -> SimpleNamespace:
 
 class DecodeGraphs:
     """`forward(batch) -> logits` is the part of a decode step that gets captured: everything after the
-    upload and the attention plan, up to the logits of every row."""
+    upload and the attention plan, up to the logits of every row. `sample(batch, logits, mode) -> ids`, when
+    given, is captured after it for each mode: the sampling of every row, none of the optional passes."""
 
     def __init__(
         self,
@@ -49,8 +59,10 @@ class DecodeGraphs:
         scratch_slot: int,
         page_size: int,
         max_kv_indices: int,
+        sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
     ) -> None:
         self._forward = forward
+        self._sample = sample
         self._attn = attn
         self._uploader = uploader
         self.sizes = sorted(sizes)
@@ -58,6 +70,8 @@ class DecodeGraphs:
         self.max_kv_indices = max_kv_indices
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._sample_graphs: dict[tuple[int, SampleMode], torch.cuda.CUDAGraph] = {}
+        self._sampled: dict[tuple[int, SampleMode], torch.Tensor] = {}
 
     def padding_for(self, step) -> DecodePadding | None:
         """How to pad this step for a graph, or None when it must run eagerly (not a decode step, larger
@@ -83,20 +97,48 @@ class DecodeGraphs:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
             self._attn.plan_graph(batch, rows)
             self._uploader.finish()
-            # One eager run first: kernels compile and libraries set up their handles outside the capture.
-            self._forward(batch)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[rows] = self._forward(batch)
-            self._graphs[rows] = graph
+            self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
+            self._logits[rows] = logits
+            for mode in SampleMode if self._sample is not None else ():
+                key = (rows, mode)
+                run = partial(self._sample, batch, logits, mode)
+                self._sample_graphs[key], self._sampled[key] = _capture(run, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(self.sizes), self.sizes, seconds)
+        log.info(
+            "captured %d decode CUDA graphs (batch %s), %d of them sampling, in %.1f s",
+            len(self._graphs) + len(self._sample_graphs),
+            self.sizes,
+            len(self._sample_graphs),
+            seconds,
+        )
         return seconds
+
+    @property
+    def samples(self) -> bool:
+        """Whether the sampling is captured too (`replay_sampled`)."""
+        return self._sample is not None
 
     def replay(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a batch uploaded with `padding_for`'s padding; returns the logits of all `rows` rows."""
         self._attn.plan_graph(batch, rows)
         self._graphs[rows].replay()
         return self._logits[rows]
+
+    def replay_sampled(self, batch: ForwardBatch, rows: int, mode: SampleMode) -> torch.Tensor:
+        """`replay`, then the sampling graph of `mode`: the sampled ids of all `rows` rows, int32 (valid until
+        the next replay of this size and mode)."""
+        self.replay(batch, rows)
+        self._sample_graphs[rows, mode].replay()
+        return self._sampled[rows, mode]
+
+
+def _capture(run: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`run` captured into a graph in `pool`, and the output tensor the graph writes."""
+    # One eager run first: kernels compile and libraries set up their handles outside the capture.
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out

@@ -128,15 +128,16 @@ class NoResults:
 def run_steps(runner, steps, results, overlap: bool = True) -> int:
     """The per-step loop: a fixed number of calls per step whatever the batch size.
 
-    With `overlap`, step N+1 is launched before step N's ids are awaited whenever the scheduler has already
-    published it, so the GPU goes from one step to the next without waiting for this process. When nothing is
-    queued the step in flight is finished first and only then is the ring waited on: the scheduler may be
-    waiting for that very result before it publishes anything. Results go out in step order. Returns the
-    process's exit code; raises PeerDead when the scheduler is gone.
+    With `overlap`, step N+1 is launched before step N's ids are awaited whenever the scheduler publishes it
+    while step N still runs, so the GPU goes from one step to the next without waiting for this process: the
+    scheduler plans N+1 from the result of N-1, which went out just after N was launched, and the ring is
+    watched until N completes. When nothing came by then, step N is finished and only then is the ring waited
+    on: the scheduler may be waiting for that very result before it publishes anything. Results go out in step
+    order. Returns the process's exit code; raises PeerDead when the scheduler is gone.
     """
     in_flight = None
     while True:
-        step = steps.wait() if in_flight is None else steps.try_next()
+        step = steps.wait() if in_flight is None else _next_while_running(steps, in_flight)
         if step is None:
             ok, in_flight = _finish(runner, results, in_flight), None
             if not ok:
@@ -161,6 +162,15 @@ def run_steps(runner, steps, results, overlap: bool = True) -> int:
                 return 1
 
 
+def _next_while_running(steps, handle):
+    """The next step if the scheduler publishes it before `handle`'s step completes, else None. Spins: the
+    wait is at most one step's GPU time, and a sleep would add its wake-up to the step it delays."""
+    while True:
+        step = steps.try_next()
+        if step is not None or handle.done():
+            return step
+
+
 def _launch(runner, step):
     try:
         return runner.launch(step)
@@ -177,5 +187,12 @@ def _finish(runner, results, handle, timeout: float | None = None) -> bool:
         log.exception("step %d failed", handle.step_id)
         results.write(handle.step_id, None, RESULT_FAILED, timeout=timeout)
         return False
-    results.write(handle.step_id, tokens, RESULT_OK, timeout=timeout, logprobs=handle.result_logprobs())
+    results.write(
+        handle.step_id,
+        tokens,
+        RESULT_OK,
+        timeout=timeout,
+        logprobs=handle.result_logprobs(),
+        prompt=handle.result_prompt_logprobs(),
+    )
     return True

@@ -11,6 +11,7 @@ whose last token and sampling parameters nobody reads.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,28 +44,67 @@ class DecodePadding:
     page_size: int
 
 
-def padded_arrays(step, names: tuple[str, ...], padding: DecodePadding | None) -> list[np.ndarray]:
-    """The step's arrays `names` (protocol names), each extended by `padding.rows - n` padding rows."""
-    arrays = {name: np.asarray(getattr(step, name)) for name in names}
+def padded_sizes(step, names: tuple[str, ...], padding: DecodePadding | None) -> list[int]:
+    """The sizes of the step's arrays `names` (protocol names) once `pack` has padded them: each grows by
+    `padding.rows - n` padding rows."""
+    sizes = [len(getattr(step, name)) for name in names]
     if padding is None:
-        return [arrays[name] for name in names]
-    n, t, k = len(arrays["req_slot"]), len(arrays["input_ids"]), len(arrays["kv_indices"])
+        return sizes
+    n, t = len(step.req_slot), len(step.input_ids)
     if n != t:
         raise ValueError(f"only decode steps are padded (one token per request): {n} requests, {t} tokens")
     pad = padding.rows - n
     if pad < 0:
         raise ValueError(f"a batch of {n} does not fit {padding.rows} rows")
-    ones = np.ones(pad, dtype=np.int32)
-    steps = np.arange(1, pad + 1, dtype=np.int32)
-    tail = {
-        "input_ids": np.zeros(pad, dtype=np.int32),
-        "positions": np.zeros(pad, dtype=np.int32),
-        "out_loc": np.full(pad, padding.scratch_page * padding.page_size, dtype=np.int32),
-        "req_slot": np.full(pad, padding.scratch_slot, dtype=np.int32),
-        "seq_len": ones,
+    return [size + pad for size in sizes]
+
+
+def pack(step, names: tuple[str, ...], padding: DecodePadding | None, out: np.ndarray) -> None:
+    """Writes the step's arrays `names` one after another into `out` (int32), each followed by its padding
+    rows, at the sizes `padded_sizes` gives. No temporary arrays: this runs on every step's host path."""
+    tails = None
+    if padding is not None:
+        n, t, k = len(step.req_slot), len(step.input_ids), len(step.kv_indices)
+        pad = padding.rows - n
+        tails = _tails(padding, pad, t, k)
+    offset = 0
+    for name in names:
+        a = getattr(step, name)
+        out[offset : offset + len(a)] = a
+        offset += len(a)
+        if tails is not None:
+            out[offset : offset + pad] = tails[name]
+            offset += pad
+
+
+def padded_arrays(step, names: tuple[str, ...], padding: DecodePadding | None) -> list[np.ndarray]:
+    """The step's arrays `names` (protocol names), each extended by `padding.rows - n` padding rows: `pack`
+    into int32 arrays of their own."""
+    sizes = padded_sizes(step, names, padding)
+    flat = np.empty(sum(sizes), dtype=np.int32)
+    pack(step, names, padding, flat)
+    return np.split(flat, np.cumsum(sizes)[:-1])
+
+
+def _tails(padding: DecodePadding, pad: int, t: int, k: int) -> dict[str, int | np.ndarray]:
+    """What each array's padding rows hold (see the module docstring): a value for all of them, or the
+    indptrs' continuation past the step's `t` tokens and `k` page indices, one more for each row."""
+    steps = _one_to(pad)
+    return {
+        "input_ids": 0,
+        "positions": 0,
+        "out_loc": padding.scratch_page * padding.page_size,
+        "req_slot": padding.scratch_slot,
+        "seq_len": 1,
         "qo_indptr": t + steps,
         "kv_indptr": k + steps,
-        "kv_last_page_len": ones,
-        "kv_indices": np.full(pad, padding.scratch_page, dtype=np.int32),
+        "kv_last_page_len": 1,
+        "kv_indices": padding.scratch_page,
     }
-    return [np.concatenate((arrays[name], tail[name])) for name in names]
+
+
+@functools.cache
+def _one_to(pad: int) -> np.ndarray:
+    steps = np.arange(1, pad + 1, dtype=np.int32)
+    steps.flags.writeable = False  # shared by every step padded by `pad` rows
+    return steps

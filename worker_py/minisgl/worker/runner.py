@@ -16,8 +16,9 @@ from minisgl.attention.base import AttentionConfig
 from minisgl.kernels.rounding import available as kernels_available
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
-from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs
+from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs, PromptLogprobs
 from minisgl.sampling import Joins, Sampler, masks
+from minisgl.sampling.params import SampleMode
 from minisgl.worker import distributed
 from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
@@ -28,6 +29,9 @@ from minisgl.worker.padding import graph_batch_sizes
 log = logging.getLogger("minisgl.worker")
 
 IN_FLIGHT = 2  # steps launched and not yet collected, at most: the loop overlaps step N+1 with step N
+# Prompt positions whose logprobs one LM-head pass computes: the logits of a chunk are [rows, vocab] float32
+# (151,936 columns for Qwen: about 150 MB at 256 rows), however long the prompt.
+PROMPT_LOGPROB_ROWS = 256
 INT32_LOCATIONS = 2**31  # out_loc is int32: page * page_size + offset must stay below this
 
 
@@ -41,13 +45,26 @@ class StepHandle:
     tokens: torch.Tensor
     ready: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # The prompt logprobs the step asked for, in host memory: the targets' [p], top ids and logprobs [p, q].
+    prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     collected: bool = field(default=False)
+
+    def done(self) -> bool:
+        """Whether the step's device work has completed (`collect` would not wait)."""
+        return self.ready is None or self.ready.query()
 
     def result_logprobs(self) -> Logprobs | None:
         """The logprobs as the result slot takes them (numpy views, valid until IN_FLIGHT more launches)."""
         if self.logprobs is None:
             return None
         return Logprobs(*(t.numpy() for t in self.logprobs))
+
+    def result_prompt_logprobs(self) -> PromptLogprobs | None:
+        """The prompt logprobs as the result slot takes them (numpy views, valid until IN_FLIGHT more
+        launches)."""
+        if self.prompt is None:
+            return None
+        return PromptLogprobs(*(t.numpy() for t in self.prompt))
 
 
 class _HostLogprobs:
@@ -113,7 +130,7 @@ class ModelRunner:
         # Each rank holds its heads' slice of every page: the scheduler's page numbers mean the same on all.
         kv_heads = tp.local_kv_heads(mc.num_kv_heads, cfg.tp)
         kv_shape = KVCacheShape(mc.num_layers, cfg.page_size, kv_heads, mc.head_dim, self.dtype)
-        self._usable_pages = self._num_pages(kv_shape, scratch=int(use_graphs))
+        self._usable_pages = self._num_pages(kv_shape, graphs=use_graphs)
         if cfg.tp > 1:
             # Free memory differs a little between GPUs; every rank must offer the scheduler the same pages.
             self._usable_pages = distributed.agree_min(self._usable_pages, self.device)
@@ -133,6 +150,8 @@ class ModelRunner:
             torch.zeros(cfg.max_batch, dtype=torch.int32, pin_memory=on_cuda) for _ in range(IN_FLIGHT)
         ]
         self._host_logprobs = [_HostLogprobs(cfg.max_batch, on_cuda) for _ in range(IN_FLIGHT)]
+        # Made on the first step that asks for prompt logprobs: the others never need them.
+        self._host_prompt: list[_HostLogprobs | None] = [None] * IN_FLIGHT
         self._handles: list[StepHandle | None] = [None] * IN_FLIGHT
         self._turn = 0
         self.graphs: DecodeGraphs | None = None
@@ -146,6 +165,7 @@ class ModelRunner:
                 scratch_slot=scratch_slot,
                 page_size=cfg.page_size,
                 max_kv_indices=max_kv_indices,
+                sample=self._sample_rows if cfg.graph_sampling else None,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
@@ -199,7 +219,9 @@ class ModelRunner:
             raise RuntimeError(f"more than {IN_FLIGHT} steps launched without collecting their results")
         self._turn = (turn + 1) % IN_FLIGHT
         self._check_limits(step)
-        padding = self.graphs.padding_for(step) if self.graphs is not None else None
+        asked = _prompt_targets(step, self.device)
+        # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
+        padding = self.graphs.padding_for(step) if self.graphs is not None and asked is None else None
         extra = _cached_prefix_of_penalized_joins(step, self.page_size)
         mask_parts = masks.host_parts(step)
         if mask_parts is not None:
@@ -211,27 +233,38 @@ class ModelRunner:
             handle = StepHandle(step.step_id, tokens, None)
         else:
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
-            if padding is not None:
-                logits = self.graphs.replay(batch, padding.rows)[:n]
+            prompt = logprobs = None
+            if padding is not None and self.graphs.samples and plan.graphable and mask_parts is None:
+                # Forward and sampling replayed, the slots' last tokens set in the graph too.
+                sampled = self.graphs.replay_sampled(batch, padding.rows, plan.mode)[:n]
             else:
-                self.attn.plan(batch)
-                logits = self._forward_logits(batch)
-            req_slot = batch.req_slot[:n]
-            if plan.penalties:
-                self._count_tokens(batch, n, np.asarray(step.input_ids))
-            step_masks = masks.from_uploaded(batch.extra, self.mask_words) if mask_parts is not None else None
-            sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan, step_masks)
-            logprobs = None
-            if plan.logprobs:
-                found = self.sampler.logprobs(logits, sampled, plan.top_logprobs)
-                logprobs = self._host_logprobs[turn].copy(*found)
-            self.last_token[req_slot] = sampled
+                if padding is not None:
+                    logits = self.graphs.replay(batch, padding.rows)[:n]
+                elif asked is not None:
+                    self.attn.plan(batch)
+                    hidden = self._forward_hidden(batch)
+                    logits = self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
+                    prompt = self._prompt_logprobs(hidden, *asked, int(step.prompt_top), turn)
+                else:
+                    self.attn.plan(batch)
+                    logits = self._forward_logits(batch)
+                req_slot = batch.req_slot[:n]
+                if plan.penalties:
+                    self._count_tokens(batch, n, np.asarray(step.input_ids))
+                step_masks = None
+                if mask_parts is not None:
+                    step_masks = masks.from_uploaded(batch.extra, self.mask_words)
+                sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan, step_masks)
+                if plan.logprobs:
+                    found = self.sampler.logprobs(logits, sampled, plan.top_logprobs)
+                    logprobs = self._host_logprobs[turn].copy(*found)
+                self.last_token[req_slot] = sampled
             tokens.copy_(sampled, non_blocking=True)
             ready = None
             if self.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-            handle = StepHandle(step.step_id, tokens, ready, logprobs)
+            handle = StepHandle(step.step_id, tokens, ready, logprobs, prompt)
         self.uploader.finish()
         self._handles[turn] = handle
         return handle
@@ -262,13 +295,47 @@ class ModelRunner:
 
     def _forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
         """The device part of a step after the plan: what a decode graph captures."""
-        ids = batch.input_ids
-        ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
-        self.kv_cache.token_ids[batch.out_loc] = ids
-        hidden = self.model(ids, batch.positions, self.attn)
+        hidden = self._forward_hidden(batch)
         if not batch.is_decode:
             hidden = hidden[batch.qo_indptr[1:] - 1]
         return self.model.compute_logits(hidden)
+
+    def _sample_rows(self, batch: ForwardBatch, logits: torch.Tensor, mode: SampleMode) -> torch.Tensor:
+        """What a decode graph captures after the logits for a step whose plan is `graphable`: every row's
+        sample in `mode` and its slot's last token."""
+        sampled = self.sampler.sample(logits, batch.req_slot, batch.seq_len, mode)
+        self.last_token[batch.req_slot] = sampled
+        return sampled
+
+    def _forward_hidden(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model's last hidden state at every new token of the step, [t, hidden]."""
+        ids = batch.input_ids
+        ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
+        self.kv_cache.token_ids[batch.out_loc] = ids
+        return self.model(ids, batch.positions, self.attn)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top: int, turn: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logprob of `targets[i]` at new token `rows[i]` of the step, with the `top` most likely ids and
+        their logprobs there, copied to host memory: the LM head runs over PROMPT_LOGPROB_ROWS rows at a time,
+        so a long prompt never holds more than that many rows of logits."""
+        p = rows.shape[0]
+        host = self._host_prompt[turn]
+        if host is None:
+            host = self._host_prompt[turn] = _HostLogprobs(self.max_step_tokens, self.device.type == "cuda")
+        out = (
+            host.logprob[:p],
+            host.top_ids[: p * top].view(p, top),
+            host.top_logprobs[: p * top].view(p, top),
+        )
+        for start in range(0, p, PROMPT_LOGPROB_ROWS):
+            end = min(start + PROMPT_LOGPROB_ROWS, p)
+            logits = self.model.compute_logits(hidden[rows[start:end]])
+            found = Sampler.logprobs(logits, targets[start:end], top)
+            for dst, src in zip(out, found, strict=True):
+                dst[start:end].copy_(src, non_blocking=True)
+        return out
 
     def _apply_joins(self, step, batch: ForwardBatch) -> None:
         if len(step.join_slot):
@@ -300,7 +367,7 @@ class ModelRunner:
                 f"step of {n} requests / {t} tokens exceeds {self.max_batch} / {self.max_step_tokens}"
             )
 
-    def _num_pages(self, shape: KVCacheShape, scratch: int) -> int:
+    def _num_pages(self, shape: KVCacheShape, graphs: bool) -> int:
         cfg = self.config
         if cfg.num_pages is not None:
             return cfg.num_pages
@@ -308,7 +375,7 @@ class ModelRunner:
             budget = cfg.kv_bytes
         else:
             free, _total = torch.cuda.mem_get_info(self.device)
-            reserve = self._transient_bytes()
+            reserve = self._transient_bytes(graphs and cfg.graph_sampling)
             budget = int(free * cfg.kv_fraction) - reserve
             log.info(
                 "KV budget: %.2f GiB = %.2f of %.2f GiB free after the weights, less %.2f GiB for "
@@ -321,20 +388,22 @@ class ModelRunner:
         pages = shape.pages_for_budget(budget)
         if pages <= 0:
             raise ValueError(f"a KV budget of {budget} bytes holds no page of {shape.bytes_per_page} bytes")
-        most = INT32_LOCATIONS // cfg.page_size - scratch
+        most = INT32_LOCATIONS // cfg.page_size - int(graphs)  # the graphs' scratch page
         if pages > most:
             log.info("KV pages capped at %d so that every KV location fits in int32", most)
         return min(pages, most)
 
-    def _transient_bytes(self) -> int:
+    def _transient_bytes(self, graph_sampling: bool) -> int:
         """A generous bound on what a step allocates beyond the weights and the KV cache: a full-size
-        prefill's activations, a full batch's logits through the filtered sampler, FlashInfer's workspaces."""
+        prefill's activations, a full batch's logits through the filtered sampler (twice with
+        `graph_sampling`: the captured sampling keeps its own in the graphs' pool), FlashInfer's
+        workspaces."""
         mc, cfg = self.model_config, self.config
         elem = torch.empty((), dtype=self.dtype).element_size()
         qkv = (mc.num_heads // cfg.tp + 2 * tp.local_kv_heads(mc.num_kv_heads, cfg.tp)) * mc.head_dim
         per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size // cfg.tp) * elem
         # Logits, noise hashes (int64), sort values and indices; bias, penalties and logprobs' float copies.
-        sampling = cfg.max_batch * mc.vocab_size * 48
+        sampling = cfg.max_batch * mc.vocab_size * 48 * (2 if graph_sampling else 1)
         return cfg.max_step_tokens * per_token + sampling + (1 << 30)
 
     def _staging_capacity(self, max_kv_indices: int) -> int:
@@ -347,6 +416,18 @@ class ModelRunner:
         # Token masks: a mask per request at most, and each masked row's row and mask numbers.
         token_masks = cfg.max_batch * (self.mask_words + 2)
         return 3 * cfg.max_step_tokens + 5 * cfg.max_batch + 2 + max_kv_indices + joins + token_masks
+
+
+def _prompt_targets(step, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The new tokens of the step whose logits give a prompt logprob (their rows, int64 [p]) and the tokens
+    whose logprob they give (int32 [p]), on the device; None when the step asks for none (nothing is read)."""
+    if not step.prompt_logprobs:
+        return None
+    targets = np.asarray(step.logprob_target)
+    rows = np.flatnonzero(targets >= 0)
+    if len(rows) == 0:
+        return None
+    return torch.from_numpy(rows).to(device), torch.from_numpy(targets[rows]).to(device)
 
 
 def _cached_prefix_of_penalized_joins(step, page_size: int) -> dict[str, np.ndarray] | None:

@@ -18,7 +18,7 @@ impl Core {
         }
         let ps = self.limits.page_size;
         for req in self.waiting.iter_mut() {
-            req.match_pages = self.cache.match_prefix(&req.tokens, cacheable_pages(req.len(), ps), step_id).pages;
+            req.match_pages = self.cache.match_prefix(&req.tokens, req.cacheable_pages(ps), step_id).pages;
         }
         let bound = self.policy.max_wait_steps;
         self.waiting.sort_by_key(|r| {
@@ -85,7 +85,7 @@ impl Core {
     /// The cached prefix `req` would start from, if its remaining pages fit beside `reserve`.
     fn fits(&self, req: &Request, step_id: u64, reserve: u32) -> Option<Match> {
         let ps = self.limits.page_size;
-        let m = self.cache.match_prefix(&req.tokens, cacheable_pages(req.len(), ps), step_id);
+        let m = self.cache.match_prefix(&req.tokens, req.cacheable_pages(ps), step_id);
         let needed = pages_for(req.len(), ps) - m.pages + reserve;
         (needed <= self.available_pages() - m.unlocked).then_some(m)
     }
@@ -121,6 +121,20 @@ impl Core {
         let start = req.kv_len;
         let count = req.prefill_left().min(budget);
         w.push_request(slot, &req.pages, start, NewTokens::Ids(&req.tokens[start as usize..(start + count) as usize]));
+        // The chunk's positions whose successors' logprobs are still to ask for (none before `start`: the cached
+        // prefix stops at the first such position).
+        let left = req.prompt_logprobs_left();
+        debug_assert!(left.is_empty() || left.start >= start, "request {} skipped prompt positions", req.id);
+        let asked = left.start.max(start)..left.end.min(start + count);
+        let prompt_entries = match req.params.prompt_logprobs {
+            Some(top) if !asked.is_empty() => {
+                let targets = &req.tokens[asked.start as usize + 1..asked.end as usize + 1];
+                w.push_targets(asked.start - start, targets, top);
+                req.prompt_asked = asked.end;
+                asked.len() as u32
+            }
+            _ => 0,
+        };
         if !req.joined {
             // After a preemption the generated tokens come back as prompt ids; the penalties must know which.
             w.push_join(slot, &req.params, req.len() - req.generated);
@@ -133,16 +147,10 @@ impl Core {
             write_mask(w, req, &self.limits.eos_token_ids, masks);
         }
         req.pending += u32::from(samples);
-        reqs.push(PlannedReq { id: req.id, slot, samples });
+        reqs.push(PlannedReq { id: req.id, slot, samples, prompt_entries });
         // This step writes the pages; a later one may read them. The own copy of a page some other request cached
         // first is written by this step too, so it is freed after it.
         cache_written_pages(&mut self.cache, &mut self.pages, req, self.limits.page_size, step_id, Some(step_id));
         count
     }
-}
-
-/// Pages of a `len`-token prompt that may come from the cache: at least its last token must be computed, since
-/// its logits give the first sample.
-fn cacheable_pages(len: u32, page_size: u32) -> u32 {
-    (len - 1) / page_size
 }

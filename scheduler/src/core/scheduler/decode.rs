@@ -70,7 +70,7 @@ impl Core {
             req.kv_len += 1;
             req.pending += 1;
             req.last_step = Some(step_id);
-            reqs.push(PlannedReq { id: req.id, slot, samples: true });
+            reqs.push(PlannedReq { id: req.id, slot, samples: true, prompt_entries: 0 });
             count += 1;
         }
         count

@@ -83,6 +83,7 @@ pub fn parse_chat(body: &[u8], rid: &str, max_seq_len: u32) -> Result<Parsed, Ap
         stream: common.stream,
         include_usage: common.include_usage,
         echo: false,
+        prompt_only: false,
         logprobs: asked,
         tokens_as_ids: common.tokens_as_ids,
     })

@@ -280,6 +280,7 @@ impl Shared<'_> {
             repetition_penalty: float(self.repetition_penalty, d.repetition_penalty),
             logit_bias: logit_bias(self.logit_bias)?,
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(d.skip_special_tokens),
             min_tokens: self.min_tokens.map_or(0, |Int(m)| m),
             json_schema,

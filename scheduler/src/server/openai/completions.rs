@@ -46,16 +46,18 @@ pub fn parse_completion(body: &[u8], rid: &str) -> Result<Parsed, ApiError> {
     let r: CompletionRequest = parse_body(body)?;
     refuse_unless(r.suffix.as_deref().is_none_or(str::is_empty), "suffix", "insertion needs a model trained for it")?;
     let max_tokens = r.shared().max_tokens.map_or(COMPLETIONS_DEFAULT_MAX_TOKENS, |Int(m)| m);
-    let mut common = r.shared().read(max_tokens)?;
     let echo = r.echo.unwrap_or(false);
+    // OpenAI's `max_tokens: 0` with `echo`: the prompt alone (with its logprobs, when asked), nothing generated.
+    // The engine samples one token anyway (the prompt's last logits are computed regardless), which the reply
+    // leaves out.
+    let prompt_only = echo && max_tokens == 0;
+    let mut common = r.shared().read(if prompt_only { 1 } else { max_tokens })?;
     let logprobs = r.logprobs.map(|Int(k)| k);
-    if echo && logprobs.is_some() {
-        return Err(ApiError::unsupported(
-            "echo",
-            "echo with logprobs is not supported: the prompt's logprobs are not computed (only the sampled tokens' are)",
-        ));
-    }
     common.sampling.logprobs = logprobs;
+    if echo {
+        // The echoed prompt's tokens get theirs too, computed by the model (vLLM's `prompt_logprobs`).
+        common.sampling.prompt_logprobs = logprobs;
+    }
     if let Some(Int(best_of)) = r.best_of
         && best_of != common.n
         && best_of != 1
@@ -97,6 +99,7 @@ pub fn parse_completion(body: &[u8], rid: &str) -> Result<Parsed, ApiError> {
         stream: common.stream,
         include_usage: common.include_usage,
         echo,
+        prompt_only,
         logprobs: logprobs.is_some(),
         tokens_as_ids: common.tokens_as_ids,
     })
@@ -195,7 +198,7 @@ mod tests {
             (json!({"prompt": "x", "logprobs": 21}), "invalid_params", "logprobs"),
             (json!({"prompt": "x", "logprobs": true}), "invalid_params", "logprobs"),
             (json!({"prompt": "x", "logit_bias": {"3": -101}}), "invalid_params", "logit_bias"),
-            (json!({"prompt": "x", "echo": true, "logprobs": 1}), "unsupported_parameter", "echo"),
+            (json!({"prompt": "x", "echo": false, "max_tokens": 0}), "invalid_params", "max_tokens"),
             (json!({"prompt": "x", "best_of": 3}), "unsupported_parameter", "best_of"),
             (json!({"prompt": "x", "suffix": "end"}), "unsupported_parameter", "suffix"),
             (json!({"prompt": "x", "min_tokens": -1}), "invalid_params", "min_tokens"),
@@ -206,10 +209,22 @@ mod tests {
         ] {
             assert_eq!(refusal(body.clone()), (400, code, param.to_string()), "{body}");
         }
-        let e = completion(json!({"prompt": "x", "echo": true, "logprobs": 1})).unwrap_err();
-        assert!(e.message.contains("prompt's logprobs are not computed"), "{}", e.message);
         assert!(completion(json!({"prompt": "x", "best_of": 2, "n": 2})).is_ok(), "best_of = n returns every sample");
         assert!(completion(json!({"prompt": "x", "echo": true})).unwrap().echo);
+    }
+
+    #[test]
+    fn echo_with_logprobs_asks_for_the_prompts_and_max_tokens_0_for_the_prompt_alone() {
+        let p = completion(json!({"prompt": "x", "echo": true, "logprobs": 3, "max_tokens": 2})).unwrap();
+        let s = &p.requests[0].sampling;
+        assert_eq!((s.logprobs, s.prompt_logprobs, s.max_tokens, p.prompt_only), (Some(3), Some(3), 2, false));
+        let p = completion(json!({"prompt": "x", "echo": true, "logprobs": 0, "max_tokens": 0})).unwrap();
+        let s = &p.requests[0].sampling;
+        assert_eq!((s.prompt_logprobs, s.max_tokens, p.prompt_only), (Some(0), 1, true));
+        let p = completion(json!({"prompt": "x", "echo": true, "max_tokens": 0})).unwrap();
+        assert_eq!((p.requests[0].sampling.prompt_logprobs, p.prompt_only, p.echo), (None, true, true));
+        let p = completion(json!({"prompt": "x", "logprobs": 2})).unwrap();
+        assert_eq!(p.requests[0].sampling.prompt_logprobs, None, "without echo the prompt is not returned");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod tools;
 
 pub use chat::parse_chat;
 pub use completions::parse_completion;
-pub use response::{Chunks, DONE, LogprobText, Reply, Usage};
+pub use response::{Chunks, DONE, LogprobText, Reply, Usage, leave_out_completion};
 pub use tokenize::{DetokenizeRequest, ToTokenize, TokenizeRequest, parse_detokenize, parse_tokenize};
 
 use proto::api::{ErrorCode, FinishReason, Generate, Rejection};
@@ -54,6 +54,9 @@ pub struct Parsed {
     pub include_usage: bool,
     /// Completions' `echo`: each choice's text starts with its prompt.
     pub echo: bool,
+    /// Completions' `echo` with `max_tokens: 0`: each choice is its prompt alone; what the engine generated
+    /// (one token) is left out.
+    pub prompt_only: bool,
     /// The request asked for logprobs (their count is in each request's sampling).
     pub logprobs: bool,
     /// `return_tokens_as_token_ids` (vLLM's extension): logprob tokens written `token_id:<id>`.

@@ -180,20 +180,30 @@ impl LogprobText {
         json!({"content": content, "refusal": null})
     }
 
-    /// Completions' `logprobs`, `offset` being the text offset of the first token (in characters); returns the
-    /// offset after the last.
-    fn completion(&self, ids: &[u32], logprobs: &[TokenLogprobs], mut offset: u32) -> (Value, u32) {
-        let mut tokens = Vec::with_capacity(ids.len());
-        let mut token_logprobs = Vec::with_capacity(ids.len());
-        let mut top_logprobs = Vec::with_capacity(ids.len());
-        let mut text_offset = Vec::with_capacity(ids.len());
-        for (&id, lp) in ids.iter().zip(logprobs) {
+    /// Completions' `logprobs` of `entries` (each token's id and its logprobs: none for a prompt's first token,
+    /// which has nothing before it), `offset` being the text offset of the first token (in characters); returns
+    /// the offset after the last.
+    fn completion<'a>(
+        &self,
+        entries: impl ExactSizeIterator<Item = (u32, Option<&'a TokenLogprobs>)>,
+        mut offset: u32,
+    ) -> (Value, u32) {
+        let mut tokens = Vec::with_capacity(entries.len());
+        let mut token_logprobs = Vec::with_capacity(entries.len());
+        let mut top_logprobs = Vec::with_capacity(entries.len());
+        let mut text_offset = Vec::with_capacity(entries.len());
+        for (id, lp) in entries {
             let token = self.token(id);
             text_offset.push(offset);
             // vLLM's offsets: each token's own text, one after another.
             offset = offset.saturating_add(self.table.text(id).chars().count() as u32);
             tokens.push(token.into_owned());
-            token_logprobs.push(lp.logprob);
+            let Some(lp) = lp else {
+                token_logprobs.push(Value::Null);
+                top_logprobs.push(Value::Null);
+                continue;
+            };
+            token_logprobs.push(json!(lp.logprob));
             let mut top = Map::new();
             for &(t, l) in &lp.top {
                 // Two ids with one text (rare): the likelier one, listed first, keeps the key.
@@ -218,8 +228,49 @@ pub struct Reply {
     pub n: u32,
     /// Completions' `echo`: per prompt, the text its choices start with. Empty without echo.
     pub echo: Vec<String>,
-    /// Set when the request asked for logprobs.
+    /// Set when the request asked for logprobs (with `echo`, the prompt's tokens have theirs too).
     pub logprobs: Option<LogprobText>,
+}
+
+/// Pairs each token id with its logprobs, for [`LogprobText::completion`].
+fn sampled<'a>(
+    ids: &'a [u32],
+    lps: &'a [TokenLogprobs],
+) -> impl ExactSizeIterator<Item = (u32, Option<&'a TokenLogprobs>)> {
+    ids.iter().copied().zip(lps.iter().map(Some))
+}
+
+/// The prompt's tokens with their logprobs, as a message carries them (`prompt_token_ids`, `prompt_logprobs`).
+fn prompt_entries<'a>(
+    ids: Option<&'a [u32]>,
+    lps: Option<&'a [Option<TokenLogprobs>]>,
+) -> impl ExactSizeIterator<Item = (u32, Option<&'a TokenLogprobs>)> {
+    let (ids, lps) = (ids.unwrap_or_default(), lps.unwrap_or_default());
+    ids.iter().copied().zip(lps.iter().map(Option::as_ref))
+}
+
+/// For a completion of `echo` and `max_tokens: 0`: what the engine generated (one token) left out of `msg`, which
+/// then carries the prompt alone, cut where the client asked (`"length"`).
+pub fn leave_out_completion(msg: &mut ServerMsg) {
+    match msg {
+        ServerMsg::Delta(d) => {
+            d.token_ids.clear();
+            d.text.clear();
+            d.logprobs = None;
+        }
+        ServerMsg::Final(f) => {
+            f.token_ids.clear();
+            f.text.clear();
+            f.completion_tokens = 0;
+            if let Some(lps) = &mut f.logprobs {
+                lps.clear();
+            }
+            if f.finish_reason == FinishReason::Stop {
+                f.finish_reason = FinishReason::Length;
+            }
+        }
+        ServerMsg::Error(_) | ServerMsg::Info(_) => {}
+    }
 }
 
 impl Reply {
@@ -235,8 +286,32 @@ impl Reply {
         let (text, lps) = (self.logprobs.as_ref()?, f.logprobs.as_deref().unwrap_or_default());
         Some(match self.endpoint {
             Endpoint::Chat => text.chat(&f.token_ids, lps),
-            Endpoint::Completions => text.completion(&f.token_ids, lps, 0).0,
+            // With echo, the prompt's tokens come first, then the generated ones, offsets running on.
+            Endpoint::Completions if self.echoes_prompt_logprobs() => {
+                let prompt = prompt_entries(f.prompt_token_ids.as_deref(), f.prompt_logprobs.as_deref());
+                let all: Vec<_> = prompt.chain(sampled(&f.token_ids, lps)).collect();
+                text.completion(all.into_iter(), 0).0
+            }
+            Endpoint::Completions => text.completion(sampled(&f.token_ids, lps), 0).0,
         })
+    }
+
+    /// Completions with `echo` and `logprobs`: the echoed prompt comes with its tokens' logprobs.
+    fn echoes_prompt_logprobs(&self) -> bool {
+        self.endpoint == Endpoint::Completions && !self.echo.is_empty() && self.logprobs.is_some()
+    }
+
+    /// The stream chunk that echoes choice `index`'s prompt, with its tokens' logprobs when asked for; returns it
+    /// with the text offset after the prompt.
+    fn echo_chunk(&self, index: u32, ids: Option<&[u32]>, lps: Option<&[Option<TokenLogprobs>]>) -> (String, u32) {
+        let (logprobs, end) = match &self.logprobs {
+            Some(text) => {
+                let (value, end) = text.completion(prompt_entries(ids, lps), 0);
+                (Some(value), end)
+            }
+            None => (None, 0),
+        };
+        (self.chunk(index, Some(self.echo_of(index)), false, None, logprobs), end)
     }
 
     /// The non-streaming response body for a request's finals (one per choice, in any order), or the error
@@ -346,6 +421,9 @@ pub struct Chunks {
     ended: Vec<Counts>,
     /// Completions' `text_offset` so far, per choice.
     offsets: Vec<u32>,
+    /// Per choice: its prompt was echoed (with its logprobs, those of a request with echo and logprobs come with
+    /// its first delta, or its final).
+    echoed: Vec<bool>,
 }
 
 pub const DONE: &str = "[DONE]";
@@ -353,14 +431,15 @@ pub const DONE: &str = "[DONE]";
 impl Chunks {
     pub fn new(reply: Reply, include_usage: bool, choices: u32) -> Self {
         let choices = choices.max(1);
-        Chunks { reply, include_usage, choices, ended: Vec::new(), offsets: vec![0; choices as usize] }
+        let (offsets, echoed) = (vec![0; choices as usize], vec![false; choices as usize]);
+        Chunks { reply, include_usage, choices, ended: Vec::new(), offsets, echoed }
     }
 
     /// What the stream starts with, before any token: chat announces the assistant's role for each choice, as
-    /// OpenAI does; completions with `echo` send each choice's prompt.
+    /// OpenAI does; completions with `echo` send each choice's prompt (with its logprobs, once they come).
     pub fn opening(&self) -> Vec<String> {
         match self.reply.endpoint {
-            Endpoint::Completions if self.reply.echo.is_empty() => Vec::new(),
+            Endpoint::Completions if self.reply.echo.is_empty() || self.reply.echoes_prompt_logprobs() => Vec::new(),
             Endpoint::Completions => {
                 (0..self.choices).map(|i| self.reply.chunk(i, Some(self.reply.echo_of(i)), false, None, None)).collect()
             }
@@ -378,13 +457,17 @@ impl Chunks {
     pub fn on_reply(&mut self, msg: &ServerMsg) -> (Vec<String>, bool) {
         match msg {
             ServerMsg::Delta(d) => {
+                let mut out = Vec::new();
+                if d.prompt_logprobs.is_some() {
+                    out.extend(self.echo(d.index, d.prompt_token_ids.as_deref(), d.prompt_logprobs.as_deref()));
+                }
                 let logprobs = match (&self.reply.logprobs, &d.logprobs) {
                     (Some(text), Some(lps)) if !d.token_ids.is_empty() => Some(match self.reply.endpoint {
                         Endpoint::Chat => text.chat(&d.token_ids, lps),
                         Endpoint::Completions => {
                             let offset = self.offsets.get_mut(d.index as usize);
                             let start = offset.as_deref().copied().unwrap_or(0);
-                            let (value, end) = text.completion(&d.token_ids, lps, start);
+                            let (value, end) = text.completion(sampled(&d.token_ids, lps), start);
                             if let Some(offset) = offset {
                                 *offset = end;
                             }
@@ -396,7 +479,6 @@ impl Chunks {
                 // A token whose text is still held back (half a character, a possible stop string, a call
                 // not closed yet) says nothing yet, unless it carries logprobs, which are sent with the token
                 // that has them.
-                let mut out = Vec::new();
                 if !d.text.is_empty() || logprobs.is_some() {
                     out.push(self.reply.chunk(d.index, Some(&d.text), false, None, logprobs));
                 }
@@ -413,13 +495,18 @@ impl Chunks {
             }
             ServerMsg::Final(f) => {
                 self.ended.push(Counts::from(f));
+                // A choice that ended before its first delta (aborted, or cut by the KV cache) echoes here.
+                let mut out: Vec<String> = self
+                    .echo(f.index, f.prompt_token_ids.as_deref(), f.prompt_logprobs.as_deref())
+                    .into_iter()
+                    .collect();
                 let last = match self.reply.endpoint {
                     Endpoint::Completions => {
                         self.reply.chunk(f.index, Some(""), false, Some(finish_reason(f.finish_reason)), None)
                     }
                     Endpoint::Chat => self.reply.chunk(f.index, None, false, Some(chat_finish_reason(f)), None),
                 };
-                let mut out = vec![last];
+                out.push(last);
                 if !self.complete() {
                     return (out, false);
                 }
@@ -435,6 +522,19 @@ impl Chunks {
             }
             ServerMsg::Info(_) => (Vec::new(), false),
         }
+    }
+
+    /// The chunk echoing choice `index`'s prompt with its logprobs, for a request with echo and logprobs whose
+    /// choice has not had it yet (the opening sent the others' echoes); the choice's offsets continue after it.
+    fn echo(&mut self, index: u32, ids: Option<&[u32]>, lps: Option<&[Option<TokenLogprobs>]>) -> Option<String> {
+        let i = index as usize;
+        if !self.reply.echoes_prompt_logprobs() || self.echoed.get(i).is_none_or(|&done| done) {
+            return None;
+        }
+        self.echoed[i] = true;
+        let (chunk, end) = self.reply.echo_chunk(index, ids, lps);
+        self.offsets[i] = end;
+        Some(chunk)
     }
 
     /// The scheduler stopped before the request ended.
@@ -470,6 +570,8 @@ mod tests {
             text: text.into(),
             message: None,
             logprobs: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: None,
         }
     }
@@ -611,6 +713,8 @@ mod tests {
                 token_ids: vec![ids[i]],
                 text: text.into(),
                 logprobs: Some(vec![lps[i].clone()]),
+                prompt_logprobs: None,
+                prompt_token_ids: None,
                 tool_calls: None,
             })
         };
@@ -623,6 +727,73 @@ mod tests {
         assert_eq!(second["choices"][0]["logprobs"]["token_logprobs"], json!([-0.25]));
     }
 
+    /// An echoed prompt "ab" of two tokens, the first without logprobs, then one generated token "h".
+    fn echoed() -> (Reply, Final) {
+        let reply = Reply { echo: vec!["ab".into()], ..logprob_reply(Endpoint::Completions, false) };
+        let prompt = Some(vec![None, Some(TokenLogprobs { logprob: -3.0, top: vec![(b'c' as u32, -0.5)] })]);
+        let f = Final {
+            token_ids: vec![b'h' as u32],
+            logprobs: Some(lps()[..1].to_vec()),
+            prompt_logprobs: prompt,
+            prompt_token_ids: Some(vec![b'a' as u32, b'b' as u32]),
+            ..final_msg(FinishReason::Length, "h")
+        };
+        (reply, f)
+    }
+
+    #[test]
+    fn echoed_prompt_tokens_come_first_the_first_with_null_logprobs() {
+        let (reply, f) = echoed();
+        let body = parse(&reply.body(std::slice::from_ref(&f)).unwrap());
+        assert_eq!(body["choices"][0]["text"], "abh");
+        assert_eq!(
+            body["choices"][0]["logprobs"],
+            json!({"tokens": ["a", "b", "h"], "token_logprobs": [null, -3.0, -0.5],
+                   "top_logprobs": [null, {"c": -0.5}, {"h": -0.5, "i": -1.5}], "text_offset": [0, 1, 2]})
+        );
+        // Streamed: no echo up front; the first delta brings it, with the prompt's logprobs, then its token.
+        let mut chunks = Chunks::new(reply, false, 1);
+        assert!(chunks.opening().is_empty());
+        let first = ServerMsg::Delta(Delta {
+            rid: "x-1".into(),
+            index: 0,
+            token_ids: f.token_ids.clone(),
+            text: "h".into(),
+            logprobs: f.logprobs.clone(),
+            prompt_logprobs: f.prompt_logprobs.clone(),
+            prompt_token_ids: f.prompt_token_ids.clone(),
+            tool_calls: None,
+        });
+        let (out, _) = chunks.on_reply(&first);
+        let out: Vec<Value> = out.iter().map(|c| parse(c)).collect();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0]["choices"][0]["text"], "ab");
+        assert_eq!(out[0]["choices"][0]["logprobs"]["token_logprobs"], json!([null, -3.0]));
+        assert_eq!(out[1]["choices"][0]["logprobs"]["text_offset"], json!([2]), "offsets run on after the prompt");
+        // The final echoes nothing again.
+        let (out, done) = chunks.on_reply(&ServerMsg::Final(f));
+        assert!(done && out.len() == 2 && !out[0].contains("\"ab\""), "{out:?}");
+    }
+
+    #[test]
+    fn a_choice_that_ends_before_any_delta_echoes_with_its_final_and_prompt_only_drops_the_completion() {
+        let (reply, f) = echoed();
+        let mut msg = ServerMsg::Final(f);
+        leave_out_completion(&mut msg);
+        let ServerMsg::Final(f) = &msg else { unreachable!() };
+        assert_eq!((f.token_ids.len(), f.completion_tokens, f.text.as_str()), (0, 0, ""));
+        let body = parse(&reply.body(std::slice::from_ref(f)).unwrap());
+        assert_eq!(body["choices"][0]["text"], "ab");
+        assert_eq!(body["choices"][0]["logprobs"]["tokens"], json!(["a", "b"]));
+        assert_eq!(body["usage"]["completion_tokens"], 0);
+        let mut chunks = Chunks::new(reply, false, 1);
+        let (out, done) = chunks.on_reply(&msg);
+        assert!(done);
+        assert_eq!(parse(&out[0])["choices"][0]["text"], "ab");
+        assert_eq!(parse(&out[0])["choices"][0]["logprobs"]["top_logprobs"], json!([null, {"c": -0.5}]));
+        assert_eq!(parse(&out[1])["choices"][0]["finish_reason"], "length");
+    }
+
     fn delta_of(index: u32, text: &str) -> ServerMsg {
         ServerMsg::Delta(Delta {
             rid: "x-1".into(),
@@ -630,6 +801,8 @@ mod tests {
             token_ids: vec![1],
             text: text.into(),
             logprobs: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: None,
         })
     }
@@ -684,6 +857,8 @@ mod tests {
             token_ids: vec![b'h' as u32],
             text: "h".into(),
             logprobs: Some(vec![lp]),
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: None,
         });
         let (out, _) = chunks.on_reply(&delta);
@@ -733,6 +908,8 @@ mod tests {
             token_ids: vec![1],
             text: "Checking.".into(),
             logprobs: None,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
             tool_calls: Some(vec![weather_call(0)]),
         });
         let fin = Final { tool_calls: Some(vec![weather_call(0)]), ..final_msg(FinishReason::Stop, "Checking.") };
