@@ -55,6 +55,8 @@ CONFIGS = {
     "default": {},
     # The same, with the sampling run eagerly after each replayed graph (the default before 2026-12-06).
     "eager_sampling": {"graph_sampling": False},
+    # The same, with every extend step run eagerly (the default before 2026-12-06).
+    "eager_extend": {"extend_graphs": False},
 }
 
 

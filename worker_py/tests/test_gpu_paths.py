@@ -18,6 +18,7 @@ from minisgl.sampling.params import PROMPT_SEEN, SampleMode  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
+from minisgl.worker.token_rows import token_rows  # noqa: E402
 
 PAGE_SIZE, NUM_PAGES, MAX_BATCH = 16, 256, 16
 
@@ -96,7 +97,8 @@ def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
 @pytest.mark.parametrize("decode", ["flashinfer", "triton"])
 def test_graph_replay_equals_eager(model_dir, decode):
     eager = runner(model_dir, decode_attention=decode)
-    graphed = runner(model_dir, cuda_graphs=True, decode_attention=decode)
+    # The prefills run eagerly in both (test_small_extend_steps_replay_token_row_graphs has their graphs).
+    graphed = runner(model_dir, cuda_graphs=True, decode_attention=decode, extend_graphs=False)
     assert graphed.graphs is not None and eager.graphs is None
     for n in (3, 5, 16):  # padded to 4 and 8; 16 needs no padding
         slots = list(range(n))
@@ -119,6 +121,44 @@ def test_graph_replay_equals_eager(model_dir, decode):
         for s in slots:
             b_e.release(s)
             b_g.release(s)
+
+
+def test_small_extend_steps_replay_token_row_graphs(model_dir):
+    """Extend steps of up to 512 tokens replay a hidden-state graph of one row per new token (token_rows.py):
+    their logits equal the eager extend's, fresh prompts, a chunk continuing a cached prefix and a mixed step
+    with decodes alike; through launch they give the eager path's tokens."""
+    # More pages than the steps use: the rows of a step list their request's pages each, and the index
+    # buffer of the graphs (pages + max_batch) must hold them.
+    eager = runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024)
+    graphed = runner(model_dir, cuda_graphs=True, num_pages=1024)
+    assert graphed.graphs.token_sizes[-1] == 512 and not eager.graphs.token_sizes
+    for step_e, step_g in zip(mixed_steps(4), mixed_steps(4), strict=True):
+        want = eager.forward_logits(step_e)
+        if step_g.kind != 0:
+            graphed.forward_logits(step_g)
+            continue
+        with torch.inference_mode():
+            rows = token_rows(step_g, PAGE_SIZE, MAX_BATCH)
+            padding = graphed.graphs.padding_for_tokens(rows.step)
+            assert padding is not None and padding.rows == 128
+            hidden = graphed.graphs.replay_hidden(graphed.uploader.upload(rows.step, padding), padding.rows)
+            got = graphed.model.compute_logits(hidden[torch.from_numpy(rows.last_rows).cuda().long()])
+            graphed.uploader.finish()
+        assert got.shape == want.shape and rel_err(got, want) < 2e-2
+
+    eager, graphed = (
+        runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024),
+        runner(model_dir, cuda_graphs=True, num_pages=1024),
+    )
+    replays, replay_hidden = [], graphed.graphs.replay_hidden
+    graphed.graphs.replay_hidden = lambda batch, rows: replays.append(rows) or replay_hidden(batch, rows)
+    same = total = 0
+    for step_e, step_g in zip(mixed_steps(5), mixed_steps(5), strict=True):
+        want, got = eager.run_step(step_e).tolist(), graphed.run_step(step_g).tolist()
+        same += sum(g == w for g, w in zip(got, want, strict=True))
+        total += len(want)
+    assert replays == [128, 128]
+    assert same >= 0.9 * total
 
 
 def test_graph_logits_equal_eager_logits(model_dir):

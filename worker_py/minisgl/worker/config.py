@@ -64,6 +64,11 @@ class WorkerConfig:
         "decode graphs capture the sampling too (greedy, temperature, top-k/top-p; not the optional passes): "
         "a sampled step's host time at batch 1 goes from 1.3 ms to 0.3 ms (docs/benchmarks.md)",
     )
+    extend_graphs: bool = opt(
+        True,
+        "extend steps of up to 512 tokens replay captured graphs too, as one decode row per new token: no "
+        "per-launch host cost for short prompts (docs/architecture.md)",
+    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

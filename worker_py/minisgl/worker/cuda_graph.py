@@ -13,6 +13,10 @@ device buffer: fixed too, since every array of a padded step before the indptrs 
 sampler's per-slot parameters, and writes the sampled ids (all B rows, in the pool) and each slot's last
 token. Sampling eagerly after the forward costs the host ~1 ms a step once it samples (temperature, top-k,
 top-p: a few dozen small launches), more than the forward's GPU time at small batches; replayed, one launch.
+
+Small extend steps are captured too, as decode steps of one row per new token (`token_rows.py`), at token
+counts `token_sizes`: those graphs stop at the last hidden state of every row, since only each request's last
+row needs logits (gathered and sampled after the replay).
 """
 
 from __future__ import annotations
@@ -60,9 +64,16 @@ class DecodeGraphs:
         page_size: int,
         max_kv_indices: int,
         sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
+        hidden: Callable[[ForwardBatch], torch.Tensor] | None = None,
+        token_sizes: list[int] = (),
     ) -> None:
         self._forward = forward
         self._sample = sample
+        self._hidden = hidden
+        # A padded row lists one page at least: a size past the index buffer could not even be captured.
+        self.token_sizes = sorted(s for s in token_sizes if s <= max_kv_indices) if hidden is not None else []
+        self._hidden_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden_out: dict[int, torch.Tensor] = {}
         self._attn = attn
         self._uploader = uploader
         self.sizes = sorted(sizes)
@@ -76,10 +87,17 @@ class DecodeGraphs:
     def padding_for(self, step) -> DecodePadding | None:
         """How to pad this step for a graph, or None when it must run eagerly (not a decode step, larger
         than every captured size, or with more page indices than the fixed index buffer holds)."""
+        return self._padding(step, self.sizes)
+
+    def padding_for_tokens(self, step) -> DecodePadding | None:
+        """`padding_for` a step of one row per new token (`token_rows`), for the hidden-state graphs."""
+        return self._padding(step, self.token_sizes)
+
+    def _padding(self, step, sizes: list[int]) -> DecodePadding | None:
         n = len(step.req_slot)
         if n != len(step.input_ids):
             return None
-        rows = bucket_for(n, self.sizes)
+        rows = bucket_for(n, sizes)
         if rows is None or len(step.kv_indices) + rows - n > self.max_kv_indices:
             return None
         return DecodePadding(rows, *self._scratch)
@@ -87,16 +105,23 @@ class DecodeGraphs:
     def capture(self, show_progress: bool = True) -> float:
         """Captures every size, largest first so that smaller graphs reuse its memory; returns seconds."""
         start = time.perf_counter()
-        self._attn.prepare_graphs(self.sizes, self.max_kv_indices)
+        self._attn.prepare_graphs(sorted({*self.sizes, *self.token_sizes}), self.max_kv_indices)
         pool = torch.cuda.graph_pool_handle()
         empty = _empty_decode_step()
-        largest_first = sorted(self.sizes, reverse=True)
-        for rows in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
+        largest_first = sorted(
+            [(rows, False) for rows in self.sizes] + [(rows, True) for rows in self.token_sizes], reverse=True
+        )
+        for rows, hidden in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
             batch = self._uploader.upload(empty, DecodePadding(rows, *self._scratch))
             if not batch.in_static_buffer:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
             self._attn.plan_graph(batch, rows)
             self._uploader.finish()
+            if hidden:
+                self._hidden_graphs[rows], self._hidden_out[rows] = _capture(
+                    partial(self._hidden, batch), pool
+                )
+                continue
             self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
             self._logits[rows] = logits
             for mode in SampleMode if self._sample is not None else ():
@@ -106,11 +131,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         log.info(
-            "captured %d decode CUDA graphs (batch %s), %d of them sampling, in %.1f s",
-            len(self._graphs) + len(self._sample_graphs),
+            "captured %d CUDA graphs in %.1f s: decode at batch %s (%d of them sampling), small extend "
+            "steps at %s tokens",
+            len(self._graphs) + len(self._sample_graphs) + len(self._hidden_graphs),
+            seconds,
             self.sizes,
             len(self._sample_graphs),
-            seconds,
+            self.token_sizes,
         )
         return seconds
 
@@ -131,6 +158,13 @@ class DecodeGraphs:
         self.replay(batch, rows)
         self._sample_graphs[rows, mode].replay()
         return self._sampled[rows, mode]
+
+    def replay_hidden(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
+        """Runs a step of one row per token (`token_rows`) uploaded with `padding_for_tokens`'s padding;
+        returns the last hidden state of all `rows` rows (valid until the next replay of this size)."""
+        self._attn.plan_graph(batch, rows)
+        self._hidden_graphs[rows].replay()
+        return self._hidden_out[rows]
 
 
 def _capture(run: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

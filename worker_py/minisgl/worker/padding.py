@@ -28,6 +28,16 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(s for s in sizes if s <= max_batch)
 
 
+# Token counts of the small extend steps captured as one row per token (token_rows.py): past 512 an extend
+# step's kernels take longer than its host time, and the rows' attention rereads each request's keys.
+TOKEN_GRAPH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+
+
+def token_graph_sizes(max_step_tokens: int) -> list[int]:
+    """The extend-step token counts to capture: those of TOKEN_GRAPH_SIZES that a step may reach."""
+    return [s for s in TOKEN_GRAPH_SIZES if s <= max_step_tokens]
+
+
 def bucket_for(num_reqs: int, sizes: list[int]) -> int | None:
     """The smallest captured size that holds `num_reqs` rows; None when none does (or for an empty batch)."""
     if num_reqs <= 0:

@@ -24,7 +24,8 @@ from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
-from minisgl.worker.padding import graph_batch_sizes
+from minisgl.worker.padding import DecodePadding, graph_batch_sizes, token_graph_sizes
+from minisgl.worker.token_rows import TokenRows, token_rows
 
 log = logging.getLogger("minisgl.worker")
 
@@ -166,6 +167,8 @@ class ModelRunner:
                 page_size=cfg.page_size,
                 max_kv_indices=max_kv_indices,
                 sample=self._sample_rows if cfg.graph_sampling else None,
+                hidden=self._forward_hidden if cfg.extend_graphs else None,
+                token_sizes=token_graph_sizes(cfg.max_step_tokens),
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
@@ -220,13 +223,25 @@ class ModelRunner:
         self._turn = (turn + 1) % IN_FLIGHT
         self._check_limits(step)
         asked = _prompt_targets(step, self.device)
-        # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
-        padding = self.graphs.padding_for(step) if self.graphs is not None and asked is None else None
         extra = _cached_prefix_of_penalized_joins(step, self.page_size)
         mask_parts = masks.host_parts(step)
         if mask_parts is not None:
             extra = {**(extra or {}), **mask_parts}
-        batch = self.uploader.upload(step, padding, extra)
+        # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
+        rows, padding = None, None
+        if self.graphs is not None and asked is None:
+            padding = self.graphs.padding_for(step)
+            if padding is None and mask_parts is None:
+                rows, padding = self._as_token_rows(step)
+        if rows is not None:
+            extra = {**(extra or {}), "last_rows": rows.last_rows, "token_slot": rows.token_slot}
+        batch = self.uploader.upload(step if rows is None else rows.step, padding, extra)
+        if padding is not None and not batch.in_static_buffer:
+            # Rare (many prefix pages): too large for the addresses the graphs read; run it eagerly.
+            self.uploader.finish()
+            rows, padding = None, None
+            extra = {k: v for k, v in (extra or {}).items() if k not in ("last_rows", "token_slot")}
+            batch = self.uploader.upload(step, None, extra or None)
         self._apply_joins(step, batch)
         tokens = self._host_tokens[turn][:n]
         if n == 0:
@@ -234,11 +249,23 @@ class ModelRunner:
         else:
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
             prompt = logprobs = None
-            if padding is not None and self.graphs.samples and plan.graphable and mask_parts is None:
+            req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
+            graph_samples = self.graphs is not None and self.graphs.samples
+            if (
+                padding is not None
+                and rows is None
+                and graph_samples
+                and plan.graphable
+                and mask_parts is None
+            ):
                 # Forward and sampling replayed, the slots' last tokens set in the graph too.
                 sampled = self.graphs.replay_sampled(batch, padding.rows, plan.mode)[:n]
             else:
-                if padding is not None:
+                if rows is not None:
+                    last = batch.extra["last_rows"]
+                    logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
+                    req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
+                elif padding is not None:
                     logits = self.graphs.replay(batch, padding.rows)[:n]
                 elif asked is not None:
                     self.attn.plan(batch)
@@ -248,13 +275,12 @@ class ModelRunner:
                 else:
                     self.attn.plan(batch)
                     logits = self._forward_logits(batch)
-                req_slot = batch.req_slot[:n]
                 if plan.penalties:
                     self._count_tokens(batch, n, np.asarray(step.input_ids))
                 step_masks = None
                 if mask_parts is not None:
                     step_masks = masks.from_uploaded(batch.extra, self.mask_words)
-                sampled = self.sampler.sample(logits, req_slot, batch.seq_len[:n], plan, step_masks)
+                sampled = self.sampler.sample(logits, req_slot, seq_len, plan, step_masks)
                 if plan.logprobs:
                     found = self.sampler.logprobs(logits, sampled, plan.top_logprobs)
                     logprobs = self._host_logprobs[turn].copy(*found)
@@ -299,6 +325,16 @@ class ModelRunner:
         if not batch.is_decode:
             hidden = hidden[batch.qo_indptr[1:] - 1]
         return self.model.compute_logits(hidden)
+
+    def _as_token_rows(self, step) -> tuple[TokenRows | None, DecodePadding | None]:
+        """A small extend step as one row per new token and its padding for a captured graph, or (None,
+        None) when it has no graph (too many tokens or page indices)."""
+        sizes = self.graphs.token_sizes
+        if not sizes or len(step.input_ids) > sizes[-1]:
+            return None, None
+        rows = token_rows(step, self.page_size, self.config.max_batch)
+        padding = self.graphs.padding_for_tokens(rows.step)
+        return (rows, padding) if padding is not None else (None, None)
 
     def _sample_rows(self, batch: ForwardBatch, logits: torch.Tensor, mode: SampleMode) -> torch.Tensor:
         """What a decode graph captures after the logits for a step whose plan is `graphable`: every row's
@@ -351,7 +387,9 @@ class ModelRunner:
         beside their KV: the `-(slot + 1)` inputs resolved to the sampled ids they stand for)."""
         t = len(input_ids)
         slots = batch.req_slot[:n]
-        if t != n:
+        if "token_slot" in batch.extra:  # a step of one row per token: req_slot is per row
+            slots = batch.extra["token_slot"]
+        elif t != n:
             slots = torch.repeat_interleave(
                 slots, batch.qo_indptr[1 : n + 1] - batch.qo_indptr[:n], output_size=t
             )

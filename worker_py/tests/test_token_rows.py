@@ -1,0 +1,141 @@
+"""An extend step as one decode row per new token (minisgl.worker.token_rows): the arrays by hand for a small
+case, and on the CPU the forward of the rows equals the eager extend forward at each request's last token,
+for fresh prompts, prompts that continue a cached prefix across pages, and a mixed step with decodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fake_steps import Join, ReadySteps, StepBuilder
+from tiny_qwen import cpu_config, make_tiny_qwen
+
+from minisgl.worker.cuda_graph import DecodeGraphs
+from minisgl.worker.loop import run_steps
+from minisgl.worker.padding import graph_batch_sizes, token_graph_sizes
+from minisgl.worker.runner import ModelRunner
+from minisgl.worker.token_rows import token_rows
+
+torch.set_num_threads(1)
+
+PAGE_SIZE, NUM_PAGES, SCRATCH = 4, 64, 9
+
+
+def test_rows_by_hand():
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=1)
+    b.extend([(2, [1, 2, 3, 4, 5])])  # slot 2 has 5 tokens cached: pages p0 (full) and p1 (1 token)
+    step = b.extend([(2, [6, 7, 8, 9]), (5, [10, 11])])
+    p0, p1, p2 = b.pages[2]
+    (q0,) = b.pages[5]
+    rows = token_rows(step, PAGE_SIZE, SCRATCH)
+    r = rows.step
+    assert r.req_slot.tolist() == [SCRATCH, SCRATCH, SCRATCH, 2, SCRATCH, 5]
+    assert rows.last_rows.tolist() == [3, 5] and rows.token_slot.tolist() == [2, 2, 2, 2, 5, 5]
+    assert r.seq_len.tolist() == [6, 7, 8, 9, 1, 2]
+    assert r.qo_indptr.tolist() == list(range(7))
+    assert r.kv_indptr.tolist() == [0, 2, 4, 6, 9, 10, 11]
+    assert r.kv_indices.tolist() == [p0, p1, p0, p1, p0, p1, p0, p1, p2, q0, q0]
+    assert r.kv_last_page_len.tolist() == [2, 3, 4, 1, 1, 2]
+    # The tokens' own arrays, the step id and the joins are the step's.
+    for name in ("input_ids", "positions", "out_loc", "join_slot"):
+        assert np.array_equal(getattr(r, name), getattr(step, name))
+    assert r.step_id == step.step_id and len(r.req_slot) == len(r.input_ids) == 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    # max_batch 32: forward_logits checks the rows step against it (launch checks the step itself)
+    return ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 32, 64), show_progress=False)
+
+
+def test_rows_forward_equals_the_extend_forward(runner):
+    rng = np.random.default_rng(0)
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=2)
+    runner.run_step(b.extend([(0, rng.integers(0, 100, 7).tolist()), (1, rng.integers(0, 100, 3).tolist())]))
+    cases = [
+        [(0, rng.integers(0, 100, 6).tolist()), (2, rng.integers(0, 100, 9).tolist())],  # cached and fresh
+        [(1, [-2]), (3, rng.integers(0, 100, 5).tolist()), (0, [-1])],  # a mixed step: two decodes
+    ]
+    for reqs in cases:
+        step = b.extend(reqs)
+        want = runner.forward_logits(step)
+        rows = token_rows(step, PAGE_SIZE, runner.max_batch)
+        got = runner.forward_logits(rows.step)
+        assert got.shape[0] == len(step.input_ids)
+        torch.testing.assert_close(got[torch.from_numpy(rows.last_rows).long()], want, rtol=1e-5, atol=1e-5)
+
+
+class EagerGraphs(DecodeGraphs):
+    """The graphs' replays run eagerly after a plain plan: the runner's graph paths (padding, token rows,
+    sampling in the graph) on the CPU, where nothing can be captured."""
+
+    def replay(self, batch, rows):
+        self._attn.plan(batch)
+        return self._forward(batch)
+
+    def replay_sampled(self, batch, rows, mode):
+        return self._sample(batch, self.replay(batch, rows), mode)
+
+    def replay_hidden(self, batch, rows):
+        self._attn.plan(batch)
+        return self._hidden(batch)
+
+
+def with_eager_graphs(model_dir) -> ModelRunner:
+    # The last page is the padding rows' scratch page: the steps below never hand it out.
+    r = ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False)
+    r.graphs = EagerGraphs(
+        r._forward_logits,
+        r.attn,
+        r.uploader,
+        graph_batch_sizes(8),
+        scratch_page=NUM_PAGES - 1,
+        scratch_slot=8,
+        page_size=PAGE_SIZE,
+        max_kv_indices=4 * NUM_PAGES,
+        sample=r._sample_rows,
+        hidden=r._forward_hidden,
+        token_sizes=token_graph_sizes(64),
+    )
+    return r
+
+
+def launch_steps(seed: int):
+    """Prefills with sampling options (penalties count the prompt by token_slot, logprobs read the gathered
+    logits), a mixed step with a cached prefix, then decodes."""
+    rng = np.random.default_rng(seed)
+    b = StepBuilder(NUM_PAGES - 1, PAGE_SIZE, seed=seed)
+    joins = [
+        Join(0),
+        Join(1, temperature=0.8, top_p=0.9, seed=3),
+        Join(2, repetition_penalty=1.3, presence_penalty=0.5, logprobs=3),
+        Join(3, temperature=1.0, seed=4, logprobs=0),
+    ]
+    yield b.extend([(s, rng.integers(0, 100, 5 + 3 * s).tolist()) for s in range(4)], joins)
+    yield b.extend([(0, [-1]), (1, rng.integers(0, 100, 6).tolist()), (2, [-3]), (4, [7, 8, 9])], [Join(4)])
+    for _ in range(4):
+        yield b.decode([4, 0, 1, 2, 3])
+
+
+def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
+    """Through launch, steps run as token rows (and decodes as padded rows, sampled in the 'graph') give the
+    eager runner's tokens, logprobs and penalty counts."""
+    plain, graphed = (
+        ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False),
+        with_eager_graphs(model_dir),
+    )
+    hidden_rows, replay_hidden = [], graphed.graphs.replay_hidden
+    graphed.graphs.replay_hidden = lambda batch, rows: hidden_rows.append(rows) or replay_hidden(batch, rows)
+    a, b = ReadySteps(list(launch_steps(1))), ReadySteps(list(launch_steps(1)))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert hidden_rows == [64, 16]  # 5 + 8 + 11 + 14 = 38 tokens, then 1 + 6 + 1 + 3 = 11
+    assert a.results == b.results
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
+        assert np.array_equal(x.top_ids, y.top_ids)
+    assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
