@@ -61,12 +61,14 @@ class AttentionBackend(ABC):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q: [t, Hq, D] of this step's new tokens, whose K/V are in the cache already. -> [t, Hq, D]."""
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
-        """Sets up whatever a captured decode batch of each size reads from fixed addresses."""
+    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
+        """Sets up whatever a captured decode batch of each size reads from fixed addresses; `token_sizes`
+        are the sizes of the graphs that run extend steps as one row per token (token_rows.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
 
-    def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
-        """`plan` for a decode batch padded to `rows`, for the graph captured at that size."""
+    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
+        """`plan` for a decode batch padded to `rows`, for the graph captured at that size (of the token-row
+        graphs with `token_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
 
 
@@ -88,10 +90,10 @@ class PairedBackend(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self._active.attend(layer, q)
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
-        self._decode.prepare_graphs(sizes, max_kv_indices)
+    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
+        self._decode.prepare_graphs(sizes, max_kv_indices, token_sizes)
 
-    def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
+    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
         self._active = self._decode
-        self._decode.plan_graph(batch, rows)
+        self._decode.plan_graph(batch, rows, token_rows)
         self.out_loc = self._decode.out_loc

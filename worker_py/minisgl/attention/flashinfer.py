@@ -108,11 +108,11 @@ class FlashInferBackend(AttentionBackend):
         self._arange_dev = self._arange_host.to(self.device)
         self._planned: set[int] = set()
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int) -> None:
-        """Per graph batch size: the split plan of the triton decode kernel, or a FlashInfer decode wrapper
-        over index buffers that never move."""
+    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
+        """Per graph batch size (decode and token-row graphs of one size share it): a FlashInfer decode
+        wrapper over index buffers that never move."""
         indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
-        for b in sizes:
+        for b in sorted({*sizes, *token_sizes}):
             self._graph_decode[b] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
                 self._workspace,
                 "NHD",
@@ -126,7 +126,7 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self._plan(batch, self._decode_wrapper() if batch.is_decode else self._prefill)
 
-    def plan_graph(self, batch: ForwardBatch, rows: int) -> None:
+    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
         self._plan(batch, self._graph_decode[rows])
 
     def _decode_wrapper(self):

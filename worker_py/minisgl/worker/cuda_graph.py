@@ -105,7 +105,7 @@ class DecodeGraphs:
     def capture(self, show_progress: bool = True) -> float:
         """Captures every size, largest first so that smaller graphs reuse its memory; returns seconds."""
         start = time.perf_counter()
-        self._attn.prepare_graphs(sorted({*self.sizes, *self.token_sizes}), self.max_kv_indices)
+        self._attn.prepare_graphs(self.sizes, self.max_kv_indices, self.token_sizes)
         pool = torch.cuda.graph_pool_handle()
         empty = _empty_decode_step()
         largest_first = sorted(
@@ -115,7 +115,7 @@ class DecodeGraphs:
             batch = self._uploader.upload(empty, DecodePadding(rows, *self._scratch))
             if not batch.in_static_buffer:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
-            self._attn.plan_graph(batch, rows)
+            self._attn.plan_graph(batch, rows, token_rows=hidden)
             self._uploader.finish()
             if hidden:
                 self._hidden_graphs[rows], self._hidden_out[rows] = _capture(
@@ -162,7 +162,7 @@ class DecodeGraphs:
     def replay_hidden(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a step of one row per token (`token_rows`) uploaded with `padding_for_tokens`'s padding;
         returns the last hidden state of all `rows` rows (valid until the next replay of this size)."""
-        self._attn.plan_graph(batch, rows)
+        self._attn.plan_graph(batch, rows, token_rows=True)
         self._hidden_graphs[rows].replay()
         return self._hidden_out[rows]
 
