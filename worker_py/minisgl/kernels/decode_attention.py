@@ -146,6 +146,9 @@ def decode_attention(
         counters = alloc_counters(n, hkv, q.device)
     if n == 0:
         return out
+    # With one split each program holds a whole row and writes the output itself: no partials, no combine
+    # (at 512 rows of a token-row graph the combine kernel alone took 5.5 us a layer).
+    direct = num_splits == 1
     part_o = partial
     part_lse = partial[n * hq * num_splits * d :]
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
@@ -179,12 +182,13 @@ def decode_attention(
         D=d,
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
-        FUSED=fused_combine,
+        FUSED=fused_combine and not direct,
+        DIRECT=direct,
         IEEE_DOT=q.dtype == torch.float32 or _INTERPRETED,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if not fused_combine:
+    if not fused_combine and not direct:
         _combine_kernel[(n, hq)](
             part_o,
             part_lse,
@@ -277,6 +281,7 @@ if triton is not None:
         PAGE_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         FUSED: tl.constexpr,
+        DIRECT: tl.constexpr,
         IEEE_DOT: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -327,37 +332,42 @@ if triton is not None:
         rows_out = tl.where(start < length, GROUP, 0)
         safe = tl.where(denom > 0, denom, 1.0)
         lse = tl.where(denom > 0, m + tl.log2(safe), float("-inf"))
-        base = (row * HQ + heads) * num_splits + split
-        tl.store(part_lse_ptr + base, lse, mask=live)
-        tl.store(
-            part_o_ptr + base[:, None] * D + dims[None, :],
-            acc / safe[:, None],
-            mask=(g < rows_out)[:, None],
-        )
+        if DIRECT:
+            # One split holds the whole row (seq_len >= 1): its result is the output, no combine needed.
+            out_ptrs = out_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :]
+            tl.store(out_ptrs, (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
+        else:
+            base = (row * HQ + heads) * num_splits + split
+            tl.store(part_lse_ptr + base, lse, mask=live)
+            tl.store(
+                part_o_ptr + base[:, None] * D + dims[None, :],
+                acc / safe[:, None],
+                mask=(g < rows_out)[:, None],
+            )
 
-        if FUSED:
-            # Every thread's stores must precede the one thread's release of the counter.
-            tl.debug_barrier()
-            counter = counter_ptr + row * HKV + kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                # The other splits' results were written by other SMs: read them from L2, not a stale L1.
-                for j in tl.static_range(GROUP):
-                    _combine_head(
-                        part_o_ptr,
-                        part_lse_ptr,
-                        out_ptr,
-                        stride_on,
-                        stride_oh,
-                        row,
-                        kvh * GROUP + j,
-                        num_splits,
-                        HQ,
-                        S_PAD,
-                        D,
-                        ".cg",
-                    )
-                tl.store(counter, 0)
+            if FUSED:
+                # Every thread's stores must precede the one thread's release of the counter.
+                tl.debug_barrier()
+                counter = counter_ptr + row * HKV + kvh
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == num_splits - 1:
+                    # The other splits' results were written by other SMs: read them from L2, not a stale L1.
+                    for j in tl.static_range(GROUP):
+                        _combine_head(
+                            part_o_ptr,
+                            part_lse_ptr,
+                            out_ptr,
+                            stride_on,
+                            stride_oh,
+                            row,
+                            kvh * GROUP + j,
+                            num_splits,
+                            HQ,
+                            S_PAD,
+                            D,
+                            ".cg",
+                        )
+                    tl.store(counter, 0)
 
     @triton.jit
     def _combine_kernel(
