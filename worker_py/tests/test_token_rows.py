@@ -139,3 +139,24 @@ def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
         np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
         assert np.array_equal(x.top_ids, y.top_ids)
     assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
+
+
+def test_a_step_too_large_for_the_graphs_buffer_runs_eagerly(model_dir):
+    """A padded step whose arrays outgrow the fixed device buffer (the addresses the graphs read) is uploaded
+    again unpadded and run eagerly, with the same tokens."""
+    from minisgl.worker.batch import BatchUploader
+
+    plain, graphed = (
+        ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False),
+        with_eager_graphs(model_dir),
+    )
+    graphed.uploader = BatchUploader(64, graphed.device, depth=2)  # too small for any padded step below
+    graphed.graphs._uploader = graphed.uploader
+    paddings, replays, padding_for = [], [], graphed.graphs._padding
+    graphed.graphs._padding = lambda step, sizes: paddings.append(padding_for(step, sizes)) or paddings[-1]
+    for name in ("replay", "replay_sampled", "replay_hidden"):
+        setattr(graphed.graphs, name, lambda *args, name=name: replays.append(name))
+    a, b = ReadySteps(list(launch_steps(2))), ReadySteps(list(launch_steps(2)))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert len([p for p in paddings if p is not None]) == 6  # every step had a graph, and none was replayed
+    assert replays == [] and a.results == b.results
