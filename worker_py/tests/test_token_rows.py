@@ -160,3 +160,26 @@ def test_a_step_too_large_for_the_graphs_buffer_runs_eagerly(model_dir):
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
     assert len([p for p in paddings if p is not None]) == 6  # every step had a graph, and none was replayed
     assert replays == [] and a.results == b.results
+
+
+def test_rows_that_would_reread_a_long_prefix_run_eagerly(model_dir, monkeypatch):
+    """worth_rows bounds the tokens and the key positions the rows read in all; a step past the bound runs
+    eagerly, with the same tokens."""
+    from minisgl.worker import token_rows as module
+
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=4)
+    fresh = b.extend([(0, list(range(10)))])  # rows read 1 + 2 + ... + 10 = 55 positions
+    assert module.worth_rows(fresh, 10) and not module.worth_rows(fresh, 9)
+    monkeypatch.setattr(module, "MAX_ROW_POSITIONS", 54)
+    assert not module.worth_rows(fresh, 10)
+
+    plain, graphed = (
+        ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False),
+        with_eager_graphs(model_dir),
+    )
+    replays, replay_hidden = [], graphed.graphs.replay_hidden
+    graphed.graphs.replay_hidden = lambda batch, rows: replays.append(rows) or replay_hidden(batch, rows)
+    monkeypatch.setattr(module, "MAX_ROW_POSITIONS", 100)  # the first step's rows read 222, the second's 93
+    a, b = ReadySteps(list(launch_steps(3))), ReadySteps(list(launch_steps(3)))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert replays == [16] and a.results == b.results

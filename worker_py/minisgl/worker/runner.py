@@ -25,7 +25,7 @@ from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
 from minisgl.worker.padding import DecodePadding, graph_batch_sizes, token_graph_sizes
-from minisgl.worker.token_rows import TokenRows, token_rows
+from minisgl.worker.token_rows import TokenRows, token_rows, worth_rows
 
 log = logging.getLogger("minisgl.worker")
 
@@ -330,7 +330,7 @@ class ModelRunner:
         """A small extend step as one row per new token and its padding for a captured graph, or (None,
         None) when it has no graph (too many tokens or page indices)."""
         sizes = self.graphs.token_sizes
-        if not sizes or len(step.input_ids) > sizes[-1]:
+        if not sizes or not worth_rows(step, sizes[-1]):
             return None, None
         rows = token_rows(step, self.page_size, self.config.max_batch)
         padding = self.graphs.padding_for_tokens(rows.step)

@@ -17,6 +17,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The most key positions a step's rows may read in all, each row reading its request's keys up to its own
+# position once: a 512-token prompt reads 131,328. A chunk that continues a long cached prefix would read the
+# prefix once per row (256 rows after 16,000 cached tokens: 4.1 million a layer), far more than the eager
+# prefill kernel reads; such a step runs eagerly.
+MAX_ROW_POSITIONS = 1 << 18
+
+
+def worth_rows(step, max_tokens: int) -> bool:
+    """Whether the step should run as token rows: at most `max_tokens` new tokens (the largest graph), whose
+    rows read at most MAX_ROW_POSITIONS key positions in all (the new tokens' positions, plus one each)."""
+    positions = np.asarray(step.positions)
+    if len(positions) > max_tokens:
+        return False
+    return int(positions.sum(dtype=np.int64)) + len(positions) <= MAX_ROW_POSITIONS
+
 
 class TokenRowsStep:
     """The step as a decode step of `t` rows: the per-request and per-token arrays replaced, everything else
