@@ -5,7 +5,8 @@
 #   .whl/          ../shared/gpu/fetch-wheels.sh's wheels (FlashInfer 0.5.3 and its two dependencies, pyzmq), and
 #                  mini-sglang's server wheels (fastapi 0.140.x, uvicorn, prompt_toolkit and what they need), for
 #                  CPython 3.12 manylinux; downloaded once
-#   .gpu-model/    config.json and the tokenizer files of models/Qwen2.5-Coder-0.5B-Instruct (scripts/setup)
+#   .gpu-model/    config.json and the tokenizer files of models/Qwen2.5-Coder-0.5B-Instruct (scripts/setup),
+#                  tokenizer.json gzipped (gpu_env.sh unpacks it there)
 #   .gpu-bin/      minisgl-sched, a release build of the scheduler as it is now, stripped (the debug info would
 #                  take most of the 64 MiB that a device call carries); instant_server too with INSTANT=1
 #   .peers/mini-sglang/python   upstream mini-sglang's python/ at MINI_REV (20fcd7f) from MINI_GIT, a git directory
@@ -43,6 +44,8 @@ mkdir -p .gpu-model
 for f in config.json tokenizer.json tokenizer_config.json generation_config.json vocab.json merges.txt; do
   [ -f "$src/$f" ] && cp "$src/$f" .gpu-model/
 done
+# 11 MB that compress to 3: scripts/gpu_env.sh unpacks it on the device.
+gzip -9 -f .gpu-model/tokenizer.json
 
 # ---------------------------------------------------------------------------------------------- scheduler
 say "building minisgl-sched (release) from the working tree: $(git log -1 --format='%h %s' | cut -c1-80)"
