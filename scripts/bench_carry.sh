@@ -44,7 +44,7 @@ mkdir -p .gpu-model
 for f in config.json tokenizer.json tokenizer_config.json generation_config.json vocab.json merges.txt; do
   [ -f "$src/$f" ] && cp "$src/$f" .gpu-model/
 done
-# 11 MB that compress to 3: scripts/gpu_env.sh unpacks it on the device.
+# 11 MB that compress to 2: scripts/gpu_env.sh unpacks it on the device.
 gzip -9 -f .gpu-model/tokenizer.json
 
 # ---------------------------------------------------------------------------------------------- scheduler
