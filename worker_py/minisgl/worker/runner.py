@@ -328,7 +328,7 @@ class ModelRunner:
 
     def _as_token_rows(self, step) -> tuple[TokenRows | None, DecodePadding | None]:
         """A small extend step as one row per new token and its padding for a captured graph, or (None,
-        None) when it has no graph (too many tokens or page indices)."""
+        None) when it has no graph (too many tokens, key positions or page indices)."""
         sizes = self.graphs.token_sizes
         if not sizes or not worth_rows(step, sizes[-1]):
             return None, None
