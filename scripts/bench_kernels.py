@@ -3,8 +3,8 @@
 
 For each weight shape (qkv with its bias and the input norm, o, gate/up with the norm and SiLU-and-mul, down,
 the tied lm_head) and batch rows 1 and 16, times every tile of a sweep and the path the model takes without
-small_m (`fused.add_rms_norm`, F.linear, `fused.silu_and_mul`), each call replayed inside a CUDA graph as the
-decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
+small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`), each call replayed inside a CUDA graph as
+the decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
 cache: in a decode step every layer's weights come from HBM (a first version of this script reused one
 copy, measured L2 speeds, and picked tiles that lost in the model). Prints a table and the best tile per
 shape in the form of `small_m.TILES`.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "worker_py")]
 
-from minisgl.models import fused, small_m  # noqa: E402
+from minisgl.kernels import activation, norm, small_m  # noqa: E402
 
 HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
 # name -> (output columns, input columns, bias, silu_mul, norm in the prologue)
@@ -45,11 +45,16 @@ COLD_BYTES = 256 << 20  # weight copies per graph: five times the H200's 50 MB L
 MAX_CALLS = 64
 
 
-def tiles() -> list[small_m.Tile]:
-    sweep = itertools.product((16, 32, 64), (128, 256), (4,), (3, 5))
-    extra = itertools.product((16, 32), (512,), (4,), (2, 3))
-    narrow = [(16, 256, 2, 4), (16, 128, 2, 5)]
-    return [small_m.Tile(*t) for t in (*sweep, *extra, *narrow)]
+def tiles(name: str) -> list[small_m.Tile]:
+    """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
+    strips are few (each split is another program streaming its share of W)."""
+    if name == "lm_head":
+        lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
+        return [small_m.Tile(*t) for t in lm_head]
+    strips = (16, 32) if name == "gate_up" else (16, 32, 64)
+    splits = {"down": (2, 4, 8), "o": (1, 2, 4)}.get(name, (1, 2))
+    sweep = itertools.product(strips, (128, 256), (4,), (3, 4), splits)
+    return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 
 
 def graph_us(fn, copies: int) -> float:
@@ -78,7 +83,7 @@ def graph_us(fn, copies: int) -> float:
 
 
 def bench_shape(name: str, rows: int) -> dict:
-    n, k, has_bias, silu, norm = SHAPES[name]
+    n, k, has_bias, silu, prologue = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     w_rows = 2 * n if silu else n
     copies = max(1, min(MAX_CALLS, COLD_BYTES // (w_rows * k * 2)))
@@ -89,19 +94,19 @@ def bench_shape(name: str, rows: int) -> dict:
     nw = (1 + torch.randn(k, device="cuda", generator=gen) / 4).bfloat16()
 
     def current(i):
-        h = fused.add_rms_norm(x, res, nw, 1e-6)[0] if norm else x
+        h = norm.add_rms_norm(x, res, nw, 1e-6)[0] if prologue else x
         out = F.linear(h, ws[i], b)
-        return fused.silu_and_mul(out) if silu else out
+        return activation.silu_and_mul(out) if silu else out
 
     def ours(i, t):
-        if norm:
+        if prologue:
             return small_m.norm_linear(x, res, nw, 1e-6, ws[i], b, silu_mul=silu, tile=t)[0]
         return small_m.linear(x, ws[i], b, silu_mul=silu, tile=t)
 
     want = current(0).float()
     weight_bytes = ws[0].numel() * 2
     row = {"copies": copies, "cublas_us": graph_us(current, copies), "tiles": {}}
-    for t in tiles():
+    for t in tiles(name):
         try:
             got = ours(0, t).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
@@ -152,14 +157,14 @@ def main() -> int:
         # The tile for the shape: the best at 16 rows among those within 5% of the best at one row.
         one, sixteen = results.get(f"{name} m1", {}), results.get(f"{name} m16", {})
         if "tiles" in one and "tiles" in sixteen and one["best"]:
-            n, k, _, silu, _ = SHAPES[name]
+            n, k, _, silu, prologue = SHAPES[name]
             near = [
                 key
                 for key, r in one["tiles"].items()
                 if "us" in r and r["us"] <= 1.05 * one["best_us"] and "us" in sixteen["tiles"].get(key, {})
             ]
             key = min(near, key=lambda key: sixteen["tiles"][key]["us"])
-            suggested[f"({n}, {k}, {silu})"] = f"Tile({key})"
+            suggested[f"({n}, {k}, {silu}, {prologue})"] = f"Tile({key})"
     results["suggested_tiles"] = suggested
     lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))
     Path(a.out).write_text(json.dumps(results, indent=1))

@@ -14,6 +14,8 @@ pytest.importorskip("triton")
 
 CHECK = textwrap.dedent(
     """
+    import itertools
+
     import torch
     import torch.nn.functional as F
     from minisgl.kernels import small_m
@@ -21,11 +23,13 @@ CHECK = textwrap.dedent(
     device = "{device}"
     torch.manual_seed(0)
     # Shapes that are not multiples of the tiles, so every mask matters.
-    tile = small_m.Tile(block_n=16, block_k=64, num_warps=4, num_stages=2)
+    # K of 200 is four 64-column tiles: one program per strip, or four splits whose partial sums the
+    # strip's last program adds.
+    tiles = (small_m.Tile(16, 64, 4, 2), small_m.Tile(16, 64, 4, 2, split_k=4))
     # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot: bf16 is checked compiled only.
     # Compiled, float32 tiles go through TF32 (the model uses the kernel in bf16 and fp16 only).
     dtypes = ((torch.float32, 1e-5),) if device == "cpu" else ((torch.float32, 5e-3), (torch.bfloat16, 2e-2))
-    for dtype, tol in dtypes:
+    for (dtype, tol), tile in itertools.product(dtypes, tiles):
         for m in (1, 5, 16):
             x = torch.randn(m, 200, device=device).to(dtype)
             w = (torch.randn(40, 200, device=device) / 10).to(dtype)
@@ -44,7 +48,7 @@ CHECK = textwrap.dedent(
     def rms(h, w, eps):
         return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
 
-    for dtype, tol in dtypes:
+    for (dtype, tol), tile in itertools.product(dtypes, tiles):
         for m in (1, 7, 16):
             x = torch.randn(m, 200, device=device).to(dtype)
             r = torch.randn(m, 200, device=device).to(dtype)
@@ -60,7 +64,7 @@ CHECK = textwrap.dedent(
                         gate, up = want.to(dtype).float().chunk(2, dim=-1)
                         want = F.silu(gate).to(dtype).float() * up
                     err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                    assert err < tol, ("norm", dtype, m, res is None, silu, err)
+                    assert err < tol, ("norm", dtype, m, res is None, silu, tile.split_k, err)
     # A column block past the end of the weight and the default tile.
     x = torch.randn(3, 96, device=device)
     w = torch.randn(7, 96, device=device)
@@ -71,6 +75,9 @@ CHECK = textwrap.dedent(
         pass
     else:
         raise AssertionError("17 rows accepted")
+    # Every strip's arrival counter is back at zero for the next launch.
+    (counters,) = small_m._COUNTERS.values()
+    assert not counters.any()
     print("ok")
     """
 )

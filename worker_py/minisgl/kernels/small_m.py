@@ -1,20 +1,26 @@
 """Linear layers for decode batches of at most 16 rows (Triton, CUDA only).
 
-At batch 1 to 16 a decode step is a matrix-vector product per weight: reading the weights is all the work.
-Every program owns a strip of output columns, streams its rows of W once and multiplies them with the whole
-(zero-padded) 16-row input through `tl.dot`, computing out^T = W x^T so that the weight strip is the dot's
-large operand. Around the product, work that would otherwise be a launch of its own:
+At batch 1 to 16 a decode step is a matrix-vector product per weight: reading the weights is all the work,
+and a weight of a few MB is read in a few microseconds only when every SM has loads in flight from the start.
+Every program owns a strip of output columns and a share of the input columns (`split_k`), streams that
+block of W once and multiplies it with the whole (zero-padded) 16-row input through `tl.dot`, computing
+out^T = W x^T so that the weight strip is the dot's large operand. Programs that split K write float32
+partial sums; the last of a strip to finish (counted with an atomic) adds them in a fixed order and finishes
+the strip, so the result does not depend on which program ran first and no second kernel is launched.
+
+Around the product, work that would otherwise be a launch of its own:
 - `bias`: added in float32 before the one rounding, as cuBLAS's fused bias epilogue does;
 - `silu_mul`: W holds [gate; up]; a program reads the same columns of both halves and writes
   silu(gate) * up, rounded where the eager bf16 code rounds (gate and up, then the SiLU, then the product);
-- `norm_linear`: the residual add and RMSNorm of `norm.add_rms_norm` as a prologue, rounded as it rounds.
+- `norm_linear`: the residual add and RMSNorm of `norm.add_rms_norm` folded into the same pass over the
+  input: the program multiplies W with `(x + residual) * norm_weight`, sums the squares as it goes, and
+  scales its float32 result by each row's 1/rms at the end. The weight loads never wait for the norm; the
+  price is one rounding fewer than the eager norm makes (it rounds the normalised row before the weight
+  multiplies it), differences of the order of bf16's last bit.
 
-Where it runs is measured, not assumed: `TILES` lists the weight shapes where it beat the path without it on
-the H200 (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every
-other shape to cuBLAS. On Qwen2.5-0.5B that is the o projection (3.6 vs 4.7 us at one row) and the lm_head
-(67.4 vs 71.9 us); with the norm in its prologue the qkv and gate/up kernels lost (7.2 vs 5.4 us and 13.6
-vs 10.4 us, the norm's pass over the input delaying the first weight loads), and the down projection tied:
-its K of 4864 over 56 column strips is a long serial reduction where cuBLAS splits K.
+Where it runs is measured, not assumed: `TILES` lists the (shape, norm) pairs where it beat the path without
+it (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every other
+product to cuBLAS.
 """
 
 from __future__ import annotations
@@ -36,21 +42,22 @@ class Tile(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
-# (output columns, input columns, silu_mul) -> tile, from scripts/bench_kernels.py on the H200, 2026-11-29.
-TILES: dict[tuple[int, int, bool], Tile] = {
-    (896, 896, False): Tile(16, 256, 2, 4),
-    (151936, 896, False): Tile(64, 128, 4, 3),
+# (output columns, input columns, silu_mul, norm in the prologue) -> tile, from scripts/bench_kernels.py.
+TILES: dict[tuple[int, int, bool, bool], Tile] = {
+    (896, 896, False, False): Tile(16, 256, 2, 4),
+    (151936, 896, False, False): Tile(64, 128, 4, 3),
 }
 DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
 
 
-def suits(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> bool:
+def suits(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, norm: bool = False) -> bool:
     """Whether a product should go through this module: a few rows, a half-precision dtype (tl.dot would
-    run float32 through TF32), and a weight shape in `TILES`."""
+    run float32 through TF32), and a (weight shape, norm) pair in `TILES`."""
     n, k = weight.shape
-    key = (n // 2 if silu_mul else n, k, silu_mul)
+    key = (n // 2 if silu_mul else n, k, silu_mul, norm)
     return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and key in TILES
 
 
@@ -63,7 +70,7 @@ def linear(
 ) -> torch.Tensor:
     """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
     silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
-    return _launch(x, None, None, 0.0, weight, bias, silu_mul, tile)[0]
+    return _launch(x, None, None, 0.0, weight, bias, silu_mul, tile, norm=False)[0]
 
 
 def norm_linear(
@@ -77,13 +84,26 @@ def norm_linear(
     tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`linear(RMSNorm(x + residual), ...)` and the new residual `x + residual` (x itself when residual is
-    None), rounded as `norm.add_rms_norm` rounds: the norm runs in the matrix kernel's prologue, so the
-    normalised rows never go through memory and the norm costs no launch of its own."""
-    out, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile)
-    return out, new_residual
+    None, the sum rounded as `norm.add_rms_norm` rounds it), in one launch."""
+    return _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm=True)
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
+# Per device: one arrival counter per column strip, zero between launches (the last program of a strip
+# resets its own); kernels on one stream run one after another, so every launch can share them.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_STRIPS = 1 << 16
+
+
+def _counters(device: torch.device, strips: int) -> torch.Tensor:
+    if strips > MAX_STRIPS:
+        raise ValueError(f"split-K over {strips} column strips (at most {MAX_STRIPS})")
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        counters = _COUNTERS[device] = torch.zeros(MAX_STRIPS, dtype=torch.int32, device=device)
+    return counters
+
+
+def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm):
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
@@ -91,13 +111,18 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
     if silu_mul and bias is not None:
         raise ValueError("silu_mul takes no bias")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    norm = norm_weight is not None
     new_residual = torch.empty_like(x) if norm and residual is not None else x
     if m == 0:
         return out, new_residual
-    t = tile or TILES.get((n, k, silu_mul), DEFAULT_TILE)
-    grid = (triton.cdiv(n, t.block_n),)
-    _small_m_kernel[grid](
+    t = tile or TILES.get((n, k, silu_mul, norm), DEFAULT_TILE)
+    k_tiles = triton.cdiv(k, t.block_k)
+    per_split = triton.cdiv(k_tiles, t.split_k)
+    splits = triton.cdiv(k_tiles, per_split)  # no split left without columns
+    strips = triton.cdiv(n, t.block_n)
+    slot = t.block_n * 16 * (2 if silu_mul else 1) + 16
+    partials = torch.empty(strips * splits * slot if splits > 1 else 1, dtype=torch.float32, device=x.device)
+    counters = _counters(x.device, strips) if splits > 1 else partials
+    _small_m_kernel[(strips, splits)](
         x,
         residual if residual is not None else x,
         new_residual,
@@ -106,14 +131,19 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
         weight,
         bias if bias is not None else weight,
         out,
+        partials,
+        counters,
         m,
         n,
         k,
         x.stride(0),
+        per_split * t.block_k,
         NORM=norm,
         HAS_RES=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
+        SPLIT_K=splits,
+        SLOT=slot,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         num_warps=t.num_warps,
@@ -125,24 +155,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile):
 if triton is not None:
     from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
-    @triton.jit
-    def _input_tile(
-        x_ptr, res_ptr, nw_ptr, rstd, offs, mask, ks, k_ok, NORM: tl.constexpr, HAS_RES: tl.constexpr
-    ):
-        """The input at `offs` ([BLOCK_K, 16]: the rows transposed); with NORM, x + residual rounded, and
-        normalised when `rstd` ([16]) is given (the prologue's first pass has none yet)."""
-        xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if NORM:
-            dt = xt.dtype
-            xt = xt.to(tl.float32)
-            if HAS_RES:
-                xt = round_to(xt + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt)
-            if rstd is not None:
-                w = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                xt = (round_to(xt * rstd[None, :], dt) * w[:, None]).to(dt)
-        return xt
-
-    @triton.jit
+    @triton.jit(do_not_specialize=["eps"])
     def _small_m_kernel(
         x_ptr,
         res_ptr,
@@ -152,77 +165,96 @@ if triton is not None:
         w_ptr,
         b_ptr,
         out_ptr,
+        part_ptr,
+        count_ptr,
         M,
         N,
         K,
         stride_x,
+        k_per_split,
         NORM: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        SLOT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, 16)
         col_ok = cols < N
         row_ok = rows < M
-        rstd = None
-        if NORM:
-            # First pass: each row's mean square (every program computes it; the rows are a few KB in L2),
-            # and program 0 writes the new residual.
-            sq = tl.zeros([16], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                mask = row_ok[None, :] & (ks < K)[:, None]
-                s = _input_tile(
-                    x_ptr,
-                    res_ptr,
-                    nw_ptr,
-                    None,
-                    rows[None, :] * stride_x + ks[:, None],
-                    mask,
-                    ks,
-                    ks < K,
-                    NORM,
-                    HAS_RES,
-                )
-                if HAS_RES:  # noqa: SIM102 (a compile-time branch around a run-time one)
-                    if pid == 0:
-                        dst = res_out_ptr + rows[None, :] * K + ks[:, None]
-                        tl.store(dst, s.to(res_out_ptr.dtype.element_ty), mask=mask)
-                s = s.to(tl.float32)
-                sq += tl.sum(s * s, axis=0)
-            rstd = tl.rsqrt(sq / K + eps)
+        dt = out_ptr.dtype.element_ty
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        sq = tl.zeros([16], dtype=tl.float32)
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            xt = _input_tile(
-                x_ptr,
-                res_ptr,
-                nw_ptr,
-                rstd,
-                rows[None, :] * stride_x + ks[:, None],
-                row_ok[None, :] & k_ok[:, None],
-                ks,
-                k_ok,
-                NORM,
-                HAS_RES,
-            )
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            k_ok = ks < k_hi
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            # The weights are read once per step: keep them out of the L2 the activations live in.
+            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            if SILU_MUL:
+                up_rows = w_rows + N * K
+                wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            x_mask = row_ok[None, :] & k_ok[:, None]
+            x_offs = rows[None, :] * stride_x + ks[:, None]
+            xt = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
+            if NORM:
+                xf = xt.to(tl.float32)
+                if HAS_RES:
+                    xf = round_to(xf + tl.load(res_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32), dt)
+                    if pid == 0:
+                        tl.store(res_out_ptr + rows[None, :] * K + ks[:, None], xf.to(dt), mask=x_mask)
+                sq += tl.sum(xf * xf, axis=0)
+                nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                xt = (xf * nw[:, None]).to(dt)
             acc += tl.dot(w, xt)
             if SILU_MUL:
-                wu = tl.load(w_rows + N * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 acc_up += tl.dot(wu, xt)
-        dt = out_ptr.dtype.element_ty
+        if SPLIT_K > 1:
+            # Publish this split's sums; the strip's last arrival adds all of them in split order.
+            tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
+            mine = part_ptr + (pid * SPLIT_K + split) * SLOT
+            tl.store(mine + tile, acc)
+            if SILU_MUL:
+                tl.store(mine + BLOCK_N * 16 + tile, acc_up)
+            if NORM:
+                tl.store(mine + SLOT - 16 + rows, sq)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            sq = tl.zeros([16], dtype=tl.float32)
+            # Masks built as tensors: a scalar mask is not accepted everywhere (Triton's interpreter).
+            tile_last = tl.zeros_like(tile) + arrived == SPLIT_K - 1
+            rows_last = tl.zeros_like(rows) + arrived == SPLIT_K - 1
+            for s in range(SPLIT_K):
+                theirs = part_ptr + (pid * SPLIT_K + s) * SLOT
+                acc += tl.load(theirs + tile, mask=tile_last, other=0.0, cache_modifier=".cg")
+                if SILU_MUL:
+                    up = theirs + BLOCK_N * 16 + tile
+                    acc_up += tl.load(up, mask=tile_last, other=0.0, cache_modifier=".cg")
+                if NORM:
+                    sq += tl.load(theirs + SLOT - 16 + rows, mask=rows_last, other=0.0, cache_modifier=".cg")
+            if arrived == SPLIT_K - 1:
+                tl.atomic_xchg(count_ptr + pid, 0)
+        if NORM:
+            rstd = tl.rsqrt(sq / K + eps)[None, :]
+            acc = acc * rstd
+            acc_up = acc_up * rstd
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if SILU_MUL:
             gate = round_to(acc, dt)
             acc = round_to(gate / (1.0 + tl.exp(-gate)), dt) * round_to(acc_up, dt)
-        dst = out_ptr + rows[None, :] * N + cols[:, None]
-        tl.store(dst, acc.to(dt), mask=row_ok[None, :] & col_ok[:, None])
+        out_mask = row_ok[None, :] & col_ok[:, None]
+        if SPLIT_K > 1:
+            out_mask = out_mask & tile_last
+        tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)

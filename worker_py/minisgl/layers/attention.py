@@ -61,7 +61,10 @@ class Attention(nn.Module):
         self.fused = options.fused
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.attend(self.qkv_proj(x), positions, attn)
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """Everything after `qkv_proj`: RoPE with the KV write, attention, the o projection."""
         q = (
             self._rope_store_fused(qkv, positions, attn)
             if self.fused

@@ -20,6 +20,7 @@ from torch import nn
 from minisgl.kernels import activation, small_m
 from minisgl.layers import comm
 from minisgl.layers.loading import ALL, add_param, copy_checked, rank_slice
+from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 
@@ -78,6 +79,23 @@ class Linear(nn.Module):
             out = F.linear(x, self.weight, self.bias)
             out = self._silu_and_mul(out) if silu_mul else out
         return comm.all_reduce(out) if self._reduce else out
+
+    def after_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, silu_mul: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(norm(x, residual)[0]), the new residual)`: at a few rows one kernel reads the input, adds
+        the residual, normalises and multiplies, so the normalised rows never go through memory."""
+        if (
+            self.small_m
+            and not self._reduce
+            and small_m.suits(x, self.weight, silu_mul, norm=True)
+            and not (silu_mul and self.bias is not None)
+        ):
+            return small_m.norm_linear(
+                x, residual, norm.weight, norm.eps, self.weight, self.bias, silu_mul=silu_mul
+            )
+        h, residual = norm(x, residual)
+        return self(h, silu_mul), residual
 
     def _rows(self, dst: torch.Tensor, shard: Hashable) -> torch.Tensor:
         if shard == ALL and len(self.shard_ids) > 1:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from minisgl.layers.linear import Linear
+from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 
@@ -20,3 +21,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x, silu_mul=True))
+
+    def after_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(norm(x, residual)[0]), the new residual)`, the norm inside gate/up's kernel where it can."""
+        h, residual = self.gate_up_proj.after_norm(norm, x, residual, silu_mul=True)
+        return self.down_proj(h), residual

@@ -23,6 +23,7 @@ from minisgl.kernels import moe
 from minisgl.layers import comm
 from minisgl.layers.linear import Linear
 from minisgl.layers.loading import ALL, add_param, copy_checked, rank_slice
+from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -95,3 +96,10 @@ class MoE(nn.Module):
         weights, ids = moe.route(self.gate(x), self.top_k, self.renormalize)
         out = self._experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         return comm.all_reduce(out) if self._reduce else out
+
+    def after_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `GatedMLP.after_norm`; the router needs the normalised rows, so the norm runs on its own."""
+        h, residual = norm(x, residual)
+        return self(h), residual

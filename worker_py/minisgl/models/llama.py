@@ -1,8 +1,8 @@
 """Llama (2, 3, 3.1, 3.2; SmolLM2) and Mistral: the plain decoder layer, which the Qwen families extend.
 
 Pre-norm attention then pre-norm gated MLP, each added to the residual; the adds happen inside the next
-norm (see `RMSNorm`). Options a family turns on: a bias on q/k/v (Qwen2), q/k norms (Qwen3), another MLP
-(Qwen3-MoE's experts).
+norm (see `RMSNorm`), and at a few rows that norm runs inside the projection after it (`after_norm`).
+Options a family turns on: a bias on q/k/v (Qwen2), q/k norms (Qwen3), another MLP (Qwen3-MoE's experts).
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBackend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, attn)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = self.self_attn.qkv_proj.after_norm(self.input_layernorm, x, residual)
+        h = self.self_attn.attend(qkv, positions, attn)
+        return self.mlp.after_norm(self.post_attention_layernorm, h, residual)
 
 
 class LlamaForCausalLM(CausalLM):
