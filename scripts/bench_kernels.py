@@ -29,11 +29,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "worker_py")]
 
-from minisgl.kernels import activation, norm, small_m  # noqa: E402
+from minisgl.kernels import activation, norm, rope, small_m  # noqa: E402
 
 HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
+HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 # name -> (output columns, input columns, bias, silu_mul, norm in the prologue)
 SHAPES = {
+    "qkv_rope": (QKV, HIDDEN, True, False, True),  # and RoPE with the KV write after it
     "qkv": (QKV, HIDDEN, True, False, True),
     "o": (HIDDEN, HIDDEN, False, False, False),
     "gate_up": (INTER, HIDDEN, False, True, True),
@@ -48,6 +50,9 @@ MAX_CALLS = 64
 def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
     strips are few (each split is another program streaming its share of W)."""
+    if name == "qkv_rope":  # a strip is a head: only K is tiled
+        sweep = itertools.product((128, 256), (4,), (3, 4), (1, 2, 4, 8))
+        return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
@@ -93,12 +98,28 @@ def bench_shape(name: str, rows: int) -> dict:
     res = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
     nw = (1 + torch.randn(k, device="cuda", generator=gen) / 4).bfloat16()
 
+    rope_spec = None
+    if name == "qkv_rope":  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
+        angles = torch.arange(1024, device="cuda").float()[:, None] * torch.rand(HEAD_DIM, device="cuda")
+        k_cache, v_cache = (torch.zeros(4096, KV_HEADS, HEAD_DIM, device="cuda").bfloat16() for _ in "kv")
+        positions = torch.randint(0, 1000, (rows,), device="cuda", generator=gen)
+        loc = torch.randperm(4096, device="cuda", generator=gen)[:rows]
+        cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+        rope_spec = small_m.Rope(positions, cos, sin, loc, k_cache, v_cache, HEADS, KV_HEADS, HEAD_DIM)
+
     def current(i):
         h = norm.add_rms_norm(x, res, nw, 1e-6)[0] if prologue else x
         out = F.linear(h, ws[i], b)
+        if rope_spec is not None:
+            r = rope_spec
+            return rope.rope_store_kv(
+                out, r.positions, r.cos, r.sin, r.out_loc, r.k_cache, r.v_cache, HEADS, KV_HEADS, HEAD_DIM
+            )
         return activation.silu_and_mul(out) if silu else out
 
     def ours(i, t):
+        if rope_spec is not None:
+            return small_m.norm_qkv_rope(x, res, nw, 1e-6, ws[i], b, rope_spec, tile=t)[0]
         if prologue:
             return small_m.norm_linear(x, res, nw, 1e-6, ws[i], b, silu_mul=silu, tile=t)[0]
         return small_m.linear(x, ws[i], b, silu_mul=silu, tile=t)
@@ -164,7 +185,9 @@ def main() -> int:
                 if "us" in r and r["us"] <= 1.05 * one["best_us"] and "us" in sixteen["tiles"].get(key, {})
             ]
             key = min(near, key=lambda key: sixteen["tiles"][key]["us"])
-            suggested[f"({n}, {k}, {silu}, {prologue})"] = f"Tile({key})"
+            rows_w = 2 * n if silu else n
+            op = small_m.NORM_ROPE if name == "qkv_rope" else small_m.op_of(silu, prologue)
+            suggested[f"({rows_w}, {k}, {op!r})"] = f"Tile({key})"
     results["suggested_tiles"] = suggested
     lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))
     Path(a.out).write_text(json.dumps(results, indent=1))

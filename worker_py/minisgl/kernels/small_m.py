@@ -16,7 +16,10 @@ Around the product, work that would otherwise be a launch of its own:
   input: the program multiplies W with `(x + residual) * norm_weight`, sums the squares as it goes, and
   scales its float32 result by each row's 1/rms at the end. The weight loads never wait for the norm; the
   price is one rounding fewer than the eager norm makes (it rounds the normalised row before the weight
-  multiplies it), differences of the order of bf16's last bit.
+  multiplies it), differences of the order of bf16's last bit;
+- `norm_qkv_rope`: the merged q/k/v projection of an attention layer after its norm, each program one head:
+  it streams the head's two halves of W, so the rotary embedding pairs them in registers, and writes q to
+  the attention's input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does).
 
 Where it runs is measured, not assumed: `TILES` lists the (shape, norm) pairs where it beat the path without
 it (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every other
@@ -45,20 +48,27 @@ class Tile(NamedTuple):
     split_k: int = 1
 
 
-# (output columns, input columns, silu_mul, norm in the prologue) -> tile, from scripts/bench_kernels.py.
-TILES: dict[tuple[int, int, bool, bool], Tile] = {
-    (896, 896, False, False): Tile(16, 256, 2, 4),
-    (151936, 896, False, False): Tile(64, 128, 4, 3),
+# What a launch computes around the product (the entry points below): the third part of a `TILES` key.
+LINEAR, SILU, NORM, NORM_SILU, NORM_ROPE = "linear", "silu", "norm", "norm_silu", "norm_rope"
+
+# (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py.
+TILES: dict[tuple[int, int, str], Tile] = {
+    (896, 896, LINEAR): Tile(16, 256, 2, 4),
+    (151936, 896, LINEAR): Tile(64, 128, 4, 3),
 }
 DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
 
 
-def suits(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, norm: bool = False) -> bool:
+def op_of(silu_mul: bool, norm: bool) -> str:
+    return (NORM_SILU if silu_mul else NORM) if norm else (SILU if silu_mul else LINEAR)
+
+
+def suits(x: torch.Tensor, weight: torch.Tensor, op: str = LINEAR) -> bool:
     """Whether a product should go through this module: a few rows, a half-precision dtype (tl.dot would
-    run float32 through TF32), and a (weight shape, norm) pair in `TILES`."""
-    n, k = weight.shape
-    key = (n // 2 if silu_mul else n, k, silu_mul, norm)
-    return x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and key in TILES
+    run float32 through TF32), and a (weight shape, op) in `TILES`."""
+    return (
+        x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and (*weight.shape, op) in TILES
+    )
 
 
 def linear(
@@ -70,7 +80,7 @@ def linear(
 ) -> torch.Tensor:
     """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
     silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
-    return _launch(x, None, None, 0.0, weight, bias, silu_mul, tile, norm=False)[0]
+    return _launch(x, None, None, 0.0, weight, bias, op_of(silu_mul, False), tile)[0]
 
 
 def norm_linear(
@@ -85,7 +95,41 @@ def norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`linear(RMSNorm(x + residual), ...)` and the new residual `x + residual` (x itself when residual is
     None, the sum rounded as `norm.add_rms_norm` rounds it), in one launch."""
-    return _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm=True)
+    return _launch(x, residual, norm_weight, eps, weight, bias, op_of(silu_mul, True), tile)
+
+
+class Rope(NamedTuple):
+    """What `norm_qkv_rope` needs to rotate and store: cos/sin [max_pos, D], each row's position and KV
+    location, and K/V of the layer as [locations, Hkv, D] (any view whose rows are Hkv * D apart)."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    out_loc: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def norm_qkv_rope(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rope: Rope,
+    tile: Tile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope.rope_store_kv(linear(RMSNorm(x + residual), weight, bias), ...)` in one launch: returns q
+    [m, Hq, D] and the new residual, and writes this step's k and v at `rope.out_loc`."""
+    heads = rope.num_heads + 2 * rope.num_kv_heads
+    if weight.shape[0] != heads * rope.head_dim:
+        raise ValueError(f"a q/k/v weight of {weight.shape[0]} rows for {heads} heads of {rope.head_dim}")
+    q, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, NORM_ROPE, tile, rope)
+    return q.view(-1, rope.num_heads, rope.head_dim), new_residual
 
 
 # Per device: one arrival counter per column strip, zero between launches (the last program of a strip
@@ -103,23 +147,28 @@ def _counters(device: torch.device, strips: int) -> torch.Tensor:
     return counters
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm):
+def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: Rope | None = None):
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
-    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    silu_mul, norm = op in (SILU, NORM_SILU), op != LINEAR and op != SILU
     if silu_mul and bias is not None:
         raise ValueError("silu_mul takes no bias")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    out = torch.empty(m, rope.num_heads * rope.head_dim if rope else n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(x) if norm and residual is not None else x
     if m == 0:
         return out, new_residual
-    t = tile or TILES.get((n, k, silu_mul, norm), DEFAULT_TILE)
+    t = tile or TILES.get((weight.shape[0], k, op), DEFAULT_TILE)
+    if rope is not None:  # a strip is one head: its two halves side by side, as gate and up are
+        t = t._replace(block_n=rope.head_dim // 2)
     k_tiles = triton.cdiv(k, t.block_k)
     per_split = triton.cdiv(k_tiles, t.split_k)
     splits = triton.cdiv(k_tiles, per_split)  # no split left without columns
-    strips = triton.cdiv(n, t.block_n)
-    slot = t.block_n * 16 * (2 if silu_mul else 1) + 16
+    paired = silu_mul or rope is not None
+    strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
+    slot = t.block_n * 16 * (2 if paired else 1) + 16
+    r = rope or Rope(x, x, x, x, x, x, 0, 0, 0)
     partials = torch.empty(strips * splits * slot if splits > 1 else 1, dtype=torch.float32, device=x.device)
     counters = _counters(x.device, strips) if splits > 1 else partials
     _small_m_kernel[(strips, splits)](
@@ -138,10 +187,19 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm):
         k,
         x.stride(0),
         per_split * t.block_k,
+        r.positions,
+        r.cos,
+        r.sin,
+        r.out_loc,
+        r.k_cache,
+        r.v_cache,
         NORM=norm,
         HAS_RES=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
+        ROPE=rope is not None,
+        NQ=r.num_heads,
+        NKV=r.num_kv_heads,
         SPLIT_K=splits,
         SLOT=slot,
         BLOCK_N=t.block_n,
@@ -155,7 +213,8 @@ def _launch(x, residual, norm_weight, eps, weight, bias, silu_mul, tile, norm):
 if triton is not None:
     from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
-    @triton.jit(do_not_specialize=["eps"])
+    # Positions and KV locations are slices of the step's packed buffer at any offset (see rope.py).
+    @triton.jit(do_not_specialize=["eps", "pos_ptr", "loc_ptr"])
     def _small_m_kernel(
         x_ptr,
         res_ptr,
@@ -172,10 +231,19 @@ if triton is not None:
         K,
         stride_x,
         k_per_split,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        loc_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
         NORM: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
+        ROPE: tl.constexpr,
+        NQ: tl.constexpr,
+        NKV: tl.constexpr,
         SPLIT_K: tl.constexpr,
         SLOT: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -183,14 +251,23 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, 16)
-        col_ok = cols < N
         row_ok = rows < M
         dt = out_ptr.dtype.element_ty
+        # The strip's columns, and the paired ones of its second tile: up beside gate, or the second half
+        # of the head beside its first.
+        PAIRED: tl.constexpr = SILU_MUL or ROPE
+        if ROPE:
+            cols = pid * 2 * BLOCK_N + tl.arange(0, BLOCK_N)
+            pair_cols = cols + BLOCK_N
+        else:
+            cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            pair_cols = cols + N
+        col_ok = cols < N
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        pair_rows = w_ptr + pair_cols.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         sq = tl.zeros([16], dtype=tl.float32)
         k_lo = split * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
@@ -200,9 +277,8 @@ if triton is not None:
             w_mask = col_ok[:, None] & k_ok[None, :]
             # The weights are read once per step: keep them out of the L2 the activations live in.
             w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            if SILU_MUL:
-                up_rows = w_rows + N * K
-                wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            if PAIRED:
+                w2 = tl.load(pair_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
             x_mask = row_ok[None, :] & k_ok[:, None]
             x_offs = rows[None, :] * stride_x + ks[:, None]
             xt = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
@@ -216,45 +292,114 @@ if triton is not None:
                 nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
                 xt = (xf * nw[:, None]).to(dt)
             acc += tl.dot(w, xt)
-            if SILU_MUL:
-                acc_up += tl.dot(wu, xt)
+            if PAIRED:
+                acc2 += tl.dot(w2, xt)
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
             tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
             mine = part_ptr + (pid * SPLIT_K + split) * SLOT
             tl.store(mine + tile, acc)
-            if SILU_MUL:
-                tl.store(mine + BLOCK_N * 16 + tile, acc_up)
+            if PAIRED:
+                tl.store(mine + BLOCK_N * 16 + tile, acc2)
             if NORM:
                 tl.store(mine + SLOT - 16 + rows, sq)
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-            acc_up = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-            sq = tl.zeros([16], dtype=tl.float32)
             # Masks built as tensors: a scalar mask is not accepted everywhere (Triton's interpreter).
             tile_last = tl.zeros_like(tile) + arrived == SPLIT_K - 1
             rows_last = tl.zeros_like(rows) + arrived == SPLIT_K - 1
+            acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            sq = tl.zeros([16], dtype=tl.float32)
             for s in range(SPLIT_K):
                 theirs = part_ptr + (pid * SPLIT_K + s) * SLOT
                 acc += tl.load(theirs + tile, mask=tile_last, other=0.0, cache_modifier=".cg")
-                if SILU_MUL:
-                    up = theirs + BLOCK_N * 16 + tile
-                    acc_up += tl.load(up, mask=tile_last, other=0.0, cache_modifier=".cg")
+                if PAIRED:
+                    acc2 += tl.load(
+                        theirs + BLOCK_N * 16 + tile, mask=tile_last, other=0.0, cache_modifier=".cg"
+                    )
                 if NORM:
                     sq += tl.load(theirs + SLOT - 16 + rows, mask=rows_last, other=0.0, cache_modifier=".cg")
             if arrived == SPLIT_K - 1:
                 tl.atomic_xchg(count_ptr + pid, 0)
-        if NORM:
-            rstd = tl.rsqrt(sq / K + eps)[None, :]
-            acc = acc * rstd
-            acc_up = acc_up * rstd
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        if SILU_MUL:
-            gate = round_to(acc, dt)
-            acc = round_to(gate / (1.0 + tl.exp(-gate)), dt) * round_to(acc_up, dt)
         out_mask = row_ok[None, :] & col_ok[:, None]
         if SPLIT_K > 1:
             out_mask = out_mask & tile_last
-        tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
+        if NORM:
+            rstd = tl.rsqrt(sq / K + eps)[None, :]
+            acc = acc * rstd
+            acc2 = acc2 * rstd
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            if ROPE:
+                acc2 += tl.load(b_ptr + pair_cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if SILU_MUL:
+            gate = round_to(acc, dt)
+            acc = round_to(gate / (1.0 + tl.exp(-gate)), dt) * round_to(acc2, dt)
+        if ROPE:
+            _rope_epilogue(
+                round_to(acc, dt),
+                round_to(acc2, dt),
+                pid,
+                rows,
+                row_ok,
+                out_mask,
+                pos_ptr,
+                cos_ptr,
+                sin_ptr,
+                loc_ptr,
+                out_ptr,
+                k_cache_ptr,
+                v_cache_ptr,
+                NQ,
+                NKV,
+                BLOCK_N,
+            )
+        else:
+            tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
+
+    @triton.jit
+    def _rope_epilogue(
+        x1,
+        x2,
+        head,
+        rows,
+        row_ok,
+        mask,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        loc_ptr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        NQ: tl.constexpr,
+        NKV: tl.constexpr,
+        HALF: tl.constexpr,
+    ):
+        """Head `head` of q/k/v for each row (x1, x2: its two halves, [HALF, 16], rounded as the projection's
+        output): q and k rotated as `rope.rope_store_kv` rotates them; q to the attention's input, k and v to
+        the cache at the rows' locations."""
+        D: tl.constexpr = 2 * HALF
+        dt = q_ptr.dtype.element_ty
+        d = tl.arange(0, HALF)[:, None]
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
+        if head < NQ + NKV:
+            cos1 = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0).to(tl.float32)
+            cos2 = tl.load(cos_ptr + pos * D + HALF + d, mask=mask, other=0.0).to(tl.float32)
+            sin1 = tl.load(sin_ptr + pos * D + d, mask=mask, other=0.0).to(tl.float32)
+            sin2 = tl.load(sin_ptr + pos * D + HALF + d, mask=mask, other=0.0).to(tl.float32)
+            o1 = round_to(x1 * cos1, dt) + round_to(-x2 * sin1, dt)
+            o2 = round_to(x2 * cos2, dt) + round_to(x1 * sin2, dt)
+        else:
+            o1, o2 = x1, x2
+        if head < NQ:
+            dst = q_ptr + rows[None, :] * NQ * D + head * D + d
+        else:
+            loc = tl.load(loc_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
+            if head < NQ + NKV:
+                dst = k_cache_ptr + loc * NKV * D + (head - NQ) * D + d
+            else:
+                dst = v_cache_ptr + loc * NKV * D + (head - NQ - NKV) * D + d
+        tl.store(dst, o1.to(dt), mask=mask)
+        tl.store(dst + HALF, o2.to(dt), mask=mask)

@@ -10,7 +10,7 @@ from torch import nn
 
 from minisgl import tp
 from minisgl.attention.base import AttentionBackend
-from minisgl.kernels import rope
+from minisgl.kernels import rope, small_m
 from minisgl.layers.linear import Linear
 from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
@@ -63,6 +63,38 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         return self.attend(self.qkv_proj(x), positions, attn)
 
+    def after_norm(
+        self,
+        norm: RMSNorm,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(norm(x, residual)[0], ...), the new residual)`. At a few rows one kernel does the norm, the
+        q/k/v projection, RoPE and the KV write (`small_m.norm_qkv_rope`); else the norm may still run inside
+        the projection (`Linear.after_norm`)."""
+        qkv = self.qkv_proj
+        if qkv.small_m and self.q_norm is None and small_m.suits(x, qkv.weight, small_m.NORM_ROPE):
+            kv = attn.kv_cache
+            rope = small_m.Rope(
+                positions,
+                self.rotary.cos,
+                self.rotary.sin,
+                attn.out_loc,
+                kv.flat_k(self.layer),
+                kv.flat_v(self.layer),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
+            q, residual = small_m.norm_qkv_rope(
+                x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, rope
+            )
+            return self._attend_rotated(q, attn), residual
+        h, residual = qkv.after_norm(norm, x, residual)
+        return self.attend(h, positions, attn), residual
+
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Everything after `qkv_proj`: RoPE with the KV write, attention, the o projection."""
         q = (
@@ -70,6 +102,9 @@ class Attention(nn.Module):
             if self.fused
             else self._rope_store(qkv, positions, attn)
         )
+        return self._attend_rotated(q, attn)
+
+    def _attend_rotated(self, q: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         return self.o_proj(attn.attend(self.layer, q).reshape(-1, self.q_size))
 
     def _rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:

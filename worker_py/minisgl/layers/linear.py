@@ -71,7 +71,7 @@ class Linear(nn.Module):
         """`x W^T + b`; with `silu_mul` (a [gate; up] layer) `silu(gate) * up` of it."""
         if (
             self.small_m
-            and small_m.suits(x, self.weight, silu_mul)
+            and small_m.suits(x, self.weight, small_m.op_of(silu_mul, norm=False))
             and not (silu_mul and self.bias is not None)
         ):
             out = small_m.linear(x, self.weight, self.bias, silu_mul=silu_mul)
@@ -88,7 +88,7 @@ class Linear(nn.Module):
         if (
             self.small_m
             and not self._reduce
-            and small_m.suits(x, self.weight, silu_mul, norm=True)
+            and small_m.suits(x, self.weight, small_m.op_of(silu_mul, norm=True))
             and not (silu_mul and self.bias is not None)
         ):
             return small_m.norm_linear(

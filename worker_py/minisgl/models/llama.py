@@ -48,8 +48,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBackend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, residual = self.self_attn.qkv_proj.after_norm(self.input_layernorm, x, residual)
-        h = self.self_attn.attend(qkv, positions, attn)
+        h, residual = self.self_attn.after_norm(self.input_layernorm, x, residual, positions, attn)
         return self.mlp.after_norm(self.post_attention_layernorm, h, residual)
 
 
