@@ -51,14 +51,15 @@ def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
     strips are few (each split is another program streaming its share of W)."""
     if name == "qkv_rope":  # a strip is a head: only K is tiled
-        sweep = itertools.product((128, 256), (4,), (3, 4), (1, 2, 4, 8))
+        sweep = itertools.product((128, 256), (4,), (3, 4), (1, 2, 4))
         return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
-    strips = (16, 32) if name == "gate_up" else (16, 32, 64)
-    splits = {"down": (2, 4, 8), "o": (1, 2, 4)}.get(name, (1, 2))
-    sweep = itertools.product(strips, (128, 256), (4,), (3, 4), splits)
+    strips = (16, 32, 64) if name == "down" else (16, 32)
+    stages = (3, 4) if name == "gate_up" else (3,)
+    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2)}.get(name, (1,))
+    sweep = itertools.product(strips, (128, 256), (4,), stages, splits)
     return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 
 
@@ -185,9 +186,11 @@ def main() -> int:
                 if "us" in r and r["us"] <= 1.05 * one["best_us"] and "us" in sixteen["tiles"].get(key, {})
             ]
             key = min(near, key=lambda key: sixteen["tiles"][key]["us"])
-            rows_w = 2 * n if silu else n
-            op = small_m.NORM_ROPE if name == "qkv_rope" else small_m.op_of(silu, prologue)
-            suggested[f"({rows_w}, {k}, {op!r})"] = f"Tile({key})"
+            # Only where it beats the path without small_m at both batch sizes.
+            if all(r["tiles"][key]["us"] < r["cublas_us"] for r in (one, sixteen)):
+                rows_w = 2 * n if silu else n
+                op = small_m.NORM_ROPE if name == "qkv_rope" else small_m.op_of(silu, prologue)
+                suggested[f"({rows_w}, {k}, {op!r})"] = f"Tile({key})"
     results["suggested_tiles"] = suggested
     lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))
     Path(a.out).write_text(json.dumps(results, indent=1))
