@@ -169,8 +169,10 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: Rope | 
     strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
     slot = t.block_n * 16 * (2 if paired else 1) + 16
     r = rope or Rope(x, x, x, x, x, x, 0, 0, 0)
-    partials = torch.empty(strips * splits * slot if splits > 1 else 1, dtype=torch.float32, device=x.device)
-    counters = _counters(x.device, strips) if splits > 1 else partials
+    partials = counters = weight  # placeholders: a single split reads neither
+    if splits > 1:
+        partials = torch.empty(strips * splits * slot, dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, strips)
     _small_m_kernel[(strips, splits)](
         x,
         residual if residual is not None else x,
