@@ -51,15 +51,14 @@ def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
     strips are few (each split is another program streaming its share of W)."""
     if name == "qkv_rope":  # a strip is a head: only K is tiled
-        sweep = itertools.product((128, 256), (4,), (3, 4), (1, 2, 4))
+        sweep = itertools.product((128, 256), (4,), (3,), (1, 2, 4))
         return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
     strips = (16, 32, 64) if name == "down" else (16, 32)
-    stages = (3, 4) if name == "gate_up" else (3,)
     splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2)}.get(name, (1,))
-    sweep = itertools.product(strips, (128, 256), (4,), stages, splits)
+    sweep = itertools.product(strips, (128, 256), (4,), (3,), splits)
     return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 
 
