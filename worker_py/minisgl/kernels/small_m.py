@@ -51,10 +51,11 @@ class Tile(NamedTuple):
 # What a launch computes around the product (the entry points below): the third part of a `TILES` key.
 LINEAR, SILU, NORM, NORM_SILU, NORM_ROPE = "linear", "silu", "norm", "norm_silu", "norm_rope"
 
-# (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py.
+# (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py on an H100, 2026-12-06.
 TILES: dict[tuple[int, int, str], Tile] = {
-    (896, 896, LINEAR): Tile(16, 256, 2, 4),
-    (151936, 896, LINEAR): Tile(64, 128, 4, 3),
+    (896, 896, LINEAR): Tile(16, 256, 4, 3),
+    (896, 4864, LINEAR): Tile(64, 256, 4, 3, split_k=8),
+    (151936, 896, LINEAR): Tile(128, 128, 8, 3),
 }
 DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
 
@@ -270,7 +271,9 @@ if triton is not None:
         pair_rows = w_ptr + pair_cols.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        sq = tl.zeros([16], dtype=tl.float32)
+        # Squares summed per element and reduced once after the loop: a reduction across the K tile in
+        # every iteration synchronises the warps, and the weight stream with them.
+        sq_tile = tl.zeros([BLOCK_K, 16], dtype=tl.float32)
         k_lo = split * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -290,12 +293,13 @@ if triton is not None:
                     xf = round_to(xf + tl.load(res_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32), dt)
                     if pid == 0:
                         tl.store(res_out_ptr + rows[None, :] * K + ks[:, None], xf.to(dt), mask=x_mask)
-                sq += tl.sum(xf * xf, axis=0)
+                sq_tile += xf * xf
                 nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
                 xt = (xf * nw[:, None]).to(dt)
             acc += tl.dot(w, xt)
             if PAIRED:
                 acc2 += tl.dot(w2, xt)
+        sq = tl.sum(sq_tile, axis=0)
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
             tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
