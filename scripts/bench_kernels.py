@@ -105,7 +105,7 @@ def bench_shape(name: str, rows: int) -> dict:
         positions = torch.randint(0, 1000, (rows,), device="cuda", generator=gen)
         loc = torch.randperm(4096, device="cuda", generator=gen)[:rows]
         cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
-        rope_spec = small_m.Rope(positions, cos, sin, loc, k_cache, v_cache, HEADS, KV_HEADS, HEAD_DIM)
+        rope_spec = rope.RopeStore(positions, cos, sin, loc, k_cache, v_cache, HEADS, KV_HEADS, HEAD_DIM)
 
     def current(i):
         h = norm.add_rms_norm(x, res, nw, 1e-6)[0] if prologue else x

@@ -82,7 +82,7 @@ CHECK = textwrap.dedent(
             loc = torch.randperm(100, device=device)[:m]
             k_cache = torch.zeros(100, nkv, d, device=device, dtype=dtype)
             v_cache = torch.zeros_like(k_cache)
-            spec = small_m.Rope(positions, cos, sin, loc, k_cache, v_cache, nq, nkv, d)
+            spec = rope.RopeStore(positions, cos, sin, loc, k_cache, v_cache, nq, nkv, d)
             q, new_res = small_m.norm_qkv_rope(x, r, nw, 1e-6, w, b, spec, tile=tile)
             h, want_res = norm.add_rms_norm_reference(x.float(), r.float(), nw.float(), 1e-6)
             qkv = F.linear(h, w.float(), b.float())

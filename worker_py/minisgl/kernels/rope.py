@@ -8,6 +8,8 @@ at the same points.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from minisgl.kernels.rounding import triton
@@ -89,6 +91,22 @@ def rope_reference(
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RopeStore(NamedTuple):
+    """Where and how a step's q/k/v are rotated and stored (`rope_store_kv`'s arguments after qkv): each
+    row's position and KV location, cos/sin [max_pos, D], and K/V of the layer as [locations, Hkv, D] (any
+    view whose rows are Hkv * D apart)."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    out_loc: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
 
 def rope_store_kv(

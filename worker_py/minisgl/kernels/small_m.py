@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from minisgl.kernels.rope import RopeStore
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
@@ -99,21 +100,6 @@ def norm_linear(
     return _launch(x, residual, norm_weight, eps, weight, bias, op_of(silu_mul, True), tile)
 
 
-class Rope(NamedTuple):
-    """What `norm_qkv_rope` needs to rotate and store: cos/sin [max_pos, D], each row's position and KV
-    location, and K/V of the layer as [locations, Hkv, D] (any view whose rows are Hkv * D apart)."""
-
-    positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    out_loc: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
 def norm_qkv_rope(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -121,7 +107,7 @@ def norm_qkv_rope(
     eps: float,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    rope: Rope,
+    rope: RopeStore,
     tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope.rope_store_kv(linear(RMSNorm(x + residual), weight, bias), ...)` in one launch: returns q
@@ -148,7 +134,7 @@ def _counters(device: torch.device, strips: int) -> torch.Tensor:
     return counters
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: Rope | None = None):
+def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeStore | None = None):
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
@@ -169,7 +155,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: Rope | 
     paired = silu_mul or rope is not None
     strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
     slot = t.block_n * 16 * (2 if paired else 1) + 16
-    r = rope or Rope(x, x, x, x, x, x, 0, 0, 0)
+    r = rope or RopeStore(x, x, x, x, x, x, 0, 0, 0)
     partials = counters = weight  # placeholders: a single split reads neither
     if splits > 1:
         partials = torch.empty(strips * splits * slot, dtype=torch.float32, device=x.device)

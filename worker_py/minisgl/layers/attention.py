@@ -76,20 +76,9 @@ class Attention(nn.Module):
         the projection (`Linear.after_norm`)."""
         qkv = self.qkv_proj
         if qkv.small_m and self.q_norm is None and small_m.suits(x, qkv.weight, small_m.NORM_ROPE):
-            kv = attn.kv_cache
-            rope = small_m.Rope(
-                positions,
-                self.rotary.cos,
-                self.rotary.sin,
-                attn.out_loc,
-                kv.flat_k(self.layer),
-                kv.flat_v(self.layer),
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-            )
+            store = self._rope_store_at(positions, attn)
             q, residual = small_m.norm_qkv_rope(
-                x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, rope
+                x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, store
             )
             return self._attend_rotated(q, attn), residual
         h, residual = qkv.after_norm(norm, x, residual)
@@ -121,12 +110,14 @@ class Attention(nn.Module):
     def _rope_store_fused(
         self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        kv = attn.kv_cache
         qk_norm = None
         if self.q_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        return rope.rope_store_kv(
-            qkv,
+        return rope.rope_store_kv(qkv, *self._rope_store_at(positions, attn), qk_norm)
+
+    def _rope_store_at(self, positions: torch.Tensor, attn: AttentionBackend) -> rope.RopeStore:
+        kv = attn.kv_cache
+        return rope.RopeStore(
             positions,
             self.rotary.cos,
             self.rotary.sin,
@@ -136,5 +127,4 @@ class Attention(nn.Module):
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
-            qk_norm,
         )
