@@ -6,8 +6,9 @@ the tied lm_head) and batch rows 1 and 16, times every tile of a sweep and the p
 small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`), each call replayed inside a CUDA graph as
 the decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
 cache: in a decode step every layer's weights come from HBM (a first version of this script reused one
-copy, measured L2 speeds, and picked tiles that lost in the model). Prints a table and the best tile per
-shape in the form of `small_m.TILES`.
+copy, measured L2 speeds, and picked tiles that lost in the model). `--warm` measures exactly that on
+purpose: one copy, read from L2, as a decode step reads the weights that `--weight-prefetch` brought there
+(models/prefetch.py). Prints a table and the best tile per shape in the form of `small_m.TILES`.
 
     python scripts/bench_kernels.py --out kernels.json
 """
@@ -87,11 +88,11 @@ def graph_us(fn, copies: int) -> float:
     return statistics.median(times)
 
 
-def bench_shape(name: str, rows: int) -> dict:
+def bench_shape(name: str, rows: int, warm: bool) -> dict:
     n, k, has_bias, silu, prologue = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     w_rows = 2 * n if silu else n
-    copies = max(1, min(MAX_CALLS, COLD_BYTES // (w_rows * k * 2)))
+    copies = 1 if warm else max(1, min(MAX_CALLS, COLD_BYTES // (w_rows * k * 2)))
     ws = [(torch.randn(w_rows, k, device="cuda", generator=gen) * 0.02).bfloat16() for _ in range(copies)]
     b = torch.randn(n, device="cuda", generator=gen).bfloat16() if has_bias else None
     x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
@@ -148,13 +149,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_kernels.json")
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--warm", action="store_true", help="every call reads the same weights, from L2")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name()}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(),
+        "weights": "L2" if a.warm else "HBM",
+    }
     lines = [
-        f"# {results['date']} {results['device']}: us per call inside a CUDA graph, weights from HBM (GB/s); "
+        f"# {results['date']} {results['device']}: us per call inside a CUDA graph, weights from "
+        f"{'L2' if a.warm else 'HBM'} (GB/s); "
         "cublas = the path without small_m (norm kernel, cuBLAS, SiLU kernel)"
     ]
     suggested = {}
@@ -162,7 +169,7 @@ def main() -> int:
     for name in a.shapes.split(","):
         for rows in ROWS:
             try:
-                r = bench_shape(name, rows)
+                r = bench_shape(name, rows, a.warm)
             except Exception:
                 r = {"error": traceback.format_exc()}
                 print(r["error"], file=sys.stderr)
