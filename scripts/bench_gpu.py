@@ -57,9 +57,6 @@ CONFIGS = {
     "eager_sampling": {"graph_sampling": False},
     # The same, with every extend step run eagerly (the default before 2026-12-06).
     "eager_extend": {"extend_graphs": False},
-    # The same, with the graphs prefetching each layer's weights into L2 (models/prefetch.py).
-    "prefetch_bulk": {"weight_prefetch": "bulk"},
-    "prefetch_lines": {"weight_prefetch": "lines"},
 }
 
 

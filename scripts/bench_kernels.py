@@ -7,8 +7,9 @@ small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`), each call re
 the decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
 cache: in a decode step every layer's weights come from HBM (a first version of this script reused one
 copy, measured L2 speeds, and picked tiles that lost in the model). `--warm` measures exactly that on
-purpose: one copy, read from L2, as a decode step reads the weights that `--weight-prefetch` brought there
-(models/prefetch.py). Prints a table and the best tile per shape in the form of `small_m.TILES`.
+purpose: every call reads one copy, from L2, which says how much of a call's time is reading HBM and how
+much is the kernel's own (docs/benchmarks.md, 2026-12-06 on the H200). Prints a table and the best tile per
+shape in the form of `small_m.TILES`.
 
     python scripts/bench_kernels.py --out kernels.json
 """
@@ -40,6 +41,8 @@ SHAPES = {
     "qkv": (QKV, HIDDEN, True, False, True),
     "o": (HIDDEN, HIDDEN, False, False, False),
     "gate_up": (INTER, HIDDEN, False, True, True),
+    "gate_up_silu": (INTER, HIDDEN, False, True, False),  # after the norm kernel, SiLU-and-mul fused
+    "qkv_bias": (QKV, HIDDEN, True, False, False),  # after the norm kernel
     "down": (HIDDEN, INTER, False, False, False),
     "lm_head": (VOCAB, HIDDEN, False, False, False),
 }
@@ -58,7 +61,7 @@ def tiles(name: str) -> list[small_m.Tile]:
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
     strips = (16, 32, 64) if name == "down" else (16, 32)
-    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2)}.get(name, (1,))
+    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2), "qkv_bias": (1, 2)}.get(name, (1,))
     sweep = itertools.product(strips, (128, 256), (4,), (3,), splits)
     return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 

@@ -176,22 +176,6 @@ def test_graph_logits_equal_eager_logits(model_dir):
     assert rel_err(got, want) < 1e-2
 
 
-@pytest.mark.parametrize("mode", ["bulk", "lines"])
-def test_graphs_that_prefetch_weights_compute_what_the_others_do(model_dir, mode):
-    """The L2 prefetch only changes where weights are read from: bit for bit the same logits and tokens."""
-    off, on = runner(model_dir, cuda_graphs=True), runner(model_dir, cuda_graphs=True, weight_prefetch=mode)
-    assert on.model.weight_prefetch is not None and off.model.weight_prefetch is None
-    steps_off, steps_on = list(mixed_steps(4)), list(mixed_steps(4))
-    for step_off, step_on in zip(steps_off[:-1], steps_on[:-1], strict=True):
-        assert on.run_step(step_on).tolist() == off.run_step(step_off).tolist()
-    with torch.inference_mode():
-        logits = []
-        for r, step in ((off, steps_off[-1]), (on, steps_on[-1])):
-            padding = r.graphs.padding_for(step)
-            logits.append(r.graphs.replay(r.uploader.upload(step, padding), padding.rows).clone())
-    assert torch.equal(*logits)
-
-
 @pytest.mark.parametrize(
     "joins, mode",
     [

@@ -40,9 +40,6 @@ def expert_shard(name: str) -> tuple[str, Hashable] | None:
 
 
 class Experts(nn.Module):
-    # A step reads the experts its tokens route to, not the whole weight (models/prefetch.py).
-    read_whole = False
-
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, options: LayerOptions
     ) -> None:

@@ -17,7 +17,6 @@ from minisgl.attention.base import AttentionBackend
 from minisgl.layers import LayerOptions, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
 from minisgl.layers.loading import ALL
 from minisgl.models.config import ModelConfig
-from minisgl.models.prefetch import WeightPrefetch
 
 # Checkpoint tensors that are rows of one merged parameter here: (name part, parameter part, shard).
 MERGED = (
@@ -56,7 +55,6 @@ class CausalLM(nn.Module):
         self.model = DecoderStack(layers, config, options)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, options, tied=tied)
-        self.weight_prefetch: WeightPrefetch | None = None
 
     def make_layer(self, config: ModelConfig, layer: int, options: LayerOptions) -> nn.Module:
         """Decoder layer `layer`: `forward(x, residual, positions, attn) -> (x, residual)`."""
@@ -66,24 +64,10 @@ class CausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """Final hidden states of every new token: [t, hidden]."""
-        prefetch = self.weight_prefetch
-        if prefetch is not None and not torch.cuda.is_current_stream_capturing():
-            prefetch = None
         x, residual = self.model.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.model.layers):
-            if prefetch is not None:
-                prefetch.before_layer(i)
+        for layer in self.model.layers:
             x, residual = layer(x, residual, positions, attn)
-        if prefetch is not None:
-            prefetch.join()
         return self.model.norm(x, residual)[0]
-
-    def enable_weight_prefetch(self, mode: str) -> bool:
-        """Captured forwards prefetch the layers' weights into L2 from now on (`models/prefetch.py`), where
-        they fit; True if they will."""
-        device = self.model.norm.weight.device
-        self.weight_prefetch = WeightPrefetch.for_layers(self.model.layers, mode, device)
-        return self.weight_prefetch is not None
 
     @property
     def capturable(self) -> bool:

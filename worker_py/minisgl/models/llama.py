@@ -51,21 +51,6 @@ class DecoderLayer(nn.Module):
         h, residual = self.self_attn.after_norm(self.input_layernorm, x, residual, positions, attn)
         return self.mlp.after_norm(self.post_attention_layernorm, h, residual)
 
-    def weight_stages(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The weights the attention half and the MLP half read, in order, leaving out those a few rows
-        read only in part (a mixture's experts): what a captured forward prefetches (`models/prefetch.py`)."""
-
-        def read(*modules: nn.Module) -> list[torch.Tensor]:
-            return [
-                p
-                for module in modules
-                for m in module.modules()
-                if getattr(m, "read_whole", True)
-                for p in m.parameters(recurse=False)
-            ]
-
-        return read(self.input_layernorm, self.self_attn), read(self.post_attention_layernorm, self.mlp)
-
 
 class LlamaForCausalLM(CausalLM):
     def make_layer(self, config: ModelConfig, layer: int, options: LayerOptions) -> nn.Module:

@@ -69,12 +69,6 @@ class WorkerConfig:
         "extend steps of up to 512 tokens replay captured graphs too, as one decode row per new token: no "
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
-    weight_prefetch: str = opt(
-        "off",
-        "captured forwards prefetch each layer's weights into L2 a layer ahead on a side stream: bulk "
-        "(Hopper's TMA prefetch), lines (one prefetch per 128 bytes, any GPU), off (docs/architecture.md)",
-        choices=("off", "bulk", "lines"),
-    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

@@ -123,8 +123,6 @@ class ModelRunner:
         # Graphs pad decode batches with rows that write their K/V into a page of their own, past the pages
         # the scheduler is told about, and sample into a slot past the last real one.
         use_graphs = cfg.cuda_graphs and on_cuda and decode_backend.graphs and self.model.capturable
-        if use_graphs and cfg.weight_prefetch != "off":
-            self.model.enable_weight_prefetch(cfg.weight_prefetch)
         # Before the KV budget is measured: the penalties' per-slot token counts are [slots, vocab] int32.
         self.sampler = Sampler(cfg.max_batch + 1, self.device, vocab_size=mc.vocab_size)
         # W: the words of a token mask over the logits (the scheduler's ring has the same, from our hello).
