@@ -14,11 +14,12 @@ from minisgl.kernels import small_m  # noqa: E402
 
 KERNEL = small_m._small_m_kernel
 INTS = ("M", "N", "K", "stride_x", "k_per_split")
-OFF = dict(NORM=False, HAS_RES=False, HAS_BIAS=False, SILU_MUL=False, ROPE=False, NQ=0, NKV=0)
+OFF = dict(NORM=False, HAS_RES=False, HAS_BIAS=False, SILU_MUL=False, ROPE=False, NQ=0, NKV=0, PDL=False)
 # name -> constexprs, as _launch sets them for Qwen2.5-0.5B's projections
 VARIANTS = {
     "o": dict(OFF, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
     "down, split-K": dict(OFF, SPLIT_K=4, BLOCK_N=32, BLOCK_K=128),
+    "o, launched early (PDL)": dict(OFF, PDL=True, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
     "gate/up after the norm": dict(
         OFF, NORM=True, HAS_RES=True, SILU_MUL=True, SPLIT_K=2, BLOCK_N=16, BLOCK_K=128
     ),
@@ -77,3 +78,5 @@ def test_small_m_compiles_for_hopper_with_pipelined_weight_loads(variant):
     # The weight tiles stream through asynchronous copies, several K tiles ahead: the kernel's whole point.
     assert ptx.count("cp.async") >= 8, variant
     assert "mma.sync" in ptx
+    # Launched with PDL, it waits for the kernel before it first (kernels/pdl.py); else it has no such wait.
+    assert ("griddepcontrol.wait" in ptx) == VARIANTS[variant]["PDL"]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minisgl.kernels import pdl
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
     import triton.language as tl
 
+    from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -35,5 +38,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, two_i // 2, dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = 1024
-        _silu_and_mul_kernel[(t, triton.cdiv(two_i // 2, block))](gate_up, out, two_i // 2, BLOCK=block)
+        _silu_and_mul_kernel[(t, triton.cdiv(two_i // 2, block))](
+            gate_up, out, two_i // 2, BLOCK=block, **pdl.launch_args(gate_up)
+        )
     return out

@@ -35,6 +35,7 @@ import os
 
 import torch
 
+from minisgl.kernels import pdl
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
@@ -185,6 +186,7 @@ def decode_attention(
         FUSED=fused_combine and not direct,
         DIRECT=direct,
         IEEE_DOT=q.dtype == torch.float32 or _INTERPRETED,
+        **pdl.launch_args(q),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -200,11 +202,13 @@ def decode_attention(
             S_PAD=s_pad,
             D=d,
             num_warps=COMBINE_WARPS,
+            **pdl.launch_args(q),
         )
     return out
 
 
 if triton is not None:
+    from minisgl.kernels.pdl import wait_previous
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -283,7 +287,9 @@ if triton is not None:
         FUSED: tl.constexpr,
         DIRECT: tl.constexpr,
         IEEE_DOT: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -380,7 +386,9 @@ if triton is not None:
         HQ: tl.constexpr,
         S_PAD: tl.constexpr,
         D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        wait_previous(PDL)
         _combine_head(
             part_o_ptr,
             part_lse_ptr,

@@ -6,17 +6,29 @@ from __future__ import annotations
 
 import torch
 
+from minisgl.kernels import pdl
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
     import triton.language as tl
 
+    from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr, eps, n_cols, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+        x_ptr,
+        res_ptr,
+        res_out_ptr,
+        w_ptr,
+        out_ptr,
+        eps,
+        n_cols,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -50,7 +62,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.shape[0]:
         block = triton.next_power_of_2(x.shape[1])
-        _rms_norm_kernel[(x.shape[0],)](x, x, x, weight, out, eps, x.shape[1], HAS_RES=False, BLOCK=block)
+        _rms_norm_kernel[(x.shape[0],)](
+            x, x, x, weight, out, eps, x.shape[1], HAS_RES=False, BLOCK=block, **pdl.launch_args(x)
+        )
     return out
 
 
@@ -62,6 +76,15 @@ def add_rms_norm(
     if x.shape[0]:
         block = triton.next_power_of_2(x.shape[1])
         _rms_norm_kernel[(x.shape[0],)](
-            x, residual, new_residual, weight, out, eps, x.shape[1], HAS_RES=True, BLOCK=block
+            x,
+            residual,
+            new_residual,
+            weight,
+            out,
+            eps,
+            x.shape[1],
+            HAS_RES=True,
+            BLOCK=block,
+            **pdl.launch_args(x),
         )
     return out, new_residual

@@ -12,11 +12,13 @@ from typing import NamedTuple
 
 import torch
 
+from minisgl.kernels import pdl
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
     import triton.language as tl
 
+    from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to
 
     # Positions and KV locations are slices of the step's packed buffer at any offset: specialising on their
@@ -39,7 +41,9 @@ if triton is not None:
         D: tl.constexpr,
         HEADS: tl.constexpr,
         QK_NORM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        wait_previous(PDL)
         tok = tl.program_id(0).to(tl.int64)
         half: tl.constexpr = D // 2
         h = tl.arange(0, HEADS)[:, None]
@@ -147,5 +151,6 @@ def rope_store_kv(
             head_dim,
             heads,
             QK_NORM=qk_norm is not None,
+            **pdl.launch_args(qkv),
         )
     return q

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from minisgl.kernels import pdl
 from minisgl.kernels.rope import RopeStore
 from minisgl.kernels.rounding import triton
 
@@ -196,11 +197,13 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
         BLOCK_K=t.block_k,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
+        **pdl.launch_args(x),
     )
     return out, new_residual
 
 
 if triton is not None:
+    from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
     # Positions and KV locations are slices of the step's packed buffer at any offset (see rope.py).
@@ -238,7 +241,9 @@ if triton is not None:
         SLOT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        wait_previous(PDL)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, 16)

@@ -69,6 +69,11 @@ class WorkerConfig:
         "extend steps of up to 512 tokens replay captured graphs too, as one decode row per new token: no "
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
+    pdl: bool = opt(
+        False,
+        "programmatic dependent launch (Hopper and later): each of our kernels is scheduled while the one "
+        "before it still runs, hiding its launch (docs/architecture.md)",
+    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (Hopper and later, `--pdl`): a kernel launched with it is scheduled while the
+kernel before it on the stream still runs, and waits for that kernel to finish, its writes visible, before
+touching memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels of a few
+microseconds each; without it every one of them also waits for its own launch after the one before ends.
+
+A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before anything else; its
+launches add `launch_args(tensor)`. Once past the wait it lets the next kernel be scheduled, so a kernel never
+runs before the one two places ahead of it has finished. A kernel without the attribute (cuBLAS, torch's)
+is launched as always, after the one before it ends.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from minisgl.kernels.rounding import triton
+
+if triton is not None:
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# Set by the runner (`WorkerConfig.pdl`) before it captures its graphs; read at every launch.
+enabled = False
+
+
+def launch_args(t: torch.Tensor) -> dict:
+    """The extra arguments of a launch on t's device: the `PDL` constexpr, and Triton's launch option."""
+    if enabled and t.is_cuda and _hopper(t.device.index):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@functools.cache
+def _hopper(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+if triton is not None:
+
+    @triton.jit
+    def wait_previous(PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
