@@ -2,14 +2,14 @@
 """GPU micro-benchmark of `small_m` against cuBLAS on Qwen2.5-0.5B's decode projections.
 
 For each weight shape (qkv with its bias and the input norm, o, gate/up with the norm and SiLU-and-mul, down,
-the tied lm_head; q/k/v and gate/up also after the norm kernel) and batch rows 1 and 16, times every tile of a sweep and the path the model takes without
-small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`), each call replayed inside a CUDA graph as
-the decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
-cache: in a decode step every layer's weights come from HBM (a first version of this script reused one
-copy, measured L2 speeds, and picked tiles that lost in the model). `--warm` measures exactly that on
-purpose: every call reads one copy, from L2, which says how much of a call's time is reading HBM and how
-much is the kernel's own (docs/benchmarks.md, 2026-12-06 on the H200). Prints a table and the best tile per
-shape in the form of `small_m.TILES`.
+the tied lm_head; q/k/v and gate/up also after the norm kernel) and batch rows 1 and 16, times every tile of a
+sweep and the path the model takes without small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`),
+each call replayed inside a CUDA graph as the decode step runs it. Every call reads a different copy of the
+weights, enough copies to overflow the L2 cache: in a decode step every layer's weights come from HBM (a first
+version of this script reused one copy, measured L2 speeds, and picked tiles that lost in the model). `--warm`
+measures exactly that on purpose: every call reads one copy, from L2, which says how much of a call's time is
+reading HBM and how much is the kernel's own (docs/benchmarks.md, 2026-12-06 on the H200). Prints a table and
+the best tile per shape in the form of `small_m.TILES`.
 
     python scripts/bench_kernels.py --out kernels.json
 """
