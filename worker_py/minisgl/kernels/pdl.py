@@ -4,9 +4,9 @@ touching memory (`griddepcontrol.wait`). A decode step at a few rows is some 250
 microseconds each; without it every one of them also waits for its own launch after the one before ends.
 
 A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before anything else; its
-launches add `launch_args(tensor)`. Once past the wait it lets the next kernel be scheduled, so a kernel never
-runs before the one two places ahead of it has finished. A kernel without the attribute (cuBLAS, torch's)
-is launched as always, after the one before it ends.
+launches add `launch_args(tensor)`. Only once past the wait does it let the next kernel be scheduled: at most
+two kernels are in flight, the later one waiting. A kernel without the attribute (cuBLAS, torch's) is
+launched as always, after the one before it ends.
 """
 
 from __future__ import annotations
