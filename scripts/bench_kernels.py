@@ -43,9 +43,11 @@ SHAPES = {
     "gate_up": (INTER, HIDDEN, False, True, True),
     "gate_up_silu": (INTER, HIDDEN, False, True, False),  # after the norm kernel, SiLU-and-mul fused
     "qkv_bias": (QKV, HIDDEN, True, False, False),  # after the norm kernel
+    "qkv_bias_rope": (QKV, HIDDEN, True, False, False),  # after the norm kernel, with RoPE and the KV write
     "down": (HIDDEN, INTER, False, False, False),
     "lm_head": (VOCAB, HIDDEN, False, False, False),
 }
+ROPE_SHAPES = ("qkv_rope", "qkv_bias_rope")
 ROWS = (1, 16)
 COLD_BYTES = 256 << 20  # weight copies per graph: five times the H200's 50 MB L2
 MAX_CALLS = 64
@@ -54,7 +56,7 @@ MAX_CALLS = 64
 def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
     strips are few (each split is another program streaming its share of W)."""
-    if name == "qkv_rope":  # a strip is a head: only K is tiled
+    if name in ROPE_SHAPES:  # a strip is a head: only K is tiled
         sweep = itertools.product((128, 256), (4,), (3,), (1, 2, 4))
         return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
     if name == "lm_head":
@@ -105,7 +107,7 @@ def bench_shape(name: str, rows: int, warm: bool) -> dict:
     nw = (1 + torch.randn(k, device="cuda", generator=gen) / 4).bfloat16()
 
     rope_spec = None
-    if name == "qkv_rope":  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
+    if name in ROPE_SHAPES:  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
         angles = torch.arange(1024, device="cuda").float()[:, None] * torch.rand(HEAD_DIM, device="cuda")
         k_cache, v_cache = (torch.zeros(4096, KV_HEADS, HEAD_DIM, device="cuda").bfloat16() for _ in "kv")
         positions = torch.randint(0, 1000, (rows,), device="cuda", generator=gen)
@@ -124,8 +126,10 @@ def bench_shape(name: str, rows: int, warm: bool) -> dict:
         return activation.silu_and_mul(out) if silu else out
 
     def ours(i, t):
-        if rope_spec is not None:
+        if rope_spec is not None and prologue:
             return small_m.norm_qkv_rope(x, res, nw, 1e-6, ws[i], b, rope_spec, tile=t)[0]
+        if rope_spec is not None:
+            return small_m.qkv_rope(x, ws[i], b, rope_spec, tile=t)
         if prologue:
             return small_m.norm_linear(x, res, nw, 1e-6, ws[i], b, silu_mul=silu, tile=t)[0]
         return small_m.linear(x, ws[i], b, silu_mul=silu, tile=t)
@@ -200,7 +204,9 @@ def main() -> int:
             # Only where it beats the path without small_m at both batch sizes.
             if all(r["tiles"][key]["us"] < r["cublas_us"] for r in (one, sixteen)):
                 rows_w = 2 * n if silu else n
-                op = small_m.NORM_ROPE if name == "qkv_rope" else small_m.op_of(silu, prologue)
+                op = small_m.op_of(silu, prologue)
+                if name in ROPE_SHAPES:
+                    op = small_m.NORM_ROPE if prologue else small_m.ROPE
                 suggested[f"({rows_w}, {k}, {op!r})"] = f"Tile({key})"
     results["suggested_tiles"] = suggested
     lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))

@@ -26,6 +26,9 @@ VARIANTS = {
     "q/k/v after the norm": dict(
         OFF, NORM=True, HAS_RES=True, HAS_BIAS=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128
     ),
+    "q/k/v with RoPE after the norm kernel": dict(
+        OFF, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256
+    ),
     "q/k/v with RoPE, layer 0": dict(
         OFF, NORM=True, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256
     ),

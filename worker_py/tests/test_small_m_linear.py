@@ -65,8 +65,8 @@ CHECK = textwrap.dedent(
                         want = F.silu(gate).to(dtype).float() * up
                     err = ((got.float() - want).abs().max() / want.abs().max()).item()
                     assert err < tol, ("norm", dtype, m, res is None, silu, tile.split_k, err)
-    # norm_qkv_rope: the norm, q/k/v with bias, RoPE, q returned and k/v written at their cache locations,
-    # against the eager sequence (norm, F.linear, rope_reference, a cache write).
+    # norm_qkv_rope and qkv_rope: (the norm,) q/k/v with bias, RoPE, q returned and k/v written at their
+    # cache locations, against the eager sequence (norm, F.linear, rope_reference, a cache write).
     from minisgl.kernels import norm, rope
 
     nq, nkv, d = 3, 1, 32
@@ -83,20 +83,28 @@ CHECK = textwrap.dedent(
             k_cache = torch.zeros(100, nkv, d, device=device, dtype=dtype)
             v_cache = torch.zeros_like(k_cache)
             spec = rope.RopeStore(positions, cos, sin, loc, k_cache, v_cache, nq, nkv, d)
-            q, new_res = small_m.norm_qkv_rope(x, r, nw, 1e-6, w, b, spec, tile=tile)
-            h, want_res = norm.add_rms_norm_reference(x.float(), r.float(), nw.float(), 1e-6)
-            qkv = F.linear(h, w.float(), b.float())
-            wq, wk, wv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
-            wq, wk = rope.rope_reference(
-                positions, wq.reshape(m, nq, d), wk.reshape(m, nkv, d), cos.float(), sin.float()
-            )
-            assert torch.equal(new_res.float(), (x.float() + r.float()).to(dtype).float()), "rope residual"
-            for got, want in ((q, wq), (k_cache[loc], wk), (v_cache[loc], wv.reshape(m, nkv, d))):
-                err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                assert err < tol, ("rope", dtype, m, tile.split_k, err)
-            others = torch.ones(100, dtype=torch.bool, device=device)
-            others[loc] = False
-            assert not k_cache[others].any() and not v_cache[others].any(), "rope wrote outside out_loc"
+            # With the norm in the kernel, and after it (qkv_rope, on the normalised rows).
+            for with_norm in (True, False):
+                k_cache.zero_()
+                v_cache.zero_()
+                h, want_res = norm.add_rms_norm_reference(x.float(), r.float(), nw.float(), 1e-6)
+                if with_norm:
+                    q, new_res = small_m.norm_qkv_rope(x, r, nw, 1e-6, w, b, spec, tile=tile)
+                    assert torch.equal(new_res.float(), (x.float() + r.float()).to(dtype).float()), "residual"
+                else:
+                    q = small_m.qkv_rope(h.to(dtype), w, b, spec, tile=tile)
+                    h = h.to(dtype).float()
+                qkv = F.linear(h, w.float(), b.float())
+                wq, wk, wv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+                wq, wk = rope.rope_reference(
+                    positions, wq.reshape(m, nq, d), wk.reshape(m, nkv, d), cos.float(), sin.float()
+                )
+                for got, want in ((q, wq), (k_cache[loc], wk), (v_cache[loc], wv.reshape(m, nkv, d))):
+                    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+                    assert err < tol, ("rope", with_norm, dtype, m, tile.split_k, err)
+                others = torch.ones(100, dtype=torch.bool, device=device)
+                others[loc] = False
+                assert not k_cache[others].any() and not v_cache[others].any(), "rope wrote outside out_loc"
     # A column block past the end of the weight and the default tile.
     x = torch.randn(3, 96, device=device)
     w = torch.randn(7, 96, device=device)

@@ -17,9 +17,10 @@ Around the product, work that would otherwise be a launch of its own:
   scales its float32 result by each row's 1/rms at the end. The weight loads never wait for the norm; the
   price is one rounding fewer than the eager norm makes (it rounds the normalised row before the weight
   multiplies it), differences of the order of bf16's last bit;
-- `norm_qkv_rope`: the merged q/k/v projection of an attention layer after its norm, each program one head:
-  it streams the head's two halves of W, so the rotary embedding pairs them in registers, and writes q to
-  the attention's input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does).
+- `qkv_rope`: the merged q/k/v projection of an attention layer, each program one head: it streams the
+  head's two halves of W, so the rotary embedding pairs them in registers, and writes q to the attention's
+  input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does); `norm_qkv_rope` does
+  the norm before it too.
 
 Where it runs is measured, not assumed: `TILES` lists the (shape, op) pairs where it beat the path without
 it (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every other
@@ -52,7 +53,8 @@ class Tile(NamedTuple):
 
 
 # What a launch computes around the product (the entry points below): the third part of a `TILES` key.
-LINEAR, SILU, NORM, NORM_SILU, NORM_ROPE = "linear", "silu", "norm", "norm_silu", "norm_rope"
+LINEAR, SILU, ROPE, NORM, NORM_SILU, NORM_ROPE = "linear", "silu", "rope", "norm", "norm_silu", "norm_rope"
+_NORM_OPS = (NORM, NORM_SILU, NORM_ROPE)
 
 # (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py on an H100, 2026-12-06.
 TILES: dict[tuple[int, int, str], Tile] = {
@@ -102,6 +104,18 @@ def norm_linear(
     return _launch(x, residual, norm_weight, eps, weight, bias, op_of(silu_mul, True), tile)
 
 
+def qkv_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rope: RopeStore,
+    tile: Tile | None = None,
+) -> torch.Tensor:
+    """`rope.rope_store_kv(linear(x, weight, bias), ...)` in one launch: returns q [m, Hq, D] and writes this
+    step's k and v at `rope.out_loc`."""
+    return _qkv_rope(x, None, None, 0.0, weight, bias, rope, ROPE, tile)[0]
+
+
 def norm_qkv_rope(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -114,10 +128,14 @@ def norm_qkv_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope.rope_store_kv(linear(RMSNorm(x + residual), weight, bias), ...)` in one launch: returns q
     [m, Hq, D] and the new residual, and writes this step's k and v at `rope.out_loc`."""
+    return _qkv_rope(x, residual, norm_weight, eps, weight, bias, rope, NORM_ROPE, tile)
+
+
+def _qkv_rope(x, residual, norm_weight, eps, weight, bias, rope: RopeStore, op: str, tile: Tile | None):
     heads = rope.num_heads + 2 * rope.num_kv_heads
     if weight.shape[0] != heads * rope.head_dim:
         raise ValueError(f"a q/k/v weight of {weight.shape[0]} rows for {heads} heads of {rope.head_dim}")
-    q, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, NORM_ROPE, tile, rope)
+    q, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope)
     return q.view(-1, rope.num_heads, rope.head_dim), new_residual
 
 
@@ -140,7 +158,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
-    silu_mul, norm = op in (SILU, NORM_SILU), op != LINEAR and op != SILU
+    silu_mul, norm = op in (SILU, NORM_SILU), op in _NORM_OPS
     if silu_mul and bias is not None:
         raise ValueError("silu_mul takes no bias")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]

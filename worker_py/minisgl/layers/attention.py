@@ -71,16 +71,21 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         attn: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(self(norm(x, residual)[0], ...), the new residual)`. At a few rows one kernel does the norm, the
-        q/k/v projection, RoPE and the KV write (`small_m.norm_qkv_rope`); else the norm may still run inside
-        the projection (`Linear.after_norm`)."""
+        """`(self(norm(x, residual)[0], ...), the new residual)`. At a few rows one kernel does the q/k/v
+        projection, RoPE and the KV write (`small_m.qkv_rope`), the norm too where that measured faster
+        (`small_m.norm_qkv_rope`); else the norm may still run inside the projection (`Linear.after_norm`)."""
         qkv = self.qkv_proj
-        if qkv.small_m and self.q_norm is None and small_m.suits(x, qkv.weight, small_m.NORM_ROPE):
-            store = self._rope_store_at(positions, attn)
-            q, residual = small_m.norm_qkv_rope(
-                x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, store
-            )
-            return self._attend_rotated(q, attn), residual
+        if qkv.small_m and self.q_norm is None:
+            if small_m.suits(x, qkv.weight, small_m.NORM_ROPE):
+                store = self._rope_store_at(positions, attn)
+                q, residual = small_m.norm_qkv_rope(
+                    x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, store
+                )
+                return self._attend_rotated(q, attn), residual
+            if small_m.suits(x, qkv.weight, small_m.ROPE):
+                h, residual = norm(x, residual)
+                q = small_m.qkv_rope(h, qkv.weight, qkv.bias, self._rope_store_at(positions, attn))
+                return self._attend_rotated(q, attn), residual
         h, residual = qkv.after_norm(norm, x, residual)
         return self.attend(h, positions, attn), residual
 
