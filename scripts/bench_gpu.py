@@ -57,8 +57,8 @@ CONFIGS = {
     "eager_sampling": {"graph_sampling": False},
     # The same, with every extend step run eagerly (the default before 2026-12-06).
     "eager_extend": {"extend_graphs": False},
-    # The same, our kernels launched with programmatic dependent launch.
-    "pdl": {"pdl": True},
+    # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).
+    "no_pdl": {"pdl": False},
 }
 
 

@@ -60,3 +60,18 @@ def test_a_kernel_launched_early_waits_for_the_one_before(name, pdl):
     ptx = compile_for_hopper(kernel, types, constexprs | {"PDL": pdl})
     assert ptx.count("griddepcontrol.wait") == int(pdl)
     assert ptx.count("griddepcontrol.launch_dependents") == int(pdl)
+
+
+def test_only_launches_inside_launched_early_ask_for_pdl():
+    import torch
+
+    from minisgl.kernels import pdl
+
+    assert not pdl.enabled
+    with pdl.launched_early(True):
+        assert pdl.enabled
+        with pdl.launched_early(False):
+            assert not pdl.enabled
+        assert pdl.enabled
+        assert pdl.launch_args(torch.zeros(1)) == {"PDL": False}  # never on the CPU
+    assert not pdl.enabled

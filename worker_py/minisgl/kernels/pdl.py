@@ -1,17 +1,24 @@
-"""Programmatic dependent launch (Hopper and later, `--pdl`): a kernel launched with it is scheduled while the
-kernel before it on the stream still runs, and waits for that kernel to finish, its writes visible, before
-touching memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels of a few
-microseconds each; without it every one of them also waits for its own launch after the one before ends.
+"""Programmatic dependent launch (Hopper and later): a kernel launched with it is scheduled while the kernel
+before it on the stream still runs, and waits for that kernel to finish, its writes visible, before touching
+memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels of a few microseconds each;
+without it every one of them also waits for its own launch after the one before ends.
 
 A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before anything else; its
 launches add `launch_args(tensor)`. Only once past the wait does it let the next kernel be scheduled: at most
 two kernels are in flight, the later one waiting. A kernel without the attribute (cuBLAS, torch's) is
 launched as always, after the one before it ends.
+
+Only the CUDA graphs of small steps are captured with it (`launched_early`, `MAX_ROWS`): measured on an H100
+(docs/benchmarks.md, 2026-12-07), a decode step's GPU time falls 11-12% at batch 1 and 16, is the same at 64
+and grows 2% at 256, where the kernel waiting early holds SM slots the one before could use. Eager steps
+launch as always.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -21,8 +28,21 @@ if triton is not None:
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-# Set by the runner (`WorkerConfig.pdl`) before it captures its graphs; read at every launch.
+MAX_ROWS = 32  # the largest captured graph launched with it
+
+# Read at every launch; on only inside `launched_early`.
 enabled = False
+
+
+@contextlib.contextmanager
+def launched_early(on: bool) -> Iterator[None]:
+    """Our kernels launched inside the block (a graph being captured) are launched with PDL if `on`."""
+    global enabled
+    before, enabled = enabled, on
+    try:
+        yield
+    finally:
+        enabled = before
 
 
 def launch_args(t: torch.Tensor) -> dict:

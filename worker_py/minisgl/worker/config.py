@@ -70,9 +70,9 @@ class WorkerConfig:
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
     pdl: bool = opt(
-        False,
-        "programmatic dependent launch (Hopper and later): each of our kernels is scheduled while the one "
-        "before it still runs, hiding its launch (docs/architecture.md)",
+        True,
+        "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
+        "is scheduled while the one before it still runs, hiding its launch (docs/architecture.md)",
     )
     tp: int = opt(
         1,

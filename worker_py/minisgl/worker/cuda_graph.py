@@ -17,6 +17,8 @@ top-p: a few dozen small launches), more than the forward's GPU time at small ba
 Small extend steps are captured too, as decode steps of one row per new token (`token_rows.py`), at token
 counts `token_sizes`: those graphs stop at the last hidden state of every row, since only each request's last
 row needs logits (gathered and sampled after the replay).
+
+With `pdl` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels early (`kernels/pdl.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from minisgl.attention.base import AttentionBackend
+from minisgl.kernels import pdl
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
@@ -66,8 +69,10 @@ class DecodeGraphs:
         sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
         hidden: Callable[[ForwardBatch], torch.Tensor] | None = None,
         token_sizes: list[int] = (),
+        pdl: bool = False,
     ) -> None:
         self._forward = forward
+        self._pdl = pdl
         self._sample = sample
         self._hidden = hidden
         # A padded row lists one page at least: a size past the index buffer could not even be captured.
@@ -117,17 +122,8 @@ class DecodeGraphs:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
             self._attn.plan_graph(batch, rows, token_rows=hidden)
             self._uploader.finish()
-            if hidden:
-                self._hidden_graphs[rows], self._hidden_out[rows] = _capture(
-                    partial(self._hidden, batch), pool
-                )
-                continue
-            self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
-            self._logits[rows] = logits
-            for mode in SampleMode if self._sample is not None else ():
-                key = (rows, mode)
-                run = partial(self._sample, batch, logits, mode)
-                self._sample_graphs[key], self._sampled[key] = _capture(run, pool)
+            with pdl.launched_early(self._pdl and rows <= pdl.MAX_ROWS):
+                self._capture_size(batch, rows, hidden, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         log.info(
@@ -140,6 +136,17 @@ class DecodeGraphs:
             self.token_sizes,
         )
         return seconds
+
+    def _capture_size(self, batch: ForwardBatch, rows: int, hidden: bool, pool) -> None:
+        if hidden:
+            self._hidden_graphs[rows], self._hidden_out[rows] = _capture(partial(self._hidden, batch), pool)
+            return
+        self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
+        self._logits[rows] = logits
+        for mode in SampleMode if self._sample is not None else ():
+            key = (rows, mode)
+            run = partial(self._sample, batch, logits, mode)
+            self._sample_graphs[key], self._sampled[key] = _capture(run, pool)
 
     @property
     def samples(self) -> bool:

@@ -13,7 +13,6 @@ import torch
 from minisgl import tp
 from minisgl.attention import BACKENDS, create_backend
 from minisgl.attention.base import AttentionConfig
-from minisgl.kernels import pdl as kernels_pdl
 from minisgl.kernels.rounding import available as kernels_available
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
@@ -115,8 +114,6 @@ class ModelRunner:
         self.model_config = mc = ModelConfig.from_dir(cfg.model)
         decode_backend = BACKENDS[cfg.decode_attention].load()
         self.fused_kernels = cfg.fused_kernels and kernels_available(self.device)
-        # Read at every launch of our kernels, so before the graphs are captured (one model per process).
-        kernels_pdl.enabled = cfg.pdl
         # small_m's tl.dot would run float32 through TF32: it is for the half-precision dtypes only.
         self.small_m_kernels = self.fused_kernels and self.dtype in (torch.bfloat16, torch.float16)
         fused, small = self.fused_kernels, self.small_m_kernels
@@ -172,6 +169,7 @@ class ModelRunner:
                 sample=self._sample_rows if cfg.graph_sampling else None,
                 hidden=self._forward_hidden if cfg.extend_graphs else None,
                 token_sizes=token_graph_sizes(cfg.max_step_tokens),
+                pdl=cfg.pdl,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
