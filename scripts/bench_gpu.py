@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
 from minisgl.bench.random_model import SHAPES, make_model  # noqa: E402
+from minisgl.kernels import small_m  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
@@ -59,7 +60,12 @@ CONFIGS = {
     "eager_extend": {"extend_graphs": False},
     # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).
     "no_pdl": {"pdl": False},
+    # The default, with gate/up and its SiLU-and-mul through small_m too (`tiles`: added to small_m.TILES):
+    # with PDL every kernel of a layer at batch 1 is then ours.
+    "gate_up_small_m": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(16, 256, 4, 3)}},
+    "gate_up_small_m32": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(32, 128, 4, 3)}},
 }
+DEFAULT_TILES = dict(small_m.TILES)
 
 
 def log(*args) -> None:
@@ -72,7 +78,11 @@ def worker_config(model_dir: Path, num_pages: int | None, **settings) -> WorkerC
 
 
 def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:
-    return ModelRunner(worker_config(model_dir, num_pages, **CONFIGS[config]), show_progress=False)
+    """The runner of a configuration; its `tiles` stay in small_m.TILES until the next runner is made."""
+    settings = dict(CONFIGS[config])
+    small_m.TILES.clear()
+    small_m.TILES.update(DEFAULT_TILES | settings.pop("tiles", {}))
+    return ModelRunner(worker_config(model_dir, num_pages, **settings), show_progress=False)
 
 
 def vocab_size(model_dir) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "worker_py")]
 
-from minisgl.kernels import activation, norm, rope, small_m  # noqa: E402
+from minisgl.kernels import activation, norm, pdl, rope, small_m  # noqa: E402
 
 HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
@@ -68,19 +68,21 @@ def tiles(name: str) -> list[small_m.Tile]:
     return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 
 
-def graph_us(fn, copies: int) -> float:
+def graph_us(fn, copies: int, early: bool = False) -> float:
     """Median time of one `fn(i)` call, i = 0..copies-1 (each on its own weight copy) captured in a CUDA
-    graph and replayed."""
-    fn(0)
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
+    graph and replayed; with `early` our kernels are launched with PDL (kernels/pdl.py), as in the model's
+    small graphs."""
+    with pdl.launched_early(early):  # the warm-up compiles the variant the graph launches
         fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn(0)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(copies):
+                fn(i)
     graph.replay()
     times = []
     for _ in range(15):
@@ -93,7 +95,7 @@ def graph_us(fn, copies: int) -> float:
     return statistics.median(times)
 
 
-def bench_shape(name: str, rows: int, warm: bool) -> dict:
+def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
     n, k, has_bias, silu, prologue = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     w_rows = 2 * n if silu else n
@@ -136,12 +138,12 @@ def bench_shape(name: str, rows: int, warm: bool) -> dict:
 
     want = current(0).float()
     weight_bytes = ws[0].numel() * 2
-    row = {"copies": copies, "cublas_us": graph_us(current, len(ws)), "tiles": {}}
+    row = {"copies": copies, "cublas_us": graph_us(current, len(ws), early), "tiles": {}}
     for t in tiles(name):
         try:
             got = ours(0, t).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
-            us = graph_us(lambda i, t=t: ours(i, t), len(ws))
+            us = graph_us(lambda i, t=t: ours(i, t), len(ws), early)
             row["tiles"][",".join(map(str, t))] = {"us": us, "rel_err": err}
         except Exception as e:  # a tile that does not compile (shared memory): skip it, say so
             row["tiles"][",".join(map(str, t))] = {"error": f"{type(e).__name__}: {e}"[:200]}
@@ -159,6 +161,7 @@ def main() -> int:
     p.add_argument("--out", default="bench_kernels.json")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--warm", action="store_true", help="every call reads the same weights, from L2")
+    p.add_argument("--pdl", action="store_true", help="our kernels launched with PDL, as in small graphs")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -167,10 +170,11 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": torch.cuda.get_device_name(),
         "weights": "L2" if a.warm else "HBM",
+        "pdl": a.pdl,
     }
     lines = [
         f"# {results['date']} {results['device']}: us per call inside a CUDA graph, weights from "
-        f"{'L2' if a.warm else 'HBM'} (GB/s); "
+        f"{'L2' if a.warm else 'HBM'} (GB/s){', PDL launches' if a.pdl else ''}; "
         "cublas = the path without small_m (norm kernel, cuBLAS, SiLU kernel)"
     ]
     suggested = {}
@@ -178,7 +182,7 @@ def main() -> int:
     for name in a.shapes.split(","):
         for rows in ROWS:
             try:
-                r = bench_shape(name, rows, a.warm)
+                r = bench_shape(name, rows, a.warm, a.pdl)
             except Exception:
                 r = {"error": traceback.format_exc()}
                 print(r["error"], file=sys.stderr)
