@@ -64,6 +64,22 @@ CONFIGS = {
     # with PDL every kernel of a layer at batch 1 is then ours.
     "gate_up_small_m": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(16, 256, 4, 3)}},
     "gate_up_small_m32": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(32, 128, 4, 3)}},
+    # o, down and gate/up with tiles whose split reads one K tile, loaded before the wait for the kernel
+    # before (small_m's PRELOAD): with PDL, during that kernel.
+    "preload": {
+        "tiles": {
+            (896, 896, small_m.LINEAR): small_m.Tile(16, 1024, 4, 1),
+            (896, 4864, small_m.LINEAR): small_m.Tile(32, 512, 4, 1, split_k=10),
+            (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1),
+        }
+    },
+    "preload_b": {
+        "tiles": {
+            (896, 896, small_m.LINEAR): small_m.Tile(16, 512, 4, 1, split_k=2),
+            (896, 4864, small_m.LINEAR): small_m.Tile(16, 1024, 8, 1, split_k=5),
+            (9728, 896, small_m.SILU): small_m.Tile(32, 512, 8, 1, split_k=2),
+        }
+    },
 }
 DEFAULT_TILES = dict(small_m.TILES)
 

@@ -55,17 +55,28 @@ MAX_CALLS = 64
 
 def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
-    strips are few (each split is another program streaming its share of W)."""
+    strips are few (each split is another program streaming its share of W); then `preloaded(name)`."""
     if name in ROPE_SHAPES:  # a strip is a head: only K is tiled
         sweep = itertools.product((128, 256), (4,), (3,), (1, 2, 4))
-        return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
+        return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep] + preloaded(name)
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
     strips = (16, 32, 64) if name == "down" else (16, 32)
     splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2), "qkv_bias": (1, 2)}.get(name, (1,))
     sweep = itertools.product(strips, (128, 256), (4,), (3,), splits)
-    return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
+    return (
+        [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits] + preloaded(name)
+    )
+
+
+def preloaded(name: str) -> list[small_m.Tile]:
+    """Tiles whose split reads one K tile, which small_m loads before waiting for the kernel before: with
+    `--pdl`, while that kernel runs."""
+    k = SHAPES[name][1]
+    strips = (HEAD_DIM // 2,) if name in ROPE_SHAPES else (16, 32)
+    sweep = itertools.product(strips, (256, 512, 1024), (4, 8))
+    return [small_m.Tile(n, bk, w, 1, -(-k // bk)) for n, bk, w in sweep if -(-k // bk) <= 32]
 
 
 def graph_us(fn, copies: int, early: bool = False) -> float:

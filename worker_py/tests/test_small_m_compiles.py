@@ -14,7 +14,17 @@ from minisgl.kernels import small_m  # noqa: E402
 
 KERNEL = small_m._small_m_kernel
 INTS = ("M", "N", "K", "stride_x", "k_per_split")
-OFF = dict(NORM=False, HAS_RES=False, HAS_BIAS=False, SILU_MUL=False, ROPE=False, NQ=0, NKV=0, PDL=False)
+OFF = dict(
+    NORM=False,
+    HAS_RES=False,
+    HAS_BIAS=False,
+    SILU_MUL=False,
+    ROPE=False,
+    NQ=0,
+    NKV=0,
+    PRELOAD=False,
+    PDL=False,
+)
 # name -> constexprs, as _launch sets them for Qwen2.5-0.5B's projections
 VARIANTS = {
     "o": dict(OFF, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
@@ -26,8 +36,17 @@ VARIANTS = {
     "q/k/v after the norm": dict(
         OFF, NORM=True, HAS_RES=True, HAS_BIAS=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128
     ),
-    "q/k/v with RoPE after the norm kernel": dict(
-        OFF, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256
+    "q/k/v with RoPE after the norm kernel, preloaded": dict(
+        OFF,
+        HAS_BIAS=True,
+        ROPE=True,
+        NQ=14,
+        NKV=2,
+        PRELOAD=True,
+        PDL=True,
+        SPLIT_K=4,
+        BLOCK_N=32,
+        BLOCK_K=256,
     ),
     "q/k/v with RoPE, layer 0": dict(
         OFF, NORM=True, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256
@@ -77,9 +96,17 @@ def compile_for_hopper(constexprs: dict, num_stages: int = 3):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_small_m_compiles_for_hopper_with_pipelined_weight_loads(variant):
-    ptx = compile_for_hopper(VARIANTS[variant]).asm["ptx"]
+    constexprs = VARIANTS[variant]
+    ptx = compile_for_hopper(constexprs).asm["ptx"]
+    assert "mma.sync" in ptx
+    if constexprs["PRELOAD"]:
+        # The split's one weight tile is read before the wait for the kernel before; nothing the kernel
+        # before writes (input, partial sums, counters) is touched, and nothing is written, before it.
+        before = ptx[: ptx.index("griddepcontrol.wait")]
+        assert before.count("ld.global") >= 8, variant
+        assert "st.global" not in before and "atom." not in before, variant
+        return
     # The weight tiles stream through asynchronous copies, several K tiles ahead: the kernel's whole point.
     assert ptx.count("cp.async") >= 8, variant
-    assert "mma.sync" in ptx
     # Launched with PDL, it waits for the kernel before it first (kernels/pdl.py); else it has no such wait.
     assert ("griddepcontrol.wait" in ptx) == VARIANTS[variant]["PDL"]

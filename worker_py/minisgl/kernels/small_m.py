@@ -212,6 +212,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
         NKV=r.num_kv_heads,
         SPLIT_K=splits,
         SLOT=slot,
+        PRELOAD=per_split == 1,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         num_warps=t.num_warps,
@@ -260,9 +261,9 @@ if triton is not None:
         SLOT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PRELOAD: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        wait_previous(PDL)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, 16)
@@ -280,36 +281,34 @@ if triton is not None:
         col_ok = cols < N
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         pair_rows = w_ptr + pair_cols.to(tl.int64)[:, None] * K
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        if PRELOAD:
+            # The split's whole share of W is one tile: read it before waiting for the kernel before, which
+            # never writes weights. Launched early (PDL) the read overlaps that kernel.
+            ks = k_lo + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_hi
+            w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
+        wait_previous(PDL)
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         # Squares summed per element and reduced once after the loop: a reduction across the K tile in
         # every iteration synchronises the warps, and the weight stream with them.
         sq_tile = tl.zeros([BLOCK_K, 16], dtype=tl.float32)
-        k_lo = split * k_per_split
-        k_hi = tl.minimum(K, k_lo + k_per_split)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < k_hi
-            w_mask = col_ok[:, None] & k_ok[None, :]
-            # The weights are read once per step: keep them out of the L2 the activations live in.
-            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            if PAIRED:
-                w2 = tl.load(pair_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            x_mask = row_ok[None, :] & k_ok[:, None]
-            x_offs = rows[None, :] * stride_x + ks[:, None]
-            xt = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-            if NORM:
-                xf = xt.to(tl.float32)
-                if HAS_RES:
-                    xf = round_to(xf + tl.load(res_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32), dt)
-                    if pid == 0:
-                        tl.store(res_out_ptr + rows[None, :] * K + ks[:, None], xf.to(dt), mask=x_mask)
-                sq_tile += xf * xf
-                nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                xt = (xf * nw[:, None]).to(dt)
-            acc += tl.dot(w, xt)
-            if PAIRED:
-                acc2 += tl.dot(w2, xt)
+        if PRELOAD:
+            acc, acc2, sq_tile = _accumulate(
+                acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr, nw_ptr,
+                stride_x, K, NORM, HAS_RES, PAIRED,
+            )  # fmt: skip
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < k_hi
+                w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
+                acc, acc2, sq_tile = _accumulate(
+                    acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr,
+                    nw_ptr, stride_x, K, NORM, HAS_RES, PAIRED,
+                )  # fmt: skip
         sq = tl.sum(sq_tile, axis=0)
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
@@ -374,6 +373,42 @@ if triton is not None:
             )
         else:
             tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
+
+    @triton.jit
+    def _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED: tl.constexpr):
+        """The strip's [BLOCK_N, BLOCK_K] tile of W at columns `ks`, and its paired one (W again if none)."""
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        # The weights are read once per step: keep them out of the L2 the activations live in.
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        w2 = w
+        if PAIRED:
+            w2 = tl.load(pair_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        return w, w2
+
+    @triton.jit
+    def _accumulate(
+        acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr, nw_ptr,
+        stride_x, K, NORM: tl.constexpr, HAS_RES: tl.constexpr, PAIRED: tl.constexpr,
+    ):  # fmt: skip
+        """One K tile: the input's columns `ks` (with the residual added and the norm's weight applied under
+        NORM, its squares summed into `sq_tile`) multiplied into the accumulators."""
+        dt = x_ptr.dtype.element_ty
+        x_mask = row_ok[None, :] & k_ok[:, None]
+        x_offs = rows[None, :] * stride_x + ks[:, None]
+        xt = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
+        if NORM:
+            xf = xt.to(tl.float32)
+            if HAS_RES:
+                xf = round_to(xf + tl.load(res_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32), dt)
+                if pid == 0:
+                    tl.store(res_out_ptr + rows[None, :] * K + ks[:, None], xf.to(dt), mask=x_mask)
+            sq_tile += xf * xf
+            nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            xt = (xf * nw[:, None]).to(dt)
+        acc += tl.dot(w, xt)
+        if PAIRED:
+            acc2 += tl.dot(w2, xt)
+        return acc, acc2, sq_tile
 
     @triton.jit
     def _rope_epilogue(
