@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 
 from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
+from minisgl.attention import triton_decode  # noqa: E402
 from minisgl.bench.random_model import SHAPES, make_model  # noqa: E402
 from minisgl.kernels import small_m  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
@@ -73,6 +74,8 @@ CONFIGS = {
             (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1),
         }
     },
+    # The default, the graphs of up to 32 rows combining the attention's splits in the split kernel.
+    "fused_combine": {"fused_combine_rows": 32},
     "preload_b": {
         "tiles": {
             (896, 896, small_m.LINEAR): small_m.Tile(16, 512, 4, 1, split_k=2),
@@ -94,10 +97,12 @@ def worker_config(model_dir: Path, num_pages: int | None, **settings) -> WorkerC
 
 
 def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:
-    """The runner of a configuration; its `tiles` stay in small_m.TILES until the next runner is made."""
+    """The runner of a configuration; its `tiles` (added to small_m.TILES) and `fused_combine_rows`
+    (triton_decode.FUSED_COMBINE_ROWS) hold until the next runner is made."""
     settings = dict(CONFIGS[config])
     small_m.TILES.clear()
     small_m.TILES.update(DEFAULT_TILES | settings.pop("tiles", {}))
+    triton_decode.FUSED_COMBINE_ROWS = settings.pop("fused_combine_rows", 0)
     return ModelRunner(worker_config(model_dir, num_pages, **settings), show_progress=False)
 
 
