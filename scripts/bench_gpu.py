@@ -69,18 +69,20 @@ CONFIGS = {
     # before (small_m's PRELOAD): with PDL, during that kernel.
     "preload": {
         "tiles": {
-            (896, 896, small_m.LINEAR): small_m.Tile(16, 1024, 4, 1),
-            (896, 4864, small_m.LINEAR): small_m.Tile(32, 512, 4, 1, split_k=10),
-            (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1),
+            (896, 896, small_m.LINEAR): small_m.Tile(16, 1024, 4, 1, preload=True),
+            (896, 4864, small_m.LINEAR): small_m.Tile(32, 512, 4, 1, split_k=10, preload=True),
+            (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1, preload=True),
+            (1152, 896, small_m.ROPE): small_m.Tile(32, 256, 4, 1, split_k=4, preload=True),
         }
     },
     # The default, the graphs of up to 32 rows combining the attention's splits in the split kernel.
     "fused_combine": {"fused_combine_rows": 32},
     "preload_b": {
         "tiles": {
-            (896, 896, small_m.LINEAR): small_m.Tile(16, 512, 4, 1, split_k=2),
-            (896, 4864, small_m.LINEAR): small_m.Tile(16, 1024, 8, 1, split_k=5),
-            (9728, 896, small_m.SILU): small_m.Tile(32, 512, 8, 1, split_k=2),
+            (896, 896, small_m.LINEAR): small_m.Tile(16, 512, 4, 1, split_k=2, preload=True),
+            (896, 4864, small_m.LINEAR): small_m.Tile(16, 1024, 8, 1, split_k=5, preload=True),
+            (9728, 896, small_m.SILU): small_m.Tile(32, 512, 8, 1, split_k=2, preload=True),
+            (1152, 896, small_m.ROPE): small_m.Tile(32, 512, 4, 1, split_k=2, preload=True),
         }
     },
 }

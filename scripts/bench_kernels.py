@@ -76,7 +76,7 @@ def preloaded(name: str) -> list[small_m.Tile]:
     k = SHAPES[name][1]
     strips = (HEAD_DIM // 2,) if name in ROPE_SHAPES else (16, 32)
     sweep = itertools.product(strips, (256, 512, 1024), (4, 8))
-    return [small_m.Tile(n, bk, w, 1, -(-k // bk)) for n, bk, w in sweep if -(-k // bk) <= 32]
+    return [small_m.Tile(n, bk, w, 1, -(-k // bk), True) for n, bk, w in sweep if -(-k // bk) <= 32]
 
 
 def graph_us(fn, copies: int, early: bool = False) -> float:

@@ -24,8 +24,9 @@ CHECK = textwrap.dedent(
     torch.manual_seed(0)
     # Shapes that are not multiples of the tiles, so every mask matters.
     # K of 200 is four 64-column tiles: one program per strip, or four splits whose partial sums the
-    # strip's last program adds.
-    tiles = (small_m.Tile(16, 64, 4, 2), small_m.Tile(16, 64, 4, 2, split_k=4))
+    # strip's last program adds, or four splits that read their one tile first (preload).
+    preloaded = small_m.Tile(16, 64, 4, 1, split_k=4, preload=True)
+    tiles = (small_m.Tile(16, 64, 4, 2), small_m.Tile(16, 64, 4, 2, split_k=4), preloaded)
     # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot: bf16 is checked compiled only.
     # Compiled, float32 tiles go through TF32 (the model uses the kernel in bf16 and fp16 only).
     dtypes = ((torch.float32, 1e-5),) if device == "cpu" else ((torch.float32, 5e-3), (torch.bfloat16, 2e-2))
@@ -115,6 +116,12 @@ CHECK = textwrap.dedent(
         pass
     else:
         raise AssertionError("17 rows accepted")
+    try:  # a preloaded tile must cover its split's share of K in one tile
+        small_m.linear(x, w, tile=small_m.Tile(16, 32, 4, 1, split_k=1, preload=True))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a preloaded tile of 32 columns accepted for 96")
     # Every strip's arrival counter is back at zero for the next launch.
     (counters,) = small_m._COUNTERS.values()
     assert not counters.any()

@@ -50,6 +50,9 @@ class Tile(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int = 1
+    # Each split reads its whole share of W as one tile before waiting for the kernel before (launched
+    # with PDL, during it); needs split_k * block_k >= the input columns.
+    preload: bool = False
 
 
 # What a launch computes around the product (the entry points below): the third part of a `TILES` key.
@@ -172,6 +175,8 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
         t = t._replace(block_n=rope.head_dim // 2)
     k_tiles = triton.cdiv(k, t.block_k)
     per_split = triton.cdiv(k_tiles, t.split_k)
+    if t.preload and per_split != 1:
+        raise ValueError(f"a preloaded tile reads one K tile per split: {t} over {k} input columns")
     splits = triton.cdiv(k_tiles, per_split)  # no split left without columns
     paired = silu_mul or rope is not None
     strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
@@ -212,7 +217,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
         NKV=r.num_kv_heads,
         SPLIT_K=splits,
         SLOT=slot,
-        PRELOAD=per_split == 1,
+        PRELOAD=t.preload,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         num_warps=t.num_warps,
