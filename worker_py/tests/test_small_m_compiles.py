@@ -14,17 +14,8 @@ from minisgl.kernels import small_m  # noqa: E402
 
 KERNEL = small_m._small_m_kernel
 INTS = ("M", "N", "K", "stride_x", "k_per_split")
-OFF = dict(
-    NORM=False,
-    HAS_RES=False,
-    HAS_BIAS=False,
-    SILU_MUL=False,
-    ROPE=False,
-    NQ=0,
-    NKV=0,
-    PRELOAD=False,
-    PDL=False,
-)
+SWITCHES = ("NORM", "HAS_RES", "HAS_BIAS", "SILU_MUL", "ROPE", "PRELOAD", "PDL")
+OFF = dict.fromkeys(SWITCHES, False) | {"NQ": 0, "NKV": 0}
 # name -> constexprs, as _launch sets them for Qwen2.5-0.5B's projections
 VARIANTS = {
     "o": dict(OFF, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
