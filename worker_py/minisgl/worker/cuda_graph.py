@@ -18,7 +18,8 @@ Small extend steps are captured too, as decode steps of one row per new token (`
 counts `token_sizes`: those graphs stop at the last hidden state of every row, since only each request's last
 row needs logits (gathered and sampled after the replay).
 
-With `pdl` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels early (`kernels/pdl.py`).
+With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
+dependent launch (`kernels/pdl.py`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ class DecodeGraphs:
         sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
         hidden: Callable[[ForwardBatch], torch.Tensor] | None = None,
         token_sizes: list[int] = (),
-        pdl: bool = False,
+        launch_early: bool = False,
     ) -> None:
         self._forward = forward
-        self._pdl = pdl
+        self._launch_early = launch_early
         self._sample = sample
         self._hidden = hidden
         # A padded row lists one page at least: a size past the index buffer could not even be captured.
@@ -122,7 +123,7 @@ class DecodeGraphs:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
             self._attn.plan_graph(batch, rows, token_rows=hidden)
             self._uploader.finish()
-            with pdl.launched_early(self._pdl and rows <= pdl.MAX_ROWS):
+            with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
                 self._capture_size(batch, rows, hidden, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -169,7 +169,7 @@ class ModelRunner:
                 sample=self._sample_rows if cfg.graph_sampling else None,
                 hidden=self._forward_hidden if cfg.extend_graphs else None,
                 token_sizes=token_graph_sizes(cfg.max_step_tokens),
-                pdl=cfg.pdl,
+                launch_early=cfg.pdl,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
