@@ -3,8 +3,9 @@ before it on the stream still runs, and waits for that kernel to finish, its wri
 memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels of a few microseconds each;
 without it every one of them also waits for its own launch after the one before ends.
 
-A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before anything else; its
-launches add `launch_args(tensor)`. Only once past the wait does it let the next kernel be scheduled: at most
+A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before it reads or writes
+anything another kernel writes (small_m reads weights before it: `Tile.preload`); its launches add
+`launch_args(tensor)`. Only once past the wait does it let the next kernel be scheduled: at most
 two kernels are in flight, the later one waiting. A kernel without the attribute (cuBLAS, torch's) is
 launched as always, after the one before it ends.
 
