@@ -48,6 +48,17 @@ PAGE_SIZE = 16
 MAX_BATCH = 256
 MAX_TOKENS = 8192
 # Worker settings (WorkerConfig fields) compared. `default` is what `minisgl serve` runs on a GPU.
+TAIL_NORM = {
+    (896, 896, small_m.ADD_NORM): small_m.TILES[896, 896, small_m.LINEAR],
+    (896, 4864, small_m.ADD_NORM): small_m.TILES[896, 4864, small_m.LINEAR],
+}
+GATE_UP = {(9728, 896, small_m.SILU): small_m.Tile(16, 256, 4, 3)}
+PRELOAD = {
+    (896, 896, small_m.ADD_NORM): small_m.Tile(16, 1024, 4, 1, preload=True),
+    (896, 4864, small_m.ADD_NORM): small_m.Tile(32, 512, 4, 1, split_k=10, preload=True),
+    (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1, preload=True),
+    (1152, 896, small_m.ROPE): small_m.Tile(32, 256, 4, 1, split_k=4, preload=True),
+}
 CONFIGS = {
     "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
     "flashinfer": {"attention": "flashinfer", "decode_attention": "flashinfer", "cuda_graphs": False},
@@ -63,7 +74,7 @@ CONFIGS = {
     "no_pdl": {"pdl": False},
     # The default, with gate/up and its SiLU-and-mul through small_m too (`tiles`: added to small_m.TILES):
     # with PDL every kernel of a layer at batch 1 is then ours.
-    "gate_up_small_m": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(16, 256, 4, 3)}},
+    "gate_up_small_m": {"tiles": GATE_UP},
     "gate_up_small_m32": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(32, 128, 4, 3)}},
     # o, down and gate/up with tiles whose split reads one K tile, loaded before the wait for the kernel
     # before (small_m's PRELOAD): with PDL, during that kernel.
@@ -85,6 +96,12 @@ CONFIGS = {
             (1152, 896, small_m.ROPE): small_m.Tile(32, 512, 4, 1, split_k=2, preload=True),
         }
     },
+    # The default, o and down adding the residual and normalising in their own launch (small_m.ADD_NORM).
+    "tail_norm": {"tiles": TAIL_NORM},
+    # Five launches a layer at batch 1: q/k/v with RoPE, attention, o with the norm, gate/up with SiLU, down
+    # with the norm; and the same with preloading tiles.
+    "five_launches": {"tiles": TAIL_NORM | GATE_UP, "fused_combine_rows": 32},
+    "five_launches_preload": {"tiles": TAIL_NORM | GATE_UP | PRELOAD, "fused_combine_rows": 32},
 }
 DEFAULT_TILES = dict(small_m.TILES)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """GPU micro-benchmark of `small_m` against cuBLAS on Qwen2.5-0.5B's decode projections.
 
-For each weight shape (qkv with its bias and the input norm, o, gate/up with the norm and SiLU-and-mul, down,
-the tied lm_head; q/k/v and gate/up also after the norm kernel) and batch rows 1 and 16, times every tile of a
-sweep and the path the model takes without small_m (`norm.add_rms_norm`, F.linear, `activation.silu_and_mul`),
+For each weight shape (q/k/v with its bias, alone and with RoPE; o and down, alone and with the residual add
+and norm after them; gate/up with SiLU-and-mul; the tied lm_head) and batch rows 1 and 16, times every tile
+of a sweep and the path the model takes without small_m (F.linear, then `rope.rope_store_kv`,
+`norm.add_rms_norm` or `activation.silu_and_mul`),
 each call replayed inside a CUDA graph as the decode step runs it. Every call reads a different copy of the
 weights, enough copies to overflow the L2 cache: in a decode step every layer's weights come from HBM (a first
 version of this script reused one copy, measured L2 speeds, and picked tiles that lost in the model). `--warm`
@@ -35,19 +36,18 @@ from minisgl.kernels import activation, norm, pdl, rope, small_m  # noqa: E402
 
 HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
-# name -> (output columns, input columns, bias, silu_mul, norm in the prologue)
+L, SILU, ROPE, ADD_NORM = small_m.LINEAR, small_m.SILU, small_m.ROPE, small_m.ADD_NORM
+# name -> (output columns, input columns, bias, what the launch computes around the product: small_m's op)
 SHAPES = {
-    "qkv_rope": (QKV, HIDDEN, True, False, True),  # and RoPE with the KV write after it
-    "qkv": (QKV, HIDDEN, True, False, True),
-    "o": (HIDDEN, HIDDEN, False, False, False),
-    "gate_up": (INTER, HIDDEN, False, True, True),
-    "gate_up_silu": (INTER, HIDDEN, False, True, False),  # after the norm kernel, SiLU-and-mul fused
-    "qkv_bias": (QKV, HIDDEN, True, False, False),  # after the norm kernel
-    "qkv_bias_rope": (QKV, HIDDEN, True, False, False),  # after the norm kernel, with RoPE and the KV write
-    "down": (HIDDEN, INTER, False, False, False),
-    "lm_head": (VOCAB, HIDDEN, False, False, False),
+    "qkv_bias": (QKV, HIDDEN, True, L),  # after the norm kernel
+    "qkv_bias_rope": (QKV, HIDDEN, True, ROPE),  # after the norm kernel, with RoPE and the KV write
+    "o": (HIDDEN, HIDDEN, False, L),
+    "o_norm": (HIDDEN, HIDDEN, False, ADD_NORM),  # with the residual add and the norm after it
+    "gate_up_silu": (INTER, HIDDEN, False, SILU),  # SiLU-and-mul fused
+    "down": (HIDDEN, INTER, False, L),
+    "down_norm": (HIDDEN, INTER, False, ADD_NORM),
+    "lm_head": (VOCAB, HIDDEN, False, L),
 }
-ROPE_SHAPES = ("qkv_rope", "qkv_bias_rope")
 ROWS = (1, 16)
 COLD_BYTES = 256 << 20  # weight copies per graph: five times the H200's 50 MB L2
 MAX_CALLS = 64
@@ -56,14 +56,15 @@ MAX_CALLS = 64
 def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
     strips are few (each split is another program streaming its share of W); then `preloaded(name)`."""
-    if name in ROPE_SHAPES:  # a strip is a head: only K is tiled
+    if SHAPES[name][3] == ROPE:  # a strip is a head: only K is tiled
         sweep = itertools.product((128, 256), (4,), (3,), (1, 2, 4))
         return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep] + preloaded(name)
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
-    strips = (16, 32, 64) if name == "down" else (16, 32)
-    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv": (1, 2), "qkv_bias": (1, 2)}.get(name, (1,))
+    base = name.removesuffix("_norm")  # the same sweep with the norm after the product
+    strips = (16, 32, 64) if base == "down" else (16, 32)
+    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv_bias": (1, 2)}.get(base, (1,))
     sweep = itertools.product(strips, (128, 256), (4,), (3,), splits)
     return (
         [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits] + preloaded(name)
@@ -74,7 +75,7 @@ def preloaded(name: str) -> list[small_m.Tile]:
     """Tiles whose split reads one K tile, which small_m loads before waiting for the kernel before: with
     `--pdl`, while that kernel runs."""
     k = SHAPES[name][1]
-    strips = (HEAD_DIM // 2,) if name in ROPE_SHAPES else (16, 32)
+    strips = (HEAD_DIM // 2,) if SHAPES[name][3] == ROPE else (16, 32)
     sweep = itertools.product(strips, (256, 512, 1024), (4, 8))
     return [small_m.Tile(n, bk, w, 1, -(-k // bk), True) for n, bk, w in sweep if -(-k // bk) <= 32]
 
@@ -107,7 +108,8 @@ def graph_us(fn, copies: int, early: bool = False) -> float:
 
 
 def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
-    n, k, has_bias, silu, prologue = SHAPES[name]
+    n, k, has_bias, op = SHAPES[name]
+    silu = op == SILU
     gen = torch.Generator(device="cuda").manual_seed(0)
     w_rows = 2 * n if silu else n
     copies = 1 if warm else max(1, min(MAX_CALLS, COLD_BYTES // (w_rows * k * 2)))
@@ -116,11 +118,14 @@ def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
         ws *= MAX_CALLS
     b = torch.randn(n, device="cuda", generator=gen).bfloat16() if has_bias else None
     x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-    res = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-    nw = (1 + torch.randn(k, device="cuda", generator=gen) / 4).bfloat16()
+    then = small_m.AddNorm(
+        torch.randn(rows, n, device="cuda", generator=gen).bfloat16(),
+        (1 + torch.randn(n, device="cuda", generator=gen) / 4).bfloat16(),
+        1e-6,
+    )
 
     rope_spec = None
-    if name in ROPE_SHAPES:  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
+    if op == ROPE:  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
         angles = torch.arange(1024, device="cuda").float()[:, None] * torch.rand(HEAD_DIM, device="cuda")
         k_cache, v_cache = (torch.zeros(4096, KV_HEADS, HEAD_DIM, device="cuda").bfloat16() for _ in "kv")
         positions = torch.randint(0, 1000, (rows,), device="cuda", generator=gen)
@@ -129,22 +134,21 @@ def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
         rope_spec = rope.RopeStore(positions, cos, sin, loc, k_cache, v_cache, HEADS, KV_HEADS, HEAD_DIM)
 
     def current(i):
-        h = norm.add_rms_norm(x, res, nw, 1e-6)[0] if prologue else x
-        out = F.linear(h, ws[i], b)
-        if rope_spec is not None:
+        out = F.linear(x, ws[i], b)
+        if op == ROPE:
             r = rope_spec
             return rope.rope_store_kv(
                 out, r.positions, r.cos, r.sin, r.out_loc, r.k_cache, r.v_cache, HEADS, KV_HEADS, HEAD_DIM
             )
+        if op == ADD_NORM:
+            return norm.add_rms_norm(out, then.residual, then.weight, then.eps)[0]
         return activation.silu_and_mul(out) if silu else out
 
     def ours(i, t):
-        if rope_spec is not None and prologue:
-            return small_m.norm_qkv_rope(x, res, nw, 1e-6, ws[i], b, rope_spec, tile=t)[0]
-        if rope_spec is not None:
+        if op == ROPE:
             return small_m.qkv_rope(x, ws[i], b, rope_spec, tile=t)
-        if prologue:
-            return small_m.norm_linear(x, res, nw, 1e-6, ws[i], b, silu_mul=silu, tile=t)[0]
+        if op == ADD_NORM:
+            return small_m.linear_add_norm(x, ws[i], b, then, tile=t)[0]
         return small_m.linear(x, ws[i], b, silu_mul=silu, tile=t)
 
     want = current(0).float()
@@ -186,7 +190,7 @@ def main() -> int:
     lines = [
         f"# {results['date']} {results['device']}: us per call inside a CUDA graph, weights from "
         f"{'L2' if a.warm else 'HBM'} (GB/s){', PDL launches' if a.pdl else ''}; "
-        "cublas = the path without small_m (norm kernel, cuBLAS, SiLU kernel)"
+        "cublas = the path without small_m (cuBLAS, then the RoPE, norm or SiLU kernel)"
     ]
     suggested = {}
     t0 = time.perf_counter()
@@ -209,7 +213,7 @@ def main() -> int:
         # The tile for the shape: the best at 16 rows among those within 5% of the best at one row.
         one, sixteen = results.get(f"{name} m1", {}), results.get(f"{name} m16", {})
         if "tiles" in one and "tiles" in sixteen and one["best"]:
-            n, k, _, silu, prologue = SHAPES[name]
+            n, k, _, op = SHAPES[name]
             near = [
                 key
                 for key, r in one["tiles"].items()
@@ -218,10 +222,7 @@ def main() -> int:
             key = min(near, key=lambda key: sixteen["tiles"][key]["us"])
             # Only where it beats the path without small_m at both batch sizes.
             if all(r["tiles"][key]["us"] < r["cublas_us"] for r in (one, sixteen)):
-                rows_w = 2 * n if silu else n
-                op = small_m.op_of(silu, prologue)
-                if name in ROPE_SHAPES:
-                    op = small_m.NORM_ROPE if prologue else small_m.ROPE
+                rows_w = 2 * n if op == SILU else n
                 suggested[f"({rows_w}, {k}, {op!r})"] = f"Tile({key})"
     results["suggested_tiles"] = suggested
     lines.append("suggested TILES: " + ", ".join(f"{k}: {v}" for k, v in suggested.items()))

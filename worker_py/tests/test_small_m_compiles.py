@@ -14,20 +14,24 @@ from minisgl.kernels import small_m  # noqa: E402
 
 KERNEL = small_m._small_m_kernel
 INTS = ("M", "N", "K", "stride_x", "k_per_split")
-SWITCHES = ("NORM", "HAS_RES", "HAS_BIAS", "SILU_MUL", "ROPE", "PRELOAD", "PDL")
-OFF = dict.fromkeys(SWITCHES, False) | {"NQ": 0, "NKV": 0}
+SWITCHES = ("HAS_BIAS", "SILU_MUL", "ROPE", "ADD_NORM", "PRELOAD", "PDL")
+OFF = dict.fromkeys(SWITCHES, False) | {
+    "NQ": 0,
+    "NKV": 0,
+    "GRID_COUNTER": small_m.MAX_STRIPS,
+    "NORM_BLOCK": 1024,
+}
 # name -> constexprs, as _launch sets them for Qwen2.5-0.5B's projections
 VARIANTS = {
     "o": dict(OFF, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
     "down, split-K": dict(OFF, SPLIT_K=4, BLOCK_N=32, BLOCK_K=128),
     "o, launched early (PDL)": dict(OFF, PDL=True, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
-    "gate/up after the norm": dict(
-        OFF, NORM=True, HAS_RES=True, SILU_MUL=True, SPLIT_K=2, BLOCK_N=16, BLOCK_K=128
+    "gate/up with SiLU": dict(OFF, SILU_MUL=True, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
+    "o with the add and norm after it": dict(OFF, ADD_NORM=True, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
+    "down with the add and norm after it, split-K, PDL": dict(
+        OFF, ADD_NORM=True, PDL=True, SPLIT_K=8, BLOCK_N=64, BLOCK_K=256
     ),
-    "q/k/v after the norm": dict(
-        OFF, NORM=True, HAS_RES=True, HAS_BIAS=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128
-    ),
-    "q/k/v with RoPE after the norm kernel, preloaded": dict(
+    "q/k/v with RoPE, preloaded": dict(
         OFF,
         HAS_BIAS=True,
         ROPE=True,
@@ -39,26 +43,16 @@ VARIANTS = {
         BLOCK_N=32,
         BLOCK_K=256,
     ),
-    "q/k/v with RoPE, layer 0": dict(
-        OFF, NORM=True, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256
-    ),
+    "q/k/v with RoPE": dict(OFF, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=1, BLOCK_N=32, BLOCK_K=256),
     "q/k/v with RoPE, split-K": dict(
-        OFF,
-        NORM=True,
-        HAS_RES=True,
-        HAS_BIAS=True,
-        ROPE=True,
-        NQ=14,
-        NKV=2,
-        SPLIT_K=4,
-        BLOCK_N=32,
-        BLOCK_K=128,
+        OFF, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, SPLIT_K=4, BLOCK_N=32, BLOCK_K=128
     ),
 }
 
 
 def compile_for_hopper(constexprs: dict, num_stages: int = 3):
     split = constexprs["SPLIT_K"] > 1
+    counted = split or constexprs["ADD_NORM"]
     signature, attrs = {}, {}
     for i, name in enumerate(KERNEL.arg_names):
         if name in ("pos_ptr", "loc_ptr"):
@@ -66,7 +60,7 @@ def compile_for_hopper(constexprs: dict, num_stages: int = 3):
         elif name == "part_ptr":
             signature[name] = "*fp32" if split else "*bf16"
         elif name == "count_ptr":
-            signature[name] = "*i32" if split else "*bf16"
+            signature[name] = "*i32" if counted else "*bf16"
         elif name.endswith("_ptr"):
             signature[name] = "*bf16"
         elif name == "eps":
@@ -78,7 +72,7 @@ def compile_for_hopper(constexprs: dict, num_stages: int = 3):
         # What the JIT sees at run time: torch's allocations and these shapes are multiples of 16.
         if (signature[name].startswith("*") and name not in ("pos_ptr", "loc_ptr")) or name in INTS[1:]:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    slot = constexprs["BLOCK_N"] * 16 * (2 if constexprs["SILU_MUL"] or constexprs["ROPE"] else 1) + 16
+    slot = constexprs["BLOCK_N"] * 16 * (2 if constexprs["SILU_MUL"] or constexprs["ROPE"] else 1)
     source = ASTSource(KERNEL, signature, dict(constexprs, SLOT=slot), attrs)
     return triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": num_stages}
@@ -89,7 +83,7 @@ def compile_for_hopper(constexprs: dict, num_stages: int = 3):
 def test_small_m_compiles_for_hopper_with_pipelined_weight_loads(variant):
     constexprs = VARIANTS[variant]
     ptx = compile_for_hopper(constexprs).asm["ptx"]
-    assert "mma.sync" in ptx
+    assert "mma.sync" in ptx or "wgmma" in ptx  # wgmma where a strip is 64 columns
     if constexprs["PRELOAD"]:
         # The split's one weight tile is read before the wait for the kernel before; nothing the kernel
         # before writes (input, partial sums, counters) is touched, and nothing is written, before it.

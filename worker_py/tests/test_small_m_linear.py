@@ -1,6 +1,6 @@
-"""The small-M linear kernel computes what F.linear (+ bias, + SiLU-and-mul) computes. Run by Triton's
-interpreter on the CPU (in a subprocess: the interpreter is chosen when kernels are defined), and compiled
-on a GPU when there is one."""
+"""The small-M linear kernel computes what F.linear (+ bias, + SiLU-and-mul, + RoPE, + the add and norm
+after it) computes. Run by Triton's interpreter on the CPU (in a subprocess: the interpreter is chosen when
+kernels are defined), and compiled on a GPU when there is one."""
 
 from __future__ import annotations
 
@@ -45,38 +45,30 @@ CHECK = textwrap.dedent(
             got = small_m.linear(x, w, silu_mul=True, tile=tile)
             err = ((got.float() - want).abs().max() / want.abs().max()).item()
             assert got.shape == (m, 20) and err < tol, ("silu_mul", dtype, m, err)
-    # The RMSNorm prologue, with and without a residual to add first, into a plain and a SiLU-and-mul matrix.
-    def rms(h, w, eps):
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+    # linear_add_norm: the product, the residual added and the rows normalised as norm.add_rms_norm does
+    # them, by the last strip to finish (several strips here: 40 columns of 16).
+    from minisgl.kernels import norm, rope
 
     for (dtype, tol), tile in itertools.product(dtypes, tiles):
         for m in (1, 7, 16):
             x = torch.randn(m, 200, device=device).to(dtype)
-            r = torch.randn(m, 200, device=device).to(dtype)
-            nw = (1 + torch.randn(200, device=device) / 4).to(dtype)
+            r = torch.randn(m, 40, device=device).to(dtype)
+            nw = (1 + torch.randn(40, device=device) / 4).to(dtype)
             w = (torch.randn(40, 200, device=device) / 10).to(dtype)
-            for res in (None, r):
-                for silu in (False, True):
-                    got, new_res = small_m.norm_linear(x, res, nw, 1e-6, w, silu_mul=silu, tile=tile)
-                    s = x.float() if res is None else (x.float() + r.float()).to(dtype).float()
-                    assert torch.equal(new_res.float(), s), (dtype, m, "residual")
-                    want = F.linear(rms(s, nw.float(), 1e-6), w.float())
-                    if silu:
-                        gate, up = want.to(dtype).float().chunk(2, dim=-1)
-                        want = F.silu(gate).to(dtype).float() * up
-                    err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                    assert err < tol, ("norm", dtype, m, res is None, silu, tile.split_k, err)
-    # norm_qkv_rope and qkv_rope: (the norm,) q/k/v with bias, RoPE, q returned and k/v written at their
-    # cache locations, against the eager sequence (norm, F.linear, rope_reference, a cache write).
-    from minisgl.kernels import norm, rope
-
+            got, new_res = small_m.linear_add_norm(x, w, None, small_m.AddNorm(r, nw, 1e-6), tile=tile)
+            y = small_m.linear(x, w, tile=tile)
+            want, want_res = norm.add_rms_norm_reference(y, r, nw, 1e-6)
+            assert torch.equal(new_res, want_res), (dtype, m, tile, "residual")
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert got.shape == (m, 40) and err < tol, ("add_norm", dtype, m, tile, err)
+    # qkv_rope: q/k/v with bias, RoPE, q returned and k/v written at their cache locations, against the
+    # eager sequence (F.linear, rope_reference, a cache write).
     nq, nkv, d = 3, 1, 32
     pos_table = torch.arange(64, device=device).float()[:, None] * torch.linspace(0.01, 1, d, device=device)
     for (dtype, tol), tile in itertools.product(dtypes, tiles):
         cos, sin = pos_table.cos().to(dtype), pos_table.sin().to(dtype)
         for m in (1, 6, 16):
-            x, r = torch.randn(m, 200, device=device).to(dtype), torch.randn(m, 200, device=device).to(dtype)
-            nw = (1 + torch.randn(200, device=device) / 4).to(dtype)
+            h = torch.randn(m, 200, device=device).to(dtype)
             w = (torch.randn((nq + 2 * nkv) * d, 200, device=device) / 10).to(dtype)
             b = torch.randn((nq + 2 * nkv) * d, device=device).to(dtype)
             positions = torch.randint(0, 64, (m,), device=device)
@@ -84,28 +76,18 @@ CHECK = textwrap.dedent(
             k_cache = torch.zeros(100, nkv, d, device=device, dtype=dtype)
             v_cache = torch.zeros_like(k_cache)
             spec = rope.RopeStore(positions, cos, sin, loc, k_cache, v_cache, nq, nkv, d)
-            # With the norm in the kernel, and after it (qkv_rope, on the normalised rows).
-            for with_norm in (True, False):
-                k_cache.zero_()
-                v_cache.zero_()
-                h, want_res = norm.add_rms_norm_reference(x.float(), r.float(), nw.float(), 1e-6)
-                if with_norm:
-                    q, new_res = small_m.norm_qkv_rope(x, r, nw, 1e-6, w, b, spec, tile=tile)
-                    assert torch.equal(new_res.float(), (x.float() + r.float()).to(dtype).float()), "residual"
-                else:
-                    q = small_m.qkv_rope(h.to(dtype), w, b, spec, tile=tile)
-                    h = h.to(dtype).float()
-                qkv = F.linear(h, w.float(), b.float())
-                wq, wk, wv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
-                wq, wk = rope.rope_reference(
-                    positions, wq.reshape(m, nq, d), wk.reshape(m, nkv, d), cos.float(), sin.float()
-                )
-                for got, want in ((q, wq), (k_cache[loc], wk), (v_cache[loc], wv.reshape(m, nkv, d))):
-                    err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                    assert err < tol, ("rope", with_norm, dtype, m, tile.split_k, err)
-                others = torch.ones(100, dtype=torch.bool, device=device)
-                others[loc] = False
-                assert not k_cache[others].any() and not v_cache[others].any(), "rope wrote outside out_loc"
+            q = small_m.qkv_rope(h, w, b, spec, tile=tile)
+            qkv = F.linear(h.float(), w.float(), b.float())
+            wq, wk, wv = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+            wq, wk = rope.rope_reference(
+                positions, wq.reshape(m, nq, d), wk.reshape(m, nkv, d), cos.float(), sin.float()
+            )
+            for got, want in ((q, wq), (k_cache[loc], wk), (v_cache[loc], wv.reshape(m, nkv, d))):
+                err = ((got.float() - want).abs().max() / want.abs().max()).item()
+                assert err < tol, ("rope", dtype, m, tile.split_k, err)
+            others = torch.ones(100, dtype=torch.bool, device=device)
+            others[loc] = False
+            assert not k_cache[others].any() and not v_cache[others].any(), "rope wrote outside out_loc"
     # A column block past the end of the weight and the default tile.
     x = torch.randn(3, 96, device=device)
     w = torch.randn(7, 96, device=device)
@@ -122,7 +104,7 @@ CHECK = textwrap.dedent(
         pass
     else:
         raise AssertionError("a preloaded tile of 32 columns accepted for 96")
-    # Every strip's arrival counter is back at zero for the next launch.
+    # Every arrival counter (the strips', the grid's) is back at zero for the next launch.
     (counters,) = small_m._COUNTERS.values()
     assert not counters.any()
     print("ok")

@@ -12,20 +12,18 @@ Around the product, work that would otherwise be a launch of its own:
 - `bias`: added in float32 before the one rounding, as cuBLAS's fused bias epilogue does;
 - `silu_mul`: W holds [gate; up]; a program reads the same columns of both halves and writes
   silu(gate) * up, rounded where the eager bf16 code rounds (gate and up, then the SiLU, then the product);
-- `norm_linear`: the residual add and RMSNorm of `norm.add_rms_norm` folded into the same pass over the
-  input: the program multiplies W with `(x + residual) * norm_weight`, sums the squares as it goes, and
-  scales its float32 result by each row's 1/rms at the end. The weight loads never wait for the norm; the
-  price is one rounding fewer than the eager norm makes (it rounds the normalised row before the weight
-  multiplies it), differences of the order of bf16's last bit;
 - `qkv_rope`: the merged q/k/v projection of an attention layer, each program one head: it streams the
   head's two halves of W, so the rotary embedding pairs them in registers, and writes q to the attention's
-  input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does); `norm_qkv_rope` does
-  the norm before it too.
+  input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does);
+- `linear_add_norm`: the residual add and RMSNorm that follow o and down (`norm.add_rms_norm`): each strip
+  adds the residual to its columns as it finishes, and the last strip of the grid to finish (counted with a
+  second atomic) normalises the whole rows, with the norm kernel's own code, so the numbers are the same.
 
 Where it runs is measured, not assumed: `TILES` lists the (shape, op) pairs where it beat the path without
 it (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every other
-product to cuBLAS. On Qwen2.5-0.5B (an H100, 2026-12-06) that is o, down and the lm_head; the norm variants
-lost to the norm kernel and cuBLAS by 2 to 17 us, their input's float32 pass sitting in the weight loop.
+product to cuBLAS. On Qwen2.5-0.5B (an H100, 2026-12-06) that is o, down and the lm_head, and q/k/v with
+RoPE. The norm the other way round, inside the next projection's pass over its input, lost everywhere
+(2 to 17 us, its float32 pass costing registers in the weight loop: docs/benchmarks.md) and was removed.
 """
 
 from __future__ import annotations
@@ -56,8 +54,7 @@ class Tile(NamedTuple):
 
 
 # What a launch computes around the product (the entry points below): the third part of a `TILES` key.
-LINEAR, SILU, ROPE, NORM, NORM_SILU, NORM_ROPE = "linear", "silu", "rope", "norm", "norm_silu", "norm_rope"
-_NORM_OPS = (NORM, NORM_SILU, NORM_ROPE)
+LINEAR, SILU, ROPE, ADD_NORM = "linear", "silu", "rope", "add_norm"
 
 # (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py on an H100, 2026-12-06.
 TILES: dict[tuple[int, int, str], Tile] = {
@@ -69,8 +66,12 @@ TILES: dict[tuple[int, int, str], Tile] = {
 DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
 
 
-def op_of(silu_mul: bool, norm: bool) -> str:
-    return (NORM_SILU if silu_mul else NORM) if norm else (SILU if silu_mul else LINEAR)
+class AddNorm(NamedTuple):
+    """The residual add and RMSNorm after a product: `norm.add_rms_norm(product, residual, weight, eps)`."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
 
 
 def suits(x: torch.Tensor, weight: torch.Tensor, op: str = LINEAR) -> bool:
@@ -90,22 +91,21 @@ def linear(
 ) -> torch.Tensor:
     """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
     silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
-    return _launch(x, None, None, 0.0, weight, bias, op_of(silu_mul, False), tile)[0]
+    return _launch(x, weight, bias, SILU if silu_mul else LINEAR, tile)[0]
 
 
-def norm_linear(
+def linear_add_norm(
     x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    silu_mul: bool = False,
+    bias: torch.Tensor | None,
+    then: AddNorm,
     tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`linear(RMSNorm(x + residual), ...)` and the new residual `x + residual` (x itself when residual is
-    None, the sum rounded as `norm.add_rms_norm` rounds it), in one launch."""
-    return _launch(x, residual, norm_weight, eps, weight, bias, op_of(silu_mul, True), tile)
+    """`norm.add_rms_norm(linear(x, weight, bias), then.residual, then.weight, then.eps)` in one launch: the
+    normalised rows and the new residual."""
+    if then.residual.shape != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"a residual of {tuple(then.residual.shape)} after a product of {weight.shape[0]}")
+    return _launch(x, weight, bias, ADD_NORM, tile, then=then)
 
 
 def qkv_rope(
@@ -117,34 +117,16 @@ def qkv_rope(
 ) -> torch.Tensor:
     """`rope.rope_store_kv(linear(x, weight, bias), ...)` in one launch: returns q [m, Hq, D] and writes this
     step's k and v at `rope.out_loc`."""
-    return _qkv_rope(x, None, None, 0.0, weight, bias, rope, ROPE, tile)[0]
-
-
-def norm_qkv_rope(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rope: RopeStore,
-    tile: Tile | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rope.rope_store_kv(linear(RMSNorm(x + residual), weight, bias), ...)` in one launch: returns q
-    [m, Hq, D] and the new residual, and writes this step's k and v at `rope.out_loc`."""
-    return _qkv_rope(x, residual, norm_weight, eps, weight, bias, rope, NORM_ROPE, tile)
-
-
-def _qkv_rope(x, residual, norm_weight, eps, weight, bias, rope: RopeStore, op: str, tile: Tile | None):
     heads = rope.num_heads + 2 * rope.num_kv_heads
     if weight.shape[0] != heads * rope.head_dim:
         raise ValueError(f"a q/k/v weight of {weight.shape[0]} rows for {heads} heads of {rope.head_dim}")
-    q, new_residual = _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope)
-    return q.view(-1, rope.num_heads, rope.head_dim), new_residual
+    q = _launch(x, weight, bias, ROPE, tile, rope=rope)[0]
+    return q.view(-1, rope.num_heads, rope.head_dim)
 
 
-# Per device: one arrival counter per column strip, zero between launches (the last program of a strip
-# resets its own); kernels on one stream run one after another, so every launch can share them.
+# Per device: one arrival counter per column strip, and one for the whole grid (`ADD_NORM`), zero between
+# launches (the last arrival resets its own); kernels on one stream run one after another, so every launch
+# can share them.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MAX_STRIPS = 1 << 16
 
@@ -154,20 +136,21 @@ def _counters(device: torch.device, strips: int) -> torch.Tensor:
         raise ValueError(f"split-K over {strips} column strips (at most {MAX_STRIPS})")
     counters = _COUNTERS.get(device)
     if counters is None:
-        counters = _COUNTERS[device] = torch.zeros(MAX_STRIPS, dtype=torch.int32, device=device)
+        counters = _COUNTERS[device] = torch.zeros(MAX_STRIPS + 1, dtype=torch.int32, device=device)
     return counters
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeStore | None = None):
+def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None, then: AddNorm | None = None):
+    """The kernel on x, and what `op` returns: (out, None), or (normalised rows, new residual)."""
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
-    silu_mul, norm = op in (SILU, NORM_SILU), op in _NORM_OPS
+    silu_mul = op == SILU
     if silu_mul and bias is not None:
         raise ValueError("silu_mul takes no bias")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = torch.empty(m, rope.num_heads * rope.head_dim if rope else n, dtype=x.dtype, device=x.device)
-    new_residual = torch.empty_like(x) if norm and residual is not None else x
+    new_residual = torch.empty_like(then.residual) if then is not None else None
     if m == 0:
         return out, new_residual
     t = tile or TILES.get((weight.shape[0], k, op), DEFAULT_TILE)
@@ -180,18 +163,15 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
     splits = triton.cdiv(k_tiles, per_split)  # no split left without columns
     paired = silu_mul or rope is not None
     strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
-    slot = t.block_n * 16 * (2 if paired else 1) + 16
+    slot = t.block_n * 16 * (2 if paired else 1)
     r = rope or RopeStore(x, x, x, x, x, x, 0, 0, 0)
-    partials = counters = weight  # placeholders: a single split reads neither
+    partials = counters = weight  # placeholders: a single split without a norm reads neither
     if splits > 1:
         partials = torch.empty(strips * splits * slot, dtype=torch.float32, device=x.device)
+    if splits > 1 or then is not None:
         counters = _counters(x.device, strips)
     _small_m_kernel[(strips, splits)](
         x,
-        residual if residual is not None else x,
-        new_residual,
-        norm_weight if norm else x,
-        eps,
         weight,
         bias if bias is not None else weight,
         out,
@@ -202,21 +182,26 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
         k,
         x.stride(0),
         per_split * t.block_k,
+        then.residual if then else x,
+        new_residual if then else x,
+        then.weight if then else x,
+        then.eps if then else 0.0,
         r.positions,
         r.cos,
         r.sin,
         r.out_loc,
         r.k_cache,
         r.v_cache,
-        NORM=norm,
-        HAS_RES=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
         ROPE=rope is not None,
+        ADD_NORM=then is not None,
         NQ=r.num_heads,
         NKV=r.num_kv_heads,
         SPLIT_K=splits,
         SLOT=slot,
+        GRID_COUNTER=MAX_STRIPS,
+        NORM_BLOCK=triton.next_power_of_2(n),
         PRELOAD=t.preload,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
@@ -228,6 +213,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, op, tile, rope: RopeSto
 
 
 if triton is not None:
+    from minisgl.kernels.norm import normalise
     from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
@@ -235,10 +221,6 @@ if triton is not None:
     @triton.jit(do_not_specialize=["eps", "pos_ptr", "loc_ptr"])
     def _small_m_kernel(
         x_ptr,
-        res_ptr,
-        res_out_ptr,
-        nw_ptr,
-        eps,
         w_ptr,
         b_ptr,
         out_ptr,
@@ -249,21 +231,26 @@ if triton is not None:
         K,
         stride_x,
         k_per_split,
+        res_ptr,
+        res_out_ptr,
+        nw_ptr,
+        eps,
         pos_ptr,
         cos_ptr,
         sin_ptr,
         loc_ptr,
         k_cache_ptr,
         v_cache_ptr,
-        NORM: tl.constexpr,
-        HAS_RES: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
         ROPE: tl.constexpr,
+        ADD_NORM: tl.constexpr,
         NQ: tl.constexpr,
         NKV: tl.constexpr,
         SPLIT_K: tl.constexpr,
         SLOT: tl.constexpr,
+        GRID_COUNTER: tl.constexpr,
+        NORM_BLOCK: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PRELOAD: tl.constexpr,
@@ -297,24 +284,15 @@ if triton is not None:
         wait_previous(PDL)
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        # Squares summed per element and reduced once after the loop: a reduction across the K tile in
-        # every iteration synchronises the warps, and the weight stream with them.
-        sq_tile = tl.zeros([BLOCK_K, 16], dtype=tl.float32)
         if PRELOAD:
-            acc, acc2, sq_tile = _accumulate(
-                acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr, nw_ptr,
-                stride_x, K, NORM, HAS_RES, PAIRED,
-            )  # fmt: skip
+            acc, acc2 = _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < k_hi
                 w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
-                acc, acc2, sq_tile = _accumulate(
-                    acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr,
-                    nw_ptr, stride_x, K, NORM, HAS_RES, PAIRED,
-                )  # fmt: skip
-        sq = tl.sum(sq_tile, axis=0)
+                acc, acc2 = _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED)
+        strip_done = True  # whether this program finishes its strip
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
             tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
@@ -322,16 +300,13 @@ if triton is not None:
             tl.store(mine + tile, acc)
             if PAIRED:
                 tl.store(mine + BLOCK_N * 16 + tile, acc2)
-            if NORM:
-                tl.store(mine + SLOT - 16 + rows, sq)
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            # Masks built as tensors: a scalar mask is not accepted everywhere (Triton's interpreter).
+            strip_done = arrived == SPLIT_K - 1
+            # A mask built as a tensor: a scalar mask is not accepted everywhere (Triton's interpreter).
             tile_last = tl.zeros_like(tile) + arrived == SPLIT_K - 1
-            rows_last = tl.zeros_like(rows) + arrived == SPLIT_K - 1
             acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-            sq = tl.zeros([16], dtype=tl.float32)
             for s in range(SPLIT_K):
                 theirs = part_ptr + (pid * SPLIT_K + s) * SLOT
                 acc += tl.load(theirs + tile, mask=tile_last, other=0.0, cache_modifier=".cg")
@@ -339,17 +314,11 @@ if triton is not None:
                     acc2 += tl.load(
                         theirs + BLOCK_N * 16 + tile, mask=tile_last, other=0.0, cache_modifier=".cg"
                     )
-                if NORM:
-                    sq += tl.load(theirs + SLOT - 16 + rows, mask=rows_last, other=0.0, cache_modifier=".cg")
-            if arrived == SPLIT_K - 1:
+            if strip_done:
                 tl.atomic_xchg(count_ptr + pid, 0)
         out_mask = row_ok[None, :] & col_ok[:, None]
         if SPLIT_K > 1:
             out_mask = out_mask & tile_last
-        if NORM:
-            rstd = tl.rsqrt(sq / K + eps)[None, :]
-            acc = acc * rstd
-            acc2 = acc2 * rstd
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
             if ROPE:
@@ -376,8 +345,30 @@ if triton is not None:
                 NKV,
                 BLOCK_N,
             )
+        elif ADD_NORM:
+            # The product rounded as the unfused path stores it, plus the residual as add_rms_norm adds it.
+            offs = rows[None, :] * N + cols[:, None]
+            res = tl.load(res_ptr + offs, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(res_out_ptr + offs, round_to(round_to(acc, dt) + res, dt).to(dt), mask=out_mask)
+            if strip_done:
+                _norm_epilogue(count_ptr + GRID_COUNTER, res_out_ptr, nw_ptr, out_ptr, eps, M, N, NORM_BLOCK)
         else:
             tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
+
+    @triton.jit
+    def _norm_epilogue(grid_count_ptr, res_ptr, nw_ptr, out_ptr, eps, M, N, BLOCK: tl.constexpr):
+        """Called by each strip's finishing program once its columns of the residual are stored: the last
+        of them normalises every row of it into out."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(grid_count_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            tl.atomic_xchg(grid_count_ptr, 0)
+            cols = tl.arange(0, BLOCK)
+            mask = cols < N
+            for row in range(M):
+                x = tl.load(res_ptr + row * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+                y = normalise(x.to(tl.float32), nw_ptr, cols, mask, eps, N, out_ptr)
+                tl.store(out_ptr + row * N + cols, y, mask=mask)
 
     @triton.jit
     def _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED: tl.constexpr):
@@ -391,29 +382,14 @@ if triton is not None:
         return w, w2
 
     @triton.jit
-    def _accumulate(
-        acc, acc2, sq_tile, w, w2, ks, k_ok, pid, rows, row_ok, x_ptr, res_ptr, res_out_ptr, nw_ptr,
-        stride_x, K, NORM: tl.constexpr, HAS_RES: tl.constexpr, PAIRED: tl.constexpr,
-    ):  # fmt: skip
-        """One K tile: the input's columns `ks` (with the residual added and the norm's weight applied under
-        NORM, its squares summed into `sq_tile`) multiplied into the accumulators."""
-        dt = x_ptr.dtype.element_ty
+    def _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED: tl.constexpr):
+        """One K tile: the input's columns `ks` multiplied into the accumulators."""
         x_mask = row_ok[None, :] & k_ok[:, None]
-        x_offs = rows[None, :] * stride_x + ks[:, None]
-        xt = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-        if NORM:
-            xf = xt.to(tl.float32)
-            if HAS_RES:
-                xf = round_to(xf + tl.load(res_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32), dt)
-                if pid == 0:
-                    tl.store(res_out_ptr + rows[None, :] * K + ks[:, None], xf.to(dt), mask=x_mask)
-            sq_tile += xf * xf
-            nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            xt = (xf * nw[:, None]).to(dt)
+        xt = tl.load(x_ptr + rows[None, :] * stride_x + ks[:, None], mask=x_mask, other=0.0)
         acc += tl.dot(w, xt)
         if PAIRED:
             acc2 += tl.dot(w2, xt)
-        return acc, acc2, sq_tile
+        return acc, acc2
 
     @triton.jit
     def _rope_epilogue(

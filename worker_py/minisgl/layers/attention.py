@@ -60,46 +60,32 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.fused = options.fused
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        return self.attend(self.qkv_proj(x), positions, attn)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """The layer's output for its normalised input `h`."""
+        return self.o_proj(self._attend(h, positions, attn))
 
-    def after_norm(
+    def then_norm(
         self,
-        norm: RMSNorm,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
+        h: torch.Tensor,
         positions: torch.Tensor,
         attn: AttentionBackend,
+        norm: RMSNorm,
+        residual: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(self(norm(x, residual)[0], ...), the new residual)`. At a few rows one kernel does the q/k/v
-        projection, RoPE and the KV write (`small_m.qkv_rope`), the norm too where that measured faster
-        (`small_m.norm_qkv_rope`); else the norm may still run inside the projection (`Linear.after_norm`)."""
+        """`norm(self(h, ...), residual)`, the norm inside o's kernel where it can (`Linear.then_norm`)."""
+        return self.o_proj.then_norm(self._attend(h, positions, attn), norm, residual)
+
+    def _attend(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """Everything before o: q/k/v, RoPE with the KV write, attention. At a few rows one kernel does the
+        first three (`small_m.qkv_rope`)."""
         qkv = self.qkv_proj
-        if qkv.small_m and self.q_norm is None:
-            if small_m.suits(x, qkv.weight, small_m.NORM_ROPE):
-                store = self._rope_store_at(positions, attn)
-                q, residual = small_m.norm_qkv_rope(
-                    x, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, store
-                )
-                return self._attend_rotated(q, attn), residual
-            if small_m.suits(x, qkv.weight, small_m.ROPE):
-                h, residual = norm(x, residual)
-                q = small_m.qkv_rope(h, qkv.weight, qkv.bias, self._rope_store_at(positions, attn))
-                return self._attend_rotated(q, attn), residual
-        h, residual = qkv.after_norm(norm, x, residual)
-        return self.attend(h, positions, attn), residual
-
-    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """Everything after `qkv_proj`: RoPE with the KV write, attention, the o projection."""
-        q = (
-            self._rope_store_fused(qkv, positions, attn)
-            if self.fused
-            else self._rope_store(qkv, positions, attn)
-        )
-        return self._attend_rotated(q, attn)
-
-    def _attend_rotated(self, q: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        return self.o_proj(attn.attend(self.layer, q).reshape(-1, self.q_size))
+        if qkv.small_m and self.q_norm is None and small_m.suits(h, qkv.weight, small_m.ROPE):
+            q = small_m.qkv_rope(h, qkv.weight, qkv.bias, self._rope_store_at(positions, attn))
+        elif self.fused:
+            q = self._rope_store_fused(qkv(h), positions, attn)
+        else:
+            q = self._rope_store(qkv(h), positions, attn)
+        return attn.attend(self.layer, q).reshape(-1, self.q_size)
 
     def _rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

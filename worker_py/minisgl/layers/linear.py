@@ -69,33 +69,23 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """`x W^T + b`; with `silu_mul` (a [gate; up] layer) `silu(gate) * up` of it."""
-        if (
-            self.small_m
-            and small_m.suits(x, self.weight, small_m.op_of(silu_mul, norm=False))
-            and not (silu_mul and self.bias is not None)
-        ):
+        op = small_m.SILU if silu_mul else small_m.LINEAR
+        if self.small_m and small_m.suits(x, self.weight, op) and not (silu_mul and self.bias is not None):
             out = small_m.linear(x, self.weight, self.bias, silu_mul=silu_mul)
         else:
             out = F.linear(x, self.weight, self.bias)
             out = self._silu_and_mul(out) if silu_mul else out
         return comm.all_reduce(out) if self._reduce else out
 
-    def after_norm(
-        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, silu_mul: bool = False
+    def then_norm(
+        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(self(norm(x, residual)[0]), the new residual)`: at a few rows one kernel reads the input, adds
-        the residual, normalises and multiplies, so the normalised rows never go through memory."""
-        if (
-            self.small_m
-            and not self._reduce
-            and small_m.suits(x, self.weight, small_m.op_of(silu_mul, norm=True))
-            and not (silu_mul and self.bias is not None)
-        ):
-            return small_m.norm_linear(
-                x, residual, norm.weight, norm.eps, self.weight, self.bias, silu_mul=silu_mul
-            )
-        h, residual = norm(x, residual)
-        return self(h, silu_mul), residual
+        """`norm(self(x), residual)`: at a few rows the product's own kernel adds the residual and
+        normalises (`small_m.linear_add_norm`), so the norm is not a launch of its own."""
+        if self.small_m and not self._reduce and small_m.suits(x, self.weight, small_m.ADD_NORM):
+            then = small_m.AddNorm(residual, norm.weight, norm.eps)
+            return small_m.linear_add_norm(x, self.weight, self.bias, then)
+        return norm(self(x), residual)
 
     def _rows(self, dst: torch.Tensor, shard: Hashable) -> torch.Tensor:
         if shard == ALL and len(self.shard_ids) > 1:

@@ -22,9 +22,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x, silu_mul=True))
 
-    def after_norm(
-        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    def then_norm(
+        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(self(norm(x, residual)[0]), the new residual)`, the norm inside gate/up's kernel where it can."""
-        h, residual = self.gate_up_proj.after_norm(norm, x, residual, silu_mul=True)
-        return self.down_proj(h), residual
+        """`norm(self(x), residual)`, the norm inside down's kernel where it can (`Linear.then_norm`)."""
+        return self.down_proj.then_norm(self.gate_up_proj(x, silu_mul=True), norm, residual)

@@ -97,9 +97,8 @@ class MoE(nn.Module):
         out = self._experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         return comm.all_reduce(out) if self._reduce else out
 
-    def after_norm(
-        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    def then_norm(
+        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `GatedMLP.after_norm`; the router needs the normalised rows, so the norm runs on its own."""
-        h, residual = norm(x, residual)
-        return self(h), residual
+        """`norm(self(x), residual)`, as `GatedMLP.then_norm`."""
+        return norm(self(x), residual)

@@ -1,7 +1,8 @@
 """Llama (2, 3, 3.1, 3.2; SmolLM2) and Mistral: the plain decoder layer, which the Qwen families extend.
 
-Pre-norm attention then pre-norm gated MLP, each added to the residual; the adds happen inside the next
-norm (see `RMSNorm`), and at a few rows that norm runs inside the projection after it (`after_norm`).
+Pre-norm attention then pre-norm gated MLP, each added to the residual; each add happens inside the norm
+after it (see `RMSNorm`), and at a few rows that norm runs inside the projection before it (`then_norm`):
+a layer hands the next one its input already normalised.
 Options a family turns on: a bias on q/k/v (Qwen2), q/k norms (Qwen3), another MLP (Qwen3-MoE's experts).
 """
 
@@ -46,10 +47,17 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBackend
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        next_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.self_attn.after_norm(self.input_layernorm, x, residual, positions, attn)
-        return self.mlp.after_norm(self.post_attention_layernorm, h, residual)
+        """`h` is this layer's input already normalised (`input_layernorm`), `residual` the stream it was
+        normalised from; returns the same for what comes next, normalised by `next_norm`."""
+        h, residual = self.self_attn.then_norm(h, positions, attn, self.post_attention_layernorm, residual)
+        return self.mlp.then_norm(h, next_norm, residual)
 
 
 class LlamaForCausalLM(CausalLM):
