@@ -37,9 +37,7 @@ sys.path[:0] = [str(ROOT / "worker_py"), str(ROOT / "worker_py" / "tests")]
 
 from fake_steps import Join, ReadySteps, StepBuilder  # noqa: E402
 
-from minisgl.attention import triton_decode  # noqa: E402
 from minisgl.bench.random_model import SHAPES, make_model  # noqa: E402
-from minisgl.kernels import small_m  # noqa: E402
 from minisgl.worker.config import WorkerConfig  # noqa: E402
 from minisgl.worker.loop import run_steps  # noqa: E402
 from minisgl.worker.runner import ModelRunner  # noqa: E402
@@ -48,17 +46,6 @@ PAGE_SIZE = 16
 MAX_BATCH = 256
 MAX_TOKENS = 8192
 # Worker settings (WorkerConfig fields) compared. `default` is what `minisgl serve` runs on a GPU.
-TAIL_NORM = {
-    (896, 896, small_m.ADD_NORM): small_m.TILES[896, 896, small_m.LINEAR],
-    (896, 4864, small_m.ADD_NORM): small_m.TILES[896, 4864, small_m.LINEAR],
-}
-GATE_UP = {(9728, 896, small_m.SILU): small_m.Tile(16, 256, 4, 3)}
-PRELOAD = {
-    (896, 896, small_m.ADD_NORM): small_m.Tile(16, 1024, 4, 1, preload=True),
-    (896, 4864, small_m.ADD_NORM): small_m.Tile(32, 512, 4, 1, split_k=10, preload=True),
-    (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1, preload=True),
-    (1152, 896, small_m.ROPE): small_m.Tile(32, 256, 4, 1, split_k=4, preload=True),
-}
 CONFIGS = {
     "torch": {"attention": "torch", "cuda_graphs": False, "fused_kernels": False},
     "flashinfer": {"attention": "flashinfer", "decode_attention": "flashinfer", "cuda_graphs": False},
@@ -72,38 +59,7 @@ CONFIGS = {
     "eager_extend": {"extend_graphs": False},
     # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).
     "no_pdl": {"pdl": False},
-    # The default, with gate/up and its SiLU-and-mul through small_m too (`tiles`: added to small_m.TILES):
-    # with PDL every kernel of a layer at batch 1 is then ours.
-    "gate_up_small_m": {"tiles": GATE_UP},
-    "gate_up_small_m32": {"tiles": {(9728, 896, small_m.SILU): small_m.Tile(32, 128, 4, 3)}},
-    # o, down and gate/up with tiles whose split reads one K tile, loaded before the wait for the kernel
-    # before (small_m's PRELOAD): with PDL, during that kernel.
-    "preload": {
-        "tiles": {
-            (896, 896, small_m.LINEAR): small_m.Tile(16, 1024, 4, 1, preload=True),
-            (896, 4864, small_m.LINEAR): small_m.Tile(32, 512, 4, 1, split_k=10, preload=True),
-            (9728, 896, small_m.SILU): small_m.Tile(16, 1024, 8, 1, preload=True),
-            (1152, 896, small_m.ROPE): small_m.Tile(32, 256, 4, 1, split_k=4, preload=True),
-        }
-    },
-    # The default, the graphs of up to 32 rows combining the attention's splits in the split kernel.
-    "fused_combine": {"fused_combine_rows": 32},
-    "preload_b": {
-        "tiles": {
-            (896, 896, small_m.LINEAR): small_m.Tile(16, 512, 4, 1, split_k=2, preload=True),
-            (896, 4864, small_m.LINEAR): small_m.Tile(16, 1024, 8, 1, split_k=5, preload=True),
-            (9728, 896, small_m.SILU): small_m.Tile(32, 512, 8, 1, split_k=2, preload=True),
-            (1152, 896, small_m.ROPE): small_m.Tile(32, 512, 4, 1, split_k=2, preload=True),
-        }
-    },
-    # The default, o and down adding the residual and normalising in their own launch (small_m.ADD_NORM).
-    "tail_norm": {"tiles": TAIL_NORM},
-    # Five launches a layer at batch 1: q/k/v with RoPE, attention, o with the norm, gate/up with SiLU, down
-    # with the norm; and the same with preloading tiles.
-    "five_launches": {"tiles": TAIL_NORM | GATE_UP, "fused_combine_rows": 32},
-    "five_launches_preload": {"tiles": TAIL_NORM | GATE_UP | PRELOAD, "fused_combine_rows": 32},
 }
-DEFAULT_TILES = dict(small_m.TILES)
 
 
 def log(*args) -> None:
@@ -116,13 +72,7 @@ def worker_config(model_dir: Path, num_pages: int | None, **settings) -> WorkerC
 
 
 def new_runner(model_dir: Path, config: str, num_pages: int | None = 8192) -> ModelRunner:
-    """The runner of a configuration; its `tiles` (added to small_m.TILES) and `fused_combine_rows`
-    (triton_decode.FUSED_COMBINE_ROWS) hold until the next runner is made."""
-    settings = dict(CONFIGS[config])
-    small_m.TILES.clear()
-    small_m.TILES.update(DEFAULT_TILES | settings.pop("tiles", {}))
-    triton_decode.FUSED_COMBINE_ROWS = settings.pop("fused_combine_rows", 0)
-    return ModelRunner(worker_config(model_dir, num_pages, **settings), show_progress=False)
+    return ModelRunner(worker_config(model_dir, num_pages, **CONFIGS[config]), show_progress=False)
 
 
 def vocab_size(model_dir) -> int:

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """GPU micro-benchmark of `small_m` against cuBLAS on Qwen2.5-0.5B's decode projections.
 
-For each weight shape (q/k/v with its bias, alone and with RoPE; o and down, alone and with the residual add
-and norm after them; gate/up with SiLU-and-mul; the tied lm_head) and batch rows 1 and 16, times every tile
-of a sweep and the path the model takes without small_m (F.linear, then `rope.rope_store_kv`,
-`norm.add_rms_norm` or `activation.silu_and_mul`),
-each call replayed inside a CUDA graph as the decode step runs it. Every call reads a different copy of the
-weights, enough copies to overflow the L2 cache: in a decode step every layer's weights come from HBM (a first
-version of this script reused one copy, measured L2 speeds, and picked tiles that lost in the model). `--warm`
-measures exactly that on purpose: every call reads one copy, from L2, which says how much of a call's time is
-reading HBM and how much is the kernel's own (docs/benchmarks.md, 2026-12-06 on the H200). Prints a table and
-the best tile per shape in the form of `small_m.TILES`.
+For each weight shape (q/k/v with its bias, alone and with RoPE; o; gate/up with SiLU-and-mul; down; the tied
+lm_head) and batch rows 1 and 16, times every tile of a sweep and the path the model takes without small_m
+(F.linear, then `rope.rope_store_kv` or `activation.silu_and_mul`), each call replayed inside a CUDA graph as
+the decode step runs it. Every call reads a different copy of the weights, enough copies to overflow the L2
+cache: in a decode step every layer's weights come from HBM (a first version of this script reused one copy,
+measured L2 speeds, and picked tiles that lost in the model). `--warm` measures exactly that on purpose: every
+call reads one copy, from L2, which says how much of a call's time is reading HBM and how much is the kernel's
+own (docs/benchmarks.md, 2026-12-06 on the H200). `--pdl` launches our kernels early, as the small graphs do;
+a graph of one kernel after copies of itself then flatters whatever overlaps the kernel before (tiles that
+read their weights before the wait won 1 us a call here and lost in the model, 2026-12-07): decide with
+`scripts/bench_gpu.py`. Prints a table and the best tile per shape in the form of `small_m.TILES`.
 
     python scripts/bench_kernels.py --out kernels.json
 """
@@ -32,20 +33,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "worker_py")]
 
-from minisgl.kernels import activation, norm, pdl, rope, small_m  # noqa: E402
+from minisgl.kernels import activation, pdl, rope, small_m  # noqa: E402
 
 HIDDEN, INTER, QKV, VOCAB = 896, 4864, 1152, 151936
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
-L, SILU, ROPE, ADD_NORM = small_m.LINEAR, small_m.SILU, small_m.ROPE, small_m.ADD_NORM
+L, SILU, ROPE = small_m.LINEAR, small_m.SILU, small_m.ROPE
 # name -> (output columns, input columns, bias, what the launch computes around the product: small_m's op)
 SHAPES = {
     "qkv_bias": (QKV, HIDDEN, True, L),  # after the norm kernel
     "qkv_bias_rope": (QKV, HIDDEN, True, ROPE),  # after the norm kernel, with RoPE and the KV write
     "o": (HIDDEN, HIDDEN, False, L),
-    "o_norm": (HIDDEN, HIDDEN, False, ADD_NORM),  # with the residual add and the norm after it
     "gate_up_silu": (INTER, HIDDEN, False, SILU),  # SiLU-and-mul fused
     "down": (HIDDEN, INTER, False, L),
-    "down_norm": (HIDDEN, INTER, False, ADD_NORM),
     "lm_head": (VOCAB, HIDDEN, False, L),
 }
 ROWS = (1, 16)
@@ -55,29 +54,17 @@ MAX_CALLS = 64
 
 def tiles(name: str) -> list[small_m.Tile]:
     """The sweep for a shape: column strips, K tiles, pipeline depth, and K splits where K is long or the
-    strips are few (each split is another program streaming its share of W); then `preloaded(name)`."""
+    strips are few (each split is another program streaming its share of W)."""
     if SHAPES[name][3] == ROPE:  # a strip is a head: only K is tiled
         sweep = itertools.product((128, 256), (4,), (3,), (1, 2, 4))
-        return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep] + preloaded(name)
+        return [small_m.Tile(HEAD_DIM // 2, *t) for t in sweep]
     if name == "lm_head":
         lm_head = ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3))
         return [small_m.Tile(*t) for t in lm_head]
-    base = name.removesuffix("_norm")  # the same sweep with the norm after the product
-    strips = (16, 32, 64) if base == "down" else (16, 32)
-    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv_bias": (1, 2)}.get(base, (1,))
+    strips = (16, 32, 64) if name == "down" else (16, 32)
+    splits = {"down": (2, 4, 8), "o": (1, 2, 4), "qkv_bias": (1, 2)}.get(name, (1,))
     sweep = itertools.product(strips, (128, 256), (4,), (3,), splits)
-    return (
-        [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits] + preloaded(name)
-    )
-
-
-def preloaded(name: str) -> list[small_m.Tile]:
-    """Tiles whose split reads one K tile, which small_m loads before waiting for the kernel before: with
-    `--pdl`, while that kernel runs."""
-    k = SHAPES[name][1]
-    strips = (HEAD_DIM // 2,) if SHAPES[name][3] == ROPE else (16, 32)
-    sweep = itertools.product(strips, (256, 512, 1024), (4, 8))
-    return [small_m.Tile(n, bk, w, 1, -(-k // bk), True) for n, bk, w in sweep if -(-k // bk) <= 32]
+    return [small_m.Tile(*t) for t in sweep] + [small_m.Tile(16, 256, 2, 4, s) for s in splits]
 
 
 def graph_us(fn, copies: int, early: bool = False) -> float:
@@ -118,11 +105,6 @@ def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
         ws *= MAX_CALLS
     b = torch.randn(n, device="cuda", generator=gen).bfloat16() if has_bias else None
     x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-    then = small_m.AddNorm(
-        torch.randn(rows, n, device="cuda", generator=gen).bfloat16(),
-        (1 + torch.randn(n, device="cuda", generator=gen) / 4).bfloat16(),
-        1e-6,
-    )
 
     rope_spec = None
     if op == ROPE:  # a decode step's rows at positions up to 1,000, into a cache of 4,096 slots
@@ -140,15 +122,11 @@ def bench_shape(name: str, rows: int, warm: bool, early: bool) -> dict:
             return rope.rope_store_kv(
                 out, r.positions, r.cos, r.sin, r.out_loc, r.k_cache, r.v_cache, HEADS, KV_HEADS, HEAD_DIM
             )
-        if op == ADD_NORM:
-            return norm.add_rms_norm(out, then.residual, then.weight, then.eps)[0]
         return activation.silu_and_mul(out) if silu else out
 
     def ours(i, t):
         if op == ROPE:
             return small_m.qkv_rope(x, ws[i], b, rope_spec, tile=t)
-        if op == ADD_NORM:
-            return small_m.linear_add_norm(x, ws[i], b, then, tile=t)[0]
         return small_m.linear(x, ws[i], b, silu_mul=silu, tile=t)
 
     want = current(0).float()
@@ -190,7 +168,7 @@ def main() -> int:
     lines = [
         f"# {results['date']} {results['device']}: us per call inside a CUDA graph, weights from "
         f"{'L2' if a.warm else 'HBM'} (GB/s){', PDL launches' if a.pdl else ''}; "
-        "cublas = the path without small_m (cuBLAS, then the RoPE, norm or SiLU kernel)"
+        "cublas = the path without small_m (cuBLAS, then the RoPE or SiLU kernel)"
     ]
     suggested = {}
     t0 = time.perf_counter()

@@ -94,30 +94,33 @@ def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
         assert rel_err(got, want) < 2e-2
 
 
-def test_small_m_in_the_model_computes_what_cublas_and_the_norm_kernel_do(model_dir, monkeypatch):
-    """Every small_m variant the model can launch (q/k/v with RoPE, o and down with the add and norm after
-    them, gate/up with SiLU, the LM head), given tiles for this model's shapes, against the model without
-    small_m: the same logits up to rounding, in eager steps and in graphs launched early."""
+def test_small_m_in_the_model_computes_what_cublas_does(model_dir, monkeypatch):
+    """small_m's variants in the model (q/k/v with RoPE, o, down, gate/up with SiLU, the LM head), given
+    tiles for this model's shapes, against the model without small_m: the same logits up to rounding, in
+    eager steps and in graphs launched early."""
     from minisgl.kernels import small_m
 
+    # Without small_m first: the layers consult TILES at every eager call.
     without = runner(model_dir, cuda_graphs=True)
+    want_logits = [without.forward_logits(step).clone() for step in mixed_steps(6)]
+    want_tokens = [without.run_step(step).tolist() for step in mixed_steps(7)]
+    del without
     tile = small_m.Tile(16, 128, 4, 2)
-    split = tile._replace(split_k=4)  # several programs per strip: the partial sums, the two counters
+    split = tile._replace(split_k=4)  # several programs per strip: the partial sums and their counters
     tiles = {
         (576, 448, small_m.ROPE): split._replace(block_k=64),
-        (448, 448, small_m.ADD_NORM): tile,
-        (448, 1024, small_m.ADD_NORM): split,
+        (448, 448, small_m.LINEAR): tile,
+        (448, 1024, small_m.LINEAR): split,
         (2048, 448, small_m.SILU): tile,
-        (2048, 448, small_m.LINEAR): tile,
+        (2048, 448, small_m.LINEAR): tile,  # the LM head
     }
     monkeypatch.setattr(small_m, "TILES", tiles)
     with_small_m = runner(model_dir, cuda_graphs=True)
-    for step_a, step_b in zip(mixed_steps(6), mixed_steps(6), strict=True):
-        want, got = without.forward_logits(step_a), with_small_m.forward_logits(step_b)
-        assert rel_err(got, want) < 1e-2
+    for step, want in zip(mixed_steps(6), want_logits, strict=True):
+        assert rel_err(with_small_m.forward_logits(step), want) < 1e-2
     same = total = 0
-    for step_a, step_b in zip(mixed_steps(7), mixed_steps(7), strict=True):
-        want, got = without.run_step(step_a).tolist(), with_small_m.run_step(step_b).tolist()
+    for step, want in zip(mixed_steps(7), want_tokens, strict=True):
+        got = with_small_m.run_step(step).tolist()
         same += sum(g == w for g, w in zip(got, want, strict=True))
         total += len(want)
     assert same >= 0.9 * total  # near ties may go either way: the products round differently

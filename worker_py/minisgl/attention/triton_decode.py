@@ -16,9 +16,6 @@ GRAPH_CONTEXT_HINT = 4096  # the context a decode graph's split count is chosen 
 # The context a token-row graph's split count is chosen for: its rows are mostly a prompt's own tokens, so
 # one split each once the rows fill the GPU (splitting 512 rows of 32 tokens eight ways took 21 us a layer).
 TOKEN_CONTEXT_HINT = 512
-# Decode graphs of at most this many rows combine the splits inside the split kernel (its last program per
-# row and KV head), one launch instead of two (`decode_attention`'s fused_combine); 0: none do.
-FUSED_COMBINE_ROWS = 0
 
 
 class TritonDecodeBackend(AttentionBackend):
@@ -32,46 +29,31 @@ class TritonDecodeBackend(AttentionBackend):
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._kv = [(kv_cache.k(i), kv_cache.v(i)) for i in range(kv_cache.shape.num_layers)]
         self._graph_splits: dict[tuple[int, bool], tuple[int, int]] = {}
-        self._counters: torch.Tensor | None = None  # the fused combine's, zero between launches
-        # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens), counters or None) of the step
+        # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens)) of the planned step
         self._args: tuple | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
         if not batch.is_decode:
             raise ValueError("the triton backend runs decode steps only")
-        self._set(batch, self._split_plan(batch.num_reqs, batch.max_seq_len), None)
+        self._set(batch, self._split_plan(batch.num_reqs, batch.max_seq_len))
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
         self._graph_splits = {(b, False): self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}
         self._graph_splits |= {(b, True): self._split_plan(b, TOKEN_CONTEXT_HINT) for b in token_sizes}
-        fused = [b for b in sizes if b <= FUSED_COMBINE_ROWS]
-        if fused:
-            device = self._kv[0][0].device
-            self._counters = decode_attention.alloc_counters(max(fused), self.config.num_kv_heads, device)
 
     def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
-        fused = not token_rows and rows <= FUSED_COMBINE_ROWS
-        self._set(batch, self._graph_splits[rows, token_rows], self._counters if fused else None)
+        self._set(batch, self._graph_splits[rows, token_rows])
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        kv_indptr, kv_indices, seq_len, (splits, min_tokens), counters = self._args
+        kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._args
         k, v = self._kv[layer]
         return decode_attention.decode_attention(
-            q,
-            k,
-            v,
-            kv_indptr,
-            kv_indices,
-            seq_len,
-            num_splits=splits,
-            min_split_tokens=min_tokens,
-            fused_combine=counters is not None,
-            counters=counters,
+            q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens
         )
 
     def _split_plan(self, rows: int, max_seq_len: int) -> tuple[int, int]:
         return decode_attention.split_plan(rows, max_seq_len, self._num_sms, self.config.num_kv_heads)
 
-    def _set(self, batch: ForwardBatch, splits: tuple[int, int], counters: torch.Tensor | None) -> None:
-        self._args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits, counters)
+    def _set(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
+        self._args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
         self.out_loc = batch.out_loc

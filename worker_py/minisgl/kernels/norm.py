@@ -37,17 +37,10 @@ if triton is not None:
             r = tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
             x = round_to(x + r, out_ptr.dtype.element_ty)
             tl.store(res_out_ptr + row * n_cols + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
-        y = normalise(x, w_ptr, cols, mask, eps, n_cols, out_ptr)
-        tl.store(out_ptr + row * n_cols + cols, y, mask=mask)
-
-    @triton.jit
-    def normalise(x, w_ptr, cols, mask, eps, n_cols, out_ptr):
-        """A row `x` (float32, zero past `n_cols`) normalised and scaled, as out_ptr's dtype; small_m's
-        `linear_add_norm` finishes with it too."""
-        dt = out_ptr.dtype.element_ty
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        normed = round_to(x * rstd, out_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        return (round_to(x * rstd, dt) * w).to(dt)
+        tl.store(out_ptr + row * n_cols + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

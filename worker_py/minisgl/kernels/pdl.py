@@ -4,10 +4,9 @@ memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels 
 without it every one of them also waits for its own launch after the one before ends.
 
 A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before it reads or writes
-anything another kernel writes (small_m reads weights before it: `Tile.preload`); its launches add
-`launch_args(tensor)`. Only once past the wait does it let the next kernel be scheduled: at most
-two kernels are in flight, the later one waiting. A kernel without the attribute (cuBLAS, torch's) is
-launched as always, after the one before it ends.
+anything another kernel writes; its launches add `launch_args(tensor)`. Only once past the wait does it let
+the next kernel be scheduled: at most two kernels are in flight, the later one waiting. A kernel without the
+attribute (cuBLAS, torch's) is launched as always, after the one before it ends.
 
 Only the CUDA graphs of small steps are captured with it (`launched_early`, `MAX_ROWS`): measured on an H100
 (docs/benchmarks.md, 2026-12-07), a decode step's GPU time falls 11-12% at batch 1 and 16, is the same at 64

@@ -14,16 +14,16 @@ Around the product, work that would otherwise be a launch of its own:
   silu(gate) * up, rounded where the eager bf16 code rounds (gate and up, then the SiLU, then the product);
 - `qkv_rope`: the merged q/k/v projection of an attention layer, each program one head: it streams the
   head's two halves of W, so the rotary embedding pairs them in registers, and writes q to the attention's
-  input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does);
-- `linear_add_norm`: the residual add and RMSNorm that follow o and down (`norm.add_rms_norm`): each strip
-  adds the residual to its columns as it finishes, and the last strip of the grid to finish (counted with a
-  second atomic) normalises the whole rows, with the norm kernel's own code, so the numbers are the same.
+  input, k and v straight into the paged KV cache (what `rope.rope_store_kv` does).
 
 Where it runs is measured, not assumed: `TILES` lists the (shape, op) pairs where it beat the path without
 it (`scripts/bench_kernels.py`, weights streamed from HBM as in a decode step), and `suits` sends every other
-product to cuBLAS. On Qwen2.5-0.5B (an H100, 2026-12-06) that is o, down and the lm_head, and q/k/v with
-RoPE. The norm the other way round, inside the next projection's pass over its input, lost everywhere
-(2 to 17 us, its float32 pass costing registers in the weight loop: docs/benchmarks.md) and was removed.
+product to cuBLAS. On Qwen2.5-0.5B (an H100, 2026-12-07) that is every projection but q/k/v without RoPE.
+Three more fusions measured slower in the model than the launches they save, and were removed
+(docs/benchmarks.md): the RMSNorm inside the next projection's pass over its input (its float32 pass costs
+registers in the weight loop), the residual add and norm finished by the last strip of o and down (one
+program normalising every row, serially), and tiles that read their weights before waiting for the kernel
+before (with PDL: they hold SM slots the running kernel could use).
 """
 
 from __future__ import annotations
@@ -48,30 +48,20 @@ class Tile(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int = 1
-    # Each split reads its whole share of W as one tile before waiting for the kernel before (launched
-    # with PDL, during it); needs split_k * block_k >= the input columns.
-    preload: bool = False
 
 
 # What a launch computes around the product (the entry points below): the third part of a `TILES` key.
-LINEAR, SILU, ROPE, ADD_NORM = "linear", "silu", "rope", "add_norm"
+LINEAR, SILU, ROPE = "linear", "silu", "rope"
 
-# (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py on an H100, 2026-12-06.
+# (weight rows, input columns, op) -> tile, from scripts/bench_kernels.py and bench_gpu.py on an H100.
 TILES: dict[tuple[int, int, str], Tile] = {
     (1152, 896, ROPE): Tile(32, 256, 4, 3, split_k=4),  # with RoPE: 5.8 against 6.7 us (H100, 2026-12-07)
+    (9728, 896, SILU): Tile(32, 128, 4, 3),  # with PDL: 0.884 against 0.906 ms a step at batch 1 (H100)
     (896, 896, LINEAR): Tile(16, 256, 4, 3),
     (896, 4864, LINEAR): Tile(64, 256, 4, 3, split_k=8),
     (151936, 896, LINEAR): Tile(128, 128, 8, 3),
 }
 DEFAULT_TILE = Tile(16, 256, 2, 4)  # for explicit calls on other shapes
-
-
-class AddNorm(NamedTuple):
-    """The residual add and RMSNorm after a product: `norm.add_rms_norm(product, residual, weight, eps)`."""
-
-    residual: torch.Tensor
-    weight: torch.Tensor
-    eps: float
 
 
 def suits(x: torch.Tensor, weight: torch.Tensor, op: str = LINEAR) -> bool:
@@ -91,21 +81,7 @@ def linear(
 ) -> torch.Tensor:
     """x [m <= 16, K] @ weight[N', K]^T (+ bias) -> [m, N'], or with `silu_mul` (weight [2N, K], no bias)
     silu(x W_gate^T) * (x W_up^T) -> [m, N]. Weight and x contiguous in their last dimension."""
-    return _launch(x, weight, bias, SILU if silu_mul else LINEAR, tile)[0]
-
-
-def linear_add_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    then: AddNorm,
-    tile: Tile | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm.add_rms_norm(linear(x, weight, bias), then.residual, then.weight, then.eps)` in one launch: the
-    normalised rows and the new residual."""
-    if then.residual.shape != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"a residual of {tuple(then.residual.shape)} after a product of {weight.shape[0]}")
-    return _launch(x, weight, bias, ADD_NORM, tile, then=then)
+    return _launch(x, weight, bias, SILU if silu_mul else LINEAR, tile)
 
 
 def qkv_rope(
@@ -120,13 +96,12 @@ def qkv_rope(
     heads = rope.num_heads + 2 * rope.num_kv_heads
     if weight.shape[0] != heads * rope.head_dim:
         raise ValueError(f"a q/k/v weight of {weight.shape[0]} rows for {heads} heads of {rope.head_dim}")
-    q = _launch(x, weight, bias, ROPE, tile, rope=rope)[0]
+    q = _launch(x, weight, bias, ROPE, tile, rope=rope)
     return q.view(-1, rope.num_heads, rope.head_dim)
 
 
-# Per device: one arrival counter per column strip, and one for the whole grid (`ADD_NORM`), zero between
-# launches (the last arrival resets its own); kernels on one stream run one after another, so every launch
-# can share them.
+# Per device: one arrival counter per column strip, zero between launches (the last program of a strip
+# resets its own); kernels on one stream run one after another, so every launch can share them.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MAX_STRIPS = 1 << 16
 
@@ -136,12 +111,11 @@ def _counters(device: torch.device, strips: int) -> torch.Tensor:
         raise ValueError(f"split-K over {strips} column strips (at most {MAX_STRIPS})")
     counters = _COUNTERS.get(device)
     if counters is None:
-        counters = _COUNTERS[device] = torch.zeros(MAX_STRIPS + 1, dtype=torch.int32, device=device)
+        counters = _COUNTERS[device] = torch.zeros(MAX_STRIPS, dtype=torch.int32, device=device)
     return counters
 
 
-def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None, then: AddNorm | None = None):
-    """The kernel on x, and what `op` returns: (out, None), or (normalised rows, new residual)."""
+def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None) -> torch.Tensor:
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small_m takes at most {MAX_ROWS} rows, got {m}")
@@ -150,25 +124,21 @@ def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None, then: AddN
         raise ValueError("silu_mul takes no bias")
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = torch.empty(m, rope.num_heads * rope.head_dim if rope else n, dtype=x.dtype, device=x.device)
-    new_residual = torch.empty_like(then.residual) if then is not None else None
     if m == 0:
-        return out, new_residual
+        return out
     t = tile or TILES.get((weight.shape[0], k, op), DEFAULT_TILE)
     if rope is not None:  # a strip is one head: its two halves side by side, as gate and up are
         t = t._replace(block_n=rope.head_dim // 2)
     k_tiles = triton.cdiv(k, t.block_k)
     per_split = triton.cdiv(k_tiles, t.split_k)
-    if t.preload and per_split != 1:
-        raise ValueError(f"a preloaded tile reads one K tile per split: {t} over {k} input columns")
     splits = triton.cdiv(k_tiles, per_split)  # no split left without columns
     paired = silu_mul or rope is not None
     strips = n // rope.head_dim if rope else triton.cdiv(n, t.block_n)
     slot = t.block_n * 16 * (2 if paired else 1)
     r = rope or RopeStore(x, x, x, x, x, x, 0, 0, 0)
-    partials = counters = weight  # placeholders: a single split without a norm reads neither
+    partials = counters = weight  # placeholders: a single split reads neither
     if splits > 1:
         partials = torch.empty(strips * splits * slot, dtype=torch.float32, device=x.device)
-    if splits > 1 or then is not None:
         counters = _counters(x.device, strips)
     _small_m_kernel[(strips, splits)](
         x,
@@ -182,10 +152,6 @@ def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None, then: AddN
         k,
         x.stride(0),
         per_split * t.block_k,
-        then.residual if then else x,
-        new_residual if then else x,
-        then.weight if then else x,
-        then.eps if then else 0.0,
         r.positions,
         r.cos,
         r.sin,
@@ -195,30 +161,25 @@ def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None, then: AddN
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
         ROPE=rope is not None,
-        ADD_NORM=then is not None,
         NQ=r.num_heads,
         NKV=r.num_kv_heads,
         SPLIT_K=splits,
         SLOT=slot,
-        GRID_COUNTER=MAX_STRIPS,
-        NORM_BLOCK=triton.next_power_of_2(n),
-        PRELOAD=t.preload,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **pdl.launch_args(x),
     )
-    return out, new_residual
+    return out
 
 
 if triton is not None:
-    from minisgl.kernels.norm import normalise
     from minisgl.kernels.pdl import wait_previous
     from minisgl.kernels.rounding import round_to  # rounds where eager bf16 torch rounds
 
     # Positions and KV locations are slices of the step's packed buffer at any offset (see rope.py).
-    @triton.jit(do_not_specialize=["eps", "pos_ptr", "loc_ptr"])
+    @triton.jit(do_not_specialize=["pos_ptr", "loc_ptr"])
     def _small_m_kernel(
         x_ptr,
         w_ptr,
@@ -231,10 +192,6 @@ if triton is not None:
         K,
         stride_x,
         k_per_split,
-        res_ptr,
-        res_out_ptr,
-        nw_ptr,
-        eps,
         pos_ptr,
         cos_ptr,
         sin_ptr,
@@ -244,16 +201,12 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         SILU_MUL: tl.constexpr,
         ROPE: tl.constexpr,
-        ADD_NORM: tl.constexpr,
         NQ: tl.constexpr,
         NKV: tl.constexpr,
         SPLIT_K: tl.constexpr,
         SLOT: tl.constexpr,
-        GRID_COUNTER: tl.constexpr,
-        NORM_BLOCK: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        PRELOAD: tl.constexpr,
         PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -275,24 +228,14 @@ if triton is not None:
         pair_rows = w_ptr + pair_cols.to(tl.int64)[:, None] * K
         k_lo = split * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
-        if PRELOAD:
-            # The split's whole share of W is one tile: read it before waiting for the kernel before, which
-            # never writes weights. Launched early (PDL) the read overlaps that kernel.
-            ks = k_lo + tl.arange(0, BLOCK_K)
-            k_ok = ks < k_hi
-            w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
         wait_previous(PDL)
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        if PRELOAD:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_hi
+            w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
             acc, acc2 = _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED)
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < k_hi
-                w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
-                acc, acc2 = _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED)
-        strip_done = True  # whether this program finishes its strip
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
             tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
@@ -302,7 +245,6 @@ if triton is not None:
                 tl.store(mine + BLOCK_N * 16 + tile, acc2)
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            strip_done = arrived == SPLIT_K - 1
             # A mask built as a tensor: a scalar mask is not accepted everywhere (Triton's interpreter).
             tile_last = tl.zeros_like(tile) + arrived == SPLIT_K - 1
             acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
@@ -314,7 +256,7 @@ if triton is not None:
                     acc2 += tl.load(
                         theirs + BLOCK_N * 16 + tile, mask=tile_last, other=0.0, cache_modifier=".cg"
                     )
-            if strip_done:
+            if arrived == SPLIT_K - 1:
                 tl.atomic_xchg(count_ptr + pid, 0)
         out_mask = row_ok[None, :] & col_ok[:, None]
         if SPLIT_K > 1:
@@ -345,30 +287,8 @@ if triton is not None:
                 NKV,
                 BLOCK_N,
             )
-        elif ADD_NORM:
-            # The product rounded as the unfused path stores it, plus the residual as add_rms_norm adds it.
-            offs = rows[None, :] * N + cols[:, None]
-            res = tl.load(res_ptr + offs, mask=out_mask, other=0.0).to(tl.float32)
-            tl.store(res_out_ptr + offs, round_to(round_to(acc, dt) + res, dt).to(dt), mask=out_mask)
-            if strip_done:
-                _norm_epilogue(count_ptr + GRID_COUNTER, res_out_ptr, nw_ptr, out_ptr, eps, M, N, NORM_BLOCK)
         else:
             tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
-
-    @triton.jit
-    def _norm_epilogue(grid_count_ptr, res_ptr, nw_ptr, out_ptr, eps, M, N, BLOCK: tl.constexpr):
-        """Called by each strip's finishing program once its columns of the residual are stored: the last
-        of them normalises every row of it into out."""
-        tl.debug_barrier()
-        arrived = tl.atomic_add(grid_count_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) - 1:
-            tl.atomic_xchg(grid_count_ptr, 0)
-            cols = tl.arange(0, BLOCK)
-            mask = cols < N
-            for row in range(M):
-                x = tl.load(res_ptr + row * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
-                y = normalise(x.to(tl.float32), nw_ptr, cols, mask, eps, N, out_ptr)
-                tl.store(out_ptr + row * N + cols, y, mask=mask)
 
     @triton.jit
     def _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED: tl.constexpr):

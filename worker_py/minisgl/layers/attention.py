@@ -64,17 +64,6 @@ class Attention(nn.Module):
         """The layer's output for its normalised input `h`."""
         return self.o_proj(self._attend(h, positions, attn))
 
-    def then_norm(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        norm: RMSNorm,
-        residual: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`norm(self(h, ...), residual)`, the norm inside o's kernel where it can (`Linear.then_norm`)."""
-        return self.o_proj.then_norm(self._attend(h, positions, attn), norm, residual)
-
     def _attend(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Everything before o: q/k/v, RoPE with the KV write, attention. At a few rows one kernel does the
         first three (`small_m.qkv_rope`)."""

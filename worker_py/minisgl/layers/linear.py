@@ -20,7 +20,6 @@ from torch import nn
 from minisgl.kernels import activation, small_m
 from minisgl.layers import comm
 from minisgl.layers.loading import ALL, add_param, copy_checked, rank_slice
-from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 
@@ -76,16 +75,6 @@ class Linear(nn.Module):
             out = F.linear(x, self.weight, self.bias)
             out = self._silu_and_mul(out) if silu_mul else out
         return comm.all_reduce(out) if self._reduce else out
-
-    def then_norm(
-        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`norm(self(x), residual)`: at a few rows the product's own kernel adds the residual and
-        normalises (`small_m.linear_add_norm`), so the norm is not a launch of its own."""
-        if self.small_m and not self._reduce and small_m.suits(x, self.weight, small_m.ADD_NORM):
-            then = small_m.AddNorm(residual, norm.weight, norm.eps)
-            return small_m.linear_add_norm(x, self.weight, self.bias, then)
-        return norm(self(x), residual)
 
     def _rows(self, dst: torch.Tensor, shard: Hashable) -> torch.Tensor:
         if shard == ALL and len(self.shard_ids) > 1:

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from minisgl.layers.linear import Linear
-from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 
@@ -21,9 +20,3 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x, silu_mul=True))
-
-    def then_norm(
-        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`norm(self(x), residual)`, the norm inside down's kernel where it can (`Linear.then_norm`)."""
-        return self.down_proj.then_norm(self.gate_up_proj(x, silu_mul=True), norm, residual)

@@ -23,7 +23,6 @@ from minisgl.kernels import moe
 from minisgl.layers import comm
 from minisgl.layers.linear import Linear
 from minisgl.layers.loading import ALL, add_param, copy_checked, rank_slice
-from minisgl.layers.norm import RMSNorm
 from minisgl.layers.options import LayerOptions
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -96,9 +95,3 @@ class MoE(nn.Module):
         weights, ids = moe.route(self.gate(x), self.top_k, self.renormalize)
         out = self._experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         return comm.all_reduce(out) if self._reduce else out
-
-    def then_norm(
-        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`norm(self(x), residual)`, as `GatedMLP.then_norm`."""
-        return norm(self(x), residual)

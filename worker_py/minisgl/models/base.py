@@ -57,20 +57,17 @@ class CausalLM(nn.Module):
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, options, tied=tied)
 
     def make_layer(self, config: ModelConfig, layer: int, options: LayerOptions) -> nn.Module:
-        """Decoder layer `layer`, with an `input_layernorm`: `forward(h, residual, positions, attn, next_norm)
-        -> (h, residual)`, h normalised on the way in and out (`DecoderLayer`)."""
+        """Decoder layer `layer`: `forward(x, residual, positions, attn) -> (x, residual)`."""
         raise NotImplementedError
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """Final hidden states of every new token: [t, hidden]."""
-        layers = self.model.layers
-        h, residual = layers[0].input_layernorm(self.model.embed_tokens(input_ids))
-        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
-        for layer, next_norm in zip(layers, next_norms, strict=True):
-            h, residual = layer(h, residual, positions, attn, next_norm)
-        return h
+        x, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, positions, attn)
+        return self.model.norm(x, residual)[0]
 
     @property
     def capturable(self) -> bool:

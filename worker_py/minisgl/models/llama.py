@@ -1,8 +1,7 @@
 """Llama (2, 3, 3.1, 3.2; SmolLM2) and Mistral: the plain decoder layer, which the Qwen families extend.
 
-Pre-norm attention then pre-norm gated MLP, each added to the residual; each add happens inside the norm
-after it (see `RMSNorm`), and at a few rows that norm runs inside the projection before it (`then_norm`):
-a layer hands the next one its input already normalised.
+Pre-norm attention then pre-norm gated MLP, each added to the residual; the adds happen inside the next
+norm (see `RMSNorm`).
 Options a family turns on: a bias on q/k/v (Qwen2), q/k norms (Qwen3), another MLP (Qwen3-MoE's experts).
 """
 
@@ -47,17 +46,12 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self,
-        h: torch.Tensor,
-        residual: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionBackend,
-        next_norm: RMSNorm,
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBackend
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`h` is this layer's input already normalised (`input_layernorm`), `residual` the stream it was
-        normalised from; returns the same for what comes next, normalised by `next_norm`."""
-        h, residual = self.self_attn.then_norm(h, positions, attn, self.post_attention_layernorm, residual)
-        return self.mlp.then_norm(h, next_norm, residual)
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, positions, attn)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(CausalLM):
