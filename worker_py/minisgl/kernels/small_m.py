@@ -234,8 +234,16 @@ if triton is not None:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_hi
-            w, w2 = _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED)
-            acc, acc2 = _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED)
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            # The weights are read once per step: keep them out of the L2 the activations live in.
+            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            if PAIRED:
+                w2 = tl.load(pair_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            x_mask = row_ok[None, :] & k_ok[:, None]
+            xt = tl.load(x_ptr + rows[None, :] * stride_x + ks[:, None], mask=x_mask, other=0.0)
+            acc += tl.dot(w, xt)
+            if PAIRED:
+                acc2 += tl.dot(w2, xt)
         if SPLIT_K > 1:
             # Publish this split's sums; the strip's last arrival adds all of them in split order.
             tile = tl.arange(0, BLOCK_N)[:, None] * 16 + rows[None, :]
@@ -289,27 +297,6 @@ if triton is not None:
             )
         else:
             tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
-
-    @triton.jit
-    def _weight_tile(w_rows, pair_rows, ks, col_ok, k_ok, PAIRED: tl.constexpr):
-        """The strip's [BLOCK_N, BLOCK_K] tile of W at columns `ks`, and its paired one (W again if none)."""
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        # The weights are read once per step: keep them out of the L2 the activations live in.
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-        w2 = w
-        if PAIRED:
-            w2 = tl.load(pair_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-        return w, w2
-
-    @triton.jit
-    def _accumulate(acc, acc2, w, w2, ks, k_ok, rows, row_ok, x_ptr, stride_x, PAIRED: tl.constexpr):
-        """One K tile: the input's columns `ks` multiplied into the accumulators."""
-        x_mask = row_ok[None, :] & k_ok[:, None]
-        xt = tl.load(x_ptr + rows[None, :] * stride_x + ks[:, None], mask=x_mask, other=0.0)
-        acc += tl.dot(w, xt)
-        if PAIRED:
-            acc2 += tl.dot(w2, xt)
-        return acc, acc2
 
     @triton.jit
     def _rope_epilogue(
