@@ -519,3 +519,31 @@ def test_prefix_bench_summary_reads_what_the_script_writes(tmp_path, capsys):
     assert "= x5.00 (goal >= x3)" in out and "= x5.00 (goal >= x3)" in out.split("round 2")[-1]
     assert "by turn: 1: 30.0 (0%)" in out
     assert "(c) offline nano-vllm: no result" in out and "WARNING" not in out
+
+
+def test_ab_table_reads_what_the_offline_bench_writes(tmp_path):
+    """scripts/bench_ab_gpu.sh's table: one column per engine and round in the order they ran, each workload's
+    figure (tok/s, ms a step, ms a token), "-" where a run is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ab_table", REPO_ROOT / "scripts" / "bench_ab_table.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+
+    def write(name: str, seed_tok_s: float, step_ms: float | None) -> Path:
+        runs = [{"workload": "seed", "output_tok_per_s": seed_tok_s}]
+        if step_ms is not None:
+            runs.append({"workload": "decode1", "output_tok_per_s": 1.0, "step_ms": step_ms})
+        path = tmp_path / name
+        path.write_text(json.dumps({"label": name, "runs": runs}))
+        return path
+
+    files = [
+        write("ab_base.1.json", 900, 1.2),
+        write("ab_new.0.json", 1500, 0.8),
+        write("ab_base.0.json", 1000, None),
+    ]
+    lines = ab.table(files).splitlines()
+    assert lines[0] == "| workload | new (0) | base (0) | base (1) |"
+    assert lines[2] == "| seed, tok/s | 1,500 | 1,000 | 900 |"
+    assert lines[3] == "| decode1, ms a step | 0.800 | - | 1.200 |"

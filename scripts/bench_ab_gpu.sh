@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# This tree's worker against an earlier commit's, through the whole engine, in one device call: `minisgl bench
+# offline` over issue 12's workloads, the two engines alternated (new, base, new, base, ...) so that drift in
+# the machine shows up as the spread between rounds, not as a difference between the engines. Only the Python
+# worker differs: both run the scheduler in .gpu-bin (bench_carry.sh builds it from this tree), so the base must
+# speak the same ring protocol (proto/).
+#
+#   bash scripts/bench_ab_gpu.sh prepare f3aea59    # here: .peers/base/ (git-ignored) gets that worker
+#   bash scripts/bench_carry.sh
+#   run(command="bash scripts/gpu_env.sh bash scripts/bench_ab_gpu.sh", carry=[".whl", ".gpu-model", ".gpu-bin", ".peers"])
+#
+# Writes $OUT/ab_{new,base}.N.json (N: the round) and prints a table of every round. Environment:
+#   AB_WORKLOADS  default seed,single,decode1,decode16,decode256,nanovllm (`minisgl bench offline --workloads`)
+#   AB_ROUNDS     rounds of (new, base), default 2
+#   AB_BUDGET_S   no engine starts past this many seconds, default 480 (a device call may run 600)
+#   BENCH_DEVICE  cpu: a dry run on a machine without a GPU (a tiny random model, the tiny workloads)
+#   PYTHON        the interpreter, default python3 (a dry run here: PYTHON=.venv/bin/python)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+say() { printf '[bench_ab %s +%ss] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
+
+if [ "${1:-run}" = prepare ]; then
+  rev=${2:?usage: bash scripts/bench_ab_gpu.sh prepare REV}
+  grep -qxF /.peers/ .git/info/exclude 2>/dev/null || echo /.peers/ >>.git/info/exclude
+  rm -rf .peers/base && mkdir -p .peers/base || exit 1
+  git archive "$rev" worker_py | tar -x -C .peers/base || exit 1
+  git rev-parse --short "$rev" >.peers/base/REV
+  git diff --quiet "$rev" HEAD -- proto || say "WARNING: proto/ changed since $rev: the base may not speak this ring"
+  say ".peers/base holds the worker of $(git log -1 --format='%h %s' "$rev" | cut -c1-90)"
+  exit 0
+fi
+[ "${1:-run}" = run ] || { echo "usage: bash scripts/bench_ab_gpu.sh [prepare REV | run]" >&2; exit 2; }
+[ -f .peers/base/REV ] || { say "no .peers/base: run 'bash scripts/bench_ab_gpu.sh prepare REV' first"; exit 1; }
+
+OUT=${OUT:-/tmp/ab_out}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -z "${MINISGL_SCHED:-}" ]; then
+  MINISGL_SCHED=$PWD/.gpu-bin/minisgl-sched
+  [ -x "$MINISGL_SCHED" ] || MINISGL_SCHED=$PWD/target/release/minisgl-sched
+fi
+export MINISGL_SCHED
+# The tokenizer by its absolute path: the base's package would look for it beside itself.
+tok=$PWD/.gpu-model
+[ -f "$tok/tokenizer.json" ] || tok=$PWD/models/Qwen2.5-Coder-0.5B-Instruct
+if [ "${BENCH_DEVICE:-cuda}" = cpu ]; then
+  args=(--tiny --device cpu --tokenizer-dir "$tok")
+else
+  workloads=${AB_WORKLOADS:-seed,single,decode1,decode16,decode256,nanovllm}
+  args=(--random-weights --tokenizer-dir "$tok" --workloads "$workloads")
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | sed 's/^/[gpu] /'
+fi
+say "this tree ($(git log -1 --format=%h 2>/dev/null || echo '?')) against $(cat .peers/base/REV)"
+for ((round = 0; round < ${AB_ROUNDS:-2}; round++)); do
+  for engine in new base; do
+    if [ "$SECONDS" -gt "${AB_BUDGET_S:-480}" ]; then
+      say "skipping $engine, round $round: past ${AB_BUDGET_S:-480} s"
+      continue
+    fi
+    worker=$PWD/worker_py
+    [ "$engine" = base ] && worker=$PWD/.peers/base/worker_py
+    say "$engine, round $round"
+    PYTHONPATH=$worker${PYTHONPATH:+:$PYTHONPATH} timeout 150 "$PYTHON" -m minisgl.bench offline "${args[@]}" \
+      --no-progress --label "$engine" --out "$OUT/ab_$engine.$round.json" 2>&1 | tail -3
+  done
+done
+"$PYTHON" scripts/bench_ab_table.py "$OUT"/ab_*.json |
+  tee "$OUT/ab_table.md"
