@@ -554,7 +554,7 @@ def profile(model_dir: Path, config: str, batch: int, prompt_len: int, steps: in
         "idle_us_per_step_in_gaps_over_5us": long_gaps / steps,
         "kernels_per_step": len(kernels) / steps,
         "kernel_us_per_step": sum(e["dur"] for e in kernels) / steps,
-        "top_kernels_us_per_step": {k: round(v / steps, 2) for k, v in by_name.most_common(12)},
+        "top_kernels_us_per_step": {k: round(v / steps, 2) for k, v in by_name.most_common(20)},
     }
 
 
@@ -607,7 +607,7 @@ def table(results: dict, batches: list[int]) -> str:
                 lines.append(
                     head + f", {r['kernels_per_call']:.0f} kernels, {r['kernel_us_per_call']:.0f} us"
                 )
-                lines += [f"    {v:>8.1f} us  {k}" for k, v in list(r["top_kernels_us_per_call"].items())[:8]]
+                lines += [f"    {v:>8.1f} us  {k}" for k, v in list(r["top_kernels_us_per_call"].items())[:12]]
     lines.append("## profile (torch profiler, overlapped loop), per step")
     for name, p in results["profile"].items():
         if "error" in p:
@@ -620,7 +620,7 @@ def table(results: dict, batches: list[int]) -> str:
             f"{'':<32} idle in gaps < 5 us: {p['idle_us_per_step_in_gaps_under_5us']:.0f} us, "
             f">= 5 us: {p['idle_us_per_step_in_gaps_over_5us']:.0f} us",
         ]
-        lines += [f"    {v:>8.1f} us  {k}" for k, v in list(p["top_kernels_us_per_step"].items())[:10]]
+        lines += [f"    {v:>8.1f} us  {k}" for k, v in list(p["top_kernels_us_per_step"].items())[:20]]
     return "\n".join(lines)
 
 
