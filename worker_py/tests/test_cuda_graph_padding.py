@@ -127,6 +127,12 @@ def test_uploaded_padded_batch_puts_graph_inputs_at_fixed_offsets():
     assert batch.seq_len.data_ptr() == base + 32 * 4
     np.testing.assert_array_equal(batch.out_loc[:3].numpy(), step.out_loc)
     np.testing.assert_array_equal(batch.host_kv_indptr.numpy()[:4], step.kv_indptr)
+    # The host views and longest lengths, worked out on first use, include the padding rows.
+    np.testing.assert_array_equal(batch.host_seq_len.numpy()[:3], step.seq_len)
+    assert batch.host_seq_len.numpy()[3:].tolist() == [1] * 5
+    assert batch.host_qo_indptr.numpy().tolist() == list(range(9))
+    assert batch.host_kv_last_page_len.shape == (8,)
+    assert (batch.max_qo_len, batch.max_seq_len) == (1, int(step.seq_len.max()))
 
 
 def test_join_parameters_travel_with_the_upload():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -43,14 +44,14 @@ class ForwardBatch:
     """Device tensors are int32 views into one buffer; sizes are plain ints known on the host.
 
     For a padded decode batch `num_reqs` and `num_tokens` count the padding rows too: they are what the
-    kernels see. The `host_*` tensors are CPU views of the pinned staging buffer (FlashInfer plans from them).
+    kernels see. The `host_*` tensors are CPU views of the pinned staging buffer (FlashInfer plans from them);
+    they and the longest lengths are worked out when first asked for: a decode step replayed from a graph
+    plans nothing, and every microsecond of its host path counts (issue 12).
     """
 
     kind: int
     num_reqs: int
     num_tokens: int
-    max_qo_len: int
-    max_seq_len: int
     input_ids: torch.Tensor  # [t]; negative entries are resolved by the runner before the forward
     positions: torch.Tensor  # [t]
     out_loc: torch.Tensor  # [t]
@@ -60,10 +61,8 @@ class ForwardBatch:
     kv_indptr: torch.Tensor  # [n + 1]
     kv_last_page_len: torch.Tensor  # [n]
     kv_indices: torch.Tensor  # [k]
-    host_qo_indptr: torch.Tensor
-    host_kv_indptr: torch.Tensor
-    host_kv_last_page_len: torch.Tensor
-    host_seq_len: torch.Tensor
+    host_packed: torch.Tensor  # the `_PACKED` arrays one after another in the staging buffer, at `sizes`
+    sizes: tuple[int, ...]
     # The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64 bits), or
     # None when nobody joins.
     joins: SimpleNamespace | None = None
@@ -73,6 +72,34 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return self.num_tokens == self.num_reqs
+
+    @functools.cached_property
+    def _host(self) -> dict[str, torch.Tensor]:
+        return dict(zip(_PACKED, torch.split(self.host_packed, self.sizes), strict=True))
+
+    @property
+    def host_qo_indptr(self) -> torch.Tensor:
+        return self._host["qo_indptr"]
+
+    @property
+    def host_kv_indptr(self) -> torch.Tensor:
+        return self._host["kv_indptr"]
+
+    @property
+    def host_kv_last_page_len(self) -> torch.Tensor:
+        return self._host["kv_last_page_len"]
+
+    @property
+    def host_seq_len(self) -> torch.Tensor:
+        return self._host["seq_len"]
+
+    @functools.cached_property
+    def max_qo_len(self) -> int:
+        return int(np.max(np.diff(self.host_qo_indptr.numpy()))) if self.num_reqs else 0
+
+    @functools.cached_property
+    def max_seq_len(self) -> int:
+        return int(np.max(self.host_seq_len.numpy())) if self.num_reqs else 0
 
 
 class BatchUploader:
@@ -143,21 +170,12 @@ class BatchUploader:
             flat = staging[:total].to(self.device, non_blocking=True)
 
         parts = dict(zip(_PACKED, torch.split(flat[:base], sizes), strict=True))
-        host = dict(zip(_PACKED, torch.split(staging[:base], sizes), strict=True))
-        n, t = sizes[_PACKED.index("req_slot")], sizes[_PACKED.index("input_ids")]
-        qo = sum(sizes[: _PACKED.index("qo_indptr")])
-        seq = sum(sizes[: _PACKED.index("seq_len")])
-        qo_indptr, seq_len = staging_np[qo : qo + n + 1], staging_np[seq : seq + n]
         return ForwardBatch(
             kind=int(step.kind),
-            num_reqs=n,
-            num_tokens=t,
-            max_qo_len=int(np.max(np.diff(qo_indptr))) if n else 0,
-            max_seq_len=int(np.max(seq_len)) if n else 0,
-            host_qo_indptr=host["qo_indptr"],
-            host_kv_indptr=host["kv_indptr"],
-            host_kv_last_page_len=host["kv_last_page_len"],
-            host_seq_len=host["seq_len"],
+            num_reqs=sizes[_PACKED.index("req_slot")],
+            num_tokens=sizes[_PACKED.index("input_ids")],
+            host_packed=staging[:base],
+            sizes=tuple(sizes),
             joins=_join_tensors(flat[base + align :], joins) if joins else None,
             extra=_split(flat[total - sum(a.shape[0] for a in extra.values()) : total], extra),
             in_static_buffer=in_static,
