@@ -607,7 +607,8 @@ def table(results: dict, batches: list[int]) -> str:
                 lines.append(
                     head + f", {r['kernels_per_call']:.0f} kernels, {r['kernel_us_per_call']:.0f} us"
                 )
-                lines += [f"    {v:>8.1f} us  {k}" for k, v in list(r["top_kernels_us_per_call"].items())[:12]]
+                top = list(r["top_kernels_us_per_call"].items())[:12]
+                lines += [f"    {v:>8.1f} us  {k}" for k, v in top]
     lines.append("## profile (torch profiler, overlapped loop), per step")
     for name, p in results["profile"].items():
         if "error" in p:
