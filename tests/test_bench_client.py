@@ -313,15 +313,15 @@ def test_help_reads(command, capsys):
 def test_offline_tiny_runs_an_engine(tmp_path):
     model_dir_or_skip()  # the tokenizer files come from the default model
     out = tmp_path / "offline.json"
-    argv = ["offline", "--tiny", "--workloads", "seed,single,decode16", "--device", "cpu", "--no-progress"]
-    argv += ["--out", str(out)]
+    argv = ["offline", "--tiny", "--device", "cpu", "--no-progress", "--out", str(out)]
+    argv += ["--workloads", "seed,single,decode16,prefill16"]
     assert main([*argv, "--plot", str(tmp_path / "offline.png")]) == 0
     assert (tmp_path / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(out), "-o", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 1000
     report = json.loads(out.read_text())
     assert set(report) == {"date", "label", "config", "runs"}
-    run, single, decode = report["runs"]
+    run, single, decode, prefill = report["runs"]
     assert run["engine"] == "overlap" and run["workload"] == "seed"
     assert run["requests"] == 8 and run["output_tokens"] == 64
     assert run["output_tok_per_s"] > 0 and run["requests_per_s"] > 0 and run["seconds"] > 0
@@ -331,6 +331,9 @@ def test_offline_tiny_runs_an_engine(tmp_path):
     assert (decode["requests"], decode["output_tokens"]) == (8, 64)
     assert 0 < decode["first_token_s"] < decode["seconds"]
     assert decode["step_ms"] == pytest.approx(1e3 * (decode["seconds"] - decode["first_token_s"]) / 7)
+    # prefill16: 8 requests of one token each (--tiny), then rounds of their own timed one by one
+    assert (prefill["requests"], prefill["output_tokens"]) == (8, 8)
+    assert 0 < prefill["prefill_ms"] <= prefill["prefill_ms_p90"]
 
 
 def test_engine_runs_serves_workload_through_zeromq_at_a_concurrency(tiny_model, tmp_path):

@@ -9,6 +9,9 @@ Workloads (issues 3 and 12):
   decodeB   B requests (B = 1, 16, 256) of 32 prompt tokens and 257 output tokens, greedy: the decode step
             time through the whole engine, (time of the run - time of a 1-token run) / 256; the 1-token runs
             (the median of three) use other prompts, so the prefix cache does not shorten them
+  prefillB  B requests (B = 16) of 32 prompt tokens and one output token, greedy, sent together: one small
+            prefill step through the whole engine, from the first send to the last final (the median, and the
+            90th percentile, of 20 rounds with prompts of their own after the first)
 
 Prompts are random token ids (as nano-vllm's are), sent as `input_ids`, so the numbers do not depend on the
 weights: with `--random-weights` the model is Qwen2.5-0.5B's shapes with random bf16 weights (built on the
@@ -40,7 +43,15 @@ examples:
 """
 
 DECODE_BATCHES = (1, 16, 256)
-WORKLOADS = ("seed", "nanovllm", "single", *(f"decode{b}" for b in DECODE_BATCHES))
+PREFILL_BATCHES = (16,)
+PREFILL_ROUNDS = 20
+WORKLOADS = (
+    "seed",
+    "nanovllm",
+    "single",
+    *(f"decode{b}" for b in DECODE_BATCHES),
+    *(f"prefill{b}" for b in PREFILL_BATCHES),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,16 +103,29 @@ def workloads(vocab: int = 10000) -> dict[str, list[tuple[list[int], object]]]:
         return [(rng.integers(0, vocab, 32).tolist(), params) for _ in range(n)]
 
     loads = {"seed": greedy(16, 63), "nanovllm": nano, "single": greedy(1, 63)}
-    return loads | {f"decode{b}": greedy(b, 257) for b in DECODE_BATCHES}
+    loads |= {f"decode{b}": greedy(b, 257) for b in DECODE_BATCHES}
+    return loads | {f"prefill{b}": greedy(b, 1) for b in PREFILL_BATCHES}
 
 
-def first_token_runs(requests: list, vocab: int = 10000) -> list[list]:
-    """Three runs of a decode workload's shape that stop at the first token, with prompts of their own."""
+def first_token_runs(requests: list, rounds: int = 3, vocab: int = 10000) -> list[list]:
+    """`rounds` runs of a workload's shape that stop at the first token, with prompts of their own."""
     rng = np.random.default_rng(1)
     return [
         [(rng.integers(0, vocab, len(p)).tolist(), replace(sp, max_tokens=1)) for p, sp in requests]
-        for _ in range(3)
+        for _ in range(rounds)
     ]
+
+
+def timed_rounds(llm, runs: list[list]) -> list[float]:
+    """Seconds from the first send to the last final of each run, one run after another."""
+    from tqdm import tqdm
+
+    seconds = []
+    for requests in runs:
+        t0 = time.perf_counter()
+        generate(llm, requests, tqdm(disable=True))
+        seconds.append(time.perf_counter() - t0)
+    return seconds
 
 
 def generate(llm, requests: list, bar) -> list[dict]:
@@ -161,13 +185,12 @@ def run_engine(model: Path, name: str, engine_args: dict, loads: dict, quiet: bo
             if load == "single":
                 run["ms_per_token"] = 1e3 * seconds / max_tokens
             if load.startswith("decode"):
-                firsts = []
-                for short_run in first_token_runs(requests):
-                    t0 = time.perf_counter()
-                    generate(llm, short_run, tqdm(disable=True))
-                    firsts.append(time.perf_counter() - t0)
-                run["first_token_s"] = statistics.median(firsts)
+                run["first_token_s"] = statistics.median(timed_rounds(llm, first_token_runs(requests)))
                 run["step_ms"] = 1e3 * (seconds - run["first_token_s"]) / (max_tokens - 1)
+            if load.startswith("prefill"):
+                rounds = sorted(timed_rounds(llm, first_token_runs(requests, PREFILL_ROUNDS)))
+                run["prefill_ms"] = 1e3 * statistics.median(rounds)
+                run["prefill_ms_p90"] = 1e3 * rounds[int(0.9 * (len(rounds) - 1))]
             runs.append(run)
     return runs
 
@@ -197,7 +220,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     loads = {name: every[name] for name in names}
     if a.tiny:
         loads = {
-            k: [(pr[:40], replace(sp, max_tokens=8)) for pr, sp in reqs[:8]] for k, reqs in loads.items()
+            k: [(pr[:40], replace(sp, max_tokens=min(sp.max_tokens, 8))) for pr, sp in reqs[:8]]
+            for k, reqs in loads.items()
         }
     engines = {"overlap": {}}
     if a.no_overlap_too:
@@ -240,10 +264,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     print(f"# {report['date']}  {described}")
     print(
         f"{'engine':<12} {'workload':<10} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}"
-        "  ms/token or ms/step"
+        "  ms/token, ms/step or ms/prefill"
     )
     for r in report["runs"]:
-        per = r.get("ms_per_token", r.get("step_ms"))
+        per = r.get("ms_per_token", r.get("step_ms", r.get("prefill_ms")))
         print(
             f"{r['engine']:<12} {r['workload']:<10} {r['requests']:>8} {r['output_tokens']:>10} "
             f"{r['seconds']:>8.3f} {r['output_tok_per_s']:>10.0f}{'' if per is None else f'  {per:.3f}'}"
