@@ -10,6 +10,7 @@ import torch
 from fake_steps import Join, ReadySteps, StepBuilder
 from tiny_qwen import cpu_config, make_tiny_qwen
 
+from minisgl.sampling.params import SampleMode
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.loop import run_steps
 from minisgl.worker.padding import graph_batch_sizes, token_graph_sizes
@@ -76,10 +77,11 @@ class EagerGraphs(DecodeGraphs):
 
     def replay(self, batch, rows):
         self._attn.plan(batch)
-        return self._forward(batch)
+        self._replayed = batch, self._forward(batch)
+        return self._replayed[1]
 
-    def replay_sampled(self, batch, rows, mode):
-        return self._sample(batch, self.replay(batch, rows), mode)
+    def replay_sampling(self, rows, mode):
+        return self._sample(*self._replayed, mode)
 
     def replay_hidden(self, batch, rows):
         self._attn.plan(batch)
@@ -141,6 +143,31 @@ def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
     assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
 
 
+def test_a_padded_step_samples_with_the_options_it_joins_with(model_dir):
+    """Prompts of one token make a step of one token per request: padded and sampled in the graph, whose plan
+    is made after the forward is queued, so it must see the options the step's requests join with."""
+    plain, graphed = (
+        ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False),
+        with_eager_graphs(model_dir),
+    )
+    modes, replay_sampling = [], graphed.graphs.replay_sampling
+    graphed.graphs.replay_sampling = lambda rows, mode: modes.append(mode) or replay_sampling(rows, mode)
+
+    def steps():
+        b = StepBuilder(NUM_PAGES - 1, PAGE_SIZE, seed=3)
+        yield b.extend([(0, [5, 6, 7])], [Join(0)])
+        # Nearly uniform over the vocabulary: greedy in their place would give other tokens.
+        joins = [Join(1, temperature=5.0, seed=9), Join(2, temperature=5.0, top_k=50, seed=5)]
+        yield b.extend([(1, [11]), (2, [12])], joins)
+        for _ in range(3):
+            yield b.decode([0, 1, 2])
+
+    a, b = ReadySteps(list(steps())), ReadySteps(list(steps()))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert a.results == b.results
+    assert modes == [SampleMode.FILTERED] * 4  # the joins' step and the decodes, from the joins' options
+
+
 def test_a_step_too_large_for_the_graphs_buffer_runs_eagerly(model_dir):
     """A padded step whose arrays outgrow the fixed device buffer (the addresses the graphs read) is uploaded
     again unpadded and run eagerly, with the same tokens."""
@@ -154,7 +181,7 @@ def test_a_step_too_large_for_the_graphs_buffer_runs_eagerly(model_dir):
     graphed.graphs._uploader = graphed.uploader
     paddings, replays, padding_for = [], [], graphed.graphs._padding
     graphed.graphs._padding = lambda step, sizes: paddings.append(padding_for(step, sizes)) or paddings[-1]
-    for name in ("replay", "replay_sampled", "replay_hidden"):
+    for name in ("replay", "replay_sampling", "replay_hidden"):
         setattr(graphed.graphs, name, lambda *args, name=name: replays.append(name))
     a, b = ReadySteps(list(launch_steps(2))), ReadySteps(list(launch_steps(2)))
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0

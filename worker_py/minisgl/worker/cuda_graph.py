@@ -160,12 +160,16 @@ class DecodeGraphs:
         self._graphs[rows].replay()
         return self._logits[rows]
 
-    def replay_sampled(self, batch: ForwardBatch, rows: int, mode: SampleMode) -> torch.Tensor:
-        """`replay`, then the sampling graph of `mode`: the sampled ids of all `rows` rows, int32 (valid until
-        the next replay of this size and mode)."""
-        self.replay(batch, rows)
+    def replay_sampling(self, rows: int, mode: SampleMode) -> torch.Tensor:
+        """The sampling graph of `mode` over the logits of the last `replay` of this size: the sampled ids of
+        all `rows` rows, int32 (valid until the next replay of this size and mode)."""
         self._sample_graphs[rows, mode].replay()
         return self._sampled[rows, mode]
+
+    def replay_sampled(self, batch: ForwardBatch, rows: int, mode: SampleMode) -> torch.Tensor:
+        """`replay`, then `replay_sampling`."""
+        self.replay(batch, rows)
+        return self.replay_sampling(rows, mode)
 
     def replay_hidden(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a step of one row per token (`token_rows`) uploaded with `padding_for_tokens`'s padding;

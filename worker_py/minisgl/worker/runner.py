@@ -243,14 +243,31 @@ class ModelRunner:
             rows, padding = None, None
             extra = {k: v for k, v in (extra or {}).items() if k not in ("last_rows", "token_slot")}
             batch = self.uploader.upload(step, None, extra or None)
-        self._apply_joins(step, batch)
         tokens = self._host_tokens[turn][:n]
         if n == 0:
+            self._apply_joins(step, batch)
             handle = StepHandle(step.step_id, tokens, None)
         else:
-            plan = self.sampler.plan_for(np.asarray(step.req_slot))
-            prompt = logprobs = None
+            # The forward is queued first: the joins' parameters and the sampling plan are only read by the
+            # sampling, and every microsecond before the forward starts delays the step (issue 12).
             req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
+            prompt = logprobs = None
+            if rows is not None:
+                last = batch.extra["last_rows"]
+                logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
+                req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
+            elif padding is not None:
+                logits = self.graphs.replay(batch, padding.rows)
+            elif asked is not None:
+                self.attn.plan(batch)
+                hidden = self._forward_hidden(batch)
+                logits = self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
+                prompt = self._prompt_logprobs(hidden, *asked, int(step.prompt_top), turn)
+            else:
+                self.attn.plan(batch)
+                logits = self._forward_logits(batch)
+            self._apply_joins(step, batch)
+            plan = self.sampler.plan_for(np.asarray(step.req_slot))
             graph_samples = self.graphs is not None and self.graphs.samples
             if (
                 padding is not None
@@ -259,23 +276,10 @@ class ModelRunner:
                 and plan.graphable
                 and mask_parts is None
             ):
-                # Forward and sampling replayed, the slots' last tokens set in the graph too.
-                sampled = self.graphs.replay_sampled(batch, padding.rows, plan.mode)[:n]
+                # The sampling replayed too, the slots' last tokens set in the graph.
+                sampled = self.graphs.replay_sampling(padding.rows, plan.mode)[:n]
             else:
-                if rows is not None:
-                    last = batch.extra["last_rows"]
-                    logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
-                    req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
-                elif padding is not None:
-                    logits = self.graphs.replay(batch, padding.rows)[:n]
-                elif asked is not None:
-                    self.attn.plan(batch)
-                    hidden = self._forward_hidden(batch)
-                    logits = self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
-                    prompt = self._prompt_logprobs(hidden, *asked, int(step.prompt_top), turn)
-                else:
-                    self.attn.plan(batch)
-                    logits = self._forward_logits(batch)
+                logits = logits[:n]  # a padded step's logits have a row per padding row too
                 if plan.penalties:
                     self._count_tokens(batch, n, np.asarray(step.input_ids))
                 step_masks = None
