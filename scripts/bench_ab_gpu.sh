@@ -10,7 +10,7 @@
 #   run(command="bash scripts/gpu_env.sh bash scripts/bench_ab_gpu.sh", carry=[".whl", ".gpu-model", ".gpu-bin", ".peers"])
 #
 # Writes $OUT/ab_{new,base}.N.json (N: the round) and prints a table of every round. Environment:
-#   AB_WORKLOADS  default seed,single,decode1,decode16,decode256,nanovllm (`minisgl bench offline --workloads`)
+#   AB_WORKLOADS  default seed,single,decode1,decode16,decode256,prefill16,nanovllm (`minisgl bench offline --workloads`)
 #   AB_ROUNDS     rounds of (new, base), default 2
 #   AB_BUDGET_S   no engine starts past this many seconds, default 480 (a device call may run 600)
 #   BENCH_DEVICE  cpu: a dry run on a machine without a GPU (a tiny random model, the tiny workloads)
@@ -46,7 +46,7 @@ tok=$PWD/.gpu-model
 if [ "${BENCH_DEVICE:-cuda}" = cpu ]; then
   args=(--tiny --device cpu --tokenizer-dir "$tok")
 else
-  workloads=${AB_WORKLOADS:-seed,single,decode1,decode16,decode256,nanovllm}
+  workloads=${AB_WORKLOADS:-seed,single,decode1,decode16,decode256,prefill16,nanovllm}
   args=(--random-weights --tokenizer-dir "$tok" --workloads "$workloads")
   nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | sed 's/^/[gpu] /'
 fi

@@ -1,7 +1,8 @@
 """The table of scripts/bench_ab_gpu.sh, from the ab_{new,base}.N.json files it writes (`minisgl bench offline
 --out`): `python3 scripts/bench_ab_table.py FILE...`. One row per workload, one column per engine and round in
 the order they ran; each workload's figure is the one docs/benchmarks.md quotes (tok/s, or ms a step for
-decodeB, ms a token for `single`). Standard library only; a run that is missing shows as "-"."""
+decodeB, ms a token for `single`, ms from the first send to the last final for prefillB). Standard library
+only; a run that is missing shows as "-"."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ NAME = re.compile(r"ab_(?P<engine>new|base)\.(?P<round>\d+)\.json$")
 
 def figure(run: dict) -> tuple[str, float | None]:
     """(unit, value) of one run of `minisgl bench offline`."""
-    for key, unit in (("step_ms", "ms a step"), ("ms_per_token", "ms a token")):
+    for key, unit in (
+        ("step_ms", "ms a step"),
+        ("ms_per_token", "ms a token"),
+        ("prefill_ms", "ms a prefill"),
+    ):
         if key in run:
             return unit, run[key]
     return "tok/s", run.get("output_tok_per_s")

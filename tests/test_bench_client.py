@@ -526,7 +526,7 @@ def test_prefix_bench_summary_reads_what_the_script_writes(tmp_path, capsys):
 
 def test_ab_table_reads_what_the_offline_bench_writes(tmp_path):
     """scripts/bench_ab_gpu.sh's table: one column per engine and round in the order they ran, each workload's
-    figure (tok/s, ms a step, ms a token), "-" where a run is missing."""
+    figure (tok/s, ms a step, ms a token, ms a prefill), "-" where a run is missing."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ab_table", REPO_ROOT / "scripts" / "bench_ab_table.py")
@@ -537,6 +537,7 @@ def test_ab_table_reads_what_the_offline_bench_writes(tmp_path):
         runs = [{"workload": "seed", "output_tok_per_s": seed_tok_s}]
         if step_ms is not None:
             runs.append({"workload": "decode1", "output_tok_per_s": 1.0, "step_ms": step_ms})
+            runs.append({"workload": "prefill16", "output_tok_per_s": 1.0, "prefill_ms": 2 * step_ms})
         path = tmp_path / name
         path.write_text(json.dumps({"label": name, "runs": runs}))
         return path
@@ -550,3 +551,4 @@ def test_ab_table_reads_what_the_offline_bench_writes(tmp_path):
     assert lines[0] == "| workload | new (0) | base (0) | base (1) |"
     assert lines[2] == "| seed, tok/s | 1,500 | 1,000 | 900 |"
     assert lines[3] == "| decode1, ms a step | 0.800 | - | 1.200 |"
+    assert lines[4] == "| prefill16, ms a prefill | 1.600 | - | 2.400 |"
