@@ -56,8 +56,8 @@ MAX_SPLITS = 32
 MIN_GROUP_ROWS = 16  # tl.dot's smallest M
 
 LOG2E = 1.4426950408889634
-# The interpreter is chosen when the kernels are defined; see `_dot` for why the kernels need to know.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter is chosen when the kernels are defined; see `dot_f32` for why the kernels need to know.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def splits_for(max_batch_rows: int, max_seq_len_hint: int, num_sms: int = 132, num_kv_heads: int = 2) -> int:
@@ -185,7 +185,7 @@ def decode_attention(
         BLOCK_N=block_n,
         FUSED=fused_combine and not direct,
         DIRECT=direct,
-        IEEE_DOT=q.dtype == torch.float32 or _INTERPRETED,
+        IEEE_DOT=q.dtype == torch.float32 or INTERPRETED,
         **pdl.launch_args(q),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -211,7 +211,7 @@ if triton is not None:
     from minisgl.kernels.pdl import wait_previous
 
     @triton.jit
-    def _dot(a, b, IEEE: tl.constexpr):
+    def dot_f32(a, b, IEEE: tl.constexpr):
         """a @ b in float32. IEEE: exact float32 products, for float32 caches (the default would be tf32),
         and in the interpreter, whose dot multiplies bf16 operands' raw bits as integers (Triton 3.9); the
         operands are widened after any rounding to the cache's dtype, so the result is the same."""
@@ -321,14 +321,14 @@ if triton is not None:
             kv_off = page * stride_page + (tok % PAGE_SIZE) * stride_slot + kvh * stride_kvh
             kv_ptrs = kv_off[:, None] + dims[None, :]
             k = tl.load(k_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE_DOT)
+            s = dot_f32(q, tl.trans(k), IEEE_DOT)
             s = tl.where(valid[None, :], s * scale, float("-inf"))
             # Every block has its first token valid, so the new maximum is finite.
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             v = tl.load(v_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
-            pv = _dot(p.to(v.dtype), v, IEEE_DOT)
+            pv = dot_f32(p.to(v.dtype), v, IEEE_DOT)
             acc = acc * alpha[:, None] + pv
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new

@@ -1,0 +1,234 @@
+"""Paged attention for extend steps in Triton (CUDA only), with no host-side plan: safe to capture in a CUDA
+graph at a token count, whatever the requests and lengths of the steps replayed in it.
+
+An extend step's new tokens attend causally to their request's cached prefix and to the new tokens up to
+their own. FlashInfer's prefill plans its tiles on the host from the lengths, so an extend step runs eagerly,
+and an eager step's hundreds of launches from Python cost 10 to 13 ms of host time whatever its size
+(docs/benchmarks.md); captured at a token count, the step costs one replay.
+
+The grid depends only on bounds: `cdiv(tokens, BLOCK_M) + requests` blocks (each request's new tokens in
+blocks of BLOCK_M, its last block perhaps partial, so at most one block more per request than the tokens
+need), times the KV heads. Each program reads the query lengths from `qo_indptr` on the device, finds the
+request and block it owns by a prefix sum of the requests' block counts, and leaves at once if there is none
+(the bound's spare blocks, padding requests of no tokens). Rows past the last request's tokens (a padded
+step's padding tokens) belong to no block: their output is never written.
+
+A program takes BLOCK_M new tokens of one request and every query head of one KV head: the tile's rows are
+(token, head in the group) pairs, the group padded to a power of two, so K and V are read once per group.
+It walks the request's keys in blocks of BLOCK_N up to its last token's position, finds each key's page
+through the request's page table, masks keys past each row's own position, and keeps a float32 online
+softmax, in base 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minisgl.kernels import pdl
+from minisgl.kernels.decode_attention import INTERPRETED, LOG2E
+from minisgl.kernels.rounding import triton
+
+if triton is not None:
+    import triton.language as tl
+
+# Tuning knobs, guesses until timed on the GPU (scripts/bench_attention.py): tiles of 128 (token, head)
+# rows (16 tokens of Qwen2.5's groups of 7 heads padded to 8), 64 keys a block, 4 warps, 2 stages.
+TILE_ROWS = 128
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def block_tokens(num_heads: int, num_kv_heads: int, tile_rows: int = TILE_ROWS) -> int:
+    """New tokens per block: a tile's rows divided among the group's (padded) heads."""
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    return max(1, tile_rows // group_pad)
+
+
+def num_blocks(tokens: int, requests: int, block_m: int) -> int:
+    """The grid's blocks for a step of at most `tokens` new tokens over at most `requests` requests."""
+    return -(-tokens // block_m) + requests
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    seq_len: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    sm_scale: float | None = None,
+    tile_rows: int = TILE_ROWS,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+) -> torch.Tensor:
+    """Causal attention of an extend step's new tokens over their requests' paged KV caches; returns `out`.
+
+    q: [t, Hq, D] (last dim contiguous), the new tokens of every request one after another, and perhaps
+    padding tokens after the last request's; k_cache, v_cache: [pages, page_size, Hkv, D] (last dim
+    contiguous), holding the new tokens' K/V already; qo_indptr: int32 [n + 1], request r's new tokens being
+    rows `qo_indptr[r]:qo_indptr[r + 1]` of q (a request may have none); kv_indptr: int32 [n + 1] and
+    kv_indices: int32, request r's pages being `kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`; seq_len: int32
+    [n], each request's length with its new tokens (its new tokens are its last positions). out: [t, Hq, D]
+    in q's dtype; the rows of padding tokens are left as they were. The call allocates nothing but `out`
+    when it is not given and never waits on the device: it can be captured in a CUDA graph and replayed after
+    the tables and lengths have changed in place.
+    """
+    t, hq, d = q.shape
+    _, page_size, hkv, dk = k_cache.shape
+    n = seq_len.shape[0]
+    if dk != d or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError(f"q {tuple(q.shape)} and the caches {tuple(k_cache.shape)} do not fit together")
+    if hq % hkv or d < 16 or d & (d - 1) or q.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("needs Hq a multiple of Hkv, a power-of-two head_dim >= 16, contiguous heads")
+    if qo_indptr.shape[0] != n + 1 or kv_indptr.shape[0] != n + 1:
+        raise ValueError(f"qo_indptr and kv_indptr must have {n + 1} entries for {n} requests")
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be [t, Hq, D] with contiguous heads, got {tuple(out.shape)}")
+    if t == 0 or n == 0:
+        return out
+    group_pad = triton.next_power_of_2(group)
+    block_m = block_tokens(hq, hkv, tile_rows)
+    _extend_kernel[(num_blocks(t, n, block_m), hkv)](
+        q,
+        q.stride(0),
+        q.stride(1),
+        k_cache,
+        v_cache,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        seq_len,
+        out,
+        out.stride(0),
+        out.stride(1),
+        (d**-0.5 if sm_scale is None else sm_scale) * LOG2E,
+        n,
+        N_PAD=max(2, triton.next_power_of_2(n)),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=block_m,
+        D=d,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        IEEE_DOT=q.dtype == torch.float32 or INTERPRETED,
+        **pdl.launch_args(q),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+if triton is not None:
+    from minisgl.kernels.decode_attention import dot_f32
+    from minisgl.kernels.pdl import wait_previous
+
+    # The tables and lengths are slices of the step's packed buffer at any offset: specialising on their
+    # alignment would compile a variant per offset class in the middle of serving.
+    @triton.jit(do_not_specialize=["qo_indptr_ptr", "kv_indptr_ptr", "indices_ptr", "seq_len_ptr", "n"])
+    def _extend_kernel(
+        q_ptr,
+        stride_qt,
+        stride_qh,
+        k_ptr,
+        v_ptr,
+        stride_page,
+        stride_slot,
+        stride_kvh,
+        qo_indptr_ptr,
+        kv_indptr_ptr,
+        indices_ptr,
+        seq_len_ptr,
+        out_ptr,
+        stride_ot,
+        stride_oh,
+        scale,
+        n,
+        N_PAD: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        wait_previous(PDL)
+        block = tl.program_id(0)
+        kvh = tl.program_id(1)
+
+        # Which request's which block: the requests' block counts, their running sum, and the first
+        # request whose running sum passes this block.
+        reqs = tl.arange(0, N_PAD)
+        starts = tl.load(qo_indptr_ptr + reqs, mask=reqs < n, other=0)
+        ends = tl.load(qo_indptr_ptr + reqs + 1, mask=reqs < n, other=0)
+        blocks = tl.cdiv(ends - starts, BLOCK_M)
+        through = tl.cumsum(blocks, axis=0)
+        req = tl.sum((through <= block).to(tl.int32), axis=0)
+        # A spare block (past every request's blocks) is counted as one more block of the last request: its
+        # rows start past that request's tokens, so it writes nothing, and it walks no keys.
+        spare = req >= n
+        req = tl.minimum(req, n - 1)
+        q_start = tl.load(qo_indptr_ptr + req)
+        q_end = tl.load(qo_indptr_ptr + req + 1)
+        first_tok = q_start + (block - tl.sum(tl.where(reqs < req, blocks, 0), axis=0)) * BLOCK_M
+        length = tl.load(seq_len_ptr + req)
+        prefix = length - (q_end - q_start)  # cached positions before the new tokens
+        page_base = tl.load(kv_indptr_ptr + req).to(tl.int64)
+        last_page = tl.load(kv_indptr_ptr + req + 1) - page_base - 1
+
+        # Row i of the tile: new token first_tok + i // GROUP_PAD, query head i % GROUP_PAD of the group.
+        rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+        tok = first_tok + rows // GROUP_PAD
+        head = kvh * GROUP + rows % GROUP_PAD
+        live = (tok < q_end) & (rows % GROUP_PAD < GROUP)
+        dims = tl.arange(0, D)
+        tok64 = tok.to(tl.int64)
+        q = tl.load(
+            q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=live[:, None]
+        )
+        pos = prefix + (tok - q_start)  # each row's own position: it sees keys up to and including it
+        # The block's keys: up to its last token's position (the request's last, at most).
+        end = tl.where(spare, 0, tl.minimum(prefix + (first_tok - q_start) + BLOCK_M, length))
+
+        m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, D], tl.float32)
+        for first in range(0, end, BLOCK_N):
+            key = first + tl.arange(0, BLOCK_N)
+            valid = key < end
+            # Clamped as well as masked: a slot past the request's table is never even addressed.
+            slot = tl.minimum(key // PAGE_SIZE, last_page)
+            page = tl.load(indices_ptr + page_base + slot, mask=valid, other=0).to(tl.int64)
+            kv_off = page * stride_page + (key % PAGE_SIZE) * stride_slot + kvh * stride_kvh
+            kv_ptrs = kv_off[:, None] + dims[None, :]
+            k = tl.load(k_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
+            s = dot_f32(q, tl.trans(k), IEEE_DOT)
+            seen = valid[None, :] & (key[None, :] <= pos[:, None])
+            s = tl.where(seen, s * scale, float("-inf"))
+            # Key 0 is in the first block and every row's position is at least 0: the maximum is finite from
+            # the first block on, and a later block a row sees none of adds nothing (2^-inf = 0).
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            v = tl.load(v_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, IEEE_DOT)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        o = acc / denom[:, None]
+        tl.store(
+            out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=live[:, None],
+        )
