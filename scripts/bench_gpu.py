@@ -59,6 +59,8 @@ CONFIGS = {
     "eager_extend": {"extend_graphs": False},
     # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).
     "no_pdl": {"pdl": False},
+    # The same, with extend steps past the token-row graphs replayed from extend graphs (off by default).
+    "extend_graphs": {"extend_graph_tokens": 8192},
 }
 
 

@@ -10,7 +10,13 @@ from fake_steps import Join, StepBuilder
 from minisgl.worker.batch import _PACKED as NAMES
 from minisgl.worker.batch import BatchUploader
 from minisgl.worker.cuda_graph import DecodeGraphs
-from minisgl.worker.padding import DecodePadding, bucket_for, graph_batch_sizes, padded_arrays
+from minisgl.worker.padding import (
+    DecodePadding,
+    ExtendPadding,
+    bucket_for,
+    graph_batch_sizes,
+    padded_arrays,
+)
 
 
 def test_graph_batch_sizes():
@@ -82,6 +88,50 @@ def test_no_padding_and_refusals():
     b = StepBuilder(num_pages=40, page_size=4)
     with pytest.raises(ValueError, match="only decode steps"):
         padded_arrays(b.extend([(0, [1, 2, 3])]), NAMES, DecodePadding(4, 40, 9, 4))
+
+
+def extend_step():
+    """Two prompts, the second after a cached prefix of one page, and a one-token decode between them."""
+    b = StepBuilder(num_pages=40, page_size=4, seed=1)
+    b.extend([(1, [7, 8])])
+    return b.extend([(0, list(range(10, 16))), (1, [-2]), (2, list(range(20, 29)))])
+
+
+def test_extend_padding_adds_tokens_of_no_request_and_requests_of_no_token():
+    step = extend_step()
+    n, t, k = 3, 16, len(step.kv_indices)
+    pad = ExtendPadding(tokens=24, reqs=5, scratch_page=40, scratch_slot=9, page_size=4)
+    got = dict(zip(NAMES, padded_arrays(step, NAMES, pad), strict=True))
+    for name in NAMES:
+        real = np.asarray(getattr(step, name))
+        np.testing.assert_array_equal(got[name][: len(real)], real)  # real entries are untouched
+        assert got[name].dtype == np.int32
+    assert [len(got[name]) for name in NAMES] == [24, 24, 24, 5, 5, 6, 6, 5, k]
+    np.testing.assert_array_equal(got["input_ids"][t:], 0)
+    np.testing.assert_array_equal(got["positions"][t:], 0)
+    np.testing.assert_array_equal(got["out_loc"][t:], 40 * 4)  # the scratch page's K/V
+    np.testing.assert_array_equal(got["req_slot"][n:], 9)
+    np.testing.assert_array_equal(got["seq_len"][n:], 0)
+    np.testing.assert_array_equal(got["qo_indptr"][n:], t)  # no tokens: the padding tokens are nobody's
+    np.testing.assert_array_equal(got["kv_indptr"][n:], k)  # no pages
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_arrays(step, NAMES, ExtendPadding(15, 5, 40, 9, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_arrays(step, NAMES, ExtendPadding(24, 2, 40, 9, 4))
+
+
+def test_uploaded_extend_batch_puts_every_table_at_fixed_offsets():
+    """An extend graph captured at T tokens and R requests reads every array but the page indices' tail
+    from where it found them at capture, whatever the step's own counts."""
+    up = BatchUploader(capacity=512, device=torch.device("cpu"))
+    pad = ExtendPadding(tokens=32, reqs=8, scratch_page=40, scratch_slot=9, page_size=4)
+    for step in (extend_step(), decode_step()):
+        batch = up.upload(step, pad)
+        assert (batch.num_reqs, batch.num_tokens) == (8, 32)
+        base = batch.input_ids.data_ptr()
+        offsets = [(getattr(batch, name).data_ptr() - base) // 4 for name in NAMES]
+        assert offsets == [0, 32, 64, 96, 104, 112, 121, 130, 138]
+        np.testing.assert_array_equal(batch.kv_indices.numpy(), step.kv_indices)
 
 
 def graphs_with(sizes, max_kv_indices) -> DecodeGraphs:

@@ -195,6 +195,44 @@ def test_small_extend_steps_replay_token_row_graphs(model_dir):
     assert same >= 0.9 * total
 
 
+def test_extend_steps_replay_extend_graphs(model_dir):
+    """With `extend_graph_tokens` and no token-row graphs, extend steps are padded to a graph's token count
+    and the batch's requests and replayed through the Triton extend kernel: their logits equal the eager
+    extend's (FlashInfer's prefill), fresh prompts, a continued chunk and a mixed step alike; through launch
+    they give the eager path's tokens."""
+    eager = runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024)
+    graphed = runner(model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024)
+    assert graphed.graphs.extend_sizes == [512, 1024]
+    graphed.graphs.token_sizes = []  # every extend step through the extend graphs
+    for step_e, step_g in zip(mixed_steps(4), mixed_steps(4), strict=True):
+        want = eager.forward_logits(step_e)
+        if step_g.kind != 0:
+            graphed.forward_logits(step_g)
+            continue
+        with torch.inference_mode():
+            padding = graphed.graphs.padding_for_extend(step_g)
+            assert padding is not None and (padding.tokens, padding.reqs) == (512, MAX_BATCH)
+            batch = graphed.uploader.upload(step_g, padding)
+            hidden = graphed.graphs.replay_extend(batch, padding.tokens)
+            n = len(step_g.req_slot)
+            got = graphed.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
+            graphed.uploader.finish()
+        assert got.shape == want.shape and rel_err(got, want) < 2e-2
+
+    eager = runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024)
+    graphed = runner(model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024)
+    graphed.graphs.token_sizes = []
+    replays, replay_extend = [], graphed.graphs.replay_extend
+    graphed.graphs.replay_extend = lambda batch, t: replays.append(t) or replay_extend(batch, t)
+    same = total = 0
+    for step_e, step_g in zip(mixed_steps(5), mixed_steps(5), strict=True):
+        want, got = eager.run_step(step_e).tolist(), graphed.run_step(step_g).tolist()
+        same += sum(g == w for g, w in zip(got, want, strict=True))
+        total += len(want)
+    assert replays == [512, 512]
+    assert same >= 0.9 * total
+
+
 def test_graph_logits_equal_eager_logits(model_dir):
     eager, graphed = runner(model_dir), runner(model_dir, cuda_graphs=True)
     steps_e, steps_g = list(mixed_steps(2)), list(mixed_steps(2))

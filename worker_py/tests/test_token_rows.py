@@ -87,8 +87,12 @@ class EagerGraphs(DecodeGraphs):
         self._attn.plan(batch)
         return self._hidden(batch)
 
+    def replay_extend(self, batch, tokens):
+        self._attn.plan(batch)
+        return self._hidden(batch)
 
-def with_eager_graphs(model_dir) -> ModelRunner:
+
+def with_eager_graphs(model_dir, token_sizes=None, extend_sizes=()) -> ModelRunner:
     # The last page is the padding rows' scratch page: the steps below never hand it out.
     r = ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False)
     r.graphs = EagerGraphs(
@@ -102,7 +106,9 @@ def with_eager_graphs(model_dir) -> ModelRunner:
         max_kv_indices=4 * NUM_PAGES,
         sample=r._sample_rows,
         hidden=r._forward_hidden,
-        token_sizes=token_graph_sizes(64),
+        token_sizes=token_graph_sizes(64) if token_sizes is None else token_sizes,
+        extend_sizes=extend_sizes,
+        extend_reqs=8,
     )
     return r
 
@@ -136,6 +142,28 @@ def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
     a, b = ReadySteps(list(launch_steps(1))), ReadySteps(list(launch_steps(1)))
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
     assert hidden_rows == [64, 16]  # 5 + 8 + 11 + 14 = 38 tokens, then 1 + 6 + 1 + 3 = 11
+    assert a.results == b.results
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
+        assert np.array_equal(x.top_ids, y.top_ids)
+    assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
+
+
+def test_launch_through_extend_graphs_equals_the_eager_runner(model_dir):
+    """With extend graphs and no token-row graphs, extend steps are padded to a graph's token count and to
+    max_batch requests (tokens and requests of nobody, `ExtendPadding`), and give the eager runner's tokens,
+    logprobs and penalty counts; decodes still take the decode graphs."""
+    plain, graphed = (
+        ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False),
+        with_eager_graphs(model_dir, token_sizes=(), extend_sizes=[16, 32, 64]),
+    )
+    tokens, replay_extend = [], graphed.graphs.replay_extend
+    graphed.graphs.replay_extend = lambda batch, t: (
+        tokens.append((t, batch.num_reqs)) or replay_extend(batch, t)
+    )
+    a, b = ReadySteps(list(launch_steps(1))), ReadySteps(list(launch_steps(1)))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert tokens == [(64, 8), (16, 8)]  # 38 tokens of 4 requests, then 11 of 4
     assert a.results == b.results
     for x, y in zip(a.logprobs, b.logprobs, strict=True):
         np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)

@@ -1,13 +1,14 @@
 """The attention backend contract: everything the model and the runner call, and what the runner may ask.
 
-Per step the runner calls `plan(batch)` once (eagerly) or `plan_graph(batch, rows)` (before a CUDA graph's
-replay). Then each attention layer writes its new K/V into `kv_cache` at `out_loc` (itself, or fused with
-the rotary embedding) and calls `attend(layer, q)`: every new token attends to its request's cached prefix
-and to the new tokens up to and including itself.
+Per step the runner calls `plan(batch)` once (eagerly), or `plan_graph(batch, rows)` or
+`plan_extend_graph(batch)` (before a CUDA graph's replay). Then each attention layer writes its new K/V into
+`kv_cache` at `out_loc` (itself, or fused with the rotary embedding) and calls `attend(layer, q)`: every new
+token attends to its request's cached prefix and to the new tokens up to and including itself.
 
 Capabilities are class attributes that the runner reads; it never asks for a backend by name:
 - `prefill` / `decode`: the kinds of step it runs (a registry entry may pair two backends, one each);
-- `graphs`: its decode steps may be captured in CUDA graphs (`prepare_graphs`, then `plan_graph`);
+- `graphs`: its decode steps may be captured in CUDA graphs (`prepare_graphs`, then `plan_graph`), and
+  perhaps its extend steps (`plan_extend_graph`);
 - `devices`: the device types it runs on.
 """
 
@@ -39,6 +40,7 @@ class AttentionBackend(ABC):
     prefill: ClassVar[bool] = True
     decode: ClassVar[bool] = True
     graphs: ClassVar[bool] = False
+    extend_graphs: ClassVar[bool] = False  # `plan_extend_graph` exists
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
     def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
@@ -71,6 +73,11 @@ class AttentionBackend(ABC):
         graphs with `token_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
 
+    def plan_extend_graph(self, batch: ForwardBatch) -> None:
+        """`plan` for an extend step padded to a graph's token and request counts (`ExtendPadding`): its
+        padding tokens belong to no request and its padding requests have no tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not run extend steps inside CUDA graphs")
+
 
 class PairedBackend(AttentionBackend):
     """One backend for extend steps and another for decode steps (FlashInfer's prefill with our Triton
@@ -80,7 +87,8 @@ class PairedBackend(AttentionBackend):
         super().__init__(prefill.config, prefill.kv_cache)
         self._prefill, self._decode = prefill, decode
         self._active = prefill
-        self.graphs = decode.graphs  # an instance attribute: it depends on the pair
+        # Instance attributes: they depend on the pair.
+        self.graphs, self.extend_graphs = decode.graphs, decode.extend_graphs
 
     def plan(self, batch: ForwardBatch) -> None:
         self._active = self._decode if batch.is_decode else self._prefill
@@ -96,4 +104,10 @@ class PairedBackend(AttentionBackend):
     def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
         self._active = self._decode
         self._decode.plan_graph(batch, rows, token_rows)
+        self.out_loc = self._decode.out_loc
+
+    def plan_extend_graph(self, batch: ForwardBatch) -> None:
+        # The graph-capable one of the pair runs the captured extend steps too.
+        self._active = self._decode
+        self._decode.plan_extend_graph(batch)
         self.out_loc = self._decode.out_loc

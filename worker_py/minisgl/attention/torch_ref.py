@@ -32,10 +32,13 @@ class TorchRefBackend(AttentionBackend):
         j = torch.arange(batch.max_qo_len, device=dev)
         q_valid = j[None, :] < qo_len[:, None]
         self._q_gather = torch.where(q_valid, qo_start[:, None] + j[None, :], 0)
-        # Back from padded to packed: token i sits at row req(i), column i - qo_start[req(i)].
-        token_req = torch.repeat_interleave(torch.arange(n, device=dev), qo_len, output_size=t)
-        token_col = torch.arange(t, device=dev) - qo_start[token_req]
+        # Back from padded to packed: token i sits at row req(i), column i - qo_start[req(i)]. A step padded
+        # for an extend graph (`ExtendPadding`) ends in tokens of no request: their rows come back as zeros.
+        real = int(batch.host_qo_indptr[-1])
+        token_req = torch.repeat_interleave(torch.arange(n, device=dev), qo_len, output_size=real)
+        token_col = torch.arange(real, device=dev) - qo_start[token_req]
         self._unpad = token_req * batch.max_qo_len + token_col
+        self._padding_tokens = t - real
 
         # Padded keys: row r, column p is position p of request r, found through its page table.
         p = torch.arange(batch.max_seq_len, device=dev)
@@ -67,4 +70,7 @@ class TorchRefBackend(AttentionBackend):
                 q_pad, k_pad, v_pad, attn_mask=self._mask, scale=self.config.scale
             )
         out = out.reshape(n, hq, q_max, d).transpose(1, 2)  # [n, Qmax, Hq, D]
-        return out.reshape(n * q_max, hq, d)[self._unpad]
+        out = out.reshape(n * q_max, hq, d)[self._unpad]
+        if self._padding_tokens:
+            out = torch.cat([out, out.new_zeros(self._padding_tokens, hq, d)])
+        return out

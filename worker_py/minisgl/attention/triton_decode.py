@@ -1,14 +1,15 @@
 """Decode attention through our Triton kernel (`kernels/decode_attention.py`): no plan at all. The kernel
 reads the page tables and lengths where the uploader put them (for a graph of B rows, at fixed offsets of
 its device buffer, so a captured launch finds each new step's tables), and splits the KV scan a fixed number
-of ways per graph size. Decode only: the registry pairs it with a prefill backend."""
+of ways per graph size. Eagerly it runs decode steps only (the registry pairs it with a prefill backend);
+inside graphs, extend steps too, through `kernels/extend_attention.py`, which needs no plan either."""
 
 from __future__ import annotations
 
 import torch
 
 from minisgl.attention.base import AttentionBackend, AttentionConfig
-from minisgl.kernels import decode_attention
+from minisgl.kernels import decode_attention, extend_attention
 from minisgl.worker.batch import ForwardBatch
 from minisgl.worker.kv_cache import KVCache
 
@@ -21,6 +22,7 @@ TOKEN_CONTEXT_HINT = 512
 class TritonDecodeBackend(AttentionBackend):
     prefill = False
     graphs = True
+    extend_graphs = True
     devices = ("cuda",)
 
     def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
@@ -31,6 +33,8 @@ class TritonDecodeBackend(AttentionBackend):
         self._graph_splits: dict[tuple[int, bool], tuple[int, int]] = {}
         # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens)) of the planned step
         self._args: tuple | None = None
+        # (qo_indptr, kv_indptr, kv_indices, seq_len) of a planned extend step, else None
+        self._extend_args: tuple | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
         if not batch.is_decode:
@@ -44,9 +48,15 @@ class TritonDecodeBackend(AttentionBackend):
     def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
         self._set(batch, self._graph_splits[rows, token_rows])
 
+    def plan_extend_graph(self, batch: ForwardBatch) -> None:
+        self._extend_args = (batch.qo_indptr, batch.kv_indptr, batch.kv_indices, batch.seq_len)
+        self.out_loc = batch.out_loc
+
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._args
         k, v = self._kv[layer]
+        if self._extend_args is not None:
+            return extend_attention.extend_attention(q, k, v, *self._extend_args)
+        kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._args
         return decode_attention.decode_attention(
             q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens
         )
@@ -56,4 +66,5 @@ class TritonDecodeBackend(AttentionBackend):
 
     def _set(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
         self._args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
+        self._extend_args = None
         self.out_loc = batch.out_loc

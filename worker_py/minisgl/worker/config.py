@@ -69,6 +69,13 @@ class WorkerConfig:
         "extend steps of up to 512 tokens replay captured graphs too, as one decode row per new token: no "
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
+    extend_graph_tokens: int = opt(
+        0,
+        "extend steps of up to N tokens that the token-row graphs do not take replay graphs captured at "
+        "512, 1024, ... N tokens, with the Triton extend attention kernel; 0: off, such steps run eagerly "
+        "(not yet measured on a GPU: docs/architecture.md)",
+        metavar="N",
+    )
     pdl: bool = opt(
         True,
         "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
@@ -105,6 +112,10 @@ class WorkerConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"unknown dtype {self.dtype!r}; known: auto, {', '.join(DTYPES)}")
+        if self.extend_graph_tokens < 0:
+            raise ValueError(
+                f"extend_graph_tokens must be 0 (off) or positive, got {self.extend_graph_tokens}"
+            )
         for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp"):
             value = getattr(self, name)
             if value is not None and value <= 0:

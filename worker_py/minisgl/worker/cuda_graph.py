@@ -16,7 +16,9 @@ top-p: a few dozen small launches), more than the forward's GPU time at small ba
 
 Small extend steps are captured too, as decode steps of one row per new token (`token_rows.py`), at token
 counts `token_sizes`: those graphs stop at the last hidden state of every row, since only each request's last
-row needs logits (gathered and sampled after the replay).
+row needs logits (gathered and sampled after the replay). Larger extend steps may be captured as what they
+are, padded to a token count of `extend_sizes` and to `extend_reqs` requests (`ExtendPadding`), when the
+attention backend can plan one for a graph (`plan_extend_graph`); they stop at the hidden states too.
 
 With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
 dependent launch (`kernels/pdl.py`).
@@ -39,9 +41,12 @@ from minisgl.kernels import pdl
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
-from minisgl.worker.padding import DecodePadding, bucket_for
+from minisgl.worker.padding import DecodePadding, ExtendPadding, bucket_for
 
 log = logging.getLogger("minisgl.worker")
+
+# The kinds of graph: decode steps (logits, then perhaps sampling), extend steps as token rows, extend steps.
+DECODE, TOKEN_ROWS, EXTEND = "decode", "token-row", "extend"
 
 
 def _empty_decode_step() -> SimpleNamespace:
@@ -70,6 +75,8 @@ class DecodeGraphs:
         sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
         hidden: Callable[[ForwardBatch], torch.Tensor] | None = None,
         token_sizes: list[int] = (),
+        extend_sizes: list[int] = (),
+        extend_reqs: int = 0,
         launch_early: bool = False,
     ) -> None:
         self._forward = forward
@@ -80,6 +87,10 @@ class DecodeGraphs:
         self.token_sizes = sorted(s for s in token_sizes if s <= max_kv_indices) if hidden is not None else []
         self._hidden_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden_out: dict[int, torch.Tensor] = {}
+        self.extend_sizes = sorted(extend_sizes) if hidden is not None and extend_reqs > 0 else []
+        self._extend_reqs = extend_reqs
+        self._extend_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._extend_out: dict[int, torch.Tensor] = {}
         self._attn = attn
         self._uploader = uploader
         self.sizes = sorted(sizes)
@@ -99,6 +110,16 @@ class DecodeGraphs:
         """`padding_for` a step of one row per new token (`token_rows`), for the hidden-state graphs."""
         return self._padding(step, self.token_sizes)
 
+    def padding_for_extend(self, step) -> ExtendPadding | None:
+        """How to pad an extend step for the extend graphs, or None when none holds it (more tokens than the
+        largest, more page indices than the fixed index buffer)."""
+        tokens = bucket_for(len(step.input_ids), self.extend_sizes)
+        if tokens is None or len(step.req_slot) > self._extend_reqs:
+            return None
+        if len(step.kv_indices) > self.max_kv_indices:
+            return None
+        return ExtendPadding(tokens, self._extend_reqs, *self._scratch)
+
     def _padding(self, step, sizes: list[int]) -> DecodePadding | None:
         n = len(step.req_slot)
         if n != len(step.input_ids):
@@ -115,32 +136,49 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         empty = _empty_decode_step()
         largest_first = sorted(
-            [(rows, False) for rows in self.sizes] + [(rows, True) for rows in self.token_sizes], reverse=True
+            [(rows, DECODE) for rows in self.sizes]
+            + [(rows, TOKEN_ROWS) for rows in self.token_sizes]
+            + [(tokens, EXTEND) for tokens in self.extend_sizes],
+            reverse=True,
         )
-        for rows, hidden in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
-            batch = self._uploader.upload(empty, DecodePadding(rows, *self._scratch))
+        for rows, kind in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
+            if kind == EXTEND:
+                padding = ExtendPadding(rows, self._extend_reqs, *self._scratch)
+            else:
+                padding = DecodePadding(rows, *self._scratch)
+            batch = self._uploader.upload(empty, padding)
             if not batch.in_static_buffer:
-                raise RuntimeError(f"the uploader's device buffer cannot hold a decode step of {rows} rows")
-            self._attn.plan_graph(batch, rows, token_rows=hidden)
+                raise RuntimeError(f"the uploader's device buffer cannot hold a {kind} step of {rows} rows")
+            if kind == EXTEND:
+                self._attn.plan_extend_graph(batch)
+            else:
+                self._attn.plan_graph(batch, rows, token_rows=kind == TOKEN_ROWS)
             self._uploader.finish()
             with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
-                self._capture_size(batch, rows, hidden, pool)
+                self._capture_size(batch, rows, kind, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         log.info(
             "captured %d CUDA graphs in %.1f s: decode at batch %s (%d of them sampling), small extend "
-            "steps at %s tokens",
-            len(self._graphs) + len(self._sample_graphs) + len(self._hidden_graphs),
+            "steps at %s tokens, extend steps at %s tokens",
+            len(self._graphs)
+            + len(self._sample_graphs)
+            + len(self._hidden_graphs)
+            + len(self._extend_graphs),
             seconds,
             self.sizes,
             len(self._sample_graphs),
             self.token_sizes,
+            self.extend_sizes,
         )
         return seconds
 
-    def _capture_size(self, batch: ForwardBatch, rows: int, hidden: bool, pool) -> None:
-        if hidden:
+    def _capture_size(self, batch: ForwardBatch, rows: int, kind: str, pool) -> None:
+        if kind == TOKEN_ROWS:
             self._hidden_graphs[rows], self._hidden_out[rows] = _capture(partial(self._hidden, batch), pool)
+            return
+        if kind == EXTEND:
+            self._extend_graphs[rows], self._extend_out[rows] = _capture(partial(self._hidden, batch), pool)
             return
         self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
         self._logits[rows] = logits
@@ -170,6 +208,13 @@ class DecodeGraphs:
         """`replay`, then `replay_sampling`."""
         self.replay(batch, rows)
         return self.replay_sampling(rows, mode)
+
+    def replay_extend(self, batch: ForwardBatch, tokens: int) -> torch.Tensor:
+        """Runs an extend step uploaded with `padding_for_extend`'s padding; returns the last hidden state of
+        all `tokens` tokens, padding included (valid until the next replay of this size)."""
+        self._attn.plan_extend_graph(batch)
+        self._extend_graphs[tokens].replay()
+        return self._extend_out[tokens]
 
     def replay_hidden(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a step of one row per token (`token_rows`) uploaded with `padding_for_tokens`'s padding;

@@ -24,7 +24,13 @@ from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
-from minisgl.worker.padding import DecodePadding, graph_batch_sizes, token_graph_sizes
+from minisgl.worker.padding import (
+    DecodePadding,
+    ExtendPadding,
+    extend_graph_sizes,
+    graph_batch_sizes,
+    token_graph_sizes,
+)
 from minisgl.worker.token_rows import TokenRows, token_rows, worth_rows
 
 log = logging.getLogger("minisgl.worker")
@@ -169,11 +175,21 @@ class ModelRunner:
                 sample=self._sample_rows if cfg.graph_sampling else None,
                 hidden=self._forward_hidden if cfg.extend_graphs else None,
                 token_sizes=token_graph_sizes(cfg.max_step_tokens),
+                extend_sizes=self._extend_graph_sizes(),
+                extend_reqs=cfg.max_batch,
                 launch_early=cfg.pdl,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
                 self.graphs.capture(show_progress)
+
+    def _extend_graph_sizes(self) -> list[int]:
+        """The token counts of the extend graphs: none unless asked for, and the decode backend (which runs
+        the graphs' attention) can plan them."""
+        cfg = self.config
+        if not (cfg.extend_graphs and self.attn.extend_graphs):
+            return []
+        return extend_graph_sizes(cfg.extend_graph_tokens, cfg.max_step_tokens)
 
     @property
     def num_pages(self) -> int:
@@ -234,6 +250,8 @@ class ModelRunner:
             padding = self.graphs.padding_for(step)
             if padding is None and mask_parts is None:
                 rows, padding = self._as_token_rows(step)
+                if rows is None:
+                    padding = self.graphs.padding_for_extend(step)
         if rows is not None:
             extra = {**(extra or {}), "last_rows": rows.last_rows, "token_slot": rows.token_slot}
         batch = self.uploader.upload(step if rows is None else rows.step, padding, extra)
@@ -256,6 +274,9 @@ class ModelRunner:
                 last = batch.extra["last_rows"]
                 logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
                 req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
+            elif isinstance(padding, ExtendPadding):
+                hidden = self.graphs.replay_extend(batch, padding.tokens)
+                logits = self.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
             elif padding is not None:
                 logits = self.graphs.replay(batch, padding.rows)
             elif asked is not None:
@@ -269,13 +290,8 @@ class ModelRunner:
             self._apply_joins(step, batch)
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
             graph_samples = self.graphs is not None and self.graphs.samples
-            if (
-                padding is not None
-                and rows is None
-                and graph_samples
-                and plan.graphable
-                and mask_parts is None
-            ):
+            decode_graph = isinstance(padding, DecodePadding) and rows is None
+            if decode_graph and graph_samples and plan.graphable and mask_parts is None:
                 # The sampling replayed too, the slots' last tokens set in the graph.
                 sampled = self.graphs.replay_sampling(padding.rows, plan.mode)[:n]
             else:
@@ -418,7 +434,7 @@ class ModelRunner:
             budget = cfg.kv_bytes
         else:
             free, _total = torch.cuda.mem_get_info(self.device)
-            reserve = self._transient_bytes(graphs and cfg.graph_sampling)
+            reserve = self._transient_bytes(graphs and cfg.graph_sampling, graphs)
             budget = int(free * cfg.kv_fraction) - reserve
             log.info(
                 "KV budget: %.2f GiB = %.2f of %.2f GiB free after the weights, less %.2f GiB for "
@@ -436,18 +452,20 @@ class ModelRunner:
             log.info("KV pages capped at %d so that every KV location fits in int32", most)
         return min(pages, most)
 
-    def _transient_bytes(self, graph_sampling: bool) -> int:
+    def _transient_bytes(self, graph_sampling: bool, graphs: bool) -> int:
         """A generous bound on what a step allocates beyond the weights and the KV cache: a full-size
-        prefill's activations, a full batch's logits through the filtered sampler (twice with
-        `graph_sampling`: the captured sampling keeps its own in the graphs' pool), FlashInfer's
-        workspaces."""
+        prefill's activations (twice with extend graphs: the largest keeps its own in the graphs' pool), a
+        full batch's logits through the filtered sampler (twice with `graph_sampling`, likewise),
+        FlashInfer's workspaces."""
         mc, cfg = self.model_config, self.config
         elem = torch.empty((), dtype=self.dtype).element_size()
         qkv = (mc.num_heads // cfg.tp + 2 * tp.local_kv_heads(mc.num_kv_heads, cfg.tp)) * mc.head_dim
         per_token = (4 * mc.hidden_size + 2 * qkv + 3 * mc.intermediate_size // cfg.tp) * elem
         # Logits, noise hashes (int64), sort values and indices; bias, penalties and logprobs' float copies.
         sampling = cfg.max_batch * mc.vocab_size * 48 * (2 if graph_sampling else 1)
-        return cfg.max_step_tokens * per_token + sampling + (1 << 30)
+        extend_graph = max(extend_graph_sizes(cfg.extend_graph_tokens, cfg.max_step_tokens), default=0)
+        activations = (cfg.max_step_tokens + (extend_graph if graphs else 0)) * per_token
+        return activations + sampling + (1 << 30)
 
     def _staging_capacity(self, max_kv_indices: int) -> int:
         # Tokens: ids, positions, out_loc. Requests: slot, seq_len, two indptrs, last-page length. KV
