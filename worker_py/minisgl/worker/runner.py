@@ -27,6 +27,7 @@ from minisgl.worker.kv_cache import KVCache, KVCacheShape
 from minisgl.worker.padding import (
     DecodePadding,
     ExtendPadding,
+    Padding,
     extend_graph_sizes,
     graph_batch_sizes,
     token_graph_sizes,
@@ -245,13 +246,7 @@ class ModelRunner:
         if mask_parts is not None:
             extra = {**(extra or {}), **mask_parts}
         # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
-        rows, padding = None, None
-        if self.graphs is not None and asked is None:
-            padding = self.graphs.padding_for(step)
-            if padding is None and mask_parts is None:
-                rows, padding = self._as_token_rows(step)
-                if rows is None:
-                    padding = self.graphs.padding_for_extend(step)
+        rows, padding = self._graph_for(step, eager=asked is not None, masked=mask_parts is not None)
         if rows is not None:
             extra = {**(extra or {}), "last_rows": rows.last_rows, "token_slot": rows.token_slot}
         batch = self.uploader.upload(step if rows is None else rows.step, padding, extra)
@@ -268,29 +263,12 @@ class ModelRunner:
         else:
             # The forward is queued first: the joins' parameters and the sampling plan are only read by the
             # sampling, and every microsecond before the forward starts delays the step (issue 12).
-            req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
-            prompt = logprobs = None
-            if rows is not None:
-                last = batch.extra["last_rows"]
-                logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
-                req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
-            elif isinstance(padding, ExtendPadding):
-                hidden = self.graphs.replay_extend(batch, padding.tokens)
-                logits = self.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
-            elif padding is not None:
-                logits = self.graphs.replay(batch, padding.rows)
-            elif asked is not None:
-                self.attn.plan(batch)
-                hidden = self._forward_hidden(batch)
-                logits = self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
-                prompt = self._prompt_logprobs(hidden, *asked, int(step.prompt_top), turn)
-            else:
-                self.attn.plan(batch)
-                logits = self._forward_logits(batch)
+            logits, req_slot, seq_len, prompt = self._queue_forward(step, batch, rows, padding, asked, turn)
             self._apply_joins(step, batch)
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
             graph_samples = self.graphs is not None and self.graphs.samples
             decode_graph = isinstance(padding, DecodePadding) and rows is None
+            logprobs = None
             if decode_graph and graph_samples and plan.graphable and mask_parts is None:
                 # The sampling replayed too, the slots' last tokens set in the graph.
                 sampled = self.graphs.replay_sampling(padding.rows, plan.mode)[:n]
@@ -315,6 +293,54 @@ class ModelRunner:
         self.uploader.finish()
         self._handles[turn] = handle
         return handle
+
+    def _graph_for(self, step, eager: bool, masked: bool) -> tuple[TokenRows | None, Padding | None]:
+        """Which captured graph runs the step: a decode graph (its padding), the token-row graphs (the rows
+        and their padding), an extend graph (its padding); (None, None) when it runs `eager`ly or has none.
+        A `masked` step takes a decode graph only (and samples eagerly after it)."""
+        if self.graphs is None or eager:
+            return None, None
+        padding = self.graphs.padding_for(step)
+        if padding is not None or masked:
+            return None, padding
+        rows, padding = self._as_token_rows(step)
+        if rows is None:
+            padding = self.graphs.padding_for_extend(step)
+        return rows, padding
+
+    def _queue_forward(
+        self,
+        step,
+        batch: ForwardBatch,
+        rows: TokenRows | None,
+        padding: Padding | None,
+        asked: tuple[torch.Tensor, torch.Tensor] | None,
+        turn: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+        """Queues the step's forward on the graph `_graph_for` chose (or eagerly) up to the logits of each
+        request's last new token (a padded decode step's padding rows too). Returns (logits, the requests'
+        slots, their lengths, the prompt logprobs' host buffers or None)."""
+        n = len(step.req_slot)
+        req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
+        prompt = None
+        if rows is not None:
+            last = batch.extra["last_rows"]
+            logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
+            req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
+        elif isinstance(padding, ExtendPadding):
+            hidden = self.graphs.replay_extend(batch, padding.tokens)
+            logits = self.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
+        elif padding is not None:
+            logits = self.graphs.replay(batch, padding.rows)
+        elif asked is not None:
+            self.attn.plan(batch)
+            hidden = self._forward_hidden(batch)
+            logits = self.model.compute_logits(hidden[batch.qo_indptr[1:] - 1])
+            prompt = self._prompt_logprobs(hidden, *asked, int(step.prompt_top), turn)
+        else:
+            self.attn.plan(batch)
+            logits = self._forward_logits(batch)
+        return logits, req_slot, seq_len, prompt
 
     def collect(self, handle: StepHandle) -> np.ndarray:
         """Waits for a launched step; returns its sampled ids, int32 [n], a view valid until IN_FLIGHT more
