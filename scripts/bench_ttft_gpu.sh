@@ -3,7 +3,9 @@
 # random words, none of them cached but the chat template's), through our HTTP server; `minisgl bench serve`
 # times the first token from before each request is sent. Our engine runs with the flags of each
 # ENGINE_VARIANTS entry (';'-separated), one after the other in one device call (default: none, and
-# "--no-extend-graphs": small prefills replayed from graphs, and eager).
+# "--no-extend-graphs": small prefills replayed from graphs, and eager). TTFT_INPUT_LEN sets the prompts'
+# words (default 128); with ENGINE_VARIANTS="; --extend-graph-tokens 8192" TTFT_INPUT_LEN=1500 it measures
+# what extend graphs do for prompts past the token-row graphs' 512 tokens.
 #
 #   bash scripts/bench_carry.sh
 #   run(command="bash scripts/gpu_env.sh bash scripts/bench_ttft_gpu.sh", carry=[".whl", ".gpu-model", ".gpu-bin"])
@@ -21,6 +23,7 @@ LOGS=/tmp/ttft_logs
 bench_init ttft_bench.log
 BUDGET=${TTFT_BUDGET_S:-300}
 REQUESTS=${TTFT_REQUESTS:-32}
+INPUT_LEN=${TTFT_INPUT_LEN:-128}
 on_gpu || REQUESTS=4
 trap 'stop_ours; servers_log "$OUT/ttft_servers.log"' EXIT
 
@@ -36,7 +39,7 @@ for flags in "${VARIANTS[@]}"; do
   if start_ours "$name" 150 $flags; then
     client "ttft_$name" http://$OURS_HTTP warmup "$deadline" 60 --input-len 128 --output-len 16 --concurrency 4 \
       --num-prompts 8 --processes 1 --seed 1
-    client "ttft_$name" http://$OURS_HTTP c1 "$deadline" 90 --input-len 128 --output-len 64 --concurrency 1 \
+    client "ttft_$name" http://$OURS_HTTP c1 "$deadline" 90 --input-len "$INPUT_LEN" --output-len 64 --concurrency 1 \
       --num-prompts "$REQUESTS" --processes 1 --seed 2
   fi
   stop_ours
