@@ -35,7 +35,7 @@ def test_auto_on_cuda_follows_the_packages():
 
 
 def test_the_cli_choices_come_from_the_registry():
-    assert set(PREFILL_CHOICES) == {"auto", "torch", "flashinfer"}
+    assert set(PREFILL_CHOICES) == {"auto", "torch", "flashinfer", "triton"}
     assert set(DECODE_CHOICES) == {"auto", "torch", "flashinfer", "triton"}
     assert (
         parse_args(["--model", "m", "--control", "ipc://x", "--decode-attention", "triton"])[
@@ -43,8 +43,11 @@ def test_the_cli_choices_come_from_the_registry():
         ].decode_attention
         == "triton"
     )
+    assert (
+        parse_args(["--model", "m", "--control", "ipc://x", "--attention", "triton"])[0].attention == "triton"
+    )
     with pytest.raises(SystemExit):
-        parse_args(["--model", "m", "--control", "ipc://x", "--attention", "triton"])
+        parse_args(["--model", "m", "--control", "ipc://x", "--attention", "flash"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and HAVE_FLASHINFER, reason="flashinfer can run here")
@@ -52,6 +55,12 @@ def test_forcing_flashinfer_where_it_cannot_run_is_a_clear_error(tmp_path):
     model = make_tiny_qwen(tmp_path / "m")
     with pytest.raises(RuntimeError, match="flashinfer"):
         ModelRunner(cpu_config(model, 16, 4, 4, 64, attention="flashinfer"), show_progress=False)
+
+
+def test_triton_attention_on_the_cpu_is_a_clear_error(tmp_path):
+    model = make_tiny_qwen(tmp_path / "m")
+    with pytest.raises(RuntimeError, match="TritonBackend runs on cuda"):
+        ModelRunner(cpu_config(model, 16, 4, 4, 64, attention="triton"), show_progress=False)
 
 
 def test_cpu_runner_has_no_graphs_and_no_fused_kernels(tmp_path):

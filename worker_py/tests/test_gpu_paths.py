@@ -94,6 +94,20 @@ def test_flashinfer_matches_the_torch_backend(model_dir, fused, decode):
         assert rel_err(got, want) < 2e-2
 
 
+def test_triton_attention_matches_the_torch_backend(model_dir):
+    """`--attention triton`: eager extend steps through the Triton extend kernel, decodes through the decode
+    kernel, one backend for both and no FlashInfer; the logits of the torch reference's."""
+    from minisgl.attention.triton import TritonBackend
+
+    ref = runner(model_dir, attention="torch")
+    ours = runner(model_dir, attention="triton")
+    assert isinstance(ours.attn, TritonBackend)
+    for step_ref, step_ours in zip(mixed_steps(1), mixed_steps(1), strict=True):
+        want, got = ref.forward_logits(step_ref), ours.forward_logits(step_ours)
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 2e-2
+
+
 def test_small_m_in_the_model_computes_what_cublas_does(model_dir, monkeypatch):
     """small_m's variants in the model (q/k/v with RoPE, o, down, gate/up with SiLU, the LM head), given
     tiles for this model's shapes, against the model without small_m: the same logits up to rounding, in

@@ -50,12 +50,13 @@ BACKENDS = {
         ),
         BackendInfo(
             "triton",
-            "minisgl.attention.triton_decode:TritonDecodeBackend",
-            prefill=False,
+            "minisgl.attention.triton:TritonBackend",
+            prefill=True,
             decode=True,
             cuda_only=True,
             package="triton",
-            help="our split-KV decode kernel (kernels/decode_attention.py): no host-side plan",
+            help="our split-KV decode and extend kernels (kernels/decode_attention.py, extend_attention.py): "
+            "no host-side plan",
         ),
     )
 }

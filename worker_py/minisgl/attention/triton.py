@@ -1,8 +1,10 @@
-"""Decode attention through our Triton kernel (`kernels/decode_attention.py`): no plan at all. The kernel
-reads the page tables and lengths where the uploader put them (for a graph of B rows, at fixed offsets of
-its device buffer, so a captured launch finds each new step's tables), and splits the KV scan a fixed number
-of ways per graph size. Eagerly it runs decode steps only (the registry pairs it with a prefill backend);
-inside graphs, extend steps too, through `kernels/extend_attention.py`, which needs no plan either."""
+"""Attention through our Triton kernels, neither of which plans anything on the host: decode steps through
+`kernels/decode_attention.py`, extend steps through `kernels/extend_attention.py`. Each kernel reads the page
+tables and lengths where the uploader put them (for a graph, at fixed offsets of its device buffer, so a
+captured launch finds each new step's tables). The decode kernel splits the KV scan a fixed number of ways
+per graph size; the extend kernel's programs find their request and block on the device. Paired with
+FlashInfer's prefill (the default on CUDA), it runs the decode steps and the graphs; `--attention triton`
+runs every step through it, with no FlashInfer at all (not yet measured against FlashInfer's prefill)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ GRAPH_CONTEXT_HINT = 4096  # the context a decode graph's split count is chosen 
 TOKEN_CONTEXT_HINT = 512
 
 
-class TritonDecodeBackend(AttentionBackend):
-    prefill = False
+class TritonBackend(AttentionBackend):
     graphs = True
     extend_graphs = True
     devices = ("cuda",)
@@ -37,9 +38,10 @@ class TritonDecodeBackend(AttentionBackend):
         self._extend_args: tuple | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
-        if not batch.is_decode:
-            raise ValueError("the triton backend runs decode steps only")
-        self._set(batch, self._split_plan(batch.num_reqs, batch.max_seq_len))
+        if batch.is_decode:  # one new token per request: the decode kernel, split by the step's lengths
+            self._set(batch, self._split_plan(batch.num_reqs, batch.max_seq_len))
+        else:
+            self.plan_extend_graph(batch)
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
         self._graph_splits = {(b, False): self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}
