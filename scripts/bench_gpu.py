@@ -61,6 +61,8 @@ CONFIGS = {
     "no_pdl": {"pdl": False},
     # The same, with extend steps past the token-row graphs replayed from extend graphs (off by default).
     "extend_graphs": {"extend_graph_tokens": 8192},
+    # Our Triton kernels for every step's attention, eager extend steps included: no FlashInfer.
+    "triton_attention": {"attention": "triton"},
 }
 
 
