@@ -195,9 +195,9 @@ if triton is not None:
         live = (tok < q_end) & (rows % GROUP_PAD < GROUP)
         dims = tl.arange(0, D)
         tok64 = tok.to(tl.int64)
-        q = tl.load(
-            q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=live[:, None]
-        )
+        # Rows past the request's tokens (or the group) read zeros: finite scores, never stored.
+        q_ptrs = q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=live[:, None], other=0.0)
         pos = prefix + (tok - q_start)  # each row's own position: it sees keys up to and including it
         # The block's keys: up to its last token's position (the request's last, at most).
         end = tl.where(spare, 0, tl.minimum(prefix + (first_tok - q_start) + BLOCK_M, length))
