@@ -13,6 +13,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from minisgl.kernels import activation, norm, rope  # noqa: E402
 from minisgl.kernels import decode_attention as attention  # noqa: E402
+from minisgl.kernels import extend_attention as extend  # noqa: E402
 
 # kernel -> (argument types, constexprs), as Qwen2.5-0.5B's decode step launches it; an argument not named
 # is an int32.
@@ -35,6 +36,13 @@ KERNELS = {
         | dict(DIRECT=False, IEEE_DOT=False),
     ),
     "attention combine": (attention._combine_kernel, {}, {"HQ": 14, "S_PAD": 8, "D": 64}),
+    # Not launched early (the extend graphs are larger than pdl.MAX_ROWS), but it compiles for Hopper here.
+    "extend attention": (
+        extend._extend_kernel,
+        {"scale": "fp32", "qo_indptr_ptr": "*i32", "kv_indptr_ptr": "*i32", "indices_ptr": "*i32"}
+        | {"seq_len_ptr": "*i32"},
+        dict(N_PAD=256, GROUP=7, GROUP_PAD=8, BLOCK_M=16, D=64, PAGE_SIZE=16, BLOCK_N=64, IEEE_DOT=False),
+    ),
 }
 
 

@@ -130,6 +130,15 @@ def launch_steps(seed: int):
         yield b.decode([4, 0, 1, 2, 3])
 
 
+def assert_same_outputs(plain: ModelRunner, a: ReadySteps, graphed: ModelRunner, b: ReadySteps) -> None:
+    """The two runners' tokens, logprobs and penalty counts after the same steps are the same."""
+    assert a.results == b.results
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
+        assert np.array_equal(x.top_ids, y.top_ids)
+    assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
+
+
 def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
     """Through launch, steps run as token rows (and decodes as padded rows, sampled in the 'graph') give the
     eager runner's tokens, logprobs and penalty counts."""
@@ -142,11 +151,7 @@ def test_launch_through_token_rows_equals_the_eager_runner(model_dir):
     a, b = ReadySteps(list(launch_steps(1))), ReadySteps(list(launch_steps(1)))
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
     assert hidden_rows == [64, 16]  # 5 + 8 + 11 + 14 = 38 tokens, then 1 + 6 + 1 + 3 = 11
-    assert a.results == b.results
-    for x, y in zip(a.logprobs, b.logprobs, strict=True):
-        np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
-        assert np.array_equal(x.top_ids, y.top_ids)
-    assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
+    assert_same_outputs(plain, a, graphed, b)
 
 
 def test_launch_through_extend_graphs_equals_the_eager_runner(model_dir):
@@ -164,11 +169,7 @@ def test_launch_through_extend_graphs_equals_the_eager_runner(model_dir):
     a, b = ReadySteps(list(launch_steps(1))), ReadySteps(list(launch_steps(1)))
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
     assert tokens == [(64, 8), (16, 8)]  # 38 tokens of 4 requests, then 11 of 4
-    assert a.results == b.results
-    for x, y in zip(a.logprobs, b.logprobs, strict=True):
-        np.testing.assert_allclose(x.logprob, y.logprob, atol=1e-5)
-        assert np.array_equal(x.top_ids, y.top_ids)
-    assert torch.equal(plain.sampler.counts.counts, graphed.sampler.counts.counts)
+    assert_same_outputs(plain, a, graphed, b)
 
 
 def test_a_padded_step_samples_with_the_options_it_joins_with(model_dir):
