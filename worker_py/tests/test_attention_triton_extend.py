@@ -139,7 +139,8 @@ CHECK = textwrap.dedent(
         # captured grid must serve a step of other requests, lengths and block counts.
         hq, hkv, d, t, n, dtype = 14, 2, 64, 256, 8, torch.bfloat16
         first, _ = make_batch([(0, 200), (40, 30)], hq, hkv, d, dtype, seed=3, pad_tokens=26, pad_reqs=6)
-        second, layout = make_batch(MIX[:-1], hq, hkv, d, dtype, seed=4, pad_tokens=t - 141)
+        real = sum(new for _, new in MIX[:-1])
+        second, layout = make_batch(MIX[:-1], hq, hkv, d, dtype, seed=4, pad_tokens=t - real)
         bufs = {{name: x.clone() for name, x in first.items()}}
         bufs["kv_indices"] = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         bufs["kv_indices"][: len(first["kv_indices"])] = first["kv_indices"]

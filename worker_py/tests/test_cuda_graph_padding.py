@@ -9,7 +9,7 @@ from fake_steps import Join, StepBuilder
 
 from minisgl.worker.batch import _PACKED as NAMES
 from minisgl.worker.batch import BatchUploader
-from minisgl.worker.cuda_graph import DecodeGraphs
+from minisgl.worker.cuda_graph import DecodeGraphs, _empty_decode_step
 from minisgl.worker.padding import (
     DecodePadding,
     ExtendPadding,
@@ -106,7 +106,7 @@ def test_extend_padding_adds_tokens_of_no_request_and_requests_of_no_token():
         real = np.asarray(getattr(step, name))
         np.testing.assert_array_equal(got[name][: len(real)], real)  # real entries are untouched
         assert got[name].dtype == np.int32
-    assert [len(got[name]) for name in NAMES] == [24, 24, 24, 5, 5, 6, 6, 5, k]
+    assert [len(got[name]) for name in NAMES] == [24, 24, 24, 5, 5, 6, 6, 5, k + 1]
     np.testing.assert_array_equal(got["input_ids"][t:], 0)
     np.testing.assert_array_equal(got["positions"][t:], 0)
     np.testing.assert_array_equal(got["out_loc"][t:], 40 * 4)  # the scratch page's K/V
@@ -114,6 +114,7 @@ def test_extend_padding_adds_tokens_of_no_request_and_requests_of_no_token():
     np.testing.assert_array_equal(got["seq_len"][n:], 0)
     np.testing.assert_array_equal(got["qo_indptr"][n:], t)  # no tokens: the padding tokens are nobody's
     np.testing.assert_array_equal(got["kv_indptr"][n:], k)  # no pages
+    assert got["kv_indices"][k] == 40  # the scratch page, listed by no request
     with pytest.raises(ValueError, match="does not fit"):
         padded_arrays(step, NAMES, ExtendPadding(15, 5, 40, 9, 4))
     with pytest.raises(ValueError, match="does not fit"):
@@ -125,13 +126,15 @@ def test_uploaded_extend_batch_puts_every_table_at_fixed_offsets():
     from where it found them at capture, whatever the step's own counts."""
     up = BatchUploader(capacity=512, device=torch.device("cpu"))
     pad = ExtendPadding(tokens=32, reqs=8, scratch_page=40, scratch_slot=9, page_size=4)
-    for step in (extend_step(), decode_step()):
+    # The empty step is the one a graph is captured from: an empty page-index slice would have a null data
+    # pointer (torch's), and the captured attention would keep reading through it.
+    for step in (extend_step(), decode_step(), _empty_decode_step()):
         batch = up.upload(step, pad)
         assert (batch.num_reqs, batch.num_tokens) == (8, 32)
         base = batch.input_ids.data_ptr()
         offsets = [(getattr(batch, name).data_ptr() - base) // 4 for name in NAMES]
         assert offsets == [0, 32, 64, 96, 104, 112, 121, 130, 138]
-        np.testing.assert_array_equal(batch.kv_indices.numpy(), step.kv_indices)
+        np.testing.assert_array_equal(batch.kv_indices.numpy(), [*step.kv_indices, 40])
 
 
 def graphs_with(sizes, max_kv_indices) -> DecodeGraphs:

@@ -116,7 +116,7 @@ class DecodeGraphs:
         tokens = bucket_for(len(step.input_ids), self.extend_sizes)
         if tokens is None or len(step.req_slot) > self._extend_reqs:
             return None
-        if len(step.kv_indices) > self.max_kv_indices:
+        if len(step.kv_indices) + 1 > self.max_kv_indices:  # the padding adds the scratch page
             return None
         return ExtendPadding(tokens, self._extend_reqs, *self._scratch)
 

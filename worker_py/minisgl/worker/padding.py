@@ -9,7 +9,9 @@ request slot is a scratch slot past the last real one, whose last token and samp
 
 An extend step is padded to a token count and a request count apart (`ExtendPadding`): padding tokens follow
 the last request's, belong to no request (the attention writes nothing for them; their K/V go to the scratch
-page, their ids are 0), and padding requests have no tokens and no pages, in the scratch slot.
+page, their ids are 0), and padding requests have no tokens and no pages, in the scratch slot. One page
+index follows the step's, the scratch page's, listed by no request: a graph is captured from an empty step,
+and torch gives an empty slice of the device buffer a null data pointer, which the graph would keep.
 """
 
 from __future__ import annotations
@@ -113,12 +115,12 @@ class ExtendPadding:
     page_size: int
 
     def grow(self, n: int, t: int) -> dict[str, int]:
-        """Entries each basis gains: padding tokens, and padding requests of no page."""
+        """Entries each basis gains: padding tokens, padding requests of no page, and the one scratch page."""
         if t > self.tokens or n > self.reqs:
             raise ValueError(
                 f"a step of {n} requests and {t} tokens does not fit {self.reqs} and {self.tokens}"
             )
-        return {"t": self.tokens - t, "n": self.reqs - n, "k": 0}
+        return {"t": self.tokens - t, "n": self.reqs - n, "k": 1}
 
     def tails(self, pad: int, t: int, k: int) -> dict[str, int | np.ndarray]:
         """What the padding entries hold (see the module docstring); `pad` is unused: every value is one for
@@ -132,6 +134,7 @@ class ExtendPadding:
             "qo_indptr": t,
             "kv_indptr": k,
             "kv_last_page_len": 0,
+            "kv_indices": self.scratch_page,
         }
 
 
