@@ -142,6 +142,28 @@ def test_small_m_in_the_model_computes_what_cublas_does(model_dir, monkeypatch):
     assert not counters.any()
 
 
+def test_small_prefills_compile_no_kernel_after_the_start(model_dir, monkeypatch):
+    """A small prefill runs the LM head on its last rows eagerly, where the graphs' kernels (launched early)
+    do not serve: its variants compile when the runner starts, not inside the first requests."""
+    from triton import knobs
+
+    from minisgl.kernels import small_m
+
+    monkeypatch.setattr(small_m, "TILES", {(2048, 448, small_m.LINEAR): small_m.Tile(16, 128, 4, 2)})
+    r = runner(model_dir, cuda_graphs=True)
+    compiled = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *, fn, **_: compiled.append(fn.name))
+    rng = np.random.default_rng(0)
+    b = StepBuilder(NUM_PAGES, PAGE_SIZE, seed=0)
+    for n in (1, 3, 16):
+        slots = list(range(n))
+        prompts = [(s, rng.integers(0, 2048, 20).tolist()) for s in slots]
+        r.run_step(b.extend(prompts, [Join(s) for s in slots]))
+        for s in slots:
+            b.release(s)
+    assert not [name for name in compiled if "small_m" in name], compiled
+
+
 @pytest.mark.parametrize("decode", ["flashinfer", "triton"])
 def test_graph_replay_equals_eager(model_dir, decode):
     eager = runner(model_dir, decode_attention=decode)

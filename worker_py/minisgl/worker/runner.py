@@ -13,6 +13,7 @@ import torch
 from minisgl import tp
 from minisgl.attention import BACKENDS, create_backend
 from minisgl.attention.base import AttentionConfig
+from minisgl.kernels import small_m
 from minisgl.kernels.rounding import available as kernels_available
 from minisgl.layers import LayerOptions
 from minisgl.models import ModelConfig, load_model
@@ -183,6 +184,18 @@ class ModelRunner:
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
                 self.graphs.capture(show_progress)
+                self._compile_eager_lm_head()
+
+    def _compile_eager_lm_head(self) -> None:
+        """Every small prefill runs the LM head eagerly on its requests' last rows, outside the graphs, whose
+        kernels were compiled launched early (PDL): compile those variants now (Triton's one for a single
+        row, for 16, and for any other count), not inside the first requests."""
+        hidden = torch.zeros(
+            small_m.MAX_ROWS, self.model_config.hidden_size, dtype=self.dtype, device=self.device
+        )
+        for rows in (1, 2, small_m.MAX_ROWS):
+            self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
 
     def _extend_graph_sizes(self) -> list[int]:
         """The token counts of the extend graphs: none unless asked for, and the decode backend (which runs
