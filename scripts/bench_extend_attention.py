@@ -9,6 +9,10 @@ flushed before each call: "cold"), ours replayed from a graph, FlashInfer's run(
 FlashInfer's host time for plan() + run() too. Each result is checked against the other (max abs error).
 
     python scripts/bench_extend_attention.py --out extend_attention.json
+    python scripts/bench_extend_attention.py --variants "rows64:tile_rows=64;warps8:num_warps=8"
+
+`--variants` times our kernel with other launch options too, one column each (NAME:OPTION=VALUE,...; the
+options are `extend_attention`'s keyword arguments: tile_rows, block_n, num_warps, num_stages).
 """
 
 from __future__ import annotations
@@ -66,11 +70,31 @@ def make_step(reqs: list[tuple[int, int]], seed: int) -> dict:
     }
 
 
-def ours(s: dict, out: torch.Tensor):
+def ours(s: dict, out: torch.Tensor, **options):
     d = s["dev"]
     return lambda: te.extend_attention(
-        s["q"], s["k"], s["v"], d["qo_indptr"], d["kv_indptr"], s["indices"], d["seq_len"], out=out
+        s["q"], s["k"], s["v"], d["qo_indptr"], d["kv_indptr"], s["indices"], d["seq_len"], out=out, **options
     )
+
+
+def parse_variants(spec: str) -> dict[str, dict[str, int]]:
+    """--variants "a:tile_rows=64;b:num_warps=8,num_stages=3" as {"a": {"tile_rows": 64}, "b": {...}}."""
+    variants = {}
+    for part in filter(None, spec.split(";")):
+        name, _, options = part.partition(":")
+        variants[name] = {k: int(v) for k, v in (o.split("=") for o in options.split(",") if o)}
+    return variants
+
+
+def graph_us(timer: Timer, s: dict, **options) -> tuple[float, torch.Tensor]:
+    """Our kernel's GPU time replayed from a graph, and its output."""
+    out = torch.empty_like(s["q"])
+    call = ours(s, out, **options)
+    call()  # compiles outside the capture
+    graph = graph_of(call)
+    us = statistics.median(timer.gpu_us(graph.replay, cold=True))
+    graph.replay()
+    return us, out
 
 
 def flashinfer_prefill(s: dict):
@@ -93,17 +117,17 @@ def flashinfer_prefill(s: dict):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--variants", default="", help="more columns: NAME:OPTION=VALUE,...;NAME:...")
     a = p.parse_args()
+    variants = parse_variants(a.variants)
     timer = Timer()
     rows = []
-    print(f"{'case':<32} {'ours, graph us':>15} {'FlashInfer us':>14} {'FI host us':>11} {'max diff':>9}")
+    extra = "".join(f" {name + ' us':>12}" for name in variants)
+    head = f"{'case':<32} {'ours, graph us':>15} {'FlashInfer us':>14} {'FI host us':>11} {'max diff':>9}"
+    print(head + extra)
     for i, (name, reqs) in enumerate(CASES.items()):
         s = make_step(reqs, seed=i)
-        out = torch.empty_like(s["q"])
-        call = ours(s, out)
-        call()  # compiles outside the capture
-        graph = graph_of(call)
-        mine = statistics.median(timer.gpu_us(graph.replay, cold=True))
+        mine, out = graph_us(timer, s)
         plan, run = flashinfer_prefill(s)
         want = run()
         theirs = statistics.median(timer.gpu_us(run, cold=True))
@@ -113,11 +137,15 @@ def main() -> int:
             plan()
             run()
         host = (time.perf_counter() - t0) / 20 * 1e6
-        graph.replay()
         diff = (out.float() - want.float()).abs().max().item()
-        rows.append({"case": name, "ours_graph_us": mine, "flashinfer_us": theirs, "flashinfer_host_us": host,
-                     "max_diff": diff})  # fmt: skip
-        print(f"{name:<32} {mine:>15.1f} {theirs:>14.1f} {host:>11.1f} {diff:>9.4f}")
+        row = {"case": name, "ours_graph_us": mine, "flashinfer_us": theirs, "flashinfer_host_us": host,
+               "max_diff": diff}  # fmt: skip
+        for variant, options in variants.items():
+            us, got = graph_us(timer, s, **options)
+            row[variant] = {"us": us, "max_diff": (got.float() - want.float()).abs().max().item()}
+        rows.append(row)
+        cols = "".join(f" {row[v]['us']:>12.1f}" for v in variants)
+        print(f"{name:<32} {mine:>15.1f} {theirs:>14.1f} {host:>11.1f} {diff:>9.4f}{cols}")
     if a.out:
         a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1) + "\n")
     return 0
