@@ -70,10 +70,10 @@ class WorkerConfig:
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
     extend_graph_tokens: int = opt(
-        0,
+        2048,
         "extend steps of up to N tokens that the token-row graphs do not take replay graphs captured at "
         "512, 1024, ... N tokens, with the Triton extend attention kernel; 0: off, such steps run eagerly "
-        "(not yet measured on a GPU: docs/architecture.md)",
+        "(docs/architecture.md)",
         metavar="N",
     )
     pdl: bool = opt(

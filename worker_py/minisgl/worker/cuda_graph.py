@@ -41,7 +41,7 @@ from minisgl.kernels import pdl
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
-from minisgl.worker.padding import DecodePadding, ExtendPadding, bucket_for
+from minisgl.worker.padding import DecodePadding, ExtendPadding, Padding, bucket_for
 
 log = logging.getLogger("minisgl.worker")
 
@@ -129,6 +129,13 @@ class DecodeGraphs:
             return None
         return DecodePadding(rows, *self._scratch)
 
+    def padding_of(self, kind: str, rows: int) -> Padding:
+        """The padding of the graphs of `kind` at `rows` rows (tokens, for EXTEND); "sampling" graphs are
+        padded as the decode graphs they follow."""
+        if kind == EXTEND:
+            return ExtendPadding(rows, self._extend_reqs, *self._scratch)
+        return DecodePadding(rows, *self._scratch)
+
     def capture(self, show_progress: bool = True) -> float:
         """Captures every size, largest first so that smaller graphs reuse its memory; returns seconds."""
         start = time.perf_counter()
@@ -142,11 +149,7 @@ class DecodeGraphs:
             reverse=True,
         )
         for rows, kind in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
-            if kind == EXTEND:
-                padding = ExtendPadding(rows, self._extend_reqs, *self._scratch)
-            else:
-                padding = DecodePadding(rows, *self._scratch)
-            batch = self._uploader.upload(empty, padding)
+            batch = self._uploader.upload(empty, self.padding_of(kind, rows))
             if not batch.in_static_buffer:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a {kind} step of {rows} rows")
             if kind == EXTEND:
@@ -161,10 +164,7 @@ class DecodeGraphs:
         log.info(
             "captured %d CUDA graphs in %.1f s: decode at batch %s (%d of them sampling), small extend "
             "steps at %s tokens, extend steps at %s tokens",
-            len(self._graphs)
-            + len(self._sample_graphs)
-            + len(self._hidden_graphs)
-            + len(self._extend_graphs),
+            len(self.captured()),
             seconds,
             self.sizes,
             len(self._sample_graphs),
@@ -186,6 +186,16 @@ class DecodeGraphs:
             key = (rows, mode)
             run = partial(self._sample, batch, logits, mode)
             self._sample_graphs[key], self._sampled[key] = _capture(run, pool)
+
+    def captured(self) -> dict[tuple[str, int, SampleMode | None], torch.cuda.CUDAGraph]:
+        """Every captured graph by (kind, rows or tokens, sampling mode or None); "sampling" is the kind of
+        the sampling graphs."""
+        return (
+            {(DECODE, rows, None): g for rows, g in self._graphs.items()}
+            | {("sampling", rows, mode): g for (rows, mode), g in self._sample_graphs.items()}
+            | {(TOKEN_ROWS, rows, None): g for rows, g in self._hidden_graphs.items()}
+            | {(EXTEND, tokens, None): g for tokens, g in self._extend_graphs.items()}
+        )
 
     @property
     def samples(self) -> bool:
