@@ -58,6 +58,9 @@ _MASK_WORDS = struct.Struct("<I")  # at 72, beside the write sequence: the first
 DEFAULT_SPIN_S = 50e-6
 _FIRST_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
+# A sleep is at most this fraction of the wait so far (as in the scheduler's Backoff): a step published 2 ms
+# into an idle spell is read within ~0.13 ms, not up to 1 ms later.
+_SLEEP_FRACTION = 16
 # A liveness check costs a syscall and a /proc read; every 2 ms notices a death promptly enough.
 _CHECK_EVERY_NS = 2_000_000
 
@@ -263,8 +266,9 @@ class Ring:
             self._check_peer(f"reader {i}", self.reader_pid(i), self.reader_heartbeat_ms(i))
 
     def _wait(self, ready, timeout: float | None, on_check) -> bool:
-        """Spins `spin_s`, then sleeps in doubling steps up to 1 ms, until ready() is true. Returns False on
-        timeout; on_check() (liveness, heartbeat) runs at the end of the spin and then every 2 ms."""
+        """Spins `spin_s`, then sleeps in doubling steps up to 1 ms (and up to a sixteenth of the wait so
+        far), until ready() is true. Returns False on timeout; on_check() (liveness, heartbeat) runs at the
+        end of the spin and then every 2 ms."""
         start = time.perf_counter_ns()
         spin_until = start + int(self.spin_s * 1e9)
         deadline = None if timeout is None else start + int(timeout * 1e9)
@@ -280,7 +284,8 @@ class Ring:
                 on_check()
                 next_check = now + _CHECK_EVERY_NS
             time.sleep(sleep_s)
-            sleep_s = min(sleep_s * 2, _MAX_SLEEP_S)
+            waited_s = (now - start) * 1e-9
+            sleep_s = min(sleep_s * 2, _MAX_SLEEP_S, max(waited_s / _SLEEP_FRACTION, _FIRST_SLEEP_S))
         return True
 
     # --- readers -------------------------------------------------------------------------------------------
