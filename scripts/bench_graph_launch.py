@@ -65,12 +65,15 @@ def capture(kernels: int, early: bool, x: torch.Tensor, w: torch.Tensor | None) 
     return graph
 
 
-def host_us(graph: torch.cuda.CUDAGraph, reps: int, idle: bool) -> float:
-    """Median host microseconds of `graph.replay()`."""
+def host_us(graph: torch.cuda.CUDAGraph, reps: int, idle: bool, after=None) -> float:
+    """Median host microseconds of `graph.replay()`; with `after`, each replay follows one of that graph,
+    untimed (a decode step replays its forward graph, then its sampling graph)."""
     times = []
     for _ in range(reps):
         if idle:
             torch.cuda.synchronize()
+        if after is not None:
+            after.replay()
         t0 = time.perf_counter()
         graph.replay()
         times.append(time.perf_counter() - t0)
@@ -133,19 +136,29 @@ def model_graphs(reps: int) -> list[dict]:
                               max_batch=256, max_step_tokens=2048, extend_graph_tokens=2048)  # fmt: skip
         runner = ModelRunner(config, show_progress=False)
         graphs = runner.graphs
-        print(f"{'graph':>24} {'idle: host us':>14} {'busy: host us':>14}")
-        for (kind, size, mode), graph in sorted(graphs.captured().items(), key=lambda kv: str(kv[0])):
+        captured = graphs.captured()
+        print(f"{'graph':>24} {'idle: host us':>14} {'busy: host us':>14} {'after the other':>16}")
+        for (kind, size, mode), graph in sorted(captured.items(), key=lambda kv: str(kv[0])):
             with torch.inference_mode():
                 runner.uploader.upload(_empty_decode_step(), graphs.padding_of(kind, size))
                 runner.uploader.finish()
+            # A decode step's pair: its forward graph and a sampling graph of its size (same padding).
+            other = None
+            if kind == "sampling":
+                other = captured[("decode", size, None)]
+            elif kind == "decode":
+                pairs = (g for (k, rows, _), g in captured.items() if k == "sampling" and rows == size)
+                other = next(pairs, None)
             host_us(graph, 5, idle=True)
             row = {
                 "graph": f"{kind} {size}" + (f" {mode.name}" if mode is not None else ""),
                 "idle_host_us": host_us(graph, reps // 4, idle=True),
                 "busy_host_us": host_us(graph, reps // 4, idle=False),
+                "after_other_us": host_us(graph, reps // 4, idle=True, after=other) if other else None,
             }
             rows.append(row)
-            print(f"{row['graph']:>24} {row['idle_host_us']:>14.1f} {row['busy_host_us']:>14.1f}")
+            after = f"{row['after_other_us']:>16.1f}" if other else f"{'':>16}"
+            print(f"{row['graph']:>24} {row['idle_host_us']:>14.1f} {row['busy_host_us']:>14.1f} {after}")
     return rows
 
 
