@@ -18,6 +18,7 @@ Builds the model itself (no weights travel), then drives `ModelRunner` directly 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -415,20 +416,57 @@ def launch_host(runner: ModelRunner, timed: list, profiled: list, top: int) -> t
     import pstats
 
     host = []
-    for step in timed:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        handle = runner.launch(step)
-        host.append(time.perf_counter() - t0)
-        runner.collect(handle)
+    with timed_parts(runner) as parts:
+        for step in timed:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            handle = runner.launch(step)
+            host.append(time.perf_counter() - t0)
+            runner.collect(handle)
     prof = cProfile.Profile()
     prof.enable()
     for step in profiled:
         runner.collect(runner.launch(step))
     prof.disable()
     text = io.StringIO()
+    # By own time (which calls are slow), then by inclusive time (which parts of launch() are: the upload, the
+    # graph choice, the forward, the joins, the sampling).
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    return host, text.getvalue()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(r"minisgl", top)
+    share = ", ".join(f"{name} {1e3 * sum(t) / len(timed):.3f}" for name, t in parts.items())
+    return host, f"ms a launch in its parts (no profiler): {share}\n" + text.getvalue()
+
+
+@contextlib.contextmanager
+def timed_parts(runner: ModelRunner):
+    """Times the parts of `launch()` (the runner's methods it calls, in order), wall clock and no profiler:
+    {part: [seconds per call]}."""
+    parts = {
+        "graph_for": (runner, "_graph_for"),
+        "upload": (runner.uploader, "upload"),
+        "queue_forward": (runner, "_queue_forward"),
+        "joins": (runner, "_apply_joins"),
+        "sampling_plan": (runner.sampler, "plan_for"),
+    }
+    times = {name: [] for name in parts}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[name].append(time.perf_counter() - t0)
+
+        return run
+
+    for name, (owner, attr) in parts.items():
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+    try:
+        yield times
+    finally:
+        for owner, attr in parts.values():
+            delattr(owner, attr)  # the instance attribute goes; the class's method is back
 
 
 def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 10) -> dict:
