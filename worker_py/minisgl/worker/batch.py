@@ -63,15 +63,29 @@ class ForwardBatch:
     kv_indices: torch.Tensor  # [k]
     host_packed: torch.Tensor  # the `_PACKED` arrays one after another in the staging buffer, at `sizes`
     sizes: tuple[int, ...]
-    # The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64 bits), or
-    # None when nobody joins.
-    joins: SimpleNamespace | None = None
+    # The join arrays' int32 words on the device, in `_JOINED` order at `join_sizes`; `joins` views them.
+    join_words: torch.Tensor | None = None
+    join_sizes: tuple[int, ...] = ()
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # `upload`'s extra int32 arrays
     in_static_buffer: bool = True  # False when the step outgrew the fixed device buffer
 
     @property
     def is_decode(self) -> bool:
         return self.num_tokens == self.num_reqs
+
+    @functools.cached_property
+    def joins(self) -> SimpleNamespace | None:
+        """The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64
+        bits), or None when nobody joins. Made when first asked for: only the sampling reads them, after the
+        forward is queued, and their dozen views cost host time before it (issue 12)."""
+        if self.join_words is None:
+            return None
+        words = torch.split(self.join_words, self.join_sizes)
+        views = {}
+        for (name, dtype), w in zip(_JOINED, words, strict=True):
+            view = _TORCH_VIEW[dtype.str]
+            views[name.removeprefix("join_")] = w if view is None else w.view(view)
+        return SimpleNamespace(**views)
 
     @functools.cached_property
     def _host(self) -> dict[str, torch.Tensor]:
@@ -176,7 +190,8 @@ class BatchUploader:
             num_tokens=sizes[_PACKED.index("input_ids")],
             host_packed=staging[:base],
             sizes=tuple(sizes),
-            joins=_join_tensors(flat[base + align :], joins) if joins else None,
+            join_words=flat[base + align : base + align + sum(_sizes(joins))] if joins else None,
+            join_sizes=_sizes(joins),
             extra=_split(flat[total - sum(a.shape[0] for a in extra.values()) : total], extra),
             in_static_buffer=in_static,
             **parts,
@@ -201,13 +216,5 @@ def _split(flat: torch.Tensor, arrays: dict[str, np.ndarray]) -> dict[str, torch
     return dict(zip(arrays, torch.split(flat, [a.shape[0] for a in arrays.values()]), strict=True))
 
 
-def _join_tensors(flat: torch.Tensor, parts: list[np.ndarray]) -> SimpleNamespace:
-    words = torch.split(flat[: sum(p.shape[0] for p in parts)], [p.shape[0] for p in parts])
-    return SimpleNamespace(
-        **{
-            name.removeprefix("join_"): w
-            if _TORCH_VIEW[dtype.str] is None
-            else w.view(_TORCH_VIEW[dtype.str])
-            for (name, dtype), w in zip(_JOINED, words, strict=True)
-        }
-    )
+def _sizes(parts: list[np.ndarray]) -> tuple[int, ...]:
+    return tuple(p.shape[0] for p in parts)
