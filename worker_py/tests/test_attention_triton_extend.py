@@ -100,12 +100,12 @@ CHECK = textwrap.dedent(
         check(te.extend_attention(**batch, **tiles), reference(batch, layout), dtype, (hq, hkv, page, tiles))
 
 
-    def case_padded(dtype):
+    def case_padded(dtype, **options):
         # Padding tokens after the last request's and padding requests of no tokens: the grid's spare blocks
         # write nothing, so the padding rows keep what they held.
         batch, layout = make_batch(MIX, 14, 2, 64, dtype, seed=1, pad_tokens=45, pad_reqs=6)
         out = torch.full_like(batch["q"], 7.0)
-        got = te.extend_attention(**batch, out=out)
+        got = te.extend_attention(**batch, out=out, **options)
         assert got is out
         real = sum(t for _, t in MIX)
         assert out[real:].eq(7.0).all().item()
@@ -172,6 +172,14 @@ CHECK = textwrap.dedent(
         "group4": lambda: case_heads(8, 2, torch.float32, page=4),
         # Small tiles: many blocks a request, keys in several blocks of 16, pages of one token.
         "small_tiles": lambda: case_heads(14, 2, torch.float32, page=1, tile_rows=16, block_n=16),
+        # Keys shared among programs: shares of one block of 16 keys to several, some holding no key a row
+        # sees (its maximum stays -inf), then combined.
+        "splits": lambda: [
+            case_heads(14, 2, dt, block_n=16, num_splits=s)
+            for dt in (torch.float32, torch.bfloat16)
+            for s in (2, 3)
+        ],
+        "splits_padded": lambda: case_padded(torch.float32, num_splits=4),
         "padded": lambda: [case_padded(dt) for dt in (torch.float32, torch.bfloat16)],
         "no_alloc": case_no_alloc,
         "graph": case_graph,
@@ -181,7 +189,7 @@ CHECK = textwrap.dedent(
     """
 )
 
-CPU_CASES = ["group7", "group1", "group4", "small_tiles", "padded", "no_alloc"]
+CPU_CASES = ["group7", "group1", "group4", "small_tiles", "splits", "splits_padded", "padded", "no_alloc"]
 
 
 def run_check(case: str, device: str, interpret: bool) -> None:

@@ -15,6 +15,13 @@ from minisgl.kernels import activation, norm, rope  # noqa: E402
 from minisgl.kernels import decode_attention as attention  # noqa: E402
 from minisgl.kernels import extend_attention as extend  # noqa: E402
 
+SHARES = {"share_acc_ptr": "*fp32", "share_max_ptr": "*fp32", "share_sum_ptr": "*fp32"}
+EXTEND_TYPES = {"scale": "fp32", "qo_indptr_ptr": "*i32", "kv_indptr_ptr": "*i32", "indices_ptr": "*i32"}
+EXTEND_TYPES |= {"seq_len_ptr": "*i32"} | SHARES
+EXTEND_CONSTS = dict(
+    N_PAD=256, GROUP=7, GROUP_PAD=8, BLOCK_M=16, D=64, PAGE_SIZE=16, BLOCK_N=64, IEEE_DOT=False
+)
+
 # kernel -> (argument types, constexprs), as Qwen2.5-0.5B's decode step launches it; an argument not named
 # is an int32.
 KERNELS = {
@@ -37,11 +44,12 @@ KERNELS = {
     ),
     "attention combine": (attention._combine_kernel, {}, {"HQ": 14, "S_PAD": 8, "D": 64}),
     # Not launched early (the extend graphs are larger than pdl.MAX_ROWS), but it compiles for Hopper here.
-    "extend attention": (
-        extend._extend_kernel,
-        {"scale": "fp32", "qo_indptr_ptr": "*i32", "kv_indptr_ptr": "*i32", "indices_ptr": "*i32"}
-        | {"seq_len_ptr": "*i32"},
-        dict(N_PAD=256, GROUP=7, GROUP_PAD=8, BLOCK_M=16, D=64, PAGE_SIZE=16, BLOCK_N=64, IEEE_DOT=False),
+    "extend attention": (extend._extend_kernel, EXTEND_TYPES, EXTEND_CONSTS | {"SPLITS": 1}),
+    "extend attention, keys in shares": (extend._extend_kernel, EXTEND_TYPES, EXTEND_CONSTS | {"SPLITS": 4}),
+    "extend attention's combine": (
+        extend._combine_kernel,
+        SHARES | {"qo_indptr_ptr": "*i32"},
+        dict(HQ=14, HQ_PAD=16, D=64, SPLITS=4),
     ),
 }
 

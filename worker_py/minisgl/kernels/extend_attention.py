@@ -18,6 +18,11 @@ A program takes BLOCK_M new tokens of one request and every query head of one KV
 It walks the request's keys in blocks of BLOCK_N up to its last token's position, finds each key's page
 through the request's page table, masks keys past each row's own position, and keeps a float32 online
 softmax, in base 2.
+
+With `num_splits` S > 1, each block's keys are walked by S programs, each taking a 1/S share (whole BLOCK_N
+blocks): a chunk after a long cached prefix has few blocks, and one program per block left most SMs idle
+(2.2x FlashInfer's time on an H100, docs/benchmarks.md). Each writes its share's unnormalised float32 output
+with its running maximum and sum; a second kernel weighs the S shares of each real token together.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def extend_attention(
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    num_splits: int = 1,
 ) -> torch.Tensor:
     """Causal attention of an extend step's new tokens over their requests' paged KV caches; returns `out`.
 
@@ -77,9 +83,10 @@ def extend_attention(
     rows `qo_indptr[r]:qo_indptr[r + 1]` of q (a request may have none); kv_indptr: int32 [n + 1] and
     kv_indices: int32, request r's pages being `kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`; seq_len: int32
     [n], each request's length with its new tokens (its new tokens are its last positions). out: [t, Hq, D]
-    in q's dtype; the rows of padding tokens are left as they were. The call allocates nothing but `out`
-    when it is not given and never waits on the device: it can be captured in a CUDA graph and replayed after
-    the tables and lengths have changed in place.
+    in q's dtype; the rows of padding tokens are left as they were. `num_splits`: how many programs share
+    each block's keys (the shares are then combined by a second kernel). The call allocates nothing but
+    `out` when it is not given (and, with splits, the shares' float32 buffers) and never waits on the device:
+    it can be captured in a CUDA graph and replayed after the tables and lengths have changed in place.
     """
     t, hq, d = q.shape
     _, page_size, hkv, dk = k_cache.shape
@@ -95,11 +102,21 @@ def extend_attention(
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(2) != 1:
         raise ValueError(f"out must be [t, Hq, D] with contiguous heads, got {tuple(out.shape)}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be at least 1, got {num_splits}")
     if t == 0 or n == 0:
         return out
     group_pad = triton.next_power_of_2(group)
     block_m = block_tokens(hq, hkv, tile_rows)
-    _extend_kernel[(num_blocks(t, n, block_m), hkv)](
+    # The shares: [splits, t, Hq] rows of D sums, and each row's maximum and sum of weights.
+    shares = out, out, out  # unused placeholders without splits
+    if num_splits > 1:
+        shares = (
+            torch.empty(num_splits, t, hq, d, dtype=torch.float32, device=q.device),
+            torch.empty(num_splits, t, hq, dtype=torch.float32, device=q.device),
+            torch.empty(num_splits, t, hq, dtype=torch.float32, device=q.device),
+        )
+    _extend_kernel[(num_blocks(t, n, block_m), hkv, num_splits)](
         q,
         q.stride(0),
         q.stride(1),
@@ -117,6 +134,8 @@ def extend_attention(
         out.stride(1),
         (d**-0.5 if sm_scale is None else sm_scale) * LOG2E,
         n,
+        *shares,
+        t,
         N_PAD=max(2, triton.next_power_of_2(n)),
         GROUP=group,
         GROUP_PAD=group_pad,
@@ -124,11 +143,27 @@ def extend_attention(
         D=d,
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
+        SPLITS=num_splits,
         IEEE_DOT=q.dtype == torch.float32 or INTERPRETED,
         **pdl.launch_args(q),
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        _combine_kernel[(t,)](
+            *shares,
+            out,
+            out.stride(0),
+            out.stride(1),
+            qo_indptr,
+            n,
+            t,
+            HQ=hq,
+            HQ_PAD=triton.next_power_of_2(hq),
+            D=d,
+            SPLITS=num_splits,
+            **pdl.launch_args(q),
+        )
     return out
 
 
@@ -138,7 +173,7 @@ if triton is not None:
 
     # The tables and lengths are slices of the step's packed buffer at any offset: specialising on their
     # alignment would compile a variant per offset class in the middle of serving.
-    @triton.jit(do_not_specialize=["qo_indptr_ptr", "kv_indptr_ptr", "indices_ptr", "seq_len_ptr", "n"])
+    @triton.jit(do_not_specialize=["qo_indptr_ptr", "kv_indptr_ptr", "indices_ptr", "seq_len_ptr", "n", "t"])
     def _extend_kernel(
         q_ptr,
         stride_qt,
@@ -157,6 +192,10 @@ if triton is not None:
         stride_oh,
         scale,
         n,
+        share_acc_ptr,
+        share_max_ptr,
+        share_sum_ptr,
+        t,
         N_PAD: tl.constexpr,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
@@ -164,6 +203,7 @@ if triton is not None:
         D: tl.constexpr,
         PAGE_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr,
         IEEE_DOT: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -208,9 +248,16 @@ if triton is not None:
         m = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_M * GROUP_PAD, D], tl.float32)
-        for first in range(0, end, BLOCK_N):
+        # This program's share of the keys: all of them, or its 1/SPLITS of them in whole blocks of BLOCK_N.
+        lo = 0
+        hi = end
+        if SPLITS > 1:
+            share = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N
+            lo = tl.program_id(2) * share
+            hi = tl.minimum(end, lo + share)
+        for first in range(lo, hi, BLOCK_N):
             key = first + tl.arange(0, BLOCK_N)
-            valid = key < end
+            valid = key < hi
             # Clamped as well as masked: a slot past the request's table is never even addressed.
             slot = tl.minimum(key // PAGE_SIZE, last_page)
             page = tl.load(indices_ptr + page_base + slot, mask=valid, other=0).to(tl.int64)
@@ -221,17 +268,75 @@ if triton is not None:
             seen = valid[None, :] & (key[None, :] <= pos[:, None])
             s = tl.where(seen, s * scale, float("-inf"))
             # Key 0 is in the first block and every row's position is at least 0: the maximum is finite from
-            # the first block on, and a later block a row sees none of adds nothing (2^-inf = 0).
+            # the first block on, and a later block a row sees none of adds nothing (2^-inf = 0). A share
+            # past key 0 may hold no key a row sees yet: its maximum stays -inf, and 0 stands in for it.
             m_new = tl.maximum(m, tl.max(s, axis=1))
+            if SPLITS > 1:
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             v = tl.load(v_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, IEEE_DOT)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
-        o = acc / denom[:, None]
-        tl.store(
-            out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-            o.to(out_ptr.dtype.element_ty),
-            mask=live[:, None],
-        )
+        if SPLITS == 1:
+            o = acc / denom[:, None]
+            tl.store(
+                out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=live[:, None],
+            )
+        else:
+            # Every live row's share is written, an empty one too (maximum -inf, sums 0): the combine reads
+            # all SPLITS of each real token.
+            row = (tl.program_id(2) * t + tok64) * (GROUP * tl.num_programs(1)) + head
+            tl.store(share_acc_ptr + row[:, None] * D + dims[None, :], acc, mask=live[:, None])
+            tl.store(share_max_ptr + row, m, mask=live)
+            tl.store(share_sum_ptr + row, denom, mask=live)
+
+    @triton.jit(do_not_specialize=["qo_indptr_ptr", "n", "t"])
+    def _combine_kernel(
+        share_acc_ptr,
+        share_max_ptr,
+        share_sum_ptr,
+        out_ptr,
+        stride_ot,
+        stride_oh,
+        qo_indptr_ptr,
+        n,
+        t,
+        HQ: tl.constexpr,
+        HQ_PAD: tl.constexpr,
+        D: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """One token's heads: its SPLITS shares weighed by 2^(share's maximum - the largest); padding
+        tokens (past the last request's) are left alone."""
+        wait_previous(PDL)
+        tok = tl.program_id(0)
+        if tok < tl.load(qo_indptr_ptr + n):
+            heads = tl.arange(0, HQ_PAD)
+            real = heads < HQ
+            dims = tl.arange(0, D)
+            top = tl.full([HQ_PAD], float("-inf"), tl.float32)
+            for split in tl.static_range(SPLITS):
+                row = (split * t + tok) * HQ + heads
+                top = tl.maximum(top, tl.load(share_max_ptr + row, mask=real, other=float("-inf")))
+            # Share 0 holds key 0, which every row sees: `top` is finite on real heads.
+            top = tl.where(real, top, 0.0)
+            acc = tl.zeros([HQ_PAD, D], tl.float32)
+            denom = tl.zeros([HQ_PAD], tl.float32)
+            for split in tl.static_range(SPLITS):
+                row = (split * t + tok) * HQ + heads
+                w = tl.exp2(tl.load(share_max_ptr + row, mask=real, other=float("-inf")) - top)
+                part = share_acc_ptr + row[:, None] * D + dims[None, :]
+                acc += w[:, None] * tl.load(part, mask=real[:, None], other=0.0)
+                denom += w * tl.load(share_sum_ptr + row, mask=real, other=1.0)
+            o = acc / denom[:, None]
+            tok64 = tok.to(tl.int64)
+            tl.store(
+                out_ptr + tok64 * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=real[:, None],
+            )
