@@ -269,12 +269,14 @@ if triton is not None:
             s = tl.where(seen, s * scale, float("-inf"))
             # Key 0 is in the first block and every row's position is at least 0: the maximum is finite from
             # the first block on, and a later block a row sees none of adds nothing (2^-inf = 0). A share
-            # past key 0 may hold no key a row sees yet: its maximum stays -inf, and 0 stands in for it.
+            # past key 0 may hold no key a row sees yet: its maximum stays -inf (so the combine weighs it 0),
+            # and 0 stands in for it in the exponents, which would be -inf - -inf.
             m_new = tl.maximum(m, tl.max(s, axis=1))
+            shift = m_new
             if SPLITS > 1:
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - shift[:, None])
+            alpha = tl.exp2(m - shift)
             v = tl.load(v_ptr + kv_ptrs, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, IEEE_DOT)
             denom = denom * alpha + tl.sum(p, axis=1)
