@@ -62,6 +62,8 @@ CONFIGS = {
     "no_pdl": {"pdl": False},
     # The same, with extend steps past the token-row graphs replayed from extend graphs (off by default).
     "extend_graphs": {"extend_graph_tokens": 8192},
+    # The same, with the small extend steps in the extend graphs too, not as one decode row per token.
+    "no_token_rows": {"token_graph_tokens": 0},
     # Our Triton kernels for every step's attention, eager extend steps included: no FlashInfer.
     "triton_attention": {"attention": "triton"},
 }

@@ -57,3 +57,12 @@ def test_a_switch_has_only_the_flag_that_changes_it():
         parse(["--graphs"], Knobs)
     with pytest.raises(SystemExit):
         parse(["--graph-sampling"])
+
+
+@pytest.mark.parametrize("name", ["token_graph_tokens", "extend_graph_tokens"])
+def test_graph_token_limits_take_zero_and_refuse_negatives(name):
+    flag = "--" + name.replace("_", "-")
+    assert getattr(parse([flag, "0"]), name) == 0
+    parse([flag, "0"]).validate()
+    with pytest.raises(ValueError, match=f"{name} must be 0"):
+        parse([flag, "-1"]).validate()

@@ -232,14 +232,15 @@ def test_small_extend_steps_replay_token_row_graphs(model_dir):
 
 
 def test_extend_steps_replay_extend_graphs(model_dir):
-    """With `extend_graph_tokens` and no token-row graphs, extend steps are padded to a graph's token count
-    and the batch's requests and replayed through the Triton extend kernel: their logits equal the eager
-    extend's (FlashInfer's prefill), fresh prompts, a continued chunk and a mixed step alike; through launch
-    they give the eager path's tokens."""
+    """With `extend_graph_tokens` and no token-row graphs (`token_graph_tokens=0`), extend steps are padded
+    to a graph's token count and the batch's requests and replayed through the Triton extend kernel: their
+    logits equal the eager extend's (FlashInfer's prefill), fresh prompts, a continued chunk and a mixed step
+    alike; through launch they give the eager path's tokens."""
     eager = runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024)
-    graphed = runner(model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024)
-    assert graphed.graphs.extend_sizes == [512, 1024]
-    graphed.graphs.token_sizes = []  # every extend step through the extend graphs
+    graphed = runner(
+        model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024, token_graph_tokens=0
+    )
+    assert graphed.graphs.extend_sizes == [512, 1024] and graphed.graphs.token_sizes == []
     for step_e, step_g in zip(mixed_steps(4), mixed_steps(4), strict=True):
         want = eager.forward_logits(step_e)
         if step_g.kind != 0:
@@ -256,8 +257,9 @@ def test_extend_steps_replay_extend_graphs(model_dir):
         assert got.shape == want.shape and rel_err(got, want) < 2e-2
 
     eager = runner(model_dir, cuda_graphs=True, extend_graphs=False, num_pages=1024)
-    graphed = runner(model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024)
-    graphed.graphs.token_sizes = []
+    graphed = runner(
+        model_dir, cuda_graphs=True, num_pages=1024, extend_graph_tokens=1024, token_graph_tokens=0
+    )
     replays, replay_extend = [], graphed.graphs.replay_extend
     graphed.graphs.replay_extend = lambda batch, t: replays.append(t) or replay_extend(batch, t)
     same = total = 0

@@ -106,7 +106,7 @@ def with_eager_graphs(model_dir, token_sizes=None, extend_sizes=()) -> ModelRunn
         max_kv_indices=4 * NUM_PAGES,
         sample=r._sample_rows,
         hidden=r._forward_hidden,
-        token_sizes=token_graph_sizes(64) if token_sizes is None else token_sizes,
+        token_sizes=token_graph_sizes(512, 64) if token_sizes is None else token_sizes,
         extend_sizes=extend_sizes,
         extend_reqs=8,
     )

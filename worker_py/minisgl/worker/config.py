@@ -69,6 +69,12 @@ class WorkerConfig:
         "extend steps of up to 512 tokens replay captured graphs too, as one decode row per new token: no "
         "per-launch host cost for short prompts (docs/architecture.md)",
     )
+    token_graph_tokens: int = opt(
+        512,
+        "extend steps of up to N tokens (at most 512) replay the token-row graphs, one decode row per new "
+        "token, when their rows reread few cached keys; 0: off, such steps take the extend graphs",
+        metavar="N",
+    )
     extend_graph_tokens: int = opt(
         2048,
         "extend steps of up to N tokens that the token-row graphs do not take replay graphs captured at "
@@ -112,10 +118,9 @@ class WorkerConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"unknown dtype {self.dtype!r}; known: auto, {', '.join(DTYPES)}")
-        if self.extend_graph_tokens < 0:
-            raise ValueError(
-                f"extend_graph_tokens must be 0 (off) or positive, got {self.extend_graph_tokens}"
-            )
+        for name in ("token_graph_tokens", "extend_graph_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -41,9 +41,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 TOKEN_GRAPH_SIZES = (8, 16, 32, 64, 128, 256, 512)
 
 
-def token_graph_sizes(max_step_tokens: int) -> list[int]:
-    """The extend-step token counts to capture: those of TOKEN_GRAPH_SIZES that a step may reach."""
-    return [s for s in TOKEN_GRAPH_SIZES if s <= max_step_tokens]
+def token_graph_sizes(limit: int, max_step_tokens: int) -> list[int]:
+    """The extend-step token counts to capture: those of TOKEN_GRAPH_SIZES up to `limit` (0: none) that a
+    step may reach."""
+    return [s for s in TOKEN_GRAPH_SIZES if s <= min(limit, max_step_tokens)]
 
 
 # Token counts of the extend steps captured as what they are (`ExtendPadding`), for the steps the token-row

@@ -176,7 +176,7 @@ class ModelRunner:
                 max_kv_indices=max_kv_indices,
                 sample=self._sample_rows if cfg.graph_sampling else None,
                 hidden=self._forward_hidden if cfg.extend_graphs else None,
-                token_sizes=token_graph_sizes(cfg.max_step_tokens),
+                token_sizes=token_graph_sizes(cfg.token_graph_tokens, cfg.max_step_tokens),
                 extend_sizes=self._extend_graph_sizes(),
                 extend_reqs=cfg.max_batch,
                 launch_early=cfg.pdl,
