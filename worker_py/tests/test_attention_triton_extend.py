@@ -134,9 +134,9 @@ CHECK = textwrap.dedent(
     ALLOCATORS = ["empty", "zeros", "full", "empty_like", "zeros_like", "full_like", "empty_strided"]
 
 
-    def case_graph():
+    def case_graph(num_splits=1):
         # Capture one call at 256 tokens and 8 requests, then change the step in place and replay: the
-        # captured grid must serve a step of other requests, lengths and block counts.
+        # captured grid must serve a step of other requests, lengths and block counts (and key shares).
         hq, hkv, d, t, n, dtype = 14, 2, 64, 256, 8, torch.bfloat16
         first, _ = make_batch([(0, 200), (40, 30)], hq, hkv, d, dtype, seed=3, pad_tokens=26, pad_reqs=6)
         real = sum(new for _, new in MIX[:-1])
@@ -147,7 +147,7 @@ CHECK = textwrap.dedent(
         bufs["k_cache"] = torch.zeros(64, 16, hkv, d, dtype=dtype, device=DEVICE)
         bufs["v_cache"] = torch.zeros_like(bufs["k_cache"])
         out = torch.empty(t, hq, d, dtype=dtype, device=DEVICE)
-        call = lambda: te.extend_attention(**bufs, out=out)
+        call = lambda: te.extend_attention(**bufs, out=out, num_splits=num_splits)
         call()  # compiles outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -183,6 +183,7 @@ CHECK = textwrap.dedent(
         "padded": lambda: [case_padded(dt) for dt in (torch.float32, torch.bfloat16)],
         "no_alloc": case_no_alloc,
         "graph": case_graph,
+        "graph_splits": lambda: case_graph(te.splits_for(256, 14, 2, 132)),
     }}
     CASES["{case}"]()
     print("ok")
@@ -204,6 +205,18 @@ def test_extend_attention_matches_the_reference_interpreted(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", [*CPU_CASES, "graph"])
+@pytest.mark.parametrize("case", [*CPU_CASES, "graph", "graph_splits"])
 def test_extend_attention_matches_the_reference_compiled(case):
     run_check(case, "cuda", interpret=False)
+
+
+def test_split_counts_follow_the_programs_a_token_count_fills():
+    """Shares until a single prompt's blocks give about two programs an SM, at most MAX_SPLITS; none once
+    its blocks fill the GPU (Qwen2.5's 14/2 heads: 16 tokens a block, on 132 SMs)."""
+    from minisgl.kernels.extend_attention import MAX_SPLITS, splits_for
+
+    counts = {t: splits_for(t, 14, 2, 132) for t in (1, 256, 512, 1024, 2048, 4096, 8192)}
+    assert counts == {1: MAX_SPLITS, 256: 4, 512: 4, 1024: 3, 2048: 2, 4096: 1, 8192: 1}
+    assert splits_for(1024, 14, 2, 66) < counts[1024]  # fewer SMs, fewer shares
+    # No grouped heads: 128 tokens a block, so 8 blocks x 8 KV heads at 1024 tokens, 32 x 8 at 4096.
+    assert (splits_for(1024, 8, 8, 132), splits_for(4096, 8, 8, 132)) == (4, 2)

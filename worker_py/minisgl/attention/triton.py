@@ -2,7 +2,8 @@
 `kernels/decode_attention.py`, extend steps through `kernels/extend_attention.py`. Each kernel reads the page
 tables and lengths where the uploader put them (for a graph, at fixed offsets of its device buffer, so a
 captured launch finds each new step's tables). The decode kernel splits the KV scan a fixed number of ways
-per graph size; the extend kernel's programs find their request and block on the device. Paired with
+per graph size; the extend kernel's programs find their request and block on the device, and share each
+block's keys a number of ways chosen from the token count (a graph's own). Paired with
 FlashInfer's prefill (the default on CUDA), it runs the decode steps and the graphs; `--attention triton`
 runs every step through it, with no FlashInfer at all: on an H100 its eager extend steps took as long as
 FlashInfer's (host-bound, ~12 ms up to 2,048 tokens) and 8% longer at 8,192 tokens (docs/benchmarks.md,
@@ -59,7 +60,9 @@ class TritonBackend(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         k, v = self._kv[layer]
         if self._extend_args is not None:
-            return extend_attention.extend_attention(q, k, v, *self._extend_args)
+            # From the token count alone: in a graph, the count it was captured at.
+            splits = extend_attention.splits_for(q.shape[0], q.shape[1], k.shape[2], self._num_sms)
+            return extend_attention.extend_attention(q, k, v, *self._extend_args, num_splits=splits)
         kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._args
         return decode_attention.decode_attention(
             q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens

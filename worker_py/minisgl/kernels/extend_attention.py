@@ -37,14 +37,32 @@ if triton is not None:
     import triton.language as tl
 
 # Tiles of 128 (token, head) rows (16 tokens of Qwen2.5's groups of 7 heads padded to 8), 64 keys a block,
-# 4 warps, 2 stages. Timed on an H100 (`scripts/bench_extend_attention.py --variants`, docs/benchmarks.md,
-# 2026-12-07): 8 warps beat 4 in every case (8% on a 8192-token prompt, 21% on a chunk after 4096 cached
-# tokens), but the GPU tests have not run with them yet; tiles of 64 rows win on that chunk but lose 30% on
-# long prompts; 256 rows, 128 keys a block or 3 stages win nothing.
+# 2 stages; 8 warps with one program a block, 4 with shares. Timed on an H100 and an H200
+# (`scripts/bench_extend_attention.py --variants`, docs/benchmarks.md, 2026-12-07): 8 warps beat 4 in every
+# case with one program a block (8% on a 8192-token prompt, 21% on a chunk after 4096 cached tokens) and
+# gain nothing with shares; tiles of 64 rows win on that chunk but lose 30% on long prompts; 256 rows, 128
+# keys a block or 3 stages win nothing.
 TILE_ROWS = 128
 BLOCK_N = 64
-NUM_WARPS = 4
+NUM_WARPS = 8
+SHARED_WARPS = 4
 NUM_STAGES = 2
+# `splits_for`: shares enough for about two programs an SM when a single prompt fills the step, at most four.
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 4
+
+
+def splits_for(tokens: int, num_heads: int, num_kv_heads: int, num_sms: int) -> int:
+    """How many programs share each block's keys in a launch of `tokens` new tokens, chosen from the token
+    count alone, so that a graph captured at it takes one count for every step it replays.
+
+    Few tokens mean few blocks, and a block after a long cached prefix walks many keys: on an H200 a
+    chunk of 512 after 4096 cached tokens took 163 us a layer in one program a block and 49 in four shares
+    (FlashInfer 74), one prompt of 512 24 against 16. Shares cost a float32 round trip and a combine, which
+    lose where the blocks already fill the GPU: four prompts of 512 took 28 us in one program a block, 36 in
+    four shares and 30 in two (docs/benchmarks.md, 2026-12-07)."""
+    programs = -(-tokens // block_tokens(num_heads, num_kv_heads)) * num_kv_heads
+    return max(1, min(MAX_SPLITS, -(-PROGRAMS_PER_SM * num_sms // max(1, programs))))
 
 
 def block_tokens(num_heads: int, num_kv_heads: int, tile_rows: int = TILE_ROWS) -> int:
@@ -71,7 +89,7 @@ def extend_attention(
     sm_scale: float | None = None,
     tile_rows: int = TILE_ROWS,
     block_n: int = BLOCK_N,
-    num_warps: int = NUM_WARPS,
+    num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
     num_splits: int = 1,
 ) -> torch.Tensor:
@@ -84,9 +102,11 @@ def extend_attention(
     kv_indices: int32, request r's pages being `kv_indices[kv_indptr[r]:kv_indptr[r + 1]]`; seq_len: int32
     [n], each request's length with its new tokens (its new tokens are its last positions). out: [t, Hq, D]
     in q's dtype; the rows of padding tokens are left as they were. `num_splits`: how many programs share
-    each block's keys (the shares are then combined by a second kernel). The call allocates nothing but
-    `out` when it is not given (and, with splits, the shares' float32 buffers) and never waits on the device:
-    it can be captured in a CUDA graph and replayed after the tables and lengths have changed in place.
+    each block's keys (the shares are then combined by a second kernel; `splits_for` chooses a count);
+    `num_warps` defaults to NUM_WARPS with one program a block, SHARED_WARPS with shares. The call allocates
+    nothing but `out` when it is not given (and, with splits, the shares' float32 buffers) and never waits on
+    the device: it can be captured in a CUDA graph and replayed after the tables and lengths have changed in
+    place.
     """
     t, hq, d = q.shape
     _, page_size, hkv, dk = k_cache.shape
@@ -146,7 +166,7 @@ def extend_attention(
         SPLITS=num_splits,
         IEEE_DOT=q.dtype == torch.float32 or INTERPRETED,
         **pdl.launch_args(q),
-        num_warps=num_warps,
+        num_warps=num_warps or (NUM_WARPS if num_splits == 1 else SHARED_WARPS),
         num_stages=num_stages,
     )
     if num_splits > 1:
