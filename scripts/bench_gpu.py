@@ -439,6 +439,49 @@ def launch_host(runner: ModelRunner, timed: list, profiled: list, top: int) -> t
     return host, f"ms a launch in its parts (no profiler): {share}\n" + text.getvalue()
 
 
+def replay_timeline(runner: ModelRunner, steps: list) -> dict:
+    """Medians over `steps`, each launched on an idle device and collected: ms of host time in `launch()`
+    before its graph is replayed (`to_replay_ms`), GPU ms from the replay to the end of everything the launch
+    queued (`gpu_ms`), and ms from the launch to the collected result (`wall_ms`). Eager steps replay
+    nothing: their `to_replay_ms` and `gpu_ms` are left out."""
+    graphs = runner.graphs
+    seen: list[tuple[float, torch.cuda.Event]] = []
+
+    def hooked(fn):
+        def run(*args, **kwargs):
+            if not seen:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                seen.append((time.perf_counter(), event))
+            return fn(*args, **kwargs)
+
+        return run
+
+    names = ("replay", "replay_hidden", "replay_extend")
+    for name in names if graphs is not None else ():
+        setattr(graphs, name, hooked(getattr(graphs, name)))
+    to_replay, gpu, wall = [], [], []
+    try:
+        for step in steps:
+            seen.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            handle = runner.launch(step)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            runner.collect(handle)
+            wall.append(time.perf_counter() - t0)
+            end.synchronize()
+            if seen:
+                to_replay.append(seen[0][0] - t0)
+                gpu.append(seen[0][1].elapsed_time(end) / 1e3)
+    finally:
+        for name in names if graphs is not None else ():
+            delattr(graphs, name)
+    times = {"to_replay_ms": to_replay, "gpu_ms": gpu, "wall_ms": wall}
+    return {k: round(1e3 * statistics.median(v), 3) for k, v in times.items() if v}
+
+
 @contextlib.contextmanager
 def timed_parts(runner: ModelRunner):
     """Times the parts of `launch()` (the runner's methods it calls, in order), wall clock and no profiler:
@@ -471,7 +514,7 @@ def timed_parts(runner: ModelRunner):
             delattr(owner, attr)  # the instance attribute goes; the class's method is back
 
 
-def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 10) -> dict:
+def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], reps: int = 20) -> dict:
     """Host time of `launch` for small extend steps (the GPU work is a fraction of it), and a Python profile
     of a few launches: where an eager prefill's host time goes."""
     runner = new_runner(model_dir, config)
@@ -488,8 +531,9 @@ def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
                 b.release(s)
         runner.collect(runner.launch(steps[0]))
         host, text = launch_host(runner, steps[1:], steps[1:4], top=18)
-        out[f"{reqs}x{length}"] = {"host_launch_ms": 1e3 * statistics.median(host), "profile": text}
-        log(f"  {config} prefill host {reqs}x{length}: {1e3 * statistics.median(host):.2f} ms")
+        timeline = replay_timeline(runner, steps[1:])
+        out[f"{reqs}x{length}"] = {"host_launch_ms": 1e3 * statistics.median(host), "profile": text, **timeline}
+        log(f"  {config} prefill host {reqs}x{length}: {1e3 * statistics.median(host):.2f} ms; {timeline}")
         log(text)
     runner = None
     free_memory()
