@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -197,6 +198,30 @@ def test_a_wait_sleeps_at_most_a_sixteenth_of_the_time_waited(segment, monkeypat
     )
     assert ring.wait_read(0, timeout=0.005) is None
     assert naps and all(nap <= max(waited / 16, 20e-6) * 1.01 for waited, nap in naps), naps
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is Linux's")
+def test_a_thread_that_sleeps_in_a_wait_asks_for_precise_wakeups(segment):
+    import ctypes
+
+    from minisgl.proto.ring import TIMER_SLACK_NS
+
+    pr_set_timerslack, pr_get_timerslack = 29, 30
+    slack = []
+
+    def wait() -> None:
+        # A new thread inherits its creator's slack, which an earlier wait in this process may have set.
+        ctypes.CDLL(None).prctl(pr_set_timerslack, ctypes.c_ulong(50_000), 0, 0, 0)
+        slack.append(ctypes.CDLL(None).prctl(pr_get_timerslack, 0, 0, 0, 0))
+        ring = Ring(segment(slot_count=1))
+        ring.attach_writer()
+        assert ring.wait_read(0, timeout=0.002) is None
+        slack.append(ctypes.CDLL(None).prctl(pr_get_timerslack, 0, 0, 0, 0))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join()
+    assert slack[0] != TIMER_SLACK_NS and slack[1] == TIMER_SLACK_NS, slack
 
 
 def test_process_alive_sees_zombies_as_dead():
