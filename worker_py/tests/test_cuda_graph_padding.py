@@ -188,11 +188,19 @@ def test_uploaded_padded_batch_puts_graph_inputs_at_fixed_offsets():
     assert (batch.max_qo_len, batch.max_seq_len) == (1, int(step.seq_len.max()))
 
 
-def test_join_parameters_travel_with_the_upload():
+def test_join_parameters_travel_with_the_second_upload():
     b = StepBuilder(num_pages=40, page_size=4)
     joins = [Join(3, 0.7, 0.9, 20, 2**64 - 5), Join(1, 0.0, 1.0, -1, 12345)]
     step = b.extend([(3, [1, 2]), (1, [3])], joins)
-    batch = BatchUploader(capacity=512, device=torch.device("cpu")).upload(step)
+    up = BatchUploader(capacity=512, device=torch.device("cpu"))
+    forward = up.upload(step, extra={"last_rows": np.array([1, 2])})
+    assert forward.joins is None
+    batch = up.upload_joins(forward, step, {"token_slot": np.array([3, 3, 1])})
+    # The forward's arrays stay where they were; the joins and extras follow them, 8-byte aligned.
+    assert batch.input_ids.data_ptr() == forward.input_ids.data_ptr()
+    assert batch.extra["last_rows"].tolist() == [1, 2] and batch.extra["token_slot"].tolist() == [3, 3, 1]
+    end = forward.extra["last_rows"].data_ptr() + 2 * 4
+    assert batch.join_words.data_ptr() >= end and batch.join_words.data_ptr() % 8 == 0
     j = batch.joins
     assert j.slot.tolist() == [3, 1]
     assert j.temperature.tolist() == pytest.approx([0.7, 0.0])
@@ -200,4 +208,5 @@ def test_join_parameters_travel_with_the_upload():
     assert j.top_k.tolist() == [20, -1]
     assert j.seed.dtype == torch.int64
     assert j.seed.numpy().view(np.uint64).tolist() == [2**64 - 5, 12345]
-    assert BatchUploader(capacity=512, device=torch.device("cpu")).upload(b.decode([3, 1])).joins is None
+    decode = b.decode([3, 1])
+    assert up.upload_joins(up.upload(decode), decode).joins is None

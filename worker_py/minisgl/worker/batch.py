@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from minisgl.proto.step import STEP_ARRAYS
-from minisgl.worker.padding import DecodePadding, pack, padded_sizes
+from minisgl.worker.padding import Padding, pack, padded_sizes
 
 # The int32 arrays of a step, in the order they are packed into one host buffer for one host-to-device copy.
 # The first three are what a captured decode graph reads, so they come first: for a batch padded to B rows
@@ -66,7 +66,7 @@ class ForwardBatch:
     # The join arrays' int32 words on the device, in `_JOINED` order at `join_sizes`; `joins` views them.
     join_words: torch.Tensor | None = None
     join_sizes: tuple[int, ...] = ()
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # `upload`'s extra int32 arrays
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the uploads' extra int32 arrays
     in_static_buffer: bool = True  # False when the step outgrew the fixed device buffer
 
     @property
@@ -117,16 +117,17 @@ class ForwardBatch:
 
 
 class BatchUploader:
-    """Packs a step's arrays into a pinned staging buffer and copies it to a fixed device buffer in one
-    transfer.
+    """Packs a step's arrays into a pinned staging buffer and copies them to a fixed device buffer, in two
+    transfers: the forward's arrays (`upload`), then the join parameters and the sampling's extra arrays
+    (`upload_joins`), which only the sampling reads, so that packing them waits until the forward is queued
+    (issue 12: the host time before a small prefill's replay delays its result).
 
-    The copy is asynchronous, so a staging buffer may be rewritten only once the copies out of it have run:
-    this one, and those that FlashInfer's plan() makes from the `host_*` views. With several steps in flight
-    each one gets its own staging buffer, taken round-robin; `finish()`, called once the step has queued all
-    its work, records an event that is waited on before the buffer is used again (a no-op when the step has
-    long completed). The
-    device buffer is shared by every step: all work runs on one stream, so a step's copy into it is ordered
-    after every kernel of the steps launched before.
+    The copies are asynchronous, so a staging buffer may be rewritten only once the copies out of it have
+    run: these, and those that FlashInfer's plan() makes from the `host_*` views. With several steps in
+    flight each one gets its own staging buffer, taken round-robin; `finish()`, called once the step has
+    queued all its work, records an event that is waited on before the buffer is used again (a no-op when
+    the step has long completed). The device buffer is shared by every step: all work runs on one stream, so
+    a step's copies into it are ordered after every kernel of the steps launched before.
     """
 
     def __init__(self, capacity: int, device: torch.device, depth: int = 2) -> None:
@@ -146,17 +147,14 @@ class BatchUploader:
         self._copied = [torch.cuda.Event() if self._on_gpu else None for _ in range(self.depth)]
 
     def upload(
-        self, step, padding: DecodePadding | None = None, extra: dict[str, np.ndarray] | None = None
+        self, step, padding: Padding | None = None, extra: dict[str, np.ndarray] | None = None
     ) -> ForwardBatch:
-        """`extra`: more int32 arrays to take along in the same copy (`ForwardBatch.extra`, by name)."""
+        """The step's forward arrays, padded for a graph when `padding` is given; `extra`: more int32 arrays
+        the forward's own work reads (`ForwardBatch.extra`, by name). The joins come with `upload_joins`."""
         sizes = padded_sizes(step, _PACKED, padding)
-        joins = _join_parts(step)
-        extra = {name: np.asarray(a, dtype=np.int32) for name, a in (extra or {}).items()}
-        tail = [*joins, *extra.values()]
-        # The seed pairs are viewed as int64 on the device, so they must start on an 8-byte boundary.
+        extra = _int32(extra)
         base = sum(sizes)
-        align = base % 2
-        total = base + align + sum(p.shape[0] for p in tail)
+        total = base + sum(a.shape[0] for a in extra.values())
         if total > self._staging_np[0].shape[0]:
             # Rare (prefix-shared pages listed by many requests). Every staging buffer is replaced; the old
             # ones stay alive for as long as a pending copy (holding a reference) needs them.
@@ -165,24 +163,10 @@ class BatchUploader:
         self._turn = (turn + 1) % self.depth
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()
-        staging, staging_np = self._staging[turn], self._staging_np[turn]
-        pack(step, _PACKED, padding, staging_np[:base])
-        offset = base + align
-        for part in tail:
-            staging_np[offset : offset + part.shape[0]] = part
-            offset += part.shape[0]
-
-        in_static = total <= self.static.shape[0]
-        if not self._on_gpu:
-            # No copy at all: the forward reads the staging buffer directly, and it is done with it before
-            # the buffer comes round again.
-            flat = staging[:total]
-        elif in_static:
-            flat = self.static[:total]
-            flat.copy_(staging[:total], non_blocking=True)
-        else:
-            flat = staging[:total].to(self.device, non_blocking=True)
-
+        staging = self._staging[turn]
+        pack(step, _PACKED, padding, self._staging_np[turn][:base])
+        _fill(self._staging_np[turn], base, extra.values())
+        flat, in_static = self._copy(0, total)
         parts = dict(zip(_PACKED, torch.split(flat[:base], sizes), strict=True))
         return ForwardBatch(
             kind=int(step.kind),
@@ -190,17 +174,68 @@ class BatchUploader:
             num_tokens=sizes[_PACKED.index("input_ids")],
             host_packed=staging[:base],
             sizes=tuple(sizes),
-            join_words=flat[base + align : base + align + sum(_sizes(joins))] if joins else None,
-            join_sizes=_sizes(joins),
-            extra=_split(flat[total - sum(a.shape[0] for a in extra.values()) : total], extra),
+            extra=_split(flat[base:total], extra),
             in_static_buffer=in_static,
             **parts,
         )
+
+    def upload_joins(
+        self, batch: ForwardBatch, step, extra: dict[str, np.ndarray] | None = None
+    ) -> ForwardBatch:
+        """`batch` with the step's join arrays and the `extra` arrays the sampling reads, copied after the
+        forward's (into the same staging buffer and the device buffer past them); `batch` itself when there
+        are none."""
+        joins = _join_parts(step)
+        extra = _int32(extra)
+        if not joins and not extra:
+            return batch
+        used = sum(batch.sizes) + sum(a.shape[0] for a in batch.extra.values())
+        # The seed pairs are viewed as int64 on the device, so they must start on an 8-byte boundary.
+        start = used + used % 2
+        total = start + sum(p.shape[0] for p in joins) + sum(a.shape[0] for a in extra.values())
+        if total > self._staging_np[0].shape[0]:
+            self._allocate(2 * total)  # only this copy reads the new buffers: the forward's has its own
+        _fill(self._staging_np[self._current], start, [*joins, *extra.values()])
+        flat, in_static = self._copy(start, total)
+        words = sum(_sizes(joins))
+        return replace(
+            batch,
+            join_words=flat[:words] if joins else None,
+            join_sizes=_sizes(joins),
+            extra={**batch.extra, **_split(flat[words:], extra)},
+            in_static_buffer=batch.in_static_buffer and in_static,
+        )
+
+    def _copy(self, start: int, end: int) -> tuple[torch.Tensor, bool]:
+        """Words start:end of the current staging buffer on the device: at the same offsets of the fixed
+        buffer when they fit it, else in a new tensor. Returns the device words and whether they fit."""
+        staging = self._staging[self._current]
+        in_static = end <= self.static.shape[0]
+        if not self._on_gpu:
+            # No copy at all: the forward reads the staging buffer directly, and it is done with it before
+            # the buffer comes round again.
+            return staging[start:end], in_static
+        if in_static:
+            flat = self.static[start:end]
+            flat.copy_(staging[start:end], non_blocking=True)
+            return flat, True
+        return staging[start:end].to(self.device, non_blocking=True), False
 
     def finish(self) -> None:
         """Marks the last uploaded step's staging buffer as read by everything queued so far."""
         if self._copied[self._current] is not None:
             self._copied[self._current].record()
+
+
+def _int32(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a, dtype=np.int32) for name, a in (arrays or {}).items()}
+
+
+def _fill(out: np.ndarray, offset: int, parts) -> None:
+    """Writes `parts` one after another into `out` from `offset`."""
+    for part in parts:
+        out[offset : offset + part.shape[0]] = part
+        offset += part.shape[0]
 
 
 def _join_parts(step) -> list[np.ndarray]:

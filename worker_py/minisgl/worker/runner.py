@@ -254,29 +254,27 @@ class ModelRunner:
         self._turn = (turn + 1) % IN_FLIGHT
         self._check_limits(step)
         asked = _prompt_targets(step, self.device)
-        extra = _cached_prefix_of_penalized_joins(step, self.page_size)
         mask_parts = masks.host_parts(step)
-        if mask_parts is not None:
-            extra = {**(extra or {}), **mask_parts}
         # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
         rows, padding = self._graph_for(step, eager=asked is not None, masked=mask_parts is not None)
-        if rows is not None:
-            extra = {**(extra or {}), "last_rows": rows.last_rows, "token_slot": rows.token_slot}
-        batch = self.uploader.upload(step if rows is None else rows.step, padding, extra)
+        batch = self.uploader.upload(
+            step if rows is None else rows.step, padding, {"last_rows": rows.last_rows} if rows else None
+        )
         if padding is not None and not batch.in_static_buffer:
             # Rare (many prefix pages): too large for the addresses the graphs read; run it eagerly.
             self.uploader.finish()
             rows, padding = None, None
-            extra = {k: v for k, v in (extra or {}).items() if k not in ("last_rows", "token_slot")}
-            batch = self.uploader.upload(step, None, extra or None)
+            batch = self.uploader.upload(step)
         tokens = self._host_tokens[turn][:n]
         if n == 0:
-            self._apply_joins(step, batch)
+            self._apply_joins(step, self._upload_joins(step, batch, rows, mask_parts))
             handle = StepHandle(step.step_id, tokens, None)
         else:
-            # The forward is queued first: the joins' parameters and the sampling plan are only read by the
-            # sampling, and every microsecond before the forward starts delays the step (issue 12).
+            # The forward is queued first: the joins' parameters, the sampling's arrays and its plan are
+            # read only by the sampling, and every microsecond before the forward starts delays the step
+            # (issue 12).
             logits, req_slot, seq_len, prompt = self._queue_forward(step, batch, rows, padding, asked, turn)
+            batch = self._upload_joins(step, batch, rows, mask_parts)
             self._apply_joins(step, batch)
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
             graph_samples = self.graphs is not None and self.graphs.samples
@@ -370,7 +368,7 @@ class ModelRunner:
         changes."""
         self._check_limits(step)
         batch = self.uploader.upload(step)
-        self._apply_joins(step, batch)
+        self._apply_joins(step, self.uploader.upload_joins(batch, step))
         if batch.num_reqs == 0:
             self.uploader.finish()
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
@@ -432,6 +430,16 @@ class ModelRunner:
             for dst, src in zip(out, found, strict=True):
                 dst[start:end].copy_(src, non_blocking=True)
         return out
+
+    def _upload_joins(self, step, batch: ForwardBatch, rows: TokenRows | None, mask_parts) -> ForwardBatch:
+        """`batch` with the step's joins and what the sampling reads: the token masks, the cached prefixes of
+        joining requests with penalties, each token row's request slot."""
+        extra = _cached_prefix_of_penalized_joins(step, self.page_size) or {}
+        if mask_parts is not None:
+            extra |= mask_parts
+        if rows is not None:
+            extra["token_slot"] = rows.token_slot
+        return self.uploader.upload_joins(batch, step, extra)
 
     def _apply_joins(self, step, batch: ForwardBatch) -> None:
         if len(step.join_slot):
