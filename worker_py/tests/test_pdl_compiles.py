@@ -42,7 +42,11 @@ KERNELS = {
         dict(S_PAD=8, HQ=14, HKV=2, GROUP=7, GROUP_PAD=16, D=64, PAGE_SIZE=16, BLOCK_N=64, FUSED=False)
         | dict(DIRECT=False, IEEE_DOT=False),
     ),
-    "attention combine": (attention._combine_kernel, {}, {"HQ": 14, "S_PAD": 8, "D": 64}),
+    "attention combine": (
+        attention._combine_kernel,
+        {"seq_len_ptr": "*i32"},
+        {"HQ": 14, "S_PAD": 8, "D": 64, "BLOCK_N": 64},
+    ),
     # Not launched early (the extend graphs are larger than pdl.MAX_ROWS), but it compiles for Hopper here.
     "extend attention": (extend._extend_kernel, EXTEND_TYPES, EXTEND_CONSTS | {"SPLITS": 1}),
     "extend attention, keys in shares": (extend._extend_kernel, EXTEND_TYPES, EXTEND_CONSTS | {"SPLITS": 4}),

@@ -13,6 +13,9 @@ Two kernels by default ("flash decoding"):
    `block_n` tokens. It walks its share block by block, finds each token's page through the request's page
    table, and keeps a float32 online softmax. It writes its normalised output and log-sum-exp to `partial`.
 2. `_combine_kernel`, grid (rows, Hq): weighs the splits of one query head by their log-sum-exp.
+A row short enough for the first split's share (at least `min_split_tokens`) is that split's alone: it writes
+the output as a single split would, and the combine leaves the row be, so a large batch of short requests
+pays neither the partials' round trip nor the combine's reading of them.
 
 With `fused_combine=True` there is one launch: each split program bumps a counter of its (row, KV head) after
 writing its partial result, and the program that sees the last count combines the whole group and resets the
@@ -154,6 +157,7 @@ def decode_attention(
     part_lse = partial[n * hq * num_splits * d :]
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
     s_pad = max(2, triton.next_power_of_2(num_splits))
+    min_share = -(-min_split_tokens // block_n) * block_n
     _split_kernel[(n, hkv, num_splits)](
         q,
         q.stride(0),
@@ -174,7 +178,7 @@ def decode_attention(
         counters if fused_combine else seq_len,  # an unused pointer when not fused
         scale,
         num_splits,
-        -(-min_split_tokens // block_n) * block_n,
+        min_share,
         S_PAD=s_pad,
         HQ=hq,
         HKV=hkv,
@@ -197,10 +201,13 @@ def decode_attention(
             out,
             out.stride(0),
             out.stride(1),
+            seq_len,
             num_splits,
+            min_share,
             HQ=hq,
             S_PAD=s_pad,
             D=d,
+            BLOCK_N=block_n,
             num_warps=COMBINE_WARPS,
             **pdl.launch_args(q),
         )
@@ -296,10 +303,7 @@ if triton is not None:
         length = tl.load(seq_len_ptr + row)
         page_base = tl.load(indptr_ptr + row).to(tl.int64)
         last_page = tl.load(indptr_ptr + row + 1) - page_base - 1
-        # An even share of the tokens, rounded up to whole blocks so only a share's last block is partial.
-        # At least min_share tokens (a multiple of BLOCK_N), so that in a large batch a short request stays
-        # in one split instead of spreading a few tokens over many.
-        share = tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N, min_share)
+        share = _share(length, num_splits, min_share, BLOCK_N)
         start = split * share
         end = tl.minimum(start + share, length)
 
@@ -338,10 +342,22 @@ if triton is not None:
         rows_out = tl.where(start < length, GROUP, 0)
         safe = tl.where(denom > 0, denom, 1.0)
         lse = tl.where(denom > 0, m + tl.log2(safe), float("-inf"))
+        # A row that fits the first split's share (a short request: the share is at least min_share) is that
+        # split's alone: it writes the output itself, as with one split, and the combine leaves the row be,
+        # which saved the partials' round trip and the combine's work at 256 short rows. The fused combine
+        # counts every split's arrival, so it always combines.
+        alone = length <= share
+        if FUSED:
+            alone = length < 0
         if DIRECT:
             # One split holds the whole row (seq_len >= 1): its result is the output, no combine needed.
             out_ptrs = out_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :]
             tl.store(out_ptrs, (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
+        elif alone:
+            out_ptrs = out_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :]
+            tl.store(
+                out_ptrs, (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=(g < rows_out)[:, None]
+            )
         else:
             base = (row * HQ + heads) * num_splits + split
             tl.store(part_lse_ptr + base, lse, mask=live)
@@ -382,24 +398,38 @@ if triton is not None:
         out_ptr,
         stride_on,
         stride_oh,
+        seq_len_ptr,
         num_splits,
+        min_share,
         HQ: tl.constexpr,
         S_PAD: tl.constexpr,
         D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         PDL: tl.constexpr,
     ):
         wait_previous(PDL)
-        _combine_head(
-            part_o_ptr,
-            part_lse_ptr,
-            out_ptr,
-            stride_on,
-            stride_oh,
-            tl.program_id(0).to(tl.int64),
-            tl.program_id(1),
-            num_splits,
-            HQ,
-            S_PAD,
-            D,
-            "",
-        )
+        row = tl.program_id(0).to(tl.int64)
+        length = tl.load(seq_len_ptr + row)
+        # A row its first split held alone has its output already (`_split_kernel`).
+        if length > _share(length, num_splits, min_share, BLOCK_N):
+            _combine_head(
+                part_o_ptr,
+                part_lse_ptr,
+                out_ptr,
+                stride_on,
+                stride_oh,
+                row,
+                tl.program_id(1),
+                num_splits,
+                HQ,
+                S_PAD,
+                D,
+                "",
+            )
+
+    @triton.jit
+    def _share(length, num_splits, min_share, BLOCK_N: tl.constexpr):
+        """A split's share of a row's tokens: an even share, rounded up to whole blocks so only a share's
+        last block is partial, and at least min_share tokens (a multiple of BLOCK_N), so that in a large
+        batch a short request stays in one split instead of spreading a few tokens over many."""
+        return tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N, min_share)
