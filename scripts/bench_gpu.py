@@ -532,8 +532,9 @@ def prefill_host(model_dir: Path, config: str, shapes: list[tuple[int, int]], re
         runner.collect(runner.launch(steps[0]))
         host, text = launch_host(runner, steps[1:], steps[1:4], top=18)
         timeline = replay_timeline(runner, steps[1:])
-        out[f"{reqs}x{length}"] = {"host_launch_ms": 1e3 * statistics.median(host), "profile": text, **timeline}
-        log(f"  {config} prefill host {reqs}x{length}: {1e3 * statistics.median(host):.2f} ms; {timeline}")
+        host_ms = 1e3 * statistics.median(host)
+        out[f"{reqs}x{length}"] = {"host_launch_ms": host_ms, "profile": text, **timeline}
+        log(f"  {config} prefill host {reqs}x{length}: {host_ms:.2f} ms; {timeline}")
         log(text)
     runner = None
     free_memory()
