@@ -177,7 +177,7 @@ class SlotParams:
             # min_p drops nothing from a greedy row's argmax.
             (_MIN_P, samples & (np.asarray(joins.min_p) > 0)),
             (_PENALTIES, penalties),
-            (_BIAS, np.diff(joins.bias_indptr) > 0),
+            (_BIAS, joins.bias_indptr[1:] > joins.bias_indptr[:-1]),
             (_LOGPROBS, np.asarray(joins.logprobs) >= 0),
         ):
             flags[on] |= bit

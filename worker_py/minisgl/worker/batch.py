@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ _JOINED = tuple(
         key=lambda a: a[1].itemsize != 8,
     )
 )
+_JOINED_INDEX = {name.removeprefix("join_"): i for i, (name, _) in enumerate(_JOINED)}
 _TORCH_VIEW = {"<i4": None, "<f4": torch.float32, "<u8": torch.int64}
 
 
@@ -74,18 +74,10 @@ class ForwardBatch:
         return self.num_tokens == self.num_reqs
 
     @functools.cached_property
-    def joins(self) -> SimpleNamespace | None:
-        """The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64
-        bits), or None when nobody joins. Made when first asked for: only the sampling reads them, after the
-        forward is queued, and their dozen views cost host time before it (issue 12)."""
-        if self.join_words is None:
-            return None
-        words = torch.split(self.join_words, self.join_sizes)
-        views = {}
-        for (name, dtype), w in zip(_JOINED, words, strict=True):
-            view = _TORCH_VIEW[dtype.str]
-            views[name.removeprefix("join_")] = w if view is None else w.view(view)
-        return SimpleNamespace(**views)
+    def joins(self) -> JoinViews | None:
+        """The join arrays on the device (`JoinViews`), or None when nobody joins. Made when first asked for:
+        only the sampling reads them, after the forward is queued."""
+        return None if self.join_words is None else JoinViews(self.join_words, self.join_sizes)
 
     @functools.cached_property
     def _host(self) -> dict[str, torch.Tensor]:
@@ -114,6 +106,27 @@ class ForwardBatch:
     @functools.cached_property
     def max_seq_len(self) -> int:
         return int(np.max(self.host_seq_len.numpy())) if self.num_reqs else 0
+
+
+class JoinViews:
+    """The join arrays on the device, named as the protocol's without `join_` (uint64 seeds as int64 bits),
+    each viewed out of the uploaded words when first read: a step reads a few of them, and viewing all a
+    dozen took more host time than the parameters' writes themselves (issue 12)."""
+
+    def __init__(self, words: torch.Tensor, sizes: tuple[int, ...]) -> None:
+        self._words = words
+        self._sizes = sizes
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        i = _JOINED_INDEX.get(name)
+        if i is None:
+            raise AttributeError(name)
+        start = sum(self._sizes[:i])
+        words = self._words[start : start + self._sizes[i]]
+        view = _TORCH_VIEW[_JOINED[i][1].str]
+        value = words if view is None else words.view(view)
+        setattr(self, name, value)  # read once
+        return value
 
 
 class BatchUploader:
