@@ -336,8 +336,11 @@ class ModelRunner:
         prompt = None
         if rows is not None:
             last = batch.extra["last_rows"]
-            logits = self.model.compute_logits(self.graphs.replay_hidden(batch, padding.rows)[last])
-            req_slot, seq_len = batch.req_slot[last], batch.seq_len[last]
+            # index_select, not [last]: a tensor subscript costs tens of microseconds of Python before its
+            # kernel, and these run while the replayed forward waits for them (issue 12).
+            hidden = self.graphs.replay_hidden(batch, padding.rows)
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+            req_slot, seq_len = batch.req_slot.index_select(0, last), batch.seq_len.index_select(0, last)
         elif isinstance(padding, ExtendPadding):
             hidden = self.graphs.replay_extend(batch, padding.tokens)
             logits = self.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
