@@ -2,7 +2,11 @@
 --out`): `python3 scripts/bench_ab_table.py FILE...`. One row per workload, one column per engine and round in
 the order they ran; each workload's figure is the one docs/benchmarks.md quotes (tok/s, or ms a step for
 decodeB, ms a token for `single`, ms from the first send to the last final for prefillB). Standard library
-only; a run that is missing shows as "-"."""
+only; a run that is missing shows as "-".
+
+Given the runs' logs too (ab_{new,base}.N.log, with the scheduler's "step answered" trace), a second table
+gives the commonest steps' time from publish to result: the median `in_flight_us` per (kind, requests, new
+tokens)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ import re
 import sys
 from pathlib import Path
 
-NAME = re.compile(r"ab_(?P<engine>new|base)\.(?P<round>\d+)\.json$")
+NAME = re.compile(r"ab_(?P<engine>new|base)\.(?P<round>\d+)\.(?P<ext>json|log)$")
+# A "step answered" line of the scheduler's trace, its ANSI colours stripped first.
+ANSWERED = re.compile(r"kind=(\w+) requests=(\d+) tokens=(\d+) in_flight_us=(\d+)")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+STEP_ROWS = 6  # the commonest step shapes shown
 
 
 def figure(run: dict) -> tuple[str, float | None]:
@@ -30,7 +38,7 @@ def table(files: list[Path]) -> str:
     columns = []  # (engine, round, {workload: run})
     for path in files:
         m = NAME.search(path.name)
-        if not m:
+        if not m or m["ext"] != "json":
             continue
         runs = json.loads(path.read_text()).get("runs", [])
         columns.append((int(m["round"]), m["engine"] != "new", m["engine"], {r["workload"]: r for r in runs}))
@@ -50,5 +58,44 @@ def table(files: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def step_table(files: list[Path]) -> str:
+    """Median publish-to-result time of the commonest step shapes, one column per log; "" without logs."""
+    columns = []  # (round, engine is base, engine, {(kind, requests, tokens): [us]})
+    for path in files:
+        m = NAME.search(path.name)
+        if not m or m["ext"] != "log":
+            continue
+        steps: dict[tuple[str, int, int], list[int]] = {}
+        for line in path.read_text(errors="replace").splitlines():
+            found = ANSWERED.search(COLOUR.sub("", line))
+            if found:
+                kind, reqs, tokens, us = found.groups()
+                steps.setdefault((kind, int(reqs), int(tokens)), []).append(int(us))
+        columns.append((int(m["round"]), m["engine"] != "new", m["engine"], steps))
+    if not columns:
+        return ""
+    columns.sort(key=lambda c: c[:2])
+    counts: dict[tuple[str, int, int], int] = {}
+    for *_, steps in columns:
+        for key, times in steps.items():
+            counts[key] = counts.get(key, 0) + len(times)
+    shapes = sorted(counts, key=lambda k: -counts[k])[:STEP_ROWS]
+    head = "| step: kind, requests x tokens | " + " | ".join(f"{e} ({r})" for r, _, e, _ in columns) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
+    for kind, reqs, tokens in sorted(shapes):
+        cells = []
+        for *_, steps in columns:
+            times = sorted(steps.get((kind, reqs, tokens), []))
+            cells.append(f"{times[len(times) // 2] / 1e3:.3f} ms ({len(times)})" if times else "-")
+        lines.append(
+            f"| {kind}, {reqs} x {tokens // max(reqs, 1)}, publish to result | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table([Path(a) for a in sys.argv[1:]]))
+    paths = [Path(a) for a in sys.argv[1:]]
+    print(table(paths))
+    steps = step_table(paths)
+    if steps:
+        print("\n" + steps)
