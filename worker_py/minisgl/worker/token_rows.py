@@ -53,30 +53,33 @@ class TokenRows:
 
 
 def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
-    """`step` (an extend step, or any step) as one row per new token."""
-    qo_indptr = np.asarray(step.qo_indptr, dtype=np.int64)
-    kv_indptr = np.asarray(step.kv_indptr, dtype=np.int64)
+    """`step` (an extend step, or any step) as one row per new token. int32 throughout and no np.diff: this
+    runs before a small prefill's replay, where every microsecond delays its first token (issue 12)."""
+    qo_indptr = np.asarray(step.qo_indptr, dtype=np.int32)
+    kv_indptr = np.asarray(step.kv_indptr, dtype=np.int32)
     req_slot = np.asarray(step.req_slot, dtype=np.int32)
     positions = np.asarray(step.positions, dtype=np.int32)
     n, t = len(req_slot), len(positions)
-    qo_len = np.diff(qo_indptr)
-    row_req = np.repeat(np.arange(n), qo_len)
-    seq_len = positions + 1
-    pages = (seq_len + page_size - 1) // page_size
-    row_kv_indptr = np.zeros(t + 1, dtype=np.int64)
+    qo_len = qo_indptr[1:] - qo_indptr[:-1]
+    row_req = np.repeat(np.arange(n, dtype=np.int32), qo_len)
+    pages = positions // page_size + 1  # a row sees positions 0..p: ceil((p + 1) / page_size) pages
+    row_kv_indptr = np.empty(t + 1, dtype=np.int32)
+    row_kv_indptr[0] = 0
     np.cumsum(pages, out=row_kv_indptr[1:])
     # Page j of row i is page j of its request: kv_indices[kv_indptr[req] + j].
     first = np.repeat(kv_indptr[row_req] - row_kv_indptr[:-1], pages)
-    kv_indices = np.asarray(step.kv_indices, dtype=np.int32)[first + np.arange(row_kv_indptr[-1])]
-    last_rows = (qo_indptr[1:] - 1).astype(np.int32)
+    kv_indices = np.asarray(step.kv_indices, dtype=np.int32)[
+        first + np.arange(row_kv_indptr[-1], dtype=np.int32)
+    ]
+    last_rows = qo_indptr[1:] - 1
     slots = np.full(t, scratch_slot, dtype=np.int32)
     slots[last_rows] = req_slot
     arrays = {
         "req_slot": slots,
-        "seq_len": seq_len,
+        "seq_len": positions + 1,
         "qo_indptr": np.arange(t + 1, dtype=np.int32),
-        "kv_indptr": row_kv_indptr.astype(np.int32),
-        "kv_last_page_len": (positions % page_size + 1).astype(np.int32),
+        "kv_indptr": row_kv_indptr,
+        "kv_last_page_len": positions % page_size + 1,
         "kv_indices": kv_indices,
     }
     return TokenRows(TokenRowsStep(step, arrays), last_rows, np.repeat(req_slot, qo_len))
