@@ -211,8 +211,13 @@ def test_small_extend_steps_replay_token_row_graphs(model_dir):
             rows = token_rows(step_g, PAGE_SIZE, MAX_BATCH)
             padding = graphed.graphs.padding_for_tokens(rows.step)
             assert padding is not None and padding.rows == 128
-            hidden = graphed.graphs.replay_hidden(graphed.uploader.upload(rows.step, padding), padding.rows)
-            got = graphed.model.compute_logits(hidden[torch.from_numpy(rows.last_rows).cuda().long()])
+            graphed.graphs.replay_hidden(graphed.uploader.upload(rows.step, padding), padding.rows)
+            # The graph gathered each request's last row, its slot and its length, in request order.
+            n, last = len(step_g.req_slot), graphed.last_rows
+            got = graphed.model.compute_logits(last.hidden[:n])
+            assert last.slot[:n].tolist() == step_g.req_slot.tolist()
+            assert last.seq_len[:n].tolist() == step_g.seq_len.tolist()
+            assert set(last.slot[n:MAX_BATCH].tolist()) == {MAX_BATCH}  # the scratch slot
             graphed.uploader.finish()
         assert got.shape == want.shape and rel_err(got, want) < 2e-2
 
@@ -251,8 +256,11 @@ def test_extend_steps_replay_extend_graphs(model_dir):
             assert padding is not None and (padding.tokens, padding.reqs) == (512, MAX_BATCH)
             batch = graphed.uploader.upload(step_g, padding)
             hidden = graphed.graphs.replay_extend(batch, padding.tokens)
-            n = len(step_g.req_slot)
+            n, last = len(step_g.req_slot), graphed.last_rows
             got = graphed.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
+            assert torch.equal(last.hidden[:n], hidden[batch.qo_indptr[1 : n + 1] - 1])
+            assert last.slot[:n].tolist() == step_g.req_slot.tolist()
+            assert set(last.slot[n:MAX_BATCH].tolist()) == {MAX_BATCH}
             graphed.uploader.finish()
         assert got.shape == want.shape and rel_err(got, want) < 2e-2
 

@@ -11,9 +11,10 @@ from fake_steps import Join, ReadySteps, StepBuilder
 from tiny_qwen import cpu_config, make_tiny_qwen
 
 from minisgl.sampling.params import SampleMode
-from minisgl.worker.cuda_graph import DecodeGraphs
+from minisgl.worker.cuda_graph import EXTEND, TOKEN_ROWS, DecodeGraphs
+from minisgl.worker.last_rows import LastRows
 from minisgl.worker.loop import run_steps
-from minisgl.worker.padding import graph_batch_sizes, token_graph_sizes
+from minisgl.worker.padding import bucket_for, graph_batch_sizes, token_graph_sizes
 from minisgl.worker.runner import ModelRunner
 from minisgl.worker.token_rows import token_rows
 
@@ -31,7 +32,7 @@ def test_rows_by_hand():
     rows = token_rows(step, PAGE_SIZE, SCRATCH)
     r = rows.step
     assert r.req_slot.tolist() == [SCRATCH, SCRATCH, SCRATCH, 2, SCRATCH, 5]
-    assert rows.last_rows.tolist() == [3, 5] and rows.token_slot.tolist() == [2, 2, 2, 2, 5, 5]
+    assert rows.token_slot.tolist() == [2, 2, 2, 2, 5, 5]
     assert r.seq_len.tolist() == [6, 7, 8, 9, 1, 2]
     assert r.qo_indptr.tolist() == list(range(7))
     assert r.kv_indptr.tolist() == [0, 2, 4, 6, 9, 10, 11]
@@ -68,7 +69,8 @@ def test_rows_forward_equals_the_extend_forward(runner):
         rows = token_rows(step, PAGE_SIZE, runner.max_batch)
         got = runner.forward_logits(rows.step)
         assert got.shape[0] == len(step.input_ids)
-        torch.testing.assert_close(got[torch.from_numpy(rows.last_rows).long()], want, rtol=1e-5, atol=1e-5)
+        last = torch.from_numpy(step.qo_indptr[1:] - 1).long()
+        torch.testing.assert_close(got[last], want, rtol=1e-5, atol=1e-5)
 
 
 class EagerGraphs(DecodeGraphs):
@@ -85,16 +87,20 @@ class EagerGraphs(DecodeGraphs):
 
     def replay_hidden(self, batch, rows):
         self._attn.plan(batch)
-        return self._hidden(batch)
+        return self.run_hidden(batch, TOKEN_ROWS)
 
     def replay_extend(self, batch, tokens):
         self._attn.plan(batch)
-        return self._hidden(batch)
+        return self.run_hidden(batch, EXTEND)
+
+    def replay_last_sampling(self, num_reqs, mode):
+        return self._sample_last(bucket_for(num_reqs, self.sizes), mode)
 
 
 def with_eager_graphs(model_dir, token_sizes=None, extend_sizes=()) -> ModelRunner:
     # The last page is the padding rows' scratch page: the steps below never hand it out.
     r = ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False)
+    r.last_rows = LastRows(8, r.model_config.hidden_size, r.dtype, r.device, scratch_slot=8)
     r.graphs = EagerGraphs(
         r._forward_logits,
         r.attn,
@@ -106,6 +112,8 @@ def with_eager_graphs(model_dir, token_sizes=None, extend_sizes=()) -> ModelRunn
         max_kv_indices=4 * NUM_PAGES,
         sample=r._sample_rows,
         hidden=r._forward_hidden,
+        last_rows=r.last_rows,
+        sample_last=r._sample_last_rows,
         token_sizes=token_graph_sizes(512, 64) if token_sizes is None else token_sizes,
         extend_sizes=extend_sizes,
         extend_reqs=8,
@@ -195,6 +203,36 @@ def test_a_padded_step_samples_with_the_options_it_joins_with(model_dir):
     assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
     assert a.results == b.results
     assert modes == [SampleMode.FILTERED] * 4  # the joins' step and the decodes, from the joins' options
+
+
+@pytest.mark.parametrize("graphs", ["token rows", "extend"])
+def test_prompts_sample_their_last_rows_in_the_last_row_graphs(model_dir, graphs):
+    """Prompts without penalties, bias or logprobs are sampled by the last-row graphs (the LM head and the
+    sampling over the rows the forward gathered), in the mode their options ask for, with the eager runner's
+    tokens; decodes after them read the last tokens those graphs set."""
+    plain = ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False)
+    graphed = (
+        with_eager_graphs(model_dir)
+        if graphs == "token rows"
+        else with_eager_graphs(model_dir, token_sizes=(), extend_sizes=[16, 32, 64])
+    )
+    calls, replay_last = [], graphed.graphs.replay_last_sampling
+    graphed.graphs.replay_last_sampling = lambda n, mode: calls.append((n, mode)) or replay_last(n, mode)
+
+    def steps():
+        rng = np.random.default_rng(5)
+        b = StepBuilder(NUM_PAGES - 1, PAGE_SIZE, seed=5)
+        prompts = [(s, rng.integers(0, 100, 4 + s).tolist()) for s in range(3)]
+        yield b.extend(prompts, [Join(s) for s in range(3)])
+        joins = [Join(3, temperature=5.0, seed=9), Join(4, temperature=5.0, top_k=50, seed=5)]
+        yield b.extend([(3, rng.integers(0, 100, 6).tolist()), (0, [-1]), (4, [11, 12])], joins)
+        for _ in range(3):
+            yield b.decode([0, 1, 2, 3, 4])
+
+    a, b = ReadySteps(list(steps())), ReadySteps(list(steps()))
+    assert run_steps(plain, a, a) == 0 and run_steps(graphed, b, b) == 0
+    assert a.results == b.results
+    assert calls == [(3, SampleMode.GREEDY), (3, SampleMode.FILTERED)]
 
 
 def test_a_step_too_large_for_the_graphs_buffer_runs_eagerly(model_dir):

@@ -15,10 +15,11 @@ token. Sampling eagerly after the forward costs the host ~1 ms a step once it sa
 top-p: a few dozen small launches), more than the forward's GPU time at small batches; replayed, one launch.
 
 Small extend steps are captured too, as decode steps of one row per new token (`token_rows.py`), at token
-counts `token_sizes`: those graphs stop at the last hidden state of every row, since only each request's last
-row needs logits (gathered and sampled after the replay). Larger extend steps may be captured as what they
-are, padded to a token count of `extend_sizes` and to `extend_reqs` requests (`ExtendPadding`), when the
-attention backend can plan one for a graph (`plan_extend_graph`); they stop at the hidden states too.
+counts `token_sizes`. Larger extend steps may be captured as what they are, padded to a token count of
+`extend_sizes` and to `extend_reqs` requests (`ExtendPadding`), when the attention backend can plan one for a
+graph (`plan_extend_graph`). Only each request's last new token needs logits: both kinds stop at the hidden
+states, and copy each request's last one, its slot and its length to `last_rows` (`last_rows.py`). The
+"last-row" graphs, one per batch size and sampling mode, run the LM head over those rows and sample them.
 
 With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
 dependent launch (`kernels/pdl.py`).
@@ -41,12 +42,14 @@ from minisgl.kernels import pdl
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
+from minisgl.worker.last_rows import LastRows
 from minisgl.worker.padding import DecodePadding, ExtendPadding, Padding, bucket_for
 
 log = logging.getLogger("minisgl.worker")
 
-# The kinds of graph: decode steps (logits, then perhaps sampling), extend steps as token rows, extend steps.
-DECODE, TOKEN_ROWS, EXTEND = "decode", "token-row", "extend"
+# The kinds of graph: decode steps (logits, then perhaps sampling), extend steps as token rows, extend steps,
+# and the sampling of the last rows these two gather.
+DECODE, TOKEN_ROWS, EXTEND, LAST_ROWS = "decode", "token-row", "extend", "last-row"
 
 
 def _empty_decode_step() -> SimpleNamespace:
@@ -60,7 +63,11 @@ def _empty_decode_step() -> SimpleNamespace:
 class DecodeGraphs:
     """`forward(batch) -> logits` is the part of a decode step that gets captured: everything after the
     upload and the attention plan, up to the logits of every row. `sample(batch, logits, mode) -> ids`, when
-    given, is captured after it for each mode: the sampling of every row, none of the optional passes."""
+    given, is captured after it for each mode: the sampling of every row, none of the optional passes.
+
+    `hidden(batch) -> hidden states` is the forward of the token-row and extend graphs, which then gather
+    each request's last row into `last_rows`; `sample_last(rows, mode) -> ids`, when given, is captured for
+    each decode batch size and mode: the LM head and the sampling of the first `rows` of `last_rows`."""
 
     def __init__(
         self,
@@ -74,6 +81,8 @@ class DecodeGraphs:
         max_kv_indices: int,
         sample: Callable[[ForwardBatch, torch.Tensor, SampleMode], torch.Tensor] | None = None,
         hidden: Callable[[ForwardBatch], torch.Tensor] | None = None,
+        last_rows: LastRows | None = None,
+        sample_last: Callable[[int, SampleMode], torch.Tensor] | None = None,
         token_sizes: list[int] = (),
         extend_sizes: list[int] = (),
         extend_reqs: int = 0,
@@ -83,11 +92,16 @@ class DecodeGraphs:
         self._launch_early = launch_early
         self._sample = sample
         self._hidden = hidden
+        self.last_rows = last_rows
+        self._sample_last = sample_last if last_rows is not None else None
+        self._last_graphs: dict[tuple[int, SampleMode], torch.cuda.CUDAGraph] = {}
+        self._last_sampled: dict[tuple[int, SampleMode], torch.Tensor] = {}
         # A padded row lists one page at least: a size past the index buffer could not even be captured.
-        self.token_sizes = sorted(s for s in token_sizes if s <= max_kv_indices) if hidden is not None else []
+        gathers = hidden is not None and last_rows is not None
+        self.token_sizes = sorted(s for s in token_sizes if s <= max_kv_indices) if gathers else []
         self._hidden_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden_out: dict[int, torch.Tensor] = {}
-        self.extend_sizes = sorted(extend_sizes) if hidden is not None and extend_reqs > 0 else []
+        self.extend_sizes = sorted(extend_sizes) if gathers and extend_reqs > 0 else []
         self._extend_reqs = extend_reqs
         self._extend_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._extend_out: dict[int, torch.Tensor] = {}
@@ -145,10 +159,17 @@ class DecodeGraphs:
         largest_first = sorted(
             [(rows, DECODE) for rows in self.sizes]
             + [(rows, TOKEN_ROWS) for rows in self.token_sizes]
-            + [(tokens, EXTEND) for tokens in self.extend_sizes],
+            + [(tokens, EXTEND) for tokens in self.extend_sizes]
+            + [(rows, LAST_ROWS) for rows in self.last_row_sizes],
             reverse=True,
         )
         for rows, kind in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
+            if kind == LAST_ROWS:  # reads last_rows only: nothing to upload or plan
+                with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
+                    for mode in SampleMode:
+                        run = partial(self._sample_last, rows, mode)
+                        self._last_graphs[rows, mode], self._last_sampled[rows, mode] = _capture(run, pool)
+                continue
             batch = self._uploader.upload(empty, self.padding_of(kind, rows))
             if not batch.in_static_buffer:
                 raise RuntimeError(f"the uploader's device buffer cannot hold a {kind} step of {rows} rows")
@@ -163,22 +184,41 @@ class DecodeGraphs:
         seconds = time.perf_counter() - start
         log.info(
             "captured %d CUDA graphs in %.1f s: decode at batch %s (%d of them sampling), small extend "
-            "steps at %s tokens, extend steps at %s tokens",
+            "steps at %s tokens, extend steps at %s tokens, %d sampling their last rows",
             len(self.captured()),
             seconds,
             self.sizes,
             len(self._sample_graphs),
             self.token_sizes,
             self.extend_sizes,
+            len(self._last_graphs),
         )
         return seconds
 
+    @property
+    def last_row_sizes(self) -> list[int]:
+        """The batch sizes of the last-row sampling graphs: none without token-row or extend graphs."""
+        gathered = self.token_sizes or self.extend_sizes
+        return self.sizes if gathered and self._sample_last is not None else []
+
+    def run_hidden(self, batch: ForwardBatch, kind: str) -> torch.Tensor:
+        """What a token-row or extend graph captures: the hidden states of every row, and each request's last
+        one gathered into `last_rows`."""
+        hidden = self._hidden(batch)
+        if kind == TOKEN_ROWS:
+            self.last_rows.gather_token_rows(hidden, batch.req_slot, batch.seq_len)
+        else:
+            self.last_rows.gather_requests(hidden, batch.qo_indptr, batch.req_slot, batch.seq_len)
+        return hidden
+
     def _capture_size(self, batch: ForwardBatch, rows: int, kind: str, pool) -> None:
         if kind == TOKEN_ROWS:
-            self._hidden_graphs[rows], self._hidden_out[rows] = _capture(partial(self._hidden, batch), pool)
+            run = partial(self.run_hidden, batch, kind)
+            self._hidden_graphs[rows], self._hidden_out[rows] = _capture(run, pool)
             return
         if kind == EXTEND:
-            self._extend_graphs[rows], self._extend_out[rows] = _capture(partial(self._hidden, batch), pool)
+            run = partial(self.run_hidden, batch, kind)
+            self._extend_graphs[rows], self._extend_out[rows] = _capture(run, pool)
             return
         self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
         self._logits[rows] = logits
@@ -195,12 +235,18 @@ class DecodeGraphs:
             | {("sampling", rows, mode): g for (rows, mode), g in self._sample_graphs.items()}
             | {(TOKEN_ROWS, rows, None): g for rows, g in self._hidden_graphs.items()}
             | {(EXTEND, tokens, None): g for tokens, g in self._extend_graphs.items()}
+            | {(LAST_ROWS, rows, mode): g for (rows, mode), g in self._last_graphs.items()}
         )
 
     @property
     def samples(self) -> bool:
         """Whether the sampling is captured too (`replay_sampled`)."""
         return self._sample is not None
+
+    @property
+    def samples_last_rows(self) -> bool:
+        """Whether the last rows' LM head and sampling are captured (`replay_last_sampling`)."""
+        return bool(self.last_row_sizes)
 
     def replay(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a batch uploaded with `padding_for`'s padding; returns the logits of all `rows` rows."""
@@ -219,16 +265,26 @@ class DecodeGraphs:
         self.replay(batch, rows)
         return self.replay_sampling(rows, mode)
 
+    def replay_last_sampling(self, num_reqs: int, mode: SampleMode) -> torch.Tensor:
+        """After `replay_hidden` or `replay_extend`: the LM head and the sampling in `mode` of the first
+        `num_reqs` last rows, which also sets their slots' last tokens. Returns the sampled ids of as many
+        rows as the graph has (the first `num_reqs` are the requests'), valid until its next replay."""
+        rows = bucket_for(num_reqs, self.sizes)
+        self._last_graphs[rows, mode].replay()
+        return self._last_sampled[rows, mode]
+
     def replay_extend(self, batch: ForwardBatch, tokens: int) -> torch.Tensor:
         """Runs an extend step uploaded with `padding_for_extend`'s padding; returns the last hidden state of
-        all `tokens` tokens, padding included (valid until the next replay of this size)."""
+        all `tokens` tokens, padding included (valid until the next replay of this size), and leaves each
+        request's last row in `last_rows`."""
         self._attn.plan_extend_graph(batch)
         self._extend_graphs[tokens].replay()
         return self._extend_out[tokens]
 
     def replay_hidden(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
         """Runs a step of one row per token (`token_rows`) uploaded with `padding_for_tokens`'s padding;
-        returns the last hidden state of all `rows` rows (valid until the next replay of this size)."""
+        returns the last hidden state of all `rows` rows (valid until the next replay of this size), and
+        leaves each request's last row in `last_rows`."""
         self._attn.plan_graph(batch, rows, token_rows=True)
         self._hidden_graphs[rows].replay()
         return self._hidden_out[rows]

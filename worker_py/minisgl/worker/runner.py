@@ -25,6 +25,7 @@ from minisgl.worker.batch import BatchUploader, ForwardBatch
 from minisgl.worker.config import WorkerConfig, dtype_name, parse_dtype
 from minisgl.worker.cuda_graph import DecodeGraphs
 from minisgl.worker.kv_cache import KVCache, KVCacheShape
+from minisgl.worker.last_rows import LastRows
 from minisgl.worker.padding import (
     DecodePadding,
     ExtendPadding,
@@ -164,7 +165,9 @@ class ModelRunner:
         self._handles: list[StepHandle | None] = [None] * IN_FLIGHT
         self._turn = 0
         self.graphs: DecodeGraphs | None = None
+        self.last_rows: LastRows | None = None
         if use_graphs:
+            self.last_rows = LastRows(cfg.max_batch, mc.hidden_size, self.dtype, self.device, scratch_slot)
             self.graphs = DecodeGraphs(
                 self._forward_logits,
                 self.attn,
@@ -176,6 +179,8 @@ class ModelRunner:
                 max_kv_indices=max_kv_indices,
                 sample=self._sample_rows if cfg.graph_sampling else None,
                 hidden=self._forward_hidden if cfg.extend_graphs else None,
+                last_rows=self.last_rows,
+                sample_last=self._sample_last_rows if cfg.graph_sampling else None,
                 token_sizes=token_graph_sizes(cfg.token_graph_tokens, cfg.max_step_tokens),
                 extend_sizes=self._extend_graph_sizes(),
                 extend_reqs=cfg.max_batch,
@@ -257,9 +262,7 @@ class ModelRunner:
         mask_parts = masks.host_parts(step)
         # A step that asks for prompt logprobs runs eagerly (the scheduler asks only in extend steps anyway).
         rows, padding = self._graph_for(step, eager=asked is not None, masked=mask_parts is not None)
-        batch = self.uploader.upload(
-            step if rows is None else rows.step, padding, {"last_rows": rows.last_rows} if rows else None
-        )
+        batch = self.uploader.upload(step if rows is None else rows.step, padding)
         if padding is not None and not batch.in_static_buffer:
             # Rare (many prefix pages): too large for the addresses the graphs read; run it eagerly.
             self.uploader.finish()
@@ -277,13 +280,17 @@ class ModelRunner:
             batch = self._upload_joins(step, batch, rows, mask_parts)
             self._apply_joins(step, batch)
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
-            graph_samples = self.graphs is not None and self.graphs.samples
-            decode_graph = isinstance(padding, DecodePadding) and rows is None
+            graph_samples = plan.graphable and mask_parts is None and self.graphs is not None
             logprobs = None
-            if decode_graph and graph_samples and plan.graphable and mask_parts is None:
-                # The sampling replayed too, the slots' last tokens set in the graph.
+            if logits is not None and padding is not None and graph_samples and self.graphs.samples:
+                # A decode graph: its sampling replayed too, the slots' last tokens set in the graph.
                 sampled = self.graphs.replay_sampling(padding.rows, plan.mode)[:n]
+            elif logits is None and graph_samples and self.graphs.samples_last_rows:
+                # The LM head and the sampling of the requests' last rows, which the replay gathered.
+                sampled = self.graphs.replay_last_sampling(n, plan.mode)[:n]
             else:
+                if logits is None:
+                    logits = self.model.compute_logits(self.last_rows.hidden[:n])
                 logits = logits[:n]  # a padded step's logits have a row per padding row too
                 if plan.penalties:
                     self._count_tokens(batch, n, np.asarray(step.input_ids))
@@ -327,24 +334,22 @@ class ModelRunner:
         padding: Padding | None,
         asked: tuple[torch.Tensor, torch.Tensor] | None,
         turn: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple | None]:
         """Queues the step's forward on the graph `_graph_for` chose (or eagerly) up to the logits of each
         request's last new token (a padded decode step's padding rows too). Returns (logits, the requests'
-        slots, their lengths, the prompt logprobs' host buffers or None)."""
+        slots, their lengths, the prompt logprobs' host buffers or None). A token-row or extend graph stops
+        short of the logits (None): it leaves each request's last row in `last_rows`, whose LM head runs
+        with the sampling."""
         n = len(step.req_slot)
         req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
         prompt = None
-        if rows is not None:
-            last = batch.extra["last_rows"]
-            # index_select, not [last]: a tensor subscript costs tens of microseconds of Python before its
-            # kernel, and these run while the replayed forward waits for them (issue 12).
-            hidden = self.graphs.replay_hidden(batch, padding.rows)
-            logits = self.model.compute_logits(hidden.index_select(0, last))
-            req_slot, seq_len = batch.req_slot.index_select(0, last), batch.seq_len.index_select(0, last)
-        elif isinstance(padding, ExtendPadding):
-            hidden = self.graphs.replay_extend(batch, padding.tokens)
-            logits = self.model.compute_logits(hidden[batch.qo_indptr[1 : n + 1] - 1])
-        elif padding is not None:
+        if rows is not None or isinstance(padding, ExtendPadding):
+            if rows is not None:
+                self.graphs.replay_hidden(batch, padding.rows)
+            else:
+                self.graphs.replay_extend(batch, padding.tokens)
+            return None, self.last_rows.slot[:n], self.last_rows.seq_len[:n], None
+        if padding is not None:
             logits = self.graphs.replay(batch, padding.rows)
         elif asked is not None:
             self.attn.plan(batch)
@@ -400,8 +405,20 @@ class ModelRunner:
     def _sample_rows(self, batch: ForwardBatch, logits: torch.Tensor, mode: SampleMode) -> torch.Tensor:
         """What a decode graph captures after the logits for a step whose plan is `graphable`: every row's
         sample in `mode` and its slot's last token."""
-        sampled = self.sampler.sample(logits, batch.req_slot, batch.seq_len, mode)
-        self.last_token[batch.req_slot] = sampled
+        return self._sample_slots(logits, batch.req_slot, batch.seq_len, mode)
+
+    def _sample_last_rows(self, rows: int, mode: SampleMode) -> torch.Tensor:
+        """What a last-row graph captures: the LM head over the first `rows` of `last_rows`, each row's
+        sample in `mode` and its slot's last token."""
+        last = self.last_rows
+        logits = self.model.compute_logits(last.hidden[:rows])
+        return self._sample_slots(logits, last.slot[:rows], last.seq_len[:rows], mode)
+
+    def _sample_slots(
+        self, logits: torch.Tensor, slots: torch.Tensor, seq_len: torch.Tensor, mode: SampleMode
+    ) -> torch.Tensor:
+        sampled = self.sampler.sample(logits, slots, seq_len, mode)
+        self.last_token[slots] = sampled
         return sampled
 
     def _forward_hidden(self, batch: ForwardBatch) -> torch.Tensor:

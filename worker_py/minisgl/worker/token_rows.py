@@ -6,7 +6,8 @@ need one token per row; attention only needs each new token to see its request's
 Both hold if every new token is its own row: row i attends to the first `positions[i] + 1` positions of its
 request (its K/V, and those of the tokens before it in the step, are written before any layer attends), so
 its page list is the first pages of its request's. The last new token of each request keeps the request's
-slot; the others take the scratch slot, whose last token and sampling state nobody reads.
+slot; the others take the scratch slot, whose last token and sampling state nobody reads. That is also how
+the graph tells the last rows apart, to gather them for the sampling (`last_rows.py`).
 
 Pure numpy, vectorized (no loop over requests): CI checks it on the CPU against the eager forward.
 """
@@ -48,7 +49,6 @@ class TokenRowsStep:
 @dataclass(frozen=True)
 class TokenRows:
     step: TokenRowsStep
-    last_rows: np.ndarray  # int32 [n]: each request's row, in request order
     token_slot: np.ndarray  # int32 [t]: each row's real request slot (the penalties count tokens by it)
 
 
@@ -71,9 +71,8 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
     kv_indices = np.asarray(step.kv_indices, dtype=np.int32)[
         first + np.arange(row_kv_indptr[-1], dtype=np.int32)
     ]
-    last_rows = qo_indptr[1:] - 1
     slots = np.full(t, scratch_slot, dtype=np.int32)
-    slots[last_rows] = req_slot
+    slots[qo_indptr[1:] - 1] = req_slot  # each request's last row
     arrays = {
         "req_slot": slots,
         "seq_len": positions + 1,
@@ -82,4 +81,4 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
         "kv_last_page_len": positions % page_size + 1,
         "kv_indices": kv_indices,
     }
-    return TokenRows(TokenRowsStep(step, arrays), last_rows, np.repeat(req_slot, qo_len))
+    return TokenRows(TokenRowsStep(step, arrays), np.repeat(req_slot, qo_len))
