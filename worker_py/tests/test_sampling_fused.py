@@ -68,9 +68,39 @@ PENALTIES = textwrap.dedent(
 )
 
 
+ARGMAX = textwrap.dedent(
+    """
+    import torch
+    from minisgl.kernels import sampling as fused
+
+    device = "{device}"
+    torch.manual_seed(2)
+    vocab = 3 * fused.ARGMAX_CHUNK + 123  # four chunks, the last short
+    chunk = fused.ARGMAX_CHUNK
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(7, vocab) * 3).to(dtype)
+        x[1, [5, chunk + 9, 3 * chunk + 1]] = 50.0  # equal maxima in three chunks: the first wins
+        x[2] = float("-inf")  # nothing allowed: column 0, as torch says
+        x[3, : 3 * chunk] = float("-inf")  # only the short last chunk is allowed
+        x[4] = 1.0  # all equal
+        x[5, 2 * chunk - 1] = 40.0
+        x[5, 2 * chunk] = 40.0  # a tie across a chunk boundary
+        x = x.to(device)
+        got = fused.argmax(x)
+        want = x.float().cpu().argmax(-1).int()
+        assert got.dtype == torch.int32 and got.cpu().tolist() == want.tolist(), (got.tolist(), want.tolist())
+        x[6, 77] = float("nan")
+        assert fused.argmax(x)[6].item() == 77
+        assert fused.argmax(x[:0]).shape == (0,)
+    print("ok")
+    """
+)
+
+
 def run_check(device: str, interpret: bool) -> None:
     run_kernel_check(CHECK.format(device=device), interpret)
     run_kernel_check(PENALTIES.format(device=device), interpret)
+    run_kernel_check(ARGMAX.format(device=device), interpret)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernel")

@@ -107,9 +107,10 @@ class Sampler:
         slots = slots.long()
         logits = self.adjust(logits, slots, plan, masks)
         # argmax needs no float copy: widening is exact and keeps the order (and the first of equal maxima).
-        greedy_ids = logits.argmax(dim=-1)
+        on_gpu = available(logits.device) and logits.stride(-1) == 1
+        greedy_ids = fused.argmax(logits) if on_gpu else logits.argmax(dim=-1).int()
         if plan.mode == SampleMode.GREEDY:
-            return greedy_ids.int()
+            return greedy_ids
         logits = logits.float()
         temperature = self.params.temperature[slots]
         is_greedy = temperature <= 0
