@@ -4,9 +4,12 @@ greedy argmax.
 
 Eager torch builds the noise as [n, V] int64 tensors through a dozen element-wise launches: at 138 rows of
 151,936 logits that is gigabytes of memory traffic and milliseconds per step, more than the forward itself.
-Here each row is one program that hashes, scales, adds and keeps the running argmax while it streams its
-logits once. The hash is the same 32-bit one, done in uint32 lanes, so a request draws the same token here as
-in the eager path (barring a last-bit difference of the device's log, which can only matter at an exact tie).
+Here each program hashes, scales, adds and finds the first maximum of one chunk of a row while it reads those
+logits once, and a second kernel picks each row's first best chunk: a row is 38 programs, so a few rows
+still spread over the GPU (one program a row left most SMs idle with the hash's arithmetic to do). The hash is
+the same 32-bit one, done in uint32 lanes, so a request draws the same token here as in the eager path
+(barring a last-bit difference of the device's log, which can only matter at an exact tie). The greedy argmax
+is the same two kernels without the noise.
 """
 
 from __future__ import annotations
@@ -19,42 +22,40 @@ from minisgl.sampling.params import COUNT_MASK
 if triton is not None:
     import triton.language as tl
 
-BLOCK = 2048
 PENALTY_BLOCK = 1024
-# Logits a program of the greedy argmax reads: 38 programs a row of Qwen's 151,936, so that one row alone
-# still spreads over the GPU, and 256 rows fill it many times over.
+# Logits one program of the argmax reads: 38 programs a row of Qwen's 151,936, so that one row alone still
+# spreads over the GPU, and 256 rows fill it many times over.
 ARGMAX_CHUNK = 4096
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` as int32 [n]: the first of equal maxima, a NaN counted as +inf. x: [n, V] logits in any
-    float dtype, rows contiguous.
+    float dtype, rows contiguous. (torch's reduction read 256 rows of bf16 logits at 1.5 TB/s on an H200, 53
+    us, and needed a cast to int32 after it.)"""
+    return _argmax(x, x, x, noise=False)
 
-    torch's reduction took 53 us for 256 rows of 151,936 bf16 logits on an H200 (1.5 TB/s) and one more launch
-    to make the ids int32; here each program finds the first maximum of one chunk of a row, and a second
-    kernel picks each row's first best chunk."""
+
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
+    """argmax over each row of `x / temperature + Gumbel(row key, vocab id)`, int32 [n].
+
+    x: [n, V] logits in any float dtype, rows contiguous (-inf entries are never chosen); temperature:
+    float32 [n]; row_keys: int64 [n], `noise.row_keys(seed, position)`.
+    """
+    return _argmax(x, temperature, row_keys, noise=True)
+
+
+def _argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, noise: bool) -> torch.Tensor:
     n, vocab = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
     if n:
         chunks = triton.cdiv(vocab, ARGMAX_CHUNK)
         best = torch.empty(n, chunks, dtype=torch.float32, device=x.device)
         where = torch.empty(n, chunks, dtype=torch.int32, device=x.device)
-        _argmax_chunk_kernel[(n, chunks)](x, x.stride(0), best, where, vocab, chunks, BLOCK=ARGMAX_CHUNK)
+        _argmax_chunk_kernel[(n, chunks)](
+            x, x.stride(0), temperature, row_keys, best, where, vocab, chunks, BLOCK=ARGMAX_CHUNK, NOISE=noise
+        )
         pad = triton.next_power_of_2(chunks)
         _argmax_rows_kernel[(n,)](best, where, out, chunks, CHUNKS_PAD=pad)
-    return out
-
-
-def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
-    """argmax over each row of `x / temperature + Gumbel(row key, vocab id)`, int64 [n].
-
-    x: [n, V] logits in any float dtype (-inf entries are never chosen); temperature: float32 [n];
-    row_keys: int64 [n], `noise.row_keys(seed, position)`.
-    """
-    n, vocab = x.shape
-    out = torch.empty(n, dtype=torch.int64, device=x.device)
-    if n:
-        _gumbel_argmax_kernel[(n,)](x, x.stride(0), temperature, row_keys, out, vocab, BLOCK=BLOCK)
     return out
 
 
@@ -154,11 +155,28 @@ if triton is not None:
         tl.store(x_ptr + row * vocab + cols, x, mask=mask)
 
     @triton.jit
-    def _argmax_chunk_kernel(x_ptr, stride, best_ptr, where_ptr, vocab, chunks, BLOCK: tl.constexpr):
+    def _argmax_chunk_kernel(
+        x_ptr,
+        stride,
+        temp_ptr,
+        key_ptr,
+        best_ptr,
+        where_ptr,
+        vocab,
+        chunks,
+        BLOCK: tl.constexpr,
+        NOISE: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        if NOISE:
+            t = tl.load(temp_ptr + row)
+            key = tl.load(key_ptr + row).to(tl.uint32)
+            bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
+            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+            x = x / t - tl.log(-tl.log(u))
         x = tl.where(x != x, float("inf"), x)  # NaN: what torch.argmax picks first
         top = tl.max(x, axis=0)
         # Past the vocabulary every entry is -inf: a row of all -inf still finds its first column.
@@ -186,25 +204,3 @@ if triton is not None:
         x = x ^ (x >> 16)
         x = x * 0x297A2D39
         return x ^ (x >> 15)
-
-    @triton.jit
-    def _gumbel_argmax_kernel(x_ptr, stride, temp_ptr, key_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        t = tl.load(temp_ptr + row)
-        key = tl.load(key_ptr + row).to(tl.uint32)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < vocab
-            x = tl.load(x_ptr + row * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
-            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-            val = x / t - tl.log(-tl.log(u))
-            # Strictly greater: in a lane the earlier (smaller) vocab id wins a tie, as in torch.argmax.
-            better = val > best
-            best = tl.where(better, val, best)
-            best_idx = tl.where(better, cols, best_idx)
-        top = tl.max(best, axis=0)
-        first = tl.min(tl.where(best == top, best_idx, vocab), axis=0)
-        tl.store(out_ptr + row, first.to(tl.int64))
