@@ -16,22 +16,25 @@ CHECK = textwrap.dedent(
     """
     import torch
     from minisgl.kernels import sampling as fused
-    from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
+    from minisgl.sampling.noise import gumbel, vocab_keys
 
     device = "{device}"
     torch.manual_seed(0)
-    n, vocab = 6, 5000  # not a multiple of the kernel's block
-    logits = torch.randn(n, vocab, device=device) * 3
-    logits[2, 100:] = float("-inf")  # a filtered row: only its first 100 ids may come out
-    logits[3] = 0.0  # all equal: the noise alone decides
-    seeds = torch.tensor([0, 1, 2**40 + 7, -(2**62), 12345, 99], device=device)
-    positions = torch.tensor([0, 17, 3, 4096, 5, 5], device=device)
-    temperature = torch.tensor([1.0, 0.5, 0.7, 1.0, 2.0, 1.3], device=device)
-    scaled = logits / temperature[:, None]
-    eager = (scaled + gumbel(seeds, positions, vocab_keys(vocab, device))).argmax(-1)
-    drawn = fused.gumbel_argmax(logits, temperature, row_keys(seeds, positions))
-    assert drawn.tolist() == eager.tolist(), (drawn.tolist(), eager.tolist())
-    assert drawn[2] < 100
+    n, vocab = 7, 5000  # not a multiple of the kernel's chunk
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(n, vocab) * 3).to(dtype).to(device)
+        logits[2, 100:] = float("-inf")  # a filtered row: only its first 100 ids may come out
+        logits[3] = 0.0  # all equal: the noise alone decides
+        seeds = torch.tensor([0, 1, 2**40 + 7, -(2**62), 12345, 99, 5], device=device)
+        positions = torch.tensor([0, 17, 3, 4096, 5, 5, 8], device=device, dtype=torch.int32)
+        temperature = torch.tensor([1.0, 0.5, 0.7, 1.0, 2.0, 1.3, 0.0], device=device)  # the last: greedy
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        eager = (scaled + gumbel(seeds, positions, vocab_keys(vocab, device))).argmax(-1)
+        eager = torch.where(temperature > 0, eager, logits.argmax(-1))
+        drawn = fused.sample_argmax(logits, temperature, seeds, positions)
+        assert drawn.dtype == torch.int32
+        assert drawn.tolist() == eager.tolist(), (drawn.tolist(), eager.tolist())
+        assert drawn[2] < 100
     print("ok")
     """
 )

@@ -32,19 +32,23 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` as int32 [n]: the first of equal maxima, a NaN counted as +inf. x: [n, V] logits in any
     float dtype, rows contiguous. (torch's reduction read 256 rows of bf16 logits at 1.5 TB/s on an H200, 53
     us, and needed a cast to int32 after it.)"""
-    return _argmax(x, x, x, noise=False)
+    return _argmax(x, x, x, x, noise=False)
 
 
-def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
-    """argmax over each row of `x / temperature + Gumbel(row key, vocab id)`, int32 [n].
+def sample_argmax(
+    x: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    """Each row's draw, int32 [n]: where temperature > 0 the argmax of `x / temperature + noise.gumbel(seed,
+    position)` (the division rounded as torch's float32 division rounds it), elsewhere the argmax of `x`.
 
     x: [n, V] logits in any float dtype, rows contiguous (-inf entries are never chosen); temperature:
-    float32 [n]; row_keys: int64 [n], `noise.row_keys(seed, position)`.
+    float32 [n]; seed: int64 [n] (the uint64 seeds' bits); position: int [n], where the token will sit. The
+    row keys are hashed in the kernel too: as torch ops they were twenty launches of [n] each.
     """
-    return _argmax(x, temperature, row_keys, noise=True)
+    return _argmax(x, temperature, seed, position, noise=True)
 
 
-def _argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, noise: bool) -> torch.Tensor:
+def _argmax(x: torch.Tensor, temperature, seed, position, noise: bool) -> torch.Tensor:
     n, vocab = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
     if n:
@@ -52,7 +56,17 @@ def _argmax(x: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, 
         best = torch.empty(n, chunks, dtype=torch.float32, device=x.device)
         where = torch.empty(n, chunks, dtype=torch.int32, device=x.device)
         _argmax_chunk_kernel[(n, chunks)](
-            x, x.stride(0), temperature, row_keys, best, where, vocab, chunks, BLOCK=ARGMAX_CHUNK, NOISE=noise
+            x,
+            x.stride(0),
+            temperature,
+            seed,
+            position,
+            best,
+            where,
+            vocab,
+            chunks,
+            BLOCK=ARGMAX_CHUNK,
+            NOISE=noise,
         )
         pad = triton.next_power_of_2(chunks)
         _argmax_rows_kernel[(n,)](best, where, out, chunks, CHUNKS_PAD=pad)
@@ -159,7 +173,8 @@ if triton is not None:
         x_ptr,
         stride,
         temp_ptr,
-        key_ptr,
+        seed_ptr,
+        pos_ptr,
         best_ptr,
         where_ptr,
         vocab,
@@ -173,10 +188,16 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         if NOISE:
             t = tl.load(temp_ptr + row)
-            key = tl.load(key_ptr + row).to(tl.uint32)
-            bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
-            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-            x = x / t - tl.log(-tl.log(u))
+            if t > 0:
+                # noise.row_keys, then noise.gumbel's bits and uniform, on uint32 lanes.
+                seed = tl.load(seed_ptr + row).to(tl.int64)
+                lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+                hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+                pos = tl.load(pos_ptr + row).to(tl.uint32)
+                key = _mix32(lo ^ _mix32(hi ^ _mix32(pos ^ 0x1E3779B9)))
+                bits = _mix32(key ^ _mix32(cols.to(tl.uint32) * 0x1E3779B9))
+                u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+                x = tl.math.div_rn(x, t) - tl.log(-tl.log(u))
         x = tl.where(x != x, float("inf"), x)  # NaN: what torch.argmax picks first
         top = tl.max(x, axis=0)
         # Past the vocabulary every entry is -inf: a row of all -inf still finds its first column.

@@ -9,7 +9,7 @@ import torch
 from minisgl.kernels import sampling as fused
 from minisgl.kernels.rounding import available
 from minisgl.sampling.masks import TokenMasks, apply_token_masks
-from minisgl.sampling.noise import gumbel, row_keys, vocab_keys
+from minisgl.sampling.noise import gumbel, vocab_keys
 from minisgl.sampling.params import Joins, SampleMode, SamplePlan, SlotParams
 from minisgl.sampling.penalties import TokenCounts, apply_penalties
 
@@ -106,27 +106,36 @@ class Sampler:
             plan = SamplePlan(mode=plan)
         slots = slots.long()
         logits = self.adjust(logits, slots, plan, masks)
-        # argmax needs no float copy: widening is exact and keeps the order (and the first of equal maxima).
-        on_gpu = available(logits.device) and logits.stride(-1) == 1
-        greedy_ids = fused.argmax(logits) if on_gpu else logits.argmax(dim=-1).int()
+        fused_ok = available(logits.device) and logits.stride(-1) == 1
         if plan.mode == SampleMode.GREEDY:
-            return greedy_ids
-        logits = logits.float()
+            # No float copy: widening is exact and keeps the order (and the first of equal maxima).
+            return fused.argmax(logits) if fused_ok else logits.argmax(dim=-1).int()
         temperature = self.params.temperature[slots]
+        seed = self.params.seed[slots]
+        if plan.mode == SampleMode.FILTERED or plan.min_p:
+            # The filters need the scaled logits; a greedy row (temperature 0) keeps its maximum through
+            # them, so its argmax is the same. Then the draw divides by 1 (sampling rows) or takes the argmax.
+            is_greedy = temperature <= 0
+            scaled = logits.float() / torch.where(is_greedy, 1.0, temperature)[:, None]
+            if plan.mode == SampleMode.FILTERED:
+                scaled = _top_k_top_p(scaled, self.params.top_k[slots], self.params.top_p[slots])
+            if plan.min_p:
+                scaled = _min_p(scaled, self.params.log_min_p[slots])
+            logits, temperature = scaled, (~is_greedy).float()
+        if fused_ok:
+            # One pass: each sampling row divided by its temperature, its noise added, the argmax taken.
+            return fused.sample_argmax(logits, temperature, seed, positions)
+        return self._draw(logits, temperature, seed, positions)
+
+    def _draw(
+        self, logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """`kernels.sampling.sample_argmax` in torch ops (the CPU's path)."""
         is_greedy = temperature <= 0
-        scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
-        if plan.mode == SampleMode.FILTERED:
-            scaled = _top_k_top_p(scaled, self.params.top_k[slots], self.params.top_p[slots])
-        if plan.min_p:
-            scaled = _min_p(scaled, self.params.log_min_p[slots])
-        if available(logits.device):
-            # One kernel instead of [n, V] int64 temporaries; `scaled` already holds the division.
-            keys = row_keys(self.params.seed[slots], positions)
-            sampled = fused.gumbel_argmax(scaled, torch.ones_like(temperature), keys)
-        else:
-            noise = gumbel(self.params.seed[slots], positions, self._keys(logits.shape[-1], logits.device))
-            sampled = (scaled + noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy_ids, sampled).int()
+        scaled = logits.float() / torch.where(is_greedy, 1.0, temperature)[:, None]
+        noise = gumbel(seed, positions, self._keys(logits.shape[-1], logits.device))
+        sampled = (scaled + noise).argmax(dim=-1)
+        return torch.where(is_greedy, logits.argmax(dim=-1), sampled).int()
 
     def adjust(
         self, logits: torch.Tensor, slots: torch.Tensor, plan: SamplePlan, masks: TokenMasks | None = None
