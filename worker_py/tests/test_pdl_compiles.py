@@ -87,14 +87,14 @@ def test_only_launches_inside_launched_early_ask_for_pdl():
 
     from minisgl.kernels import pdl
 
-    assert not pdl.enabled
+    assert not pdl.switch.on
     with pdl.launched_early(True):
-        assert pdl.enabled
+        assert pdl.switch.on
         with pdl.launched_early(False):
-            assert not pdl.enabled
-        assert pdl.enabled
+            assert not pdl.switch.on
+        assert pdl.switch.on
         assert pdl.launch_args(torch.zeros(1)) == {"PDL": False}  # never on the CPU
-    assert not pdl.enabled
+    assert not pdl.switch.on
 
 
 @pytest.mark.parametrize("pdl", [False, True])
@@ -120,9 +120,9 @@ def test_only_norms_inside_into_l2_prefetch():
     from minisgl.kernels import prefetch
 
     x, w = torch.zeros(2, 8), torch.zeros(16, 8)
-    assert not prefetch.enabled
+    assert not prefetch.switch.on
     assert prefetch.launch_args(x, [w])["PREFETCH"] is False
     with prefetch.into_l2(True):
-        assert prefetch.enabled
+        assert prefetch.switch.on
         assert prefetch.launch_args(x, [w])["PREFETCH"] is False  # never on the CPU
-    assert not prefetch.enabled
+    assert not prefetch.switch.on

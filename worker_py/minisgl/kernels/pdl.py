@@ -30,24 +30,31 @@ if triton is not None:
 
 MAX_ROWS = 32  # the largest captured graph launched with it
 
-# Read at every launch; on only inside `launched_early`.
-enabled = False
+
+class LaunchSwitch:
+    """A way of launching that our kernels read at every launch, on only inside `scope(True)` (a graph being
+    captured with it): eager steps never use it."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    @contextlib.contextmanager
+    def scope(self, on: bool) -> Iterator[None]:
+        before, self.on = self.on, on
+        try:
+            yield
+        finally:
+            self.on = before
 
 
-@contextlib.contextmanager
-def launched_early(on: bool) -> Iterator[None]:
-    """Our kernels launched inside the block (a graph being captured) are launched with PDL if `on`."""
-    global enabled
-    before, enabled = enabled, on
-    try:
-        yield
-    finally:
-        enabled = before
+switch = LaunchSwitch()
+# Our kernels launched inside the block are launched with PDL if `on`.
+launched_early = switch.scope
 
 
 def launch_args(t: torch.Tensor) -> dict:
     """The extra arguments of a launch on t's device: the `PDL` constexpr, and Triton's launch option."""
-    if enabled and t.is_cuda and _hopper(t.device.index):
+    if switch.on and t.is_cuda and _hopper(t.device.index):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

@@ -15,12 +15,11 @@ the projections are compute-bound and read each weight once anyway.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from minisgl.kernels.pdl import _hopper
+from minisgl.kernels.pdl import LaunchSwitch, _hopper
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
@@ -29,25 +28,15 @@ if triton is not None:
 MAX_ROWS = 32  # the largest captured graph whose norms prefetch
 REGIONS = 2  # weight tensors a norm kernel may prefetch
 
-# Read at every launch; on only inside `into_l2`.
-enabled = False
-
-
-@contextlib.contextmanager
-def into_l2(on: bool) -> Iterator[None]:
-    """Norm kernels launched inside the block (a graph being captured) prefetch their weights if `on`."""
-    global enabled
-    before, enabled = enabled, on
-    try:
-        yield
-    finally:
-        enabled = before
+switch = LaunchSwitch()
+# Norm kernels launched inside the block prefetch their weights if `on`.
+into_l2 = switch.scope
 
 
 def launch_args(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> dict:
     """The prefetch arguments of a norm kernel's launch on x's device: up to REGIONS weight tensors (their
     address and size in bytes), and the `PREFETCH` constexpr."""
-    if not (enabled and weights and x.is_cuda and _hopper(x.device.index)):
+    if not (switch.on and weights and x.is_cuda and _hopper(x.device.index)):
         return {"pf_a_ptr": x, "pf_a_bytes": 0, "pf_b_ptr": x, "pf_b_bytes": 0, "PREFETCH": False}
     if len(weights) > REGIONS:
         raise ValueError(f"a norm prefetches at most {REGIONS} tensors, got {len(weights)}")
