@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.kernels import norm
+from minisgl.kernels import norm, prefetch
 from minisgl.layers.loading import add_param, copy_checked
 from minisgl.layers.options import LayerOptions
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         more = {}
-        if self._fused and self.prefetch_next:
+        if self._fused and self.prefetch_next and prefetch.switch.on:  # only while a small graph is captured
             more["prefetch_next"] = [m.weight for m in self.prefetch_next]
         if residual is None:
             return self._norm(x, self.weight, self.eps, **more), x
