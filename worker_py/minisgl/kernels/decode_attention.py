@@ -188,7 +188,6 @@ def decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
         FUSED=fused_combine and not direct,
-        DIRECT=direct,
         IEEE_DOT=q.dtype == torch.float32 or INTERPRETED,
         **pdl.launch_args(q),
         num_warps=num_warps,
@@ -292,17 +291,19 @@ if triton is not None:
         PAGE_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         FUSED: tl.constexpr,
-        DIRECT: tl.constexpr,
         IEEE_DOT: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        # The lengths and page tables come from the step's upload, before the graph: no kernel writes them,
+        # so they are read before the wait, which then hides two dependent loads. q and this step's K/V
+        # come from the kernel before.
         length = tl.load(seq_len_ptr + row)
         page_base = tl.load(indptr_ptr + row).to(tl.int64)
         last_page = tl.load(indptr_ptr + row + 1) - page_base - 1
+        wait_previous(PDL)
         share = _share(length, num_splits, min_share, BLOCK_N)
         start = split * share
         end = tl.minimum(start + share, length)
@@ -346,14 +347,11 @@ if triton is not None:
         # split's alone: it writes the output itself, as with one split, and the combine leaves the row be,
         # which saved the partials' round trip and the combine's work at 256 short rows. The fused combine
         # counts every split's arrival, so it always combines.
+        # With one split the share always holds the whole row: every row is alone, no combine needed.
         alone = length <= share
         if FUSED:
             alone = length < 0
-        if DIRECT:
-            # One split holds the whole row (seq_len >= 1): its result is the output, no combine needed.
-            out_ptrs = out_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :]
-            tl.store(out_ptrs, (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
-        elif alone:
+        if alone:
             out_ptrs = out_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :]
             tl.store(
                 out_ptrs, (acc / safe[:, None]).to(out_ptr.dtype.element_ty), mask=(g < rows_out)[:, None]
