@@ -405,9 +405,11 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
-        length = tl.load(seq_len_ptr + row)
+        length = tl.load(seq_len_ptr + row)  # uploaded: no kernel writes it
+        # Every program waits, those with nothing to do too: the kernel after this one waits for this one
+        # only, so this one must not end before the split kernel.
+        wait_previous(PDL)
         # A row its first split held alone has its output already (`_split_kernel`).
         if length > _share(length, num_splits, min_share, BLOCK_N):
             _combine_head(

@@ -36,10 +36,11 @@ if triton is not None:
     ):
         # The next projections' weights into L2 (kernels/prefetch.py), before waiting: no kernel writes them.
         prefetch_weights(pf_a_ptr, pf_a_bytes, pf_b_ptr, pf_b_bytes, PREFETCH)
-        wait_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+        wait_previous(PDL)
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
@@ -47,7 +48,6 @@ if triton is not None:
             tl.store(res_out_ptr + row * n_cols + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         normed = round_to(x * rstd, out_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -4,7 +4,10 @@ memory (`griddepcontrol.wait`). A decode step at a few rows is some 250 kernels 
 without it every one of them also waits for its own launch after the one before ends.
 
 A kernel that takes part has a `PDL` constexpr and calls `wait_previous(PDL)` before it reads or writes
-anything another kernel writes; its launches add `launch_args(tensor)`. Only once past the wait does it let
+anything another kernel writes; what none writes (weights, tables, the step's upload, copied before the
+graph) it may read before, where the wait hides those loads. Every program calls it, even one with nothing
+to do: a kernel's wait covers only the kernel before it, so one that ended early would let the next run
+ahead of the kernels before. Its launches add `launch_args(tensor)`. Only once past the wait does it let
 the next kernel be scheduled: at most two kernels are in flight, the later one waiting. A kernel without the
 attribute (cuBLAS, torch's) is launched as always, after the one before it ends.
 

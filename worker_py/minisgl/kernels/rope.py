@@ -43,18 +43,20 @@ if triton is not None:
         QK_NORM: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        wait_previous(PDL)
         tok = tl.program_id(0).to(tl.int64)
         half: tl.constexpr = D // 2
         h = tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, half)[None, :]
         row = qkv_ptr + tok * (NQ + 2 * NKV) * D
+        # The step's positions and locations (uploaded) and the rotary tables: no kernel writes them, so they
+        # are read before the wait.
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         loc = tl.load(loc_ptr + tok).to(tl.int64)
         cos1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
         cos2 = tl.load(cos_ptr + pos * D + half + d).to(tl.float32)
         sin1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         sin2 = tl.load(sin_ptr + pos * D + half + d).to(tl.float32)
+        wait_previous(PDL)
         dt = q_out_ptr.dtype.element_ty
         # Rows 0..NQ-1 of the tile are q heads, NQ..NQ+NKV-1 k heads: both rotate.
         rot = h < NQ + NKV

@@ -228,6 +228,15 @@ if triton is not None:
         pair_rows = w_ptr + pair_cols.to(tl.int64)[:, None] * K
         k_lo = split * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
+        # What no kernel writes (the bias; the step's positions and KV locations, which the upload wrote) is
+        # read before the wait, so the epilogue does not wait for those loads.
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            if ROPE:
+                bias2 = tl.load(b_ptr + pair_cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if ROPE:
+            pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
+            loc = tl.load(loc_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
         wait_previous(PDL)
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
@@ -270,9 +279,9 @@ if triton is not None:
         if SPLIT_K > 1:
             out_mask = out_mask & tile_last
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            acc += bias
             if ROPE:
-                acc2 += tl.load(b_ptr + pair_cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                acc2 += bias2
         if SILU_MUL:
             gate = round_to(acc, dt)
             acc = round_to(gate / (1.0 + tl.exp(-gate)), dt) * round_to(acc2, dt)
@@ -282,12 +291,11 @@ if triton is not None:
                 round_to(acc2, dt),
                 pid,
                 rows,
-                row_ok,
                 out_mask,
-                pos_ptr,
+                pos,
                 cos_ptr,
                 sin_ptr,
-                loc_ptr,
+                loc,
                 out_ptr,
                 k_cache_ptr,
                 v_cache_ptr,
@@ -304,12 +312,11 @@ if triton is not None:
         x2,
         head,
         rows,
-        row_ok,
         mask,
-        pos_ptr,
+        pos,
         cos_ptr,
         sin_ptr,
-        loc_ptr,
+        loc,
         q_ptr,
         k_cache_ptr,
         v_cache_ptr,
@@ -318,12 +325,11 @@ if triton is not None:
         HALF: tl.constexpr,
     ):
         """Head `head` of q/k/v for each row (x1, x2: its two halves, [HALF, 16], rounded as the projection's
-        output): q and k rotated as `rope.rope_store_kv` rotates them; q to the attention's input, k and v to
-        the cache at the rows' locations."""
+        output; pos, loc: the rows' positions and KV locations, [1, 16] int64): q and k rotated as
+        `rope.rope_store_kv` rotates them; q to the attention's input, k and v to the cache at `loc`."""
         D: tl.constexpr = 2 * HALF
         dt = q_ptr.dtype.element_ty
         d = tl.arange(0, HALF)[:, None]
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
         if head < NQ + NKV:
             cos1 = tl.load(cos_ptr + pos * D + d, mask=mask, other=0.0).to(tl.float32)
             cos2 = tl.load(cos_ptr + pos * D + HALF + d, mask=mask, other=0.0).to(tl.float32)
@@ -336,7 +342,6 @@ if triton is not None:
         if head < NQ:
             dst = q_ptr + rows[None, :] * NQ * D + head * D + d
         else:
-            loc = tl.load(loc_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
             if head < NQ + NKV:
                 dst = k_cache_ptr + loc * NKV * D + (head - NQ) * D + d
             else:
