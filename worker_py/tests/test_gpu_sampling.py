@@ -84,3 +84,30 @@ def test_the_device_path_draws_what_the_cpu_path_draws(device, dtype):
     # order).
     full = torch.log_softmax(logits.float(), dim=-1)
     torch.testing.assert_close(full.gather(1, d_ids.cpu().long()), d_values.cpu(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_draw_compiles_once_whatever_the_offsets_of_its_arrays():
+    """The positions come as a slice of the step's packed upload at any offset, and the rows' count changes
+    from step to step: neither may compile a variant of the kernels in the middle of serving."""
+    from minisgl.kernels import sampling as fused
+
+    kernels = (fused._argmax_chunk_kernel, fused._argmax_rows_kernel)
+    device = torch.cuda.current_device()
+    if not all(hasattr(k, "device_caches") for k in kernels):
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    logits = torch.randn(16, VOCAB, device="cuda", dtype=torch.bfloat16)
+    packed = torch.arange(64, dtype=torch.int32, device="cuda")
+    temperature = torch.full((32,), 0.7, device="cuda")
+    seed = torch.arange(16, dtype=torch.int64, device="cuda")
+
+    def compiled() -> list[int]:
+        return [len(k.device_caches[device][0]) for k in kernels]
+
+    fused.sample_argmax(logits[:3], temperature[:3], seed[:3], packed[:3])
+    before = compiled()
+    for offset in range(1, 9):
+        for n in (1, 5, 16):
+            fused.sample_argmax(logits[:n], temperature[offset : offset + n], seed[:n], packed[offset:][:n])
+    torch.cuda.synchronize()
+    assert compiled() == before

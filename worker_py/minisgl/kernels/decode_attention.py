@@ -389,7 +389,7 @@ if triton is not None:
                         )
                     tl.store(counter, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq_len_ptr"])  # a slice of the packed upload, as in `_split_kernel`
     def _combine_kernel(
         part_o_ptr,
         part_lse_ptr,

@@ -137,7 +137,9 @@ if triton is not None:
         minus_inf = tl.full([BLOCK], float("-inf"), tl.float32)
         tl.store(x_ptr + row * stride + cols, minus_inf, mask=inside & ~allowed)
 
-    @triton.jit
+    # The slots are a slice of the step's packed buffer at any offset: specialising on their alignment would
+    # compile a variant per offset class in the middle of serving.
+    @triton.jit(do_not_specialize=["slot_ptr"])
     def _penalty_kernel(
         x_ptr,
         counts_ptr,
@@ -168,7 +170,10 @@ if triton is not None:
         x = x - pres * (generated > 0).to(tl.float32)
         tl.store(x_ptr + row * vocab + cols, x, mask=mask)
 
-    @triton.jit
+    # The positions are a slice of the step's packed buffer at any offset (the temperatures and seeds are
+    # gathered, but may be too): a variant compiled per alignment class took a second inside a served step
+    # (the nano-vllm workload on an H100, 2026-12-08).
+    @triton.jit(do_not_specialize=["temp_ptr", "seed_ptr", "pos_ptr"])
     def _argmax_chunk_kernel(
         x_ptr,
         stride,
