@@ -64,8 +64,6 @@ CONFIGS = {
     "extend_graphs": {"extend_graph_tokens": 8192},
     # The same, with the small extend steps in the extend graphs too, not as one decode row per token.
     "no_token_rows": {"token_graph_tokens": 0},
-    # The same, with the norms of small graphs prefetching the next projections' weights into L2.
-    "l2_prefetch": {"l2_prefetch": True},
     # Our Triton kernels for every step's attention, eager extend steps included: no FlashInfer.
     "triton_attention": {"attention": "triton"},
 }
@@ -490,17 +488,11 @@ def timed_parts(runner: ModelRunner):
     {part: [seconds per call]}."""
     parts = {
         "graph_for": (runner, "_graph_for"),
-        "  token_rows": (runner, "_as_token_rows"),
         "upload": (runner.uploader, "upload"),
-        "  copies": (runner.uploader, "_copy"),
         "queue_forward": (runner, "_queue_forward"),
-        "upload_joins": (runner.uploader, "upload_joins"),
         "joins": (runner, "_apply_joins"),
         "sampling_plan": (runner.sampler, "plan_for"),
     }
-    if runner.graphs is not None:
-        for name in ("replay", "replay_hidden", "replay_extend", "replay_sampling", "replay_last_sampling"):
-            parts[f"  {name}"] = (runner.graphs, name)
     times = {name: [] for name in parts}
 
     def timed(name, fn):

@@ -72,20 +72,6 @@ def prefill_logits(model_dir, prompt):
     return runner.forward_logits(StepBuilder(16, 4).extend([(0, prompt)]))[0]
 
 
-def test_each_norm_prefetches_the_projections_after_it(tied_dir):
-    """CausalLM.plan_prefetch (kernels/prefetch.py): a layer's first norm names o and gate/up, its second
-    down and the next layer's q/k/v; the last layer's second norm down alone."""
-    model = load_model(tied_dir, FP32, "cpu", show_progress=False)
-    layers = list(model.model.layers)
-    assert len(layers) >= 2
-    for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        assert layer.input_layernorm.prefetch_next == (attn.o_proj, mlp.gate_up_proj)
-        after = (layers[i + 1].self_attn.qkv_proj,) if i + 1 < len(layers) else ()
-        assert layer.post_attention_layernorm.prefetch_next == (mlp.down_proj, *after)
-    assert model.model.norm.prefetch_next == ()
-
-
 def test_bf16_checkpoint_runs_in_fp32(tmp_path):
     model_dir = make_tiny_qwen(tmp_path, seed=2, dtype=torch.bfloat16)
     assert next(iter(load_file(model_dir / "model.safetensors").values())).dtype == torch.bfloat16

@@ -28,7 +28,7 @@ KERNELS = {
     "norm": (
         norm._rms_norm_kernel,
         {"eps": "fp32", "x_ptr": "*bf16", "res_ptr": "*bf16", "res_out_ptr": "*bf16", "w_ptr": "*bf16"},
-        {"HAS_RES": True, "BLOCK": 1024, "PREFETCH": False},
+        {"HAS_RES": True, "BLOCK": 1024},
     ),
     "silu_and_mul": (activation._silu_and_mul_kernel, {"x_ptr": "*bf16"}, {"BLOCK": 1024}),
     "rope_store": (
@@ -110,34 +110,3 @@ def test_only_launches_inside_launched_early_ask_for_pdl():
         assert pdl.switch.on
         assert pdl.launch_args(torch.zeros(1)) == {"PDL": False}  # never on the CPU
     assert not pdl.switch.on
-
-
-@pytest.mark.parametrize("pdl", [False, True])
-def test_a_norm_that_prefetches_asks_before_it_waits(pdl):
-    """kernels/prefetch.py: program 0 asks for both weight regions with bulk prefetches into L2, before the
-    wait for the kernel before it (weights are written by no kernel); without PREFETCH there is none."""
-    kernel, types, constexprs = KERNELS["norm"]
-    types = types | {"pf_a_ptr": "*bf16", "pf_b_ptr": "*bf16"}
-    ptx = compile_for_hopper(kernel, types, constexprs | {"PDL": pdl, "PREFETCH": True})
-    code = [line for line in ptx.splitlines() if ".loc" not in line]
-    asks = [i for i, line in enumerate(code) if "cp.async.bulk.prefetch.L2.global" in line]
-    assert len(asks) == 2
-    if pdl:
-        wait = next(i for i, line in enumerate(code) if "griddepcontrol.wait" in line)
-        assert max(asks) < wait
-    plain = compile_for_hopper(kernel, types, constexprs | {"PDL": pdl})
-    assert "cp.async.bulk.prefetch" not in plain
-
-
-def test_only_norms_inside_into_l2_prefetch():
-    import torch
-
-    from minisgl.kernels import prefetch
-
-    x, w = torch.zeros(2, 8), torch.zeros(16, 8)
-    assert not prefetch.switch.on
-    assert prefetch.launch_args(x, [w])["PREFETCH"] is False
-    with prefetch.into_l2(True):
-        assert prefetch.switch.on
-        assert prefetch.launch_args(x, [w])["PREFETCH"] is False  # never on the CPU
-    assert not prefetch.switch.on

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.kernels import pdl, prefetch
+from minisgl.kernels import pdl
 from minisgl.kernels.rounding import triton
 
 if triton is not None:
     import triton.language as tl
 
     from minisgl.kernels.pdl import wait_previous
-    from minisgl.kernels.prefetch import prefetch_weights
     from minisgl.kernels.rounding import round_to
 
     @triton.jit
@@ -25,17 +24,10 @@ if triton is not None:
         out_ptr,
         eps,
         n_cols,
-        pf_a_ptr,
-        pf_a_bytes,
-        pf_b_ptr,
-        pf_b_bytes,
         HAS_RES: tl.constexpr,
         BLOCK: tl.constexpr,
         PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
     ):
-        # The next projections' weights into L2 (kernels/prefetch.py), before waiting: no kernel writes them.
-        prefetch_weights(pf_a_ptr, pf_a_bytes, pf_b_ptr, pf_b_bytes, PREFETCH)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -65,9 +57,8 @@ def add_rms_norm_reference(
     return rms_norm_reference(x, weight, eps), x
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, prefetch_next=()) -> torch.Tensor:
-    """x [t, H] contiguous -> RMSNorm(x) [t, H]. `prefetch_next`: weights the kernel may bring into L2 for
-    the kernels after it (kernels/prefetch.py)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [t, H] contiguous -> RMSNorm(x) [t, H]."""
     out = torch.empty_like(x)
     if x.shape[0]:
         block = triton.next_power_of_2(x.shape[1])
@@ -82,13 +73,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, prefetch_next=()
             HAS_RES=False,
             BLOCK=block,
             **pdl.launch_args(x),
-            **prefetch.launch_args(x, prefetch_next),
         )
     return out
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch_next=()
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + x), residual + x); the sum rounded to x's dtype as the eager add rounds it."""
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
@@ -105,6 +95,5 @@ def add_rms_norm(
             HAS_RES=True,
             BLOCK=block,
             **pdl.launch_args(x),
-            **prefetch.launch_args(x, prefetch_next),
         )
     return out, new_residual

@@ -55,22 +55,6 @@ class CausalLM(nn.Module):
         self.model = DecoderStack(layers, config, options)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, options, tied=tied)
-        self.plan_prefetch()
-
-    def plan_prefetch(self) -> None:
-        """Which weights each norm brings into L2 ahead of the kernels that read them (kernels/prefetch.py),
-        where a graph of a small step turns it on: a layer's first norm those of o and gate/up, which run
-        after the attention; its second norm down's, and the next layer's q/k/v. A layer without these
-        projections (a mixture of experts' MLP) prefetches what it has."""
-        layers = list(self.model.layers)
-        for i, layer in enumerate(layers):
-            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-            after = getattr(layers[i + 1], "self_attn", None) if i + 1 < len(layers) else None
-            first = (getattr(attn, "o_proj", None), getattr(mlp, "gate_up_proj", None))
-            second = (getattr(mlp, "down_proj", None), getattr(after, "qkv_proj", None))
-            for norm, targets in (("input_layernorm", first), ("post_attention_layernorm", second)):
-                if hasattr(layer, norm):
-                    getattr(layer, norm).prefetch_next = tuple(t for t in targets if t is not None)
 
     def make_layer(self, config: ModelConfig, layer: int, options: LayerOptions) -> nn.Module:
         """Decoder layer `layer`: `forward(x, residual, positions, attn) -> (x, residual)`."""

@@ -87,11 +87,6 @@ class WorkerConfig:
         "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
         "is scheduled while the one before it still runs, hiding its launch (docs/architecture.md)",
     )
-    l2_prefetch: bool = opt(
-        False,
-        "in the graphs of small steps each norm kernel first asks for the next projections' weights to be "
-        "brought into L2 (Hopper's bulk prefetch; kernels/prefetch.py)",
-    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

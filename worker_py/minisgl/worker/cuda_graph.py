@@ -22,16 +22,14 @@ states, and copy each request's last one, its slot and its length to `last_rows`
 "last-row" graphs, one per batch size and sampling mode, run the LM head over those rows and sample them.
 
 With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
-dependent launch (`kernels/pdl.py`); with `l2_prefetch` those of at most `kernels.prefetch.MAX_ROWS` rows
-have their norm kernels prefetch the next projections' weights into L2 (`kernels/prefetch.py`).
+dependent launch (`kernels/pdl.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
@@ -40,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.kernels import pdl, prefetch
+from minisgl.kernels import pdl
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
@@ -89,11 +87,9 @@ class DecodeGraphs:
         extend_sizes: list[int] = (),
         extend_reqs: int = 0,
         launch_early: bool = False,
-        l2_prefetch: bool = False,
     ) -> None:
         self._forward = forward
         self._launch_early = launch_early
-        self._l2_prefetch = l2_prefetch
         self._sample = sample
         self._hidden = hidden
         self.last_rows = last_rows
@@ -169,7 +165,7 @@ class DecodeGraphs:
         )
         for rows, kind in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
             if kind == LAST_ROWS:  # reads last_rows only: nothing to upload or plan
-                with self._launch_options(rows):
+                with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
                     for mode in SampleMode:
                         run = partial(self._sample_last, rows, mode)
                         self._last_graphs[rows, mode], self._last_sampled[rows, mode] = _capture(run, pool)
@@ -182,7 +178,7 @@ class DecodeGraphs:
             else:
                 self._attn.plan_graph(batch, rows, token_rows=kind == TOKEN_ROWS)
             self._uploader.finish()
-            with self._launch_options(rows):
+            with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
                 self._capture_size(batch, rows, kind, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -198,16 +194,6 @@ class DecodeGraphs:
             len(self._last_graphs),
         )
         return seconds
-
-    @contextlib.contextmanager
-    def _launch_options(self, rows: int) -> Iterator[None]:
-        """How the kernels of a graph of `rows` rows are launched: early (PDL), and with the norms'
-        prefetches, each only in the small graphs it measured faster in."""
-        with (
-            pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS),
-            prefetch.into_l2(self._l2_prefetch and rows <= prefetch.MAX_ROWS),
-        ):
-            yield
 
     @property
     def last_row_sizes(self) -> list[int]:

@@ -185,7 +185,6 @@ class ModelRunner:
                 extend_sizes=self._extend_graph_sizes(),
                 extend_reqs=cfg.max_batch,
                 launch_early=cfg.pdl,
-                l2_prefetch=cfg.l2_prefetch,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
