@@ -56,6 +56,8 @@ CONFIGS = {
     "default": {},
     # The same, with the sampling run eagerly after each replayed graph (the default before 2026-12-06).
     "eager_sampling": {"graph_sampling": False},
+    # Decode graphs planned for 128-token contexts: one attention kernel, no split, no combine.
+    "short_context": {"decode_graph_context": 128},
     # The same, with every extend step run eagerly (the default before 2026-12-06).
     "eager_extend": {"extend_graphs": False},
     # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).

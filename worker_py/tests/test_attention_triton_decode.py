@@ -209,6 +209,7 @@ def test_splits_for_fills_small_batches_and_cuts_long_contexts():
     from minisgl.kernels.decode_attention import MAX_SPLITS, splits_for
 
     assert splits_for(1, 64) == 1  # one block of tokens: nothing to share
+    assert splits_for(1, 128) == 1  # --decode-graph-context 128: a graph with no split and no combine
     assert splits_for(256, 160) == 1  # 512 programs already fill 132 SMs
     assert splits_for(1, 2048) > splits_for(64, 2048) > 1
     assert splits_for(140, 2048) >= 4  # no share longer than 512 tokens

@@ -66,3 +66,9 @@ def test_graph_token_limits_take_zero_and_refuse_negatives(name):
     parse([flag, "0"]).validate()
     with pytest.raises(ValueError, match=f"{name} must be 0"):
         parse([flag, "-1"]).validate()
+
+
+def test_the_decode_graphs_context_takes_a_positive_count():
+    assert parse(["--decode-graph-context", "128"]).decode_graph_context == 128
+    with pytest.raises(ValueError, match="decode_graph_context must be positive"):
+        parse(["--decode-graph-context", "0"])

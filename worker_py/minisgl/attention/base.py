@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from minisgl.attention.registry import DEFAULT_GRAPH_CONTEXT
 from minisgl.worker.batch import ForwardBatch
 from minisgl.worker.kv_cache import KVCache
 
@@ -30,6 +31,9 @@ class AttentionConfig:
     num_kv_heads: int
     head_dim: int
     page_size: int
+    # The context a decode graph's attention is planned for: the Triton kernel splits longer ones into more
+    # shares (`decode_attention.split_plan`); others ignore it.
+    graph_context: int = DEFAULT_GRAPH_CONTEXT
 
     @property
     def scale(self) -> float:

@@ -7,6 +7,9 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
+# The context a decode graph's attention is planned for unless told (`--decode-graph-context`).
+DEFAULT_GRAPH_CONTEXT = 4096
+
 
 @dataclass(frozen=True)
 class BackendInfo:

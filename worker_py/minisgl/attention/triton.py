@@ -18,7 +18,6 @@ from minisgl.kernels import decode_attention, extend_attention
 from minisgl.worker.batch import ForwardBatch
 from minisgl.worker.kv_cache import KVCache
 
-GRAPH_CONTEXT_HINT = 4096  # the context a decode graph's split count is chosen for
 # The context a token-row graph's split count is chosen for: its rows are mostly a prompt's own tokens, so
 # one split each once the rows fill the GPU (splitting 512 rows of 32 tokens eight ways took 21 us a layer).
 TOKEN_CONTEXT_HINT = 512
@@ -47,7 +46,7 @@ class TritonBackend(AttentionBackend):
             self.plan_extend_graph(batch)
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
-        self._graph_splits = {(b, False): self._split_plan(b, GRAPH_CONTEXT_HINT) for b in sizes}
+        self._graph_splits = {(b, False): self._split_plan(b, self.config.graph_context) for b in sizes}
         self._graph_splits |= {(b, True): self._split_plan(b, TOKEN_CONTEXT_HINT) for b in token_sizes}
 
     def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:

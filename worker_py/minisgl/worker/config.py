@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from minisgl.attention.registry import DECODE_CHOICES, PREFILL_CHOICES
+from minisgl.attention.registry import DECODE_CHOICES, DEFAULT_GRAPH_CONTEXT, PREFILL_CHOICES
 from minisgl.flags import opt
 from minisgl.tp import MAX_RANKS
 
@@ -82,6 +82,13 @@ class WorkerConfig:
         "(docs/architecture.md)",
         metavar="N",
     )
+    decode_graph_context: int = opt(
+        DEFAULT_GRAPH_CONTEXT,
+        "the context (tokens) a decode graph's attention is split for: the split count that fills the GPU "
+        "at N tokens, used for every step the graph replays; at N <= 128 a graph's attention is one kernel "
+        "with no split (--decode-attention triton)",
+        metavar="N",
+    )
     pdl: bool = opt(
         True,
         "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
@@ -121,7 +128,7 @@ class WorkerConfig:
         for name in ("token_graph_tokens", "extend_graph_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
-        for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp"):
+        for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp", "decode_graph_context"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

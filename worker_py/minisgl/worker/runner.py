@@ -148,7 +148,9 @@ class ModelRunner:
         self.attn = create_backend(
             cfg.attention,
             cfg.decode_attention,
-            AttentionConfig(mc.num_heads // cfg.tp, kv_heads, mc.head_dim, cfg.page_size),
+            AttentionConfig(
+                mc.num_heads // cfg.tp, kv_heads, mc.head_dim, cfg.page_size, cfg.decode_graph_context
+            ),
             self.kv_cache,
         )
         scratch_slot = cfg.max_batch
