@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from minisgl.kernels import activation, norm, rope  # noqa: E402
+from minisgl.kernels import activation, embed, norm, rope  # noqa: E402
 from minisgl.kernels import decode_attention as attention  # noqa: E402
 from minisgl.kernels import extend_attention as extend  # noqa: E402
 
@@ -31,6 +31,11 @@ KERNELS = {
         {"HAS_RES": True, "BLOCK": 1024},
     ),
     "silu_and_mul": (activation._silu_and_mul_kernel, {"x_ptr": "*bf16"}, {"BLOCK": 1024}),
+    "resolve, record, embed": (
+        embed._resolve_record_embed_kernel,
+        {"ids_ptr": "*i32", "last_ptr": "*i32", "record_ptr": "*i32", "loc_ptr": "*i32"},
+        {"BLOCK": 1024},
+    ),
     "rope_store": (
         rope._rope_store_kernel,
         {"eps": "fp32", "pos_ptr": "*i32", "loc_ptr": "*i32"},
@@ -83,7 +88,7 @@ def test_a_kernel_launched_early_waits_for_the_one_before(name, pdl):
 
 
 # Kernels that read something no kernel writes (the step's upload, weights and tables) before their wait.
-READS_EARLY = ["norm", "rope_store", "attention split", "attention combine"]
+READS_EARLY = ["resolve, record, embed", "norm", "rope_store", "attention split", "attention combine"]
 
 
 @pytest.mark.parametrize("name", READS_EARLY)

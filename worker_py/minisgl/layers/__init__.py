@@ -2,7 +2,7 @@
 chooses its kernels when it is built (`LayerOptions`)."""
 
 from minisgl.layers.attention import Attention
-from minisgl.layers.embedding import LMHead, VocabEmbedding
+from minisgl.layers.embedding import LMHead, StepTokens, VocabEmbedding
 from minisgl.layers.linear import Linear
 from minisgl.layers.mlp import GatedMLP
 from minisgl.layers.moe import MoE
@@ -20,5 +20,6 @@ __all__ = [
     "RMSNorm",
     "RopeScaling",
     "RotaryEmbedding",
+    "StepTokens",
     "VocabEmbedding",
 ]

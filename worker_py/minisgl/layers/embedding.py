@@ -10,11 +10,13 @@ the position and the vocabulary id).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.kernels import small_m
+from minisgl.kernels import embed, small_m
 from minisgl.layers import comm
 from minisgl.layers.loading import add_param, copy_checked
 from minisgl.layers.options import LayerOptions
@@ -36,17 +38,32 @@ class _VocabSlice:
         weight[real:].zero_()
 
 
+class StepTokens(NamedTuple):
+    """How a step's input ids reach the embedding: an id -(s + 1) means the token slot s sampled last
+    (`last_token[s]`), and every resolved id is recorded at its token's KV location (`record[out_loc]`)."""
+
+    last_token: torch.Tensor
+    record: torch.Tensor
+    out_loc: torch.Tensor
+
+
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, options: LayerOptions) -> None:
         super().__init__()
         self.slice = _VocabSlice(vocab_size, options)
         self.tp_dim = 0
         add_param(self, "weight", (self.slice.rows, hidden_size), options.dtype, self._load)
+        self._fused = options.fused
 
     def _load(self, tensor: torch.Tensor, _shard: object) -> None:
         self.slice.load_rows(self.weight.data, tensor, "embedding")
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, step: StepTokens | None = None) -> torch.Tensor:
+        """The rows of `ids`; with `step`, the ids are resolved and recorded first (`StepTokens`)."""
+        if step is not None:
+            if self._fused and self.slice.ranks == 1:
+                return embed.resolve_record_embed(ids, *step, self.weight)
+            ids = embed.resolve_and_record(ids, *step)
         if self.slice.ranks == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.slice.start

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.layers import LayerOptions, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
+from minisgl.layers import LayerOptions, LMHead, RMSNorm, RotaryEmbedding, StepTokens, VocabEmbedding
 from minisgl.layers.loading import ALL
 from minisgl.models.config import ModelConfig
 
@@ -61,10 +61,15 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        step: StepTokens | None = None,
     ) -> torch.Tensor:
-        """Final hidden states of every new token: [t, hidden]."""
-        x, residual = self.model.embed_tokens(input_ids), None
+        """Final hidden states of every new token: [t, hidden]. With `step` the ids name slots' last tokens
+        too, and are recorded beside their K/V (`StepTokens`)."""
+        x, residual = self.model.embed_tokens(input_ids, step), None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, attn)
         return self.model.norm(x, residual)[0]

@@ -15,7 +15,7 @@ from minisgl.attention import BACKENDS, create_backend
 from minisgl.attention.base import AttentionConfig
 from minisgl.kernels import small_m
 from minisgl.kernels.rounding import available as kernels_available
-from minisgl.layers import LayerOptions
+from minisgl.layers import LayerOptions, StepTokens
 from minisgl.models import ModelConfig, load_model
 from minisgl.proto.step import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Logprobs, PromptLogprobs
 from minisgl.sampling import Joins, Sampler, masks
@@ -425,10 +425,8 @@ class ModelRunner:
 
     def _forward_hidden(self, batch: ForwardBatch) -> torch.Tensor:
         """The model's last hidden state at every new token of the step, [t, hidden]."""
-        ids = batch.input_ids
-        ids = torch.where(ids >= 0, ids, self.last_token[(-1 - ids).clamp(min=0)])
-        self.kv_cache.token_ids[batch.out_loc] = ids
-        return self.model(ids, batch.positions, self.attn)
+        step = StepTokens(self.last_token, self.kv_cache.token_ids, batch.out_loc)
+        return self.model(batch.input_ids, batch.positions, self.attn, step)
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top: int, turn: int
