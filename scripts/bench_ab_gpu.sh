@@ -18,6 +18,8 @@
 #   AB_WORKLOADS  default seed,single,decode1,decode16,decode256,prefill16,nanovllm (`minisgl bench offline --workloads`)
 #   AB_ROUNDS     rounds of (new, base), default 2
 #   AB_BUDGET_S   no engine starts past this many seconds, default 480 (a device call may run 600)
+#   AB_NEW_FLAGS, AB_BASE_FLAGS   more `minisgl serve` flags for each engine, e.g. to compare two settings of
+#                 one tree: `prepare HEAD`, then AB_NEW_FLAGS="--extend-graph-tokens 8192"
 #   BENCH_DEVICE  cpu: a dry run on a machine without a GPU (a tiny random model, the tiny workloads)
 #   PYTHON        the interpreter, default python3 (a dry run here: PYTHON=.venv/bin/python)
 set -uo pipefail
@@ -68,22 +70,23 @@ else
   args=(--random-weights --tokenizer-dir "$tok" --workloads "$workloads")
   nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | sed 's/^/[gpu] /'
 fi
-say "this tree ($(git log -1 --format=%h 2>/dev/null || echo '?')) against $(cat .peers/base/REV)"
+say "this tree ($(git log -1 --format=%h 2>/dev/null || echo '?')) ${AB_NEW_FLAGS:-} against $(cat .peers/base/REV) ${AB_BASE_FLAGS:-}"
 for ((round = 0; round < ${AB_ROUNDS:-2}; round++)); do
   for engine in new base; do
     if [ "$SECONDS" -gt "${AB_BUDGET_S:-480}" ]; then
       say "skipping $engine, round $round: past ${AB_BUDGET_S:-480} s"
       continue
     fi
-    worker=$PWD/worker_py sched=$MINISGL_SCHED
+    worker=$PWD/worker_py sched=$MINISGL_SCHED flags=${AB_NEW_FLAGS:-}
     if [ "$engine" = base ]; then
+      flags=${AB_BASE_FLAGS:-}
       worker=$PWD/.peers/base/worker_py
       [ -x .peers/base/minisgl-sched ] && sched=$PWD/.peers/base/minisgl-sched
     fi
     say "$engine, round $round"
     PYTHONPATH=$worker${PYTHONPATH:+:$PYTHONPATH} MINISGL_SCHED=$sched timeout 150 "$PYTHON" -m minisgl.bench \
       offline "${args[@]}" --no-progress --label "$engine" --out "$OUT/ab_$engine.$round.json" \
-      --engine-flags "--log-level info,scheduler::engine=debug" >"$OUT/ab_$engine.$round.log" 2>&1
+      --engine-flags "--log-level info,scheduler::engine=debug${flags:+ $flags}" >"$OUT/ab_$engine.$round.log" 2>&1
     grep -v "scheduler::engine" "$OUT/ab_$engine.$round.log" | tail -3
   done
 done
