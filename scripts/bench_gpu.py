@@ -56,6 +56,8 @@ CONFIGS = {
     "default": {},
     # The same, with the sampling run eagerly after each replayed graph (the default before 2026-12-06).
     "eager_sampling": {"graph_sampling": False},
+    # small_m's programs ask for their own weight tiles into L2 before waiting (graphs of up to 16 rows).
+    "prefetch_weights": {"prefetch_weights": True},
     # Decode graphs planned for 128-token contexts: one attention kernel, no split, no combine.
     "short_context": {"decode_graph_context": 128},
     # The same, with every extend step run eagerly (the default before 2026-12-06).

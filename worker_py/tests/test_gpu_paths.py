@@ -294,10 +294,12 @@ def test_graph_logits_equal_eager_logits(model_dir):
     assert rel_err(got, want) < 1e-2
 
 
-def test_graphs_launched_early_compute_what_the_others_do(model_dir):
-    """With PDL (kernels/pdl.py) a kernel starts early but waits for the one before: the same bits."""
-    on = runner(model_dir, cuda_graphs=True, pdl=True)  # captures its small graphs with PDL launches
-    off = runner(model_dir, cuda_graphs=True, pdl=False)
+@pytest.mark.parametrize("option", ["pdl", "prefetch_weights"])
+def test_graphs_launched_early_compute_what_the_others_do(model_dir, option):
+    """With PDL (kernels/pdl.py) a kernel starts early but waits for the one before; with small_m's weight
+    prefetch its programs first ask for their weights into L2: the same bits either way."""
+    on = runner(model_dir, cuda_graphs=True, **{option: True})  # its small graphs captured with the option
+    off = runner(model_dir, cuda_graphs=True, **{option: False})
     steps_on, steps_off = list(mixed_steps(4)), list(mixed_steps(4))
     for step_on, step_off in zip(steps_on[:-1], steps_off[:-1], strict=True):
         assert on.run_step(step_on).tolist() == off.run_step(step_off).tolist()

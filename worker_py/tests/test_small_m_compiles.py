@@ -14,8 +14,8 @@ from minisgl.kernels import small_m  # noqa: E402
 
 KERNEL = small_m._small_m_kernel
 INTS = ("M", "N", "K", "stride_x", "k_per_split")
-SWITCHES = ("HAS_BIAS", "SILU_MUL", "ROPE", "PDL")
-OFF = dict.fromkeys(SWITCHES, False) | {"NQ": 0, "NKV": 0}
+SWITCHES = ("HAS_BIAS", "PREFETCH", "SILU_MUL", "ROPE", "PDL")
+OFF = dict.fromkeys(SWITCHES, False) | {"NQ": 0, "NKV": 0, "LINE": 64}
 # name -> constexprs, as _launch sets them for Qwen2.5-0.5B's projections
 VARIANTS = {
     "o": dict(OFF, SPLIT_K=1, BLOCK_N=16, BLOCK_K=256),
@@ -25,6 +25,10 @@ VARIANTS = {
     "q/k/v with RoPE, split-K, PDL": dict(
         OFF, HAS_BIAS=True, ROPE=True, NQ=14, NKV=2, PDL=True, SPLIT_K=4, BLOCK_N=32, BLOCK_K=256
     ),
+    "gate/up with SiLU, prefetched, PDL": dict(
+        OFF, SILU_MUL=True, PREFETCH=True, PDL=True, SPLIT_K=1, BLOCK_N=32, BLOCK_K=128
+    ),
+    "down, split-K, prefetched, PDL": dict(OFF, PREFETCH=True, PDL=True, SPLIT_K=8, BLOCK_N=64, BLOCK_K=256),
 }
 
 
@@ -65,3 +69,15 @@ def test_small_m_compiles_for_hopper_with_pipelined_weight_loads(variant):
     assert ptx.count("cp.async") >= 8, variant
     # Launched with PDL, it waits for the kernel before it first (kernels/pdl.py); else it has no such wait.
     assert ("griddepcontrol.wait" in ptx) == VARIANTS[variant]["PDL"]
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if VARIANTS[v]["PREFETCH"]])
+def test_a_prefetching_tile_asks_for_its_weights_before_it_waits(variant):
+    """--prefetch-weights: the program's L2 prefetches of its weight tile come before the wait for the kernel
+    before it (weights are written by no kernel), and without PREFETCH there are none."""
+    ptx = compile_for_hopper(VARIANTS[variant]).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert "prefetch.global.L2" in ptx[:wait]
+    assert "prefetch.global.L2" not in ptx[wait:]
+    plain = compile_for_hopper(dict(VARIANTS[variant], PREFETCH=False)).asm["ptx"]
+    assert "prefetch.global.L2" not in plain

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from minisgl.kernels import pdl
+from minisgl.kernels.pdl import LaunchSwitch
 from minisgl.kernels.rope import RopeStore
 from minisgl.kernels.rounding import triton
 
@@ -40,6 +41,15 @@ if triton is not None:
     import triton.language as tl
 
 MAX_ROWS = 16  # tl.dot's smallest tile: the input is padded to it
+
+# An experiment, off unless a graph is captured inside `prefetched(True)` (`--prefetch-weights`): each program
+# first asks for its own tile of the weights into L2, one `prefetch.global.L2` a 128-byte line, before it
+# waits for the kernel before it. Launched early, it then streams its weights while that kernel runs, holding
+# no registers (the tiles that loaded theirs before the wait held them, and lost: docs/benchmarks.md,
+# 2026-12-07), and spread over every program (one program prefetching a norm's next weights stalled the
+# step four times over, 2026-12-08).
+prefetch_switch = LaunchSwitch()
+prefetched = prefetch_switch.scope
 
 
 class Tile(NamedTuple):
@@ -159,6 +169,8 @@ def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None) -> torch.T
         r.k_cache,
         r.v_cache,
         HAS_BIAS=bias is not None,
+        PREFETCH=prefetch_switch.on and x.is_cuda,
+        LINE=128 // weight.element_size(),
         SILU_MUL=silu_mul,
         ROPE=rope is not None,
         NQ=r.num_heads,
@@ -199,6 +211,8 @@ if triton is not None:
         k_cache_ptr,
         v_cache_ptr,
         HAS_BIAS: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        LINE: tl.constexpr,
         SILU_MUL: tl.constexpr,
         ROPE: tl.constexpr,
         NQ: tl.constexpr,
@@ -237,6 +251,13 @@ if triton is not None:
         if ROPE:
             pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
             loc = tl.load(loc_ptr + rows, mask=row_ok, other=0).to(tl.int64)[None, :]
+        if PREFETCH:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                lines = k0 + tl.arange(0, BLOCK_K // LINE) * LINE
+                ask = col_ok[:, None] & (lines < k_hi)[None, :]
+                _prefetch_lines(w_rows + lines[None, :], ask)
+                if PAIRED:
+                    _prefetch_lines(pair_rows + lines[None, :], ask)
         wait_previous(PDL)
         acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
@@ -305,6 +326,18 @@ if triton is not None:
             )
         else:
             tl.store(out_ptr + rows[None, :] * N + cols[:, None], acc.to(dt), mask=out_mask)
+
+    @triton.jit
+    def _prefetch_lines(ptrs, ask):
+        """One L2 prefetch for each of `ptrs` where `ask` holds; nothing comes back, nothing waits."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r",
+            [ptrs, ask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
 
     @triton.jit
     def _rope_epilogue(

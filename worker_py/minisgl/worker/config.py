@@ -94,6 +94,11 @@ class WorkerConfig:
         "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
         "is scheduled while the one before it still runs, hiding its launch (docs/architecture.md)",
     )
+    prefetch_weights: bool = opt(
+        False,
+        "an experiment: in the graphs of steps of up to 16 rows each small_m projection first asks for its "
+        "own weights into L2, before it waits for the kernel before it (docs/benchmarks.md)",
+    )
     tp: int = opt(
         1,
         "tensor-parallel ranks: the model is split over N worker processes (on cuda one GPU each, "

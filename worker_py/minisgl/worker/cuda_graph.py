@@ -22,14 +22,16 @@ states, and copy each request's last one, its slot and its length to `last_rows`
 "last-row" graphs, one per batch size and sampling mode, run the LM head over those rows and sample them.
 
 With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
-dependent launch (`kernels/pdl.py`).
+dependent launch (`kernels/pdl.py`); with `prefetch_weights` small_m's programs in graphs of at most
+`small_m.MAX_ROWS` rows first ask for their weight tiles into L2 (an experiment, off by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from types import SimpleNamespace
 
@@ -38,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.kernels import pdl
+from minisgl.kernels import pdl, small_m
 from minisgl.proto.step import STEP_ARRAYS
 from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import BatchUploader, ForwardBatch
@@ -87,9 +89,11 @@ class DecodeGraphs:
         extend_sizes: list[int] = (),
         extend_reqs: int = 0,
         launch_early: bool = False,
+        prefetch_weights: bool = False,
     ) -> None:
         self._forward = forward
         self._launch_early = launch_early
+        self._prefetch_weights = prefetch_weights
         self._sample = sample
         self._hidden = hidden
         self.last_rows = last_rows
@@ -165,7 +169,7 @@ class DecodeGraphs:
         )
         for rows, kind in tqdm(largest_first, desc="Capturing CUDA graphs", disable=not show_progress):
             if kind == LAST_ROWS:  # reads last_rows only: nothing to upload or plan
-                with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
+                with self._launch_options(rows):
                     for mode in SampleMode:
                         run = partial(self._sample_last, rows, mode)
                         self._last_graphs[rows, mode], self._last_sampled[rows, mode] = _capture(run, pool)
@@ -178,7 +182,7 @@ class DecodeGraphs:
             else:
                 self._attn.plan_graph(batch, rows, token_rows=kind == TOKEN_ROWS)
             self._uploader.finish()
-            with pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS):
+            with self._launch_options(rows):
                 self._capture_size(batch, rows, kind, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -194,6 +198,16 @@ class DecodeGraphs:
             len(self._last_graphs),
         )
         return seconds
+
+    @contextlib.contextmanager
+    def _launch_options(self, rows: int) -> Iterator[None]:
+        """How the kernels of a graph of `rows` rows launch: early (PDL) up to `pdl.MAX_ROWS`, and with
+        small_m's weight prefetch (`prefetch_weights`) where small_m runs."""
+        with (
+            pdl.launched_early(self._launch_early and rows <= pdl.MAX_ROWS),
+            small_m.prefetched(self._prefetch_weights and rows <= small_m.MAX_ROWS),
+        ):
+            yield
 
     @property
     def last_row_sizes(self) -> list[int]:

@@ -187,6 +187,7 @@ class ModelRunner:
                 extend_sizes=self._extend_graph_sizes(),
                 extend_reqs=cfg.max_batch,
                 launch_early=cfg.pdl,
+                prefetch_weights=cfg.prefetch_weights,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
