@@ -50,6 +50,8 @@ MAX_ROWS = 16  # tl.dot's smallest tile: the input is padded to it
 # step four times over, 2026-12-08).
 prefetch_switch = LaunchSwitch()
 prefetched = prefetch_switch.scope
+# Larger weights are not prefetched: an LM head (272 MB for Qwen) would only evict what the others brought.
+PREFETCH_MAX_BYTES = 32 << 20
 
 
 class Tile(NamedTuple):
@@ -169,7 +171,7 @@ def _launch(x, weight, bias, op, tile, rope: RopeStore | None = None) -> torch.T
         r.k_cache,
         r.v_cache,
         HAS_BIAS=bias is not None,
-        PREFETCH=prefetch_switch.on and x.is_cuda,
+        PREFETCH=prefetch_switch.on and x.is_cuda and weight.nbytes <= PREFETCH_MAX_BYTES,
         LINE=128 // weight.element_size(),
         SILU_MUL=silu_mul,
         ROPE=rope is not None,
