@@ -188,6 +188,19 @@ def test_uploaded_padded_batch_puts_graph_inputs_at_fixed_offsets():
     assert (batch.max_qo_len, batch.max_seq_len) == (1, int(step.seq_len.max()))
 
 
+def test_device_arrays_are_cut_out_of_the_upload_when_first_read():
+    """A step replayed from a graph reads none of its device arrays (the graph reads fixed addresses), so the
+    upload makes none of them; each is a view of the uploaded words, at the size the padding gives it."""
+    step = decode_step()
+    up = BatchUploader(capacity=512, device=torch.device("cpu"))
+    batch = up.upload(step, DecodePadding(rows=8, scratch_page=40, scratch_slot=9, page_size=4))
+    assert "_device" not in vars(batch)
+    assert batch.words.data_ptr() == batch.input_ids.data_ptr()
+    assert batch.req_slot.tolist() == [*step.req_slot, 9, 9, 9, 9, 9]
+    assert batch.kv_indices.tolist() == [*step.kv_indices, 40, 40, 40, 40, 40]
+    assert [getattr(batch, name).shape[0] for name in NAMES] == list(batch.sizes)
+
+
 def test_join_parameters_travel_with_the_second_upload():
     b = StepBuilder(num_pages=40, page_size=4)
     joins = [Join(3, 0.7, 0.9, 20, 2**64 - 5), Join(1, 0.0, 1.0, -1, 12345)]

@@ -97,26 +97,38 @@ class EagerGraphs(DecodeGraphs):
         return self._sample_last(bucket_for(num_reqs, self.sizes), mode)
 
 
-def with_eager_graphs(model_dir, token_sizes=None, extend_sizes=()) -> ModelRunner:
+def with_eager_graphs(
+    model_dir,
+    token_sizes=None,
+    extend_sizes=(),
+    *,
+    num_pages=NUM_PAGES,
+    page_size=PAGE_SIZE,
+    max_batch=8,
+    max_tokens=64,
+    graphs=EagerGraphs,
+) -> ModelRunner:
+    """A CPU runner whose graph paths run through `graphs` (a `DecodeGraphs` whose replays run eagerly, or
+    do whatever a benchmark needs: scripts/bench_host_path.py)."""
     # The last page is the padding rows' scratch page: the steps below never hand it out.
-    r = ModelRunner(cpu_config(model_dir, NUM_PAGES, PAGE_SIZE, 8, 64), show_progress=False)
-    r.last_rows = LastRows(8, r.model_config.hidden_size, r.dtype, r.device, scratch_slot=8)
-    r.graphs = EagerGraphs(
+    r = ModelRunner(cpu_config(model_dir, num_pages, page_size, max_batch, max_tokens), show_progress=False)
+    r.last_rows = LastRows(max_batch, r.model_config.hidden_size, r.dtype, r.device, scratch_slot=max_batch)
+    r.graphs = graphs(
         r._forward_logits,
         r.attn,
         r.uploader,
-        graph_batch_sizes(8),
-        scratch_page=NUM_PAGES - 1,
-        scratch_slot=8,
-        page_size=PAGE_SIZE,
-        max_kv_indices=4 * NUM_PAGES,
+        graph_batch_sizes(max_batch),
+        scratch_page=num_pages - 1,
+        scratch_slot=max_batch,
+        page_size=page_size,
+        max_kv_indices=4 * num_pages,
         sample=r._sample_rows,
         hidden=r._forward_hidden,
         last_rows=r.last_rows,
         sample_last=r._sample_last_rows,
-        token_sizes=token_graph_sizes(512, 64) if token_sizes is None else token_sizes,
+        token_sizes=token_graph_sizes(512, max_tokens) if token_sizes is None else token_sizes,
         extend_sizes=extend_sizes,
-        extend_reqs=8,
+        extend_reqs=max_batch,
     )
     return r
 

@@ -57,11 +57,17 @@ class AttentionBackend(ABC):
             )
         self.config = config
         self.kv_cache = kv_cache
-        self.out_loc: torch.Tensor | None = None  # where this step's K/V go; set by plan
+        self._planned: ForwardBatch | None = None  # the step a plan was made for; set by every plan
+
+    @property
+    def out_loc(self) -> torch.Tensor | None:
+        """Where this step's K/V go: the planned step's, cut out of its upload when a layer first asks (a
+        graph replay never does)."""
+        return None if self._planned is None else self._planned.out_loc
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
-        """Turns the step's page tables into what the kernels need; sets `out_loc`."""
+        """Turns the step's page tables into what the kernels need; sets `_planned`."""
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -97,7 +103,10 @@ class PairedBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self._active = self._decode if batch.is_decode else self._prefill
         self._active.plan(batch)
-        self.out_loc = self._active.out_loc
+
+    @property
+    def out_loc(self) -> torch.Tensor | None:
+        return self._active.out_loc
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self._active.attend(layer, q)
@@ -108,10 +117,8 @@ class PairedBackend(AttentionBackend):
     def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
         self._active = self._decode
         self._decode.plan_graph(batch, rows, token_rows)
-        self.out_loc = self._decode.out_loc
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
         # The graph-capable one of the pair runs the captured extend steps too.
         self._active = self._decode
         self._decode.plan_extend_graph(batch)
-        self.out_loc = self._decode.out_loc

@@ -173,7 +173,7 @@ class FlashInferBackend(AttentionBackend):
                 **common,
             )
         self._wrapper = wrapper
-        self.out_loc = batch.out_loc
+        self._planned = batch
 
     def _replan_decode(self, wrapper, batch: ForwardBatch) -> None:
         """What the tensor-core decode wrapper's plan() does, for every decode batch after its first, without

@@ -34,10 +34,8 @@ class TritonBackend(AttentionBackend):
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._kv = [(kv_cache.k(i), kv_cache.v(i)) for i in range(kv_cache.shape.num_layers)]
         self._graph_splits: dict[tuple[int, bool], tuple[int, int]] = {}
-        # (kv_indptr, kv_indices, seq_len, (num_splits, min_split_tokens)) of the planned step
-        self._args: tuple | None = None
-        # (qo_indptr, kv_indptr, kv_indices, seq_len) of a planned extend step, else None
-        self._extend_args: tuple | None = None
+        # (num_splits, min_split_tokens) of a planned decode step; None for an extend step
+        self._splits: tuple[int, int] | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
         if batch.is_decode:  # one new token per request: the decode kernel, split by the step's lengths
@@ -53,24 +51,24 @@ class TritonBackend(AttentionBackend):
         self._set(batch, self._graph_splits[rows, token_rows])
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
-        self._extend_args = (batch.qo_indptr, batch.kv_indptr, batch.kv_indices, batch.seq_len)
-        self.out_loc = batch.out_loc
+        self._planned, self._splits = batch, None
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        k, v = self._kv[layer]
-        if self._extend_args is not None:
+        # The step's arrays are read here, not in the plan: a graph's replay plans but never attends.
+        k, v, b = *self._kv[layer], self._planned
+        if self._splits is None:
             # From the token count alone: in a graph, the count it was captured at.
             splits = extend_attention.splits_for(q.shape[0], q.shape[1], k.shape[2], self._num_sms)
-            return extend_attention.extend_attention(q, k, v, *self._extend_args, num_splits=splits)
-        kv_indptr, kv_indices, seq_len, (splits, min_tokens) = self._args
+            return extend_attention.extend_attention(
+                q, k, v, b.qo_indptr, b.kv_indptr, b.kv_indices, b.seq_len, num_splits=splits
+            )
+        splits, min_tokens = self._splits
         return decode_attention.decode_attention(
-            q, k, v, kv_indptr, kv_indices, seq_len, num_splits=splits, min_split_tokens=min_tokens
+            q, k, v, b.kv_indptr, b.kv_indices, b.seq_len, num_splits=splits, min_split_tokens=min_tokens
         )
 
     def _split_plan(self, rows: int, max_seq_len: int) -> tuple[int, int]:
         return decode_attention.split_plan(rows, max_seq_len, self._num_sms, self.config.num_kv_heads)
 
     def _set(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
-        self._args = (batch.kv_indptr, batch.kv_indices, batch.seq_len, splits)
-        self._extend_args = None
-        self.out_loc = batch.out_loc
+        self._planned, self._splits = batch, splits

@@ -25,6 +25,7 @@ _PACKED = (
     "kv_last_page_len",
     "kv_indices",
 )
+_TOKENS, _REQS = _PACKED.index("input_ids"), _PACKED.index("req_slot")
 
 
 # The join arrays (docs/protocol.md: those cut by j, j + 1 or b), in the order they follow the packed arrays
@@ -39,29 +40,35 @@ _JOINED_INDEX = {name.removeprefix("join_"): i for i, (name, _) in enumerate(_JO
 _TORCH_VIEW = {"<i4": None, "<f4": torch.float32, "<u8": torch.int64}
 
 
+class _Words:
+    """A device array of the batch, cut out of its uploaded words when first read: a step replayed from a
+    graph reads none of them (the graph reads fixed addresses), and cutting nine views out of the words took
+    more host time than the rest of the upload but the packing (issue 12)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._index = _PACKED.index(name)
+
+    def __get__(self, batch: ForwardBatch | None, owner: type | None = None):
+        if batch is None:
+            return self
+        return batch._device[self._index]
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     """Device tensors are int32 views into one buffer; sizes are plain ints known on the host.
 
     For a padded decode batch `num_reqs` and `num_tokens` count the padding rows too: they are what the
     kernels see. The `host_*` tensors are CPU views of the pinned staging buffer (FlashInfer plans from them);
-    they and the longest lengths are worked out when first asked for: a decode step replayed from a graph
-    plans nothing, and every microsecond of its host path counts (issue 12).
+    they, the device views and the longest lengths are worked out when first asked for: a decode step
+    replayed from a graph plans nothing, and every microsecond of its host path counts (issue 12).
     """
 
     kind: int
     num_reqs: int
     num_tokens: int
-    input_ids: torch.Tensor  # [t]; negative entries are resolved by the runner before the forward
-    positions: torch.Tensor  # [t]
-    out_loc: torch.Tensor  # [t]
-    req_slot: torch.Tensor  # [n]
-    seq_len: torch.Tensor  # [n]
-    qo_indptr: torch.Tensor  # [n + 1]
-    kv_indptr: torch.Tensor  # [n + 1]
-    kv_last_page_len: torch.Tensor  # [n]
-    kv_indices: torch.Tensor  # [k]
-    host_packed: torch.Tensor  # the `_PACKED` arrays one after another in the staging buffer, at `sizes`
+    words: torch.Tensor  # the `_PACKED` arrays one after another on the device, at `sizes`
+    host_packed: torch.Tensor  # the same words in the staging buffer
     sizes: tuple[int, ...]
     # The join arrays' int32 words on the device, in `_JOINED` order at `join_sizes`; `joins` views them.
     join_words: torch.Tensor | None = None
@@ -69,9 +76,23 @@ class ForwardBatch:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the uploads' extra int32 arrays
     in_static_buffer: bool = True  # False when the step outgrew the fixed device buffer
 
+    input_ids = _Words()  # [t]; negative entries are resolved by the runner before the forward
+    positions = _Words()  # [t]
+    out_loc = _Words()  # [t]
+    req_slot = _Words()  # [n]
+    seq_len = _Words()  # [n]
+    qo_indptr = _Words()  # [n + 1]
+    kv_indptr = _Words()  # [n + 1]
+    kv_last_page_len = _Words()  # [n]
+    kv_indices = _Words()  # [k]
+
     @property
     def is_decode(self) -> bool:
         return self.num_tokens == self.num_reqs
+
+    @functools.cached_property
+    def _device(self) -> tuple[torch.Tensor, ...]:
+        return self.words.split_with_sizes(self.sizes)
 
     @functools.cached_property
     def joins(self) -> JoinViews | None:
@@ -180,16 +201,15 @@ class BatchUploader:
         pack(step, _PACKED, padding, self._staging_np[turn][:base])
         _fill(self._staging_np[turn], base, extra.values())
         flat, in_static = self._copy(0, total)
-        parts = dict(zip(_PACKED, torch.split(flat[:base], sizes), strict=True))
         return ForwardBatch(
             kind=int(step.kind),
-            num_reqs=sizes[_PACKED.index("req_slot")],
-            num_tokens=sizes[_PACKED.index("input_ids")],
+            num_reqs=sizes[_REQS],
+            num_tokens=sizes[_TOKENS],
+            words=flat[:base],
             host_packed=staging[:base],
             sizes=tuple(sizes),
             extra=_split(flat[base:total], extra),
             in_static_buffer=in_static,
-            **parts,
         )
 
     def upload_joins(

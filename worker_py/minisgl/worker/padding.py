@@ -66,12 +66,10 @@ def bucket_for(num_reqs: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-# What each packed array is counted in (docs/protocol.md's bases): tokens, requests, or page indices.
-_BASIS = {
-    name: {"t": "t", "n": "n", "n+1": "n", "k": "k"}[basis]
-    for name, _, basis in STEP_ARRAYS
-    if basis in ("t", "n", "n+1", "k")
-}
+# What each packed array is counted in (docs/protocol.md's bases), and which count its padding grows:
+# tokens, requests, or page indices.
+_PROTOCOL_BASIS = {name: basis for name, _, basis in STEP_ARRAYS if basis in ("t", "n", "n+1", "k")}
+_BASIS = {name: basis.removesuffix("+1") for name, basis in _PROTOCOL_BASIS.items()}
 
 
 @dataclass(frozen=True)
@@ -143,12 +141,14 @@ Padding = DecodePadding | ExtendPadding
 
 
 def padded_sizes(step, names: tuple[str, ...], padding: Padding | None) -> list[int]:
-    """The sizes of the step's arrays `names` (protocol names) once `pack` has padded them."""
-    sizes = [len(getattr(step, name)) for name in names]
-    if padding is None:
-        return sizes
-    grow = padding.grow(len(step.req_slot), len(step.input_ids))
-    return [size + grow[_BASIS[name]] for name, size in zip(names, sizes, strict=True)]
+    """The sizes of the step's arrays `names` (protocol names) once `pack` has padded them: from the three
+    counts every one of them is cut by (docs/protocol.md), not from each array."""
+    n, t, k = len(step.req_slot), len(step.input_ids), len(step.kv_indices)
+    if padding is not None:
+        grow = padding.grow(n, t)
+        n, t, k = n + grow["n"], t + grow["t"], k + grow["k"]
+    count = {"t": t, "n": n, "n+1": n + 1, "k": k}
+    return [count[_PROTOCOL_BASIS[name]] for name in names]
 
 
 def pack(step, names: tuple[str, ...], padding: Padding | None, out: np.ndarray) -> None:
@@ -158,13 +158,14 @@ def pack(step, names: tuple[str, ...], padding: Padding | None, out: np.ndarray)
     if padding is not None:
         n, t, k = len(step.req_slot), len(step.input_ids), len(step.kv_indices)
         grow = padding.grow(n, t)
-        tails = padding.tails(grow["n"], t, k)
+        # A batch the size of its graph has no padding rows: nothing to work out.
+        tails = padding.tails(grow["n"], t, k) if any(grow.values()) else None
     offset = 0
     for name in names:
         a = getattr(step, name)
         out[offset : offset + len(a)] = a
         offset += len(a)
-        if grow is not None and (pad := grow[_BASIS[name]]):
+        if tails is not None and (pad := grow[_BASIS[name]]):
             out[offset : offset + pad] = tails[name]
             offset += pad
 

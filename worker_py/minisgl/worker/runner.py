@@ -279,7 +279,7 @@ class ModelRunner:
             # The forward is queued first: the joins' parameters, the sampling's arrays and its plan are
             # read only by the sampling, and every microsecond before the forward starts delays the step
             # (issue 12).
-            logits, req_slot, seq_len, prompt = self._queue_forward(step, batch, rows, padding, asked, turn)
+            logits, prompt = self._queue_forward(step, batch, rows, padding, asked, turn)
             batch = self._upload_joins(step, batch, rows, mask_parts)
             self._apply_joins(step, batch)
             plan = self.sampler.plan_for(np.asarray(step.req_slot))
@@ -292,8 +292,12 @@ class ModelRunner:
                 # The LM head and the sampling of the requests' last rows, which the replay gathered.
                 sampled = self.graphs.replay_last_sampling(n, plan.mode)[:n]
             else:
-                if logits is None:
-                    logits = self.model.compute_logits(self.last_rows.hidden[:n])
+                if logits is None:  # a token-row or extend graph gathered each request's last row
+                    last = self.last_rows
+                    req_slot, seq_len = last.slot[:n], last.seq_len[:n]
+                    logits = self.model.compute_logits(last.hidden[:n])
+                else:
+                    req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
                 logits = logits[:n]  # a padded step's logits have a row per padding row too
                 if plan.penalties:
                     self._count_tokens(batch, n, np.asarray(step.input_ids))
@@ -337,21 +341,19 @@ class ModelRunner:
         padding: Padding | None,
         asked: tuple[torch.Tensor, torch.Tensor] | None,
         turn: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, tuple | None]:
+    ) -> tuple[torch.Tensor | None, tuple | None]:
         """Queues the step's forward on the graph `_graph_for` chose (or eagerly) up to the logits of each
-        request's last new token (a padded decode step's padding rows too). Returns (logits, the requests'
-        slots, their lengths, the prompt logprobs' host buffers or None). A token-row or extend graph stops
-        short of the logits (None): it leaves each request's last row in `last_rows`, whose LM head runs
-        with the sampling."""
-        n = len(step.req_slot)
-        req_slot, seq_len = batch.req_slot[:n], batch.seq_len[:n]
+        request's last new token (a padded decode step's padding rows too). Returns (logits, the prompt
+        logprobs' host buffers or None). A token-row or extend graph stops short of the logits (None): it
+        leaves each request's last row, slot and length in `last_rows`, whose LM head runs with the
+        sampling."""
         prompt = None
         if rows is not None or isinstance(padding, ExtendPadding):
             if rows is not None:
                 self.graphs.replay_hidden(batch, padding.rows)
             else:
                 self.graphs.replay_extend(batch, padding.tokens)
-            return None, self.last_rows.slot[:n], self.last_rows.seq_len[:n], None
+            return None, None
         if padding is not None:
             logits = self.graphs.replay(batch, padding.rows)
         elif asked is not None:
@@ -362,7 +364,7 @@ class ModelRunner:
         else:
             self.attn.plan(batch)
             logits = self._forward_logits(batch)
-        return logits, req_slot, seq_len, prompt
+        return logits, prompt
 
     def collect(self, handle: StepHandle) -> np.ndarray:
         """Waits for a launched step; returns its sampled ids, int32 [n], a view valid until IN_FLIGHT more

@@ -14,7 +14,7 @@ Pure numpy, vectorized (no loop over requests): CI checks it on the CPU against 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import numpy as np
 
@@ -46,10 +46,17 @@ class TokenRowsStep:
         return getattr(self._step, name)
 
 
-@dataclass(frozen=True)
 class TokenRows:
-    step: TokenRowsStep
-    token_slot: np.ndarray  # int32 [t]: each row's real request slot (the penalties count tokens by it)
+    """The step as rows (`step`), and each row's real request slot (`token_slot`, int32 [t]: the penalties
+    count tokens by it), worked out when first read: after the replay."""
+
+    def __init__(self, step: TokenRowsStep, req_slot: np.ndarray, qo_len: np.ndarray) -> None:
+        self.step = step
+        self._req_slot, self._qo_len = req_slot, qo_len
+
+    @functools.cached_property
+    def token_slot(self) -> np.ndarray:
+        return np.repeat(self._req_slot, self._qo_len)
 
 
 def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
@@ -65,7 +72,7 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
     pages = positions // page_size + 1  # a row sees positions 0..p: ceil((p + 1) / page_size) pages
     row_kv_indptr = np.empty(t + 1, dtype=np.int32)
     row_kv_indptr[0] = 0
-    np.cumsum(pages, out=row_kv_indptr[1:])
+    np.add.accumulate(pages, dtype=np.int32, out=row_kv_indptr[1:])
     # Page j of row i is page j of its request: kv_indices[kv_indptr[req] + j].
     first = np.repeat(kv_indptr[row_req] - row_kv_indptr[:-1], pages)
     kv_indices = np.asarray(step.kv_indices, dtype=np.int32)[
@@ -74,6 +81,10 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
     slots = np.full(t, scratch_slot, dtype=np.int32)
     slots[qo_indptr[1:] - 1] = req_slot  # each request's last row
     arrays = {
+        # The token arrays are the step's; set here too, so that reading them is no call to __getattr__.
+        "input_ids": step.input_ids,
+        "positions": step.positions,
+        "out_loc": step.out_loc,
         "req_slot": slots,
         "seq_len": positions + 1,
         "qo_indptr": np.arange(t + 1, dtype=np.int32),
@@ -81,4 +92,4 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
         "kv_last_page_len": positions % page_size + 1,
         "kv_indices": kv_indices,
     }
-    return TokenRows(TokenRowsStep(step, arrays), np.repeat(req_slot, qo_len))
+    return TokenRows(TokenRowsStep(step, arrays), req_slot, qo_len)
