@@ -206,13 +206,13 @@ def test_join_parameters_travel_with_the_second_upload():
     joins = [Join(3, 0.7, 0.9, 20, 2**64 - 5), Join(1, 0.0, 1.0, -1, 12345)]
     step = b.extend([(3, [1, 2]), (1, [3])], joins)
     up = BatchUploader(capacity=512, device=torch.device("cpu"))
-    forward = up.upload(step, extra={"last_rows": np.array([1, 2])})
+    forward = up.upload(step)
     assert forward.joins is None
     batch = up.upload_joins(forward, step, {"token_slot": np.array([3, 3, 1])})
     # The forward's arrays stay where they were; the joins and extras follow them, 8-byte aligned.
     assert batch.input_ids.data_ptr() == forward.input_ids.data_ptr()
-    assert batch.extra["last_rows"].tolist() == [1, 2] and batch.extra["token_slot"].tolist() == [3, 3, 1]
-    end = forward.extra["last_rows"].data_ptr() + 2 * 4
+    assert batch.extra["token_slot"].tolist() == [3, 3, 1]
+    end = forward.words.data_ptr() + forward.words.numel() * 4
     assert batch.join_words.data_ptr() >= end and batch.join_words.data_ptr() % 8 == 0
     j = batch.joins
     assert j.slot.tolist() == [3, 1]

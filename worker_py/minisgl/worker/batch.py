@@ -73,7 +73,7 @@ class ForwardBatch:
     # The join arrays' int32 words on the device, in `_JOINED` order at `join_sizes`; `joins` views them.
     join_words: torch.Tensor | None = None
     join_sizes: tuple[int, ...] = ()
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the uploads' extra int32 arrays
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # `upload_joins`' extra int32 arrays
     in_static_buffer: bool = True  # False when the step outgrew the fixed device buffer
 
     input_ids = _Words()  # [t]; negative entries are resolved by the runner before the forward
@@ -180,15 +180,11 @@ class BatchUploader:
         self._staging_np = [s.numpy() for s in self._staging]
         self._copied = [torch.cuda.Event() if self._on_gpu else None for _ in range(self.depth)]
 
-    def upload(
-        self, step, padding: Padding | None = None, extra: dict[str, np.ndarray] | None = None
-    ) -> ForwardBatch:
-        """The step's forward arrays, padded for a graph when `padding` is given; `extra`: more int32 arrays
-        the forward's own work reads (`ForwardBatch.extra`, by name). The joins come with `upload_joins`."""
+    def upload(self, step, padding: Padding | None = None) -> ForwardBatch:
+        """The step's forward arrays, padded for a graph when `padding` is given. The joins and what only the
+        sampling reads come with `upload_joins`."""
         sizes = padded_sizes(step, _PACKED, padding)
-        extra = _int32(extra)
-        base = sum(sizes)
-        total = base + sum(a.shape[0] for a in extra.values())
+        total = sum(sizes)
         if total > self._staging_np[0].shape[0]:
             # Rare (prefix-shared pages listed by many requests). Every staging buffer is replaced; the old
             # ones stay alive for as long as a pending copy (holding a reference) needs them.
@@ -197,18 +193,15 @@ class BatchUploader:
         self._turn = (turn + 1) % self.depth
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()
-        staging = self._staging[turn]
-        pack(step, _PACKED, padding, self._staging_np[turn][:base])
-        _fill(self._staging_np[turn], base, extra.values())
-        flat, in_static = self._copy(0, total)
+        pack(step, _PACKED, padding, self._staging_np[turn][:total])
+        words, in_static = self._copy(0, total)
         return ForwardBatch(
             kind=int(step.kind),
             num_reqs=sizes[_REQS],
             num_tokens=sizes[_TOKENS],
-            words=flat[:base],
-            host_packed=staging[:base],
+            words=words,
+            host_packed=self._staging[turn][:total],
             sizes=tuple(sizes),
-            extra=_split(flat[base:total], extra),
             in_static_buffer=in_static,
         )
 
@@ -222,7 +215,7 @@ class BatchUploader:
         extra = _int32(extra)
         if not joins and not extra:
             return batch
-        used = sum(batch.sizes) + sum(a.shape[0] for a in batch.extra.values())
+        used = sum(batch.sizes)
         # The seed pairs are viewed as int64 on the device, so they must start on an 8-byte boundary.
         start = used + used % 2
         total = start + sum(p.shape[0] for p in joins) + sum(a.shape[0] for a in extra.values())
@@ -235,7 +228,7 @@ class BatchUploader:
             batch,
             join_words=flat[:words] if joins else None,
             join_sizes=_sizes(joins),
-            extra={**batch.extra, **_split(flat[words:], extra)},
+            extra=_split(flat[words:], extra),
             in_static_buffer=batch.in_static_buffer and in_static,
         )
 

@@ -66,15 +66,17 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
     kv_indptr = np.asarray(step.kv_indptr, dtype=np.int32)
     req_slot = np.asarray(step.req_slot, dtype=np.int32)
     positions = np.asarray(step.positions, dtype=np.int32)
-    n, t = len(req_slot), len(positions)
+    t = len(positions)
     qo_len = qo_indptr[1:] - qo_indptr[:-1]
-    row_req = np.repeat(np.arange(n, dtype=np.int32), qo_len)
-    pages = positions // page_size + 1  # a row sees positions 0..p: ceil((p + 1) / page_size) pages
+    # A row sees positions 0..p: ceil((p + 1) / page_size) pages, the last holding p % page_size + 1.
+    pages, last_page_len = np.divmod(positions, page_size)
+    pages += 1
+    last_page_len += 1
     row_kv_indptr = np.empty(t + 1, dtype=np.int32)
     row_kv_indptr[0] = 0
     np.add.accumulate(pages, dtype=np.int32, out=row_kv_indptr[1:])
     # Page j of row i is page j of its request: kv_indices[kv_indptr[req] + j].
-    first = np.repeat(kv_indptr[row_req] - row_kv_indptr[:-1], pages)
+    first = np.repeat(np.repeat(kv_indptr[:-1], qo_len) - row_kv_indptr[:-1], pages)
     kv_indices = np.asarray(step.kv_indices, dtype=np.int32)[
         first + np.arange(row_kv_indptr[-1], dtype=np.int32)
     ]
@@ -89,7 +91,7 @@ def token_rows(step, page_size: int, scratch_slot: int) -> TokenRows:
         "seq_len": positions + 1,
         "qo_indptr": np.arange(t + 1, dtype=np.int32),
         "kv_indptr": row_kv_indptr,
-        "kv_last_page_len": positions % page_size + 1,
+        "kv_last_page_len": last_page_len,
         "kv_indices": kv_indices,
     }
     return TokenRows(TokenRowsStep(step, arrays), req_slot, qo_len)
