@@ -7,7 +7,14 @@ without them, up to the last bit of an exp().
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Every kernel here was measured and checked against its reference with Triton fusing a * b + c into one
+# FMA, its default up to 3.9; Triton 3.10 makes unfused the default. Keep what was checked, unless the
+# environment says otherwise.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 try:
     import triton
