@@ -41,14 +41,14 @@ _TORCH_VIEW = {"<i4": None, "<f4": torch.float32, "<u8": torch.int64}
 
 
 class _Words:
-    """A device array of the batch, cut out of its uploaded words when first read: a step replayed from a
-    graph reads none of them (the graph reads fixed addresses), and cutting nine views out of the words took
-    more host time than the rest of the upload but the packing (issue 12)."""
+    """A device array of the batch, cut out of its uploaded words when first read. A step replayed from a
+    graph reads none of them (the graph reads fixed addresses), and cutting nine views on every step cost
+    more host time than anything else in the upload but the packing (issue 12)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._index = _PACKED.index(name)
 
-    def __get__(self, batch: ForwardBatch | None, owner: type | None = None):
+    def __get__(self, batch: ForwardBatch | None, owner: type | None = None) -> torch.Tensor:
         if batch is None:
             return self
         return batch._device[self._index]
