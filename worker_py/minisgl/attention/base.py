@@ -57,17 +57,17 @@ class AttentionBackend(ABC):
             )
         self.config = config
         self.kv_cache = kv_cache
-        self._planned: ForwardBatch | None = None  # the step a plan was made for; set by every plan
+        self._planned_batch: ForwardBatch | None = None  # the step the last plan was for; set by every plan
 
     @property
     def out_loc(self) -> torch.Tensor | None:
         """Where this step's K/V go: the planned step's, cut out of its upload when a layer first asks (a
         graph replay never does)."""
-        return None if self._planned is None else self._planned.out_loc
+        return None if self._planned_batch is None else self._planned_batch.out_loc
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
-        """Turns the step's page tables into what the kernels need; sets `_planned`."""
+        """Turns the step's page tables into what the kernels need; sets `_planned_batch`."""
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class FlashInferBackend(AttentionBackend):
         # qo_indptr of a decode batch is 0..n; kept once on both sides instead of copied every step.
         self._arange_host = torch.arange(65537, dtype=torch.int32).pin_memory()
         self._arange_dev = self._arange_host.to(self.device)
-        self._planned: set[int] = set()
+        self._planned_wrappers: set[int] = set()
 
     def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
         """Per graph batch size (decode and token-row graphs of one size share it): a FlashInfer decode
@@ -141,10 +141,10 @@ class FlashInferBackend(AttentionBackend):
         c = self.config
         common = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "non_blocking": True}
         fast = self._private and batch.num_reqs < 65536
-        if wrapper is not self._prefill and id(wrapper) in self._planned and fast:
+        if wrapper is not self._prefill and id(wrapper) in self._planned_wrappers and fast:
             self._plans.plan(wrapper, self._replan_decode, wrapper, batch)
         elif wrapper is not self._prefill:
-            self._planned.add(id(wrapper))
+            self._planned_wrappers.add(id(wrapper))
             self._plans.plan(
                 wrapper,
                 wrapper.plan,
@@ -173,7 +173,7 @@ class FlashInferBackend(AttentionBackend):
                 **common,
             )
         self._wrapper = wrapper
-        self._planned = batch
+        self._planned_batch = batch
 
     def _replan_decode(self, wrapper, batch: ForwardBatch) -> None:
         """What the tensor-core decode wrapper's plan() does, for every decode batch after its first, without

@@ -54,7 +54,7 @@ class TorchRefBackend(AttentionBackend):
         # forward), so the mask is tiled once per head of a group.
         group = self.config.num_heads // self.config.num_kv_heads
         self._mask = mask.repeat(1, group, 1)[:, None, :, :]
-        self._planned = batch
+        self._planned_batch = batch
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n, q_max = self._q_gather.shape

@@ -51,11 +51,11 @@ class TritonBackend(AttentionBackend):
         self._set(batch, self._graph_splits[rows, token_rows])
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
-        self._planned, self._splits = batch, None
+        self._planned_batch, self._splits = batch, None
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         # The step's arrays are read here, not in the plan: a graph's replay plans but never attends.
-        k, v, b = *self._kv[layer], self._planned
+        k, v, b = *self._kv[layer], self._planned_batch
         if self._splits is None:
             # From the token count alone: in a graph, the count it was captured at.
             splits = extend_attention.splits_for(q.shape[0], q.shape[1], k.shape[2], self._num_sms)
@@ -71,4 +71,4 @@ class TritonBackend(AttentionBackend):
         return decode_attention.split_plan(rows, max_seq_len, self._num_sms, self.config.num_kv_heads)
 
     def _set(self, batch: ForwardBatch, splits: tuple[int, int]) -> None:
-        self._planned, self._splits = batch, splits
+        self._planned_batch, self._splits = batch, splits
