@@ -60,6 +60,9 @@ CONFIGS = {
     "prefetch_weights": {"prefetch_weights": True},
     # Decode graphs planned for 128-token contexts: one attention kernel, no split, no combine.
     "short_context": {"decode_graph_context": 128},
+    # The default's decode graphs, and twins of those of up to 16 rows planned for 128-token contexts,
+    # replayed for the steps whose contexts are all that short.
+    "short_twins": {"short_graph_context": 128},
     # The same, with every extend step run eagerly (the default before 2026-12-06).
     "eager_extend": {"extend_graphs": False},
     # The same, without programmatic dependent launch in the small graphs (the default before 2026-12-07).

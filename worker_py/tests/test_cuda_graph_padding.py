@@ -7,6 +7,7 @@ import pytest
 import torch
 from fake_steps import Join, StepBuilder
 
+from minisgl.sampling.params import SampleMode
 from minisgl.worker.batch import _PACKED as NAMES
 from minisgl.worker.batch import BatchUploader
 from minisgl.worker.cuda_graph import DecodeGraphs, _empty_decode_step
@@ -148,6 +149,62 @@ def graphs_with(sizes, max_kv_indices) -> DecodeGraphs:
         page_size=4,
         max_kv_indices=max_kv_indices,
     )
+
+
+class _PlansOnly:
+    """An attention backend that records which graph plan each replay asked for."""
+
+    short_graphs = True
+
+    def __init__(self) -> None:
+        self.plans = []
+
+    def plan_graph(self, batch, rows, token_rows=False, short=False) -> None:
+        self.plans.append((rows, short))
+
+
+class _Replayed:
+    def __init__(self, log: list, key) -> None:
+        self.log, self.key = log, key
+
+    def replay(self) -> None:
+        self.log.append(self.key)
+
+
+def test_short_context_twins_replay_for_steps_whose_contexts_are_all_short():
+    attn, log = _PlansOnly(), []
+    graphs = DecodeGraphs(
+        forward=None,
+        attn=attn,
+        uploader=None,
+        sizes=[1, 2, 4, 8, 16, 24],
+        scratch_page=40,
+        scratch_slot=9,
+        page_size=4,
+        max_kv_indices=64,
+        short_context=12,
+    )
+    assert graphs.short_sizes == [1, 2, 4, 8, 16]  # the twins stop at SHORT_MAX_ROWS
+    for rows in graphs.sizes:
+        for short in (False, True) if rows in graphs.short_sizes else (False,):
+            graphs._graphs[rows, short] = _Replayed(log, (rows, short))
+            graphs._logits[rows, short] = f"logits {rows} {short}"
+            graphs._sample_graphs[rows, short, SampleMode.GREEDY] = _Replayed(log, ("sampling", rows, short))
+            graphs._sampled[rows, short, SampleMode.GREEDY] = f"sampled {rows} {short}"
+    up = BatchUploader(capacity=512, device=torch.device("cpu"))
+    b = StepBuilder(num_pages=40, page_size=4, seed=3)
+    b.extend([(0, list(range(11))), (1, list(range(5))), (2, list(range(20)))])
+    for slots, rows, short in (([0, 1], 2, True), ([0, 1, 2], 4, False), ([0], 1, False)):
+        step = b.decode(slots)  # slot 0 holds 12 tokens, then 13, then 14: past the twins' 12 after the first
+        batch = up.upload(step, graphs.padding_for(step))
+        assert graphs.replay(batch, rows) == f"logits {rows} {short}"
+        assert graphs.replay_sampling(rows, SampleMode.GREEDY) == f"sampled {rows} {short}"
+        assert attn.plans[-1] == (rows, short) and log[-2:] == [(rows, short), ("sampling", rows, short)]
+    # Without a backend whose plan depends on the context, or with 0, no twin.
+    attn.short_graphs = False
+    assert graphs_with([1, 2], max_kv_indices=64).short_sizes == []
+    plain = DecodeGraphs(None, attn, None, [1, 2], 40, 9, 4, 64, short_context=12)
+    assert plain.short_context == 0 and plain.short_sizes == []
 
 
 def test_padding_choice_for_graph_runs():

@@ -59,7 +59,7 @@ def test_a_switch_has_only_the_flag_that_changes_it():
         parse(["--graph-sampling"])
 
 
-@pytest.mark.parametrize("name", ["token_graph_tokens", "extend_graph_tokens"])
+@pytest.mark.parametrize("name", ["token_graph_tokens", "extend_graph_tokens", "short_graph_context"])
 def test_graph_token_limits_take_zero_and_refuse_negatives(name):
     flag = "--" + name.replace("_", "-")
     assert getattr(parse([flag, "0"]), name) == 0

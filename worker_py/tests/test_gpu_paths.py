@@ -311,6 +311,35 @@ def test_graphs_launched_early_compute_what_the_others_do(model_dir, option):
     assert torch.equal(*logits)
 
 
+def test_short_context_twins_compute_what_the_graphs_planned_for_long_contexts_do(model_dir):
+    """`--short-graph-context 128`: a decode step whose longest context is at most 128 tokens replays the twin
+    planned for it (one attention kernel, no combine), a longer one the graph planned for long contexts; the
+    logits are those of a runner without twins, up to the order of the attention's sums."""
+    twins = runner(model_dir, cuda_graphs=True, decode_attention="triton", short_graph_context=128)
+    plain = runner(model_dir, cuda_graphs=True, decode_attention="triton")
+    assert twins.graphs.short_sizes == [1, 2, 4, 8, 16] and plain.graphs.short_sizes == []
+    captured = twins.graphs.captured()
+    assert ("short-decode", 4, None) in captured and ("short-sampling", 4, SampleMode.GREEDY) in captured
+    steps_t, steps_p = list(mixed_steps(5)), list(mixed_steps(5))
+    for r, steps in ((twins, steps_t), (plain, steps_p)):
+        for step in steps[:2]:
+            r.run_step(step)
+    shorts = []
+    with torch.inference_mode():
+        for step_t, step_p in zip(steps_t[2:], steps_p[2:], strict=True):
+            logits = []
+            for r, step in ((twins, step_t), (plain, step_p)):
+                padding = r.graphs.padding_for(step)
+                batch = r.uploader.upload(step, padding)
+                logits.append(r.graphs.replay(batch, padding.rows)[: len(step.req_slot)].clone())
+                r.uploader.finish()
+                if r is twins:
+                    shorts.append(twins.graphs._replayed_short[padding.rows])
+            assert rel_err(*logits) < 1e-2
+    # Slot 1 holds a prompt of 150 tokens: it is in the first six decodes and in [5, 1, 0].
+    assert shorts == [False] * 6 + [True, False, True]
+
+
 @pytest.mark.parametrize(
     "joins, mode",
     [

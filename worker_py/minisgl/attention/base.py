@@ -34,6 +34,8 @@ class AttentionConfig:
     # The context a decode graph's attention is planned for: the Triton kernel splits longer ones into more
     # shares (`decode_attention.split_plan`); others ignore it.
     graph_context: int = DEFAULT_GRAPH_CONTEXT
+    # The same for the decode graphs' short-context twins (0: none are captured).
+    short_graph_context: int = 0
 
     @property
     def scale(self) -> float:
@@ -44,6 +46,9 @@ class AttentionBackend(ABC):
     prefill: ClassVar[bool] = True
     decode: ClassVar[bool] = True
     graphs: ClassVar[bool] = False
+    # Its decode graphs' plan depends on the context they are planned for (`AttentionConfig`), so that a twin
+    # planned for short contexts can differ: `prepare_graphs(short_sizes=...)`, `plan_graph(short=True)`.
+    short_graphs: ClassVar[bool] = False
     extend_graphs: ClassVar[bool] = False  # `plan_extend_graph` exists
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
@@ -73,14 +78,19 @@ class AttentionBackend(ABC):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q: [t, Hq, D] of this step's new tokens, whose K/V are in the cache already. -> [t, Hq, D]."""
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
+    def prepare_graphs(
+        self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = (), short_sizes: list[int] = ()
+    ) -> None:
         """Sets up whatever a captured decode batch of each size reads from fixed addresses; `token_sizes`
-        are the sizes of the graphs that run extend steps as one row per token (token_rows.py)."""
+        are the sizes of the graphs that run extend steps as one row per token (token_rows.py), and
+        `short_sizes` those of the decode graphs' twins for short contexts (`short_graphs` backends only)."""
         raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
 
-    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
+    def plan_graph(
+        self, batch: ForwardBatch, rows: int, token_rows: bool = False, short: bool = False
+    ) -> None:
         """`plan` for a decode batch padded to `rows`, for the graph captured at that size (of the token-row
-        graphs with `token_rows`)."""
+        graphs with `token_rows`, of the short-context twins with `short`)."""
         raise NotImplementedError(f"{type(self).__name__} does not run inside CUDA graphs")
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
@@ -98,7 +108,11 @@ class PairedBackend(AttentionBackend):
         self._prefill, self._decode = prefill, decode
         self._active = prefill
         # Instance attributes: they depend on the pair.
-        self.graphs, self.extend_graphs = decode.graphs, decode.extend_graphs
+        self.graphs, self.extend_graphs, self.short_graphs = (
+            decode.graphs,
+            decode.extend_graphs,
+            decode.short_graphs,
+        )
 
     def plan(self, batch: ForwardBatch) -> None:
         self._active = self._decode if batch.is_decode else self._prefill
@@ -111,12 +125,16 @@ class PairedBackend(AttentionBackend):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self._active.attend(layer, q)
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
-        self._decode.prepare_graphs(sizes, max_kv_indices, token_sizes)
+    def prepare_graphs(
+        self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = (), short_sizes: list[int] = ()
+    ) -> None:
+        self._decode.prepare_graphs(sizes, max_kv_indices, token_sizes, short_sizes)
 
-    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
+    def plan_graph(
+        self, batch: ForwardBatch, rows: int, token_rows: bool = False, short: bool = False
+    ) -> None:
         self._active = self._decode
-        self._decode.plan_graph(batch, rows, token_rows)
+        self._decode.plan_graph(batch, rows, token_rows, short)
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
         # The graph-capable one of the pair runs the captured extend steps too.

@@ -108,7 +108,9 @@ class FlashInferBackend(AttentionBackend):
         self._arange_dev = self._arange_host.to(self.device)
         self._planned_wrappers: set[int] = set()
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
+    def prepare_graphs(
+        self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = (), short_sizes: list[int] = ()
+    ) -> None:
         """Per graph batch size (decode and token-row graphs of one size share it): a FlashInfer decode
         wrapper over index buffers that never move."""
         indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
@@ -126,7 +128,9 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self._plan(batch, self._decode_wrapper() if batch.is_decode else self._prefill)
 
-    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
+    def plan_graph(
+        self, batch: ForwardBatch, rows: int, token_rows: bool = False, short: bool = False
+    ) -> None:
         self._plan(batch, self._graph_decode[rows])
 
     def _decode_wrapper(self):

@@ -26,6 +26,7 @@ TOKEN_CONTEXT_HINT = 512
 class TritonBackend(AttentionBackend):
     graphs = True
     extend_graphs = True
+    short_graphs = True
     devices = ("cuda",)
 
     def __init__(self, config: AttentionConfig, kv_cache: KVCache) -> None:
@@ -33,7 +34,8 @@ class TritonBackend(AttentionBackend):
         device = kv_cache.k(0).device
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._kv = [(kv_cache.k(i), kv_cache.v(i)) for i in range(kv_cache.shape.num_layers)]
-        self._graph_splits: dict[tuple[int, bool], tuple[int, int]] = {}
+        # (rows, the context planned for) -> (num_splits, min_split_tokens) of each captured size
+        self._graph_splits: dict[tuple[int, int], tuple[int, int]] = {}
         # (num_splits, min_split_tokens) of a planned decode step; None for an extend step
         self._splits: tuple[int, int] | None = None
 
@@ -43,12 +45,20 @@ class TritonBackend(AttentionBackend):
         else:
             self.plan_extend_graph(batch)
 
-    def prepare_graphs(self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = ()) -> None:
-        self._graph_splits = {(b, False): self._split_plan(b, self.config.graph_context) for b in sizes}
-        self._graph_splits |= {(b, True): self._split_plan(b, TOKEN_CONTEXT_HINT) for b in token_sizes}
+    def prepare_graphs(
+        self, sizes: list[int], max_kv_indices: int, token_sizes: list[int] = (), short_sizes: list[int] = ()
+    ) -> None:
+        planned = [(b, self.config.graph_context) for b in sizes]
+        planned += [(b, TOKEN_CONTEXT_HINT) for b in token_sizes]
+        planned += [(b, self.config.short_graph_context) for b in short_sizes]
+        self._graph_splits = {(b, context): self._split_plan(b, context) for b, context in planned}
 
-    def plan_graph(self, batch: ForwardBatch, rows: int, token_rows: bool = False) -> None:
-        self._set(batch, self._graph_splits[rows, token_rows])
+    def plan_graph(
+        self, batch: ForwardBatch, rows: int, token_rows: bool = False, short: bool = False
+    ) -> None:
+        c = self.config
+        context = TOKEN_CONTEXT_HINT if token_rows else c.short_graph_context if short else c.graph_context
+        self._set(batch, self._graph_splits[rows, context])
 
     def plan_extend_graph(self, batch: ForwardBatch) -> None:
         self._planned_batch, self._splits = batch, None

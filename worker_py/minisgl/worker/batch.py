@@ -25,7 +25,7 @@ _PACKED = (
     "kv_last_page_len",
     "kv_indices",
 )
-_TOKENS, _REQS = _PACKED.index("input_ids"), _PACKED.index("req_slot")
+_TOKENS, _REQS, _SEQ_LEN = (_PACKED.index(name) for name in ("input_ids", "req_slot", "seq_len"))
 
 
 # The join arrays (docs/protocol.md: those cut by j, j + 1 or b), in the order they follow the packed arrays
@@ -126,7 +126,9 @@ class ForwardBatch:
 
     @functools.cached_property
     def max_seq_len(self) -> int:
-        return int(np.max(self.host_seq_len.numpy())) if self.num_reqs else 0
+        # Read in place: a small decode step with short-context graphs asks this of every step.
+        start = sum(self.sizes[:_SEQ_LEN])
+        return int(self.host_packed.numpy()[start : start + self.num_reqs].max()) if self.num_reqs else 0
 
 
 class JoinViews:

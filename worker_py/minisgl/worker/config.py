@@ -89,6 +89,13 @@ class WorkerConfig:
         "with no split (--decode-attention triton)",
         metavar="N",
     )
+    short_graph_context: int = opt(
+        0,
+        "decode graphs of up to 16 rows get a twin planned for contexts of up to N tokens (at N <= 128 one "
+        "attention kernel with no split and no combine), replayed for the steps whose longest context is at "
+        "most N; 0: none (--decode-attention triton)",
+        metavar="N",
+    )
     pdl: bool = opt(
         True,
         "programmatic dependent launch (Hopper and later) in the graphs of small steps: each of our kernels "
@@ -130,7 +137,7 @@ class WorkerConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"unknown dtype {self.dtype!r}; known: auto, {', '.join(DTYPES)}")
-        for name in ("token_graph_tokens", "extend_graph_tokens"):
+        for name in ("token_graph_tokens", "extend_graph_tokens", "short_graph_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         for name in ("page_size", "max_batch", "max_step_tokens", "num_pages", "tp", "decode_graph_context"):

@@ -21,6 +21,11 @@ graph (`plan_extend_graph`). Only each request's last new token needs logits: bo
 states, and copy each request's last one, its slot and its length to `last_rows` (`last_rows.py`). The
 "last-row" graphs, one per batch size and sampling mode, run the LM head over those rows and sample them.
 
+With `short_context` (for a backend whose plan depends on the context: `short_graphs`), each decode graph of
+at most `SHORT_MAX_ROWS` rows has a twin whose attention is planned for contexts of that many tokens (for the
+Triton kernel at 128: one kernel, no split, no combine), with sampling graphs of its own; a step whose
+longest context fits replays the twin.
+
 With `launch_early` the graphs of at most `kernels.pdl.MAX_ROWS` rows launch our kernels with programmatic
 dependent launch (`kernels/pdl.py`); with `prefetch_weights` small_m's programs in graphs of at most
 `small_m.MAX_ROWS` rows first ask for their weight tiles into L2 (an experiment, off by default).
@@ -49,9 +54,12 @@ from minisgl.worker.padding import DecodePadding, ExtendPadding, Padding, bucket
 
 log = logging.getLogger("minisgl.worker")
 
-# The kinds of graph: decode steps (logits, then perhaps sampling), extend steps as token rows, extend steps,
-# and the sampling of the last rows these two gather.
-DECODE, TOKEN_ROWS, EXTEND, LAST_ROWS = "decode", "token-row", "extend", "last-row"
+# The kinds of graph: decode steps (logits, then perhaps sampling), their twins planned for short contexts,
+# extend steps as token rows, extend steps, and the sampling of the last rows these two gather.
+DECODE, SHORT, TOKEN_ROWS, EXTEND, LAST_ROWS = "decode", "short-decode", "token-row", "extend", "last-row"
+# The decode graphs that get a short-context twin (`short_context`) are those of at most this many rows: where
+# one attention kernel with no combine measured faster at short contexts (batch 1 and 16, H100, 2026-12-08).
+SHORT_MAX_ROWS = 16
 
 
 def _empty_decode_step() -> SimpleNamespace:
@@ -90,6 +98,7 @@ class DecodeGraphs:
         extend_reqs: int = 0,
         launch_early: bool = False,
         prefetch_weights: bool = False,
+        short_context: int = 0,
     ) -> None:
         self._forward = forward
         self._launch_early = launch_early
@@ -112,12 +121,18 @@ class DecodeGraphs:
         self._attn = attn
         self._uploader = uploader
         self.sizes = sorted(sizes)
+        # Twins of the small decode graphs, planned for contexts of at most `short_context` tokens and
+        # replayed for the steps whose longest context is that short.
+        self.short_context = short_context if attn is not None and attn.short_graphs else 0
+        self.short_sizes = [s for s in self.sizes if s <= SHORT_MAX_ROWS] if self.short_context else []
         self._scratch = (scratch_page, scratch_slot, page_size)
         self.max_kv_indices = max_kv_indices
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
-        self._sample_graphs: dict[tuple[int, SampleMode], torch.cuda.CUDAGraph] = {}
-        self._sampled: dict[tuple[int, SampleMode], torch.Tensor] = {}
+        # Decode graphs and their outputs by (rows, short twin or not); the sampling's by (rows, short, mode).
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self._sample_graphs: dict[tuple[int, bool, SampleMode], torch.cuda.CUDAGraph] = {}
+        self._sampled: dict[tuple[int, bool, SampleMode], torch.Tensor] = {}
+        self._replayed_short: dict[int, bool] = {}  # which graph of each size `replay` ran last
 
     def padding_for(self, step) -> DecodePadding | None:
         """How to pad this step for a graph, or None when it must run eagerly (not a decode step, larger
@@ -157,11 +172,12 @@ class DecodeGraphs:
     def capture(self, show_progress: bool = True) -> float:
         """Captures every size, largest first so that smaller graphs reuse its memory; returns seconds."""
         start = time.perf_counter()
-        self._attn.prepare_graphs(self.sizes, self.max_kv_indices, self.token_sizes)
+        self._attn.prepare_graphs(self.sizes, self.max_kv_indices, self.token_sizes, self.short_sizes)
         pool = torch.cuda.graph_pool_handle()
         empty = _empty_decode_step()
         largest_first = sorted(
             [(rows, DECODE) for rows in self.sizes]
+            + [(rows, SHORT) for rows in self.short_sizes]
             + [(rows, TOKEN_ROWS) for rows in self.token_sizes]
             + [(tokens, EXTEND) for tokens in self.extend_sizes]
             + [(rows, LAST_ROWS) for rows in self.last_row_sizes],
@@ -180,18 +196,21 @@ class DecodeGraphs:
             if kind == EXTEND:
                 self._attn.plan_extend_graph(batch)
             else:
-                self._attn.plan_graph(batch, rows, token_rows=kind == TOKEN_ROWS)
+                self._attn.plan_graph(batch, rows, token_rows=kind == TOKEN_ROWS, short=kind == SHORT)
             self._uploader.finish()
             with self._launch_options(rows):
                 self._capture_size(batch, rows, kind, pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         log.info(
-            "captured %d CUDA graphs in %.1f s: decode at batch %s (%d of them sampling), small extend "
-            "steps at %s tokens, extend steps at %s tokens, %d sampling their last rows",
+            "captured %d CUDA graphs in %.1f s: decode at batch %s (twins for contexts of up to %d tokens "
+            "at %s; %d graphs sampling), small extend steps at %s tokens, extend steps at %s tokens, %d "
+            "sampling their last rows",
             len(self.captured()),
             seconds,
             self.sizes,
+            self.short_context,
+            self.short_sizes,
             len(self._sample_graphs),
             self.token_sizes,
             self.extend_sizes,
@@ -234,10 +253,11 @@ class DecodeGraphs:
             run = partial(self.run_hidden, batch, kind)
             self._extend_graphs[rows], self._extend_out[rows] = _capture(run, pool)
             return
-        self._graphs[rows], logits = _capture(partial(self._forward, batch), pool)
-        self._logits[rows] = logits
+        short = kind == SHORT
+        self._graphs[rows, short], logits = _capture(partial(self._forward, batch), pool)
+        self._logits[rows, short] = logits
         for mode in SampleMode if self._sample is not None else ():
-            key = (rows, mode)
+            key = (rows, short, mode)
             run = partial(self._sample, batch, logits, mode)
             self._sample_graphs[key], self._sampled[key] = _capture(run, pool)
 
@@ -245,8 +265,11 @@ class DecodeGraphs:
         """Every captured graph by (kind, rows or tokens, sampling mode or None); "sampling" is the kind of
         the sampling graphs."""
         return (
-            {(DECODE, rows, None): g for rows, g in self._graphs.items()}
-            | {("sampling", rows, mode): g for (rows, mode), g in self._sample_graphs.items()}
+            {(SHORT if short else DECODE, rows, None): g for (rows, short), g in self._graphs.items()}
+            | {
+                ("short-sampling" if short else "sampling", rows, mode): g
+                for (rows, short, mode), g in self._sample_graphs.items()
+            }
             | {(TOKEN_ROWS, rows, None): g for rows, g in self._hidden_graphs.items()}
             | {(EXTEND, tokens, None): g for tokens, g in self._extend_graphs.items()}
             | {(LAST_ROWS, rows, mode): g for (rows, mode), g in self._last_graphs.items()}
@@ -263,16 +286,20 @@ class DecodeGraphs:
         return bool(self.last_row_sizes)
 
     def replay(self, batch: ForwardBatch, rows: int) -> torch.Tensor:
-        """Runs a batch uploaded with `padding_for`'s padding; returns the logits of all `rows` rows."""
-        self._attn.plan_graph(batch, rows)
-        self._graphs[rows].replay()
-        return self._logits[rows]
+        """Runs a batch uploaded with `padding_for`'s padding; returns the logits of all `rows` rows. A size
+        with a short-context twin replays the twin when no row's context is longer than it was planned for."""
+        short = rows <= SHORT_MAX_ROWS and self.short_context > 0 and batch.max_seq_len <= self.short_context
+        self._attn.plan_graph(batch, rows, short=short)
+        self._graphs[rows, short].replay()
+        self._replayed_short[rows] = short
+        return self._logits[rows, short]
 
     def replay_sampling(self, rows: int, mode: SampleMode) -> torch.Tensor:
         """The sampling graph of `mode` over the logits of the last `replay` of this size: the sampled ids of
         all `rows` rows, int32 (valid until the next replay of this size and mode)."""
-        self._sample_graphs[rows, mode].replay()
-        return self._sampled[rows, mode]
+        key = (rows, self._replayed_short.get(rows, False), mode)
+        self._sample_graphs[key].replay()
+        return self._sampled[key]
 
     def replay_sampled(self, batch: ForwardBatch, rows: int, mode: SampleMode) -> torch.Tensor:
         """`replay`, then `replay_sampling`."""

@@ -149,7 +149,12 @@ class ModelRunner:
             cfg.attention,
             cfg.decode_attention,
             AttentionConfig(
-                mc.num_heads // cfg.tp, kv_heads, mc.head_dim, cfg.page_size, cfg.decode_graph_context
+                mc.num_heads // cfg.tp,
+                kv_heads,
+                mc.head_dim,
+                cfg.page_size,
+                cfg.decode_graph_context,
+                cfg.short_graph_context,
             ),
             self.kv_cache,
         )
@@ -188,6 +193,7 @@ class ModelRunner:
                 extend_reqs=cfg.max_batch,
                 launch_early=cfg.pdl,
                 prefetch_weights=cfg.prefetch_weights,
+                short_context=cfg.short_graph_context,
             )
             on_phase("capturing CUDA graphs")
             with torch.inference_mode():
